@@ -1,0 +1,258 @@
+"""The interpreter loop shared by the live, simulated and replay interpreters.
+
+perform effect -> build event -> ``advance`` -> append ``(effect, event)`` to the log.
+
+A run can start from a recorded log: its records are fed back to the machine first (each
+effect the machine emits must equal the recorded one, else ``NondeterminismError``), and
+where the records end the run goes on with the performer, live. With no performer the
+drive is a pure replay and must reach the recorded ``Finish``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from stroma import effects as fx
+from stroma.errors import NondeterminismError, StromaError
+from stroma.log import EffectLog, LogHeader, Record, ResumeMarker, encode_record
+from stroma.machine import MachineConfig, RunState, UnexpectedEvent, advance, mark_resumed, start
+from stroma.plan import Plan
+from stroma.schemas import _schema_ref, resolve_declared
+from stroma.trace import ExecutionResult, ExecutionTrace, TraceEvent
+
+__all__ = ("Performer", "Recorder", "drive", "initial_from_header", "session_config")
+
+# A performer turns one effect into its event (awaiting whatever the world does).
+Performer = Callable[[Any], Awaitable[Any]]
+
+
+class Recorder:
+    """Appends records to the run's EffectLog and flushes them to a durable LogStore."""
+
+    __slots__ = ("flushed", "log", "records", "run_id", "store")
+
+    def __init__(self, log: EffectLog, store: Any | None, *, flushed: int | None = None) -> None:
+        self.log = log
+        self.records = log.records
+        self.run_id = log.header.run_id
+        self.store = store  # a LogStore, or None
+        # Index of the first record not yet durable; -1 means the header is not written yet.
+        self.flushed = len(self.records) if flushed is None else flushed
+
+    def _pending_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.flushed < 0:
+            lines.append(_header_line(self.log.header))
+            self.flushed = 0
+        for i in range(self.flushed, len(self.records)):
+            lines.extend(encode_record(i, self.records[i]))
+        return lines
+
+    async def flush(
+        self,
+        checkpoint: tuple[str, BaseModel] | None = None,
+        including: Record | None = None,
+    ) -> None:
+        """Make every record so far durable; ``including`` is the record about to be
+        appended (a SaveCheckpoint), written in the same commit as its checkpoint."""
+        if self.store is None:
+            return
+        start = self.flushed
+        lines = self._pending_lines()
+        end = len(self.records)
+        if including is not None:
+            lines.extend(encode_record(end, including))
+            end += 1
+        try:
+            await self.store.append_log(self.run_id, lines, checkpoint)
+        except BaseException:
+            self.flushed = start
+            raise
+        self.flushed = end
+
+
+def _header_line(header: LogHeader) -> str:
+    from stroma.log import encode_header
+
+    return encode_header(header)
+
+
+def session_config(machine: MachineConfig, initial_state: BaseModel) -> dict[str, Any]:
+    data = machine.to_json()
+    data["initial"] = {
+        "schema": _schema_ref(type(initial_state)),
+        "state": initial_state.model_dump(mode="json"),
+    }
+    return data
+
+
+def initial_from_header(plan: Plan, data: dict[str, Any]) -> BaseModel:
+    """The initial state a log's header (or restart record) recorded."""
+    init = data.get("initial") or {}
+    raw = init.get("state", {})
+    try:
+        schema = resolve_declared(init.get("schema"), source="effect log header")
+    except StromaError:
+        if not plan.steps:
+            raise
+        first = plan.steps[0]
+        schema = first.children[0].input_schema if hasattr(first, "children") else (
+            first.input_schema  # type: ignore[union-attr]
+        )
+    return schema.model_validate(raw)
+
+
+def _machine_config(header: LogHeader, data: dict[str, Any], seed: int, at: str) -> MachineConfig:
+    return MachineConfig.from_json(
+        data, run_id=header.run_id, seed=seed, started_at=datetime.fromisoformat(at)
+    )
+
+
+def _describe(effect: Any) -> str:
+    if isinstance(effect, fx.RecordAttempt):
+        e: TraceEvent = effect.event
+        what = "ok" if e.failure is None else f"{e.failure}: {e.failure_message}"
+        return f"RecordAttempt({e.node_id!r}, attempt {e.attempt}, {what})"
+    return repr(effect)
+
+
+async def drive(
+    plan: Plan,
+    state: RunState,
+    effects: list[Any],
+    recorder: Recorder,
+    perform: Performer | None,
+    *,
+    replay: Sequence[Record] = (),
+    on_resume: Callable[[], Awaitable[None]] | None = None,
+) -> ExecutionResult:
+    """Run the machine to its Finish; returns the result (trace folded from the log)."""
+    records = recorder.records
+    trace: list[TraceEvent] = []
+    log = recorder.log
+    n_replay = len(replay)
+    i = 0  # next recorded record to match
+    live = perform is not None and n_replay == 0
+    while True:
+        pending = None
+        for eff in effects:
+            if not live:
+                # Replaying: skip resume markers, restart the machine where a session did.
+                while i < n_replay and isinstance(replay[i], ResumeMarker):
+                    marker = replay[i]
+                    assert isinstance(marker, ResumeMarker)
+                    records.append(marker)
+                    i += 1
+                    if marker.restart is not None:
+                        raise NondeterminismError(
+                            i - 1, "restart", repr(eff), "restart inside an unfinished step"
+                        )
+                    state = mark_resumed(state)
+                if i >= n_replay:
+                    if perform is None:
+                        raise StromaError(
+                            f"the log of run {log.header.run_id!r} ends at record {i} before "
+                            "the run finished (it crashed or is still running): resume it "
+                            "with interpret(plan, state, store=..., "
+                            "config=RunConfig(run_id=...)) instead of replaying it"
+                        )
+                    live = True
+                    marker = ResumeMarker(datetime.now().astimezone().isoformat())
+                    records.append(marker)
+                    state = mark_resumed(state)
+                    if on_resume is not None:
+                        await on_resume()
+                else:
+                    rec = replay[i]
+                    assert not isinstance(rec, ResumeMarker)
+                    if rec[0] != eff:
+                        raise NondeterminismError(i, _describe(rec[0]), _describe(eff))
+                    if type(eff) is fx.RecordAttempt or type(eff) is fx.Finish:
+                        records.append(rec)
+                        i += 1
+                        if type(eff) is fx.RecordAttempt:
+                            trace.append(eff.event)
+                            continue
+                        return await _result(plan, eff, trace, recorder)
+                    if rec[1] is None:  # the effect in flight when the run stopped
+                        i += 1
+                        if perform is None:
+                            raise StromaError(
+                                f"the log of run {log.header.run_id!r} ends inside "
+                                f"record {i - 1} ({_describe(eff)}): resume it instead"
+                            )
+                        live = True
+                        records.append(ResumeMarker(datetime.now().astimezone().isoformat()))
+                        state = mark_resumed(state)
+                        if on_resume is not None:
+                            await on_resume()
+                    else:
+                        pending = (eff, rec[1])
+                        i += 1
+                        continue
+            t = type(eff)
+            if t is fx.RecordAttempt:
+                records.append((eff, None))
+                trace.append(eff.event)
+            elif t is fx.Finish:
+                records.append((eff, None))
+                await recorder.flush()
+                return await _result(plan, eff, trace, recorder)
+            else:
+                pending = eff
+        if pending is None:
+            raise StromaError(f"the machine emitted no effect to perform in {state.phase!r}")
+        if type(pending) is tuple:
+            eff, event = pending
+            records.append((eff, event))
+        else:
+            assert perform is not None
+            event = await perform(pending)
+            records.append((pending, event))
+        try:
+            state, effects = advance(state, event)
+        except UnexpectedEvent as e:
+            raise NondeterminismError(len(records) - 1, repr(event), "(no such event)", str(e))
+
+
+async def _result(
+    plan: Plan, finish: fx.Finish, trace: list[TraceEvent], recorder: Recorder
+) -> ExecutionResult:
+    return ExecutionResult(
+        run_id=recorder.run_id,
+        status=finish.status,
+        final_state=finish.final_state,
+        trace=ExecutionTrace.from_events(trace),
+        total_cost_usd=finish.total_cost_usd,
+        total_tokens=finish.total_tokens,
+        log=recorder.log,
+        stop_reason=finish.reason,
+    )
+
+
+def restart_state(
+    plan: Plan, header: LogHeader, marker: ResumeMarker
+) -> tuple[RunState, list[Any]]:
+    data = marker.restart or {}
+    cfg = _machine_config(header, data, int(data.get("seed", header.seed)), marker.at)
+    return start(plan, initial_from_header(plan, data), cfg)
+
+
+def first_state(plan: Plan, header: LogHeader) -> tuple[RunState, list[Any]]:
+    cfg = _machine_config(header, header.config, header.seed, header.started_at)
+    return start(plan, initial_from_header(plan, header.config), cfg)
+
+
+def last_segment(log: EffectLog) -> tuple[int, ResumeMarker | None]:
+    """Where the log's last session starts (after a resume_from restart), and its marker."""
+    for k in range(len(log.records) - 1, -1, -1):
+        rec = log.records[k]
+        if isinstance(rec, ResumeMarker) and rec.restart is not None:
+            return k, rec
+    return 0, None
+
+

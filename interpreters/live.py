@@ -1,0 +1,232 @@
+"""The live interpreter: performs effects for real, on anyio (asyncio or trio).
+
+It calls nodes (with the context when they take one), enforces timeouts with cancel
+scopes (a timed-out node is really cancelled, then reported as a TimeoutError), runs
+parallel children in a task group (the first failure cancels the rest), sleeps the
+backoff, fires hooks, runs the user's classifiers and saves checkpoints. Every decision
+is the machine's; this module only reports what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from time import perf_counter
+from typing import Any
+
+import anyio
+
+from stroma import effects as fx
+from stroma.cost import normalize_node_return
+from stroma.failures import FailureClass, NodeContext
+from stroma.machine import error_info
+from stroma.plan import NodeStep, Plan
+
+__all__ = ("LivePerformer", "RunLogger")
+
+_log = logging.getLogger("stroma")
+
+
+class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Every log line of a run carries its run_id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(kwargs.get("extra") or {})
+        extra.setdefault("run_id", (self.extra or {}).get("run_id"))
+        kwargs["extra"] = extra
+        return f"[run {extra['run_id']}] {msg}", kwargs
+
+
+class LivePerformer:
+    """Turns effects into events by doing them."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        run_id: str,
+        manager: Any,
+        recorder: Any,
+        hooks: Any = None,
+        classifiers: Sequence[Callable[..., Any]] = (),
+        context: dict[str, Any] | None = None,
+        sleep: Callable[[float], Any] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        timer: Callable[[], float] = perf_counter,
+    ) -> None:
+        self.run_id = run_id
+        self.manager = manager
+        self.recorder = recorder
+        self.durable = recorder.store is not None
+        self.hooks = hooks
+        self.classifiers = tuple(classifiers)
+        self.context = context if context is not None else {}
+        self.sleep = sleep or anyio.sleep
+        self.now = clock or (lambda: datetime.now(UTC))
+        self.timer = timer
+        self.log = RunLogger(_log, {"run_id": run_id})
+        self.nodes: dict[str, NodeStep] = {}
+        for step in plan.steps:
+            for node in getattr(step, "children", (step,)):
+                self.nodes[node.node_id] = node
+        self.table: Mapping[type, Callable[[Any], Any]] = {
+            fx.CallNode: self.call_node,
+            fx.CallParallel: self.call_parallel,
+            fx.SaveCheckpoint: self.save_checkpoint,
+            fx.LoadCheckpoint: self.load_checkpoint,
+            fx.FireHook: self.fire_hook,
+            fx.ClassifyFailure: self.classify,
+            fx.Sleep: self.do_sleep,
+        }
+
+    async def __call__(self, effect: Any) -> Any:
+        return await self.table[type(effect)](effect)
+
+    # -- nodes
+
+    async def call_node(self, eff: fx.CallNode) -> Any:
+        node = self.nodes[eff.node_id]
+        ctx = self.context
+        if node.takes_context:
+            if eff.model is not None:
+                ctx["_stroma_model"] = eff.model
+            elif "_stroma_model" in ctx:
+                del ctx["_stroma_model"]
+        started = self.now()
+        t0 = self.timer()
+        try:
+            if eff.timeout_ms is None:
+                raw = await (node.fn(eff.input, ctx) if node.takes_context else node.fn(eff.input))
+            else:
+                with anyio.move_on_after(eff.timeout_ms / 1000) as scope:
+                    raw = await (
+                        node.fn(eff.input, ctx) if node.takes_context else node.fn(eff.input)
+                    )
+                if scope.cancelled_caught:
+                    raise TimeoutError(
+                        f"node {eff.node_id!r} timed out after {eff.timeout_ms} ms and was "
+                        "cancelled"
+                    )
+        except Exception as exc:
+            return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
+        duration = _ms(self.timer() - t0)
+        output, tin, tout, model = normalize_node_return(raw)
+        return fx.NodeReturned(output, started, duration, tin, tout, model)
+
+    async def call_parallel(self, eff: fx.CallParallel) -> fx.ParallelReturned:
+        started = self.now()
+        t0 = self.timer()
+        n = len(eff.calls)
+        outcomes: list[Any] = [None] * n
+        began: list[tuple[datetime, float] | None] = [None] * n
+        limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
+
+        async with anyio.create_task_group() as tg:
+
+            async def child(i: int, call: fx.CallNode) -> None:
+                if limiter is not None:
+                    async with limiter:
+                        began[i] = (self.now(), self.timer())
+                        outcome = await self.call_node(call)
+                else:
+                    began[i] = (self.now(), self.timer())
+                    outcome = await self.call_node(call)
+                outcomes[i] = outcome
+                if isinstance(outcome, fx.NodeRaised):
+                    tg.cancel_scope.cancel()
+
+            if eff.timeout_ms is not None:
+                tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
+            for i, call in enumerate(eff.calls):
+                tg.start_soon(child, i, call)
+        end = self.timer()
+        for i in range(n):
+            if outcomes[i] is None:
+                b = began[i]
+                outcomes[i] = (
+                    fx.NodeCancelled(started, 0) if b is None
+                    else fx.NodeCancelled(b[0], _ms(end - b[1]))
+                )
+        if (
+            eff.timeout_ms is not None
+            and not any(isinstance(o, fx.NodeRaised) for o in outcomes)
+            and any(isinstance(o, fx.NodeCancelled) for o in outcomes)
+        ):
+            # The group's deadline passed: report it on the first unfinished child.
+            k = next(i for i, o in enumerate(outcomes) if isinstance(o, fx.NodeCancelled))
+            c = outcomes[k]
+            outcomes[k] = fx.NodeRaised(
+                error_info(TimeoutError(
+                    f"{eff.step_id!r} timed out after {eff.timeout_ms} ms and was cancelled"
+                )),
+                c.started_at, c.duration_ms,
+            )
+        return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes))
+
+    # -- store
+
+    async def save_checkpoint(self, eff: fx.SaveCheckpoint) -> fx.CheckpointSaved:
+        event = fx.CheckpointSaved(eff.node_id)
+        if self.durable:
+            # The log up to and including this record goes into the checkpoint's commit.
+            await self.recorder.flush((eff.node_id, eff.state), including=(eff, event))
+        else:
+            await self.manager.checkpoint(self.run_id, eff.node_id, eff.state)
+        return event
+
+    async def load_checkpoint(self, eff: fx.LoadCheckpoint) -> fx.CheckpointLoaded:
+        state = await self.manager.resume(self.run_id, eff.node_id, eff.schema)
+        return fx.CheckpointLoaded(eff.node_id, state)
+
+    # -- hooks, classifiers, sleep
+
+    async def fire_hook(self, eff: fx.FireHook) -> fx.HookFired:
+        hooks = self.hooks
+        fn = None
+        if hooks is not None:
+            fn = getattr(hooks, f"on_node_{eff.kind}", None)
+        if fn is None:
+            return fx.HookFired()
+        try:
+            if eff.kind == "start":
+                await fn(self.run_id, eff.node_id, eff.state)
+            elif eff.kind == "success":
+                await fn(self.run_id, eff.node_id, eff.state, eff.tokens)
+            else:
+                assert eff.error is not None
+                exc = eff.error.exc or RuntimeError(eff.error.message)
+                await fn(self.run_id, eff.node_id, exc, eff.failure)
+        except Exception as exc:
+            self.log.warning(
+                "hook on_node_%s raised for node %r (attempt %d): %r; the run goes on",
+                eff.kind, eff.node_id, eff.attempt, exc,
+            )
+            return fx.HookFired(error_info(exc))
+        return fx.HookFired()
+
+    async def classify(self, eff: fx.ClassifyFailure) -> fx.FailureClassified:
+        exc = eff.error.exc
+        if exc is None:
+            exc = RuntimeError(eff.error.message)
+        ctx = NodeContext(node_id=eff.node_id, attempt=eff.attempt, run_id=self.run_id)
+        for classifier in self.classifiers:
+            try:
+                verdict = classifier(exc, ctx)
+            except Exception as e:
+                self.log.warning(
+                    "classifier %r raised on node %r: %r; trying the next one",
+                    getattr(classifier, "__name__", classifier), eff.node_id, e,
+                )
+                continue
+            if verdict is not None:
+                return fx.FailureClassified(FailureClass(verdict))
+        return fx.FailureClassified(None)
+
+    async def do_sleep(self, eff: fx.Sleep) -> fx.Slept:
+        await self.sleep(eff.seconds)
+        return fx.Slept(eff.seconds)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)

@@ -1,0 +1,189 @@
+"""One run of a plan against a store: new, resumed from its log, or restarted.
+
+* No log for the run id (or no explicit run id): a new log, and the run goes live.
+* A log that ends with a Finish: replayed (verified) and its result returned; nothing runs.
+* A log cut short by a crash: replayed, then the run goes on live from where the log
+  ends; finished nodes are not run again and the status is RESUMED.
+* ``resume_from`` with an existing log: a restart record, then a fresh machine that loads
+  the checkpoint before the resume step (the API's resume), appended to the same log.
+
+A plan that no longer matches the log raises NondeterminismError before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from interpreters.driver import (
+    Recorder,
+    drive,
+    first_state,
+    last_segment,
+    restart_state,
+    session_config,
+)
+from interpreters.live import LivePerformer
+from stroma.errors import NondeterminismError, StromaError
+from stroma.log import EffectLog, LogHeader, ResumeMarker
+from stroma.machine import MachineConfig, start
+from stroma.plan import Plan
+from stroma.trace import ExecutionResult
+
+__all__ = ("replay_log", "run_session")
+
+VERSION = "0.2.0"
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
+    """Feed a finished run's log back through the machine; nothing user-written runs."""
+    k, marker = last_segment(log)
+    header = log.header
+    if marker is None:
+        if header.plan != plan.fingerprint:
+            # Find the first record where the new plan diverges, to name it.
+            await _verify_prefix(plan, log)
+            raise NondeterminismError(
+                0, f"plan fingerprint {header.plan[:16]}", f"plan fingerprint {plan.fingerprint[:16]}",
+                "the plan's structure or contracts changed since the run was recorded",
+            )
+        state, effects = first_state(plan, header)
+        replay = log.records
+        recorder = Recorder(EffectLog(header, []), None)
+    else:
+        state, effects = restart_state(plan, header, marker)
+        replay = log.records[k + 1 :]
+        recorder = Recorder(EffectLog(header, log.records[: k + 1]), None)
+    result = await drive(plan, state, effects, recorder, None, replay=replay)
+    result.log = log
+    return result
+
+
+async def _verify_prefix(plan: Plan, log: EffectLog) -> None:
+    """Replay a log's last session without performing anything; divergence raises."""
+    k, marker = last_segment(log)
+    if marker is None:
+        state, effects = first_state(plan, log.header)
+        replay = log.records
+    else:
+        state, effects = restart_state(plan, log.header, marker)
+        replay = log.records[k + 1 :]
+    try:
+        await drive(plan, state, effects, Recorder(EffectLog(log.header, []), None), None,
+                    replay=replay)
+    except NondeterminismError:
+        raise
+    except StromaError:
+        pass  # the log ends before the run finished: the prefix matched
+
+
+async def run_session(
+    plan: Plan,
+    initial_state: BaseModel,
+    *,
+    manager: Any,
+    machine: MachineConfig,
+    explicit_run_id: bool,
+    hooks: Any = None,
+    classifiers: Sequence[Callable[..., Any]] = (),
+    context: dict[str, Any] | None = None,
+    sleep: Callable[[float], Any] | None = None,
+    clock: Callable[[], datetime] | None = None,
+    timer: Callable[[], float] | None = None,
+) -> ExecutionResult:
+    store = manager.store
+    run_id = machine.run_id
+    log_store = store if callable(getattr(store, "append_log", None)) and callable(
+        getattr(store, "read_log", None)
+    ) else None
+    lease: AbstractAsyncContextManager[Any] = (
+        store.lease(run_id, _holder()) if callable(getattr(store, "lease", None))
+        else nullcontext()
+    )
+    async with lease:
+        existing: EffectLog | None = None
+        if explicit_run_id:
+            if log_store is not None:
+                existing = await log_store.read_log(run_id)
+            elif callable(getattr(store, "get_log", None)):
+                existing = store.get_log(run_id)
+
+        if existing is not None and machine.resume_from is None:
+            if existing.header.plan != plan.fingerprint:
+                await _verify_prefix(plan, existing)
+                raise NondeterminismError(
+                    0, f"plan fingerprint {existing.header.plan[:16]}",
+                    f"plan fingerprint {plan.fingerprint[:16]}",
+                    f"run {run_id!r} was recorded with another plan (structure or contracts "
+                    "changed)",
+                )
+            if existing.finish is not None:
+                return await replay_log(plan, existing)
+            await _verify_prefix(plan, existing)
+            k, marker = last_segment(existing)
+            if marker is None:
+                state, effects = first_state(plan, existing.header)
+                replay = existing.records
+                recorder = Recorder(EffectLog(existing.header, []), log_store,
+                                    flushed=len(existing.records))
+            else:
+                state, effects = restart_state(plan, existing.header, marker)
+                replay = existing.records[k + 1 :]
+                recorder = Recorder(EffectLog(existing.header, existing.records[: k + 1]),
+                                    log_store, flushed=len(existing.records))
+        elif existing is not None:
+            # The API's resume_from on a run that has a log: a new session in the same log.
+            state, effects = start(plan, initial_state, machine)
+            restart = session_config(machine, initial_state)
+            restart["seed"] = machine.seed
+            marker = ResumeMarker(machine.started_at.isoformat(), restart)
+            recorder = Recorder(EffectLog(existing.header, [*existing.records, marker]),
+                                log_store, flushed=len(existing.records))
+            replay = ()
+        else:
+            header = LogHeader(
+                run_id=run_id,
+                plan=plan.fingerprint,
+                seed=machine.seed,
+                version=VERSION,
+                started_at=machine.started_at.isoformat(),
+                config=session_config(machine, initial_state),
+            )
+            state, effects = start(plan, initial_state, machine)
+            recorder = Recorder(EffectLog(header, []), log_store, flushed=-1)
+            replay = ()
+        if log_store is None and callable(getattr(store, "attach_log", None)):
+            store.attach_log(run_id, recorder.log)
+        performer = LivePerformer(
+            plan,
+            run_id=run_id,
+            manager=manager,
+            recorder=recorder,
+            hooks=hooks,
+            classifiers=classifiers,
+            context=context,
+            sleep=sleep,
+            clock=clock,
+            **({"timer": timer} if timer is not None else {}),
+        )
+        return await drive(plan, state, effects, recorder, performer, replay=replay)
+
+
+def new_seed() -> int:
+    return secrets.randbits(63)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

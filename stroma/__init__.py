@@ -1,0 +1,158 @@
+"""stroma: the reliability layer for multi-step LLM and agent pipelines.
+
+Contracts at every node boundary, failure classification and retries with jittered
+backoff, timeouts that really cancel, token/cost/latency budgets, checkpoints in
+pluggable stores, hooks, parallel fan-out, a full trace, and an effect log that replays
+a run deterministically.
+"""
+
+from stroma.checkpoint import (
+    AsyncCheckpointStore,
+    AsyncInMemoryStore,
+    CheckpointManager,
+    CheckpointStore,
+    InMemoryStore,
+    LeaseStore,
+    LogStore,
+    _resolve_schema,
+    _schema_ref,
+)
+from stroma.contracts import (
+    BoundaryValidator,
+    ContractRegistry,
+    ContractViolation,
+    NodeContract,
+    StepContract,
+    StepViolation,
+)
+from stroma.cost import (
+    KNOWN_MODELS,
+    BudgetExceeded,
+    CostTracker,
+    ExecutionBudget,
+    FallbackPolicy,
+    ModelHint,
+    NodeUsage,
+    StepUsage,
+    estimate_cost_usd,
+    resolve_model,
+)
+from stroma.errors import (
+    LogCorrupted,
+    NondeterminismError,
+    PlanError,
+    RunLocked,
+    StoreError,
+    StromaError,
+    UnsafeSchemaRef,
+)
+from stroma.failures import (
+    Classifier,
+    FailureClass,
+    FailurePolicy,
+    NodeContext,
+    RetryBudget,
+    StepContext,
+    classify,
+    default_policy_map,
+)
+from stroma.log import EffectLog
+from stroma.middleware import ReliabilityContext, StromaStep, execute_step
+from stroma.plan import Plan, parallel, seq
+from stroma.runner import (
+    NodeHooks,
+    RunConfig,
+    StepHooks,
+    StromaRunner,
+    interpret,
+    replay,
+    stroma_node,
+    stroma_step,
+)
+from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus, TraceEvent
+
+__version__ = "0.2.0"
+
+__all__ = (
+    "KNOWN_MODELS",
+    "AsyncCheckpointStore",
+    "AsyncInMemoryStore",
+    "BoundaryValidator",
+    "BudgetExceeded",
+    "CheckpointManager",
+    "CheckpointStore",
+    "Classifier",
+    "ContractRegistry",
+    "ContractViolation",
+    "CostTracker",
+    "EffectLog",
+    "ExecutionBudget",
+    "ExecutionResult",
+    "ExecutionTrace",
+    "FailureClass",
+    "FailurePolicy",
+    "FallbackPolicy",
+    "FileStore",
+    "InMemoryStore",
+    "LeaseStore",
+    "LogCorrupted",
+    "LogStore",
+    "ModelHint",
+    "NodeContext",
+    "NodeContract",
+    "NodeHooks",
+    "NodeUsage",
+    "NondeterminismError",
+    "Plan",
+    "PlanError",
+    "PostgresStore",
+    "RedisStore",
+    "ReliabilityContext",
+    "RetryBudget",
+    "RunConfig",
+    "RunLocked",
+    "RunStatus",
+    "StepContext",
+    "StepContract",
+    "StepHooks",
+    "StepUsage",
+    "StepViolation",
+    "StoreError",
+    "StromaError",
+    "StromaRunner",
+    "StromaStep",
+    "SyncRedisStore",
+    "TraceEvent",
+    "UnsafeSchemaRef",
+    "__version__",
+    "_resolve_schema",
+    "_schema_ref",
+    "classify",
+    "default_policy_map",
+    "estimate_cost_usd",
+    "execute_step",
+    "interpret",
+    "parallel",
+    "replay",
+    "resolve_model",
+    "seq",
+    "stroma_node",
+    "stroma_step",
+)
+
+_LAZY = {
+    "RedisStore": "interpreters.stores.redis",
+    "SyncRedisStore": "interpreters.stores.redis",
+    "PostgresStore": "interpreters.stores.postgres",
+    "FileStore": "interpreters.stores.file",
+}
+
+
+def __getattr__(name: str) -> object:
+    # Stores live with the other I/O in interpreters/; import them when first asked for.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stroma' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,192 @@
+"""Node contracts: the pydantic schemas a node's input and output must satisfy.
+
+Validation happens at the boundary of every node: the input before the call, the
+output after it. A violation is TERMINAL: retrying the same code on the same data
+would only fail the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from stroma.errors import StromaError
+
+__all__ = (
+    "BoundaryValidator",
+    "ContractRegistry",
+    "ContractViolation",
+    "Direction",
+    "NodeContract",
+    "StepContract",
+    "StepViolation",
+)
+
+Direction = Literal["input", "output"]
+
+_MAX_LISTED_ERRORS = 5
+
+
+class NodeContract(BaseModel):
+    """The input and output schemas of one node."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    node_id: str
+    input_schema: type[BaseModel]
+    output_schema: type[BaseModel]
+
+    @field_validator("input_schema", "output_schema", mode="before")
+    @classmethod
+    def _must_be_model_class(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return value
+        found = (
+            f"the class {value.__qualname__}" if isinstance(value, type)
+            else f"{value!r} (an instance of {type(value).__name__})"
+        )
+        raise ValueError(
+            f"{info.field_name} must be a pydantic BaseModel subclass, got {found}; "
+            "pass the model class itself, e.g. input_schema=MyInput"
+        )
+
+
+StepContract = NodeContract
+
+
+def _loc(error: Mapping[str, Any]) -> str:
+    loc = error.get("loc") or ()
+    return ".".join(str(part) for part in loc) or "(root)"
+
+
+class ContractViolation(StromaError):
+    """A node's input or output did not satisfy its schema.
+
+    ``errors`` are pydantic error dicts (``ValidationError.errors()``); ``raw`` is the
+    data that failed.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        direction: str,
+        raw: object,
+        errors: Sequence[Mapping[str, Any]],
+    ) -> None:
+        self.node_id = node_id
+        self.direction = direction
+        self.raw = raw
+        self.errors: list[Mapping[str, Any]] = list(errors)
+        listed = "; ".join(
+            f"{_loc(e)}: {e.get('msg', '')}" for e in self.errors[:_MAX_LISTED_ERRORS]
+        )
+        more = len(self.errors) - _MAX_LISTED_ERRORS
+        if more > 0:
+            listed += f"; ... and {more} more"
+        super().__init__(f"Contract violation for '{node_id}' ({direction}): {listed}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.node_id, self.direction, self.raw, self.errors))
+
+
+StepViolation = ContractViolation
+
+_USAGE_HINT = (
+    "; a node reports usage by returning (dict, tokens), (dict, input_tokens, model) or "
+    "(dict, input_tokens, output_tokens, model)"
+)
+
+
+class BoundaryValidator:
+    """Validates data crossing a node boundary against the contract's schema."""
+
+    __slots__ = ()
+
+    def __call__(self, contract: NodeContract, direction: str, raw: object) -> BaseModel:
+        """The validated model; an instance of the schema already is one and is returned as is."""
+        if direction == "input":
+            schema = contract.input_schema
+        elif direction == "output":
+            schema = contract.output_schema
+        else:
+            raise ValueError(f"direction must be 'input' or 'output', got {direction!r}")
+        if isinstance(raw, schema):
+            return raw
+        data: object
+        if isinstance(raw, BaseModel):
+            data = raw.model_dump()
+        elif isinstance(raw, Mapping):
+            data = dict(raw)
+        else:
+            msg = (
+                f"expected a dict or a {schema.__name__} instance, "
+                f"got {type(raw).__name__}"
+            )
+            if isinstance(raw, tuple):
+                msg += _USAGE_HINT
+            error = {"type": "model_type", "loc": (), "msg": msg, "input": raw}
+            raise ContractViolation(contract.node_id, direction, raw, [error])
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            raise ContractViolation(contract.node_id, direction, data, errors) from exc
+
+
+_validate = BoundaryValidator()
+
+
+class ContractRegistry:
+    """The contracts of a pipeline's nodes, by node id."""
+
+    __slots__ = ("_contracts",)
+
+    def __init__(self) -> None:
+        self._contracts: dict[str, NodeContract] = {}
+
+    def register(self, contract: NodeContract) -> None:
+        """Add a contract, replacing any earlier one with the same node id."""
+        if not isinstance(contract, NodeContract):
+            raise TypeError(
+                f"register() expects a NodeContract, got {type(contract).__name__}; build "
+                "one with NodeContract(node_id=..., input_schema=..., output_schema=...)"
+            )
+        self._contracts[contract.node_id] = contract
+
+    def get(self, node_id: str) -> NodeContract:
+        try:
+            return self._contracts[node_id]
+        except KeyError:
+            known = ", ".join(repr(k) for k in self._contracts) or "none"
+            raise KeyError(
+                f"no contract registered for node {node_id!r} (registered: {known}); "
+                "register one with registry.register(NodeContract(...)) or @runner.node(...)"
+            ) from None
+
+    def validate_input(self, node_id: str, raw: object) -> BaseModel:
+        return _validate(self.get(node_id), "input", raw)
+
+    def validate_output(self, node_id: str, raw: object) -> BaseModel:
+        return _validate(self.get(node_id), "output", raw)
+
+    def schemas(self) -> set[type[BaseModel]]:
+        """Every input and output schema of the registered contracts."""
+        out: set[type[BaseModel]] = set()
+        for c in self._contracts.values():
+            out.add(c.input_schema)
+            out.add(c.output_schema)
+        return out
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._contracts
+
+    def __iter__(self) -> Iterator[NodeContract]:
+        return iter(list(self._contracts.values()))
+
+    def __len__(self) -> int:
+        return len(self._contracts)
+
+    def __repr__(self) -> str:
+        return f"ContractRegistry({list(self._contracts)!r})"

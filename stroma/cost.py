@@ -1,0 +1,308 @@
+"""Token and cost accounting, budgets, and model fallback near the budget.
+
+Everything here is arithmetic on numbers the run already has: no clock, no I/O. A run
+keeps running totals (never re-summed from history) and checks them against its
+``ExecutionBudget`` after each node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stroma.errors import StromaError
+
+__all__ = (
+    "KNOWN_MODELS",
+    "BudgetExceeded",
+    "CostTracker",
+    "ExecutionBudget",
+    "FallbackPolicy",
+    "ModelHint",
+    "NodeUsage",
+    "StepUsage",
+    "estimate_cost_usd",
+    "fallback_for",
+    "normalize_node_return",
+    "resolve_model",
+)
+
+# USD per 1M tokens: (input, output).
+KNOWN_MODELS: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4-turbo": (10.00, 30.00),
+    "claude-opus-4-6": (15.00, 75.00),
+    "claude-sonnet-4-6": (3.00, 15.00),
+    "claude-haiku-4-5": (0.80, 4.00),
+    "gemini-1.5-pro": (3.50, 10.50),
+    "gemini-1.5-flash": (0.35, 1.05),
+}
+
+
+def estimate_cost_usd(model: str | None, input_tokens: int, output_tokens: int = 0) -> float:
+    """The price of a call in USD from KNOWN_MODELS; 0.0 for an unknown or absent model."""
+    prices = KNOWN_MODELS.get(model) if model is not None else None
+    if prices is None:
+        return 0.0
+    return (input_tokens * prices[0] + output_tokens * prices[1]) / 1_000_000
+
+
+_DIMENSIONS = ("tokens", "cost", "latency")
+
+
+class ExecutionBudget(BaseModel):
+    """Limits on a run's cumulative totals; None means no limit on that dimension."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_tokens_total: int | None = Field(default=None, ge=0)
+    max_cost_usd: float | None = Field(default=None, ge=0.0)
+    max_latency_ms: int | None = Field(default=None, ge=0)
+
+    @classmethod
+    def unlimited(cls) -> ExecutionBudget:
+        return cls()
+
+    def _pairs(
+        self, tokens: float, cost_usd: float, latency_ms: float
+    ) -> tuple[tuple[str, float | None, float], ...]:
+        return (
+            ("tokens", self.max_tokens_total, tokens),
+            ("cost", self.max_cost_usd, cost_usd),
+            ("latency", self.max_latency_ms, latency_ms),
+        )
+
+    def first_exceeded(
+        self, tokens: float, cost_usd: float, latency_ms: float
+    ) -> tuple[str, float, float] | None:
+        """``(dimension, limit, actual)`` of the first dimension over its limit, else None."""
+        for dimension, limit, actual in self._pairs(tokens, cost_usd, latency_ms):
+            if limit is not None and actual > limit:
+                return dimension, limit, actual
+        return None
+
+    def first_spent(
+        self, tokens: float, cost_usd: float, latency_ms: float
+    ) -> tuple[str, float, float] | None:
+        """``(dimension, limit, actual)`` of the first dimension at or over its limit."""
+        for dimension, limit, actual in self._pairs(tokens, cost_usd, latency_ms):
+            if limit is not None and actual >= limit:
+                return dimension, limit, actual
+        return None
+
+
+@dataclass(slots=True)
+class NodeUsage:
+    """What one node used. ``tokens_used`` is input plus output tokens."""
+
+    node_id: str
+    tokens_used: int
+    cost_usd: float
+    latency_ms: float
+    model: str | None = None
+    output_tokens: int = 0
+
+
+StepUsage = NodeUsage
+
+_LIMIT_FIELDS = {"tokens": "max_tokens_total", "cost": "max_cost_usd", "latency": "max_latency_ms"}
+
+
+def _amount(dimension: str, value: float) -> str:
+    if dimension == "cost":
+        return f"${value:.6g}"
+    if dimension == "latency":
+        return f"{value:g} ms"
+    return f"{value:g} tokens"
+
+
+class BudgetExceeded(StromaError):
+    """The run's cumulative total on one dimension went over its budget."""
+
+    def __init__(self, dimension: str, limit: float, actual: float, node_id: str) -> None:
+        self.dimension = dimension
+        self.limit = limit
+        self.actual = actual
+        self.node_id = node_id
+        field = _LIMIT_FIELDS.get(dimension, dimension)
+        super().__init__(
+            f"{dimension} budget exceeded after node {node_id!r}: the run has used "
+            f"{_amount(dimension, actual)}, over the limit of {_amount(dimension, limit)}. "
+            f"Raise ExecutionBudget({field}=...) or make the pipeline use less."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.dimension, self.limit, self.actual, self.node_id))
+
+
+class CostTracker:
+    """Running totals of a run, overall and per node."""
+
+    __slots__ = ("_by_node", "_cost", "_latency", "_tokens")
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, NodeUsage] = {}
+        self._tokens = 0
+        self._cost = 0.0
+        self._latency = 0.0
+
+    def record(self, usage: NodeUsage) -> None:
+        """Add one node's usage to its node's totals and to the run's."""
+        self._tokens += usage.tokens_used
+        self._cost += usage.cost_usd
+        self._latency += usage.latency_ms
+        prev = self._by_node.get(usage.node_id)
+        if prev is None:
+            self._by_node[usage.node_id] = NodeUsage(
+                usage.node_id, usage.tokens_used, usage.cost_usd, usage.latency_ms,
+                usage.model, usage.output_tokens,
+            )
+        else:
+            prev.tokens_used += usage.tokens_used
+            prev.cost_usd += usage.cost_usd
+            prev.latency_ms += usage.latency_ms
+            prev.output_tokens += usage.output_tokens
+            prev.model = usage.model if usage.model is not None else prev.model
+
+    def check_budget(self, budget: ExecutionBudget | None, node_id: str) -> None:
+        """Raise BudgetExceeded if a cumulative total is over its limit."""
+        if budget is None:
+            return
+        hit = budget.first_exceeded(self._tokens, self._cost, self._latency)
+        if hit is not None:
+            raise BudgetExceeded(*hit, node_id)
+
+    @property
+    def total_tokens(self) -> int:
+        return self._tokens
+
+    @property
+    def total_cost_usd(self) -> float:
+        return self._cost
+
+    @property
+    def total_latency_ms(self) -> float:
+        return self._latency
+
+    @property
+    def by_node(self) -> Mapping[str, NodeUsage]:
+        """Each node's accumulated usage (read-only view)."""
+        return MappingProxyType(self._by_node)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "total_tokens": self._tokens,
+            "total_cost_usd": self._cost,
+            "total_latency_ms": self._latency,
+            "by_node": {
+                node_id: {
+                    "tokens_used": u.tokens_used,
+                    "output_tokens": u.output_tokens,
+                    "cost_usd": u.cost_usd,
+                    "latency_ms": u.latency_ms,
+                    "model": u.model,
+                }
+                for node_id, u in self._by_node.items()
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelHint:
+    """The model a node prefers, and what to use instead near the budget."""
+
+    node_id: str
+    preferred_model: str
+    fallback_model: str | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    """Use ``fallback_model`` instead of ``preferred_model`` once spend reaches
+    ``at_budget_pct`` of ``max_cost_usd``."""
+
+    preferred_model: str
+    fallback_model: str
+    at_budget_pct: float = 0.80
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.at_budget_pct <= 1.0:
+            raise ValueError(
+                f"FallbackPolicy.at_budget_pct must be a fraction in [0, 1], got "
+                f"{self.at_budget_pct!r}; write 0.8 for 80% of max_cost_usd"
+            )
+
+
+def fallback_for(
+    spent_usd: float,
+    budget: ExecutionBudget | None,
+    fallbacks: Sequence[FallbackPolicy],
+    declared: str | None,
+) -> FallbackPolicy | None:
+    """The fallback in force at this spend for a node declaring ``declared``, if any.
+
+    That is the first policy whose ``preferred_model`` is ``declared`` (any policy when
+    ``declared`` is None) and whose threshold is reached:
+    ``spent_usd / max_cost_usd >= at_budget_pct`` (a zero cost limit is always reached).
+    Without a cost limit nothing falls back.
+    """
+    if budget is None or budget.max_cost_usd is None:
+        return None
+    limit = budget.max_cost_usd
+    for policy in fallbacks:
+        if declared is not None and policy.preferred_model != declared:
+            continue
+        if limit == 0 or spent_usd / limit >= policy.at_budget_pct:
+            return policy
+    return None
+
+
+def resolve_model(
+    declared: str | None,
+    tracker: CostTracker,
+    budget: ExecutionBudget | None,
+    fallbacks: Sequence[FallbackPolicy],
+) -> str | None:
+    """The model a node should use now: its fallback near the budget, else ``declared``."""
+    policy = fallback_for(tracker.total_cost_usd, budget, fallbacks, declared)
+    return declared if policy is None else policy.fallback_model
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def normalize_node_return(value: object) -> tuple[object, int, int, str | None]:
+    """Split usage off what a node returned: ``(output, input_tokens, output_tokens, model)``.
+
+    Recognised forms: ``out``; ``(out, tokens)``; ``(out, input_tokens, model)``;
+    ``(out, input_tokens, output_tokens, model)``, where ``out`` is a dict or a model and
+    token counts are non-negative ints. Anything else comes back unchanged with no usage,
+    for the output contract to reject.
+    """
+    if not isinstance(value, tuple) or not 2 <= len(value) <= 4:
+        return value, 0, 0, None
+    out = value[0]
+    if not isinstance(out, Mapping | BaseModel):
+        return value, 0, 0, None
+    model: object = None
+    output_tokens: int | None = 0
+    if len(value) == 2:
+        input_tokens = _count(value[1])
+    elif len(value) == 3:
+        input_tokens, model = _count(value[1]), value[2]
+    else:
+        input_tokens, output_tokens, model = _count(value[1]), _count(value[2]), value[3]
+    if input_tokens is None or output_tokens is None:
+        return value, 0, 0, None
+    if model is not None and not isinstance(model, str):
+        return value, 0, 0, None
+    return out, input_tokens, output_tokens, model

@@ -1,0 +1,262 @@
+"""Effects (what the machine asks for) and events (what the world answered).
+
+All of them are frozen attrs values: slotted, compared by value, so a replayed effect
+can be checked against the recorded one with ``==``. Effects are commands, events are
+past-tense facts; each effect that reaches the world is answered by exactly one event:
+
+=================  ===========================================
+effect             answering event
+=================  ===========================================
+CallNode           NodeReturned | NodeRaised | NodeCancelled
+CallParallel       ParallelReturned
+ClassifyFailure    FailureClassified
+FireHook           HookFired
+Sleep              Slept
+SaveCheckpoint     CheckpointSaved
+LoadCheckpoint     CheckpointLoaded
+=================  ===========================================
+
+``RecordAttempt`` and ``Finish`` are the machine's own account (a trace event, the end of
+the run): they are logged but need no answer.
+
+Fields marked ``eq=False`` carry live objects (validated models, the exception) that an
+interpreter needs but a log does not hold; they never take part in comparisons.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import attrs
+from pydantic import BaseModel
+
+from stroma.failures import FailureClass
+from stroma.trace import RunStatus, TraceEvent
+
+__all__ = (
+    "CallNode",
+    "CallParallel",
+    "CheckpointLoaded",
+    "CheckpointSaved",
+    "ClassifyFailure",
+    "Effect",
+    "ErrorInfo",
+    "Event",
+    "FailureClassified",
+    "Finish",
+    "FireHook",
+    "HookFired",
+    "LoadCheckpoint",
+    "NodeCancelled",
+    "NodeRaised",
+    "NodeReturned",
+    "ParallelReturned",
+    "RecordAttempt",
+    "SaveCheckpoint",
+    "Sleep",
+    "Slept",
+)
+
+
+@attrs.frozen
+class ErrorInfo:
+    """An exception as data: its type's MRO names (for classification) and message."""
+
+    type_names: tuple[str, ...]
+    message: str
+    exc: BaseException | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def type_name(self) -> str:
+        return self.type_names[0] if self.type_names else "builtins.Exception"
+
+    @property
+    def short(self) -> str:
+        name = self.type_name.rsplit(".", 1)[-1]
+        return f"{name}: {self.message}" if self.message else name
+
+
+# ----------------------------------------------------------------------------- effects
+
+
+@attrs.frozen
+class CallNode:
+    """Call one node function with its validated input."""
+
+    node_id: str
+    attempt: int
+    timeout_ms: int | None = None
+    model: str | None = None  # fallback model to put in ctx["_stroma_model"], if any
+    input: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class CallParallel:
+    """Call several nodes concurrently on the same input; the first failure cancels the rest."""
+
+    step_id: str
+    attempt: int
+    calls: tuple[CallNode, ...] = ()
+    max_concurrency: int | None = None
+    timeout_ms: int | None = None
+
+
+@attrs.frozen
+class ClassifyFailure:
+    """Run the user's classifiers (in order, first non-None wins) on a failed attempt."""
+
+    node_id: str
+    attempt: int
+    error: ErrorInfo
+
+
+@attrs.frozen
+class FireHook:
+    """Call a user hook: ``kind`` is "start", "success" or "failure"."""
+
+    kind: str
+    node_id: str
+    attempt: int
+    state: dict[str, Any] | None = None
+    tokens: int = 0
+    failure: FailureClass | None = None
+    error: ErrorInfo | None = None
+
+
+@attrs.frozen
+class Sleep:
+    """Back off before a retry."""
+
+    seconds: float
+
+
+@attrs.frozen
+class SaveCheckpoint:
+    """Persist a completed step's output (and flush the log up to here)."""
+
+    node_id: str
+    state: BaseModel = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class LoadCheckpoint:
+    """Load the checkpoint a resumed run starts from."""
+
+    node_id: str
+    schema: type[BaseModel] = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class RecordAttempt:
+    """The machine's account of one finished attempt; the trace is made of these."""
+
+    event: TraceEvent
+
+
+@attrs.frozen
+class Finish:
+    """The run is over."""
+
+    status: RunStatus
+    final_state: BaseModel = attrs.field(eq=False, repr=False)
+    total_tokens: int
+    total_cost_usd: float
+    total_latency_ms: int
+    reason: str | None = None
+
+
+Effect = (
+    CallNode
+    | CallParallel
+    | ClassifyFailure
+    | FireHook
+    | Sleep
+    | SaveCheckpoint
+    | LoadCheckpoint
+    | RecordAttempt
+    | Finish
+)
+
+# ------------------------------------------------------------------------------ events
+
+
+@attrs.frozen
+class NodeReturned:
+    """A node returned. ``output`` is what it returned, its usage already split off."""
+
+    output: Any = attrs.field(eq=False)
+    started_at: datetime
+    duration_ms: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model: str | None = None
+
+
+@attrs.frozen
+class NodeRaised:
+    """A node raised (a timeout is a raise of TimeoutError)."""
+
+    error: ErrorInfo
+    started_at: datetime
+    duration_ms: int
+
+
+@attrs.frozen
+class NodeCancelled:
+    """A parallel child was cancelled because a sibling failed first."""
+
+    started_at: datetime
+    duration_ms: int
+
+
+@attrs.frozen
+class ParallelReturned:
+    """Every child of a CallParallel has an outcome, in argument order."""
+
+    started_at: datetime
+    duration_ms: int
+    outcomes: tuple[NodeReturned | NodeRaised | NodeCancelled, ...] = ()
+
+
+@attrs.frozen
+class FailureClassified:
+    """What the user's classifiers said: a class, or None to defer to the built-in rules."""
+
+    failure: FailureClass | None
+
+
+@attrs.frozen
+class HookFired:
+    """A hook ran; ``error`` is set when it raised (the run goes on regardless)."""
+
+    error: ErrorInfo | None = None
+
+
+@attrs.frozen
+class Slept:
+    seconds: float
+
+
+@attrs.frozen
+class CheckpointSaved:
+    node_id: str
+
+
+@attrs.frozen
+class CheckpointLoaded:
+    node_id: str
+    state: BaseModel | None = attrs.field(eq=False, repr=False)
+
+
+Event = (
+    NodeReturned
+    | NodeRaised
+    | NodeCancelled
+    | ParallelReturned
+    | FailureClassified
+    | HookFired
+    | Slept
+    | CheckpointSaved
+    | CheckpointLoaded
+)

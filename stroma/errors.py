@@ -1,0 +1,87 @@
+"""The exceptions stroma raises: one base class, a subclass wherever a caller would catch it.
+
+Messages name the thing, what was expected, what was found, and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "LogCorrupted",
+    "NondeterminismError",
+    "PlanError",
+    "RunLocked",
+    "StoreError",
+    "StromaError",
+    "UnsafeSchemaRef",
+)
+
+
+class StromaError(Exception):
+    """Base class of every error stroma raises on its own account."""
+
+
+class PlanError(StromaError, TypeError, ValueError):
+    """A pipeline or plan is malformed; raised before any node runs.
+
+    It is a TypeError (an undecorated function, a sync function) and a ValueError
+    (duplicate ids, a missing contract), so code written against either keeps working.
+    """
+
+
+class NondeterminismError(StromaError):
+    """Replaying a log produced an effect other than the recorded one."""
+
+    def __init__(self, index: int, recorded: object, new: object, detail: str = "") -> None:
+        self.index = index
+        self.recorded = recorded
+        self.new = new
+        msg = (
+            f"replay diverged at record {index}: the log recorded {recorded!r} "
+            f"but the plan now produces {new!r}"
+        )
+        if detail:
+            msg += f" ({detail})"
+        msg += (
+            ". The plan changed since the run was recorded (a node renamed, added, removed "
+            "or reordered, or a contract changed), or the log was altered: replay the log "
+            "with the plan that recorded it, or start a new run id."
+        )
+        super().__init__(msg)
+
+
+class LogCorrupted(StromaError):
+    """An effect log or checkpoint could not be read back: names the source and the damage."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+
+class StoreError(StromaError):
+    """A store could not do what was asked (permanent failure, bad id, unreachable server)."""
+
+
+class RunLocked(StoreError):
+    """Another worker holds the lease on this run id."""
+
+    def __init__(self, run_id: str, holder: str) -> None:
+        self.run_id = run_id
+        self.holder = holder
+        super().__init__(
+            f"run {run_id!r} is locked by worker {holder!r}: another process is executing "
+            "it. Wait for it to finish (or for its lease to expire if it died), or use "
+            "another run id."
+        )
+
+
+class UnsafeSchemaRef(StoreError):
+    """A stored schema reference names something the plan or registry never declared."""
+
+    def __init__(self, ref: str, known: object = ()) -> None:
+        self.ref = ref
+        super().__init__(
+            f"refusing to load schema {ref!r}: it is not a schema declared by the plan or "
+            "the contract registry, so nothing was imported. Register a contract using "
+            "this schema, or pass it explicitly to load_typed()."
+        )

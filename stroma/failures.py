@@ -1,0 +1,174 @@
+"""Failure classes, retry policies, and the rules that classify an exception.
+
+A failed attempt is classified RECOVERABLE (retry), TERMINAL (stop the run, FAILED) or
+AMBIGUOUS (retry a little). User classifiers run first, in list order, and the first that
+answers wins; the built-in rules apply last. The built-in rules exist twice over one
+table: ``classify`` checks a live exception, ``builtin_class_for_names`` checks the
+class names recorded in a log, so replay classifies without the exception object.
+
+``max_retries`` counts retries after the first attempt: 3 allows 4 attempts, 0 allows one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stroma.contracts import ContractViolation
+from stroma.cost import BudgetExceeded
+
+__all__ = (
+    "Classifier",
+    "FailureClass",
+    "FailurePolicy",
+    "NodeContext",
+    "RetryBudget",
+    "StepContext",
+    "builtin_class_for_names",
+    "classify",
+    "default_policy_map",
+    "exception_type_names",
+    "resolve_policy",
+)
+
+
+class FailureClass(StrEnum):
+    """What to do about a failed attempt. ``str()`` gives the name (``RECOVERABLE``)."""
+
+    RECOVERABLE = "RECOVERABLE"
+    TERMINAL = "TERMINAL"
+    AMBIGUOUS = "AMBIGUOUS"
+
+
+class FailurePolicy(BaseModel):
+    """How often to retry a failure class, and the backoff ceiling before each retry."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_retries: int = Field(default=3, ge=0)
+    backoff_seconds: float = Field(default=1.0, ge=0.0)
+
+
+def default_policy_map() -> dict[FailureClass, FailurePolicy]:
+    """The built-in policy of each failure class (a fresh dict each call)."""
+    return {
+        FailureClass.RECOVERABLE: FailurePolicy(max_retries=3, backoff_seconds=1.0),
+        FailureClass.TERMINAL: FailurePolicy(max_retries=0, backoff_seconds=0.0),
+        FailureClass.AMBIGUOUS: FailurePolicy(max_retries=1, backoff_seconds=0.5),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """What a classifier knows about the failed attempt (``attempt`` is 1-based)."""
+
+    node_id: str
+    attempt: int
+    run_id: str
+
+
+StepContext = NodeContext
+
+Classifier = Callable[[Exception, NodeContext], FailureClass | None]
+
+# The built-in rules, in order; the first match wins. ContractViolation and BudgetExceeded
+# come before ValueError in case a subclass of theirs is also a ValueError.
+_BUILTIN_RULES: tuple[tuple[type[BaseException], FailureClass], ...] = (
+    (ContractViolation, FailureClass.TERMINAL),
+    (BudgetExceeded, FailureClass.RECOVERABLE),
+    (TimeoutError, FailureClass.RECOVERABLE),  # asyncio.TimeoutError is TimeoutError on 3.11
+    (ValueError, FailureClass.AMBIGUOUS),
+)
+_FALLBACK_CLASS = FailureClass.AMBIGUOUS
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_BUILTIN_NAME_RULES: tuple[tuple[str, FailureClass], ...] = tuple(
+    (_type_name(cls), failure) for cls, failure in _BUILTIN_RULES
+)
+
+
+def exception_type_names(exc: BaseException) -> tuple[str, ...]:
+    """``module.QualName`` of every class in the exception's MRO, most specific first."""
+    return tuple(_type_name(cls) for cls in type(exc).__mro__)
+
+
+def builtin_class_for_names(type_names: Sequence[str]) -> FailureClass:
+    """The built-in rules applied to an exception's MRO names (see exception_type_names)."""
+    names = set(type_names)
+    for name, failure in _BUILTIN_NAME_RULES:
+        if name in names:
+            return failure
+    return _FALLBACK_CLASS
+
+
+def classify(
+    exc: Exception,
+    ctx: NodeContext,
+    classifiers: Sequence[Classifier] | None = None,
+) -> FailureClass:
+    """Custom classifiers in order (first non-None wins), then the built-in rules."""
+    for classifier in classifiers or ():
+        result = classifier(exc, ctx)
+        if result is None:
+            continue
+        if not isinstance(result, FailureClass):
+            name = getattr(classifier, "__qualname__", repr(classifier))
+            raise TypeError(
+                f"classifier {name} returned {result!r} (a {type(result).__name__}) for "
+                f"node {ctx.node_id!r}; a classifier must return a FailureClass or None "
+                "(None defers to the next classifier)"
+            )
+        return result
+    for cls, failure in _BUILTIN_RULES:
+        if isinstance(exc, cls):
+            return failure
+    return _FALLBACK_CLASS
+
+
+class RetryBudget:
+    """Retries used so far, per (run id, node id)."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def increment(self, run_id: str, node_id: str) -> int:
+        """Count one more retry of the node; returns the new count."""
+        key = (run_id, node_id)
+        count = self._counts.get(key, 0) + 1
+        self._counts[key] = count
+        return count
+
+    def count(self, run_id: str, node_id: str) -> int:
+        return self._counts.get((run_id, node_id), 0)
+
+    def exhausted(self, run_id: str, node_id: str, policy: FailurePolicy) -> bool:
+        """True once the node has used all of ``policy.max_retries``."""
+        return self.count(run_id, node_id) >= policy.max_retries
+
+
+def resolve_policy(
+    failure_class: FailureClass,
+    node_id: str,
+    node_policies: Mapping[str, Mapping[FailureClass, FailurePolicy]] | None = None,
+    policy_map: Mapping[FailureClass, FailurePolicy] | None = None,
+) -> FailurePolicy:
+    """Per-node override, then the run's policy map, then ``default_policy_map()``."""
+    if node_policies:
+        override = node_policies.get(node_id)
+        if override and failure_class in override:
+            return override[failure_class]
+    if policy_map and failure_class in policy_map:
+        return policy_map[failure_class]
+    return _DEFAULTS[failure_class]
+
+
+_DEFAULTS: Mapping[FailureClass, FailurePolicy] = default_policy_map()  # frozen values

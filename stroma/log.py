@@ -1,0 +1,386 @@
+"""The effect log: a header and one record per effect with the event that answered it.
+
+Format (JSON lines, UTF-8, one object per line, keys in a fixed order):
+
+* line 1, the header::
+
+    {"stroma_log":1,"run_id":"...","plan":"<fingerprint>","seed":123,"version":"0.2.0",
+     "started_at":"2026-11-23T16:00:00+00:00","config":{...}}
+
+  ``config`` is what the machine needs to make the same decisions again: budget, retry
+  policies, timeouts, which hooks were set, whether classifiers were, model fallbacks,
+  ``resume_from``, and the initial state (its schema ref and JSON).
+
+* then one line per record::
+
+    {"i":0,"effect":{"t":"CallNode",...},"event":{"t":"NodeReturned",...}}
+
+  ``event`` is null for the machine's own records (RecordAttempt, Finish). A
+  CallParallel is one line for the group (its event without the outcomes) followed by
+  one line per child: ``{"i":4,"child":0,"effect":{"t":"CallNode",..},"event":{..}}``.
+* a run resumed after a crash has a marker line where the live part starts again::
+
+    {"i":12,"resumed":"2026-11-23T16:05:00+00:00"}
+
+  and a run restarted with ``resume_from`` has one with the new session's config, where
+  replay starts the machine afresh: ``{"i":30,"resumed":"...","restart":{...}}``.
+
+Datetimes are ISO 8601 strings with their offset; failure classes and statuses are
+their string values; node outputs and states are their JSON form.
+
+Reading is strict, except for the tail: a last line that is torn (no newline, or not
+whole JSON) is dropped, so a log cut by a crash reads back to its last whole record.
+Any other damage is a ``LogCorrupted`` naming the source, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+import attrs
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from stroma import effects as fx
+from stroma.errors import LogCorrupted
+from stroma.failures import FailureClass
+from stroma.trace import ExecutionTrace, RunStatus, TraceEvent
+
+__all__ = (
+    "FORMAT_VERSION",
+    "EffectLog",
+    "LogHeader",
+    "Record",
+    "ResumeMarker",
+    "encode_header",
+    "encode_record",
+)
+
+FORMAT_VERSION = 1
+
+
+@attrs.frozen
+class LogHeader:
+    run_id: str
+    plan: str
+    seed: int
+    version: str
+    started_at: str
+    config: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    format: int = FORMAT_VERSION
+
+
+@attrs.frozen
+class ResumeMarker:
+    """Where a crashed run was picked up again and went on live.
+
+    ``restart`` is set when the run was restarted with ``resume_from`` (API resume): it
+    holds that session's machine config, and replay starts the machine afresh there.
+    """
+
+    at: str
+    restart: dict[str, Any] | None = attrs.field(default=None, eq=False)
+
+
+Record = tuple[fx.Effect, fx.Event | None] | ResumeMarker
+
+# ------------------------------------------------------------------------ the codec
+
+_CLASSES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        fx.CallNode, fx.CallParallel, fx.ClassifyFailure, fx.FireHook, fx.Sleep,
+        fx.SaveCheckpoint, fx.LoadCheckpoint, fx.RecordAttempt, fx.Finish,
+        fx.NodeReturned, fx.NodeRaised, fx.NodeCancelled, fx.ParallelReturned,
+        fx.FailureClassified, fx.HookFired, fx.Slept, fx.CheckpointSaved,
+        fx.CheckpointLoaded, fx.ErrorInfo,
+    )
+}
+# Live-only fields that a log never holds (the answer to them is in the log instead).
+_SKIP = {("CallNode", "input"), ("SaveCheckpoint", "state"), ("LoadCheckpoint", "schema"),
+         ("ErrorInfo", "exc"), ("CallParallel", "calls"), ("ParallelReturned", "outcomes")}
+_FIELDS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in attrs.fields(cls) if (name, f.name) not in _SKIP)
+    for name, cls in _CLASSES.items()
+}
+_TRACE_FIELDS = (
+    "node_id", "run_id", "attempt", "timestamp_utc", "input_state", "output_state",
+    "duration_ms", "failure", "failure_message",
+)
+
+
+def _dt(value: datetime) -> str:
+    return value.isoformat()
+
+
+def _enc(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, datetime):
+        return _dt(value)
+    if isinstance(value, TraceEvent):
+        return {"t": "TraceEvent", **{k: _enc(getattr(value, k)) for k in _TRACE_FIELDS}}
+    name = type(value).__name__
+    if name in _FIELDS and type(value) is _CLASSES[name]:
+        return {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]}}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, tuple | list):
+        return [_enc(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _enc(v) for k, v in value.items()}
+    return to_jsonable_python(value, fallback=repr)
+
+
+_DATETIME_FIELDS = {"started_at", "timestamp_utc"}
+_TUPLE_FIELDS = {"type_names"}
+
+
+def _dec(obj: Any) -> Any:
+    if not isinstance(obj, dict) or "t" not in obj:
+        return obj
+    name = obj["t"]
+    if name == "TraceEvent":
+        kw = {k: obj[k] for k in _TRACE_FIELDS}
+        kw["timestamp_utc"] = datetime.fromisoformat(kw["timestamp_utc"])
+        kw["failure"] = None if kw["failure"] is None else FailureClass(kw["failure"])
+        return TraceEvent(**kw)
+    cls = _CLASSES[name]
+    kw = {}
+    for k in _FIELDS[name]:
+        v = obj[k]
+        if k in _DATETIME_FIELDS:
+            v = datetime.fromisoformat(v)
+        elif k in _TUPLE_FIELDS:
+            v = tuple(v)
+        elif k == "failure" and v is not None:
+            v = FailureClass(v)
+        elif k == "status":
+            v = RunStatus(v)
+        elif isinstance(v, dict) and "t" in v and k not in ("output", "state", "final_state"):
+            v = _dec(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode_header(header: LogHeader) -> str:
+    return _dumps(
+        {
+            "stroma_log": header.format,
+            "run_id": header.run_id,
+            "plan": header.plan,
+            "seed": header.seed,
+            "version": header.version,
+            "started_at": header.started_at,
+            "config": header.config,
+        }
+    )
+
+
+def encode_record(index: int, record: Record) -> list[str]:
+    """The JSON lines of one record (one line, or 1 + n for a parallel group)."""
+    if isinstance(record, ResumeMarker):
+        obj: dict[str, Any] = {"i": index, "resumed": record.at}
+        if record.restart is not None:
+            obj["restart"] = record.restart
+        return [_dumps(obj)]
+    effect, event = record
+    if isinstance(effect, fx.CallParallel):
+        assert isinstance(event, fx.ParallelReturned) or event is None
+        head = _enc(effect)
+        head["n"] = len(effect.calls)
+        lines = [_dumps({"i": index, "effect": head, "event": _enc(event)})]
+        outcomes = event.outcomes if event is not None else ()
+        for j, call in enumerate(effect.calls):
+            child_event = outcomes[j] if j < len(outcomes) else None
+            lines.append(
+                _dumps({"i": index, "child": j, "effect": _enc(call), "event": _enc(child_event)})
+            )
+        return lines
+    return [_dumps({"i": index, "effect": _enc(effect), "event": _enc(event)})]
+
+
+# ------------------------------------------------------------------------------- log
+
+
+class EffectLog:
+    """A run's log in memory: the header and the records, in order."""
+
+    __slots__ = ("header", "records")
+
+    def __init__(self, header: LogHeader, records: Iterable[Record] = ()) -> None:
+        self.header = header
+        self.records: list[Record] = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EffectLog):
+            return NotImplemented
+        return self.to_jsonl() == other.to_jsonl()
+
+    def __repr__(self) -> str:
+        return f"EffectLog(run_id={self.header.run_id!r}, records={len(self.records)})"
+
+    # -- reading back what happened
+
+    @property
+    def finish(self) -> fx.Finish | None:
+        """The Finish record of a run that ended, else None (a run cut short)."""
+        for rec in reversed(self.records):
+            if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.Finish):
+                return rec[0]
+            break
+        return None
+
+    def trace(self) -> ExecutionTrace:
+        """The trace is a fold over the log: the machine's RecordAttempt records, in order."""
+        return ExecutionTrace.from_events(
+            [rec[0].event for rec in self.records
+             if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.RecordAttempt)]
+        )
+
+    def completed_nodes(self) -> list[str]:
+        """Ids of the steps whose checkpoint was saved, in order."""
+        return [rec[0].node_id for rec in self.records
+                if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.SaveCheckpoint)
+                and rec[1] is not None]
+
+    # -- text
+
+    def lines(self) -> list[str]:
+        out = [encode_header(self.header)]
+        for i, rec in enumerate(self.records):
+            out.extend(encode_record(i, rec))
+        return out
+
+    def to_jsonl(self) -> str:
+        return "".join(line + "\n" for line in self.lines())
+
+    @classmethod
+    def from_jsonl(cls, text: str | bytes, source: str = "<effect log>") -> EffectLog:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # A torn multi-byte character at the very end is a torn tail, nothing more.
+                head = text[: e.start]
+                if b"\n" in text[e.start :] or e.start == 0 and not head:
+                    raise LogCorrupted(source, f"not UTF-8 text at byte {e.start}") from None
+                text = head.decode("utf-8")
+        raw_lines = text.split("\n")
+        complete = raw_lines[:-1]  # what precedes the last newline
+        tail = raw_lines[-1]  # text after the last newline: a torn line, or ""
+        return cls.from_lines(complete, source=source, torn_tail=tail)
+
+    @classmethod
+    def from_lines(
+        cls, lines: list[str], source: str = "<effect log>", torn_tail: str = ""
+    ) -> EffectLog:
+        """Parse lines (without newlines); a torn last line is dropped, other damage raises."""
+        if not lines:
+            raise LogCorrupted(source, "the log is empty: it has no header line")
+        header = _parse_header(lines[0], source)
+        records: list[Record] = []
+        n = len(lines)
+        line_no = 1
+        while line_no < n:
+            obj = _parse_line(lines[line_no], source, line_no + 1, last=line_no == n - 1
+                              and not torn_tail)
+            if obj is None:  # torn last line
+                break
+            try:
+                index = obj["i"]
+                if index != len(records):
+                    raise LogCorrupted(
+                        source, f"line {line_no + 1}: record index {index} out of sequence "
+                        f"(expected {len(records)})"
+                    )
+                if "resumed" in obj:
+                    restart = obj.get("restart")
+                    if restart is not None and not isinstance(restart, dict):
+                        raise LogCorrupted(source, f"line {line_no + 1}: bad restart record")
+                    records.append(ResumeMarker(str(obj["resumed"]), restart))
+                    line_no += 1
+                    continue
+                effect = _dec(obj["effect"])
+                event = _dec(obj["event"])
+                if isinstance(effect, fx.CallParallel):
+                    count = int(obj["effect"]["n"])
+                    children: list[tuple[Any, Any]] = []
+                    j = line_no + 1
+                    while j < n and len(children) < count:
+                        child = _parse_line(lines[j], source, j + 1,
+                                            last=j == n - 1 and not torn_tail)
+                        if child is None:
+                            break
+                        if child.get("i") != index or child.get("child") != len(children):
+                            raise LogCorrupted(
+                                source, f"line {j + 1}: expected child {len(children)} of "
+                                f"the parallel group on line {line_no + 1}"
+                            )
+                        children.append((_dec(child["effect"]), _dec(child["event"])))
+                        j += 1
+                    if len(children) < count:
+                        break  # the group was cut short by a crash: a torn tail
+                    effect = attrs.evolve(effect, calls=tuple(c for c, _ in children))
+                    if event is not None:
+                        event = attrs.evolve(event, outcomes=tuple(e for _, e in children))
+                    records.append((effect, event))
+                    line_no = j
+                    continue
+                records.append((effect, event))
+            except LogCorrupted:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise LogCorrupted(
+                    source, f"line {line_no + 1}: not a valid record ({type(e).__name__}: {e})"
+                ) from None
+            line_no += 1
+        return cls(header, records)
+
+
+def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        if last:
+            return None
+        raise LogCorrupted(source, f"line {line_no}: not JSON: {line[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise LogCorrupted(source, f"line {line_no}: expected a JSON object, found {line[:80]!r}")
+    return obj
+
+
+def _parse_header(line: str, source: str) -> LogHeader:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise LogCorrupted(source, f"line 1: the header is not JSON: {line[:80]!r}") from None
+    if not isinstance(obj, dict) or "stroma_log" not in obj:
+        raise LogCorrupted(source, "line 1: not a stroma effect log header")
+    if obj["stroma_log"] != FORMAT_VERSION:
+        raise LogCorrupted(
+            source,
+            f"log format version {obj['stroma_log']!r}, this stroma reads version "
+            f"{FORMAT_VERSION}: replay it with the stroma version that wrote it",
+        )
+    try:
+        return LogHeader(
+            run_id=str(obj["run_id"]), plan=str(obj["plan"]), seed=int(obj["seed"]),
+            version=str(obj["version"]), started_at=str(obj["started_at"]),
+            config=dict(obj.get("config") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise LogCorrupted(source, f"line 1: header field missing or wrong: {e}") from None

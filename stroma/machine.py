@@ -1,0 +1,625 @@
+"""The run machine: every decision of a run, as a pure function.
+
+Theory of operation
+-------------------
+``start(plan, initial_state, config)`` gives the first ``RunState`` and effects;
+``advance(state, event)`` takes the event that answered the last effect and gives the
+next state and effects. The machine never performs anything: interpreters do, and feed
+back what happened. Time, durations, node outputs, exceptions and what user classifiers
+said only ever arrive as event fields; jitter comes from a PRNG whose seed is in the
+config (and the log header), so the same events always give the same effects.
+
+The state's ``phase`` says which event it waits for:
+
+========== ============================ =========================================
+phase      waits for (answering ...)    then
+========== ============================ =========================================
+load       CheckpointLoaded             begin the resume step, or PARTIAL
+hook_start HookFired (FireHook start)   CallNode / CallParallel
+call       NodeReturned | NodeRaised    success: RecordAttempt, SaveCheckpoint
+           | ParallelReturned           failure: ClassifyFailure or classified
+classify   FailureClassified            RecordAttempt, FireHook failure or decide
+hook_fail  HookFired (FireHook failure) decide: Finish, Sleep or next attempt
+sleep      Slept                        next attempt
+save       CheckpointSaved              FireHook success, or the next step
+hook_ok    HookFired (FireHook success) the next step
+done       nothing                      (a Finish was emitted)
+========== ============================ =========================================
+
+An attempt begins with two checks: a budget already spent stops the run (PARTIAL, and
+the trace says why) before the node starts; an input that breaks the contract fails the
+attempt without calling the node. The run is over when the effects contain ``Finish``.
+Running totals are kept in the state, never recomputed from history, so a step costs the
+same at node 10 and at node 10,000. Hook errors are recorded and change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import attrs
+from pydantic import BaseModel, ValidationError
+
+from stroma import effects as fx
+from stroma.contracts import ContractViolation
+from stroma.cost import BudgetExceeded, FallbackPolicy, estimate_cost_usd, fallback_for
+from stroma.errors import StromaError
+from stroma.failures import FailureClass, builtin_class_for_names, default_policy_map
+from stroma.plan import NodeStep, ParallelStep, Plan, Step
+from stroma.trace import RunStatus, TraceEvent
+
+__all__ = (
+    "MachineConfig",
+    "RunState",
+    "UnexpectedEvent",
+    "advance",
+    "error_info",
+    "mark_resumed",
+    "start",
+)
+
+_MASK = (1 << 64) - 1
+_DEFAULTS = tuple(
+    (cls, pol.max_retries, pol.backoff_seconds) for cls, pol in default_policy_map().items()
+)
+
+
+class UnexpectedEvent(StromaError, ValueError):
+    """An event arrived that the machine was not waiting for (a broken interpreter or log)."""
+
+
+@attrs.frozen
+class MachineConfig:
+    """What the machine needs to know about a run, as plain values."""
+
+    run_id: str
+    seed: int
+    started_at: datetime
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_latency_ms: int | None = None
+    policy_map: tuple[tuple[FailureClass, int, float], ...] = ()
+    custom_classifiers: bool = False
+    hooks: frozenset[str] = frozenset()
+    fallbacks: tuple[FallbackPolicy, ...] = attrs.field(default=(), eq=False)
+    declared_model: str | None = None
+    resume_from: str | None = None
+    node_timeouts: dict[str, int] = attrs.field(factory=dict, hash=False)
+    node_policies: dict[str, tuple[tuple[FailureClass, int, float], ...]] = attrs.field(
+        factory=dict, hash=False
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        """The decision-making part of the config, for the log header."""
+        return {
+            "budget": [self.max_tokens, self.max_cost_usd, self.max_latency_ms],
+            "policy_map": [[c.value, r, b] for c, r, b in self.policy_map],
+            "node_policies": {
+                k: [[c.value, r, b] for c, r, b in v] for k, v in self.node_policies.items()
+            },
+            "node_timeouts": dict(self.node_timeouts),
+            "classifiers": self.custom_classifiers,
+            "hooks": sorted(self.hooks),
+            "fallbacks": [
+                [f.preferred_model, f.fallback_model, f.at_budget_pct] for f in self.fallbacks
+            ],
+            "model": self.declared_model,
+            "resume_from": self.resume_from,
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: Mapping[str, Any], *, run_id: str, seed: int, started_at: datetime
+    ) -> MachineConfig:
+        def table(rows: Any) -> tuple[tuple[FailureClass, int, float], ...]:
+            return tuple((FailureClass(c), int(r), float(b)) for c, r, b in rows)
+
+        tokens, cost, latency = data.get("budget") or [None, None, None]
+        return cls(
+            run_id=run_id,
+            seed=seed,
+            started_at=started_at,
+            max_tokens=tokens,
+            max_cost_usd=cost,
+            max_latency_ms=latency,
+            policy_map=table(data.get("policy_map") or ()),
+            custom_classifiers=bool(data.get("classifiers")),
+            hooks=frozenset(data.get("hooks") or ()),
+            fallbacks=tuple(
+                FallbackPolicy(preferred_model=p, fallback_model=f, at_budget_pct=pct)
+                for p, f, pct in data.get("fallbacks") or ()
+            ),
+            declared_model=data.get("model"),
+            resume_from=data.get("resume_from"),
+            node_timeouts={k: int(v) for k, v in (data.get("node_timeouts") or {}).items()},
+            node_policies={k: table(v) for k, v in (data.get("node_policies") or {}).items()},
+        )
+
+
+@attrs.frozen
+class Attempt:
+    """The attempt in flight: what the trace and a failure need."""
+
+    input_json: dict[str, Any]
+    call: fx.CallNode | fx.CallParallel | None = None
+    started_at: datetime | None = None
+    duration_ms: int = 0
+    tokens: int = 0
+    output: BaseModel | None = attrs.field(default=None, eq=False)
+    output_json: dict[str, Any] | None = None
+    error: fx.ErrorInfo | None = None
+    failure: FailureClass | None = None
+
+
+@attrs.frozen
+class RunState:
+    plan: Plan
+    config: MachineConfig
+    phase: str
+    pos: int
+    attempt: int
+    retries: int
+    state: BaseModel = attrs.field(eq=False)
+    state_json: dict[str, Any]
+    tokens: int
+    cost_usd: float
+    latency_ms: int
+    rng: int
+    clock: datetime
+    resumed: bool = False
+    current: Attempt | None = None
+
+    @property
+    def step(self) -> Step:
+        return self.plan.steps[self.pos]
+
+
+Out = tuple[RunState, list[Any]]
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _error(exc: BaseException) -> fx.ErrorInfo:
+    names = tuple(f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__)
+    return fx.ErrorInfo(names, str(exc), exc)
+
+
+def _validate(
+    node_id: str, direction: str, schema: type[BaseModel], raw: Any
+) -> BaseModel | ContractViolation:
+    if type(raw) is schema:
+        return raw
+    try:
+        if isinstance(raw, BaseModel):
+            return schema.model_validate(raw, from_attributes=True)
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        shown = raw if isinstance(raw, dict) else {"value": repr(raw)}
+        return ContractViolation(node_id, direction, shown, e.errors(include_url=False))
+
+
+def _policy(state: RunState, step: Step, cls: FailureClass) -> tuple[int, float]:
+    per_node = state.config.node_policies.get(step.step_id, ())
+    for table in (per_node, step.policies, state.config.policy_map, _DEFAULTS):
+        for c, retries, backoff in table:
+            if c is cls or c == cls:
+                return retries, backoff
+    return 0, 0.0
+
+
+def _draw(rng: int) -> tuple[int, float]:
+    """splitmix64: the next PRNG state and a float in [0, 1]."""
+    rng = (rng + 0x9E3779B97F4A7C15) & _MASK
+    z = rng
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return rng, z / _MASK
+
+
+def _timeout(s: RunState, step: Step) -> int | None:
+    if s.config.node_timeouts:
+        ms = s.config.node_timeouts.get(step.step_id)
+        if ms is not None:
+            return ms
+    return step.timeout_ms
+
+
+def _end(started_at: datetime, duration_ms: int) -> datetime:
+    return started_at + timedelta(milliseconds=duration_ms)
+
+
+def _finish(s: RunState, status: RunStatus, reason: str | None) -> Out:
+    if status is RunStatus.COMPLETED and s.resumed:
+        status = RunStatus.RESUMED
+    s = attrs.evolve(s, phase="done", current=None)
+    return s, [
+        fx.Finish(status, s.state, s.tokens, s.cost_usd, s.latency_ms, reason)
+    ]
+
+
+def _spent(s: RunState) -> str | None:
+    c = s.config
+    if c.max_tokens is not None and s.tokens >= c.max_tokens:
+        return f"tokens {s.tokens} of {c.max_tokens}"
+    if c.max_cost_usd is not None and s.cost_usd >= c.max_cost_usd:
+        return f"cost ${s.cost_usd:.6f} of ${c.max_cost_usd:.6f}"
+    if c.max_latency_ms is not None and s.latency_ms >= c.max_latency_ms:
+        return f"latency {s.latency_ms} ms of {c.max_latency_ms} ms"
+    return None
+
+
+def _exceeded(s: RunState, node_id: str) -> BudgetExceeded | None:
+    c = s.config
+    if c.max_tokens is not None and s.tokens > c.max_tokens:
+        return BudgetExceeded("tokens", c.max_tokens, s.tokens, node_id)
+    if c.max_cost_usd is not None and s.cost_usd > c.max_cost_usd:
+        return BudgetExceeded("cost", c.max_cost_usd, s.cost_usd, node_id)
+    if c.max_latency_ms is not None and s.latency_ms > c.max_latency_ms:
+        return BudgetExceeded("latency", c.max_latency_ms, s.latency_ms, node_id)
+    return None
+
+
+def _fallback_model(s: RunState) -> str | None:
+    if not s.config.fallbacks or s.config.max_cost_usd is None:
+        return None
+    fb = fallback_for(
+        s.cost_usd, _budget_view(s.config), s.config.fallbacks, s.config.declared_model
+    )
+    return fb.fallback_model if fb is not None else None
+
+
+def _budget_view(c: MachineConfig) -> Any:
+    from stroma.cost import ExecutionBudget
+
+    return ExecutionBudget(
+        max_tokens_total=c.max_tokens, max_cost_usd=c.max_cost_usd, max_latency_ms=c.max_latency_ms
+    )
+
+
+# ------------------------------------------------------------------------------ start
+
+
+def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
+    """The first state of a run and its first effects."""
+    if not isinstance(initial_state, BaseModel):
+        raise TypeError(
+            f"initial_state must be a pydantic BaseModel instance (got {type(initial_state).__name__}"
+            "): wrap it, e.g. Input(**data)"
+        )
+    s = RunState(
+        plan=plan,
+        config=config,
+        phase="start",
+        pos=0,
+        attempt=1,
+        retries=0,
+        state=initial_state,
+        state_json=initial_state.model_dump(mode="json"),
+        tokens=0,
+        cost_usd=0.0,
+        latency_ms=0,
+        rng=config.seed & _MASK,
+        clock=config.started_at,
+    )
+    target = config.resume_from
+    if target is None:
+        return _begin_step(s)
+    ids = plan.step_ids()
+    if target not in ids:
+        return _finish(
+            s, RunStatus.PARTIAL,
+            f"resume_from={target!r} is not a step of this pipeline (its steps: "
+            f"{', '.join(map(repr, ids)) or 'none'}); nothing was run",
+        )
+    k = ids.index(target)
+    if k == 0:
+        return _begin_step(attrs.evolve(s, resumed=True))
+    before = plan.steps[k - 1]
+    s = attrs.evolve(s, phase="load", pos=k, resumed=True)
+    return s, [fx.LoadCheckpoint(before.step_id, before.output_schema)]
+
+
+def _on_loaded(s: RunState, ev: fx.CheckpointLoaded) -> Out:
+    before = s.plan.steps[s.pos - 1]
+    if ev.state is None:
+        return _finish(
+            s, RunStatus.PARTIAL,
+            f"cannot resume run {s.config.run_id!r} from {s.step.step_id!r}: there is no "
+            f"checkpoint of {before.step_id!r} in the store",
+        )
+    state = _validate(before.step_id, "output", before.output_schema, ev.state)
+    if isinstance(state, ContractViolation):
+        return _finish(s, RunStatus.PARTIAL, f"the checkpoint does not fit its contract: {state}")
+    s = attrs.evolve(s, state=state, state_json=state.model_dump(mode="json"))
+    return _begin_step(s)
+
+
+# --------------------------------------------------------------------------- attempts
+
+
+def _begin_step(s: RunState) -> Out:
+    if s.pos >= len(s.plan.steps):
+        return _finish(s, RunStatus.COMPLETED, None)
+    return _begin_attempt(s)
+
+
+def _begin_attempt(s: RunState) -> Out:
+    step = s.step
+    spent = _spent(s)
+    if spent is not None:
+        reason = f"budget spent ({spent}): {step.step_id!r} was not started"
+        te = TraceEvent(
+            step.step_id, s.config.run_id, s.attempt, s.clock, s.state_json, None, 0,
+            FailureClass.RECOVERABLE, reason,
+        )
+        s, effects = _finish(s, RunStatus.PARTIAL, reason)
+        return s, [fx.RecordAttempt(te), *effects]
+    model = _fallback_model(s) if s.config.fallbacks else None
+    if isinstance(step, NodeStep):
+        inp = _validate(step.node_id, "input", step.input_schema, s.state)
+        if isinstance(inp, ContractViolation):
+            att = Attempt(s.state_json, started_at=s.clock)
+            return _failed(attrs.evolve(s, current=att), _error(inp))
+        input_json = s.state_json if inp is s.state else inp.model_dump(mode="json")
+        call: fx.CallNode | fx.CallParallel = fx.CallNode(
+            step.node_id, s.attempt, _timeout(s, step), model, inp
+        )
+    else:
+        calls = []
+        for child in step.children:
+            cin = _validate(child.node_id, "input", child.input_schema, s.state)
+            if isinstance(cin, ContractViolation):
+                att = Attempt(s.state_json, started_at=s.clock)
+                return _failed(attrs.evolve(s, current=att), _error(cin))
+            calls.append(fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin))
+        input_json = s.state_json
+        call = fx.CallParallel(
+            step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step)
+        )
+    att = Attempt(input_json, call)
+    if "start" in s.config.hooks:
+        s = attrs.evolve(s, phase="hook_start", current=att)
+        return s, [fx.FireHook("start", step.step_id, s.attempt, input_json)]
+    return attrs.evolve(s, phase="call", current=att), [call]
+
+
+def _on_hook_start(s: RunState, ev: fx.HookFired) -> Out:
+    assert s.current is not None and s.current.call is not None
+    return attrs.evolve(s, phase="call"), [s.current.call]
+
+
+def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
+    tokens = ev.input_tokens + ev.output_tokens
+    if not tokens:
+        return 0, 0.0
+    return tokens, estimate_cost_usd(call_model or ev.model, ev.input_tokens, ev.output_tokens)
+
+
+def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
+    step = s.step
+    att = s.current
+    assert isinstance(step, NodeStep) and att is not None and isinstance(att.call, fx.CallNode)
+    tokens, cost = _price(att.call.model, ev)
+    s = attrs.evolve(
+        s,
+        tokens=s.tokens + tokens,
+        cost_usd=s.cost_usd + cost,
+        latency_ms=s.latency_ms + ev.duration_ms,
+        clock=_end(ev.started_at, ev.duration_ms),
+        current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms,
+                             tokens=tokens),
+    )
+    out = _validate(step.node_id, "output", step.output_schema, ev.output)
+    return _succeeded(s, out)
+
+
+def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
+    step = s.step
+    att = s.current
+    assert isinstance(step, ParallelStep) and att is not None
+    assert isinstance(att.call, fx.CallParallel)
+    tokens, cost = 0, 0.0
+    for outcome in ev.outcomes:
+        if isinstance(outcome, fx.NodeReturned):
+            t, c = _price(att.call.calls[0].model, outcome)
+            tokens, cost = tokens + t, cost + c
+    s = attrs.evolve(
+        s,
+        tokens=s.tokens + tokens,
+        cost_usd=s.cost_usd + cost,
+        latency_ms=s.latency_ms + ev.duration_ms,
+        clock=_end(ev.started_at, ev.duration_ms),
+        current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms,
+                             tokens=tokens),
+    )
+    if len(ev.outcomes) != len(step.children):
+        raise UnexpectedEvent(
+            f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(step.children)} children"
+        )
+    merged: dict[str, Any] = {}
+    first_error: fx.ErrorInfo | None = None
+    for child, outcome in zip(step.children, ev.outcomes, strict=True):
+        if isinstance(outcome, fx.NodeRaised):
+            first_error = first_error or outcome.error
+        elif isinstance(outcome, fx.NodeCancelled):
+            continue
+        elif first_error is None:
+            out = _validate(child.node_id, "output", child.output_schema, outcome.output)
+            if isinstance(out, ContractViolation):
+                first_error = _error(out)
+            else:
+                merged.update(out.model_dump())
+    if first_error is None and any(isinstance(o, fx.NodeCancelled) for o in ev.outcomes):
+        first_error = fx.ErrorInfo(
+            ("anyio.Cancelled", "builtins.BaseException"), "children were cancelled"
+        )
+    if first_error is not None:
+        return _failed(s, first_error)
+    return _succeeded(s, _validate(step.step_id, "output", step.output_schema, merged))
+
+
+def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
+    if isinstance(out, ContractViolation):
+        return _failed(s, _error(out))
+    step = s.step
+    over = _exceeded(s, step.step_id)
+    if over is not None:
+        return _failed(s, _error(over))
+    att = s.current
+    assert att is not None and att.started_at is not None
+    out_json = out.model_dump(mode="json")
+    te = TraceEvent(
+        step.step_id, s.config.run_id, s.attempt, att.started_at, att.input_json, out_json,
+        att.duration_ms,
+    )
+    s = attrs.evolve(s, phase="save", current=attrs.evolve(att, output=out, output_json=out_json))
+    return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.step_id, out)]
+
+
+def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
+    att = s.current
+    assert att is not None and att.output is not None and att.output_json is not None
+    s = attrs.evolve(
+        s, state=att.output, state_json=att.output_json, pos=s.pos + 1, attempt=1, retries=0,
+    )
+    if "success" in s.config.hooks:
+        step = s.plan.steps[s.pos - 1]
+        s = attrs.evolve(s, phase="hook_ok")
+        return s, [fx.FireHook("success", step.step_id, att.call.attempt if att.call else 1,
+                               att.output_json, att.tokens)]
+    return _begin_step(attrs.evolve(s, current=None))
+
+
+def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
+    return _begin_step(attrs.evolve(s, current=None))
+
+
+# ---------------------------------------------------------------------------- failures
+
+
+def _on_raised(s: RunState, ev: fx.NodeRaised) -> Out:
+    att = s.current
+    assert att is not None
+    s = attrs.evolve(
+        s,
+        latency_ms=s.latency_ms + ev.duration_ms,
+        clock=_end(ev.started_at, ev.duration_ms),
+        current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms),
+    )
+    return _failed(s, ev.error)
+
+
+def _failed(s: RunState, error: fx.ErrorInfo) -> Out:
+    att = s.current
+    assert att is not None
+    s = attrs.evolve(s, current=attrs.evolve(att, error=error))
+    if s.config.custom_classifiers:
+        s = attrs.evolve(s, phase="classify")
+        return s, [fx.ClassifyFailure(s.step.step_id, s.attempt, error)]
+    return _classified(s, builtin_class_for_names(error.type_names))
+
+
+def _on_classified(s: RunState, ev: fx.FailureClassified) -> Out:
+    assert s.current is not None and s.current.error is not None
+    cls = ev.failure
+    if cls is None:
+        cls = builtin_class_for_names(s.current.error.type_names)
+    return _classified(s, FailureClass(cls))
+
+
+def _classified(s: RunState, cls: FailureClass) -> Out:
+    att = s.current
+    assert att is not None and att.error is not None
+    step = s.step
+    message = att.error.message or att.error.type_name.rsplit(".", 1)[-1]
+    te = TraceEvent(
+        step.step_id, s.config.run_id, s.attempt, att.started_at or s.clock, att.input_json,
+        None, att.duration_ms, cls, message,
+    )
+    s = attrs.evolve(s, current=attrs.evolve(att, failure=cls))
+    if "failure" in s.config.hooks:
+        s = attrs.evolve(s, phase="hook_fail")
+        return s, [fx.RecordAttempt(te),
+                   fx.FireHook("failure", step.step_id, s.attempt, None, 0, cls, att.error)]
+    s, effects = _decide(s)
+    return s, [fx.RecordAttempt(te), *effects]
+
+
+def _on_hook_fail(s: RunState, ev: fx.HookFired) -> Out:
+    return _decide(s)
+
+
+def _decide(s: RunState) -> Out:
+    att = s.current
+    assert att is not None and att.failure is not None and att.error is not None
+    step = s.step
+    cls = att.failure
+    if cls is FailureClass.TERMINAL:
+        return _finish(
+            s, RunStatus.FAILED,
+            f"{step.step_id!r} failed with a terminal error on attempt {s.attempt}: "
+            f"{att.error.short}",
+        )
+    max_retries, backoff = _policy(s, step, cls)
+    if s.retries >= max_retries:
+        return _finish(
+            s, RunStatus.PARTIAL,
+            f"{step.step_id!r} gave up after {s.attempt} attempt(s) ({cls} allows "
+            f"{max_retries} retries): {att.error.short}",
+        )
+    s = attrs.evolve(s, attempt=s.attempt + 1, retries=s.retries + 1, current=None)
+    if backoff > 0:
+        rng, u = _draw(s.rng)
+        delay = u * backoff
+        s = attrs.evolve(s, rng=rng, phase="sleep")
+        return s, [fx.Sleep(delay)]
+    return _begin_attempt(s)
+
+
+def _on_slept(s: RunState, ev: fx.Slept) -> Out:
+    return _begin_attempt(attrs.evolve(s, clock=s.clock + timedelta(seconds=ev.seconds)))
+
+
+# ---------------------------------------------------------------------------- advance
+
+_Handler = Callable[[RunState, Any], Out]
+_TABLE: Mapping[str, Mapping[type, _Handler]] = {
+    "load": {fx.CheckpointLoaded: _on_loaded},
+    "hook_start": {fx.HookFired: _on_hook_start},
+    "call": {
+        fx.NodeReturned: _on_returned,
+        fx.NodeRaised: _on_raised,
+        fx.ParallelReturned: _on_parallel,
+    },
+    "classify": {fx.FailureClassified: _on_classified},
+    "hook_fail": {fx.HookFired: _on_hook_fail},
+    "sleep": {fx.Slept: _on_slept},
+    "save": {fx.CheckpointSaved: _on_saved},
+    "hook_ok": {fx.HookFired: _on_hook_ok},
+    "done": {},
+}
+
+
+def advance(state: RunState, event: Any) -> Out:
+    """The next state and effects, given the event that answered the last effect."""
+    handler = _TABLE[state.phase].get(type(event))
+    if handler is None:
+        expected: Sequence[str] = [t.__name__ for t in _TABLE[state.phase]] or ["nothing"]
+        raise UnexpectedEvent(
+            f"can't handle event {type(event).__name__} in phase {state.phase!r} "
+            f"(step {state.pos}, attempt {state.attempt}); expected {' or '.join(expected)}"
+        )
+    return handler(state, event)
+
+
+def mark_resumed(state: RunState) -> RunState:
+    """The same state, in a run that was picked up again after a crash."""
+    return attrs.evolve(state, resumed=True)
+
+
+def error_info(exc: BaseException) -> fx.ErrorInfo:
+    """An exception as data, for interpreters building NodeRaised / HookFired events."""
+    return _error(exc)

@@ -1,0 +1,347 @@
+"""The runner facade: ``StromaRunner``, ``RunConfig``, ``NodeHooks`` and ``interpret``.
+
+This is where the pure core meets the interpreters: a pipeline (a list of node functions
+or a Plan) is compiled to an immutable plan, the run's settings become a
+``MachineConfig``, and ``interpreters.session`` performs the run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from interpreters.session import new_seed, replay_log, run_session, utcnow
+from stroma.checkpoint import CheckpointManager, InMemoryStore
+from stroma.contracts import ContractRegistry, NodeContract
+from stroma.cost import ExecutionBudget, FallbackPolicy
+from stroma.errors import PlanError
+from stroma.failures import Classifier, FailureClass, FailurePolicy
+from stroma.log import EffectLog
+from stroma.machine import MachineConfig
+from stroma.plan import NODE_ATTR, NodeMarker, ParallelGroup, Plan, compile_plan, parallel
+from stroma.schemas import declare_schemas
+from stroma.trace import ExecutionResult
+
+__all__ = (
+    "NodeHooks",
+    "RunConfig",
+    "StepHooks",
+    "StromaRunner",
+    "interpret",
+    "parallel",
+    "replay",
+    "stroma_node",
+    "stroma_step",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_async_callable(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+@dataclass
+class NodeHooks:
+    """Optional async callbacks at node boundaries (see the hooks guide)."""
+
+    on_node_start: Callable[..., Any] | None = None
+    on_node_success: Callable[..., Any] | None = None
+    on_node_failure: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("on_node_start", "on_node_success", "on_node_failure"):
+            fn = getattr(self, name)
+            if fn is not None and not _is_async_callable(fn):
+                label = getattr(fn, "__qualname__", repr(fn))
+                raise TypeError(
+                    f"NodeHooks.{name} must be an async function, but {label} is not: "
+                    f"define it with 'async def {getattr(fn, '__name__', name)}(...)'"
+                )
+
+    def kinds(self) -> frozenset[str]:
+        return frozenset(
+            kind for kind in ("start", "success", "failure")
+            if getattr(self, f"on_node_{kind}") is not None
+        )
+
+
+StepHooks = NodeHooks
+
+
+class RunConfig(BaseModel):
+    """Everything about one run except the pipeline and its input."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, validate_assignment=False)
+
+    run_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    budget: ExecutionBudget | None = None
+    policy_map: dict[FailureClass, FailurePolicy] | None = None
+    node_policies: dict[str, dict[FailureClass, FailurePolicy]] = Field(default_factory=dict)
+    hooks: Any = None
+    classifiers: list[Any] = Field(default_factory=list)
+    context: Any = Field(default_factory=dict)
+    node_timeouts: dict[str, float] = Field(default_factory=dict)
+    resume_from: str | None = None
+    model_fallbacks: list[Any] = Field(default_factory=list)
+    seed: int | None = None
+
+    @field_validator("context", mode="plain")
+    @classmethod
+    def _context(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"RunConfig.context must be a dict (got {type(value).__name__})")
+        return value  # the same dict, by reference: nodes share it
+
+    @field_validator("hooks", mode="plain")
+    @classmethod
+    def _hooks(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, NodeHooks):
+            raise TypeError(
+                f"RunConfig.hooks must be a NodeHooks (got {type(value).__name__}): "
+                "NodeHooks(on_node_start=..., ...)"
+            )
+        return value
+
+    @field_validator("classifiers", mode="plain")
+    @classmethod
+    def _classifiers(cls, value: Any) -> Any:
+        value = list(value or [])
+        for c in value:
+            if not callable(c):
+                raise TypeError(
+                    f"classifier {c!r} is not callable: a classifier is a function "
+                    "(exc, NodeContext) -> FailureClass | None"
+                )
+        return value
+
+    @field_validator("model_fallbacks", mode="plain")
+    @classmethod
+    def _fallbacks(cls, value: Any) -> Any:
+        value = list(value or [])
+        for f in value:
+            if not isinstance(f, FallbackPolicy):
+                raise TypeError(
+                    f"model_fallbacks takes FallbackPolicy values (got {f!r}): "
+                    "FallbackPolicy('gpt-4o', 'gpt-4o-mini', at_budget_pct=0.8)"
+                )
+        return value
+
+
+def _table(policies: Mapping[Any, FailurePolicy] | None) -> tuple[tuple[FailureClass, int, float], ...]:
+    if not policies:
+        return ()
+    return tuple(
+        (FailureClass(c), p.max_retries, p.backoff_seconds) for c, p in policies.items()
+    )
+
+
+def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
+    budget = config.budget
+    declared = config.context.get("model")
+    return MachineConfig(
+        run_id=run_id,
+        seed=config.seed if config.seed is not None else new_seed(),
+        started_at=utcnow(),
+        max_tokens=budget.max_tokens_total if budget else None,
+        max_cost_usd=budget.max_cost_usd if budget else None,
+        max_latency_ms=budget.max_latency_ms if budget else None,
+        policy_map=_table(config.policy_map),
+        custom_classifiers=bool(config.classifiers),
+        hooks=config.hooks.kinds() if config.hooks is not None else frozenset(),
+        fallbacks=tuple(config.model_fallbacks),
+        declared_model=declared if isinstance(declared, str) else None,
+        resume_from=config.resume_from,
+        node_timeouts={k: int(v) for k, v in config.node_timeouts.items()},
+        node_policies={k: _table(v) for k, v in config.node_policies.items()},
+    )
+
+
+async def interpret(
+    plan: Plan | Sequence[Any],
+    initial_state: BaseModel,
+    *,
+    store: Any = None,
+    config: RunConfig | None = None,
+    registry: ContractRegistry | None = None,
+    manager: CheckpointManager | None = None,
+    sleep: Callable[[float], Any] | None = None,
+) -> ExecutionResult:
+    """Run a plan (or a list of nodes) live and return its result and effect log.
+
+    With an explicit ``config.run_id`` whose log is in the store, the run resumes from
+    that log (finished nodes are not run again) or, if it finished, returns its result.
+    """
+    compiled = compile_plan(plan, registry)
+    config = config if config is not None else RunConfig()
+    if not isinstance(initial_state, BaseModel):
+        raise TypeError(
+            f"initial_state must be a pydantic BaseModel instance (got "
+            f"{type(initial_state).__name__}): e.g. Input(value=1)"
+        )
+    if manager is None:
+        manager = CheckpointManager(store if store is not None else InMemoryStore())
+    explicit = "run_id" in config.model_fields_set
+    run_id = config.run_id if explicit else str(uuid.uuid4())
+    declare_schemas((type(initial_state),))
+    return await run_session(
+        compiled,
+        initial_state,
+        manager=manager,
+        machine=machine_config(config, run_id),
+        explicit_run_id=explicit,
+        hooks=config.hooks,
+        classifiers=config.classifiers,
+        context=config.context,
+        sleep=sleep,
+    )
+
+
+async def replay(plan: Plan | Sequence[Any], log: EffectLog | str) -> ExecutionResult:
+    """Replay a recorded run: the same result, calling no node, classifier or hook.
+
+    Raises ``NondeterminismError`` (naming the record) when the plan no longer matches.
+    """
+    if isinstance(log, str):
+        log = EffectLog.from_jsonl(log)
+    return await replay_log(compile_plan(plan), log)
+
+
+def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[[F], F]:
+    """Mark a function as the node ``node_id`` (without registering its contract)."""
+    if not isinstance(node_id, str) or not node_id:
+        raise PlanError(f"node id must be a non-empty string (got {node_id!r})")
+
+    def mark(fn: F) -> F:
+        setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
+        if contract is not None:
+            declare_schemas((contract.input_schema, contract.output_schema))
+        return fn
+
+    return mark
+
+
+stroma_step = stroma_node
+
+
+class StromaRunner:
+    """Runs pipelines of contract-checked async nodes with retries, budgets and checkpoints."""
+
+    def __init__(
+        self,
+        registry: ContractRegistry | None = None,
+        checkpoint_manager: CheckpointManager | None = None,
+        config: RunConfig | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else ContractRegistry()
+        self.checkpoint_manager = checkpoint_manager or CheckpointManager(InMemoryStore())
+        self.config = config if config is not None else RunConfig()
+
+    @classmethod
+    def quick(
+        cls,
+        *,
+        store: Any = None,
+        budget: ExecutionBudget | None = None,
+        policy_map: dict[FailureClass, FailurePolicy] | None = None,
+        classifiers: list[Classifier] | None = None,
+        hooks: NodeHooks | None = None,
+        **fields: Any,
+    ) -> StromaRunner:
+        """A runner with an in-memory store (or ``store``) and the given settings."""
+        config = RunConfig(
+            budget=budget, policy_map=policy_map, classifiers=classifiers or [], hooks=hooks,
+            **fields,
+        )
+        return cls(ContractRegistry(), CheckpointManager(store or InMemoryStore()), config)
+
+    # -- fluent builders
+
+    def _update(self, **changes: Any) -> StromaRunner:
+        # Keep what was set explicitly (an explicit run_id stays explicit).
+        fields = {k: getattr(self.config, k) for k in self.config.model_fields_set}
+        fields.update(changes)
+        self.config = RunConfig(**fields)
+        return self
+
+    def with_redis(self, url: str, ttl_seconds: int = 3600) -> StromaRunner:
+        from stroma.checkpoint import RedisStore
+
+        self.checkpoint_manager = CheckpointManager(RedisStore(url, ttl_seconds=ttl_seconds))
+        return self
+
+    def with_store(self, store: Any) -> StromaRunner:
+        self.checkpoint_manager = CheckpointManager(store)
+        return self
+
+    def with_budget(
+        self, *, tokens: int | None = None, cost_usd: float | None = None,
+        latency_ms: int | None = None,
+    ) -> StromaRunner:
+        return self._update(budget=ExecutionBudget(
+            max_tokens_total=tokens, max_cost_usd=cost_usd, max_latency_ms=latency_ms
+        ))
+
+    def with_model_fallback(
+        self, model: str, *, to: str, at_budget_pct: float = 0.80
+    ) -> StromaRunner:
+        fallbacks = [*self.config.model_fallbacks, FallbackPolicy(model, to, at_budget_pct)]
+        return self._update(model_fallbacks=fallbacks)
+
+    def with_classifiers(self, classifiers: list[Classifier]) -> StromaRunner:
+        return self._update(classifiers=list(classifiers))
+
+    def with_hooks(self, hooks: NodeHooks) -> StromaRunner:
+        return self._update(hooks=hooks)
+
+    def with_context(self, context: dict[str, Any]) -> StromaRunner:
+        return self._update(context=context)
+
+    def with_policy_map(self, policy_map: dict[FailureClass, FailurePolicy]) -> StromaRunner:
+        return self._update(policy_map=policy_map)
+
+    def with_node_policies(
+        self, node_policies: dict[str, dict[FailureClass, FailurePolicy]]
+    ) -> StromaRunner:
+        return self._update(node_policies=node_policies)
+
+    def with_node_timeouts(self, node_timeouts: dict[str, float]) -> StromaRunner:
+        return self._update(node_timeouts=node_timeouts)
+
+    # -- nodes
+
+    def node(
+        self, node_id: str, *, input: type[BaseModel], output: type[BaseModel]
+    ) -> Callable[[F], F]:
+        """Register the contract ``input -> output`` for ``node_id`` and mark the function."""
+        contract = NodeContract(node_id=node_id, input_schema=input, output_schema=output)
+        self.registry.register(contract)
+
+        def mark(fn: F) -> F:
+            if not _is_async_callable(fn):
+                raise PlanError(
+                    f"@runner.node({node_id!r}) decorates {getattr(fn, '__qualname__', fn)}, "
+                    "which is not async: define it with 'async def'"
+                )
+            return stroma_node(node_id, contract)(fn)
+
+        return mark
+
+    async def run(
+        self, nodes: Plan | Sequence[Any] | ParallelGroup, initial_state: BaseModel
+    ) -> ExecutionResult:
+        """Run the pipeline on ``initial_state``; every run has its own totals and trace."""
+        return await interpret(
+            nodes if not isinstance(nodes, ParallelGroup) else [nodes],
+            initial_state,
+            config=self.config,
+            registry=self.registry,
+            manager=self.checkpoint_manager,
+        )

@@ -1,0 +1,76 @@
+"""Schema references (``module:qualname``) and the safe way to turn one back into a class.
+
+A store writes ``_schema_ref(type(state))`` beside a checkpoint. Reading it back must never
+import whatever a tampered store names (``os:system``), so stroma keeps a set of *declared*
+schemas (every schema of a registered contract, a compiled plan, or a state this process
+saved) and ``resolve_declared`` only ever answers from that set. ``_resolve_schema`` is the
+older, trusting resolver that custom backends may still call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable
+
+from pydantic import BaseModel
+
+from stroma.errors import UnsafeSchemaRef
+
+__all__ = (
+    "_resolve_schema",
+    "_schema_ref",
+    "declare_schema",
+    "declare_schemas",
+    "declared_schemas",
+    "resolve_declared",
+)
+
+_DECLARED: dict[str, type[BaseModel]] = {}
+_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_<>][\w.<>]*$")
+
+
+def _schema_ref(cls: type) -> str:
+    """``"module:qualname"`` of a class: what a store writes beside a checkpoint."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _resolve_schema(ref: str) -> type[BaseModel]:
+    """Import the class a ``module:qualname`` reference names (nested qualnames work).
+
+    This trusts the reference. Stores that read references written by someone else
+    should use ``resolve_declared`` instead.
+    """
+    if not isinstance(ref, str) or ":" not in ref:
+        raise ValueError(f"schema reference {ref!r} must look like 'package.module:QualName'")
+    module_name, qualname = ref.split(":", 1)
+    obj: object = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise TypeError(f"schema reference {ref!r} names {obj!r}, which is not a pydantic BaseModel")
+    return obj
+
+
+def declare_schema(cls: type[BaseModel]) -> None:
+    """Allow ``resolve_declared`` to answer with this class."""
+    _DECLARED.setdefault(_schema_ref(cls), cls)
+
+
+def declare_schemas(classes: Iterable[type[BaseModel]]) -> None:
+    for cls in classes:
+        declare_schema(cls)
+
+
+def declared_schemas() -> dict[str, type[BaseModel]]:
+    return dict(_DECLARED)
+
+
+def resolve_declared(ref: object, *, source: str = "store") -> type[BaseModel]:
+    """The declared schema a reference names, imported never; anything else is refused."""
+    if not isinstance(ref, str) or not _REF.match(ref):
+        raise UnsafeSchemaRef(f"{ref!r} (in {source})")
+    cls = _DECLARED.get(ref)
+    if cls is None:
+        raise UnsafeSchemaRef(f"{ref} (in {source})")
+    return cls

@@ -1,0 +1,212 @@
+"""What a run did: one ``TraceEvent`` per attempt, gathered in an ``ExecutionTrace``.
+
+The trace is data only. The machine records an event for every finished attempt (a
+success, a failure, or a parallel child cancelled by a sibling); the trace of a run is the
+fold of those records over its effect log, so the same log always gives the same trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from stroma.failures import FailureClass
+
+__all__ = (
+    "ExecutionResult",
+    "ExecutionTrace",
+    "RunStatus",
+    "TraceEvent",
+    "format_trace_table",
+)
+
+
+class RunStatus(StrEnum):
+    """How a run ended. ``str()`` gives the name (``COMPLETED``)."""
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"  # a TERMINAL failure stopped the run
+    PARTIAL = "PARTIAL"  # retries ran out, or the resume target was not in the sequence
+    RESUMED = "RESUMED"  # finished after resuming from a checkpoint
+
+
+@dataclass(slots=True)
+class TraceEvent:
+    """One attempt of one node.
+
+    ``output_state`` is None when the attempt failed (``failure`` is set) or was cancelled
+    (``failure`` is None too). ``attempt`` is 1-based; ``timestamp_utc`` is when it started.
+    """
+
+    node_id: str
+    run_id: str
+    attempt: int
+    timestamp_utc: datetime
+    input_state: dict[str, Any]
+    output_state: dict[str, Any] | None
+    duration_ms: int
+    failure: FailureClass | None = None
+    failure_message: str | None = None
+
+    @property
+    def step_id(self) -> str:
+        """Alias of ``node_id``."""
+        return self.node_id
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, the failure class's name, or ``cancelled``."""
+        if self.failure is not None:
+            return str(self.failure)
+        return "cancelled" if self.output_state is None else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the timestamp as an ISO string, the failure as its name."""
+        return {
+            "node_id": self.node_id,
+            "run_id": self.run_id,
+            "attempt": self.attempt,
+            "timestamp_utc": self.timestamp_utc.isoformat(),
+            "input_state": to_jsonable_python(self.input_state, fallback=repr),
+            "output_state": to_jsonable_python(self.output_state, fallback=repr),
+            "duration_ms": self.duration_ms,
+            "failure": None if self.failure is None else str(self.failure),
+            "failure_message": self.failure_message,
+        }
+
+
+# Fields diff() compares; timestamps, durations and run ids are expected to differ.
+_DIFF_FIELDS = ("input_state", "output_state", "failure", "failure_message")
+
+
+class ExecutionTrace:
+    """The events of a run, in the order the attempts finished."""
+
+    __slots__ = ("events",)
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __init__(self, events: Iterable[TraceEvent] = ()) -> None:
+        self.events: list[TraceEvent] = list(events)
+
+    @classmethod
+    def from_events(cls, events: Iterable[TraceEvent]) -> ExecutionTrace:
+        return cls(events)
+
+    def append(self, event: TraceEvent) -> None:
+        self.events.append(event)
+
+    def events_for(self, node_id: str) -> list[TraceEvent]:
+        """Every attempt of one node, in order."""
+        return [e for e in self.events if e.node_id == node_id]
+
+    def failures(self) -> list[TraceEvent]:
+        """The attempts that failed (a cancelled attempt is not a failure)."""
+        return [e for e in self.events if e.failure is not None]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The events as JSON-ready dicts (see ``TraceEvent.to_dict``)."""
+        return [e.to_dict() for e in self.events]
+
+    def replay(self) -> list[TraceEvent]:
+        """The events in order (a new list)."""
+        return list(self.events)
+
+    def diff(self, other: ExecutionTrace) -> list[str]:
+        """Human-readable differences with ``other``; an empty list means equivalent.
+
+        Events are matched by ``(node_id, attempt)`` (the n-th occurrence of a key with the
+        n-th, for a node that ran twice in one trace) and compared on their states and
+        failure, ignoring timestamps, durations and run ids.
+        """
+        mine, theirs = _keyed(self.events), _keyed(other.events)
+        lines: list[str] = []
+        for key, event in mine.items():
+            label = _label(key)
+            twin = theirs.get(key)
+            if twin is None:
+                lines.append(f"{label}: only in this trace")
+                continue
+            for name in _DIFF_FIELDS:
+                a, b = getattr(event, name), getattr(twin, name)
+                if a != b:
+                    lines.append(f"{label}: {name} differs: {a!r} != {b!r}")
+        lines.extend(f"{_label(key)}: only in the other trace" for key in theirs if key not in mine)
+        return lines
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator[TraceEvent]:
+        return iter(self.events)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExecutionTrace):
+            return NotImplemented
+        return self.events == other.events
+
+    def __repr__(self) -> str:
+        return f"ExecutionTrace(<{len(self.events)} events>)"
+
+
+_Key = tuple[str, int, int]
+
+
+def _keyed(events: list[TraceEvent]) -> dict[_Key, TraceEvent]:
+    seen: dict[tuple[str, int], int] = {}
+    out: dict[_Key, TraceEvent] = {}
+    for e in events:
+        n = seen.get((e.node_id, e.attempt), 0)
+        seen[(e.node_id, e.attempt)] = n + 1
+        out[(e.node_id, e.attempt, n)] = e
+    return out
+
+
+def _label(key: _Key) -> str:
+    node_id, attempt, n = key
+    return f"{node_id!r} attempt {attempt}" + (f" (occurrence {n + 1})" if n else "")
+
+
+@dataclass(slots=True)
+class ExecutionResult:
+    """The outcome of a run. On failure ``final_state`` is the last valid state."""
+
+    run_id: str
+    status: RunStatus
+    final_state: BaseModel
+    trace: ExecutionTrace
+    total_cost_usd: float
+    total_tokens: int
+    log: object | None = field(default=None, compare=False, repr=False)  # the EffectLog
+    stop_reason: str | None = None
+
+
+_MESSAGE_WIDTH = 60
+
+
+def format_trace_table(trace: Iterable[TraceEvent]) -> str:
+    """A fixed-width table of the attempts: node, attempt, outcome, duration_ms, message."""
+    header = ("node", "attempt", "outcome", "duration_ms", "message")
+    rows = [header]
+    for e in trace:
+        message = (e.failure_message or "").replace("\n", " ")
+        if len(message) > _MESSAGE_WIDTH:
+            message = message[: _MESSAGE_WIDTH - 3] + "..."
+        rows.append((e.node_id, str(e.attempt), e.outcome, str(e.duration_ms), message))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    right = {1, 3}  # numbers are right-aligned
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
