@@ -141,10 +141,11 @@ _validate = BoundaryValidator()
 class ContractRegistry:
     """The contracts of a pipeline's nodes, by node id."""
 
-    __slots__ = ("_contracts",)
+    __slots__ = ("_contracts", "version")
 
     def __init__(self) -> None:
         self._contracts: dict[str, NodeContract] = {}
+        self.version = 0  # bumped on every register, so compiled plans know to recompile
 
     def register(self, contract: NodeContract) -> None:
         """Add a contract, replacing any earlier one with the same node id."""
@@ -154,6 +155,7 @@ class ContractRegistry:
                 "one with NodeContract(node_id=..., input_schema=..., output_schema=...)"
             )
         self._contracts[contract.node_id] = contract
+        self.version += 1
 
     def get(self, node_id: str) -> NodeContract:
         try:

@@ -106,6 +106,15 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in attrs.fields(cls) if (name, f.name) not in _SKIP)
     for name, cls in _CLASSES.items()
 }
+# Required fields among the skipped ones: a decoded record gets None there.
+_ABSENT: dict[str, dict[str, None]] = {
+    name: {
+        f.name: None
+        for f in attrs.fields(cls)
+        if (name, f.name) in _SKIP and f.default is attrs.NOTHING
+    }
+    for name, cls in _CLASSES.items()
+}
 _TRACE_FIELDS = (
     "node_id", "run_id", "attempt", "timestamp_utc", "input_state", "output_state",
     "duration_ms", "failure", "failure_message",
@@ -149,7 +158,7 @@ def _dec(obj: Any) -> Any:
         kw["failure"] = None if kw["failure"] is None else FailureClass(kw["failure"])
         return TraceEvent(**kw)
     cls = _CLASSES[name]
-    kw = {}
+    kw: dict[str, Any] = dict(_ABSENT[name])
     for k in _FIELDS[name]:
         v = obj[k]
         if k in _DATETIME_FIELDS:
@@ -343,7 +352,8 @@ class EffectLog:
                 records.append((effect, event))
             except LogCorrupted:
                 raise
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
+            except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError,
+                    RecursionError) as e:
                 raise LogCorrupted(
                     source, f"line {line_no + 1}: not a valid record ({type(e).__name__}: {e})"
                 ) from None
@@ -354,7 +364,7 @@ class EffectLog:
 def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str, Any] | None:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         if last:
             return None
         raise LogCorrupted(source, f"line {line_no}: not JSON: {line[:80]!r}") from None
@@ -366,7 +376,7 @@ def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str
 def _parse_header(line: str, source: str) -> LogHeader:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise LogCorrupted(source, f"line 1: the header is not JSON: {line[:80]!r}") from None
     if not isinstance(obj, dict) or "stroma_log" not in obj:
         raise LogCorrupted(source, "line 1: not a stroma effect log header")
@@ -382,5 +392,5 @@ def _parse_header(line: str, source: str) -> LogHeader:
             version=str(obj["version"]), started_at=str(obj["started_at"]),
             config=dict(obj.get("config") or {}),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
         raise LogCorrupted(source, f"line 1: header field missing or wrong: {e}") from None

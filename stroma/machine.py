@@ -177,6 +177,44 @@ class RunState:
 
 
 Out = tuple[RunState, list[Any]]
+_KEEP: Any = object()
+
+
+def _next(
+    s: RunState,
+    phase: str,
+    current: Attempt | None,
+    *,
+    pos: int = -1,
+    attempt: int = 0,
+    retries: int = -1,
+    state: Any = _KEEP,
+    state_json: Any = _KEEP,
+    tokens: int = -1,
+    cost_usd: float = -1.0,
+    latency_ms: int = -1,
+    rng: int = -1,
+    clock: Any = _KEEP,
+    resumed: Any = _KEEP,
+) -> RunState:
+    """``attrs.evolve`` for the hot path: one direct constructor call, no field lookups."""
+    return RunState(
+        s.plan,
+        s.config,
+        phase,
+        s.pos if pos < 0 else pos,
+        s.attempt if attempt <= 0 else attempt,
+        s.retries if retries < 0 else retries,
+        s.state if state is _KEEP else state,
+        s.state_json if state_json is _KEEP else state_json,
+        s.tokens if tokens < 0 else tokens,
+        s.cost_usd if cost_usd < 0 else cost_usd,
+        s.latency_ms if latency_ms < 0 else latency_ms,
+        s.rng if rng < 0 else rng,
+        s.clock if clock is _KEEP else clock,
+        s.resumed if resumed is _KEEP else resumed,
+        current,
+    )
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -358,6 +396,16 @@ def _begin_attempt(s: RunState) -> Out:
         s, effects = _finish(s, RunStatus.PARTIAL, reason)
         return s, [fx.RecordAttempt(te), *effects]
     model = _fallback_model(s) if s.config.fallbacks else None
+    if type(step) is NodeStep and type(s.state) is step.input_schema:
+        # The common case: the state already is this node's input.
+        call0 = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, s.state)
+        att0 = Attempt(s.state_json, call0)
+        if s.config.hooks:
+            if "start" in s.config.hooks:
+                return _next(s, "hook_start", att0), [
+                    fx.FireHook("start", step.node_id, s.attempt, s.state_json)
+                ]
+        return _next(s, "call", att0), [call0]
     if isinstance(step, NodeStep):
         inp = _validate(step.node_id, "input", step.input_schema, s.state)
         if isinstance(inp, ContractViolation):
@@ -381,14 +429,14 @@ def _begin_attempt(s: RunState) -> Out:
         )
     att = Attempt(input_json, call)
     if "start" in s.config.hooks:
-        s = attrs.evolve(s, phase="hook_start", current=att)
+        s = _next(s, "hook_start", att)
         return s, [fx.FireHook("start", step.step_id, s.attempt, input_json)]
-    return attrs.evolve(s, phase="call", current=att), [call]
+    return _next(s, "call", att), [call]
 
 
 def _on_hook_start(s: RunState, ev: fx.HookFired) -> Out:
     assert s.current is not None and s.current.call is not None
-    return attrs.evolve(s, phase="call"), [s.current.call]
+    return _next(s, "call", s.current), [s.current.call]
 
 
 def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
@@ -402,17 +450,39 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     step = s.step
     att = s.current
     assert isinstance(step, NodeStep) and att is not None and isinstance(att.call, fx.CallNode)
-    tokens, cost = _price(att.call.model, ev)
-    s = attrs.evolve(
-        s,
+    if ev.input_tokens or ev.output_tokens:
+        tokens, cost = _price(att.call.model, ev)
+    else:
+        tokens, cost = 0, 0.0
+    out = _validate(step.node_id, "output", step.output_schema, ev.output)
+    c = s.config
+    if (
+        type(out) is step.output_schema
+        and c.max_tokens is None and c.max_cost_usd is None and c.max_latency_ms is None
+    ):
+        # Fast path (valid output, no budget): one new state, straight to the checkpoint.
+        out_json = out.model_dump(mode="json")
+        te = TraceEvent(
+            step.node_id, c.run_id, s.attempt, ev.started_at, att.input_json, out_json,
+            ev.duration_ms,
+        )
+        s = _next(
+            s, "save",
+            Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens, out,
+                    out_json),
+            tokens=s.tokens + tokens,
+            cost_usd=s.cost_usd + cost,
+            latency_ms=s.latency_ms + ev.duration_ms,
+            clock=_end(ev.started_at, ev.duration_ms),
+        )
+        return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.node_id, out)]
+    s = _next(
+        s, s.phase, Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens),
         tokens=s.tokens + tokens,
         cost_usd=s.cost_usd + cost,
         latency_ms=s.latency_ms + ev.duration_ms,
         clock=_end(ev.started_at, ev.duration_ms),
-        current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms,
-                             tokens=tokens),
     )
-    out = _validate(step.node_id, "output", step.output_schema, ev.output)
     return _succeeded(s, out)
 
 
@@ -465,36 +535,39 @@ def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
     if isinstance(out, ContractViolation):
         return _failed(s, _error(out))
     step = s.step
-    over = _exceeded(s, step.step_id)
-    if over is not None:
-        return _failed(s, _error(over))
+    c = s.config
+    if c.max_tokens is not None or c.max_cost_usd is not None or c.max_latency_ms is not None:
+        over = _exceeded(s, step.step_id)
+        if over is not None:
+            return _failed(s, _error(over))
     att = s.current
     assert att is not None and att.started_at is not None
     out_json = out.model_dump(mode="json")
     te = TraceEvent(
-        step.step_id, s.config.run_id, s.attempt, att.started_at, att.input_json, out_json,
+        step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out_json,
         att.duration_ms,
     )
-    s = attrs.evolve(s, phase="save", current=attrs.evolve(att, output=out, output_json=out_json))
+    s = _next(s, "save", Attempt(att.input_json, att.call, att.started_at, att.duration_ms,
+                                 att.tokens, out, out_json))
     return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.step_id, out)]
 
 
 def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
     att = s.current
     assert att is not None and att.output is not None and att.output_json is not None
-    s = attrs.evolve(
-        s, state=att.output, state_json=att.output_json, pos=s.pos + 1, attempt=1, retries=0,
-    )
     if "success" in s.config.hooks:
+        s = _next(s, "hook_ok", att, state=att.output, state_json=att.output_json,
+                  pos=s.pos + 1, attempt=1, retries=0)
         step = s.plan.steps[s.pos - 1]
-        s = attrs.evolve(s, phase="hook_ok")
         return s, [fx.FireHook("success", step.step_id, att.call.attempt if att.call else 1,
                                att.output_json, att.tokens)]
-    return _begin_step(attrs.evolve(s, current=None))
+    s = _next(s, "next", None, state=att.output, state_json=att.output_json,
+              pos=s.pos + 1, attempt=1, retries=0)
+    return _begin_step(s)
 
 
 def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
-    return _begin_step(attrs.evolve(s, current=None))
+    return _begin_step(_next(s, "next", None))
 
 
 # ---------------------------------------------------------------------------- failures

@@ -38,6 +38,7 @@ __all__ = (
 )
 
 NODE_ATTR = "__stroma_node__"
+STEP_ATTR = "__stroma_step__"
 PolicyTable = tuple[tuple[FailureClass, int, float], ...]
 
 
@@ -288,13 +289,21 @@ def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
             f"registry.register(NodeContract(node_id={marker.node_id!r}, input_schema=..., "
             "output_schema=...)) or decorate it with @runner.node(..., input=..., output=...)"
         )
-    return NodeStep(
+    cached = getattr(fn, STEP_ATTR, None)
+    if cached is not None and cached[0] is contract and cached[1].node_id == marker.node_id:
+        return cached[1]  # type: ignore[no-any-return]
+    step = NodeStep(
         node_id=marker.node_id,
         fn=fn,
         input_schema=contract.input_schema,
         output_schema=contract.output_schema,
         takes_context=_takes_context(fn),
     )
+    try:
+        setattr(fn, STEP_ATTR, (contract, step))
+    except (AttributeError, TypeError):
+        pass  # a callable that takes no attributes: compile it again next time
+    return step
 
 
 def _compile_items(items: Iterable[Any], registry: ContractRegistry | None) -> list[Step]:
@@ -325,8 +334,8 @@ def _compile_items(items: Iterable[Any], registry: ContractRegistry | None) -> l
 def compile_plan(items: Any, registry: ContractRegistry | None = None) -> Plan:
     """A validated Plan from a Plan, a step, or a list of node functions and groups."""
     if isinstance(items, Plan):
-        steps = list(items.steps)
-    elif isinstance(items, str | bytes) or not isinstance(items, Iterable):
+        return items  # plans are validated when they are built
+    if isinstance(items, str | bytes) or not isinstance(items, Iterable):
         steps = _compile_items([items], registry)
     else:
         steps = _compile_items(items, registry)

@@ -243,6 +243,24 @@ class StromaRunner:
         self.registry = registry if registry is not None else ContractRegistry()
         self.checkpoint_manager = checkpoint_manager or CheckpointManager(InMemoryStore())
         self.config = config if config is not None else RunConfig()
+        self._plans: dict[Any, Plan] = {}
+
+    def compile(self, nodes: Plan | Sequence[Any] | ParallelGroup) -> Plan:
+        """The immutable plan for ``nodes`` (cached: a pipeline compiles once per runner)."""
+        if isinstance(nodes, Plan):
+            return nodes
+        items = [nodes] if isinstance(nodes, ParallelGroup) else nodes
+        try:
+            key: Any = (self.registry.version, tuple(items))
+            plan = self._plans.get(key)
+        except TypeError:  # something unhashable in the list: compile it uncached
+            return compile_plan(items, self.registry)
+        if plan is None:
+            plan = compile_plan(items, self.registry)
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     @classmethod
     def quick(
@@ -339,7 +357,7 @@ class StromaRunner:
     ) -> ExecutionResult:
         """Run the pipeline on ``initial_state``; every run has its own totals and trace."""
         return await interpret(
-            nodes if not isinstance(nodes, ParallelGroup) else [nodes],
+            self.compile(nodes),
             initial_state,
             config=self.config,
             registry=self.registry,
