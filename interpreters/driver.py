@@ -120,6 +120,24 @@ def _describe(effect: Any) -> str:
     return repr(effect)
 
 
+def _difference(recorded: Any, new: Any) -> str:
+    """Which fields differ, when both are the same kind of effect."""
+    if type(recorded) is not type(new):
+        return f"a {type(new).__name__} where the log has a {type(recorded).__name__}"
+    a, b = recorded, new
+    if isinstance(a, fx.RecordAttempt):
+        a, b = a.event, b.event
+    names = getattr(type(a), "__slots__", ()) or getattr(a, "__dict__", {}).keys()
+    parts = []
+    for name in names:
+        if name.startswith("__"):
+            continue
+        x, y = getattr(a, name, None), getattr(b, name, None)
+        if x != y:
+            parts.append(f"{name}: recorded {x!r}, now {y!r}")
+    return "; ".join(parts)[:800]
+
+
 async def drive(
     plan: Plan,
     state: RunState,
@@ -170,7 +188,9 @@ async def drive(
                     rec = replay[i]
                     assert not isinstance(rec, ResumeMarker)
                     if rec[0] != eff:
-                        raise NondeterminismError(i, _describe(rec[0]), _describe(eff))
+                        raise NondeterminismError(
+                            i, _describe(rec[0]), _describe(eff), _difference(rec[0], eff)
+                        )
                     if type(eff) is fx.RecordAttempt or type(eff) is fx.Finish:
                         records.append(rec)
                         i += 1

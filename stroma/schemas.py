@@ -54,7 +54,7 @@ def _resolve_schema(ref: str) -> type[BaseModel]:
 
 def declare_schema(cls: type[BaseModel]) -> None:
     """Allow ``resolve_declared`` to answer with this class."""
-    _DECLARED.setdefault(_schema_ref(cls), cls)
+    _DECLARED[_schema_ref(cls)] = cls  # the latest definition wins (reloads, local classes)
 
 
 def declare_schemas(classes: Iterable[type[BaseModel]]) -> None:

@@ -1,0 +1,192 @@
+"""Replay: a recorded run comes back equal, calling no node, classifier or hook; a plan
+that no longer matches its log is a NondeterminismError naming the record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from stroma import (
+    EffectLog,
+    NodeContract,
+    NondeterminismError,
+    RunStatus,
+    StromaError,
+    replay,
+    stroma_node,
+)
+from stroma.runner import RunConfig, interpret
+from tests.replay.pipelines import SCENARIOS, Called, Num, record
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+EXPECTED = {
+    "retries": RunStatus.COMPLETED,
+    "fan_out": RunStatus.COMPLETED,
+    "terminal": RunStatus.FAILED,
+    "budget": RunStatus.PARTIAL,
+    "hook_errors": RunStatus.COMPLETED,
+}
+
+
+def forbidden_plan(name: str) -> list[Any]:
+    build, _ = SCENARIOS[name]
+    return build(False)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_golden_log_round_trips_exactly(name: str) -> None:
+    """A checked-in log parses and serializes back to the very same text."""
+    text = (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8")
+    assert EffectLog.from_jsonl(text).to_jsonl() == text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_golden_log_replays_without_calling_anything(name: str) -> None:
+    """Replaying a golden log against nodes that raise if called gives the recorded run."""
+    text = (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8")
+    log = EffectLog.from_jsonl(text)
+    result = await replay(forbidden_plan(name), log)
+    assert result.status is EXPECTED[name]
+    assert result.trace == log.trace()
+    finish = log.finish
+    assert finish is not None
+    assert result.total_tokens == finish.total_tokens
+    assert result.total_cost_usd == finish.total_cost_usd
+    assert result.final_state.model_dump(mode="json") == finish.final_state
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_live_run_and_its_replay_are_equal(name: str) -> None:
+    """A fresh live run and its replay agree on status, state, totals and every trace
+    event, timestamps and durations included."""
+    live = await record(name)
+    again = await replay(forbidden_plan(name), live.log)
+    assert again == live
+    assert again.trace.diff(live.trace) == []
+    assert [e.timestamp_utc for e in again.trace] == [e.timestamp_utc for e in live.trace]
+    assert [e.duration_ms for e in again.trace] == [e.duration_ms for e in live.trace]
+
+
+@pytest.mark.anyio
+async def test_replay_of_a_real_timeout_is_equal() -> None:
+    """A node cancelled by its timeout replays to the same trace without waiting."""
+
+    class T(BaseModel):
+        value: int
+
+    contract = NodeContract(node_id="hang", input_schema=T, output_schema=T)
+
+    @stroma_node("hang", contract)
+    async def hang(state: T) -> Any:
+        await anyio.sleep_forever()
+
+    config = RunConfig(run_id="timeout-replay", node_timeouts={"hang": 5},
+                       policy_map={"RECOVERABLE": {"max_retries": 1, "backoff_seconds": 0}})
+    live = await interpret([hang], T(value=1), config=config)
+    assert live.status is RunStatus.PARTIAL
+    assert [e.failure for e in live.trace] == ["RECOVERABLE", "RECOVERABLE"]
+
+    @stroma_node("hang", contract)
+    async def hang_forbidden(state: T) -> Any:
+        raise Called("hang")
+
+    again = await replay([hang_forbidden], live.log)
+    assert again == live
+
+
+def _mutated(name: str, fn: Any) -> EffectLog:
+    lines = (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    objs = [json.loads(line) for line in lines]
+    fn(objs)
+    return EffectLog.from_jsonl("".join(json.dumps(o) + "\n" for o in objs))
+
+
+@pytest.mark.anyio
+async def test_renamed_node_is_named_in_the_error() -> None:
+    """Renaming a node makes replay stop at the first record, naming both effects."""
+    from tests.replay.pipelines import _node
+
+    async def body(s: Num) -> Any:
+        raise Called
+
+    plan = [_node("flaky_v2", Num, Num, False, body), *forbidden_plan("retries")[1:]]
+    log = EffectLog.from_jsonl((GOLDEN / "retries.jsonl").read_text(encoding="utf-8"))
+    with pytest.raises(NondeterminismError) as info:
+        await replay(plan, log)
+    assert info.value.index == 0
+    assert "flaky" in str(info.value.recorded) and "flaky_v2" in str(info.value.new)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "change",
+    ["added", "removed", "reordered", "contract"],
+)
+async def test_changed_plan_is_nondeterminism(change: str) -> None:
+    """Adding, removing or reordering a node, or changing a contract, is detected."""
+    from tests.replay.pipelines import Left, _node
+
+    base = forbidden_plan("retries")
+
+    async def body(s: Any) -> Any:
+        raise Called
+
+    if change == "added":
+        plan = [*base, _node("extra", Num, Num, False, body)]
+    elif change == "removed":
+        plan = base[:1]
+    elif change == "reordered":
+        plan = base[::-1]
+    else:
+        plan = [base[0], _node("double", Num, Left, False, body)]
+    log = EffectLog.from_jsonl((GOLDEN / "retries.jsonl").read_text(encoding="utf-8"))
+    with pytest.raises(NondeterminismError) as info:
+        await replay(plan, log)
+    assert "record" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_altered_log_is_nondeterminism() -> None:
+    """Editing a recorded node output so it disagrees with the recorded trace is caught."""
+
+    def edit(objs: list[dict[str, Any]]) -> None:
+        for o in objs[1:]:
+            if o.get("event") and o["event"].get("t") == "NodeReturned":
+                o["event"]["output"] = {"value": 999}
+                return
+
+    with pytest.raises(NondeterminismError) as info:
+        await replay(forbidden_plan("retries"), _mutated("retries", edit))
+    assert "999" in str(info.value.new) or "999" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_unfinished_log_cannot_be_replayed_only_resumed() -> None:
+    """A log cut short by a crash replays its prefix, then says to resume instead."""
+    text = (GOLDEN / "retries.jsonl").read_text(encoding="utf-8")
+    cut = "".join(text.splitlines(keepends=True)[:5])
+    with pytest.raises(StromaError, match="resume"):
+        await replay(forbidden_plan("retries"), EffectLog.from_jsonl(cut))
+
+
+@pytest.mark.anyio
+async def test_resume_from_memory_log_skips_finished_nodes() -> None:
+    """A run id whose (in-process) log is finished returns that result and runs nothing."""
+    from stroma import AsyncInMemoryStore
+
+    store = AsyncInMemoryStore()
+    build, config = SCENARIOS["retries"]
+    first = await interpret(build(True), Num(value=1), store=store,
+                            config=config().model_copy(update={"seed": 7}))
+    second = await interpret(forbidden_plan("retries"), Num(value=1), store=store,
+                             config=RunConfig(run_id="golden-retries"))
+    assert second.status is first.status
+    assert second.final_state == first.final_state
+    assert second.trace == first.trace
