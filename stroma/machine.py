@@ -170,6 +170,9 @@ class RunState:
     clock: datetime
     resumed: bool = False
     current: Attempt | None = None
+    # In phase "save": the state and effects that follow once the checkpoint is saved,
+    # worked out with the output (CheckpointSaved carries no information).
+    after: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def step(self) -> Step:
@@ -196,6 +199,7 @@ def _next(
     rng: int = -1,
     clock: Any = _KEEP,
     resumed: Any = _KEEP,
+    after: Any = None,
 ) -> RunState:
     """``attrs.evolve`` for the hot path: one direct constructor call, no field lookups."""
     return RunState(
@@ -214,6 +218,7 @@ def _next(
         s.clock if clock is _KEEP else clock,
         s.resumed if resumed is _KEEP else resumed,
         current,
+        after,
     )
 
 # ----------------------------------------------------------------------------- helpers
@@ -460,21 +465,32 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
         type(out) is step.output_schema
         and c.max_tokens is None and c.max_cost_usd is None and c.max_latency_ms is None
     ):
-        # Fast path (valid output, no budget): one new state, straight to the checkpoint.
+        # Fast path (valid output, no budget): the next step is worked out now, to
+        # follow as soon as the checkpoint is saved.
         out_json = out.model_dump(mode="json")
         te = TraceEvent(
             step.node_id, c.run_id, s.attempt, ev.started_at, att.input_json, out_json,
             ev.duration_ms,
         )
-        s = _next(
-            s, "save",
-            Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens, out,
-                    out_json),
-            tokens=s.tokens + tokens,
-            cost_usd=s.cost_usd + cost,
-            latency_ms=s.latency_ms + ev.duration_ms,
-            clock=_end(ev.started_at, ev.duration_ms),
+        tokens_total = s.tokens + tokens
+        cost_total = s.cost_usd + cost
+        latency_total = s.latency_ms + ev.duration_ms
+        clock = _end(ev.started_at, ev.duration_ms)
+        if c.hooks and "success" in c.hooks:
+            s = _next(
+                s, "save",
+                Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens, out,
+                        out_json),
+                tokens=tokens_total, cost_usd=cost_total, latency_ms=latency_total,
+                clock=clock,
+            )
+            return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.node_id, out)]
+        base = _next(
+            s, "next", None, pos=s.pos + 1, attempt=1, retries=0, state=out,
+            state_json=out_json, tokens=tokens_total, cost_usd=cost_total,
+            latency_ms=latency_total, clock=clock,
         )
+        s = _next(base, "save", None, after=_begin_step(base))
         return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.node_id, out)]
     s = _next(
         s, s.phase, Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens),
@@ -553,6 +569,8 @@ def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
 
 
 def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
+    if s.after is not None:
+        return s.after  # type: ignore[no-any-return]
     att = s.current
     assert att is not None and att.output is not None and att.output_json is not None
     if "success" in s.config.hooks:

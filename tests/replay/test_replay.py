@@ -190,3 +190,8 @@ async def test_resume_from_memory_log_skips_finished_nodes() -> None:
     assert second.status is first.status
     assert second.final_state == first.final_state
     assert second.trace == first.trace
+
+
+# Plans for the command-line tests (`--plan tests.replay.test_replay:RETRIES_PLAN`).
+RETRIES_PLAN = forbidden_plan("retries")
+REORDERED_PLAN = RETRIES_PLAN[::-1]
