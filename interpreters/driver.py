@@ -18,7 +18,14 @@ from pydantic import BaseModel
 
 from stroma import effects as fx
 from stroma.errors import NondeterminismError, StromaError
-from stroma.log import EffectLog, LogHeader, Record, ResumeMarker, encode_record
+from stroma.log import (
+    EffectLog,
+    LogHeader,
+    Record,
+    ResumeMarker,
+    encode_partial,
+    encode_record,
+)
 from stroma.machine import MachineConfig, RunState, UnexpectedEvent, advance, mark_resumed, start
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
@@ -33,10 +40,15 @@ Performer = Callable[[Any], Awaitable[Any]]
 class Recorder:
     """Appends records to the run's EffectLog and flushes them to a durable LogStore."""
 
-    __slots__ = ("flushed", "log", "records", "run_id", "store")
+    __slots__ = ("flushed", "keeps_partials", "log", "records", "run_id", "store")
 
-    def __init__(self, log: EffectLog, store: Any | None, *, flushed: int | None = None) -> None:
+    def __init__(
+        self, log: EffectLog, store: Any | None, *, flushed: int | None = None,
+        keeps_partials: bool = False,
+    ) -> None:
         self.log = log
+        # In-process logs (memory stores) keep finished fan-out children too.
+        self.keeps_partials = keeps_partials
         self.records = log.records
         self.run_id = log.header.run_id
         self.store = store  # a LogStore, or None
@@ -73,6 +85,26 @@ class Recorder:
             self.flushed = start
             raise
         self.flushed = end
+
+
+    async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
+        """A fan-out child finished: make it durable before the group ends, so a crash
+        inside the fan-out does not run it again."""
+        index = len(self.records)
+        if self.store is None:
+            if self.keeps_partials:
+                self.log.partials.append((index, child, call, outcome))
+            return
+        lines = self._pending_lines()
+        lines.append(encode_partial(index, child, call, outcome))
+        start = self.flushed
+        try:
+            await self.store.append_log(self.run_id, lines, None)
+        except BaseException:
+            self.flushed = start
+            raise
+        self.flushed = len(self.records)
+        self.log.partials.append((index, child, call, outcome))
 
 
 def _header_line(header: LogHeader) -> str:
@@ -228,6 +260,8 @@ async def drive(
             raise StromaError(f"the machine emitted no effect to perform in {state.phase!r}")
         if type(pending) is tuple:
             eff, event = pending
+            if type(eff) is fx.CallParallel:
+                await _verify_children(eff, event, len(records))
             records.append((eff, event))
         else:
             assert perform is not None
@@ -237,6 +271,32 @@ async def drive(
             state, effects = advance(state, event)
         except UnexpectedEvent as e:
             raise NondeterminismError(len(records) - 1, repr(event), "(no such event)", str(e))
+
+
+async def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None:
+    """Replay each recorded sub-plan against its plan: it must end the same way."""
+    if not isinstance(event, fx.ParallelReturned) or len(event.outcomes) != len(eff.calls):
+        return
+    for call, outcome in zip(eff.calls, event.outcomes, strict=True):
+        if not (type(call) is fx.RunPlan and type(outcome) is fx.PlanFinished):
+            continue
+        header = LogHeader(run_id=call.config.run_id, plan=call.plan_fingerprint,
+                           seed=call.config.seed, version="", started_at="")
+        state, effects = start(call.plan, call.input, call.config)
+        try:
+            result = await drive(call.plan, state, effects, Recorder(EffectLog(header, []), None),
+                                 None, replay=outcome.records)
+        except NondeterminismError as e:
+            raise NondeterminismError(
+                index, f"{call.child_id}: {e.recorded}", f"{call.child_id}: {e.new}",
+                f"inside the sub-plan, record {e.index}",
+            ) from None
+        if (result.status != outcome.status
+                or result.final_state.model_dump(mode="json") != outcome.output):
+            raise NondeterminismError(
+                index, f"{call.child_id} ended {outcome.status}",
+                f"{call.child_id} ends {result.status}", "the sub-plan's result differs",
+            )
 
 
 async def _result(

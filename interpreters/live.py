@@ -9,6 +9,7 @@ is the machine's; this module only reports what happened.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,10 @@ from stroma import effects as fx
 from stroma.cost import normalize_node_return
 from stroma.failures import FailureClass, NodeContext
 from stroma.machine import error_info
-from stroma.plan import NodeStep, Plan
+from stroma.log import EffectLog, LogHeader
+from stroma.machine import start
+from stroma.plan import Choose, NodeStep, Plan
+from stroma.trace import RunStatus
 
 __all__ = ("LivePerformer", "RunLogger")
 
@@ -54,6 +58,7 @@ class LivePerformer:
         sleep: Callable[[float], Any] | None = None,
         clock: Callable[[], datetime] | None = None,
         timer: Callable[[], float] = perf_counter,
+        prefilled: Mapping[int, tuple[Any, Any]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.manager = manager
@@ -66,10 +71,12 @@ class LivePerformer:
         self.now = clock or (lambda: datetime.now(UTC))
         self.timer = timer
         self.log = RunLogger(_log, {"run_id": run_id})
-        self.nodes: dict[str, NodeStep] = {}
-        for step in plan.steps:
-            for node in getattr(step, "children", (step,)):
-                self.nodes[node.node_id] = node
+        self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
+        self.branches = {
+            ins.step_id: ins.branch for ins in plan.program if isinstance(ins, Choose)
+        }
+        self.prefilled: dict[int, tuple[Any, Any]] = dict(prefilled or {})
+        self.durable_children = recorder.store is not None or recorder.keeps_partials
         self.table: Mapping[type, Callable[[Any], Any]] = {
             fx.CallNode: self.call_node,
             fx.CallParallel: self.call_parallel,
@@ -78,6 +85,7 @@ class LivePerformer:
             fx.FireHook: self.fire_hook,
             fx.ClassifyFailure: self.classify,
             fx.Sleep: self.do_sleep,
+            fx.ChooseBranch: self.choose,
         }
 
     async def __call__(self, effect: Any) -> Any:
@@ -120,26 +128,41 @@ class LivePerformer:
         n = len(eff.calls)
         outcomes: list[Any] = [None] * n
         began: list[tuple[datetime, float] | None] = [None] * n
+        # Children that finished before a crash (their outcomes are in the log): not again.
+        prefilled, self.prefilled = self.prefilled, {}
+        for j, (call, outcome) in prefilled.items():
+            if j < n and eff.calls[j] == call and not isinstance(outcome, fx.NodeCancelled):
+                outcomes[j] = outcome
+                await self.recorder.flush_partial(j, call, outcome)
         limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
+        perform_child = self.call_child
 
         async with anyio.create_task_group() as tg:
 
-            async def child(i: int, call: fx.CallNode) -> None:
+            async def child(i: int, call: Any) -> None:
                 if limiter is not None:
                     async with limiter:
                         began[i] = (self.now(), self.timer())
-                        outcome = await self.call_node(call)
+                        outcome = await perform_child(call)
                 else:
                     began[i] = (self.now(), self.timer())
-                    outcome = await self.call_node(call)
+                    outcome = await perform_child(call)
                 outcomes[i] = outcome
-                if isinstance(outcome, fx.NodeRaised):
+                if isinstance(outcome, fx.NodeRaised) or (
+                    isinstance(outcome, fx.PlanFinished)
+                    and outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED)
+                ):
                     tg.cancel_scope.cancel()
+                elif self.durable_children:
+                    # Durable as soon as it finishes: a crash now does not lose it.
+                    with anyio.CancelScope(shield=True):
+                        await self.recorder.flush_partial(i, call, outcome)
 
             if eff.timeout_ms is not None:
                 tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
             for i, call in enumerate(eff.calls):
-                tg.start_soon(child, i, call)
+                if outcomes[i] is None:
+                    tg.start_soon(child, i, call)
         end = self.timer()
         for i in range(n):
             if outcomes[i] is None:
@@ -150,7 +173,10 @@ class LivePerformer:
                 )
         if (
             eff.timeout_ms is not None
-            and not any(isinstance(o, fx.NodeRaised) for o in outcomes)
+            and not any(isinstance(o, fx.NodeRaised | fx.PlanFinished)
+                        and getattr(o, "status", None) not in (RunStatus.COMPLETED,
+                                                                RunStatus.RESUMED)
+                        for o in outcomes)
             and any(isinstance(o, fx.NodeCancelled) for o in outcomes)
         ):
             # The group's deadline passed: report it on the first unfinished child.
@@ -163,6 +189,49 @@ class LivePerformer:
                 c.started_at, c.duration_ms,
             )
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes))
+
+    async def call_child(self, call: Any) -> Any:
+        if type(call) is fx.CallNode:
+            return await self.call_node(call)
+        return await self.run_plan(call)
+
+    async def run_plan(self, call: fx.RunPlan) -> fx.PlanFinished:
+        """Run a fan-out child's sub-plan to its end, with its own (embedded) log."""
+        from interpreters.driver import Recorder, drive
+
+        started = self.now()
+        t0 = self.timer()
+        header = LogHeader(
+            run_id=self.run_id, plan=call.plan_fingerprint, seed=call.config.seed,
+            version="", started_at=started.isoformat(),
+        )
+        recorder = Recorder(EffectLog(header, []), None)
+        performer = LivePerformer(
+            call.plan, run_id=self.run_id, manager=self.manager, recorder=recorder,
+            hooks=self.hooks, classifiers=self.classifiers, context=self.context,
+            sleep=self.sleep, clock=self.now, timer=self.timer,
+        )
+        state, effects = start(call.plan, call.input, call.config)
+        result = await drive(call.plan, state, effects, recorder, performer)
+        finish = recorder.records[-1][0]  # type: ignore[index]
+        return fx.PlanFinished(
+            result.status, result.final_state.model_dump(mode="json"), result.total_tokens,
+            result.total_cost_usd, finish.total_latency_ms, result.stop_reason, started,
+            _ms(self.timer() - t0), tuple(recorder.records),
+        )
+
+    async def choose(self, eff: fx.ChooseBranch) -> fx.BranchChosen:
+        step = self.branches[eff.step_id]
+        try:
+            taken = step.predicate(eff.state)
+            if inspect.isawaitable(taken):
+                raise TypeError(
+                    f"the predicate of {eff.step_id!r} returned an awaitable: branch "
+                    "predicates are plain (pure) functions of the state"
+                )
+        except Exception as exc:
+            return fx.BranchChosen(False, error_info(exc))
+        return fx.BranchChosen(bool(taken))
 
     # -- store
 

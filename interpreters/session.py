@@ -166,6 +166,7 @@ async def run_session(
             replay = ()
         if log_store is None and callable(getattr(store, "attach_log", None)):
             store.attach_log(run_id, recorder.log)
+            recorder.keeps_partials = True
         performer = LivePerformer(
             plan,
             run_id=run_id,
@@ -176,6 +177,7 @@ async def run_session(
             context=context,
             sleep=sleep,
             clock=clock,
+            prefilled=existing.pending_children() if existing is not None else None,
             **({"timer": timer} if timer is not None else {}),
         )
         return await drive(plan, state, effects, recorder, performer, replay=replay)

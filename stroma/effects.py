@@ -8,7 +8,9 @@ past-tense facts; each effect that reaches the world is answered by exactly one 
 effect             answering event
 =================  ===========================================
 CallNode           NodeReturned | NodeRaised | NodeCancelled
-CallParallel       ParallelReturned
+CallParallel       ParallelReturned (each child: one of the above, or PlanFinished)
+RunPlan            PlanFinished (only as a CallParallel child)
+ChooseBranch       BranchChosen
 ClassifyFailure    FailureClassified
 FireHook           HookFired
 Sleep              Slept
@@ -35,7 +37,11 @@ from stroma.failures import FailureClass
 from stroma.trace import RunStatus, TraceEvent
 
 __all__ = (
+    "BranchChosen",
     "CallNode",
+    "ChooseBranch",
+    "PlanFinished",
+    "RunPlan",
     "CallParallel",
     "CheckpointLoaded",
     "CheckpointSaved",
@@ -97,9 +103,30 @@ class CallParallel:
 
     step_id: str
     attempt: int
-    calls: tuple[CallNode, ...] = ()
+    calls: tuple[CallNode | RunPlan, ...] = ()
     max_concurrency: int | None = None
     timeout_ms: int | None = None
+    kind: str = "parallel"  # or "map": one call per item of a list field
+
+
+@attrs.frozen
+class RunPlan:
+    """Run a whole sub-plan (a fan-out child that is more than one node) to its end."""
+
+    child_id: str
+    attempt: int
+    plan_fingerprint: str
+    plan: Any = attrs.field(eq=False, repr=False)
+    input: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
+    config: Any = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class ChooseBranch:
+    """Ask a branch's predicate which arm to take, given the current state."""
+
+    step_id: str
+    state: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -169,6 +196,8 @@ class Finish:
 Effect = (
     CallNode
     | CallParallel
+    | RunPlan
+    | ChooseBranch
     | ClassifyFailure
     | FireHook
     | Sleep
@@ -216,7 +245,30 @@ class ParallelReturned:
 
     started_at: datetime
     duration_ms: int
-    outcomes: tuple[NodeReturned | NodeRaised | NodeCancelled, ...] = ()
+    outcomes: tuple[NodeReturned | NodeRaised | NodeCancelled | PlanFinished, ...] = ()
+
+
+@attrs.frozen
+class PlanFinished:
+    """A sub-plan ran to its end: its status, output and totals, and its own log records."""
+
+    status: RunStatus
+    output: Any = attrs.field(eq=False)
+    total_tokens: int = 0
+    total_cost_usd: float = 0.0
+    total_latency_ms: int = 0
+    reason: str | None = None
+    started_at: datetime | None = None
+    duration_ms: int = 0
+    records: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
+
+
+@attrs.frozen
+class BranchChosen:
+    """The predicate's answer (``error`` set when it raised)."""
+
+    taken: bool
+    error: ErrorInfo | None = None
 
 
 @attrs.frozen
@@ -250,7 +302,9 @@ class CheckpointLoaded:
 
 
 Event = (
-    NodeReturned
+    PlanFinished
+    | BranchChosen
+    | NodeReturned
     | NodeRaised
     | NodeCancelled
     | ParallelReturned

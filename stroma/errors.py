@@ -6,6 +6,8 @@ Messages name the thing, what was expected, what was found, and the fix.
 from __future__ import annotations
 
 __all__ = (
+    "ChildFailed",
+    "ChildFailedTerminally",
     "LogCorrupted",
     "NondeterminismError",
     "PlanError",
@@ -85,3 +87,11 @@ class UnsafeSchemaRef(StoreError):
             "the contract registry, so nothing was imported. Register a contract using "
             "this schema, or pass it explicitly to load_typed()."
         )
+
+
+class ChildFailed(StromaError):
+    """A fan-out child (a sub-plan of a parallel or map_each) ran out of retries."""
+
+
+class ChildFailedTerminally(ChildFailed):
+    """A fan-out child failed with a terminal error."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded
+from stroma.errors import ChildFailed, ChildFailedTerminally
 
 __all__ = (
     "Classifier",
@@ -78,6 +79,8 @@ Classifier = Callable[[Exception, NodeContext], FailureClass | None]
 # come before ValueError in case a subclass of theirs is also a ValueError.
 _BUILTIN_RULES: tuple[tuple[type[BaseException], FailureClass], ...] = (
     (ContractViolation, FailureClass.TERMINAL),
+    (ChildFailedTerminally, FailureClass.TERMINAL),
+    (ChildFailed, FailureClass.RECOVERABLE),
     (BudgetExceeded, FailureClass.RECOVERABLE),
     (TimeoutError, FailureClass.RECOVERABLE),  # asyncio.TimeoutError is TimeoutError on 3.11
     (ValueError, FailureClass.AMBIGUOUS),

@@ -92,7 +92,8 @@ Record = tuple[fx.Effect, fx.Event | None] | ResumeMarker
 _CLASSES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
-        fx.CallNode, fx.CallParallel, fx.ClassifyFailure, fx.FireHook, fx.Sleep,
+        fx.CallNode, fx.CallParallel, fx.RunPlan, fx.ChooseBranch, fx.PlanFinished,
+        fx.BranchChosen, fx.ClassifyFailure, fx.FireHook, fx.Sleep,
         fx.SaveCheckpoint, fx.LoadCheckpoint, fx.RecordAttempt, fx.Finish,
         fx.NodeReturned, fx.NodeRaised, fx.NodeCancelled, fx.ParallelReturned,
         fx.FailureClassified, fx.HookFired, fx.Slept, fx.CheckpointSaved,
@@ -100,14 +101,15 @@ _CLASSES: dict[str, type] = {
     )
 }
 # Live-only fields that a log never holds (the answer to them is in the log instead).
-_SKIP = {("CallNode", "input"), ("SaveCheckpoint", "state"), ("LoadCheckpoint", "schema"),
+_SKIP = {("RunPlan", "plan"), ("RunPlan", "input"), ("RunPlan", "config"),
+         ("ChooseBranch", "state"), ("CallNode", "input"), ("SaveCheckpoint", "state"), ("LoadCheckpoint", "schema"),
          ("ErrorInfo", "exc"), ("CallParallel", "calls"), ("ParallelReturned", "outcomes")}
 _FIELDS: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in attrs.fields(cls) if (name, f.name) not in _SKIP)
     for name, cls in _CLASSES.items()
 }
 # Required fields among the skipped ones: a decoded record gets None there.
-_ABSENT: dict[str, dict[str, None]] = {
+_ABSENT: dict[str, dict[str, Any]] = {
     name: {
         f.name: None
         for f in attrs.fields(cls)
@@ -133,6 +135,11 @@ def _enc(value: Any) -> Any:
     if isinstance(value, TraceEvent):
         return {"t": "TraceEvent", **{k: _enc(getattr(value, k)) for k in _TRACE_FIELDS}}
     name = type(value).__name__
+    if name == "PlanFinished":
+        out = {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]
+                             if k != "records"}}
+        out["records"] = [_enc_record(e, v) for e, v in value.records]
+        return out
     if name in _FIELDS and type(value) is _CLASSES[name]:
         return {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]}}
     if isinstance(value, BaseModel):
@@ -158,11 +165,13 @@ def _dec(obj: Any) -> Any:
         kw["failure"] = None if kw["failure"] is None else FailureClass(kw["failure"])
         return TraceEvent(**kw)
     cls = _CLASSES[name]
-    kw: dict[str, Any] = dict(_ABSENT[name])
+    kw = dict(_ABSENT[name])
     for k in _FIELDS[name]:
         v = obj[k]
         if k in _DATETIME_FIELDS:
-            v = datetime.fromisoformat(v)
+            v = None if v is None else datetime.fromisoformat(v)
+        elif k == "records":
+            v = tuple(_dec_record(r) for r in v)
         elif k in _TUPLE_FIELDS:
             v = tuple(v)
         elif k == "failure" and v is not None:
@@ -173,6 +182,28 @@ def _dec(obj: Any) -> Any:
             v = _dec(v)
         kw[k] = v
     return cls(**kw)
+
+
+def _enc_record(effect: Any, event: Any) -> list[Any]:
+    """A record inside a sub-plan's log: groups keep their children inline."""
+    eff, ev = _enc(effect), _enc(event)
+    if isinstance(effect, fx.CallParallel):
+        eff["calls"] = [_enc(c) for c in effect.calls]
+        if isinstance(event, fx.ParallelReturned):
+            ev["outcomes"] = [_enc(o) for o in event.outcomes]
+    return [eff, ev]
+
+
+def _dec_record(raw: Any) -> tuple[Any, Any]:
+    eff_raw, ev_raw = raw
+    effect, event = _dec(eff_raw), _dec(ev_raw)
+    if isinstance(effect, fx.CallParallel):
+        effect = attrs.evolve(effect, calls=tuple(_dec(c) for c in eff_raw.get("calls", ())))
+        if isinstance(event, fx.ParallelReturned):
+            event = attrs.evolve(
+                event, outcomes=tuple(_dec(o) for o in ev_raw.get("outcomes", ()))
+            )
+    return effect, event
 
 
 def _dumps(obj: Any) -> str:
@@ -191,6 +222,11 @@ def encode_header(header: LogHeader) -> str:
             "config": header.config,
         }
     )
+
+
+def encode_partial(index: int, child: int, call: Any, outcome: Any) -> str:
+    """A fan-out child that finished before its group: ``{"i":k,"partial":j,...}``."""
+    return _dumps({"i": index, "partial": child, "effect": _enc(call), "event": _enc(outcome)})
 
 
 def encode_record(index: int, record: Record) -> list[str]:
@@ -222,11 +258,19 @@ def encode_record(index: int, record: Record) -> list[str]:
 class EffectLog:
     """A run's log in memory: the header and the records, in order."""
 
-    __slots__ = ("header", "records")
+    __slots__ = ("header", "partials", "records")
 
     def __init__(self, header: LogHeader, records: Iterable[Record] = ()) -> None:
         self.header = header
         self.records: list[Record] = list(records)
+        # Fan-out children that finished before their group did, as
+        # (record index of the group, child index, call, outcome), in the order written.
+        self.partials: list[tuple[int, int, Any, Any]] = []
+
+    def pending_children(self) -> dict[int, tuple[Any, Any]]:
+        """Children of the group in flight when the log ends (a crash inside a fan-out)."""
+        k = len(self.records)
+        return {j: (call, outcome) for i, j, call, outcome in self.partials if i == k}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -270,8 +314,14 @@ class EffectLog:
 
     def lines(self) -> list[str]:
         out = [encode_header(self.header)]
+        partials = sorted(self.partials, key=lambda p: p[0])  # stable: keeps write order
+        p = 0
         for i, rec in enumerate(self.records):
+            while p < len(partials) and partials[p][0] <= i:
+                out.append(encode_partial(*partials[p]))
+                p += 1
             out.extend(encode_record(i, rec))
+        out.extend(encode_partial(*q) for q in partials[p:])
         return out
 
     def to_jsonl(self) -> str:
@@ -280,14 +330,14 @@ class EffectLog:
     @classmethod
     def from_jsonl(cls, text: str | bytes, source: str = "<effect log>") -> EffectLog:
         if isinstance(text, bytes):
+            raw = text
             try:
-                text = text.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 # A torn multi-byte character at the very end is a torn tail, nothing more.
-                head = text[: e.start]
-                if b"\n" in text[e.start :] or e.start == 0 and not head:
+                if e.start == 0 or b"\n" in raw[e.start :]:
                     raise LogCorrupted(source, f"not UTF-8 text at byte {e.start}") from None
-                text = head.decode("utf-8")
+                text = raw[: e.start].decode("utf-8")
         raw_lines = text.split("\n")
         complete = raw_lines[:-1]  # what precedes the last newline
         tail = raw_lines[-1]  # text after the last newline: a torn line, or ""
@@ -302,6 +352,7 @@ class EffectLog:
             raise LogCorrupted(source, "the log is empty: it has no header line")
         header = _parse_header(lines[0], source)
         records: list[Record] = []
+        partials: list[tuple[int, int, Any, Any]] = []
         n = len(lines)
         line_no = 1
         while line_no < n:
@@ -311,6 +362,11 @@ class EffectLog:
                 break
             try:
                 index = obj["i"]
+                if "partial" in obj and index == len(records):
+                    partials.append((index, int(obj["partial"]), _dec(obj["effect"]),
+                                     _dec(obj["event"])))
+                    line_no += 1
+                    continue
                 if index != len(records):
                     raise LogCorrupted(
                         source, f"line {line_no + 1}: record index {index} out of sequence "
@@ -358,7 +414,9 @@ class EffectLog:
                     source, f"line {line_no + 1}: not a valid record ({type(e).__name__}: {e})"
                 ) from None
             line_no += 1
-        return cls(header, records)
+        log = cls(header, records)
+        log.partials = partials
+        return log
 
 
 def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str, Any] | None:

@@ -28,7 +28,8 @@ done       nothing                      (a Finish was emitted)
 
 An attempt begins with two checks: a budget already spent stops the run (PARTIAL, and
 the trace says why) before the node starts; an input that breaks the contract fails the
-attempt without calling the node. The run is over when the effects contain ``Finish``.
+attempt without calling the node (after the start hook, which every attempt that is not a
+budget stop gets). The run is over when the effects contain ``Finish``.
 Running totals are kept in the state, never recomputed from history, so a step costs the
 same at node 10 and at node 10,000. Hook errors are recorded and change nothing.
 """
@@ -47,7 +48,7 @@ from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded, FallbackPolicy, estimate_cost_usd, fallback_for
 from stroma.errors import StromaError
 from stroma.failures import FailureClass, builtin_class_for_names, default_policy_map
-from stroma.plan import NodeStep, ParallelStep, Plan, Step
+from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan, Step
 from stroma.trace import RunStatus, TraceEvent
 
 __all__ = (
@@ -90,9 +91,20 @@ class MachineConfig:
     node_policies: dict[str, tuple[tuple[FailureClass, int, float], ...]] = attrs.field(
         factory=dict, hash=False
     )
+    # Totals already spent before this run starts (a middleware context's earlier steps):
+    # the run's running totals start here, so budgets and fallbacks see the cumulative spend.
+    base_tokens: int = 0
+    base_cost_usd: float = 0.0
+    base_latency_ms: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The decision-making part of the config, for the log header."""
+        data = self._to_json()
+        if self.base_tokens or self.base_cost_usd or self.base_latency_ms:
+            data["base"] = [self.base_tokens, self.base_cost_usd, self.base_latency_ms]
+        return data
+
+    def _to_json(self) -> dict[str, Any]:
         return {
             "budget": [self.max_tokens, self.max_cost_usd, self.max_latency_ms],
             "policy_map": [[c.value, r, b] for c, r, b in self.policy_map],
@@ -117,6 +129,7 @@ class MachineConfig:
             return tuple((FailureClass(c), int(r), float(b)) for c, r, b in rows)
 
         tokens, cost, latency = data.get("budget") or [None, None, None]
+        base_tokens, base_cost, base_latency = data.get("base") or [0, 0.0, 0]
         return cls(
             run_id=run_id,
             seed=seed,
@@ -135,6 +148,9 @@ class MachineConfig:
             resume_from=data.get("resume_from"),
             node_timeouts={k: int(v) for k, v in (data.get("node_timeouts") or {}).items()},
             node_policies={k: table(v) for k, v in (data.get("node_policies") or {}).items()},
+            base_tokens=int(base_tokens),
+            base_cost_usd=float(base_cost),
+            base_latency_ms=int(base_latency),
         )
 
 
@@ -175,8 +191,8 @@ class RunState:
     after: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
-    def step(self) -> Step:
-        return self.plan.steps[self.pos]
+    def step(self) -> Any:
+        return self.plan.program[self.pos]
 
 
 Out = tuple[RunState, list[Any]]
@@ -341,32 +357,41 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
         retries=0,
         state=initial_state,
         state_json=initial_state.model_dump(mode="json"),
-        tokens=0,
-        cost_usd=0.0,
-        latency_ms=0,
+        tokens=config.base_tokens,
+        cost_usd=config.base_cost_usd,
+        latency_ms=config.base_latency_ms,
         rng=config.seed & _MASK,
         clock=config.started_at,
     )
     target = config.resume_from
     if target is None:
         return _begin_step(s)
-    ids = plan.step_ids()
+    ids = [ins.step_id for ins in plan.program if not isinstance(ins, Choose | Jump)]
     if target not in ids:
         return _finish(
             s, RunStatus.PARTIAL,
             f"resume_from={target!r} is not a step of this pipeline (its steps: "
             f"{', '.join(map(repr, ids)) or 'none'}); nothing was run",
         )
-    k = ids.index(target)
-    if k == 0:
-        return _begin_step(attrs.evolve(s, resumed=True))
-    before = plan.steps[k - 1]
+    k = next(i for i, ins in enumerate(plan.program)
+             if ins.step_id == target and not isinstance(ins, Choose | Jump))
+    before = _unit_before(plan, k)
+    if before is None:
+        return _begin_step(attrs.evolve(s, pos=k, resumed=True))
     s = attrs.evolve(s, phase="load", pos=k, resumed=True)
     return s, [fx.LoadCheckpoint(before.step_id, before.output_schema)]
 
 
+def _unit_before(plan: Plan, pc: int) -> Any:
+    """The step (not a branch instruction) that runs just before program position pc."""
+    for ins in reversed(plan.program[:pc]):
+        if not isinstance(ins, Choose | Jump):
+            return ins
+    return None
+
+
 def _on_loaded(s: RunState, ev: fx.CheckpointLoaded) -> Out:
-    before = s.plan.steps[s.pos - 1]
+    before = _unit_before(s.plan, s.pos)
     if ev.state is None:
         return _finish(
             s, RunStatus.PARTIAL,
@@ -384,9 +409,58 @@ def _on_loaded(s: RunState, ev: fx.CheckpointLoaded) -> Out:
 
 
 def _begin_step(s: RunState) -> Out:
-    if s.pos >= len(s.plan.steps):
-        return _finish(s, RunStatus.COMPLETED, None)
-    return _begin_attempt(s)
+    program = s.plan.program
+    while s.pos < len(program):
+        ins = program[s.pos]
+        if type(ins) is Jump:
+            s = _next(s, "next", None, pos=ins.target)
+            continue
+        if type(ins) is Choose:
+            return _next(s, "choose", None), [fx.ChooseBranch(ins.step_id, s.state)]
+        return _begin_attempt(s)
+    return _finish(s, RunStatus.COMPLETED, None)
+
+
+def _on_chosen(s: RunState, ev: fx.BranchChosen) -> Out:
+    ins = s.step
+    assert isinstance(ins, Choose)
+    if ev.error is not None:
+        reason = f"the predicate of {ins.step_id!r} raised: {ev.error.short}"
+        te = TraceEvent(
+            ins.step_id, s.config.run_id, 1, s.clock, s.state_json, None, 0,
+            FailureClass.TERMINAL, reason,
+        )
+        s, effects = _finish(s, RunStatus.FAILED, reason)
+        return s, [fx.RecordAttempt(te), *effects]
+    return _begin_step(_next(s, "next", None, pos=s.pos + 1 if ev.taken else ins.otherwise_pc))
+
+
+def _child_config(s: RunState, index: int) -> MachineConfig:
+    """A fan-out child's sub-plan runs with the run's policies, its own PRNG stream and no
+    budget of its own (the group's usage counts against the run's budget when it ends)."""
+    c = s.config
+    seed, _ = _draw((c.seed ^ (s.pos << 20) ^ (s.attempt << 40) ^ index) & _MASK)
+    return MachineConfig(
+        run_id=c.run_id, seed=seed & ((1 << 63) - 1), started_at=s.clock,
+        policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
+        node_timeouts=c.node_timeouts, node_policies=c.node_policies,
+    )
+
+
+def _child_call(
+    s: RunState, child: Any, index: int, child_id: str, raw: Any, model: str | None
+) -> fx.CallNode | fx.RunPlan | ContractViolation:
+    if isinstance(child, NodeStep):
+        cin = _validate(child.node_id, "input", child.input_schema, raw)
+        if isinstance(cin, ContractViolation):
+            return cin
+        return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin)
+    schema = child.input_schema
+    cin = raw if schema is None else _validate(child_id, "input", schema, raw)
+    if isinstance(cin, ContractViolation):
+        return cin
+    return fx.RunPlan(child_id, s.attempt, child.fingerprint, child, cin,
+                      _child_config(s, index))
 
 
 def _begin_attempt(s: RunState) -> Out:
@@ -414,23 +488,39 @@ def _begin_attempt(s: RunState) -> Out:
     if isinstance(step, NodeStep):
         inp = _validate(step.node_id, "input", step.input_schema, s.state)
         if isinstance(inp, ContractViolation):
-            att = Attempt(s.state_json, started_at=s.clock)
-            return _failed(attrs.evolve(s, current=att), _error(inp))
+            return _input_broken(s, step, inp)
         input_json = s.state_json if inp is s.state else inp.model_dump(mode="json")
         call: fx.CallNode | fx.CallParallel = fx.CallNode(
             step.node_id, s.attempt, _timeout(s, step), model, inp
         )
-    else:
-        calls = []
-        for child in step.children:
-            cin = _validate(child.node_id, "input", child.input_schema, s.state)
-            if isinstance(cin, ContractViolation):
-                att = Attempt(s.state_json, started_at=s.clock)
-                return _failed(attrs.evolve(s, current=att), _error(cin))
-            calls.append(fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin))
+    elif isinstance(step, ParallelStep):
+        calls: list[Any] = []
+        for j, child in enumerate(step.children):
+            c = _child_call(s, child, j, f"{step.step_id}[{j}]", s.state, model)
+            if isinstance(c, ContractViolation):
+                return _input_broken(s, step, c)
+            calls.append(c)
         input_json = s.state_json
         call = fx.CallParallel(
             step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step)
+        )
+    else:
+        assert isinstance(step, MapStep)
+        inp = _validate(step.step_id, "input", step.input_schema, s.state)
+        if isinstance(inp, ContractViolation):
+            return _input_broken(s, step, inp)
+        items = getattr(inp, step.over)
+        calls = []
+        for j, item in enumerate(items):
+            raw = item if isinstance(item, BaseModel | dict) else {"item": item}
+            c = _child_call(s, step.body, j, f"{step.step_id}[{j}]", raw, model)
+            if isinstance(c, ContractViolation):
+                return _input_broken(s, step, c)
+            calls.append(c)
+        input_json = s.state_json if inp is s.state else inp.model_dump(mode="json")
+        call = fx.CallParallel(
+            step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
+            "map",
         )
     att = Attempt(input_json, call)
     if "start" in s.config.hooks:
@@ -439,9 +529,25 @@ def _begin_attempt(s: RunState) -> Out:
     return _next(s, "call", att), [call]
 
 
+def _input_broken(s: RunState, step: Step, violation: ContractViolation) -> Out:
+    """The input breaks the contract: the attempt fails without calling the node, after
+    the start hook (so an attempt's hooks always come as start, then success or failure)."""
+    error = _error(violation)
+    att = Attempt(s.state_json, started_at=s.clock, error=error)
+    if "start" in s.config.hooks:
+        return _next(s, "hook_start", att), [
+            fx.FireHook("start", step.step_id, s.attempt, s.state_json)
+        ]
+    return _failed(_next(s, s.phase, att), error)
+
+
 def _on_hook_start(s: RunState, ev: fx.HookFired) -> Out:
-    assert s.current is not None and s.current.call is not None
-    return _next(s, "call", s.current), [s.current.call]
+    att = s.current
+    assert att is not None
+    if att.call is None:  # the input broke its contract: fail the attempt, call nothing
+        assert att.error is not None
+        return _failed(s, att.error)
+    return _next(s, "call", att), [att.call]
 
 
 def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
@@ -505,13 +611,20 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
 def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     step = s.step
     att = s.current
-    assert isinstance(step, ParallelStep) and att is not None
+    assert isinstance(step, ParallelStep | MapStep) and att is not None
     assert isinstance(att.call, fx.CallParallel)
+    calls = att.call.calls
+    if len(ev.outcomes) != len(calls):
+        raise UnexpectedEvent(
+            f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(calls)} children"
+        )
     tokens, cost = 0, 0.0
-    for outcome in ev.outcomes:
-        if isinstance(outcome, fx.NodeReturned):
-            t, c = _price(att.call.calls[0].model, outcome)
+    for call, outcome in zip(calls, ev.outcomes, strict=True):
+        if type(outcome) is fx.NodeReturned:
+            t, c = _price(call.model if type(call) is fx.CallNode else None, outcome)
             tokens, cost = tokens + t, cost + c
+        elif type(outcome) is fx.PlanFinished:
+            tokens, cost = tokens + outcome.total_tokens, cost + outcome.total_cost_usd
     s = attrs.evolve(
         s,
         tokens=s.tokens + tokens,
@@ -521,30 +634,50 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms,
                              tokens=tokens),
     )
-    if len(ev.outcomes) != len(step.children):
-        raise UnexpectedEvent(
-            f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(step.children)} children"
-        )
-    merged: dict[str, Any] = {}
+    children = step.children if isinstance(step, ParallelStep) else [step.body] * len(calls)
+    outputs: list[dict[str, Any]] = []
     first_error: fx.ErrorInfo | None = None
-    for child, outcome in zip(step.children, ev.outcomes, strict=True):
+    for child, call, outcome in zip(children, calls, ev.outcomes, strict=True):
         if isinstance(outcome, fx.NodeRaised):
             first_error = first_error or outcome.error
         elif isinstance(outcome, fx.NodeCancelled):
             continue
+        elif isinstance(outcome, fx.PlanFinished):
+            if outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED):
+                if first_error is None:
+                    first_error = _child_failure(call, outcome)
+            elif first_error is None:
+                outputs.append(outcome.output)
         elif first_error is None:
             out = _validate(child.node_id, "output", child.output_schema, outcome.output)
             if isinstance(out, ContractViolation):
                 first_error = _error(out)
             else:
-                merged.update(out.model_dump())
-    if first_error is None and any(isinstance(o, fx.NodeCancelled) for o in ev.outcomes):
+                outputs.append(out.model_dump())
+    if first_error is None and len(outputs) != len(calls):
         first_error = fx.ErrorInfo(
             ("anyio.Cancelled", "builtins.BaseException"), "children were cancelled"
         )
     if first_error is not None:
         return _failed(s, first_error)
+    if isinstance(step, MapStep):
+        base = s.state.model_dump()
+        base[step.into] = outputs
+        return _succeeded(s, _validate(step.step_id, "output", step.output_schema, base))
+    merged: dict[str, Any] = {}
+    for out_dict in outputs:
+        merged.update(out_dict)
     return _succeeded(s, _validate(step.step_id, "output", step.output_schema, merged))
+
+
+def _child_failure(call: Any, outcome: fx.PlanFinished) -> fx.ErrorInfo:
+    terminal = outcome.status is RunStatus.FAILED
+    names = (
+        ("stroma.errors.ChildFailedTerminally", "stroma.errors.ChildFailed")
+        if terminal else ("stroma.errors.ChildFailed",)
+    ) + ("stroma.errors.StromaError", "builtins.Exception")
+    label = getattr(call, "child_id", getattr(call, "node_id", "?"))
+    return fx.ErrorInfo(names, f"{label} {outcome.status}: {outcome.reason}")
 
 
 def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
@@ -576,7 +709,7 @@ def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
     if "success" in s.config.hooks:
         s = _next(s, "hook_ok", att, state=att.output, state_json=att.output_json,
                   pos=s.pos + 1, attempt=1, retries=0)
-        step = s.plan.steps[s.pos - 1]
+        step = s.plan.program[s.pos - 1]
         return s, [fx.FireHook("success", step.step_id, att.call.attempt if att.call else 1,
                                att.output_json, att.tokens)]
     s = _next(s, "next", None, state=att.output, state_json=att.output_json,
@@ -690,6 +823,7 @@ _TABLE: Mapping[str, Mapping[type, _Handler]] = {
     "sleep": {fx.Slept: _on_slept},
     "save": {fx.CheckpointSaved: _on_saved},
     "hook_ok": {fx.HookFired: _on_hook_ok},
+    "choose": {fx.BranchChosen: _on_chosen},
     "done": {},
 }
 

@@ -1,11 +1,26 @@
 """Immutable plans and the combinators that build them.
 
-A ``Plan`` is a frozen tuple of steps compiled from node functions: each ``NodeStep``
-holds a node's id, function, contract schemas, timeout and retry overrides; a
-``ParallelStep`` runs several nodes on the same input and merges their outputs. Plans are
-hashable, compare by value (functions excluded: a plan is its structure and contracts),
-and carry a ``fingerprint`` that changes exactly when structure or contracts change.
-Everything here is checked when the plan is built, before any node runs.
+A ``Plan`` is a frozen tuple of steps:
+
+* ``NodeStep``: one node function with its contract, timeout and retry overrides;
+* ``ParallelStep``: children (nodes, or whole sub-plans) run concurrently on the same
+  input, outputs merged in argument order; one trace event, checkpoint and retry unit;
+* ``BranchStep``: a pure predicate on the current state picks ``then`` or ``otherwise``
+  (the choice is recorded in the effect log); the chosen arm's steps run inline;
+* ``MapStep``: a step (a node or a sub-plan) run once per item of a list field, the
+  outputs collected in item order into another field.
+
+Combinators: ``seq(a, b, ...)`` / ``plan >> step``, ``parallel``, ``branch``,
+``map_each``; ``plan.with_retry(node_id, policy_map)`` and ``plan.with_timeout(node_id,
+ms)`` return new plans. Plans are hashable and compare by value (node functions and
+predicates excluded: a plan is its structure and contracts); ``fingerprint`` changes
+exactly when structure or contracts change. Everything is checked when the plan is
+built, before any node runs: duplicate ids, a non-async function, a missing contract,
+an empty parallel, a step whose input needs a field nothing before it provides, a
+``map_each`` field that is not a list.
+
+The machine runs ``plan.program``: the steps flattened, each branch becoming a
+``Choose`` (jump to the other arm when the predicate says no) and a ``Jump`` (over it).
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,13 +41,21 @@ from stroma.failures import FailureClass, FailurePolicy
 from stroma.schemas import _schema_ref, declare_schemas
 
 __all__ = (
+    "BranchGroup",
+    "BranchStep",
+    "Choose",
+    "Jump",
+    "MapGroup",
+    "MapStep",
     "NodeMarker",
     "NodeStep",
     "ParallelGroup",
     "ParallelStep",
     "Plan",
     "Step",
+    "branch",
     "compile_plan",
+    "map_each",
     "node_marker",
     "parallel",
     "seq",
@@ -84,6 +108,15 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
 
 
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+# ------------------------------------------------------------------------------ steps
+
+
 @attrs.frozen
 class NodeStep:
     node_id: str
@@ -105,7 +138,7 @@ class NodeStep:
 @attrs.frozen
 class ParallelStep:
     step_id: str
-    children: tuple[NodeStep, ...]
+    children: tuple[NodeStep | Plan, ...]
     output_schema: type[BaseModel]
     max_concurrency: int | None = None
     timeout_ms: int | None = None
@@ -116,49 +149,189 @@ class ParallelStep:
         return self.step_id
 
     def node_ids(self) -> tuple[str, ...]:
-        return (self.step_id, *(c.node_id for c in self.children))
-
-
-Step = NodeStep | ParallelStep
+        return (self.step_id, *(i for c in self.children for i in c.node_ids()))
 
 
 @attrs.frozen
-class ParallelGroup:
-    """``parallel(a, b)`` before compilation: the node functions, not yet resolved."""
+class BranchStep:
+    step_id: str
+    predicate: Callable[[Any], Any] = attrs.field(eq=False, repr=False)
+    then: Plan
+    otherwise: Plan
+
+    @property
+    def node_id(self) -> str:
+        return self.step_id
+
+    def node_ids(self) -> tuple[str, ...]:
+        return (self.step_id, *self.then.node_ids(), *self.otherwise.node_ids())
+
+
+@attrs.frozen
+class MapStep:
+    step_id: str
+    body: NodeStep | Plan
+    over: str
+    into: str
+    input_schema: type[BaseModel]
+    output_schema: type[BaseModel]
+    max_concurrency: int | None = None
+    timeout_ms: int | None = None
+    policies: PolicyTable = ()
+
+    @property
+    def node_id(self) -> str:
+        return self.step_id
+
+    def node_ids(self) -> tuple[str, ...]:
+        return (self.step_id, *self.body.node_ids())
+
+
+Step = NodeStep | ParallelStep | BranchStep | MapStep
+
+
+@attrs.frozen
+class Choose:
+    """Program instruction: ask the branch's predicate; on False jump to ``otherwise_pc``."""
+
+    branch: BranchStep
+    otherwise_pc: int
+
+    @property
+    def step_id(self) -> str:
+        return self.branch.step_id
+
+
+@attrs.frozen
+class Jump:
+    """Program instruction: go on at ``target`` (the end of a branch's ``then`` arm)."""
+
+    target: int
+    step_id: str = ""
+
+
+Instruction = NodeStep | ParallelStep | MapStep | Choose | Jump
+
+# ------------------------------------------------------------------ unresolved groups
+
+
+def _item_id(item: Any) -> str:
+    if isinstance(item, Plan):
+        return "seq(" + ", ".join(item.step_ids()) + ")"
+    marker = node_marker(item)
+    if marker is not None:
+        return marker.node_id
+    sid = getattr(item, "step_id", None)
+    return sid if isinstance(sid, str) else getattr(item, "__name__", repr(item))
+
+
+class _Combinable:
+    def __rshift__(self, other: Any) -> Plan:
+        return seq(self, other)
+
+    def __rrshift__(self, other: Any) -> Plan:
+        return seq(other, self)
+
+
+@attrs.frozen
+class ParallelGroup(_Combinable):
+    """``parallel(a, b)`` before compilation: the items, not yet resolved."""
 
     items: tuple[Any, ...]
     max_concurrency: int | None = None
 
     @property
     def step_id(self) -> str:
-        names = []
-        for item in self.items:
-            marker = node_marker(item)
-            names.append(marker.node_id if marker else getattr(item, "__name__", repr(item)))
-        return f"parallel({', '.join(names)})"
+        return f"parallel({', '.join(_item_id(i) for i in self.items)})"
 
 
-def parallel(*nodes: Any, max_concurrency: int | None = None) -> ParallelGroup:
-    """Run nodes concurrently on the same input and merge their outputs (later wins a key).
+@attrs.frozen
+class BranchGroup(_Combinable):
+    predicate: Callable[[Any], Any] = attrs.field(eq=False)
+    then: Any
+    otherwise: Any
+    name: str | None = None
+
+    @property
+    def step_id(self) -> str:
+        if self.name:
+            return self.name
+        pred = getattr(self.predicate, "__name__", "predicate")
+        return f"branch({pred})"
+
+
+@attrs.frozen
+class MapGroup(_Combinable):
+    body: Any
+    over: str
+    into: str
+    max_concurrency: int | None = None
+    input: type[BaseModel] | None = None
+
+    @property
+    def step_id(self) -> str:
+        return f"map_each({_item_id(self.body)}, over={self.over}, into={self.into})"
+
+
+def _check_concurrency(where: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 1):
+        raise PlanError(f"{where}(max_concurrency={value!r}): expected a positive int or None")
+
+
+def parallel(*steps: Any, max_concurrency: int | None = None) -> ParallelGroup:
+    """Run steps concurrently on the same input and merge their outputs (later wins a key).
 
     The group is one step: one trace event, one checkpoint, one retry unit, with the id
-    ``parallel(a, b, ...)``. With ``max_concurrency`` at most that many run at once.
+    ``parallel(a, b, ...)``. With ``max_concurrency`` at most that many run at once. A
+    child may be a node or a whole plan (``seq(a, b)``), whose nodes retry on their own.
     """
-    if not nodes:
-        raise PlanError("parallel() needs at least one node: parallel(fetch_a, fetch_b)")
-    if max_concurrency is not None and (
-        not isinstance(max_concurrency, int) or max_concurrency < 1
-    ):
-        raise PlanError(
-            f"parallel(max_concurrency={max_concurrency!r}): expected a positive int or None"
-        )
-    return ParallelGroup(tuple(nodes), max_concurrency)
+    if not steps:
+        raise PlanError("parallel() needs at least one step: parallel(fetch_a, fetch_b)")
+    _check_concurrency("parallel", max_concurrency)
+    return ParallelGroup(tuple(steps), max_concurrency)
 
 
-_MERGED: dict[tuple[type[BaseModel], ...], type[BaseModel]] = {}
+def branch(
+    predicate: Callable[[Any], Any], *, then: Any, otherwise: Any = (), name: str | None = None
+) -> BranchGroup:
+    """Choose ``then`` or ``otherwise`` by ``predicate(state)`` (pure: it sees the state).
+
+    The choice is recorded in the effect log, so a replay takes the recorded arm; the
+    chosen arm's steps run inline (their nodes have trace events and checkpoints).
+    """
+    if not callable(predicate):
+        raise PlanError(f"branch(predicate={predicate!r}): the predicate must be callable")
+    return BranchGroup(predicate, then, otherwise, name)
 
 
-def _merged_schema(step_id: str, schemas: tuple[type[BaseModel], ...]) -> type[BaseModel]:
+def map_each(
+    step: Any,
+    *,
+    over: str,
+    into: str,
+    max_concurrency: int | None = None,
+    input: type[BaseModel] | None = None,
+) -> MapGroup:
+    """Run ``step`` once per item of the list field ``over``; collect outputs into ``into``.
+
+    Outputs keep item order whatever the completion order. Items that are not dicts are
+    passed as ``{"item": value}``. ``input`` names the state schema when the map is the
+    first step of a plan (otherwise it is the previous step's output schema).
+    """
+    for name, value in (("over", over), ("into", into)):
+        if not isinstance(value, str) or not value.isidentifier():
+            raise PlanError(f"map_each({name}={value!r}): expected a field name")
+    _check_concurrency("map_each", max_concurrency)
+    return MapGroup(step, over, into, max_concurrency, input)
+
+
+# ---------------------------------------------------------------------- schema helpers
+
+_MERGED: dict[tuple[Any, ...], type[BaseModel]] = {}
+
+
+def _merged_schema(schemas: tuple[type[BaseModel], ...]) -> type[BaseModel]:
     """One model with the fields of every child's output (a later child wins a field)."""
     cached = _MERGED.get(schemas)
     if cached is not None:
@@ -172,6 +345,47 @@ def _merged_schema(step_id: str, schemas: tuple[type[BaseModel], ...]) -> type[B
     model.__qualname__ = f"{name}_{len(_MERGED)}"
     _MERGED[schemas] = model
     return model
+
+
+def _mapped_schema(base: type[BaseModel], into: str, item: type[BaseModel]) -> type[BaseModel]:
+    key = ("map", base, into, item)
+    cached = _MERGED.get(key)
+    if cached is not None:
+        return cached
+    fields: dict[str, Any] = {n: (i.annotation, i) for n, i in base.model_fields.items()}
+    fields[into] = (list[item], ...)  # type: ignore[valid-type]
+    name = f"{base.__name__}_with_{into}"
+    model: type[BaseModel] = create_model(name, __module__=__name__, **fields)
+    model.__qualname__ = f"{name}_{len(_MERGED)}"
+    _MERGED[key] = model
+    return model
+
+
+def _is_list_field(schema: type[BaseModel], name: str) -> bool | None:
+    info = schema.model_fields.get(name)
+    if info is None:
+        return None
+    ann = info.annotation
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        origin = typing.get_origin(args[0]) if len(args) == 1 else None
+        ann = args[0] if len(args) == 1 else ann
+    return origin in (list, tuple) or ann in (list, tuple)
+
+
+def _provided(schema: type[BaseModel]) -> set[str]:
+    out = set()
+    for name, info in schema.model_fields.items():
+        out.add(name)
+        if info.alias:
+            out.add(info.alias)
+    return out
+
+
+def _required(schema: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in schema.model_fields.items()
+            if info.is_required()]
 
 
 _SCHEMA_FP: dict[type[BaseModel], str] = {}
@@ -190,32 +404,61 @@ def _schema_fingerprint(schema: type[BaseModel]) -> str:
     return fp
 
 
-def _describe(step: Step) -> dict[str, Any]:
+def _describe(step: Any) -> Any:
     if isinstance(step, NodeStep):
         return {
             "node": step.node_id,
             "in": _schema_fingerprint(step.input_schema),
             "out": _schema_fingerprint(step.output_schema),
         }
-    return {"parallel": step.step_id, "children": [_describe(c) for c in step.children]}
+    if isinstance(step, Plan):
+        return {"seq": [_describe(s) for s in step.steps]}
+    if isinstance(step, ParallelStep):
+        return {"parallel": step.step_id, "children": [_describe(c) for c in step.children]}
+    if isinstance(step, BranchStep):
+        return {"branch": step.step_id, "then": _describe(step.then),
+                "otherwise": _describe(step.otherwise)}
+    assert isinstance(step, MapStep)
+    return {"map": step.step_id, "over": step.over, "into": step.into,
+            "body": _describe(step.body), "in": _schema_fingerprint(step.input_schema)}
+
+
+def _flatten(steps: Iterable[Step], out: list[Instruction]) -> None:
+    for step in steps:
+        if isinstance(step, BranchStep):
+            choose_at = len(out)
+            out.append(Choose(step, -1))
+            _flatten(step.then.steps, out)
+            jump_at = len(out)
+            out.append(Jump(-1, step.step_id))
+            otherwise_pc = len(out)
+            _flatten(step.otherwise.steps, out)
+            out[choose_at] = Choose(step, otherwise_pc)
+            out[jump_at] = Jump(len(out), step.step_id)
+        else:
+            out.append(step)
+
+
+# ------------------------------------------------------------------------------- plan
 
 
 @attrs.frozen
-class Plan:
+class Plan(_Combinable):
     """An immutable, validated sequence of steps."""
 
     steps: tuple[Step, ...] = ()
     fingerprint: str = attrs.field(init=False, eq=False, repr=False)
+    program: tuple[Instruction, ...] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         text = json.dumps([_describe(s) for s in self.steps], sort_keys=True)
         object.__setattr__(self, "fingerprint", hashlib.sha256(text.encode()).hexdigest())
+        program: list[Instruction] = []
+        _flatten(self.steps, program)
+        object.__setattr__(self, "program", tuple(program))
 
     def __len__(self) -> int:
         return len(self.steps)
-
-    def __rshift__(self, other: Any) -> Plan:
-        return seq(self, other)
 
     def step_ids(self) -> tuple[str, ...]:
         return tuple(s.step_id for s in self.steps)
@@ -223,46 +466,127 @@ class Plan:
     def node_ids(self) -> tuple[str, ...]:
         return tuple(i for s in self.steps for i in s.node_ids())
 
+    def nodes(self) -> Iterable[NodeStep]:
+        """Every NodeStep of the plan, nested ones included."""
+        for s in self.steps:
+            yield from _nodes_of(s)
+
+    @property
+    def input_schema(self) -> type[BaseModel] | None:
+        return _input_of(self.steps[0]) if self.steps else None
+
+    @property
+    def output_schema(self) -> type[BaseModel] | None:
+        return _output_of(self.steps[-1]) if self.steps else None
+
     def schemas(self) -> set[type[BaseModel]]:
         out: set[type[BaseModel]] = set()
         for s in self.steps:
-            out.add(s.output_schema)
-            for n in s.children if isinstance(s, ParallelStep) else (s,):
-                out.update((n.input_schema, n.output_schema))
+            _collect_schemas(s, out)
         return out
 
-    def _replace_step(self, step_id: str, what: str, **changes: Any) -> Plan:
-        found = False
-        steps: list[Step] = []
-        for s in self.steps:
-            if s.step_id == step_id:
-                s = attrs.evolve(s, **changes)
-                found = True
-            elif isinstance(s, ParallelStep) and step_id in s.node_ids():
-                children = tuple(
-                    attrs.evolve(c, **changes) if c.node_id == step_id else c for c in s.children
-                )
-                s = attrs.evolve(s, children=children)
-                found = True
-            steps.append(s)
+    def _replace(self, node_id: str, what: str, **changes: Any) -> Plan:
+        found: list[bool] = []
+        plan = _replace_in(self, node_id, changes, found)
         if not found:
             raise PlanError(
-                f"{what}: no step {step_id!r} in this plan; its steps are "
+                f"{what}: no step {node_id!r} in this plan; its steps are "
                 f"{', '.join(map(repr, self.node_ids())) or '(none)'}"
             )
-        return Plan(tuple(steps))
+        return plan
 
     def with_timeout(self, node_id: str, ms: int | None) -> Plan:
         """A new plan in which the step ``node_id`` times out after ``ms`` milliseconds."""
         if ms is not None and (not isinstance(ms, int | float) or ms <= 0):
             raise PlanError(f"with_timeout({node_id!r}, {ms!r}): expected milliseconds > 0")
-        return self._replace_step(
-            node_id, "with_timeout", timeout_ms=None if ms is None else int(ms)
-        )
+        return self._replace(node_id, "with_timeout", timeout_ms=None if ms is None else int(ms))
 
     def with_retry(self, node_id: str, policy_map: Mapping[Any, Any]) -> Plan:
         """A new plan in which the step ``node_id`` retries by ``policy_map`` (class -> policy)."""
-        return self._replace_step(node_id, "with_retry", policies=_policy_table(policy_map))
+        return self._replace(node_id, "with_retry", policies=_policy_table(policy_map))
+
+
+def _nodes_of(step: Any) -> Iterable[NodeStep]:
+    if isinstance(step, NodeStep):
+        yield step
+    elif isinstance(step, Plan):
+        yield from step.nodes()
+    elif isinstance(step, ParallelStep):
+        for c in step.children:
+            yield from _nodes_of(c)
+    elif isinstance(step, BranchStep):
+        yield from step.then.nodes()
+        yield from step.otherwise.nodes()
+    elif isinstance(step, MapStep):
+        yield from _nodes_of(step.body)
+
+
+def _input_of(step: Any) -> type[BaseModel] | None:
+    if isinstance(step, NodeStep | MapStep):
+        return step.input_schema
+    if isinstance(step, Plan):
+        return step.input_schema
+    if isinstance(step, ParallelStep):
+        return _input_of(step.children[0])
+    if isinstance(step, BranchStep):
+        return step.then.input_schema or step.otherwise.input_schema
+    return None
+
+
+def _output_of(step: Any) -> type[BaseModel] | None:
+    if isinstance(step, NodeStep | ParallelStep | MapStep):
+        return step.output_schema
+    if isinstance(step, Plan):
+        return step.output_schema
+    if isinstance(step, BranchStep):
+        a, b = step.then.output_schema, step.otherwise.output_schema
+        return a if a is b else None
+    return None
+
+
+def _collect_schemas(step: Any, out: set[type[BaseModel]]) -> None:
+    if isinstance(step, NodeStep):
+        out.update((step.input_schema, step.output_schema))
+    elif isinstance(step, Plan):
+        out.update(step.schemas())
+    elif isinstance(step, ParallelStep):
+        out.add(step.output_schema)
+        for c in step.children:
+            _collect_schemas(c, out)
+    elif isinstance(step, BranchStep):
+        out.update(step.then.schemas())
+        out.update(step.otherwise.schemas())
+    elif isinstance(step, MapStep):
+        out.update((step.input_schema, step.output_schema))
+        _collect_schemas(step.body, out)
+
+
+def _replace_in(step: Any, node_id: str, changes: dict[str, Any], found: list[bool]) -> Any:
+    if isinstance(step, Plan):
+        return Plan(tuple(_replace_in(s, node_id, changes, found) for s in step.steps))
+    if isinstance(step, NodeStep):
+        if step.node_id == node_id:
+            found.append(True)
+            return attrs.evolve(step, **changes)
+        return step
+    if isinstance(step, ParallelStep):
+        step = attrs.evolve(
+            step, children=tuple(_replace_in(c, node_id, changes, found) for c in step.children)
+        )
+    elif isinstance(step, BranchStep):
+        return attrs.evolve(
+            step, then=_replace_in(step.then, node_id, changes, found),
+            otherwise=_replace_in(step.otherwise, node_id, changes, found),
+        )
+    elif isinstance(step, MapStep):
+        step = attrs.evolve(step, body=_replace_in(step.body, node_id, changes, found))
+    if step.step_id == node_id:
+        found.append(True)
+        return attrs.evolve(step, **changes)
+    return step
+
+
+# --------------------------------------------------------------------------- compiling
 
 
 def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
@@ -273,25 +597,23 @@ def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
             f"{name} is not a stroma node: decorate it with @runner.node('id', input=In, "
             "output=Out) or stroma_node('id', contract) before putting it in a pipeline"
         )
-    if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    ):
+    contract = marker.contract
+    if contract is None and registry is not None and marker.node_id in registry:
+        contract = registry.get(marker.node_id)
+    cached = getattr(fn, STEP_ATTR, None)
+    if cached is not None and cached[0] is contract and cached[1].node_id == marker.node_id:
+        return cached[1]  # type: ignore[no-any-return]
+    if not _is_async(fn):
         raise PlanError(
             f"node {marker.node_id!r} ({name}) is not an async function: define it with "
             "'async def' (stroma awaits every node)"
         )
-    contract = marker.contract
-    if contract is None and registry is not None and marker.node_id in registry:
-        contract = registry.get(marker.node_id)
     if contract is None:
         raise PlanError(
             f"node {marker.node_id!r} ({name}) has no contract: register one with "
             f"registry.register(NodeContract(node_id={marker.node_id!r}, input_schema=..., "
             "output_schema=...)) or decorate it with @runner.node(..., input=..., output=...)"
         )
-    cached = getattr(fn, STEP_ATTR, None)
-    if cached is not None and cached[0] is contract and cached[1].node_id == marker.node_id:
-        return cached[1]  # type: ignore[no-any-return]
     step = NodeStep(
         node_id=marker.node_id,
         fn=fn,
@@ -306,29 +628,116 @@ def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
     return step
 
 
-def _compile_items(items: Iterable[Any], registry: ContractRegistry | None) -> list[Step]:
+def _sub(item: Any, registry: ContractRegistry | None, prev: type[BaseModel] | None) -> Any:
+    """A child of a group: a single node stays a NodeStep, anything else is a sub-plan."""
+    steps = _compile_items([item], registry, prev)
+    if len(steps) == 1 and isinstance(steps[0], NodeStep):
+        return steps[0]
+    if not steps:
+        raise PlanError(f"{_item_id(item)}: an empty sub-plan cannot be a child of a group")
+    return Plan(tuple(steps))
+
+
+def _check_feed(prev: type[BaseModel] | None, step: Any) -> None:
+    """A step's input needs no required field that the previous output lacks."""
+    if prev is None:
+        return
+    targets: list[tuple[str, type[BaseModel]]] = []
+    if isinstance(step, NodeStep):
+        targets.append((step.node_id, step.input_schema))
+    elif isinstance(step, ParallelStep):
+        for c in step.children:
+            schema = _input_of(c)
+            if isinstance(c, NodeStep) and schema is not None:
+                targets.append((c.node_id, schema))
+    elif isinstance(step, MapStep):
+        targets.append((step.step_id, step.input_schema))
+    have = _provided(prev)
+    for step_id, schema in targets:
+        missing = [f for f in _required(schema) if f not in have]
+        if missing:
+            raise PlanError(
+                f"step {step_id!r} needs {', '.join(map(repr, missing))} in its input "
+                f"({schema.__name__}), but the step before it outputs {prev.__name__} "
+                f"(fields: {', '.join(sorted(have)) or 'none'}): add the field to "
+                f"{prev.__name__}, give it a default in {schema.__name__}, or put a step in "
+                "between that provides it"
+            )
+
+
+def _compile_items(
+    items: Iterable[Any], registry: ContractRegistry | None,
+    prev: type[BaseModel] | None = None,
+) -> list[Step]:
     steps: list[Step] = []
     for item in items:
+        new: list[Step]
         if isinstance(item, Plan):
-            steps.extend(item.steps)
-        elif isinstance(item, NodeStep | ParallelStep):
-            steps.append(item)
+            new = list(item.steps)
+            if new:
+                _check_feed(prev, new[0])
+        elif isinstance(item, NodeStep | ParallelStep | BranchStep | MapStep):
+            new = [item]
         elif isinstance(item, ParallelGroup):
-            children = tuple(_compile_node(f, registry) for f in item.items)
-            schemas = tuple(c.output_schema for c in children)
-            steps.append(
-                ParallelStep(
-                    step_id=f"parallel({', '.join(c.node_id for c in children)})",
-                    children=children,
-                    output_schema=_merged_schema(item.step_id, schemas),
-                    max_concurrency=item.max_concurrency,
+            children = tuple(_sub(i, registry, prev) for i in item.items)
+            schemas = tuple(_output_of(c) for c in children)
+            if any(s is None for s in schemas):
+                raise PlanError(
+                    f"{item.step_id}: every child must end in a step with one output schema"
                 )
-            )
+            new = [ParallelStep(
+                step_id=f"parallel({', '.join(_item_id(c) for c in children)})",
+                children=children,
+                output_schema=_merged_schema(schemas),  # type: ignore[arg-type]
+                max_concurrency=item.max_concurrency,
+            )]
+        elif isinstance(item, BranchGroup):
+            then = Plan(tuple(_compile_items(_as_list(item.then), registry, prev)))
+            otherwise = Plan(tuple(_compile_items(_as_list(item.otherwise), registry, prev)))
+            new = [BranchStep(item.step_id, item.predicate, then, otherwise)]
+        elif isinstance(item, MapGroup):
+            base = item.input or prev
+            if base is None:
+                raise PlanError(
+                    f"{item.step_id} is the first step, so stroma cannot tell which schema "
+                    f"holds {item.over!r}: pass map_each(..., input=YourState)"
+                )
+            is_list = _is_list_field(base, item.over)
+            if not is_list:
+                found = "has no such field" if is_list is None else "is not a list"
+                raise PlanError(
+                    f"{item.step_id}: field {item.over!r} of {base.__name__} {found}; "
+                    f"map_each runs a step per item of a list field (e.g. {item.over}: "
+                    "list[Item])"
+                )
+            body = _sub(item.body, registry, None)
+            out_item = _output_of(body)
+            if out_item is None:
+                raise PlanError(f"{item.step_id}: the mapped step must have one output schema")
+            new = [MapStep(
+                step_id=item.step_id, body=body, over=item.over, into=item.into,
+                input_schema=base, output_schema=_mapped_schema(base, item.into, out_item),
+                max_concurrency=item.max_concurrency,
+            )]
         elif isinstance(item, list | tuple):
-            steps.extend(_compile_items(item, registry))
+            new = _compile_items(item, registry, prev)
         else:
-            steps.append(_compile_node(item, registry))
+            new = [_compile_node(item, registry)]
+        for step in new:
+            if not isinstance(item, Plan | list | tuple):
+                _check_feed(prev, step)
+            out = _output_of(step)
+            prev = out if out is not None else prev if isinstance(step, BranchStep) else None
+            steps.append(step)
     return steps
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
 
 
 def compile_plan(items: Any, registry: ContractRegistry | None = None) -> Plan:
@@ -339,7 +748,7 @@ def compile_plan(items: Any, registry: ContractRegistry | None = None) -> Plan:
         steps = _compile_items([items], registry)
     else:
         steps = _compile_items(items, registry)
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for step in steps:
         for node_id in step.node_ids():
             if node_id in seen:
@@ -347,7 +756,7 @@ def compile_plan(items: Any, registry: ContractRegistry | None = None) -> Plan:
                     f"two steps share the id {node_id!r}: step ids must be unique in a plan "
                     "(give one of them another id)"
                 )
-            seen[node_id] = node_id
+            seen.add(node_id)
     plan = Plan(tuple(steps))
     declare_schemas(plan.schemas())
     return plan
