@@ -3,3 +3,5 @@
 The interpreters hold no policy: they perform the effects the pure machine
 (``stroma.machine``) emits and feed back what happened.
 """
+
+__all__: tuple[str, ...] = ()

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import anyio
 from pydantic import BaseModel
 
 from stroma import effects as fx
@@ -31,7 +32,16 @@ from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
 from stroma.trace import ExecutionResult, ExecutionTrace, TraceEvent
 
-__all__ = ("Performer", "Recorder", "drive", "initial_from_header", "session_config")
+__all__ = (
+    "Performer",
+    "Recorder",
+    "drive",
+    "first_state",
+    "initial_from_header",
+    "last_segment",
+    "restart_state",
+    "session_config",
+)
 
 # A performer turns one effect into its event (awaiting whatever the world does).
 Performer = Callable[[Any], Awaitable[Any]]
@@ -40,7 +50,7 @@ Performer = Callable[[Any], Awaitable[Any]]
 class Recorder:
     """Appends records to the run's EffectLog and flushes them to a durable LogStore."""
 
-    __slots__ = ("flushed", "keeps_partials", "log", "records", "run_id", "store")
+    __slots__ = ("_lock", "flushed", "keeps_partials", "log", "records", "run_id", "store")
 
     def __init__(
         self, log: EffectLog, store: Any | None, *, flushed: int | None = None,
@@ -54,6 +64,7 @@ class Recorder:
         self.store = store  # a LogStore, or None
         # Index of the first record not yet durable; -1 means the header is not written yet.
         self.flushed = len(self.records) if flushed is None else flushed
+        self._lock: anyio.Lock | None = None  # serializes fan-out children's appends
 
     def _pending_lines(self) -> list[str]:
         lines: list[str] = []
@@ -95,16 +106,21 @@ class Recorder:
             if self.keeps_partials:
                 self.log.partials.append((index, child, call, outcome))
             return
-        lines = self._pending_lines()
-        lines.append(encode_partial(index, child, call, outcome))
-        start = self.flushed
-        try:
-            await self.store.append_log(self.run_id, lines, None)
-        except BaseException:
-            self.flushed = start
-            raise
-        self.flushed = len(self.records)
-        self.log.partials.append((index, child, call, outcome))
+        # Children finish concurrently: one append at a time, so the header and any
+        # pending records are written once, and first.
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            start = self.flushed
+            lines = self._pending_lines()
+            lines.append(encode_partial(index, child, call, outcome))
+            try:
+                await self.store.append_log(self.run_id, lines, None)
+            except BaseException:
+                self.flushed = start
+                raise
+            self.flushed = len(self.records)
+            self.log.partials.append((index, child, call, outcome))
 
 
 def _header_line(header: LogHeader) -> str:
@@ -179,14 +195,20 @@ async def drive(
     *,
     replay: Sequence[Record] = (),
     on_resume: Callable[[], Awaitable[None]] | None = None,
+    resuming: bool = False,
 ) -> ExecutionResult:
-    """Run the machine to its Finish; returns the result (trace folded from the log)."""
+    """Run the machine to its Finish; returns the result (trace folded from the log).
+
+    ``resuming``: the run picks up a log that exists, even if it holds no record yet (a
+    crash before the first one): it goes live through a resume marker, status RESUMED.
+    """
     records = recorder.records
-    trace: list[TraceEvent] = []
+    trace: list[fx.RecordAttempt] = []
     log = recorder.log
     n_replay = len(replay)
     i = 0  # next recorded record to match
-    live = perform is not None and n_replay == 0
+    live = perform is not None and n_replay == 0 and not resuming
+    table = getattr(perform, "table", None)  # a performer's dispatch table, called directly
     while True:
         pending = None
         for eff in effects:
@@ -227,7 +249,7 @@ async def drive(
                         records.append(rec)
                         i += 1
                         if type(eff) is fx.RecordAttempt:
-                            trace.append(eff.event)
+                            trace.append(eff)
                             continue
                         return await _result(plan, eff, trace, recorder)
                     if rec[1] is None:  # the effect in flight when the run stopped
@@ -249,7 +271,7 @@ async def drive(
             t = type(eff)
             if t is fx.RecordAttempt:
                 records.append((eff, None))
-                trace.append(eff.event)
+                trace.append(eff)
             elif t is fx.Finish:
                 records.append((eff, None))
                 await recorder.flush()
@@ -265,7 +287,7 @@ async def drive(
             records.append((eff, event))
         else:
             assert perform is not None
-            event = await perform(pending)
+            event = await (table[type(pending)] if table else perform)(pending)
             records.append((pending, event))
         try:
             state, effects = advance(state, event)
@@ -300,13 +322,13 @@ async def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None
 
 
 async def _result(
-    plan: Plan, finish: fx.Finish, trace: list[TraceEvent], recorder: Recorder
+    plan: Plan, finish: fx.Finish, trace: list[fx.RecordAttempt], recorder: Recorder
 ) -> ExecutionResult:
     return ExecutionResult(
         run_id=recorder.run_id,
         status=finish.status,
         final_state=finish.final_state,
-        trace=ExecutionTrace.from_events(trace),
+        trace=ExecutionTrace.from_records(trace),
         total_cost_usd=finish.total_cost_usd,
         total_tokens=finish.total_tokens,
         log=recorder.log,

@@ -9,6 +9,8 @@ is the machine's; this module only reports what happened.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -64,11 +66,12 @@ class LivePerformer:
         self.manager = manager
         self.recorder = recorder
         self.durable = recorder.store is not None
+        self.sync_save = None if manager.is_async else manager.store.save
         self.hooks = hooks
         self.classifiers = tuple(classifiers)
         self.context = context if context is not None else {}
         self.sleep = sleep or anyio.sleep
-        self.now = clock or (lambda: datetime.now(UTC))
+        self.now = clock or functools.partial(datetime.now, UTC)
         self.timer = timer
         self.log = RunLogger(_log, {"run_id": run_id})
         self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
@@ -111,7 +114,9 @@ class LivePerformer:
                     raw = await (
                         node.fn(eff.input, ctx) if node.takes_context else node.fn(eff.input)
                     )
-                if scope.cancelled_caught:
+                # cancel_called, not cancelled_caught: a node that swallowed the
+                # cancellation and returned late has timed out all the same.
+                if scope.cancel_called:
                     raise TimeoutError(
                         f"node {eff.node_id!r} timed out after {eff.timeout_ms} ms and was "
                         "cancelled"
@@ -225,6 +230,9 @@ class LivePerformer:
         try:
             taken = step.predicate(eff.state)
             if inspect.isawaitable(taken):
+                close = getattr(taken, "close", None)
+                if close is not None:
+                    close()  # never awaited: close it, or it warns when collected
                 raise TypeError(
                     f"the predicate of {eff.step_id!r} returned an awaitable: branch "
                     "predicates are plain (pure) functions of the state"
@@ -240,6 +248,8 @@ class LivePerformer:
         if self.durable:
             # The log up to and including this record goes into the checkpoint's commit.
             await self.recorder.flush((eff.node_id, eff.state), including=(eff, event))
+        elif self.sync_save is not None:
+            self.sync_save(self.run_id, eff.node_id, eff.state)  # a sync store: no await
         else:
             await self.manager.checkpoint(self.run_id, eff.node_id, eff.state)
         return event
@@ -259,9 +269,11 @@ class LivePerformer:
             return fx.HookFired()
         try:
             if eff.kind == "start":
-                await fn(self.run_id, eff.node_id, eff.state)
+                await fn(self.run_id, eff.node_id, copy.deepcopy(eff.state))
             elif eff.kind == "success":
-                await fn(self.run_id, eff.node_id, eff.state, eff.tokens)
+                # The hook gets its own copy: the state dict is also the trace's and the
+                # log's record, which a hook must not be able to change.
+                await fn(self.run_id, eff.node_id, copy.deepcopy(eff.state), eff.tokens)
             else:
                 assert eff.error is not None
                 exc = eff.error.exc or RuntimeError(eff.error.message)
@@ -288,8 +300,17 @@ class LivePerformer:
                     getattr(classifier, "__name__", classifier), eff.node_id, e,
                 )
                 continue
-            if verdict is not None:
+            if verdict is None:
+                continue
+            try:
                 return fx.FailureClassified(FailureClass(verdict))
+            except ValueError:
+                self.log.warning(
+                    "classifier %r returned %r on node %r, which is not a FailureClass or "
+                    "None; skipping it (return FailureClass.RECOVERABLE, TERMINAL, "
+                    "AMBIGUOUS, or None to defer)",
+                    getattr(classifier, "__name__", classifier), verdict, eff.node_id,
+                )
         return fx.FailureClassified(None)
 
     async def do_sleep(self, eff: fx.Sleep) -> fx.Slept:

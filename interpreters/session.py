@@ -38,7 +38,7 @@ from stroma.machine import MachineConfig, start
 from stroma.plan import Plan
 from stroma.trace import ExecutionResult
 
-__all__ = ("replay_log", "run_session")
+__all__ = ("VERSION", "new_seed", "replay_log", "run_session", "utcnow")
 
 VERSION = "0.2.0"
 
@@ -114,6 +114,7 @@ async def run_session(
     )
     async with lease:
         existing: EffectLog | None = None
+        resuming = False  # picking up a crashed run's log
         if explicit_run_id:
             if log_store is not None:
                 existing = await log_store.read_log(run_id)
@@ -132,6 +133,7 @@ async def run_session(
             if existing.finish is not None:
                 return await replay_log(plan, existing)
             await _verify_prefix(plan, existing)
+            resuming = True
             k, marker = last_segment(existing)
             if marker is None:
                 state, effects = first_state(plan, existing.header)
@@ -180,7 +182,8 @@ async def run_session(
             prefilled=existing.pending_children() if existing is not None else None,
             **({"timer": timer} if timer is not None else {}),
         )
-        return await drive(plan, state, effects, recorder, performer, replay=replay)
+        return await drive(plan, state, effects, recorder, performer, replay=replay,
+                           resuming=resuming)
 
 
 def new_seed() -> int:

@@ -182,7 +182,7 @@ class CheckpointManager:
         self._save = store.save  # type: ignore[attr-defined]
 
     async def checkpoint(self, run_id: str, node_id: str, state: BaseModel) -> None:
-        declare_schema(type(state))
+        # (A state's schema was declared when its plan was compiled.)
         result = self._save(run_id, node_id, state)
         if self.is_async or inspect.isawaitable(result):
             await result

@@ -15,7 +15,7 @@ import anyio
 from stroma.errors import NondeterminismError, StromaError
 from stroma.trace import format_trace_table
 
-__all__ = ("main",)
+__all__ = ("CliError", "main")
 
 
 class CliError(Exception):

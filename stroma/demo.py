@@ -18,6 +18,19 @@ from stroma.failures import FailureClass, FailurePolicy, NodeContext
 from stroma.runner import RunConfig, StromaRunner, interpret, parallel, replay
 from stroma.trace import format_trace_table
 
+__all__ = (
+    "Analysis",
+    "Answer",
+    "Document",
+    "Keywords",
+    "Question",
+    "Summary",
+    "build",
+    "main",
+    "network_errors",
+    "run",
+)
+
 
 class Question(BaseModel):
     topic: str

@@ -174,11 +174,55 @@ class LoadCheckpoint:
     schema: type[BaseModel] = attrs.field(eq=False, repr=False)
 
 
+def _as_json(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """States compare by their JSON form (a live model equals its logged dict)."""
+    if a is b:
+        return True
+    if type(a) is type(b):
+        return bool(a == b)
+    return bool(_as_json(a) == _as_json(b))
+
+
+_JSON_EQ = attrs.cmp_using(eq=_same_json, require_same_type=False)
+
+
 @attrs.frozen
 class RecordAttempt:
-    """The machine's account of one finished attempt; the trace is made of these."""
+    """The machine's account of one finished attempt; the trace is made of these.
 
-    event: TraceEvent
+    The states may be live models: their JSON form (the trace event's dicts) is made only
+    when ``event`` is read, so a run pays for its trace only if someone looks at it.
+    """
+
+    node_id: str
+    run_id: str
+    attempt: int
+    timestamp_utc: datetime
+    input_state: Any = attrs.field(eq=_JSON_EQ, repr=False)
+    output_state: Any = attrs.field(eq=_JSON_EQ, repr=False)
+    duration_ms: int
+    failure: FailureClass | None = None
+    failure_message: str | None = None
+
+    @classmethod
+    def of(cls, event: TraceEvent) -> RecordAttempt:
+        """The record of an attempt described by a trace event."""
+        return cls(
+            event.node_id, event.run_id, event.attempt, event.timestamp_utc, event.input_state,
+            event.output_state, event.duration_ms, event.failure, event.failure_message,
+        )
+
+    @property
+    def event(self) -> TraceEvent:
+        return TraceEvent(
+            self.node_id, self.run_id, self.attempt, self.timestamp_utc,
+            _as_json(self.input_state), _as_json(self.output_state), self.duration_ms,
+            self.failure, self.failure_message,
+        )
 
 
 @attrs.frozen

@@ -80,10 +80,12 @@ class RunLocked(StoreError):
 class UnsafeSchemaRef(StoreError):
     """A stored schema reference names something the plan or registry never declared."""
 
-    def __init__(self, ref: str, known: object = ()) -> None:
+    def __init__(self, ref: str, known: object = (), *, source: str = "store") -> None:
         self.ref = ref
+        self.source = source
         super().__init__(
-            f"refusing to load schema {ref!r}: it is not a schema declared by the plan or "
+            f"refusing to load schema {ref!r} (named in {source}): it is not a schema "
+            "declared by the plan or "
             "the contract registry, so nothing was imported. Register a contract using "
             "this schema, or pass it explicitly to load_typed()."
         )

@@ -18,6 +18,9 @@ Format (JSON lines, UTF-8, one object per line, keys in a fixed order):
   ``event`` is null for the machine's own records (RecordAttempt, Finish). A
   CallParallel is one line for the group (its event without the outcomes) followed by
   one line per child: ``{"i":4,"child":0,"effect":{"t":"CallNode",..},"event":{..}}``.
+* a fan-out child that finishes before its group is made durable at once as
+  ``{"i":k,"partial":j,"effect":{..},"event":{..}}`` (k: the group's future index); the
+  group's record supersedes these, so ``lines()`` keeps only those of a group in flight.
 * a run resumed after a crash has a marker line where the live part starts again::
 
     {"i":12,"resumed":"2026-11-23T16:05:00+00:00"}
@@ -56,6 +59,7 @@ __all__ = (
     "Record",
     "ResumeMarker",
     "encode_header",
+    "encode_partial",
     "encode_record",
 )
 
@@ -135,6 +139,8 @@ def _enc(value: Any) -> Any:
     if isinstance(value, TraceEvent):
         return {"t": "TraceEvent", **{k: _enc(getattr(value, k)) for k in _TRACE_FIELDS}}
     name = type(value).__name__
+    if name == "RecordAttempt":
+        return {"t": name, "event": _enc(value.event)}
     if name == "PlanFinished":
         out = {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]
                              if k != "records"}}
@@ -164,6 +170,8 @@ def _dec(obj: Any) -> Any:
         kw["timestamp_utc"] = datetime.fromisoformat(kw["timestamp_utc"])
         kw["failure"] = None if kw["failure"] is None else FailureClass(kw["failure"])
         return TraceEvent(**kw)
+    if name == "RecordAttempt":
+        return fx.RecordAttempt.of(_dec(obj["event"]))
     cls = _CLASSES[name]
     kw = dict(_ABSENT[name])
     for k in _FIELDS[name]:
@@ -314,14 +322,13 @@ class EffectLog:
 
     def lines(self) -> list[str]:
         out = [encode_header(self.header)]
-        partials = sorted(self.partials, key=lambda p: p[0])  # stable: keeps write order
-        p = 0
         for i, rec in enumerate(self.records):
-            while p < len(partials) and partials[p][0] <= i:
-                out.append(encode_partial(*partials[p]))
-                p += 1
             out.extend(encode_record(i, rec))
-        out.extend(encode_partial(*q) for q in partials[p:])
+        # A finished group's record holds all its children in argument order, so its
+        # partials (in completion order) are left out: the text stays deterministic. Only
+        # the children of a group still in flight (a crash inside a fan-out) are written.
+        n = len(self.records)
+        out.extend(encode_partial(*q) for q in self.partials if q[0] >= n)
         return out
 
     def to_jsonl(self) -> str:

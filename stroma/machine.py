@@ -52,7 +52,9 @@ from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan, Ste
 from stroma.trace import RunStatus, TraceEvent
 
 __all__ = (
+    "Attempt",
     "MachineConfig",
+    "Out",
     "RunState",
     "UnexpectedEvent",
     "advance",
@@ -96,6 +98,11 @@ class MachineConfig:
     base_tokens: int = 0
     base_cost_usd: float = 0.0
     base_latency_ms: int = 0
+
+    @property
+    def budgeted(self) -> bool:
+        return not (self.max_tokens is None and self.max_cost_usd is None
+                    and self.max_latency_ms is None)
 
     def to_json(self) -> dict[str, Any]:
         """The decision-making part of the config, for the log header."""
@@ -286,6 +293,16 @@ def _timeout(s: RunState, step: Step) -> int | None:
     return step.timeout_ms
 
 
+def _now(s: RunState) -> datetime:
+    """The run's clock: when the last thing the world reported ended."""
+    c = s.clock
+    return c if isinstance(c, datetime) else _end(*c)
+
+
+def _state_json(s: RunState) -> dict[str, Any]:
+    return s.state_json if s.state_json is not None else s.state.model_dump(mode="json")
+
+
 def _end(started_at: datetime, duration_ms: int) -> datetime:
     return started_at + timedelta(milliseconds=duration_ms)
 
@@ -426,12 +443,12 @@ def _on_chosen(s: RunState, ev: fx.BranchChosen) -> Out:
     assert isinstance(ins, Choose)
     if ev.error is not None:
         reason = f"the predicate of {ins.step_id!r} raised: {ev.error.short}"
-        te = TraceEvent(
-            ins.step_id, s.config.run_id, 1, s.clock, s.state_json, None, 0,
+        te = fx.RecordAttempt(
+            ins.step_id, s.config.run_id, 1, _now(s), _state_json(s), None, 0,
             FailureClass.TERMINAL, reason,
         )
         s, effects = _finish(s, RunStatus.FAILED, reason)
-        return s, [fx.RecordAttempt(te), *effects]
+        return s, [te, *effects]
     return _begin_step(_next(s, "next", None, pos=s.pos + 1 if ev.taken else ins.otherwise_pc))
 
 
@@ -441,20 +458,38 @@ def _child_config(s: RunState, index: int) -> MachineConfig:
     c = s.config
     seed, _ = _draw((c.seed ^ (s.pos << 20) ^ (s.attempt << 40) ^ index) & _MASK)
     return MachineConfig(
-        run_id=c.run_id, seed=seed & ((1 << 63) - 1), started_at=s.clock,
+        run_id=c.run_id, seed=seed & ((1 << 63) - 1), started_at=_now(s),
         policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
         node_timeouts=c.node_timeouts, node_policies=c.node_policies,
     )
+
+
+_SOLO: dict[int, tuple[NodeStep, Plan]] = {}
+
+
+def _solo(node: NodeStep) -> Plan:
+    """The one-node plan of a group's child (memoized by identity: it carries the fn)."""
+    hit = _SOLO.get(id(node))
+    if hit is not None and hit[0] is node:
+        return hit[1]
+    if len(_SOLO) >= 1024:
+        _SOLO.clear()
+    plan = Plan((node,))
+    _SOLO[id(node)] = (node, plan)
+    return plan
 
 
 def _child_call(
     s: RunState, child: Any, index: int, child_id: str, raw: Any, model: str | None
 ) -> fx.CallNode | fx.RunPlan | ContractViolation:
     if isinstance(child, NodeStep):
-        cin = _validate(child.node_id, "input", child.input_schema, raw)
-        if isinstance(cin, ContractViolation):
-            return cin
-        return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin)
+        if not (child.policies or child.node_id in s.config.node_policies):
+            cin = _validate(child.node_id, "input", child.input_schema, raw)
+            if isinstance(cin, ContractViolation):
+                return cin
+            return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin)
+        # A child with retry policies of its own retries on its own: a one-node sub-plan.
+        child = _solo(child)
     schema = child.input_schema
     cin = raw if schema is None else _validate(child_id, "input", schema, raw)
     if isinstance(cin, ContractViolation):
@@ -465,31 +500,31 @@ def _child_call(
 
 def _begin_attempt(s: RunState) -> Out:
     step = s.step
-    spent = _spent(s)
+    spent = _spent(s) if s.config.budgeted else None
     if spent is not None:
         reason = f"budget spent ({spent}): {step.step_id!r} was not started"
-        te = TraceEvent(
-            step.step_id, s.config.run_id, s.attempt, s.clock, s.state_json, None, 0,
+        te = fx.RecordAttempt(
+            step.step_id, s.config.run_id, s.attempt, _now(s), _state_json(s), None, 0,
             FailureClass.RECOVERABLE, reason,
         )
         s, effects = _finish(s, RunStatus.PARTIAL, reason)
-        return s, [fx.RecordAttempt(te), *effects]
+        return s, [te, *effects]
     model = _fallback_model(s) if s.config.fallbacks else None
     if type(step) is NodeStep and type(s.state) is step.input_schema:
         # The common case: the state already is this node's input.
         call0 = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, s.state)
-        att0 = Attempt(s.state_json, call0)
+        att0 = Attempt(s.state_json if s.state_json is not None else s.state, call0)
         if s.config.hooks:
             if "start" in s.config.hooks:
                 return _next(s, "hook_start", att0), [
-                    fx.FireHook("start", step.node_id, s.attempt, s.state_json)
+                    fx.FireHook("start", step.node_id, s.attempt, _state_json(s))
                 ]
         return _next(s, "call", att0), [call0]
     if isinstance(step, NodeStep):
         inp = _validate(step.node_id, "input", step.input_schema, s.state)
         if isinstance(inp, ContractViolation):
             return _input_broken(s, step, inp)
-        input_json = s.state_json if inp is s.state else inp.model_dump(mode="json")
+        input_json = _state_json(s) if inp is s.state else inp.model_dump(mode="json")
         call: fx.CallNode | fx.CallParallel = fx.CallNode(
             step.node_id, s.attempt, _timeout(s, step), model, inp
         )
@@ -500,7 +535,7 @@ def _begin_attempt(s: RunState) -> Out:
             if isinstance(c, ContractViolation):
                 return _input_broken(s, step, c)
             calls.append(c)
-        input_json = s.state_json
+        input_json = _state_json(s)
         call = fx.CallParallel(
             step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step)
         )
@@ -517,7 +552,7 @@ def _begin_attempt(s: RunState) -> Out:
             if isinstance(c, ContractViolation):
                 return _input_broken(s, step, c)
             calls.append(c)
-        input_json = s.state_json if inp is s.state else inp.model_dump(mode="json")
+        input_json = _state_json(s) if inp is s.state else inp.model_dump(mode="json")
         call = fx.CallParallel(
             step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
             "map",
@@ -533,10 +568,10 @@ def _input_broken(s: RunState, step: Step, violation: ContractViolation) -> Out:
     """The input breaks the contract: the attempt fails without calling the node, after
     the start hook (so an attempt's hooks always come as start, then success or failure)."""
     error = _error(violation)
-    att = Attempt(s.state_json, started_at=s.clock, error=error)
+    att = Attempt(_state_json(s), started_at=_now(s), error=error)
     if "start" in s.config.hooks:
         return _next(s, "hook_start", att), [
-            fx.FireHook("start", step.step_id, s.attempt, s.state_json)
+            fx.FireHook("start", step.step_id, s.attempt, _state_json(s))
         ]
     return _failed(_next(s, s.phase, att), error)
 
@@ -558,31 +593,27 @@ def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
 
 
 def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
-    step = s.step
+    step = s.plan.program[s.pos]
     att = s.current
-    assert isinstance(step, NodeStep) and att is not None and isinstance(att.call, fx.CallNode)
     if ev.input_tokens or ev.output_tokens:
         tokens, cost = _price(att.call.model, ev)
     else:
         tokens, cost = 0, 0.0
     out = _validate(step.node_id, "output", step.output_schema, ev.output)
     c = s.config
-    if (
-        type(out) is step.output_schema
-        and c.max_tokens is None and c.max_cost_usd is None and c.max_latency_ms is None
-    ):
+    if type(out) is step.output_schema and not c.budgeted:
         # Fast path (valid output, no budget): the next step is worked out now, to
         # follow as soon as the checkpoint is saved.
-        out_json = out.model_dump(mode="json")
-        te = TraceEvent(
-            step.node_id, c.run_id, s.attempt, ev.started_at, att.input_json, out_json,
+        te = fx.RecordAttempt(
+            step.node_id, c.run_id, s.attempt, ev.started_at, att.input_json, out,
             ev.duration_ms,
         )
         tokens_total = s.tokens + tokens
         cost_total = s.cost_usd + cost
         latency_total = s.latency_ms + ev.duration_ms
-        clock = _end(ev.started_at, ev.duration_ms)
+        clock = (ev.started_at, ev.duration_ms)
         if c.hooks and "success" in c.hooks:
+            out_json = out.model_dump(mode="json")
             s = _next(
                 s, "save",
                 Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens, out,
@@ -590,14 +621,17 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
                 tokens=tokens_total, cost_usd=cost_total, latency_ms=latency_total,
                 clock=clock,
             )
-            return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.node_id, out)]
+            return s, [te, fx.SaveCheckpoint(step.node_id, out)]
+        # The state after the checkpoint; it waits for CheckpointSaved in phase "save" and
+        # then hands over to what follows (set on it before anyone else sees it).
         base = _next(
-            s, "next", None, pos=s.pos + 1, attempt=1, retries=0, state=out,
-            state_json=out_json, tokens=tokens_total, cost_usd=cost_total,
+            s, "save", None, pos=s.pos + 1, attempt=1, retries=0, state=out,
+            state_json=None, tokens=tokens_total, cost_usd=cost_total,
             latency_ms=latency_total, clock=clock,
         )
-        s = _next(base, "save", None, after=_begin_step(base))
-        return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.node_id, out)]
+        object.__setattr__(base, "after", _begin_step(base))
+        s = base
+        return s, [te, fx.SaveCheckpoint(step.node_id, out)]
     s = _next(
         s, s.phase, Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens),
         tokens=s.tokens + tokens,
@@ -692,13 +726,13 @@ def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
     att = s.current
     assert att is not None and att.started_at is not None
     out_json = out.model_dump(mode="json")
-    te = TraceEvent(
+    te = fx.RecordAttempt(
         step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out_json,
         att.duration_ms,
     )
     s = _next(s, "save", Attempt(att.input_json, att.call, att.started_at, att.duration_ms,
                                  att.tokens, out, out_json))
-    return s, [fx.RecordAttempt(te), fx.SaveCheckpoint(step.step_id, out)]
+    return s, [te, fx.SaveCheckpoint(step.step_id, out)]
 
 
 def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
@@ -759,17 +793,17 @@ def _classified(s: RunState, cls: FailureClass) -> Out:
     assert att is not None and att.error is not None
     step = s.step
     message = att.error.message or att.error.type_name.rsplit(".", 1)[-1]
-    te = TraceEvent(
-        step.step_id, s.config.run_id, s.attempt, att.started_at or s.clock, att.input_json,
+    te = fx.RecordAttempt(
+        step.step_id, s.config.run_id, s.attempt, att.started_at or _now(s), att.input_json,
         None, att.duration_ms, cls, message,
     )
     s = attrs.evolve(s, current=attrs.evolve(att, failure=cls))
     if "failure" in s.config.hooks:
         s = attrs.evolve(s, phase="hook_fail")
-        return s, [fx.RecordAttempt(te),
+        return s, [te,
                    fx.FireHook("failure", step.step_id, s.attempt, None, 0, cls, att.error)]
     s, effects = _decide(s)
-    return s, [fx.RecordAttempt(te), *effects]
+    return s, [te, *effects]
 
 
 def _on_hook_fail(s: RunState, ev: fx.HookFired) -> Out:
@@ -804,7 +838,7 @@ def _decide(s: RunState) -> Out:
 
 
 def _on_slept(s: RunState, ev: fx.Slept) -> Out:
-    return _begin_attempt(attrs.evolve(s, clock=s.clock + timedelta(seconds=ev.seconds)))
+    return _begin_attempt(attrs.evolve(s, clock=_now(s) + timedelta(seconds=ev.seconds)))
 
 
 # ---------------------------------------------------------------------------- advance

@@ -10,11 +10,11 @@ usage and trace into the context, so several steps can share one budget and trac
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import attrs
 from pydantic import BaseModel
 
 from interpreters.session import run_session
@@ -24,7 +24,7 @@ from stroma.cost import CostTracker, NodeUsage
 from stroma.errors import PlanError
 from stroma.failures import RetryBudget
 from stroma.plan import NODE_ATTR, NodeMarker, compile_plan
-from stroma.runner import RunConfig, machine_config
+from stroma.runner import RunConfig, _is_async_callable, machine_config
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
 __all__ = ("ReliabilityContext", "StromaStep", "execute_step")
@@ -89,6 +89,12 @@ async def execute_step(
                 "register one in the context's registry"
             )
         contract = ctx.registry.get(step_id)
+    if not _is_async_callable(func):
+        name = getattr(func, "__qualname__", None) or repr(func)
+        raise PlanError(
+            f"step {step_id!r} ({name}) is not an async function: define it with "
+            "'async def' (execute_step awaits it)"
+        )
     marker = NodeMarker(step_id, contract)
 
     @functools.wraps(func)
@@ -105,26 +111,24 @@ async def execute_step(
     plan = compile_plan([target])
     config = ctx.config
     mc = machine_config(config, ctx.run_id)
-    budget = config.budget
-    if budget is not None:
-        # The budget left after earlier steps of this context.
-        import attrs
-
+    tracker = ctx.cost_tracker
+    base_tokens, base_cost = tracker.total_tokens, tracker.total_cost_usd
+    if config.budget is not None or config.model_fallbacks:
+        # The run's totals start at what earlier steps of this context spent, so the
+        # budget (and the model fallback) see the context's cumulative spend.
         mc = attrs.evolve(
-            mc,
-            max_tokens=None if budget.max_tokens_total is None
-            else budget.max_tokens_total - ctx.cost_tracker.total_tokens,
-            max_cost_usd=None if budget.max_cost_usd is None
-            else budget.max_cost_usd - ctx.cost_tracker.total_cost_usd,
-            max_latency_ms=None if budget.max_latency_ms is None
-            else int(budget.max_latency_ms - ctx.cost_tracker.total_latency_ms),
+            mc, base_tokens=base_tokens, base_cost_usd=base_cost,
+            base_latency_ms=int(tracker.total_latency_ms),
         )
     result = await run_session(
         plan, input_state, manager=ctx.checkpoint_manager, machine=mc, explicit_run_id=False,
         hooks=config.hooks, classifiers=config.classifiers, context=config.context,
     )
+    # The step's own usage: the run's totals less what it started from.
+    result.total_tokens -= mc.base_tokens
+    result.total_cost_usd -= mc.base_cost_usd
     latency = sum(e.duration_ms for e in result.trace)
-    ctx.cost_tracker.record(
+    tracker.record(
         NodeUsage(step_id, result.total_tokens, result.total_cost_usd, latency)
     )
     for event in result.trace:

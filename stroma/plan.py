@@ -43,7 +43,10 @@ from stroma.schemas import _schema_ref, declare_schemas
 __all__ = (
     "BranchGroup",
     "BranchStep",
+    "NODE_ATTR",
+    "STEP_ATTR",
     "Choose",
+    "Instruction",
     "Jump",
     "MapGroup",
     "MapStep",
@@ -52,12 +55,14 @@ __all__ = (
     "ParallelGroup",
     "ParallelStep",
     "Plan",
+    "PolicyTable",
     "Step",
     "branch",
     "compile_plan",
     "map_each",
     "node_marker",
     "parallel",
+    "schema_refs",
     "seq",
 )
 
@@ -302,6 +307,12 @@ def branch(
     """
     if not callable(predicate):
         raise PlanError(f"branch(predicate={predicate!r}): the predicate must be callable")
+    if _is_async(predicate):
+        raise PlanError(
+            f"branch(predicate={getattr(predicate, '__qualname__', predicate)}): the "
+            "predicate is async; a predicate is a plain function of the state "
+            "(define it with 'def')"
+        )
     return BranchGroup(predicate, then, otherwise, name)
 
 
@@ -372,6 +383,56 @@ def _is_list_field(schema: type[BaseModel], name: str) -> bool | None:
         origin = typing.get_origin(args[0]) if len(args) == 1 else None
         ann = args[0] if len(args) == 1 else ann
     return origin in (list, tuple) or ann in (list, tuple)
+
+
+def _item_schema(schema: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """What a map body receives per item of the list field ``name``: the item's model, or
+    ``{"item": value}`` for a plain value; None when the item type says nothing useful."""
+    ann = schema.model_fields[name].annotation
+    if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = args[0] if len(args) == 1 else None
+    args = typing.get_args(ann)
+    elem = args[0] if args else None
+    if isinstance(elem, type) and issubclass(elem, BaseModel):
+        return elem
+    origin = typing.get_origin(elem) or elem
+    if not isinstance(origin, type) or issubclass(origin, Mapping):
+        return None  # dicts, unions, Any: no static promise about the fields
+    key = ("item", schema, name)
+    cached = _MERGED.get(key)
+    if cached is None:
+        cached = create_model(f"{schema.__name__}_{name}_item", __module__=__name__,
+                              item=(elem, ...))
+        cached.__qualname__ = f"{cached.__name__}_{len(_MERGED)}"
+        _MERGED[key] = cached
+    return cached
+
+
+def _common_schema(a: type[BaseModel], b: type[BaseModel]) -> type[BaseModel]:
+    """The fields two schemas share (same name and annotation): what either one provides."""
+    key = ("common", a, b)
+    cached = _MERGED.get(key)
+    if cached is None:
+        fields = {
+            n: (i.annotation, i) for n, i in a.model_fields.items()
+            if n in b.model_fields and b.model_fields[n].annotation == i.annotation
+        }
+        cached = create_model(f"{a.__name__}_or_{b.__name__}", __module__=__name__, **fields)
+        cached.__qualname__ = f"{cached.__name__}_{len(_MERGED)}"
+        _MERGED[key] = cached
+    return cached
+
+
+def _after_branch(step: BranchStep, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+    """The state after a branch: its arms' common output (an empty arm passes ``prev`` on)."""
+    a = step.then.output_schema if step.then.steps else prev
+    b = step.otherwise.output_schema if step.otherwise.steps else prev
+    if a is b:
+        return a
+    if a is None or b is None:
+        return None  # an arm ends in a branch of its own: unknown, check nothing
+    return _common_schema(a, b)
 
 
 def _provided(schema: type[BaseModel]) -> set[str]:
@@ -710,7 +771,7 @@ def _compile_items(
                     f"map_each runs a step per item of a list field (e.g. {item.over}: "
                     "list[Item])"
                 )
-            body = _sub(item.body, registry, None)
+            body = _sub(item.body, registry, _item_schema(base, item.over))
             out_item = _output_of(body)
             if out_item is None:
                 raise PlanError(f"{item.step_id}: the mapped step must have one output schema")
@@ -726,8 +787,7 @@ def _compile_items(
         for step in new:
             if not isinstance(item, Plan | list | tuple):
                 _check_feed(prev, step)
-            out = _output_of(step)
-            prev = out if out is not None else prev if isinstance(step, BranchStep) else None
+            prev = _after_branch(step, prev) if isinstance(step, BranchStep) else _output_of(step)
             steps.append(step)
     return steps
 

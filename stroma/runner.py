@@ -33,19 +33,23 @@ __all__ = (
     "StepHooks",
     "StromaRunner",
     "interpret",
+    "machine_config",
     "parallel",
     "replay",
     "stroma_node",
     "stroma_step",
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004
     )
+
+
+_HOOK_FIELDS = frozenset({"on_node_start", "on_node_success", "on_node_failure"})
 
 
 @dataclass
@@ -56,15 +60,16 @@ class NodeHooks:
     on_node_success: Callable[..., Any] | None = None
     on_node_failure: Callable[..., Any] | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("on_node_start", "on_node_success", "on_node_failure"):
-            fn = getattr(self, name)
-            if fn is not None and not _is_async_callable(fn):
-                label = getattr(fn, "__qualname__", repr(fn))
-                raise TypeError(
-                    f"NodeHooks.{name} must be an async function, but {label} is not: "
-                    f"define it with 'async def {getattr(fn, '__name__', name)}(...)'"
-                )
+    def __setattr__(self, name: str, fn: Any) -> None:
+        # Checked on every assignment (the dataclass __init__ assigns too), so a sync
+        # function set after construction is refused as well instead of failing per call.
+        if name in _HOOK_FIELDS and fn is not None and not _is_async_callable(fn):
+            label = getattr(fn, "__qualname__", repr(fn))
+            raise TypeError(
+                f"NodeHooks.{name} must be an async function, but {label} is not: "
+                f"define it with 'async def {getattr(fn, '__name__', name)}(...)'"
+            )
+        object.__setattr__(self, name, fn)
 
     def kinds(self) -> frozenset[str]:
         return frozenset(
@@ -214,12 +219,12 @@ async def replay(plan: Plan | Sequence[Any], log: EffectLog | str) -> ExecutionR
     return await replay_log(compile_plan(plan), log)
 
 
-def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[[F], F]:
+def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[[_F], _F]:
     """Mark a function as the node ``node_id`` (without registering its contract)."""
     if not isinstance(node_id, str) or not node_id:
         raise PlanError(f"node id must be a non-empty string (got {node_id!r})")
 
-    def mark(fn: F) -> F:
+    def mark(fn: _F) -> _F:
         setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
         if contract is not None:
             declare_schemas((contract.input_schema, contract.output_schema))
@@ -337,12 +342,12 @@ class StromaRunner:
 
     def node(
         self, node_id: str, *, input: type[BaseModel], output: type[BaseModel]
-    ) -> Callable[[F], F]:
+    ) -> Callable[[_F], _F]:
         """Register the contract ``input -> output`` for ``node_id`` and mark the function."""
         contract = NodeContract(node_id=node_id, input_schema=input, output_schema=output)
         self.registry.register(contract)
 
-        def mark(fn: F) -> F:
+        def mark(fn: _F) -> _F:
             if not _is_async_callable(fn):
                 raise PlanError(
                     f"@runner.node({node_id!r}) decorates {getattr(fn, '__qualname__', fn)}, "

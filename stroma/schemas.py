@@ -27,7 +27,8 @@ __all__ = (
 )
 
 _DECLARED: dict[str, type[BaseModel]] = {}
-_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_<>][\w.<>]*$")
+# module:qualname, where a qualname may name a parametrized generic (Page[Item, int]).
+_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_<>][\w.<>\[\], ]*$")
 
 
 def _schema_ref(cls: type) -> str:
@@ -69,8 +70,8 @@ def declared_schemas() -> dict[str, type[BaseModel]]:
 def resolve_declared(ref: object, *, source: str = "store") -> type[BaseModel]:
     """The declared schema a reference names, imported never; anything else is refused."""
     if not isinstance(ref, str) or not _REF.match(ref):
-        raise UnsafeSchemaRef(f"{ref!r} (in {source})")
+        raise UnsafeSchemaRef(repr(ref) if not isinstance(ref, str) else ref, source=source)
     cls = _DECLARED.get(ref)
     if cls is None:
-        raise UnsafeSchemaRef(f"{ref} (in {source})")
+        raise UnsafeSchemaRef(ref, source=source)
     return cls

@@ -88,15 +88,31 @@ _DIFF_FIELDS = ("input_state", "output_state", "failure", "failure_message")
 class ExecutionTrace:
     """The events of a run, in the order the attempts finished."""
 
-    __slots__ = ("events",)
+    __slots__ = ("_events", "_records")
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     def __init__(self, events: Iterable[TraceEvent] = ()) -> None:
-        self.events: list[TraceEvent] = list(events)
+        self._events: list[TraceEvent] = list(events)
+        self._records: list[Any] | None = None
 
     @classmethod
     def from_events(cls, events: Iterable[TraceEvent]) -> ExecutionTrace:
         return cls(events)
+
+    @classmethod
+    def from_records(cls, records: list[Any]) -> ExecutionTrace:
+        """A trace folded from the machine's attempt records (anything with an ``event``
+        property) when it is first read, so a run pays for its trace only if it is used."""
+        trace = cls()
+        trace._records = records
+        return trace
+
+    @property
+    def events(self) -> list[TraceEvent]:
+        if self._records is not None:
+            self._events = [r.event for r in self._records]
+            self._records = None
+        return self._events
 
     def append(self, event: TraceEvent) -> None:
         self.events.append(event)
@@ -151,7 +167,8 @@ class ExecutionTrace:
         return self.events == other.events
 
     def __repr__(self) -> str:
-        return f"ExecutionTrace(<{len(self.events)} events>)"
+        n = len(self._records) if self._records is not None else len(self._events)
+        return f"ExecutionTrace(<{n} events>)"
 
 
 _Key = tuple[str, int, int]

@@ -1,0 +1,770 @@
+"""FileStore: checkpoints and effect logs in a folder, durable across crashes.
+
+Layout under the store's folder ``path``::
+
+    path/runs/<run>/log.jsonl                 the effect log (JSON lines, appended, fsync'd)
+    path/runs/<run>/checkpoints/<node>.json   {"schema": "mod:Qual", "node_id": ..., "data": ...}
+    path/runs/<run>/run.json                  {"run_id": ...}, only for hashed folder names
+
+**Names.** A run id or node id becomes a file name by percent-encoding (lower-case hex) every
+UTF-8 byte outside ``[a-z0-9_.-]``, and a leading ``.``: ``extract`` stays ``extract``,
+``../x`` becomes ``%2e.%2fx``, ``Run-A`` becomes ``%52un-%41``. The encoding is reversible,
+never yields ``.``/``..``/a separator, and gives no upper-case letters, so two ids never
+share a folder even on a case-insensitive file system (macOS, Windows). A name longer than
+200 bytes is replaced by ``~`` and the SHA-256 of the id (the real id is kept in
+``run.json`` / the checkpoint's ``node_id``). Ids must be non-empty str without NUL that
+encode as UTF-8; anything else is a ``StoreError`` saying what is allowed. Run folders are
+also checked after resolving symlinks: nothing is ever read or written outside ``path``.
+
+**Durability.** A checkpoint is written atomically: a temp file ``~tmp.<random>`` in the
+same folder, written with one ``os.write`` (no user-space buffer, so nothing to flush),
+fsync'd, ``os.replace``'d over the old file, then the folder is fsync'd. ``append_log``
+writes its checkpoint that way first and then appends all its lines with one write and one
+fsync, so when it returns the node's checkpoint and its log records are both durable, and a
+log that says a checkpoint was saved never points at a missing one. A crash can leave only
+a torn last line, which ``read_log`` drops (the run's last whole record wins) and the next
+``append_log`` cuts off before appending; or a stale ``~tmp.*`` file, which is removed the
+next time this run is written.
+
+**Threads, aiofiles and trio.** Every blocking call (open, write, fsync, rename, read) runs
+in a worker thread, one thread hop per store operation: a node's whole commit (temp file,
+fsync, rename, folder fsync, log append, fsync) is a single hop, which keeps the per-node
+cost to the system calls themselves. On asyncio the hop goes through aiofiles' executor
+wrapper (``aiofiles.os.wrap``); aiofiles needs a running asyncio loop
+(``asyncio.get_running_loop()``) and fails under trio with "no running event loop", so on
+any other backend the hop is ``anyio.to_thread.run_sync``. Writes are shielded from
+cancellation: a commit that has started finishes before the cancellation is delivered, so a
+cancelled run never leaves a half-done commit racing the next one.
+
+One FileStore instance per folder and process is the supported use; two processes writing
+the same run id at once are not (hold a lease, or give each worker its own run ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+from urllib.parse import unquote_to_bytes
+
+import aiofiles.os
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ValidationError
+
+from stroma.errors import LogCorrupted, StoreError, UnsafeSchemaRef
+from stroma.log import EffectLog
+from stroma.schemas import _schema_ref, declare_schema, declared_schemas, resolve_declared
+
+__all__ = (
+    "CHECKPOINTS",
+    "DAMAGED",
+    "LOG_NAME",
+    "MAX_NAME_BYTES",
+    "NO_LOG",
+    "RUNNING_OR_CRASHED",
+    "RUN_INFO_NAME",
+    "FileStore",
+    "RunInfo",
+)
+
+_T = TypeVar("_T")
+
+MAX_NAME_BYTES = 200
+LOG_NAME = "log.jsonl"
+RUN_INFO_NAME = "run.json"
+CHECKPOINTS = "checkpoints"
+_TMP_PREFIX = "~tmp."
+_TRASH_PREFIX = "~del."
+
+# Status of a run in ``list_runs`` besides the RunStatus values of a finished run.
+RUNNING_OR_CRASHED = "running/crashed"
+NO_LOG = "no log"
+DAMAGED = "damaged"
+
+_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_.-")
+_TABLE = tuple(chr(b) if b in _SAFE else f"%{b:02x}" for b in range(256))
+# Ids that are their own file name: the common case, checked without encoding.
+_PLAIN = re.compile(rf"[a-z0-9_-][a-z0-9_.-]{{0,{MAX_NAME_BYTES - 1}}}")
+_HASHED = re.compile(r"~[0-9a-f]{64}")
+_HEADER_START = '{"stroma_log"'
+
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted in the store is refused
+_WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
+_READ = os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def _encode(kind: str, value: object, op: str) -> str:
+    """The file name for a run or node id, or a StoreError saying what is wrong with it."""
+    if type(value) is str and _PLAIN.fullmatch(value):
+        return value
+    allowed = (
+        f"a {kind} must be a non-empty str without NUL characters that encodes as UTF-8; "
+        "any such text is allowed (it is percent-encoded into a safe file name)"
+    )
+    if not isinstance(value, str):
+        raise StoreError(f"{op}: the {kind} {value!r} is a {type(value).__name__}: {allowed}")
+    if not value:
+        raise StoreError(f"{op}: the {kind} is empty (''): {allowed}")
+    if "\x00" in value:
+        raise StoreError(f"{op}: the {kind} {value!r} contains a NUL character: {allowed}")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError(
+            f"{op}: the {kind} {value!r} has a lone surrogate and does not encode as UTF-8: "
+            f"{allowed}"
+        ) from None
+    name = "".join(map(_TABLE.__getitem__, raw))
+    if name.startswith("."):
+        name = "%2e" + name[1:]
+    if len(name) > MAX_NAME_BYTES:
+        name = "~" + hashlib.sha256(raw).hexdigest()
+    return name
+
+
+def _decode(name: str) -> str | None:
+    """The id an encoded (not hashed) name stands for; None for a name we did not write."""
+    try:
+        value = unquote_to_bytes(name).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not value or "\x00" in value:
+        return None
+    try:
+        again = _encode("id", value, "decode")
+    except StoreError:
+        return None
+    return value if again == name else None
+
+
+def _child(parent: str, name: str) -> str:
+    """``parent/name`` for a name that cannot leave ``parent`` (checked, not assumed)."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise StoreError(f"internal error: refusing the unsafe file name {name!r} in {parent}")
+    return os.path.join(parent, name)
+
+
+# ------------------------------------------------------------------------- blocking I/O
+
+if sys.platform == "darwin":  # pragma: no cover - macOS only
+    import fcntl
+
+    def _fsync(fd: int) -> None:
+        # fsync on macOS does not flush the drive's cache; F_FULLFSYNC does.
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+        except OSError:
+            os.fsync(fd)
+
+else:
+    _fsync = os.fsync
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    if os.name == "nt":  # pragma: no cover - folders cannot be opened (or fsync'd) on Windows
+        return
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_atomic(folder: str, path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves the old or the new file, whole."""
+    tmp = _child(folder, _TMP_PREFIX + secrets.token_hex(8))
+    fd = os.open(tmp, _WRITE_NEW, 0o666)
+    try:
+        try:
+            _write_all(fd, data)
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, _READ)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with open(fd, "rb") as f:
+        return f.read()
+
+
+def _call(fn: Callable[..., _T], *args: Any) -> _T:
+    return fn(*args)
+
+
+_aiofiles_call = aiofiles.os.wrap(_call)
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run blocking ``fn(*args)`` in a worker thread: aiofiles' on asyncio, anyio's otherwise."""
+    if _on_asyncio():
+        return cast(_T, await _aiofiles_call(fn, *args))
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+async def _in_thread_shielded(fn: Callable[..., _T], *args: Any) -> _T:
+    with anyio.CancelScope(shield=True):
+        result = await _in_thread(fn, *args)
+    return result
+
+
+# -------------------------------------------------------------------------- checkpoints
+
+
+def _check_state(state: object, node_id: object, op: str) -> BaseModel:
+    if not isinstance(state, BaseModel):
+        raise TypeError(
+            f"{op}: the checkpoint state for node {node_id!r} must be a pydantic BaseModel "
+            f"instance, got {type(state).__name__}; save the node's output model"
+        )
+    return state
+
+
+def _encode_checkpoint(node_id: str, state: BaseModel) -> bytes:
+    cls = type(state)
+    declare_schema(cls)
+    return b"".join(
+        (
+            b'{"schema":',
+            json.dumps(_schema_ref(cls)).encode(),
+            b',"node_id":',
+            json.dumps(node_id).encode(),
+            b',"data":',
+            state.model_dump_json().encode(),
+            b"}",
+        )
+    )
+
+
+def _resolve(ref: object, source: str) -> type[BaseModel]:
+    """The declared schema a stored reference names; never imports anything."""
+    try:
+        return resolve_declared(ref, source=source)
+    except UnsafeSchemaRef:
+        # Parametrized generics (``mod:Page[Item]``) are declared under their exact ref.
+        cls = declared_schemas().get(ref) if isinstance(ref, str) else None
+        if cls is None:
+            raise
+        return cls
+
+
+def _decode_checkpoint(
+    raw: bytes, node_id: str, schema: type[BaseModel] | None, source: str
+) -> BaseModel:
+    shape = 'a JSON object {"schema": "module:QualName", "node_id": ..., "data": {...}}'
+    fix = "delete the file (the node runs again) or restore it from a backup"
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise LogCorrupted(
+            source, f"the checkpoint is not JSON ({e}); expected {shape}: {fix}"
+        ) from None
+    if not isinstance(envelope, dict) or "schema" not in envelope or "data" not in envelope:
+        found = type(envelope).__name__
+        if isinstance(envelope, dict):
+            found = f"an object with keys {sorted(envelope)}"
+        raise LogCorrupted(source, f"expected {shape}, found {found}: {fix}")
+    stored_node = envelope.get("node_id", node_id)
+    if stored_node != node_id:
+        raise LogCorrupted(
+            source,
+            f"the checkpoint holds node {stored_node!r}, not {node_id!r}: the file was "
+            f"moved or altered; {fix}",
+        )
+    cls = schema if schema is not None else _resolve(envelope["schema"], source)
+    try:
+        return cls.model_validate_json(json.dumps(envelope["data"]))
+    except (ValidationError, ValueError, RecursionError) as e:
+        raise LogCorrupted(
+            source,
+            f"the checkpoint's data does not validate as {_schema_ref(cls)} ({e}); the schema "
+            f"changed since it was saved, or the file was altered: {fix}",
+        ) from None
+
+
+# --------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One run in a FileStore, as ``list_runs`` sums it up.
+
+    ``status`` is the finished run's status (``"COMPLETED"``, ``"FAILED"``, ``"PARTIAL"``,
+    ``"RESUMED"``), ``"running/crashed"`` for a log without a Finish record, ``"no log"``
+    for a run that has checkpoints only, or ``"damaged"`` (``problem`` says what is wrong).
+    ``nodes_done`` counts the saved checkpoints; ``started`` is the log header's ISO 8601
+    ``started_at``; ``duration_ms`` is the sum of the trace's attempt durations (None
+    without a log or attempts).
+    """
+
+    run_id: str
+    status: str
+    nodes_done: int
+    started: str | None
+    duration_ms: int | None
+    problem: str | None = None
+
+
+def _whole_end(data: bytes, records: int) -> int:
+    """Where the last whole record of a parsed log ends in ``data``.
+
+    The reader keeps every line whose record it could read and drops what follows: a torn
+    tail, an unreadable last line, a parallel group cut short. Every record line carries its
+    index ``i``, and the dropped lines belong to index ``records`` or are not JSON, so the
+    end is found by stepping back over those lines from the last newline.
+    """
+    end = data.rfind(b"\n") + 1
+    while end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        if start == 0:  # the header line
+            break
+        try:
+            obj = json.loads(data[start:end])
+        except (ValueError, RecursionError):
+            obj = None
+        index = obj.get("i") if isinstance(obj, dict) else None
+        if isinstance(index, int | float) and index < records:
+            break
+        end = start
+    return end
+
+
+class _Run:
+    __slots__ = ("dir", "hashed", "run_id")
+
+    def __init__(self, run_id: str, folder: str) -> None:
+        self.run_id = run_id
+        self.dir = folder
+        self.hashed = os.path.basename(folder).startswith("~")
+
+
+class FileStore:
+    """Checkpoints and effect logs in a folder: one sub-folder per run, crash-safe writes.
+
+    Implements the async checkpoint store protocol (``save``, ``load``, ``delete``,
+    ``save_typed``, ``load_typed``) and ``LogStore`` (``append_log``, ``read_log``), and
+    lists its runs (``run_ids``, ``list_runs``). Works on asyncio and trio.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            root = os.fspath(path)
+        except TypeError:
+            raise TypeError(
+                f"FileStore(path): path must be a str or os.PathLike naming a folder, got "
+                f"{path!r} (a {type(path).__name__})"
+            ) from None
+        if not isinstance(root, str) or not root or "\x00" in root:
+            raise ValueError(
+                f"FileStore(path): path must be a non-empty folder path without NUL, "
+                f"got {path!r}"
+            )
+        self.path = os.path.abspath(root)
+        self._runs = os.path.join(self.path, "runs")
+        self._real_runs: str | None = None
+        self._ready: set[str] = set()  # runs whose folder this instance has set up
+        self._log_ok: set[str] = set()  # runs whose log is known to end on a whole record
+        self._valid: dict[str, tuple[int, int]] = {}  # run -> (log size, whole-record bytes)
+        self._locks: dict[str, threading.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"FileStore({self.path!r})"
+
+    # -------------------------------------------------------------------- locations
+
+    def _run(self, run_id: object, op: str) -> _Run:
+        name = _encode("run id", run_id, op)
+        return _Run(cast(str, run_id), _child(self._runs, name))
+
+    def _checkpoint_path(self, run: _Run, node_id: object, op: str) -> str:
+        name = _encode("node id", node_id, op)
+        return _child(os.path.join(run.dir, CHECKPOINTS), name + ".json")
+
+    def _lock(self, run: _Run) -> threading.Lock:
+        lock = self._locks.get(run.dir)
+        if lock is None:
+            lock = self._locks.setdefault(run.dir, threading.Lock())
+        return lock
+
+    def _fail(self, op: str, run_id: str | None, e: OSError) -> StoreError:
+        what = f"FileStore.{op}" + ("" if run_id is None else f" for run {run_id!r}")
+        return StoreError(
+            f"{what} in {self.path}: {e.strerror or e} ({e.filename or self.path}); check "
+            "that the folder exists, is readable and writable, and has free space"
+        )
+
+    # ---------------------------------------------------------------- sync internals
+
+    def _check_inside(self, run: _Run) -> None:
+        """Refuse a run folder that symlinks lead out of the store (files are O_NOFOLLOW)."""
+        if self._real_runs is None:
+            self._real_runs = os.path.join(os.path.realpath(self.path), "runs")
+        folder = os.path.join(run.dir, CHECKPOINTS)
+        expected = os.path.join(self._real_runs, os.path.basename(run.dir), CHECKPOINTS)
+        real = os.path.realpath(folder)
+        if real != expected:
+            raise StoreError(
+                f"FileStore: the run folder {folder} resolves to {real}, not {expected}: a "
+                f"symlink was planted in the store's folder {self.path}. Remove it."
+            )
+
+    def _prepare(self, run: _Run) -> None:
+        """Create the run's folder (durably) the first time this instance writes to it."""
+        if run.dir in self._ready:
+            return
+        checkpoints = os.path.join(run.dir, CHECKPOINTS)
+        self._check_inside(run)  # before creating anything, and again once it exists
+        if not os.path.isdir(checkpoints):
+            created_root = not os.path.isdir(self._runs)
+            os.makedirs(checkpoints, exist_ok=True)
+            if created_root:
+                _fsync_dir(os.path.dirname(self.path))
+                _fsync_dir(self.path)
+            _fsync_dir(self._runs)
+            _fsync_dir(run.dir)
+        self._check_inside(run)
+        if run.hashed:
+            info_path = os.path.join(run.dir, RUN_INFO_NAME)
+            raw = _read(info_path)
+            if raw is None:
+                _write_atomic(run.dir, info_path, json.dumps({"run_id": run.run_id}).encode())
+            elif self._stored_run_id(raw) != run.run_id:
+                raise StoreError(
+                    f"FileStore: the folder {run.dir} belongs to run "
+                    f"{self._stored_run_id(raw)!r}, not {run.run_id!r} (a hash collision, or "
+                    f"an altered {RUN_INFO_NAME}); use another run id or fix the file"
+                )
+        for name in os.listdir(checkpoints):  # temp files of a process that crashed
+            if name.startswith(_TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(checkpoints, name))
+        self._ready.add(run.dir)
+
+    @staticmethod
+    def _stored_run_id(raw: bytes) -> str | None:
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        value = obj.get("run_id") if isinstance(obj, dict) else None
+        return value if isinstance(value, str) else None
+
+    def _parse_log(self, run: _Run, data: bytes) -> tuple[EffectLog | None, int]:
+        """The log in ``data`` (None if no line of it is whole) and its whole-record bytes."""
+        if b"\n" not in data:  # the first append was cut short: nothing of it is durable
+            return None, 0
+        source = os.path.join(run.dir, LOG_NAME)
+        log = EffectLog.from_jsonl(data, source=source)
+        if log.header.run_id != run.run_id:
+            raise LogCorrupted(
+                source,
+                f"the header names run {log.header.run_id!r}, but this is the folder of run "
+                f"{run.run_id!r}: the file was moved or copied from another run; move it back "
+                "or delete it",
+            )
+        return log, _whole_end(data, len(log.records))
+
+    def _save_sync(self, run: _Run, folder: str, path: str, data: bytes) -> None:
+        with self._lock(run):
+            self._prepare(run)
+            _write_atomic(folder, path, data)
+
+    def _load_sync(self, run: _Run, path: str) -> bytes | None:
+        if run.dir not in self._ready:
+            self._check_inside(run)
+        return _read(path)
+
+    def _append_sync(
+        self, run: _Run, data: bytes, header: bool, checkpoint: tuple[str, bytes] | None
+    ) -> None:
+        with self._lock(run):
+            self._prepare(run)
+            if not data:
+                if checkpoint is not None:
+                    _write_atomic(os.path.dirname(checkpoint[0]), checkpoint[0], checkpoint[1])
+                return
+            log_path = os.path.join(run.dir, LOG_NAME)
+            fd = os.open(log_path, _APPEND, 0o666)
+            try:
+                size = -1
+                if run.dir not in self._log_ok or header:
+                    size = os.fstat(fd).st_size
+                if run.dir not in self._log_ok and size > 0:
+                    size = self._repair(run, fd, log_path, size)
+                if header and size > 0:
+                    raise StoreError(
+                        f"FileStore.append_log: run {run.run_id!r} already has a log "
+                        f"({log_path}) and a new one was started (the lines begin with a "
+                        "header): resume the run, delete it first, or use a new run id"
+                    )
+                if size == 0 and not header:
+                    raise StoreError(
+                        f"FileStore.append_log: run {run.run_id!r} has no log yet, and the "
+                        "first lines appended must start with the log's header line "
+                        f"(found {data[:60]!r})"
+                    )
+                # The checkpoint first: a log that records it saved never points at nothing.
+                if checkpoint is not None:
+                    _write_atomic(os.path.dirname(checkpoint[0]), checkpoint[0], checkpoint[1])
+                _write_all(fd, data)
+                _fsync(fd)
+            finally:
+                os.close(fd)
+            if size == 0:
+                _fsync_dir(run.dir)  # the log file may be new
+            self._log_ok.add(run.dir)
+
+    def _repair(self, run: _Run, fd: int, log_path: str, size: int) -> int:
+        """Cut a torn tail (left by a crash) off the log; its size after that."""
+        cached = self._valid.pop(run.dir, None)
+        if cached is not None and cached[0] == size:
+            valid = cached[1]
+        else:
+            raw = _read(log_path) or b""
+            _, valid = self._parse_log(run, raw)
+            size = len(raw)
+        if valid < size:
+            os.ftruncate(fd, valid)
+            _fsync(fd)
+        return valid
+
+    def _read_log_sync(self, run: _Run) -> EffectLog | None:
+        with self._lock(run):
+            if run.dir not in self._ready:
+                self._check_inside(run)
+            data = _read(os.path.join(run.dir, LOG_NAME))
+            if data is None:
+                return None
+            log, valid = self._parse_log(run, data)
+            if valid < len(data):  # a torn tail: the next append cuts it off
+                self._valid[run.dir] = (len(data), valid)
+            elif log is not None:  # the log ends on a whole record: append right after it
+                self._log_ok.add(run.dir)
+            return log
+
+    def _delete_sync(self, run: _Run) -> None:
+        with self._lock(run):
+            self._ready.discard(run.dir)
+            self._log_ok.discard(run.dir)
+            self._valid.pop(run.dir, None)
+            if not os.path.lexists(run.dir):
+                return
+            # Rename first, so a crash mid-way never leaves a half-deleted run behind.
+            trash = _child(self._runs, _TRASH_PREFIX + secrets.token_hex(8))
+            os.rename(run.dir, trash)
+            _fsync_dir(self._runs)
+            shutil.rmtree(trash)
+
+    def _run_ids_sync(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self._runs))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found: list[str] = []
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            value: str | None
+            if _HASHED.fullmatch(entry.name):
+                raw = _read(os.path.join(entry.path, RUN_INFO_NAME))
+                value = None if raw is None else self._stored_run_id(raw)
+                if value is not None and _encode("run id", value, "run_ids") != entry.name:
+                    value = None
+            else:
+                value = None if entry.name.startswith("~") else _decode(entry.name)
+            if value is not None:
+                found.append(value)
+        return sorted(found)
+
+    def _summary(self, run_id: str) -> RunInfo:
+        run = self._run(run_id, "list_runs")
+        try:
+            log = self._read_log_sync(run)
+        except LogCorrupted as e:
+            return RunInfo(run_id, DAMAGED, 0, None, None, str(e))
+        if log is None:
+            try:
+                names = os.listdir(os.path.join(run.dir, CHECKPOINTS))
+            except (FileNotFoundError, NotADirectoryError):
+                names = []
+            done = sum(1 for n in names if not n.startswith(_TMP_PREFIX))
+            return RunInfo(run_id, NO_LOG, done, None, None)
+        try:
+            finish = log.finish
+            status = RUNNING_OR_CRASHED if finish is None else str(finish.status)
+            events = list(log.trace())
+            duration = sum(int(e.duration_ms) for e in events) if events else None
+            return RunInfo(
+                run_id, status, len(log.completed_nodes()), log.header.started_at, duration
+            )
+        except (TypeError, ValueError, AttributeError) as e:  # a record with wrong field types
+            problem = f"{os.path.join(run.dir, LOG_NAME)}: a record has a field of the wrong type"
+            return RunInfo(run_id, DAMAGED, 0, log.header.started_at, None, f"{problem} ({e})")
+
+    def _list_sync(self) -> list[RunInfo]:
+        return [self._summary(run_id) for run_id in self._run_ids_sync()]
+
+    # ----------------------------------------------------------------- checkpoints
+
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        """Write ``state`` as the checkpoint of ``node_id``, atomically and durably."""
+        run = self._run(run_id, "FileStore.save")
+        path = self._checkpoint_path(run, node_id, "FileStore.save")
+        data = _encode_checkpoint(node_id, _check_state(state, node_id, "FileStore.save"))
+        try:
+            await _in_thread_shielded(self._save_sync, run, os.path.dirname(path), path, data)
+        except OSError as e:
+            raise self._fail("save", run_id, e) from e
+
+    async def save_typed(
+        self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]
+    ) -> None:
+        """``save``, declaring ``schema`` too (so ``load`` may answer with it)."""
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            declare_schema(schema)
+        await self.save(run_id, node_id, state)
+
+    async def _load(
+        self, run_id: str, node_id: str, schema: type[BaseModel] | None, op: str
+    ) -> BaseModel | None:
+        run = self._run(run_id, f"FileStore.{op}")
+        path = self._checkpoint_path(run, node_id, f"FileStore.{op}")
+        try:
+            raw = await _in_thread(self._load_sync, run, path)
+        except OSError as e:
+            raise self._fail(op, run_id, e) from e
+        if raw is None:
+            return None
+        return _decode_checkpoint(raw, node_id, schema, path)
+
+    async def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        """The checkpoint of ``node_id``, or None. Its schema must be a declared one."""
+        return await self._load(run_id, node_id, None, "load")
+
+    async def load_typed(
+        self, run_id: str, node_id: str, schema: type[BaseModel]
+    ) -> BaseModel | None:
+        """The checkpoint of ``node_id`` validated as ``schema`` (the stored ref is ignored)."""
+        declare_schema(schema)
+        return await self._load(run_id, node_id, schema, "load_typed")
+
+    async def delete(self, run_id: str) -> None:
+        """Remove the run's folder (checkpoints and log); other runs are untouched."""
+        run = self._run(run_id, "FileStore.delete")
+        try:
+            await _in_thread_shielded(self._delete_sync, run)
+        except OSError as e:
+            raise self._fail("delete", run_id, e) from e
+
+    # ------------------------------------------------------------------ effect log
+
+    async def append_log(
+        self, run_id: str, lines: Sequence[str], checkpoint: tuple[str, BaseModel] | None = None
+    ) -> None:
+        """Append JSON lines to the run's log, saving ``checkpoint`` first; both durable on return.
+
+        The first call for a run must start with the log's header line. A torn tail left
+        by a crash is cut off before appending.
+        """
+        op = "FileStore.append_log"
+        run = self._run(run_id, op)
+        if isinstance(lines, str | bytes):
+            raise TypeError(f"{op}: lines must be a sequence of str (one JSON line each), got "
+                            f"a {type(lines).__name__}")
+        lines = list(lines)
+        data = b""
+        if lines:
+            bad = next((n for n, x in enumerate(lines) if not isinstance(x, str)), None)
+            if bad is not None:
+                raise TypeError(f"{op}: line {bad} must be a str (one JSON line), got "
+                                f"{type(lines[bad]).__name__}")
+            try:
+                data = ("\n".join(lines) + "\n").encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise StoreError(f"{op}: a line does not encode as UTF-8 ({e})") from None
+            if data.count(b"\n") != len(lines):
+                raise StoreError(
+                    f"{op}: a line contains a line break; each item must be one JSON line "
+                    "without its trailing newline"
+                )
+        item: tuple[str, bytes] | None = None
+        if checkpoint is not None:
+            node_id, state = checkpoint
+            path = self._checkpoint_path(run, node_id, op)
+            item = (path, _encode_checkpoint(node_id, _check_state(state, node_id, op)))
+        if not data and item is None:
+            return
+        header = bool(lines) and lines[0].startswith(_HEADER_START)
+        try:
+            await _in_thread_shielded(self._append_sync, run, data, header, item)
+        except OSError as e:
+            raise self._fail("append_log", run_id, e) from e
+
+    async def read_log(self, run_id: str) -> EffectLog | None:
+        """The run's effect log, or None if it has none.
+
+        A torn last line (a crash mid-append) is dropped; any other damage is a
+        ``LogCorrupted`` naming the file and the problem.
+        """
+        run = self._run(run_id, "FileStore.read_log")
+        try:
+            return await _in_thread(self._read_log_sync, run)
+        except OSError as e:
+            raise self._fail("read_log", run_id, e) from e
+
+    # ------------------------------------------------------------------------ runs
+
+    async def run_ids(self) -> list[str]:
+        """The ids of the runs in the store, sorted."""
+        try:
+            return await _in_thread(self._run_ids_sync)
+        except OSError as e:
+            raise self._fail("run_ids", None, e) from e
+
+    async def list_runs(self) -> list[RunInfo]:
+        """A summary of every run in the store (sorted by run id); see ``RunInfo``."""
+        try:
+            return await _in_thread(self._list_sync)
+        except OSError as e:
+            raise self._fail("list_runs", None, e) from e

@@ -1,0 +1,679 @@
+"""PostgresStore: checkpoints, the effect log and run leases in PostgreSQL, on asyncpg.
+
+asyncpg runs on **asyncio only**: under trio every operation raises a StoreError saying so.
+It is the optional ``postgres`` extra (``pip install 'stroma[postgres]'``); importing this
+module works without it, constructing a store does not.
+
+Tables (``{prefix}`` is ``table_prefix``, in ``schema``), created on first use or by
+``await store.setup()`` (idempotent; concurrent setups are serialized by an advisory lock)::
+
+    {prefix}_checkpoints (run_id, node_id, schema_ref, state, updated_at)  PK (run_id, node_id)
+    {prefix}_log         (run_id, seq, line, append_id)                     PK (run_id, seq)
+    {prefix}_leases      (run_id, holder, expires_at)                       PK (run_id)
+
+``state`` is the model's JSON text (text, not jsonb: it reads back byte for byte and may hold
+``\\u0000``). ``append_log`` writes the log rows and the checkpoint in one transaction, under a
+per-run advisory lock, with ``seq`` continuing from the run's current maximum; readers only
+ever see whole transactions. A retried append is applied once (its ``append_id`` is checked
+before writing again). ``delete`` removes the run's checkpoints and log and an expired lease
+row; a live lease stays with its holder and ends when the holder exits or dies.
+
+Transient failures (connection refused/reset/lost, timeouts, serialization failures,
+deadlocks, too many connections, server restarts) are retried with tenacity, a bounded
+number of times with jittered exponential waits; anything else, or a failure that outlasts
+the retries, is a StoreError naming the operation, the run and the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from stroma.errors import LogCorrupted, RunLocked, StoreError, UnsafeSchemaRef
+from stroma.schemas import _schema_ref, declare_schema, declared_schemas, resolve_declared
+
+if TYPE_CHECKING:
+    from stroma.log import EffectLog
+
+try:
+    import asyncpg as _asyncpg
+except ImportError:  # the optional extra is missing: constructing a store says how to fix it
+    _asyncpg = None
+
+__all__ = ("PostgresStore",)
+
+_log = logging.getLogger("stroma.stores.postgres")
+_T = TypeVar("_T")
+
+_MAX_ID_BYTES = 1024  # run id + node id must fit a btree index entry (~2.7 kB)
+_INSTALL_HINT = "PostgresStore needs the 'asyncpg' package: pip install 'stroma[postgres]'"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _redact(dsn: str) -> str:
+    """The DSN without its password, for error messages."""
+    try:
+        parts = urlsplit(dsn)
+        if not parts.scheme or parts.password is None:
+            return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable dsn>"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _require_asyncio() -> None:
+    import sniffio
+
+    try:
+        library: str | None = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = None
+    if library != "asyncio":
+        raise StoreError(
+            "PostgresStore needs the asyncio backend: asyncpg runs on asyncio only, but this "
+            f"code runs on {library or 'no async library'}. Run it under asyncio "
+            "(anyio.run(main, backend='asyncio')), or use FileStore, which also works on trio."
+        )
+
+
+def _id_text(kind: str, value: object, op: str) -> str:
+    """A valid run/node/holder id, or a StoreError saying what is wrong with it."""
+    if not isinstance(value, str):
+        raise StoreError(
+            f"{op}: the {kind} must be a str, got {value!r} (a {type(value).__name__}); "
+            f"pass the {kind} as text"
+        )
+    if not value:
+        raise StoreError(f"{op}: the {kind} is empty; pass a non-empty {kind}")
+    if "\x00" in value:
+        raise StoreError(
+            f"{op}: the {kind} {value!r} contains a NUL character, which PostgreSQL text "
+            f"cannot store; remove it from the {kind}"
+        )
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise StoreError(
+            f"{op}: the {kind} {value!r} is not valid Unicode text (it has a lone surrogate); "
+            "pass text that encodes as UTF-8"
+        ) from None
+    if size > _MAX_ID_BYTES:
+        raise StoreError(
+            f"{op}: the {kind} is {size} bytes long (UTF-8), more than the {_MAX_ID_BYTES} "
+            f"allowed; use a shorter {kind} (a hash of it, for example)"
+        )
+    return value
+
+
+def _check_state(state: object, node_id: str, op: str) -> BaseModel:
+    if not isinstance(state, BaseModel):
+        raise TypeError(
+            f"{op}: the checkpoint state for node {node_id!r} must be a pydantic BaseModel "
+            f"instance, got {type(state).__name__}; save the node's output model"
+        )
+    return state
+
+
+def _check_lines(lines: Sequence[str], op: str) -> list[str]:
+    if isinstance(lines, str | bytes):
+        raise TypeError(f"{op}: lines must be a sequence of str (one JSON line each), got a str")
+    out = list(lines)
+    for n, line in enumerate(out):
+        if not isinstance(line, str):
+            raise TypeError(
+                f"{op}: line {n} must be a str (one JSON line), got {type(line).__name__}"
+            )
+        if "\n" in line or "\r" in line or "\x00" in line:
+            raise StoreError(
+                f"{op}: line {n} contains a line break or a NUL character; each item must be "
+                "one JSON line (JSON escapes both) without its trailing newline"
+            )
+    return out
+
+
+def _resolve(ref: object, source: str) -> type[BaseModel]:
+    """The declared schema a stored reference names; never imports anything."""
+    try:
+        return resolve_declared(ref, source=source)
+    except UnsafeSchemaRef:
+        # Parametrized generics (``mod:Page[Item]``) are declared under their exact ref.
+        cls = declared_schemas().get(ref) if isinstance(ref, str) else None
+        if cls is None:
+            raise
+        return cls
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable; timeouts
+        return True
+    if _asyncpg is None:
+        return False
+    e = _asyncpg.exceptions
+    return isinstance(
+        exc,
+        e.PostgresConnectionError  # connection lost / does not exist / failure (class 08)
+        | e.InterfaceError  # e.g. "connection is closed", "pool is closing"
+        | e.SerializationError
+        | e.DeadlockDetectedError
+        | e.TooManyConnectionsError
+        | e.CannotConnectNowError
+        | e.AdminShutdownError
+        | e.CrashShutdownError,
+    )
+
+
+def _lock_key(*parts: str) -> int:
+    """A signed 64-bit advisory lock key for these strings."""
+    digest = hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# ----------------------------------------------------------------------------- store
+
+
+class PostgresStore:
+    """Checkpoints, effect logs and leases in PostgreSQL (asyncpg, asyncio only).
+
+    ``PostgresStore(dsn, *, schema="public", table_prefix="stroma", lease_seconds=30)``.
+    The connection pool is created lazily on the event loop of the first call (and made
+    anew if a later call runs on another loop); ``await store.close()`` closes it.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        table_prefix: str = "stroma",
+        lease_seconds: float = 30,
+        max_attempts: int = 5,
+        max_connections: int = 10,
+        command_timeout: float = 30.0,
+    ) -> None:
+        if _asyncpg is None:
+            raise ImportError(_INSTALL_HINT)
+        if not isinstance(dsn, str) or not dsn:
+            raise ValueError(
+                "PostgresStore: dsn must be a connection string like "
+                f"'postgresql://user@localhost:5432/db', got {dsn!r}"
+            )
+        if not isinstance(schema, str) or not _IDENT.match(schema) or len(schema) > 63:
+            raise ValueError(
+                "PostgresStore: schema must be a plain SQL identifier (letters, digits, "
+                f"underscores; at most 63 characters), got {schema!r}"
+            )
+        if (
+            not isinstance(table_prefix, str)
+            or not _IDENT.match(table_prefix)
+            or len(table_prefix) > 40
+        ):
+            raise ValueError(
+                "PostgresStore: table_prefix must be a plain SQL identifier (letters, digits, "
+                f"underscores; at most 40 characters), got {table_prefix!r}"
+            )
+        if (
+            isinstance(lease_seconds, bool)
+            or not isinstance(lease_seconds, int | float)
+            or not lease_seconds > 0.01
+        ):
+            raise ValueError(
+                f"PostgresStore: lease_seconds must be a number of seconds above 0.01, "
+                f"got {lease_seconds!r}"
+            )
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(
+                f"PostgresStore: max_attempts must be an int >= 1, got {max_attempts!r}"
+            )
+        self.dsn = dsn
+        self.schema = schema
+        self.table_prefix = table_prefix
+        self.lease_seconds = float(lease_seconds)
+        self.max_attempts = max_attempts
+        self.max_connections = max_connections
+        self.command_timeout = command_timeout
+        self._where = _redact(dsn)
+        s = _quote(schema)
+        self.checkpoints_table = f"{s}.{_quote(table_prefix + '_checkpoints')}"
+        self.log_table = f"{s}.{_quote(table_prefix + '_log')}"
+        self.leases_table = f"{s}.{_quote(table_prefix + '_leases')}"
+        self._pool: Any = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._pool_lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._ready = False
+        self._sql()
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresStore({self._where!r}, schema={self.schema!r}, "
+            f"table_prefix={self.table_prefix!r})"
+        )
+
+    @property
+    def tables(self) -> tuple[str, str, str]:
+        """The qualified, quoted names of the checkpoint, log and lease tables."""
+        return (self.checkpoints_table, self.log_table, self.leases_table)
+
+    def _sql(self) -> None:
+        c, lg, ls = self.tables
+        self._q_upsert = (
+            f"INSERT INTO {c} (run_id, node_id, schema_ref, state, updated_at) "
+            "VALUES ($1, $2, $3, $4, now()) ON CONFLICT (run_id, node_id) DO UPDATE SET "
+            "schema_ref = EXCLUDED.schema_ref, state = EXCLUDED.state, "
+            "updated_at = EXCLUDED.updated_at"
+        )
+        self._q_load = f"SELECT schema_ref, state FROM {c} WHERE run_id = $1 AND node_id = $2"
+        self._q_append = (
+            f"INSERT INTO {lg} (run_id, seq, line, append_id) "
+            "SELECT $1, b.n + t.o - 1, t.l, $3 "
+            "FROM unnest($2::text[]) WITH ORDINALITY AS t(l, o), "
+            f"(SELECT coalesce(max(seq) + 1, 0) AS n FROM {lg} WHERE run_id = $1) AS b"
+        )
+        self._q_applied = f"SELECT EXISTS (SELECT 1 FROM {lg} WHERE run_id = $1 AND append_id = $2)"
+        self._q_read = f"SELECT line FROM {lg} WHERE run_id = $1 ORDER BY seq"
+        self._q_claim = (
+            "WITH claimed AS ("
+            f"INSERT INTO {ls} AS l (run_id, holder, expires_at) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3)) "
+            "ON CONFLICT (run_id) DO UPDATE SET holder = EXCLUDED.holder, "
+            "expires_at = EXCLUDED.expires_at "
+            "WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder RETURNING l.holder) "
+            "SELECT true AS ok, holder FROM claimed UNION ALL "
+            f"SELECT false, holder FROM {ls} "
+            "WHERE run_id = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+        )
+        self._q_release = f"DELETE FROM {ls} WHERE run_id = $1 AND holder = $2"
+        self._q_setup = [
+            f"CREATE TABLE IF NOT EXISTS {c} (run_id text NOT NULL, node_id text NOT NULL, "
+            "schema_ref text NOT NULL, state text NOT NULL, "
+            "updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_id, node_id))",
+            f"CREATE TABLE IF NOT EXISTS {lg} (run_id text NOT NULL, seq bigint NOT NULL, "
+            "line text NOT NULL, append_id text, PRIMARY KEY (run_id, seq))",
+            f"CREATE TABLE IF NOT EXISTS {ls} (run_id text PRIMARY KEY, holder text NOT NULL, "
+            "expires_at timestamptz NOT NULL)",
+        ]
+        if self.schema != "public":
+            self._q_setup.insert(0, f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
+
+    def _source(self, run_id: str, what: str) -> str:
+        return f"PostgresStore at {self._where}, run {run_id!r}, {what}"
+
+    def _failure(self, op: str, run_id: str | None, exc: BaseException) -> StoreError:
+        about = f"PostgresStore.{op}" + (f" for run {run_id!r}" if run_id is not None else "")
+        if _is_transient(exc):
+            return StoreError(
+                f"{about} failed against {self._where} after {self.max_attempts} "
+                f"attempt{'s' if self.max_attempts != 1 else ''}: "
+                f"{type(exc).__name__}: {exc}. Is the PostgreSQL server running and reachable?"
+            )
+        return StoreError(
+            f"{about} failed against {self._where}: {type(exc).__name__}: {exc} (a permanent "
+            "error, not retried). Check the DSN, the database, the role's privileges and the "
+            f"tables {', '.join(self.tables)}."
+        )
+
+    # --------------------------------------------------------------------- the pool
+
+    async def _get_pool(self) -> Any:
+        _require_asyncio()
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._pool_loop is loop:
+            if not self._ready:
+                await self._setup(self._pool)
+            return self._pool
+        if self._pool_lock is None or self._lock_loop is not loop:
+            self._pool_lock, self._lock_loop = asyncio.Lock(), loop
+        async with self._pool_lock:
+            if self._pool is None or self._pool_loop is not loop:
+                old, self._pool = self._pool, None
+                if old is not None:  # it belongs to another (likely closed) loop
+                    try:
+                        old.terminate()
+                    except Exception:  # nothing left to release on a dead loop
+                        _log.debug("could not terminate a pool of a previous event loop")
+                self._pool = await _asyncpg.create_pool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.max_connections,
+                    command_timeout=self.command_timeout,
+                )
+                self._pool_loop = loop
+            if not self._ready:
+                await self._setup(self._pool)
+        return self._pool
+
+    async def _setup(self, pool: Any) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                _lock_key("stroma-setup", self.schema, self.table_prefix),
+            )
+            for statement in self._q_setup:
+                await conn.execute(statement)
+        self._ready = True
+
+    async def setup(self) -> None:
+        """Create the schema's tables if they do not exist (idempotent, safe to race)."""
+        self._ready = False
+        await self._run("setup", None, lambda _: self._get_pool())
+
+    async def close(self) -> None:
+        """Close the connection pool (a later call opens a new one)."""
+        pool, self._pool, self._pool_loop = self._pool, None, None
+        if pool is not None:
+            await pool.close()
+
+    async def _run(self, op: str, run_id: str | None, fn: Callable[[int], Awaitable[_T]]) -> _T:
+        """``fn(attempt)``, retried on transient errors; failures become StoreError."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            # Exponential from 50 ms, capped at 2 s, plus up to 50 ms of jitter.
+            wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+            sleep=anyio.sleep,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await fn(attempt.retry_state.attempt_number)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _is_transient(exc) or isinstance(exc, _asyncpg.PostgresError):
+                raise self._failure(op, run_id, exc) from exc
+            raise
+        raise AssertionError("unreachable: tenacity neither returned nor raised")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        op = "PostgresStore.save"
+        run_id = _id_text("run id", run_id, op)
+        node_id = _id_text("node id", node_id, op)
+        state = _check_state(state, node_id, op)
+        declare_schema(type(state))
+        args = (run_id, node_id, _schema_ref(type(state)), state.model_dump_json())
+
+        async def once(_: int) -> None:
+            pool = await self._get_pool()
+            await pool.execute(self._q_upsert, *args)
+
+        await self._run("save", run_id, once)
+
+    async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            declare_schema(schema)
+        await self.save(run_id, node_id, state)
+
+    async def _load(
+        self, run_id: str, node_id: str, schema: type[BaseModel] | None, op: str
+    ) -> BaseModel | None:
+        run_id = _id_text("run id", run_id, f"PostgresStore.{op}")
+        node_id = _id_text("node id", node_id, f"PostgresStore.{op}")
+
+        async def once(_: int) -> Any:
+            pool = await self._get_pool()
+            return await pool.fetchrow(self._q_load, run_id, node_id)
+
+        row = await self._run(op, run_id, once)
+        if row is None:
+            return None
+        source = self._source(run_id, f"checkpoint {node_id!r}")
+        cls = schema if schema is not None else _resolve(row["schema_ref"], source)
+        try:
+            return cls.model_validate_json(row["state"])
+        except ValidationError as e:
+            raise LogCorrupted(
+                source, f"the checkpoint does not validate as {_schema_ref(cls)}: {e}"
+            ) from None
+
+    async def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return await self._load(run_id, node_id, None, "load")
+
+    async def load_typed(
+        self, run_id: str, node_id: str, schema: type[BaseModel]
+    ) -> BaseModel | None:
+        declare_schema(schema)
+        return await self._load(run_id, node_id, schema, "load_typed")
+
+    async def delete(self, run_id: str) -> None:
+        """Remove the run's checkpoints, log and expired lease row (a live lease stays)."""
+        run_id = _id_text("run id", run_id, "PostgresStore.delete")
+        c, lg, ls = self.tables
+
+        async def once(_: int) -> None:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"DELETE FROM {c} WHERE run_id = $1", run_id)
+                await conn.execute(f"DELETE FROM {lg} WHERE run_id = $1", run_id)
+                await conn.execute(
+                    f"DELETE FROM {ls} WHERE run_id = $1 AND expires_at <= now()", run_id
+                )
+
+        await self._run("delete", run_id, once)
+
+    # ------------------------------------------------------------------- effect log
+
+    async def append_log(
+        self, run_id: str, lines: Sequence[str], checkpoint: tuple[str, BaseModel] | None = None
+    ) -> None:
+        """Append JSON lines to the run's log and save ``checkpoint`` in one transaction."""
+        op = "PostgresStore.append_log"
+        run_id = _id_text("run id", run_id, op)
+        rows = _check_lines(lines, op)
+        item: tuple[str, str, str] | None = None
+        if checkpoint is not None:
+            node_id, state = checkpoint
+            node_id = _id_text("node id", node_id, op)
+            state = _check_state(state, node_id, op)
+            declare_schema(type(state))
+            item = (node_id, _schema_ref(type(state)), state.model_dump_json())
+        if not rows and item is None:
+            return
+        token = uuid.uuid4().hex
+        lock = _lock_key("stroma-log", self.schema, self.table_prefix, run_id)
+
+        async def once(attempt: int) -> None:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn, conn.transaction():
+                if rows:
+                    # Serializes appends to this run: seq continues from the current max.
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+                    # An earlier attempt may have committed before its reply was lost.
+                    if attempt == 1 or not await conn.fetchval(self._q_applied, run_id, token):
+                        await conn.execute(self._q_append, run_id, rows, token)
+                if item is not None:
+                    await conn.execute(self._q_upsert, run_id, *item)
+
+        await self._run("append_log", run_id, once)
+
+    async def read_log(self, run_id: str) -> EffectLog | None:
+        """The run's effect log, or None if it has none."""
+        from stroma.log import EffectLog
+
+        run_id = _id_text("run id", run_id, "PostgresStore.read_log")
+
+        async def once(_: int) -> list[str]:
+            pool = await self._get_pool()
+            records = await pool.fetch(self._q_read, run_id)
+            return [r["line"] for r in records]
+
+        lines = await self._run("read_log", run_id, once)
+        if not lines:
+            return None
+        return EffectLog.from_lines(lines, source=self._source(run_id, "effect log"))
+
+    async def list_runs(self) -> list[str]:
+        """The ids of the runs that have checkpoints or a log, sorted."""
+        c, lg, _ = self.tables
+
+        async def once(_: int) -> list[str]:
+            pool = await self._get_pool()
+            records = await pool.fetch(
+                f"SELECT run_id FROM {c} UNION SELECT run_id FROM {lg} ORDER BY 1"
+            )
+            return [r["run_id"] for r in records]
+
+        return sorted(await self._run("list_runs", None, once))
+
+    # ---------------------------------------------------------------------- lease
+
+    def lease(self, run_id: str, holder: str) -> AbstractAsyncContextManager[None]:
+        """Claim ``run_id`` for ``holder`` while the context is open, or raise RunLocked.
+
+        The lease row lives ``lease_seconds`` (server time) and is renewed in the background
+        every ``lease_seconds / 3``; a holder that dies loses it after ``lease_seconds``. A
+        holder name identifies one worker: claiming again under the same name (after a
+        restart) takes the lease back. If the lease is lost while the context is open, the
+        body is cancelled and the context raises StoreError (or RunLocked if another worker
+        took it).
+        """
+        op = "PostgresStore.lease"
+        run_id = _id_text("run id", run_id, op)
+        holder = _id_text("holder", holder, op)
+        seconds = self.lease_seconds
+
+        async def claim_once() -> tuple[bool, str]:
+            pool = await self._get_pool()
+            for _ in range(3):
+                row = await pool.fetchrow(self._q_claim, run_id, holder, seconds)
+                if row is not None:
+                    return bool(row["ok"]), str(row["holder"])
+                # The row that blocked us vanished in between: claim again.
+            return False, "<unknown: the lease changed hands during the claim>"
+
+        async def retry(
+            fn: Callable[[], Awaitable[tuple[bool, str]]],
+        ) -> tuple[bool, str]:
+            return await self._run("lease", run_id, lambda _: fn())
+
+        async def release() -> None:
+            pool = await self._get_pool()
+            await pool.execute(self._q_release, run_id, holder)
+
+        return _hold_lease(run_id, holder, seconds, claim_once, retry, release, self)
+
+
+@asynccontextmanager
+async def _hold_lease(
+    run_id: str,
+    holder: str,
+    lease_s: float,
+    claim_once: Callable[[], Awaitable[tuple[bool, str]]],
+    retry: Callable[[Callable[[], Awaitable[tuple[bool, str]]]], Awaitable[tuple[bool, str]]],
+    release: Callable[[], Awaitable[None]],
+    store: object,
+) -> AsyncIterator[None]:
+    """Claim (with retries), renew in a background task, release; see ``lease``."""
+    started = 0.0
+
+    async def first_claim() -> tuple[bool, str]:
+        nonlocal started
+        started = anyio.current_time()  # the lease runs from the attempt that took it
+        return await claim_once()
+
+    ok, current = await retry(first_claim)
+    if not ok:
+        raise RunLocked(run_id, current)
+    lost: list[BaseException] = []
+    body_exc: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                _renew, run_id, lease_s, started, claim_once, lost, tg.cancel_scope, store
+            )
+            try:
+                yield
+            except BaseException as exc:  # re-raised below, outside the task group
+                body_exc = exc
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(max(lease_s, 1.0)):
+            try:
+                await release()
+            except Exception as exc:  # it expires on its own; do not mask the body's outcome
+                _log.warning(
+                    "%r: could not release the lease on run %r held by %r (%s: %s); it "
+                    "expires after %.3g s",
+                    store,
+                    run_id,
+                    holder,
+                    type(exc).__name__,
+                    exc,
+                    lease_s,
+                )
+    if lost:
+        cancelled = isinstance(body_exc, anyio.get_cancelled_exc_class())
+        raise lost[0] from (None if cancelled else body_exc)
+    if body_exc is not None:
+        raise body_exc
+
+
+async def _renew(
+    run_id: str,
+    lease_s: float,
+    last_ok: float,
+    claim_once: Callable[[], Awaitable[tuple[bool, str]]],
+    lost: list[BaseException],
+    scope: anyio.CancelScope,
+    store: object,
+) -> None:
+    """Renew the lease every ``lease_s / 3`` until cancelled; on loss, cancel the body."""
+    interval = lease_s / 3
+    healthy = True
+    while True:
+        await anyio.sleep(interval if healthy else interval / 4)
+        tried_at = anyio.current_time()
+        problem: BaseException | None = None
+        if tried_at - last_ok >= lease_s:
+            problem = StoreError(
+                f"{store!r}: the lease on run {run_id!r} could not be renewed for {lease_s:.3g} s "
+                "and has expired, so another worker may take the run; the body was cancelled. "
+                "Check the connection to the server, or use a longer lease."
+            )
+        else:
+            try:
+                ok, current = await claim_once()
+            except Exception as exc:
+                if _is_transient(exc):
+                    healthy = False
+                    continue
+                problem = StoreError(
+                    f"{store!r}: renewing the lease on run {run_id!r} failed: "
+                    f"{type(exc).__name__}: {exc}; the body was cancelled"
+                )
+            else:
+                if ok:
+                    last_ok, healthy = tried_at, True
+                    continue
+                problem = RunLocked(run_id, current)
+        lost.append(problem)
+        scope.cancel()
+        return

@@ -1,0 +1,406 @@
+"""Hypothesis strategies for the pure machine: random plans, configs and scripted outcomes.
+
+A ``Scenario`` is a plan (nodes and ``parallel`` groups whose contracts chain through a
+few schemas), an initial state, a ``MachineConfig`` and a script: for each step, the
+outcome of each attempt (success with usage, a ValueError, a timeout, a custom error, or
+an output that breaks the contract). Attempts past the end of a step's script succeed.
+``ScriptedWorld`` answers the machine's effects from a scenario, with a virtual clock, so
+the tests drive ``advance`` synchronously with no event loop and no node ever running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from stroma import effects as fx
+from stroma.contracts import NodeContract
+from stroma.cost import KNOWN_MODELS, FallbackPolicy
+from stroma.failures import FailureClass, FailurePolicy, default_policy_map
+from stroma.machine import MachineConfig, error_info
+from stroma.plan import ParallelStep, Plan, Step, compile_plan, parallel
+from stroma.runner import stroma_node
+
+__all__ = (
+    "CHECKPOINT",
+    "STARTED_AT",
+    "BadOutput",
+    "CustomError",
+    "Fail",
+    "Num",
+    "Ok",
+    "Scenario",
+    "Scored",
+    "ScriptedWorld",
+    "Strict",
+    "Tagged",
+    "configs",
+    "node_output",
+    "outcomes",
+    "plans",
+    "policy_for",
+    "retry_bound",
+    "scenarios",
+)
+
+STARTED_AT = datetime(2025, 1, 1, tzinfo=UTC)
+CHECKPOINT = {"value": 100, "tag": "checkpoint", "score": 1.0}
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+class Num(BaseModel):
+    value: int
+
+
+class Tagged(BaseModel):
+    value: int
+    tag: str = ""
+
+
+class Scored(BaseModel):
+    value: int
+    score: float = 0.0
+
+
+class Strict(BaseModel):
+    """Requires a tag: as an input it breaks the contract after a state without one."""
+
+    value: int
+    tag: str
+
+
+OUTPUT_SCHEMAS: tuple[type[BaseModel], ...] = (Num, Tagged, Scored, Strict)
+# Strict is rare as an input, so most runs get past their first node.
+INPUT_SCHEMAS: tuple[type[BaseModel], ...] = (Num, Tagged, Scored, Num, Tagged, Scored, Strict)
+
+
+class CustomError(Exception):
+    """A user error that only the custom classifier knows (built-in rules: AMBIGUOUS)."""
+
+
+def _required(schema: type[BaseModel]) -> list[str]:
+    return [name for name, info in schema.model_fields.items() if info.is_required()]
+
+
+def node_output(node_id: str, inp: BaseModel | None) -> dict[str, Any]:
+    """What a scripted node returns: valid for every output schema (extra keys ignored)."""
+    value = getattr(inp, "value", 0)
+    return {"value": value + 1, "tag": node_id, "score": 0.5}
+
+
+# ------------------------------------------------------------------------------ outcomes
+
+
+@attrs.frozen
+class Ok:
+    """The attempt returns a valid output and reports this usage."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model: str | None = None
+    duration_ms: int = 1
+
+
+@attrs.frozen
+class Fail:
+    """The attempt raises: ``value`` (ValueError), ``timeout`` (TimeoutError) or ``custom``."""
+
+    kind: str
+    duration_ms: int = 1
+
+
+@attrs.frozen
+class BadOutput:
+    """The attempt returns an output that breaks its contract (ContractViolation)."""
+
+    input_tokens: int = 0
+    duration_ms: int = 1
+
+
+Outcome = Ok | Fail | BadOutput
+DEFAULT = Ok()
+
+MODELS = (None, *sorted(KNOWN_MODELS))
+durations = st.integers(0, 50)
+tokens = st.integers(0, 2000)
+
+
+def outcomes() -> st.SearchStrategy[Outcome]:
+    """One attempt's outcome: half succeed, a third raise, a sixth break their contract."""
+    ok = st.builds(Ok, tokens, tokens, st.sampled_from(MODELS), durations)
+    fail = st.builds(Fail, st.sampled_from(("value", "timeout", "custom")), durations)
+    bad = st.builds(BadOutput, tokens, durations)
+    return st.one_of(ok, fail, ok, bad, ok, fail)
+
+
+# -------------------------------------------------------------------------------- plans
+
+
+def _node(node_id: str, inp: type[BaseModel], out: type[BaseModel]) -> Any:
+    async def node(state: BaseModel) -> Any:  # pragma: no cover - the pure tests never call it
+        raise AssertionError(f"node {node_id!r} ran: the machine tests never call nodes")
+
+    contract = NodeContract(node_id=node_id, input_schema=inp, output_schema=out)
+    return stroma_node(node_id, contract)(node)
+
+
+@st.composite
+def plans(draw: st.DrawFn, max_steps: int = 5) -> Plan:
+    """A compiled plan of 0..max_steps steps; about one step in four is a parallel group.
+
+    Contracts chain as ``compile_plan`` demands (a Strict input only after an output with a
+    tag), except that the first step may need a tag the initial state lacks: its input
+    then breaks the contract at run time.
+    """
+    items: list[Any] = []
+    counter = 0
+    provided: set[str] | None = None  # the fields the previous step outputs
+
+    def node() -> tuple[Any, type[BaseModel]]:
+        nonlocal counter
+        counter += 1
+        inputs = [
+            schema for schema in INPUT_SCHEMAS
+            if provided is None or set(_required(schema)) <= provided
+        ]
+        out = draw(st.sampled_from(OUTPUT_SCHEMAS))
+        return _node(f"n{counter}", draw(st.sampled_from(inputs)), out), out
+
+    for _ in range(draw(st.integers(0, max_steps))):
+        if draw(st.integers(0, 3)) == 0:
+            group = [node() for _ in range(draw(st.integers(1, 3)))]
+            items.append(parallel(*(fn for fn, _ in group)))
+            provided = {f for _, out in group for f in out.model_fields}
+        else:
+            fn, out = node()
+            items.append(fn)
+            provided = set(out.model_fields)
+    plan = compile_plan(items)
+    # Now and then a step carries its own retry policy (Plan.with_retry).
+    for step_id in plan.step_ids():
+        if draw(st.integers(0, 5)) == 0:
+            plan = plan.with_retry(step_id, {
+                FailureClass.RECOVERABLE: FailurePolicy(
+                    max_retries=draw(st.integers(0, 3)), backoff_seconds=draw(backoffs)
+                )
+            })
+    return plan
+
+
+# ------------------------------------------------------------------------------ configs
+
+backoffs = st.one_of(st.sampled_from((0.0, 0.0, 0.5, 30.0)), st.floats(0, 5))
+Table = tuple[tuple[FailureClass, int, float], ...]
+
+
+@st.composite
+def policy_tables(draw: st.DrawFn) -> Table:
+    """Retry policies for a random subset of the classes (the rest fall back)."""
+    return tuple(
+        (cls, draw(st.integers(0, 3)), draw(backoffs))
+        for cls in FailureClass
+        if draw(st.booleans())
+    )
+
+
+def _maybe(strategy: st.SearchStrategy[Any], one_in: int = 3) -> st.SearchStrategy[Any]:
+    return st.integers(1, one_in).flatmap(lambda k: strategy if k == 1 else st.none())
+
+
+@st.composite
+def configs(draw: st.DrawFn, plan: Plan) -> MachineConfig:
+    """A MachineConfig for ``plan``: policies, budgets, hooks, timeouts, classifiers."""
+    node_ids = plan.node_ids()
+    step_ids = plan.step_ids()
+    max_cost = draw(_maybe(st.floats(0, 0.05), 4))
+    fallbacks: tuple[FallbackPolicy, ...] = ()
+    declared = None
+    if max_cost is not None and draw(st.booleans()):
+        fallbacks = (FallbackPolicy("gpt-4o", "gpt-4o-mini", draw(st.floats(0, 1))),)
+        declared = draw(st.sampled_from((None, "gpt-4o", "claude-opus-4-6")))
+    node_policies = {
+        step_id: draw(policy_tables()) for step_id in step_ids if draw(st.integers(0, 4)) == 0
+    }
+    node_timeouts = {
+        node_id: draw(st.integers(1, 1000)) for node_id in node_ids if draw(st.booleans())
+    }
+    resume_from = None
+    if step_ids and draw(st.integers(0, 5)) == 0:
+        resume_from = draw(st.sampled_from((*step_ids, "not-a-step")))
+    return MachineConfig(
+        run_id="run-prop",
+        seed=draw(st.integers(0, 2**64 - 1)),
+        started_at=STARTED_AT,
+        max_tokens=draw(_maybe(st.integers(0, 8000), 4)),
+        max_cost_usd=max_cost,
+        max_latency_ms=draw(_maybe(st.integers(0, 400), 4)),
+        policy_map=draw(policy_tables()),
+        custom_classifiers=draw(st.booleans()),
+        hooks=frozenset(draw(st.sets(st.sampled_from(("start", "success", "failure"))))),
+        fallbacks=fallbacks,
+        declared_model=declared,
+        resume_from=resume_from,
+        node_timeouts=node_timeouts,
+        node_policies=node_policies,
+    )
+
+
+def policy_for(config: MachineConfig, step: Step, cls: FailureClass) -> tuple[int, float]:
+    """(max_retries, backoff) by the documented lookup: node override, step, run, default."""
+    for table in (config.node_policies.get(step.step_id, ()), step.policies, config.policy_map):
+        for c, retries, backoff in table:
+            if c == cls:
+                return retries, backoff
+    default = default_policy_map()[cls]
+    return default.max_retries, default.backoff_seconds
+
+
+def retry_bound(config: MachineConfig, step: Step) -> int:
+    """The most attempts a step may make: 1 + the largest max_retries of a class that
+    retries (TERMINAL never does, whatever its policy says)."""
+    return 1 + max(
+        policy_for(config, step, cls)[0] for cls in FailureClass if cls != FailureClass.TERMINAL
+    )
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+StepScript = tuple[Any, ...]  # per attempt: an Outcome, or a tuple of them for a group
+
+
+@attrs.frozen
+class Scenario:
+    plan: Plan
+    initial: BaseModel = attrs.field(eq=False)
+    config: MachineConfig
+    script: Mapping[str, StepScript] = attrs.field(hash=False)
+    classifier_answer: FailureClass | None = None
+    hook_errors: bool = False
+    has_checkpoint: bool = True
+
+    def outcome(self, step_id: str, attempt: int) -> Any:
+        attempts = self.script.get(step_id, ())
+        return attempts[attempt - 1] if attempt <= len(attempts) else None
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, max_steps: int = 5) -> Scenario:
+    """A random plan, config and per-attempt script (see the module docstring)."""
+    plan = draw(plans(max_steps))
+    config = draw(configs(plan))
+    script: dict[str, StepScript] = {}
+    for step in plan.steps:
+        if isinstance(step, ParallelStep):
+            n = len(step.children)
+            per_attempt = st.lists(outcomes(), min_size=n, max_size=n).map(tuple)
+            script[step.step_id] = tuple(draw(st.lists(per_attempt, max_size=4)))
+        else:
+            script[step.step_id] = tuple(draw(st.lists(outcomes(), max_size=5)))
+    return Scenario(
+        plan=plan,
+        initial=draw(st.sampled_from((Num(value=0), Tagged(value=0, tag="init")))),
+        config=config,
+        script=script,
+        classifier_answer=draw(st.sampled_from((None, *FailureClass))),
+        hook_errors=draw(st.booleans()),
+        has_checkpoint=draw(st.booleans()),
+    )
+
+
+# -------------------------------------------------------------------------- the world
+
+
+def _exception(kind: str, node_id: str, timeout_ms: int | None) -> Exception:
+    if kind == "value":
+        return ValueError(f"node {node_id!r} produced a malformed value")
+    if kind == "timeout":
+        return TimeoutError(f"node {node_id!r} timed out after {timeout_ms} ms")
+    return CustomError(f"node {node_id!r} hit a provider error")
+
+
+class ScriptedWorld:
+    """Answers the machine's effects from a scenario's script, on a virtual clock."""
+
+    def __init__(self, scenario: Scenario, *, hook_errors: bool | None = None) -> None:
+        self.scenario = scenario
+        self.now = scenario.config.started_at
+        self.hook_errors = scenario.hook_errors if hook_errors is None else hook_errors
+        self.hooks_fired = 0
+        self.table: Mapping[type, Callable[[Any], Any]] = {
+            fx.CallNode: self.call_node,
+            fx.CallParallel: self.call_parallel,
+            fx.ClassifyFailure: self.classify,
+            fx.FireHook: self.fire_hook,
+            fx.Sleep: self.sleep,
+            fx.SaveCheckpoint: lambda e: fx.CheckpointSaved(e.node_id),
+            fx.LoadCheckpoint: self.load,
+        }
+
+    def __call__(self, effect: Any) -> Any:
+        return self.table[type(effect)](effect)
+
+    def outcome_event(self, call: fx.CallNode, outcome: Outcome | None) -> Any:
+        """The event for one node call with this outcome (the clock does not move)."""
+        if outcome is None:
+            outcome = DEFAULT
+        if isinstance(outcome, Ok):
+            return fx.NodeReturned(
+                node_output(call.node_id, call.input), self.now, outcome.duration_ms,
+                outcome.input_tokens, outcome.output_tokens, outcome.model,
+            )
+        if isinstance(outcome, BadOutput):
+            return fx.NodeReturned(
+                {"value": "not a number"}, self.now, outcome.duration_ms, outcome.input_tokens
+            )
+        exc = _exception(outcome.kind, call.node_id, call.timeout_ms)
+        duration = outcome.duration_ms
+        if outcome.kind == "timeout" and call.timeout_ms is not None:
+            duration = call.timeout_ms
+        return fx.NodeRaised(error_info(exc), self.now, duration)
+
+    def call_node(self, eff: fx.CallNode) -> Any:
+        event = self.outcome_event(eff, self.scenario.outcome(eff.node_id, eff.attempt))
+        self.now += timedelta(milliseconds=event.duration_ms)
+        return event
+
+    def call_parallel(self, eff: fx.CallParallel) -> fx.ParallelReturned:
+        scripted = self.scenario.outcome(eff.step_id, eff.attempt) or ()
+        events: list[Any] = []
+        failed = False
+        for i, call in enumerate(eff.calls):
+            if failed:  # a sibling raised first: this child was cancelled
+                events.append(fx.NodeCancelled(self.now, 0))
+                continue
+            event = self.outcome_event(call, scripted[i] if i < len(scripted) else None)
+            failed = isinstance(event, fx.NodeRaised)
+            events.append(event)
+        duration = max((e.duration_ms for e in events), default=0)
+        result = fx.ParallelReturned(self.now, duration, tuple(events))
+        self.now += timedelta(milliseconds=duration)
+        return result
+
+    def classify(self, eff: fx.ClassifyFailure) -> fx.FailureClassified:
+        if eff.error.type_name.endswith(".CustomError"):
+            return fx.FailureClassified(self.scenario.classifier_answer)
+        return fx.FailureClassified(None)
+
+    def fire_hook(self, eff: fx.FireHook) -> fx.HookFired:
+        self.hooks_fired += 1
+        if self.hook_errors and self.hooks_fired % 2:
+            return fx.HookFired(error_info(RuntimeError(f"{eff.kind} hook is down")))
+        return fx.HookFired()
+
+    def sleep(self, eff: fx.Sleep) -> fx.Slept:
+        self.now += timedelta(seconds=eff.seconds)
+        return fx.Slept(eff.seconds)
+
+    def load(self, eff: fx.LoadCheckpoint) -> fx.CheckpointLoaded:
+        state = eff.schema.model_validate(CHECKPOINT) if self.scenario.has_checkpoint else None
+        return fx.CheckpointLoaded(eff.node_id, state)
