@@ -164,6 +164,16 @@ class SaveCheckpoint:
 
     node_id: str
     state: BaseModel = attrs.field(eq=False, repr=False)
+    # The state's schema reference, as logged (so a store can rebuild the checkpoint from
+    # the log); worked out from ``state`` when not given.
+    schema: str | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def schema_ref(self) -> str | None:
+        if self.schema is not None:
+            return self.schema
+        cls = type(self.state)
+        return None if self.state is None else f"{cls.__module__}:{cls.__qualname__}"
 
 
 @attrs.frozen

@@ -141,6 +141,8 @@ def _enc(value: Any) -> Any:
     name = type(value).__name__
     if name == "RecordAttempt":
         return {"t": name, "event": _enc(value.event)}
+    if name == "SaveCheckpoint":
+        return {"t": name, "node_id": value.node_id, "schema": value.schema_ref}
     if name == "PlanFinished":
         out = {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]
                              if k != "records"}}

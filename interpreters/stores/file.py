@@ -2,8 +2,11 @@
 
 Layout under the store's folder ``path``::
 
-    path/runs/<run>/log.jsonl                 the effect log (JSON lines, appended, fsync'd)
-    path/runs/<run>/checkpoints/<node>.json   {"schema": "mod:Qual", "node_id": ..., "data": ...}
+    path/runs/<run>/log.jsonl                 the effect log (JSON lines, appended, fsync'd),
+                                              with the checkpoints committed with it
+    path/runs/<run>/checkpoints/<node>.json   checkpoints saved with ``save``:
+                                              {"ns": ..., "schema": "mod:Qual", "node_id": ...,
+                                               "data": ...}
     path/runs/<run>/run.json                  {"run_id": ...}, only for hashed folder names
 
 **Names.** A run id or node id becomes a file name by percent-encoding (lower-case hex) every
@@ -16,13 +19,16 @@ share a folder even on a case-insensitive file system (macOS, Windows). A name l
 encode as UTF-8; anything else is a ``StoreError`` saying what is allowed. Run folders are
 also checked after resolving symlinks: nothing is ever read or written outside ``path``.
 
-**Durability.** A checkpoint is written atomically: a temp file ``~tmp.<random>`` in the
-same folder, written with one ``os.write`` (no user-space buffer, so nothing to flush),
-fsync'd, ``os.replace``'d over the old file, then the folder is fsync'd. ``append_log``
-writes its checkpoint that way first and then appends all its lines with one write and one
-fsync, so when it returns the node's checkpoint and its log records are both durable, and a
-log that says a checkpoint was saved never points at a missing one. A crash can leave only
-a torn last line, which ``read_log`` drops (the run's last whole record wins) and the next
+**Durability.** ``save`` writes a checkpoint file atomically: a temp file ``~tmp.<random>``
+in the same folder, written with one ``os.write`` (no user-space buffer, so nothing to
+flush), fsync'd, ``os.replace``'d over the old file, then the folder is fsync'd.
+``append_log`` is a run's commit: its lines (and, when given, the node's checkpoint as a
+line ``{"ckpt":1,"ns":...,"schema":...,"node_id":...,"data":...}`` placed before the records
+that say it was saved) are appended with one write and one fsync, so when it returns the
+node's checkpoint and its log records are durable together, for the price of one fsync per
+node. ``read_log`` skips checkpoint lines; ``load`` answers with the newer of the node's
+checkpoint file and its last checkpoint line (``ns`` orders them). A crash can leave only a
+torn last line, which ``read_log`` drops (the run's last whole record wins) and the next
 ``append_log`` cuts off before appending; or a stale ``~tmp.*`` file, which is removed the
 next time this run is written.
 
@@ -56,6 +62,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote_to_bytes
+
+import time
 
 import aiofiles.os
 import anyio
@@ -98,6 +106,8 @@ _TABLE = tuple(chr(b) if b in _SAFE else f"%{b:02x}" for b in range(256))
 _PLAIN = re.compile(rf"[a-z0-9_-][a-z0-9_.-]{{0,{MAX_NAME_BYTES - 1}}}")
 _HASHED = re.compile(r"~[0-9a-f]{64}")
 _HEADER_START = '{"stroma_log"'
+# A checkpoint committed with the log is a line of log.jsonl that the effect log skips.
+_CKPT_LINE = b'{"ckpt":1,'
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -261,12 +271,19 @@ def _check_state(state: object, node_id: object, op: str) -> BaseModel:
     return state
 
 
-def _encode_checkpoint(node_id: str, state: BaseModel) -> bytes:
+def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) -> bytes:
+    """A checkpoint envelope: a file of its own, or (``line``) a line of the run's log.
+
+    ``ns`` orders the two kinds: a load answers with the newer one.
+    """
     cls = type(state)
     declare_schema(cls)
     return b"".join(
         (
-            b'{"schema":',
+            _CKPT_LINE if line else b"{",
+            b'"ns":',
+            str(time.time_ns()).encode(),
+            b',"schema":',
             json.dumps(_schema_ref(cls)).encode(),
             b',"node_id":',
             json.dumps(node_id).encode(),
@@ -287,6 +304,16 @@ def _resolve(ref: object, source: str) -> type[BaseModel]:
         if cls is None:
             raise
         return cls
+
+
+def _ns(raw: bytes) -> int:
+    """When a checkpoint envelope was written (0 for envelopes older than the field)."""
+    head = raw[:48]
+    at = head.find(b'"ns":')
+    if at < 0:
+        return 0
+    digits = head[at + 5 :].split(b",", 1)[0]
+    return int(digits) if digits.isdigit() else 0
 
 
 def _decode_checkpoint(
@@ -364,8 +391,12 @@ def _whole_end(data: bytes, records: int) -> int:
         except (ValueError, RecursionError):
             obj = None
         index = obj.get("i") if isinstance(obj, dict) else None
-        if isinstance(index, int | float) and index < records:
-            break
+        if isinstance(obj, dict) and "ckpt" in obj:
+            break  # a whole checkpoint line (saved with the log, or alone)
+        if isinstance(index, int | float) and (
+            index < records or (index == records and "partial" in obj)  # type: ignore[operator]
+        ):
+            break  # a whole record, or a finished child of the fan-out in flight
         end = start
     return end
 
@@ -495,7 +526,10 @@ class FileStore:
         if b"\n" not in data:  # the first append was cut short: nothing of it is durable
             return None, 0
         source = os.path.join(run.dir, LOG_NAME)
-        log = EffectLog.from_jsonl(data, source=source)
+        text = data
+        if _CKPT_LINE in data:  # the checkpoints committed with it are not effect records
+            text = b"\n".join(x for x in data.split(b"\n") if not x.startswith(_CKPT_LINE))
+        log = EffectLog.from_jsonl(text, source=source)
         if log.header.run_id != run.run_id:
             raise LogCorrupted(
                 source,
@@ -510,10 +544,20 @@ class FileStore:
             self._prepare(run)
             _write_atomic(folder, path, data)
 
-    def _load_sync(self, run: _Run, path: str) -> bytes | None:
+    def _load_sync(self, run: _Run, path: str, node_id: str) -> tuple[bytes | None, bytes | None]:
+        """The checkpoint file's bytes and the last checkpoint line of the log for the node."""
         if run.dir not in self._ready:
             self._check_inside(run)
-        return _read(path)
+        line = None
+        log = _read(os.path.join(run.dir, LOG_NAME))
+        if log is not None and _CKPT_LINE in log:
+            whole = log[: self._parse_log(run, log)[1]]  # not from a torn tail
+            key = b'"node_id":' + json.dumps(node_id).encode() + b',"data":'
+            for candidate in reversed(whole.split(b"\n")):
+                if candidate.startswith(_CKPT_LINE) and key in candidate:
+                    line = candidate
+                    break
+        return _read(path), line
 
     def _append_sync(
         self, run: _Run, data: bytes, header: bool, checkpoint: tuple[str, bytes] | None
@@ -671,9 +715,13 @@ class FileStore:
         run = self._run(run_id, f"FileStore.{op}")
         path = self._checkpoint_path(run, node_id, f"FileStore.{op}")
         try:
-            raw = await _in_thread(self._load_sync, run, path)
+            raw, line = await _in_thread(self._load_sync, run, path, node_id)
         except OSError as e:
             raise self._fail(op, run_id, e) from e
+        if raw is not None and line is not None:
+            raw = raw if _ns(raw) > _ns(line) else line  # the newer save wins
+        elif raw is None:
+            raw, path = line, os.path.join(run.dir, LOG_NAME)
         if raw is None:
             return None
         return _decode_checkpoint(raw, node_id, schema, path)
@@ -728,14 +776,21 @@ class FileStore:
                     f"{op}: a line contains a line break; each item must be one JSON line "
                     "without its trailing newline"
                 )
+        header = bool(lines) and lines[0].startswith(_HEADER_START)
         item: tuple[str, bytes] | None = None
         if checkpoint is not None:
             node_id, state = checkpoint
-            path = self._checkpoint_path(run, node_id, op)
-            item = (path, _encode_checkpoint(node_id, _check_state(state, node_id, op)))
-        if not data and item is None:
+            self._checkpoint_path(run, node_id, op)  # the node id must be a safe name
+            ckpt = _encode_checkpoint(node_id, _check_state(state, node_id, op), line=True)
+            # One write, one fsync: the checkpoint is a line of the log, before the records
+            # that say it was saved (after the header of a new log).
+            if header:
+                cut = data.index(b"\n") + 1
+                data = data[:cut] + ckpt + b"\n" + data[cut:]
+            else:
+                data = ckpt + b"\n" + data
+        if not data:
             return
-        header = bool(lines) and lines[0].startswith(_HEADER_START)
         try:
             await _in_thread_shielded(self._append_sync, run, data, header, item)
         except OSError as e:

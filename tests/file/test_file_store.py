@@ -345,7 +345,8 @@ async def test_any_text_id_round_trips_or_is_refused_and_stays_inside(ident: str
 
 
 async def test_atomic_writes_leave_no_temp_files(tmp_path: Path) -> None:
-    """After saves and log appends the store holds only the expected files, no temp files."""
+    """After saves and log appends the store holds only the expected files, no temp files
+    (checkpoints committed with the log are lines of log.jsonl, not files)."""
     store = FileStore(tmp_path)
     for k in range(3):
         await store.save("run", "node", Step(v=k))
@@ -355,9 +356,6 @@ async def test_atomic_writes_leave_no_temp_files(tmp_path: Path) -> None:
         "runs",
         "runs/run",
         "runs/run/checkpoints",
-        "runs/run/checkpoints/n0.json",
-        "runs/run/checkpoints/n1.json",
-        "runs/run/checkpoints/n2.json",
         "runs/run/checkpoints/node.json",
         "runs/run/log.jsonl",
     ]
@@ -457,7 +455,8 @@ async def test_a_log_round_trips_exactly(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     log = sample_log()
     await write_log(store, log)
-    assert log_path(tmp_path).read_text() == log.to_jsonl()
+    written = log_path(tmp_path).read_text().splitlines(keepends=True)
+    assert "".join(x for x in written if not x.startswith('{"ckpt"')) == log.to_jsonl()
     got = await store.read_log("r1")
     assert got == log and got is not None and got.completed_nodes() == ["n0", "n1", "n2"]
 
@@ -682,3 +681,18 @@ async def test_a_tampered_schema_ref_is_refused_and_nothing_is_imported(
     assert ref in str(info.value) and str(path) in str(info.value)
     # The caller who names the schema itself still gets its data: the stored ref is not used.
     assert await FileStore(tmp_path).load_typed("run", "node", Step) == Step(v=1)
+
+
+@pytest.mark.anyio
+async def test_the_newer_of_file_and_log_checkpoint_wins(tmp_path: Path) -> None:
+    """A checkpoint committed with the log and one saved as a file: load answers the newer."""
+    store = FileStore(tmp_path)
+    log = sample_log()
+    await store.append_log("r1", [encode_header(log.header)], ("n0", Step(v=1)))
+    assert await FileStore(tmp_path).load("r1", "n0") == Step(v=1)
+    await store.save("r1", "n0", Step(v=2))
+    assert await FileStore(tmp_path).load("r1", "n0") == Step(v=2)
+    await store.append_log("r1", encode_record(0, log.records[0]), ("n0", Step(v=3)))
+    assert await FileStore(tmp_path).load("r1", "n0") == Step(v=3)
+    got = await FileStore(tmp_path).read_log("r1")
+    assert got is not None and got.records == log.records[:1]
