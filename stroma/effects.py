@@ -197,26 +197,47 @@ def _same_json(a: Any, b: Any) -> bool:
     return bool(_as_json(a) == _as_json(b))
 
 
-_JSON_EQ = attrs.cmp_using(eq=_same_json, require_same_type=False)
-
-
-@attrs.frozen
+@attrs.frozen(eq=False)
 class RecordAttempt:
     """The machine's account of one finished attempt; the trace is made of these.
 
     The states may be live models: their JSON form (the trace event's dicts) is made only
-    when ``event`` is read, so a run pays for its trace only if someone looks at it.
+    when ``event`` is read, so a run pays for its trace only if someone looks at it. Two
+    records are equal when their fields are, states compared by their JSON form (a live
+    model equals the dict a log holds for it).
     """
 
     node_id: str
     run_id: str
     attempt: int
     timestamp_utc: datetime
-    input_state: Any = attrs.field(eq=_JSON_EQ, repr=False)
-    output_state: Any = attrs.field(eq=_JSON_EQ, repr=False)
+    input_state: Any = attrs.field(repr=False)
+    output_state: Any = attrs.field(repr=False)
     duration_ms: int
     failure: FailureClass | None = None
     failure_message: str | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not RecordAttempt:
+            return NotImplemented
+        assert isinstance(other, RecordAttempt)
+        return (
+            self.node_id == other.node_id
+            and self.attempt == other.attempt
+            and self.duration_ms == other.duration_ms
+            and self.timestamp_utc == other.timestamp_utc
+            and self.failure == other.failure
+            and self.failure_message == other.failure_message
+            and self.run_id == other.run_id
+            and _same_json(self.output_state, other.output_state)
+            and _same_json(self.input_state, other.input_state)
+        )
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]  # states may be unhashable dicts
 
     @classmethod
     def of(cls, event: TraceEvent) -> RecordAttempt:
