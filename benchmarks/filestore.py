@@ -57,9 +57,11 @@ def main(n: int = 1_000, repeats: int = 5) -> tuple[float, float, float]:
             times_b.append(perf_counter() - t0)
             assert out.value == n
             store = FileStore(os.path.join(root, "store"))
+            config = RunConfig(run_id=f"bench{r}")
             t0 = perf_counter()
-            result = anyio.run(lambda: interpret(plan, S(value=0), store=store,
-                                                 config=RunConfig(run_id=f"bench{r}")))
+            result = anyio.run(
+                lambda s=store, c=config: interpret(plan, S(value=0), store=s, config=c)
+            )
             times_s.append(perf_counter() - t0)
             assert result.final_state.value == n  # type: ignore[attr-defined]
     finally:

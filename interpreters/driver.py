@@ -147,9 +147,9 @@ def initial_from_header(plan: Plan, data: dict[str, Any]) -> BaseModel:
     except StromaError:
         if not plan.steps:
             raise
-        first = plan.steps[0]
+        first: Any = plan.steps[0]
         schema = first.children[0].input_schema if hasattr(first, "children") else (
-            first.input_schema  # type: ignore[union-attr]
+            first.input_schema
         )
     return schema.model_validate(raw)
 
@@ -248,7 +248,7 @@ async def drive(
                     if type(eff) is fx.RecordAttempt or type(eff) is fx.Finish:
                         records.append(rec)
                         i += 1
-                        if type(eff) is fx.RecordAttempt:
+                        if isinstance(eff, fx.RecordAttempt):
                             trace.append(eff)
                             continue
                         return await _result(plan, eff, trace, recorder)
@@ -288,11 +288,13 @@ async def drive(
         else:
             assert perform is not None
             event = await (table[type(pending)] if table else perform)(pending)
-            records.append((pending, event))
+            records.append((pending, event))  # type: ignore[arg-type]
         try:
             state, effects = advance(state, event)
         except UnexpectedEvent as e:
-            raise NondeterminismError(len(records) - 1, repr(event), "(no such event)", str(e))
+            raise NondeterminismError(
+                len(records) - 1, repr(event), "(no such event)", str(e)
+            ) from None
 
 
 async def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None:
@@ -304,6 +306,7 @@ async def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None
             continue
         header = LogHeader(run_id=call.config.run_id, plan=call.plan_fingerprint,
                            seed=call.config.seed, version="", started_at="")
+        assert call.input is not None
         state, effects = start(call.plan, call.input, call.config)
         try:
             result = await drive(call.plan, state, effects, Recorder(EffectLog(header, []), None),

@@ -23,9 +23,8 @@ import anyio
 from stroma import effects as fx
 from stroma.cost import normalize_node_return
 from stroma.failures import FailureClass, NodeContext
-from stroma.machine import error_info
 from stroma.log import EffectLog, LogHeader
-from stroma.machine import start
+from stroma.machine import error_info, start
 from stroma.plan import Choose, NodeStep, Plan
 from stroma.trace import RunStatus
 
@@ -34,7 +33,7 @@ __all__ = ("LivePerformer", "RunLogger")
 _log = logging.getLogger("stroma")
 
 
-class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class RunLogger(logging.LoggerAdapter):
     """Every log line of a run carries its run_id."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -216,9 +215,10 @@ class LivePerformer:
             hooks=self.hooks, classifiers=self.classifiers, context=self.context,
             sleep=self.sleep, clock=self.now, timer=self.timer,
         )
+        assert call.input is not None
         state, effects = start(call.plan, call.input, call.config)
         result = await drive(call.plan, state, effects, recorder, performer)
-        finish = recorder.records[-1][0]  # type: ignore[index]
+        finish: Any = recorder.records[-1][0]  # type: ignore[index]
         return fx.PlanFinished(
             result.status, result.final_state.model_dump(mode="json"), result.total_tokens,
             result.total_cost_usd, finish.total_latency_ms, result.stop_reason, started,

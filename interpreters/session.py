@@ -56,7 +56,8 @@ async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
             # Find the first record where the new plan diverges, to name it.
             await _verify_prefix(plan, log)
             raise NondeterminismError(
-                0, f"plan fingerprint {header.plan[:16]}", f"plan fingerprint {plan.fingerprint[:16]}",
+                0, f"plan fingerprint {header.plan[:16]}",
+                f"plan fingerprint {plan.fingerprint[:16]}",
                 "the plan's structure or contracts changed since the run was recorded",
             )
         state, effects = first_state(plan, header)
@@ -153,7 +154,7 @@ async def run_session(
             marker = ResumeMarker(machine.started_at.isoformat(), restart)
             recorder = Recorder(EffectLog(existing.header, [*existing.records, marker]),
                                 log_store, flushed=len(existing.records))
-            replay = ()
+            replay = []
         else:
             header = LogHeader(
                 run_id=run_id,
@@ -165,7 +166,7 @@ async def run_session(
             )
             state, effects = start(plan, initial_state, machine)
             recorder = Recorder(EffectLog(header, []), log_store, flushed=-1)
-            replay = ()
+            replay = []
         if log_store is None and callable(getattr(store, "attach_log", None)):
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True

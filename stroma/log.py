@@ -106,7 +106,8 @@ _CLASSES: dict[str, type] = {
 }
 # Live-only fields that a log never holds (the answer to them is in the log instead).
 _SKIP = {("RunPlan", "plan"), ("RunPlan", "input"), ("RunPlan", "config"),
-         ("ChooseBranch", "state"), ("CallNode", "input"), ("SaveCheckpoint", "state"), ("LoadCheckpoint", "schema"),
+         ("ChooseBranch", "state"), ("CallNode", "input"), ("SaveCheckpoint", "state"),
+         ("LoadCheckpoint", "schema"),
          ("ErrorInfo", "exc"), ("CallParallel", "calls"), ("ParallelReturned", "outcomes")}
 _FIELDS: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in attrs.fields(cls) if (name, f.name) not in _SKIP)

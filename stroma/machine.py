@@ -48,8 +48,8 @@ from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded, FallbackPolicy, estimate_cost_usd, fallback_for
 from stroma.errors import StromaError
 from stroma.failures import FailureClass, builtin_class_for_names, default_policy_map
-from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan, Step
-from stroma.trace import RunStatus, TraceEvent
+from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan
+from stroma.trace import RunStatus
 
 __all__ = (
     "Attempt",
@@ -266,7 +266,7 @@ def _validate(
         return ContractViolation(node_id, direction, shown, e.errors(include_url=False))
 
 
-def _policy(state: RunState, step: Step, cls: FailureClass) -> tuple[int, float]:
+def _policy(state: RunState, step: Any, cls: FailureClass) -> tuple[int, float]:
     per_node = state.config.node_policies.get(step.step_id, ())
     for table in (per_node, step.policies, state.config.policy_map, _DEFAULTS):
         for c, retries, backoff in table:
@@ -285,7 +285,7 @@ def _draw(rng: int) -> tuple[int, float]:
     return rng, z / _MASK
 
 
-def _timeout(s: RunState, step: Step) -> int | None:
+def _timeout(s: RunState, step: Any) -> int | None:
     if s.config.node_timeouts:
         ms = s.config.node_timeouts.get(step.step_id)
         if ms is not None:
@@ -362,8 +362,8 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
     """The first state of a run and its first effects."""
     if not isinstance(initial_state, BaseModel):
         raise TypeError(
-            f"initial_state must be a pydantic BaseModel instance (got {type(initial_state).__name__}"
-            "): wrap it, e.g. Input(**data)"
+            "initial_state must be a pydantic BaseModel instance (got "
+            f"{type(initial_state).__name__}): wrap it, e.g. Input(**data)"
         )
     s = RunState(
         plan=plan,
@@ -564,7 +564,7 @@ def _begin_attempt(s: RunState) -> Out:
     return _next(s, "call", att), [call]
 
 
-def _input_broken(s: RunState, step: Step, violation: ContractViolation) -> Out:
+def _input_broken(s: RunState, step: Any, violation: ContractViolation) -> Out:
     """The input breaks the contract: the attempt fails without calling the node, after
     the start hook (so an attempt's hooks always come as start, then success or failure)."""
     error = _error(violation)
@@ -593,13 +593,13 @@ def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
 
 
 def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
-    step = s.plan.program[s.pos]
-    att = s.current
+    step: Any = s.plan.program[s.pos]
+    att: Any = s.current
     if ev.input_tokens or ev.output_tokens:
         tokens, cost = _price(att.call.model, ev)
     else:
         tokens, cost = 0, 0.0
-    out = _validate(step.node_id, "output", step.output_schema, ev.output)
+    out: Any = _validate(step.node_id, "output", step.output_schema, ev.output)
     c = s.config
     if type(out) is step.output_schema and not c.budgeted:
         # Fast path (valid output, no budget): the next step is worked out now, to
@@ -683,7 +683,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             elif first_error is None:
                 outputs.append(outcome.output)
         elif first_error is None:
-            out = _validate(child.node_id, "output", child.output_schema, outcome.output)
+            node: Any = child
+            out = _validate(node.node_id, "output", node.output_schema, outcome.output)
             if isinstance(out, ContractViolation):
                 first_error = _error(out)
             else:
@@ -737,7 +738,7 @@ def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
 
 def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
     if s.after is not None:
-        return s.after  # type: ignore[no-any-return]
+        return s.after
     att = s.current
     assert att is not None and att.output is not None and att.output_json is not None
     if "success" in s.config.hooks:

@@ -388,12 +388,12 @@ def _is_list_field(schema: type[BaseModel], name: str) -> bool | None:
 def _item_schema(schema: type[BaseModel], name: str) -> type[BaseModel] | None:
     """What a map body receives per item of the list field ``name``: the item's model, or
     ``{"item": value}`` for a plain value; None when the item type says nothing useful."""
-    ann = schema.model_fields[name].annotation
+    ann: Any = schema.model_fields[name].annotation
     if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        ann = args[0] if len(args) == 1 else None
+        members = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = members[0] if len(members) == 1 else None
     args = typing.get_args(ann)
-    elem = args[0] if args else None
+    elem: Any = args[0] if args else None
     if isinstance(elem, type) and issubclass(elem, BaseModel):
         return elem
     origin = typing.get_origin(elem) or elem
@@ -402,8 +402,8 @@ def _item_schema(schema: type[BaseModel], name: str) -> type[BaseModel] | None:
     key = ("item", schema, name)
     cached = _MERGED.get(key)
     if cached is None:
-        cached = create_model(f"{schema.__name__}_{name}_item", __module__=__name__,
-                              item=(elem, ...))
+        fields: dict[str, Any] = {"item": (elem, ...)}
+        cached = create_model(f"{schema.__name__}_{name}_item", __module__=__name__, **fields)
         cached.__qualname__ = f"{cached.__name__}_{len(_MERGED)}"
         _MERGED[key] = cached
     return cached
@@ -414,7 +414,7 @@ def _common_schema(a: type[BaseModel], b: type[BaseModel]) -> type[BaseModel]:
     key = ("common", a, b)
     cached = _MERGED.get(key)
     if cached is None:
-        fields = {
+        fields: dict[str, Any] = {
             n: (i.annotation, i) for n, i in a.model_fields.items()
             if n in b.model_fields and b.model_fields[n].annotation == i.annotation
         }
@@ -538,7 +538,14 @@ class Plan(_Combinable):
 
     @property
     def output_schema(self) -> type[BaseModel] | None:
-        return _output_of(self.steps[-1]) if self.steps else None
+        out: type[BaseModel] | None = None
+        for i, step in enumerate(self.steps):
+            if isinstance(step, BranchStep):
+                # An empty arm passes the state on: at the start, the plan's own input.
+                out = _after_branch(step, out if i else _input_of(step))
+            else:
+                out = _output_of(step)
+        return out
 
     def schemas(self) -> set[type[BaseModel]]:
         out: set[type[BaseModel]] = set()
@@ -663,7 +670,7 @@ def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
         contract = registry.get(marker.node_id)
     cached = getattr(fn, STEP_ATTR, None)
     if cached is not None and cached[0] is contract and cached[1].node_id == marker.node_id:
-        return cached[1]  # type: ignore[no-any-return]
+        return cached[1]
     if not _is_async(fn):
         raise PlanError(
             f"node {marker.node_id!r} ({name}) is not an async function: define it with "

@@ -140,7 +140,9 @@ class RunConfig(BaseModel):
         return value
 
 
-def _table(policies: Mapping[Any, FailurePolicy] | None) -> tuple[tuple[FailureClass, int, float], ...]:
+def _table(
+    policies: Mapping[Any, FailurePolicy] | None,
+) -> tuple[tuple[FailureClass, int, float], ...]:
     if not policies:
         return ()
     return tuple(

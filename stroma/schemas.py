@@ -49,7 +49,9 @@ def _resolve_schema(ref: str) -> type[BaseModel]:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
-        raise TypeError(f"schema reference {ref!r} names {obj!r}, which is not a pydantic BaseModel")
+        raise TypeError(
+            f"schema reference {ref!r} names {obj!r}, which is not a pydantic BaseModel"
+        )
     return obj
 
 

@@ -58,12 +58,11 @@ import secrets
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote_to_bytes
-
-import time
 
 import aiofiles.os
 import anyio
@@ -394,7 +393,7 @@ def _whole_end(data: bytes, records: int) -> int:
         if isinstance(obj, dict) and "ckpt" in obj:
             break  # a whole checkpoint line (saved with the log, or alone)
         if isinstance(index, int | float) and (
-            index < records or (index == records and "partial" in obj)  # type: ignore[operator]
+            index < records or (index == records and "partial" in obj)
         ):
             break  # a whole record, or a finished child of the fan-out in flight
         end = start
