@@ -209,6 +209,7 @@ async def drive(
     i = 0  # next recorded record to match
     live = perform is not None and n_replay == 0 and not resuming
     table = getattr(perform, "table", None)  # a performer's dispatch table, called directly
+    sync_table = getattr(perform, "sync_table", None) or {}  # effects done without awaiting
     while True:
         pending = None
         for eff in effects:
@@ -252,6 +253,10 @@ async def drive(
                             trace.append(eff)
                             continue
                         return await _result(plan, eff, trace, recorder)
+                    if type(eff) is fx.SaveCheckpoint and rec[1] is not None:
+                        records.append(rec)  # acknowledged: nothing to feed back
+                        i += 1
+                        continue
                     if rec[1] is None:  # the effect in flight when the run stopped
                         i += 1
                         if perform is None:
@@ -272,6 +277,12 @@ async def drive(
             if t is fx.RecordAttempt:
                 records.append((eff, None))
                 trace.append(eff)
+            elif t is fx.SaveCheckpoint:
+                # Performed before what follows it; the machine does not wait for it.
+                assert perform is not None
+                save_now = sync_table.get(t)
+                saved = save_now(eff) if save_now else await (table[t] if table else perform)(eff)
+                records.append((eff, saved))
             elif t is fx.Finish:
                 records.append((eff, None))
                 await recorder.flush()

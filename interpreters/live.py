@@ -66,6 +66,11 @@ class LivePerformer:
         self.recorder = recorder
         self.durable = recorder.store is not None
         self.sync_save = None if manager.is_async else manager.store.save
+        # Effects that can be performed without awaiting (the driver calls these directly).
+        self.sync_table: dict[type, Callable[[Any], Any]] = (
+            {fx.SaveCheckpoint: self.save_checkpoint_sync}
+            if self.sync_save is not None and not self.durable else {}
+        )
         self.hooks = hooks
         self.classifiers = tuple(classifiers)
         self.context = context if context is not None else {}
@@ -122,7 +127,9 @@ class LivePerformer:
                     )
         except Exception as exc:
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
-        duration = _ms(self.timer() - t0)
+        duration = int((self.timer() - t0) * 1000)
+        if type(raw) is dict:  # no usage reported: the common case
+            return fx.NodeReturned(raw, started, duration)
         output, tin, tout, model = normalize_node_return(raw)
         return fx.NodeReturned(output, started, duration, tin, tout, model)
 
@@ -242,6 +249,11 @@ class LivePerformer:
         return fx.BranchChosen(bool(taken))
 
     # -- store
+
+    def save_checkpoint_sync(self, eff: fx.SaveCheckpoint) -> fx.CheckpointSaved:
+        """A synchronous store that holds no log: saved without a coroutine."""
+        self.sync_save(self.run_id, eff.node_id, eff.state)  # type: ignore[misc]
+        return fx.CheckpointSaved(eff.node_id)
 
     async def save_checkpoint(self, eff: fx.SaveCheckpoint) -> fx.CheckpointSaved:
         event = fx.CheckpointSaved(eff.node_id)

@@ -16,15 +16,22 @@ phase      waits for (answering ...)    then
 ========== ============================ =========================================
 load       CheckpointLoaded             begin the resume step, or PARTIAL
 hook_start HookFired (FireHook start)   CallNode / CallParallel
-call       NodeReturned | NodeRaised    success: RecordAttempt, SaveCheckpoint
-           | ParallelReturned           failure: ClassifyFailure or classified
+call       NodeReturned | NodeRaised    success: RecordAttempt, SaveCheckpoint, then
+           | ParallelReturned           FireHook success or the next step's effects
+                                        failure: ClassifyFailure or classified
 classify   FailureClassified            RecordAttempt, FireHook failure or decide
 hook_fail  HookFired (FireHook failure) decide: Finish, Sleep or next attempt
 sleep      Slept                        next attempt
-save       CheckpointSaved              FireHook success, or the next step
 hook_ok    HookFired (FireHook success) the next step
 done       nothing                      (a Finish was emitted)
 ========== ============================ =========================================
+
+The effects of one step come as a list, performed in order: ``RecordAttempt`` and
+``Finish`` need no answer; ``SaveCheckpoint`` is answered (``CheckpointSaved``, kept in
+the log) but the machine does not wait for it, since nothing it decides depends on it:
+it is performed before the effects that follow it, so a node's checkpoint is saved
+before the next node starts. The last effect of a list is the one whose answer the
+machine waits for, unless the list ends with ``Finish``.
 
 An attempt begins with two checks: a budget already spent stops the run (PARTIAL, and
 the trace says why) before the node starts; an input that breaks the contract fails the
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from pydantic import BaseModel, ValidationError
@@ -99,10 +106,20 @@ class MachineConfig:
     base_cost_usd: float = 0.0
     base_latency_ms: int = 0
 
-    @property
-    def budgeted(self) -> bool:
-        return not (self.max_tokens is None and self.max_cost_usd is None
-                    and self.max_latency_ms is None)
+    # Derived once: whether any budget is set, and whether the run is "plain" (no budget,
+    # hooks, model fallbacks or timeout overrides), which lets a node's success go
+    # straight to the next node's call.
+    budgeted: bool = attrs.field(init=False, eq=False, repr=False)
+    plain: bool = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        budgeted = not (self.max_tokens is None and self.max_cost_usd is None
+                        and self.max_latency_ms is None)
+        object.__setattr__(self, "budgeted", budgeted)
+        object.__setattr__(
+            self, "plain",
+            not (budgeted or self.hooks or self.fallbacks or self.node_timeouts),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The decision-making part of the config, for the log header."""
@@ -161,22 +178,25 @@ class MachineConfig:
         )
 
 
-@attrs.frozen
-class Attempt:
-    """The attempt in flight: what the trace and a failure need."""
+class Attempt(NamedTuple):
+    """The attempt in flight: what the trace and a failure need.
 
-    input_json: dict[str, Any]
-    call: fx.CallNode | fx.CallParallel | None = None
+    A named tuple (immutable, compared by value) because one is made per attempt.
+    ``input_json`` may still be the input model: its JSON form is made only when needed.
+    """
+
+    input_json: Any
+    call: Any = None  # fx.CallNode | fx.CallParallel
     started_at: datetime | None = None
     duration_ms: int = 0
     tokens: int = 0
-    output: BaseModel | None = attrs.field(default=None, eq=False)
+    output: BaseModel | None = None
     output_json: dict[str, Any] | None = None
     error: fx.ErrorInfo | None = None
     failure: FailureClass | None = None
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class RunState:
     plan: Plan
     config: MachineConfig
@@ -193,9 +213,6 @@ class RunState:
     clock: datetime
     resumed: bool = False
     current: Attempt | None = None
-    # In phase "save": the state and effects that follow once the checkpoint is saved,
-    # worked out with the output (CheckpointSaved carries no information).
-    after: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def step(self) -> Any:
@@ -203,46 +220,23 @@ class RunState:
 
 
 Out = tuple[RunState, list[Any]]
-_KEEP: Any = object()
 
 
-def _next(
-    s: RunState,
-    phase: str,
-    current: Attempt | None,
-    *,
-    pos: int = -1,
-    attempt: int = 0,
-    retries: int = -1,
-    state: Any = _KEEP,
-    state_json: Any = _KEEP,
-    tokens: int = -1,
-    cost_usd: float = -1.0,
-    latency_ms: int = -1,
-    rng: int = -1,
-    clock: Any = _KEEP,
-    resumed: Any = _KEEP,
-    after: Any = None,
-) -> RunState:
-    """``attrs.evolve`` for the hot path: one direct constructor call, no field lookups."""
-    return RunState(
-        s.plan,
-        s.config,
-        phase,
-        s.pos if pos < 0 else pos,
-        s.attempt if attempt <= 0 else attempt,
-        s.retries if retries < 0 else retries,
-        s.state if state is _KEEP else state,
-        s.state_json if state_json is _KEEP else state_json,
-        s.tokens if tokens < 0 else tokens,
-        s.cost_usd if cost_usd < 0 else cost_usd,
-        s.latency_ms if latency_ms < 0 else latency_ms,
-        s.rng if rng < 0 else rng,
-        s.clock if clock is _KEEP else clock,
-        s.resumed if resumed is _KEEP else resumed,
-        current,
-        after,
-    )
+def _next(s: RunState, phase: str, current: Attempt | None, **changes: Any) -> RunState:
+    """``attrs.evolve`` for the hot path: a copy of the state's fields with some replaced.
+
+    RunState keeps its fields in a ``__dict__`` so that this is one C-level dict copy
+    instead of a constructor call that sets every field.
+    """
+    new = object.__new__(RunState)
+    d = new.__dict__
+    d.update(s.__dict__)
+    d["phase"] = phase
+    d["current"] = current
+    if changes:
+        d.update(changes)
+    return new
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -595,49 +589,43 @@ def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
 def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     step: Any = s.plan.program[s.pos]
     att: Any = s.current
+    c = s.config
+    if c.plain and not (ev.input_tokens or ev.output_tokens):
+        # The hot path: a plain run, a node that reported no usage.
+        try:
+            out = step.output_schema.__pydantic_validator__.validate_python(ev.output)
+        except ValidationError:
+            pass  # the general path below reports the violation
+        else:
+            pos = s.pos + 1
+            record = fx.RecordAttempt(step.node_id, c.run_id, s.attempt, ev.started_at,
+                                      att.input_json, out, ev.duration_ms)
+            save = fx.SaveCheckpoint(step.node_id, out)
+            program = s.plan.program
+            nxt: Any = program[pos] if pos < len(program) else None
+            if type(nxt) is NodeStep and type(out) is nxt.input_schema and nxt.timeout_ms is None:
+                call = fx.CallNode(nxt.node_id, 1, None, None, out)
+                return _next(
+                    s, "call", Attempt(out, call), pos=pos, attempt=1, retries=0, state=out,
+                    state_json=None, latency_ms=s.latency_ms + ev.duration_ms,
+                    clock=(ev.started_at, ev.duration_ms),
+                ), [record, save, call]
+            s, effects = _begin_step(_next(
+                s, "next", None, pos=pos, attempt=1, retries=0, state=out, state_json=None,
+                latency_ms=s.latency_ms + ev.duration_ms, clock=(ev.started_at, ev.duration_ms),
+            ))
+            return s, [record, save, *effects]
     if ev.input_tokens or ev.output_tokens:
         tokens, cost = _price(att.call.model, ev)
     else:
         tokens, cost = 0, 0.0
     out: Any = _validate(step.node_id, "output", step.output_schema, ev.output)
-    c = s.config
-    if type(out) is step.output_schema and not c.budgeted:
-        # Fast path (valid output, no budget): the next step is worked out now, to
-        # follow as soon as the checkpoint is saved.
-        te = fx.RecordAttempt(
-            step.node_id, c.run_id, s.attempt, ev.started_at, att.input_json, out,
-            ev.duration_ms,
-        )
-        tokens_total = s.tokens + tokens
-        cost_total = s.cost_usd + cost
-        latency_total = s.latency_ms + ev.duration_ms
-        clock = (ev.started_at, ev.duration_ms)
-        if c.hooks and "success" in c.hooks:
-            out_json = out.model_dump(mode="json")
-            s = _next(
-                s, "save",
-                Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens, out,
-                        out_json),
-                tokens=tokens_total, cost_usd=cost_total, latency_ms=latency_total,
-                clock=clock,
-            )
-            return s, [te, fx.SaveCheckpoint(step.node_id, out)]
-        # The state after the checkpoint; it waits for CheckpointSaved in phase "save" and
-        # then hands over to what follows (set on it before anyone else sees it).
-        base = _next(
-            s, "save", None, pos=s.pos + 1, attempt=1, retries=0, state=out,
-            state_json=None, tokens=tokens_total, cost_usd=cost_total,
-            latency_ms=latency_total, clock=clock,
-        )
-        object.__setattr__(base, "after", _begin_step(base))
-        s = base
-        return s, [te, fx.SaveCheckpoint(step.node_id, out)]
     s = _next(
         s, s.phase, Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens),
         tokens=s.tokens + tokens,
         cost_usd=s.cost_usd + cost,
         latency_ms=s.latency_ms + ev.duration_ms,
-        clock=_end(ev.started_at, ev.duration_ms),
+        clock=(ev.started_at, ev.duration_ms),
     )
     return _succeeded(s, out)
 
@@ -665,7 +653,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         cost_usd=s.cost_usd + cost,
         latency_ms=s.latency_ms + ev.duration_ms,
         clock=_end(ev.started_at, ev.duration_ms),
-        current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms,
+        current=att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms,
                              tokens=tokens),
     )
     children = step.children if isinstance(step, ParallelStep) else [step.body] * len(calls)
@@ -716,40 +704,34 @@ def _child_failure(call: Any, outcome: fx.PlanFinished) -> fx.ErrorInfo:
 
 
 def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
+    """The attempt's output is valid: record it, save it, and go on to what follows.
+
+    The checkpoint is saved before anything that follows it in the effects (the success
+    hook, the next step), and the machine does not wait for its answer.
+    """
     if isinstance(out, ContractViolation):
         return _failed(s, _error(out))
     step = s.step
     c = s.config
-    if c.max_tokens is not None or c.max_cost_usd is not None or c.max_latency_ms is not None:
+    if c.budgeted:
         over = _exceeded(s, step.step_id)
         if over is not None:
             return _failed(s, _error(over))
     att = s.current
     assert att is not None and att.started_at is not None
-    out_json = out.model_dump(mode="json")
-    te = fx.RecordAttempt(
-        step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out_json,
-        att.duration_ms,
+    record = fx.RecordAttempt(
+        step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out, att.duration_ms,
     )
-    s = _next(s, "save", Attempt(att.input_json, att.call, att.started_at, att.duration_ms,
-                                 att.tokens, out, out_json))
-    return s, [te, fx.SaveCheckpoint(step.step_id, out)]
-
-
-def _on_saved(s: RunState, ev: fx.CheckpointSaved) -> Out:
-    if s.after is not None:
-        return s.after
-    att = s.current
-    assert att is not None and att.output is not None and att.output_json is not None
-    if "success" in s.config.hooks:
-        s = _next(s, "hook_ok", att, state=att.output, state_json=att.output_json,
-                  pos=s.pos + 1, attempt=1, retries=0)
-        step = s.plan.program[s.pos - 1]
-        return s, [fx.FireHook("success", step.step_id, att.call.attempt if att.call else 1,
-                               att.output_json, att.tokens)]
-    s = _next(s, "next", None, state=att.output, state_json=att.output_json,
-              pos=s.pos + 1, attempt=1, retries=0)
-    return _begin_step(s)
+    save = fx.SaveCheckpoint(step.step_id, out)
+    if "success" in c.hooks:
+        out_json = out.model_dump(mode="json")
+        hook = fx.FireHook("success", step.step_id, s.attempt, out_json, att.tokens)
+        s = _next(s, "hook_ok", att, state=out, state_json=out_json, pos=s.pos + 1,
+                  attempt=1, retries=0)
+        return s, [record, save, hook]
+    s, effects = _begin_step(_next(s, "next", None, state=out, state_json=None,
+                                   pos=s.pos + 1, attempt=1, retries=0))
+    return s, [record, save, *effects]
 
 
 def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
@@ -766,7 +748,7 @@ def _on_raised(s: RunState, ev: fx.NodeRaised) -> Out:
         s,
         latency_ms=s.latency_ms + ev.duration_ms,
         clock=_end(ev.started_at, ev.duration_ms),
-        current=attrs.evolve(att, started_at=ev.started_at, duration_ms=ev.duration_ms),
+        current=att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms),
     )
     return _failed(s, ev.error)
 
@@ -774,7 +756,7 @@ def _on_raised(s: RunState, ev: fx.NodeRaised) -> Out:
 def _failed(s: RunState, error: fx.ErrorInfo) -> Out:
     att = s.current
     assert att is not None
-    s = attrs.evolve(s, current=attrs.evolve(att, error=error))
+    s = attrs.evolve(s, current=att._replace(error=error))
     if s.config.custom_classifiers:
         s = attrs.evolve(s, phase="classify")
         return s, [fx.ClassifyFailure(s.step.step_id, s.attempt, error)]
@@ -798,7 +780,7 @@ def _classified(s: RunState, cls: FailureClass) -> Out:
         step.step_id, s.config.run_id, s.attempt, att.started_at or _now(s), att.input_json,
         None, att.duration_ms, cls, message,
     )
-    s = attrs.evolve(s, current=attrs.evolve(att, failure=cls))
+    s = attrs.evolve(s, current=att._replace(failure=cls))
     if "failure" in s.config.hooks:
         s = attrs.evolve(s, phase="hook_fail")
         return s, [te,
@@ -856,7 +838,6 @@ _TABLE: Mapping[str, Mapping[type, _Handler]] = {
     "classify": {fx.FailureClassified: _on_classified},
     "hook_fail": {fx.HookFired: _on_hook_fail},
     "sleep": {fx.Slept: _on_slept},
-    "save": {fx.CheckpointSaved: _on_saved},
     "hook_ok": {fx.HookFired: _on_hook_ok},
     "choose": {fx.BranchChosen: _on_chosen},
     "done": {},

@@ -65,6 +65,8 @@ EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 _Expected = Any  # an effect value, an effect type, or a predicate on the effect
 _Answer = Any  # an event value, a function effect -> event, or None for RecordAttempt/Finish
 _NO_ANSWER = (fx.RecordAttempt, fx.Finish)
+# Answered (the answer is logged) but not fed back: the machine does not wait for it.
+_ACKNOWLEDGED = (fx.SaveCheckpoint,)
 
 
 class SequenceMismatch(AssertionError):
@@ -252,6 +254,10 @@ def perform_sequence(
         if isinstance(effect, _NO_ANSWER):
             log.ok(effect)
             continue
+        if isinstance(effect, _ACKNOWLEDGED):
+            ack = answer(effect) if callable(answer) and not attrs.has(type(answer)) else answer
+            log.ok(effect, ack)
+            continue
         if pending:
             raise log.fail(
                 f"the machine emitted effects after {type(effect).__name__}, which needs an "
@@ -313,6 +319,8 @@ def run_scripted(
                 records.append((effect, None))
                 if isinstance(effect, fx.Finish):
                     return state, records
+            elif isinstance(effect, _ACKNOWLEDGED):
+                records.append((effect, answer(effect)))
             else:
                 waiting = effect
         if waiting is None:

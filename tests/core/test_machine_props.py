@@ -323,6 +323,8 @@ class MachineWalk(RuleBasedStateMachine):
             assert self.pending is None, "an effect after one that needs an answer"
             if isinstance(eff, fx.RecordAttempt | fx.Finish):
                 self.records.append((eff, None))
+            elif isinstance(eff, fx.SaveCheckpoint):  # answered, not waited for
+                self.records.append((eff, fx.CheckpointSaved(eff.node_id)))
             else:
                 self.pending = eff
         assert (self.pending is None) == (self.state.phase == "done")
