@@ -404,7 +404,28 @@ class RedisStore(_Base):
         return self._client
 
     async def _run(self, op: str, run_id: str | None, fn: Callable[[int], Awaitable[_T]]) -> _T:
-        """``fn(attempt)``, retried on transient errors; failures become StoreError."""
+        """``fn(attempt)``, retried on transient errors; failures become StoreError.
+
+        The first attempt runs without tenacity (a store call is on every node's path);
+        only a transient failure starts the retry loop, which replays that failure as its
+        own first attempt so the waits and the attempt count are tenacity's.
+        """
+        try:
+            return await fn(1)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if not _is_transient(exc):
+                if isinstance(exc, _redis.exceptions.RedisError):
+                    raise self._failure(op, run_id, exc) from exc
+                raise
+            first_failure = exc
+
+        async def attempt_again(n: int) -> _T:
+            if n == 1:
+                raise first_failure
+            return await fn(n)
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=self._wait(),
@@ -415,7 +436,7 @@ class RedisStore(_Base):
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await fn(attempt.retry_state.attempt_number)
+                    return await attempt_again(attempt.retry_state.attempt_number)
         except StoreError:
             raise
         except Exception as exc:
