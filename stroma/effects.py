@@ -1,9 +1,10 @@
 """Effects (what the machine asks for) and events (what the world answered).
 
-All of them are frozen attrs values, compared by value, so a replayed effect
-can be checked against the recorded one with ``==``. They are slotted: a run's log keeps
-several per node, and slotted objects are the least for the garbage collector to walk. Effects are commands, events are
-past-tense facts; each effect that reaches the world is answered by exactly one event:
+All of them are frozen attrs values, compared by value, so a replayed effect can be
+checked against the recorded one with ``==``. They are slotted: a run's log keeps several
+per node, and slotted objects are the least for the garbage collector to walk. Effects are
+commands, events are past-tense facts; each effect that reaches the world is answered by
+exactly one event:
 
 =================  ===========================================
 effect             answering event
