@@ -619,7 +619,7 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
         tokens, cost = _price(att.call.model, ev)
     else:
         tokens, cost = 0, 0.0
-    out: Any = _validate(step.node_id, "output", step.output_schema, ev.output)
+    checked = _validate(step.node_id, "output", step.output_schema, ev.output)
     s = _next(
         s, s.phase, Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens),
         tokens=s.tokens + tokens,
@@ -627,7 +627,7 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
         latency_ms=s.latency_ms + ev.duration_ms,
         clock=(ev.started_at, ev.duration_ms),
     )
-    return _succeeded(s, out)
+    return _succeeded(s, checked)
 
 
 def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
