@@ -45,7 +45,7 @@ async def bare(fns: list[Any], initial: S, path: str) -> S:
     return state  # type: ignore[return-value]
 
 
-def main(n: int = 1_000, repeats: int = 5) -> tuple[float, float, float]:
+def main(n: int = 1_000, repeats: int = 7) -> tuple[float, float, float]:
     runner, nodes, fns = make_pipeline(n)
     plan = runner.compile(nodes)
     root = tempfile.mkdtemp(prefix="stroma-bench-")

@@ -132,7 +132,52 @@ def _dt(value: datetime) -> str:
     return value.isoformat()
 
 
+def _state(value: Any) -> Any:
+    """A state's JSON form (models dumped; JSON dicts as they are)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value if type(value) is dict else _enc(value)
+
+
+def _enc_call(v: fx.CallNode) -> dict[str, Any]:
+    return {"t": "CallNode", "node_id": v.node_id, "attempt": v.attempt,
+            "timeout_ms": v.timeout_ms, "model": v.model}
+
+
+def _enc_returned(v: fx.NodeReturned) -> dict[str, Any]:
+    return {"t": "NodeReturned", "output": _state(v.output), "started_at": v.started_at.isoformat(),
+            "duration_ms": v.duration_ms, "input_tokens": v.input_tokens,
+            "output_tokens": v.output_tokens, "model": v.model}
+
+
+def _enc_attempt(v: fx.RecordAttempt) -> dict[str, Any]:
+    failure = v.failure
+    return {"t": "RecordAttempt", "event": {
+        "t": "TraceEvent", "node_id": v.node_id, "run_id": v.run_id, "attempt": v.attempt,
+        "timestamp_utc": v.timestamp_utc.isoformat(), "input_state": _state(v.input_state),
+        "output_state": None if v.output_state is None else _state(v.output_state),
+        "duration_ms": v.duration_ms, "failure": None if failure is None else failure.value,
+        "failure_message": v.failure_message,
+    }}
+
+
+def _enc_saved(v: fx.CheckpointSaved) -> dict[str, Any]:
+    return {"t": "CheckpointSaved", "node_id": v.node_id}
+
+
+# The records every node writes, encoded without the generic walk (same output).
+_FAST: dict[type, Any] = {
+    fx.CallNode: _enc_call,
+    fx.NodeReturned: _enc_returned,
+    fx.RecordAttempt: _enc_attempt,
+    fx.CheckpointSaved: _enc_saved,
+}
+
+
 def _enc(value: Any) -> Any:
+    fast = _FAST.get(type(value))
+    if fast is not None:
+        return fast(value)
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if isinstance(value, datetime):
@@ -157,6 +202,8 @@ def _enc(value: Any) -> Any:
         return [_enc(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _enc(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return [_enc(v) for v in value]
     return to_jsonable_python(value, fallback=repr)
 
 
@@ -217,8 +264,19 @@ def _dec_record(raw: Any) -> tuple[Any, Any]:
     return effect, event
 
 
+def _default(value: Any) -> Any:
+    """What json does not know inside a node's output (datetimes, models, sets, ...)."""
+    return _enc(value)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return json.dumps(
+            obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default
+        )
+    except TypeError:  # keys json cannot take (tuples, ...): the generic walk str()s them
+        return json.dumps(_enc(obj), separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False, default=_default)
 
 
 def encode_header(header: LogHeader) -> str:

@@ -195,3 +195,26 @@ async def test_resume_from_memory_log_skips_finished_nodes() -> None:
 # Plans for the command-line tests (`--plan tests.replay.test_replay:RETRIES_PLAN`).
 RETRIES_PLAN = forbidden_plan("retries")
 REORDERED_PLAN = RETRIES_PLAN[::-1]
+
+
+@pytest.mark.anyio
+async def test_outputs_with_datetimes_and_tuples_log_and_replay() -> None:
+    """A node returning values json does not know (datetime, tuple) is logged as JSON and
+    its log round-trips and replays equal."""
+    import datetime as dt
+
+    class Stamp(BaseModel):
+        when: dt.datetime
+        tags: list[str]
+
+    contract = NodeContract(node_id="stamp", input_schema=Stamp, output_schema=Stamp)
+
+    @stroma_node("stamp", contract)
+    async def stamp(state: Stamp) -> Any:
+        return {"when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "tags": ("x", "y")}
+
+    live = await interpret([stamp], Stamp(when=dt.datetime(2025, 1, 1, tzinfo=dt.UTC), tags=[]))
+    text = live.log.to_jsonl()
+    assert '"tags":["x","y"]' in text and '"when":"2026-01-01T00:00:00+00:00"' in text
+    assert EffectLog.from_jsonl(text).to_jsonl() == text
+    assert await replay([stamp], EffectLog.from_jsonl(text)) == live
