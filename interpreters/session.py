@@ -167,7 +167,10 @@ async def run_session(
             state, effects = start(plan, initial_state, machine)
             recorder = Recorder(EffectLog(header, []), log_store, flushed=-1)
             replay = []
-        if log_store is None and callable(getattr(store, "attach_log", None)):
+        if (
+            explicit_run_id  # only a run someone can name again can be resumed from it
+            and log_store is None and callable(getattr(store, "attach_log", None))
+        ):
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True
         performer = LivePerformer(

@@ -91,7 +91,10 @@ class _MemoryBase:
     """Checkpoints as JSON text (so a loaded state is a new, equal object) and logs by reference."""
 
     def __init__(self) -> None:
-        self._data: dict[str, dict[str, tuple[type[BaseModel], str]]] = {}
+        # JSON text and schema kept apart: a dict of str values is nothing for the garbage
+        # collector to walk, which matters for runs of many thousand nodes.
+        self._data: dict[str, dict[str, str]] = {}
+        self._types: dict[str, dict[str, type[BaseModel]]] = {}
         self._logs: dict[str, EffectLog] = {}
 
     def _save(self, run_id: str, node_id: str, state: BaseModel) -> None:
@@ -100,17 +103,22 @@ class _MemoryBase:
                 f"checkpoint state for node {node_id!r} must be a pydantic BaseModel, "
                 f"got {type(state).__name__}"
             )
-        self._data.setdefault(run_id, {})[node_id] = (type(state), state.model_dump_json())
+        texts = self._data.get(run_id)
+        if texts is None:
+            texts = self._data[run_id] = {}
+            self._types[run_id] = {}
+        texts[node_id] = state.model_dump_json()
+        self._types[run_id][node_id] = type(state)
 
     def _load(self, run_id: str, node_id: str, schema: type[BaseModel] | None) -> BaseModel | None:
-        item = self._data.get(run_id, {}).get(node_id)
-        if item is None:
+        text = self._data.get(run_id, {}).get(node_id)
+        if text is None:
             return None
-        cls, text = item
-        return (schema or cls).model_validate_json(text)
+        return (schema or self._types[run_id][node_id]).model_validate_json(text)
 
     def _delete(self, run_id: str) -> None:
         self._data.pop(run_id, None)
+        self._types.pop(run_id, None)
         self._logs.pop(run_id, None)
 
     # The in-process effect log: held by reference, so keeping it costs nothing per node.
