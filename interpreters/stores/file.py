@@ -69,9 +69,11 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from stroma.errors import LogCorrupted, StoreError, UnsafeSchemaRef
+from interpreters.stores._common import check_state as _check_state
+from interpreters.stores._common import resolve as _resolve
+from stroma.errors import LogCorrupted, StoreError
 from stroma.log import EffectLog
-from stroma.schemas import _schema_ref, declare_schema, declared_schemas, resolve_declared
+from stroma.schemas import _schema_ref, declare_schema
 
 __all__ = (
     "CHECKPOINTS",
@@ -261,13 +263,6 @@ async def _in_thread_shielded(fn: Callable[..., _T], *args: Any) -> _T:
 # -------------------------------------------------------------------------- checkpoints
 
 
-def _check_state(state: object, node_id: object, op: str) -> BaseModel:
-    if not isinstance(state, BaseModel):
-        raise TypeError(
-            f"{op}: the checkpoint state for node {node_id!r} must be a pydantic BaseModel "
-            f"instance, got {type(state).__name__}; save the node's output model"
-        )
-    return state
 
 
 def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) -> bytes:
@@ -293,16 +288,6 @@ def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) ->
     )
 
 
-def _resolve(ref: object, source: str) -> type[BaseModel]:
-    """The declared schema a stored reference names; never imports anything."""
-    try:
-        return resolve_declared(ref, source=source)
-    except UnsafeSchemaRef:
-        # Parametrized generics (``mod:Page[Item]``) are declared under their exact ref.
-        cls = declared_schemas().get(ref) if isinstance(ref, str) else None
-        if cls is None:
-            raise
-        return cls
 
 
 def _ns(raw: bytes) -> int:

@@ -46,9 +46,12 @@ from tenacity import (
     wait_random,
 )
 
+from interpreters.stores._common import check_lines
+from interpreters.stores._common import check_state as _check_state
+from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import hold_lease
-from stroma.errors import LogCorrupted, StoreError, UnsafeSchemaRef
-from stroma.schemas import _schema_ref, declare_schema, declared_schemas, resolve_declared
+from stroma.errors import LogCorrupted, StoreError
+from stroma.schemas import _schema_ref, declare_schema
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -131,42 +134,10 @@ def _id_text(kind: str, value: object, op: str) -> str:
     return value
 
 
-def _check_state(state: object, node_id: str, op: str) -> BaseModel:
-    if not isinstance(state, BaseModel):
-        raise TypeError(
-            f"{op}: the checkpoint state for node {node_id!r} must be a pydantic BaseModel "
-            f"instance, got {type(state).__name__}; save the node's output model"
-        )
-    return state
 
 
-def _check_lines(lines: Sequence[str], op: str) -> list[str]:
-    if isinstance(lines, str | bytes):
-        raise TypeError(f"{op}: lines must be a sequence of str (one JSON line each), got a str")
-    out = list(lines)
-    for n, line in enumerate(out):
-        if not isinstance(line, str):
-            raise TypeError(
-                f"{op}: line {n} must be a str (one JSON line), got {type(line).__name__}"
-            )
-        if "\n" in line or "\r" in line or "\x00" in line:
-            raise StoreError(
-                f"{op}: line {n} contains a line break or a NUL character; each item must be "
-                "one JSON line (JSON escapes both) without its trailing newline"
-            )
-    return out
 
 
-def _resolve(ref: object, source: str) -> type[BaseModel]:
-    """The declared schema a stored reference names; never imports anything."""
-    try:
-        return resolve_declared(ref, source=source)
-    except UnsafeSchemaRef:
-        # Parametrized generics (``mod:Page[Item]``) are declared under their exact ref.
-        cls = declared_schemas().get(ref) if isinstance(ref, str) else None
-        if cls is None:
-            raise
-        return cls
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -508,7 +479,7 @@ class PostgresStore:
         """Append JSON lines to the run's log and save ``checkpoint`` in one transaction."""
         op = "PostgresStore.append_log"
         run_id = _id_text("run id", run_id, op)
-        rows = _check_lines(lines, op)
+        rows = check_lines(lines, op, nul=True)
         item: tuple[str, str, str] | None = None
         if checkpoint is not None:
             node_id, state = checkpoint

@@ -50,9 +50,12 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from interpreters.stores._common import check_lines
+from interpreters.stores._common import check_state as _check_state
+from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import hold_lease
-from stroma.errors import LogCorrupted, StoreError, UnsafeSchemaRef
-from stroma.schemas import _schema_ref, declare_schema, declared_schemas, resolve_declared
+from stroma.errors import LogCorrupted, StoreError
+from stroma.schemas import _schema_ref, declare_schema
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -152,31 +155,8 @@ def _id_bytes(kind: str, value: object, op: str) -> bytes:
     return raw
 
 
-def _check_state(state: object, node_id: str, op: str) -> BaseModel:
-    if not isinstance(state, BaseModel):
-        raise TypeError(
-            f"{op}: the checkpoint state for node {node_id!r} must be a pydantic BaseModel "
-            f"instance, got {type(state).__name__}; save the node's output model"
-        )
-    return state
 
 
-def _check_lines(lines: Sequence[str], op: str) -> list[bytes]:
-    if isinstance(lines, str | bytes):
-        raise TypeError(f"{op}: lines must be a sequence of str (one JSON line each), got a str")
-    out = []
-    for n, line in enumerate(lines):
-        if not isinstance(line, str):
-            raise TypeError(
-                f"{op}: line {n} must be a str (one JSON line), got {type(line).__name__}"
-            )
-        if "\n" in line or "\r" in line:
-            raise StoreError(
-                f"{op}: line {n} contains a line break; each item must be one JSON line "
-                "without its trailing newline"
-            )
-        out.append(line.encode("utf-8"))
-    return out
 
 
 def _encode_checkpoint(state: BaseModel) -> bytes:
@@ -186,16 +166,6 @@ def _encode_checkpoint(state: BaseModel) -> bytes:
     return b'{"schema":' + ref + b',"data":' + state.model_dump_json().encode() + b"}"
 
 
-def _resolve(ref: object, source: str) -> type[BaseModel]:
-    """The declared schema a stored reference names; never imports anything."""
-    try:
-        return resolve_declared(ref, source=source)
-    except UnsafeSchemaRef:
-        # Parametrized generics (``mod:Page[Item]``) are declared under their exact ref.
-        cls = declared_schemas().get(ref) if isinstance(ref, str) else None
-        if cls is None:
-            raise
-        return cls
 
 
 def _decode_checkpoint(raw: bytes, schema: type[BaseModel] | None, source: str) -> BaseModel:
@@ -506,7 +476,7 @@ class RedisStore(_Base):
         """Append JSON lines to the run's log and save ``checkpoint`` in one transaction."""
         op = "RedisStore.append_log"
         keys = self._keys(run_id, "append_log")
-        encoded = _check_lines(lines, op)
+        encoded = [line.encode() for line in check_lines(lines, op)]
         item: tuple[bytes, bytes] | None = None
         if checkpoint is not None:
             node_id, state = checkpoint
@@ -708,7 +678,7 @@ class SyncRedisStore(_Base):
         """Append JSON lines to the run's log and save ``checkpoint`` in one transaction."""
         op = "SyncRedisStore.append_log"
         keys = self._keys(run_id, "append_log")
-        encoded = _check_lines(lines, op)
+        encoded = [line.encode() for line in check_lines(lines, op)]
         item: tuple[bytes, bytes] | None = None
         if checkpoint is not None:
             node_id, state = checkpoint
