@@ -249,8 +249,8 @@ async def drive(
                     if type(eff) is fx.RecordAttempt or type(eff) is fx.Finish:
                         records.append(rec)
                         i += 1
-                        if isinstance(eff, fx.RecordAttempt):
-                            trace.append(eff)
+                        if isinstance(rec[0], fx.RecordAttempt):
+                            trace.append(rec[0])  # the recorded one: equal, already kept
                             continue
                         return await _result(plan, eff, trace, recorder)
                     if type(eff) is fx.SaveCheckpoint and rec[1] is not None:
