@@ -252,6 +252,7 @@ async def drive(
                         if isinstance(rec[0], fx.RecordAttempt):
                             trace.append(rec[0])  # the recorded one: equal, already kept
                             continue
+                        assert isinstance(eff, fx.Finish)
                         return await _result(plan, eff, trace, recorder)
                     if type(eff) is fx.SaveCheckpoint and rec[1] is not None:
                         records.append(rec)  # acknowledged: nothing to feed back
