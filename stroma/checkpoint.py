@@ -178,12 +178,19 @@ class CheckpointManager:
     def __init__(self, store: object | None = None) -> None:
         if store is None:
             store = InMemoryStore()
+        if isinstance(store, type):
+            raise TypeError(
+                f"CheckpointManager() got the class {store.__qualname__}, not a store: pass "
+                f"an instance, e.g. CheckpointManager({store.__name__}())"
+            )
         missing = [m for m in ("save", "load", "delete") if not callable(getattr(store, m, None))]
         if missing:
             raise TypeError(
-                f"{type(store).__name__} is not a checkpoint store: it lacks "
-                f"{', '.join(missing)}. A store needs save(run_id, node_id, state), "
-                "load(run_id, node_id) and delete(run_id), sync or async."
+                f"CheckpointManager() needs a checkpoint store, got {store!r:.80} (a "
+                f"{type(store).__name__}), which lacks {', '.join(missing)}. A store has "
+                "save(run_id, node_id, state), load(run_id, node_id) and delete(run_id), "
+                "sync or async: pass InMemoryStore(), AsyncInMemoryStore(), "
+                "RedisStore(url) or your own class with those methods."
             )
         self.store: Any = store
         self.is_async = is_async_store(store)
@@ -198,6 +205,12 @@ class CheckpointManager:
     async def resume(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise TypeError(
+                f"CheckpointManager.resume(run_id, node_id, schema): schema must be the "
+                f"pydantic BaseModel class of the checkpointed state, got {schema!r:.80} "
+                f"(a {type(schema).__name__}): e.g. resume(run_id, {node_id!r}, MyState)"
+            )
         declare_schema(schema)
         load_typed = getattr(self.store, "load_typed", None)
         result = (

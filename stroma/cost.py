@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from stroma.errors import StromaError
 
@@ -63,6 +63,16 @@ class ExecutionBudget(BaseModel):
     max_tokens_total: int | None = Field(default=None, ge=0)
     max_cost_usd: float | None = Field(default=None, ge=0.0)
     max_latency_ms: int | None = Field(default=None, ge=0)
+
+    @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", mode="before")
+    @classmethod
+    def _not_negative(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ValueError(
+                f"ExecutionBudget.{info.field_name} must be >= 0, got {value!r}: it is a "
+                f"limit on the run's cumulative total; use None for no limit"
+            )
+        return value
 
     @classmethod
     def unlimited(cls) -> ExecutionBudget:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded
@@ -51,6 +51,22 @@ class FailurePolicy(BaseModel):
 
     max_retries: int = Field(default=3, ge=0)
     backoff_seconds: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("max_retries", "backoff_seconds", mode="before")
+    @classmethod
+    def _not_negative(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            what = (
+                "the number of retries after the first attempt (0 allows exactly one "
+                "attempt, 3 allows four)" if info.field_name == "max_retries"
+                else "the ceiling of the jittered delay before each retry, in seconds"
+            )
+            raise ValueError(
+                f"FailurePolicy.{info.field_name} must be >= 0, got {value!r}: it is {what}; "
+                f"use FailurePolicy({info.field_name}=0) for "
+                f"{'no retries' if info.field_name == 'max_retries' else 'no delay'}"
+            )
+        return value
 
 
 def default_policy_map() -> dict[FailureClass, FailurePolicy]:
@@ -121,6 +137,8 @@ def classify(
         result = classifier(exc, ctx)
         if result is None:
             continue
+        if isinstance(result, str) and result in FailureClass.__members__:
+            result = FailureClass(result)  # "TERMINAL": as the live interpreter accepts it
         if not isinstance(result, FailureClass):
             name = getattr(classifier, "__qualname__", repr(classifier))
             raise TypeError(

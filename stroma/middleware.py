@@ -89,6 +89,12 @@ async def execute_step(
                 "register one in the context's registry"
             )
         contract = ctx.registry.get(step_id)
+    if not isinstance(input_state, BaseModel):
+        raise TypeError(
+            f"execute_step({step_id!r}, ...): input_state must be a pydantic BaseModel "
+            f"instance, got {input_state!r:.80} (a {type(input_state).__name__}): e.g. "
+            f"{contract.input_schema.__name__}(...)"
+        )
     if not _is_async_callable(func):
         name = getattr(func, "__qualname__", None) or repr(func)
         raise PlanError(

@@ -292,7 +292,10 @@ def parallel(*steps: Any, max_concurrency: int | None = None) -> ParallelGroup:
     child may be a node or a whole plan (``seq(a, b)``), whose nodes retry on their own.
     """
     if not steps:
-        raise PlanError("parallel() needs at least one step: parallel(fetch_a, fetch_b)")
+        raise PlanError(
+            "parallel() needs at least one step, got none: pass the nodes to run "
+            "concurrently, e.g. parallel(fetch_a, fetch_b)"
+        )
     _check_concurrency("parallel", max_concurrency)
     return ParallelGroup(tuple(steps), max_concurrency)
 
@@ -332,7 +335,11 @@ def map_each(
     """
     for name, value in (("over", over), ("into", into)):
         if not isinstance(value, str) or not value.isidentifier():
-            raise PlanError(f"map_each({name}={value!r}): expected a field name")
+            raise PlanError(
+                f"map_each({name}={value!r}): expected a field name of the state (a Python "
+                f"identifier), got {value!r}: e.g. map_each(step, over='items', "
+                "into='results')"
+            )
     _check_concurrency("map_each", max_concurrency)
     return MapGroup(step, over, into, max_concurrency, input)
 
@@ -661,9 +668,13 @@ def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
     marker = node_marker(fn)
     name = getattr(fn, "__qualname__", None) or repr(fn)
     if marker is None:
+        also = "" if not callable(fn) or _is_async(fn) else (
+            "; it must also be async: define it with 'async def'"
+        )
         raise PlanError(
             f"{name} is not a stroma node: decorate it with @runner.node('id', input=In, "
             "output=Out) or stroma_node('id', contract) before putting it in a pipeline"
+            f"{also}"
         )
     contract = marker.contract
     if contract is None and registry is not None and marker.node_id in registry:

@@ -8,8 +8,9 @@ or a Plan) is compiled to an immutable plan, the run's settings become a
 from __future__ import annotations
 
 import inspect
+import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ from interpreters.session import new_seed, replay_log, run_session, utcnow
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.cost import ExecutionBudget, FallbackPolicy
-from stroma.errors import PlanError
+from stroma.errors import LogCorrupted, PlanError
 from stroma.failures import Classifier, FailureClass, FailurePolicy
 from stroma.log import EffectLog
 from stroma.machine import MachineConfig
@@ -50,6 +51,11 @@ def _is_async_callable(fn: object) -> bool:
 
 
 _HOOK_FIELDS = frozenset({"on_node_start", "on_node_success", "on_node_failure"})
+_HOOK_SIGNATURES = {
+    "on_node_start": "(run_id, node_id, input_state)",
+    "on_node_success": "(run_id, node_id, output_state, tokens_used)",
+    "on_node_failure": "(run_id, node_id, exc, failure_class)",
+}
 
 
 @dataclass
@@ -64,10 +70,16 @@ class NodeHooks:
         # Checked on every assignment (the dataclass __init__ assigns too), so a sync
         # function set after construction is refused as well instead of failing per call.
         if name in _HOOK_FIELDS and fn is not None and not _is_async_callable(fn):
-            label = getattr(fn, "__qualname__", repr(fn))
+            label = getattr(fn, "__qualname__", None) or repr(fn)
+            fn_name = getattr(fn, "__name__", None)
+            if not isinstance(fn_name, str) or not fn_name.isidentifier():
+                fn_name = name  # a lambda (which cannot be async) or an odd callable
+            what = "a lambda, which cannot be async" if label.endswith("<lambda>") else (
+                f"{label}, which is not"
+            )
             raise TypeError(
-                f"NodeHooks.{name} must be an async function, but {label} is not: "
-                f"define it with 'async def {getattr(fn, '__name__', name)}(...)'"
+                f"NodeHooks.{name} must be an async function, got {what}: define it with "
+                f"'async def {fn_name}{_HOOK_SIGNATURES[name]}: ...' and pass that"
             )
         object.__setattr__(self, name, fn)
 
@@ -102,29 +114,77 @@ class RunConfig(BaseModel):
     @classmethod
     def _context(cls, value: Any) -> Any:
         if not isinstance(value, dict):
-            raise TypeError(f"RunConfig.context must be a dict (got {type(value).__name__})")
+            raise TypeError(
+                f"RunConfig.context must be a dict (got {value!r:.80}, a "
+                f"{type(value).__name__}): pass a dict of shared resources, e.g. "
+                "context={'http': client, 'model': 'gpt-4o'}"
+            )
         return value  # the same dict, by reference: nodes share it
 
     @field_validator("hooks", mode="plain")
     @classmethod
     def _hooks(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, NodeHooks):
+            hint = "NodeHooks(**your_dict)" if isinstance(value, Mapping) else (
+                "NodeHooks(on_node_start=..., on_node_success=..., on_node_failure=...)"
+            )
             raise TypeError(
-                f"RunConfig.hooks must be a NodeHooks (got {type(value).__name__}): "
-                "NodeHooks(on_node_start=..., ...)"
+                f"RunConfig.hooks must be a NodeHooks or None (got {value!r:.80}, a "
+                f"{type(value).__name__}): pass hooks={hint}"
             )
         return value
 
     @field_validator("classifiers", mode="plain")
     @classmethod
     def _classifiers(cls, value: Any) -> Any:
+        if callable(value) and not isinstance(value, list | tuple):
+            name = getattr(value, "__qualname__", None) or repr(value)
+            short = getattr(value, "__name__", "")
+            short = short if short.isidentifier() else "my_classifier"
+            raise TypeError(
+                f"classifiers must be a list of classifiers, got the single callable {name}: "
+                f"wrap it in a list, e.g. classifiers=[{short}]"
+            )
+        if value is not None and not isinstance(value, Iterable):
+            raise TypeError(
+                f"classifiers must be a list of functions (exc, NodeContext) -> "
+                f"FailureClass | None, got {value!r} (a {type(value).__name__})"
+            )
         value = list(value or [])
-        for c in value:
+        for i, c in enumerate(value):
             if not callable(c):
                 raise TypeError(
-                    f"classifier {c!r} is not callable: a classifier is a function "
-                    "(exc, NodeContext) -> FailureClass | None"
+                    f"classifiers[{i}] is {c!r:.80} (a {type(c).__name__}), which is not "
+                    "callable: a classifier is a function (exc, NodeContext) -> "
+                    "FailureClass | None; pass the function itself, e.g. "
+                    "classifiers=[my_classifier]"
                 )
+        return value
+
+    @field_validator("node_timeouts", mode="after")
+    @classmethod
+    def _timeouts(cls, value: dict[str, float]) -> dict[str, float]:
+        for node_id, ms in value.items():
+            if not (math.isfinite(ms) and ms > 0):
+                raise ValueError(
+                    f"node_timeouts[{node_id!r}] must be a number of milliseconds > 0, got "
+                    f"{ms!r}: e.g. node_timeouts={{{node_id!r}: 30_000}} for 30 s; leave the "
+                    "node out for no timeout"
+                )
+        return value
+
+    @field_validator("node_policies", mode="before")
+    @classmethod
+    def _node_policies(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            for node_id, policies in value.items():
+                if isinstance(policies, FailurePolicy):
+                    raise TypeError(
+                        f"node_policies[{node_id!r}] must map failure classes to policies, "
+                        f"got the single policy {policies!r}: write "
+                        f"node_policies={{{node_id!r}: {{FailureClass.RECOVERABLE: "
+                        "FailurePolicy(...)}}"
+                    )
         return value
 
     @field_validator("model_fallbacks", mode="plain")
@@ -189,10 +249,7 @@ async def interpret(
     compiled = compile_plan(plan, registry)
     config = config if config is not None else RunConfig()
     if not isinstance(initial_state, BaseModel):
-        raise TypeError(
-            f"initial_state must be a pydantic BaseModel instance (got "
-            f"{type(initial_state).__name__}): e.g. Input(value=1)"
-        )
+        raise TypeError(_initial_state_error(initial_state, compiled.input_schema))
     if manager is None:
         manager = CheckpointManager(store if store is not None else InMemoryStore())
     explicit = "run_id" in config.model_fields_set
@@ -211,20 +268,52 @@ async def interpret(
     )
 
 
+def _initial_state_error(value: object, schema: type[BaseModel] | None) -> str:
+    name = schema.__name__ if schema is not None else "YourInput"
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        fix = f"pass an instance, e.g. {value.__name__}(...), not the class itself"
+    elif isinstance(value, Mapping):
+        fix = f"build the model from it: {name}(**state) or {name}.model_validate(state)"
+    else:
+        fix = f"pass the first node's input model, e.g. {name}(...)"
+    return (
+        f"initial_state must be a pydantic BaseModel instance, got {value!r:.80} (a "
+        f"{type(value).__name__}): {fix}"
+    )
+
+
 async def replay(plan: Plan | Sequence[Any], log: EffectLog | str) -> ExecutionResult:
     """Replay a recorded run: the same result, calling no node, classifier or hook.
 
     Raises ``NondeterminismError`` (naming the record) when the plan no longer matches.
     """
-    if isinstance(log, str):
-        log = EffectLog.from_jsonl(log)
+    if isinstance(log, str | bytes):
+        text = log.decode("utf-8", "replace") if isinstance(log, bytes) else log
+        if not text.lstrip().startswith("{"):
+            raise LogCorrupted(
+                "replay(plan, log)",
+                f"log must be an EffectLog or the JSON-lines text of one (its first line is "
+                f"the {{\"stroma_log\": 1, ...}} header), got the text {text[:60]!r}: pass "
+                "result.log, log.to_jsonl(), or await store.read_log(run_id); if this is a "
+                "file path, read it first: Path(path).read_text()",
+            )
+        log = EffectLog.from_jsonl(log, source="replay(plan, log)")
+    elif not isinstance(log, EffectLog):
+        raise TypeError(
+            f"replay(plan, log): log must be an EffectLog or the JSON-lines text of one, "
+            f"got {log!r:.80} (a {type(log).__name__}): pass result.log, log.to_jsonl(), "
+            "or await store.read_log(run_id)"
+        )
     return await replay_log(compile_plan(plan), log)
 
 
 def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[[_F], _F]:
     """Mark a function as the node ``node_id`` (without registering its contract)."""
     if not isinstance(node_id, str) or not node_id:
-        raise PlanError(f"node id must be a non-empty string (got {node_id!r})")
+        raise PlanError(
+            f"stroma_node(node_id={node_id!r}): the node id must be a non-empty string, "
+            "e.g. stroma_node('fetch', NodeContract(node_id='fetch', ...))"
+        )
 
     def mark(fn: _F) -> _F:
         setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
@@ -281,11 +370,20 @@ class StromaRunner:
         **fields: Any,
     ) -> StromaRunner:
         """A runner with an in-memory store (or ``store``) and the given settings."""
+        unknown = sorted(set(fields) - set(RunConfig.model_fields))
+        if unknown:
+            raise TypeError(
+                f"StromaRunner.quick() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, unknown))}: it takes store, budget, policy_map, "
+                f"classifiers, hooks and the RunConfig fields "
+                f"({', '.join(RunConfig.model_fields)})"
+            )
         config = RunConfig(
             budget=budget, policy_map=policy_map, classifiers=classifiers or [], hooks=hooks,
             **fields,
         )
-        return cls(ContractRegistry(), CheckpointManager(store or InMemoryStore()), config)
+        manager = CheckpointManager(store if store is not None else InMemoryStore())
+        return cls(ContractRegistry(), manager, config)
 
     # -- fluent builders
 
@@ -310,6 +408,18 @@ class StromaRunner:
         self, *, tokens: int | None = None, cost_usd: float | None = None,
         latency_ms: int | None = None,
     ) -> StromaRunner:
+        for arg, value, unit in (
+            ("tokens", tokens, "tokens"), ("cost_usd", cost_usd, "US dollars"),
+            ("latency_ms", latency_ms, "milliseconds"),
+        ):
+            if isinstance(value, int | float) and not isinstance(value, bool) and not (
+                value >= 0  # (False for NaN too)
+            ):
+                raise ValueError(
+                    f"with_budget({arg}={value!r}): the limit must be a number of {unit} "
+                    f">= 0, or None for no limit on it: e.g. with_budget({arg}="
+                    f"{'0.50' if arg == 'cost_usd' else '10_000'})"
+                )
         return self._update(budget=ExecutionBudget(
             max_tokens_total=tokens, max_cost_usd=cost_usd, max_latency_ms=latency_ms
         ))
@@ -321,7 +431,7 @@ class StromaRunner:
         return self._update(model_fallbacks=fallbacks)
 
     def with_classifiers(self, classifiers: list[Classifier]) -> StromaRunner:
-        return self._update(classifiers=list(classifiers))
+        return self._update(classifiers=classifiers)
 
     def with_hooks(self, hooks: NodeHooks) -> StromaRunner:
         return self._update(hooks=hooks)
@@ -346,6 +456,22 @@ class StromaRunner:
         self, node_id: str, *, input: type[BaseModel], output: type[BaseModel]
     ) -> Callable[[_F], _F]:
         """Register the contract ``input -> output`` for ``node_id`` and mark the function."""
+        if not isinstance(node_id, str) or not node_id:
+            raise PlanError(
+                f"@runner.node(node_id={node_id!r}): the node id must be a non-empty string, "
+                "e.g. @runner.node('summarize', input=Doc, output=Summary)"
+            )
+        for arg, schema in (("input", input), ("output", output)):
+            if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+                found = (
+                    f"the class {schema.__qualname__}" if isinstance(schema, type)
+                    else f"{schema!r:.80} (a {type(schema).__name__})"
+                )
+                raise PlanError(
+                    f"@runner.node({node_id!r}, {arg}=...) must be a pydantic BaseModel "
+                    f"subclass, got {found}: declare a model (class MyState(BaseModel): ...) "
+                    f"and pass the class, e.g. {arg}=MyState"
+                )
         contract = NodeContract(node_id=node_id, input_schema=input, output_schema=output)
         self.registry.register(contract)
 

@@ -71,6 +71,7 @@ async def hold_lease(
                     type(exc).__name__,
                     exc,
                     lease_s,
+                    extra={"run_id": run_id},
                 )
     if lost:
         cancelled = isinstance(body_exc, anyio.get_cancelled_exc_class())
