@@ -52,7 +52,13 @@ from pydantic import BaseModel, ValidationError
 
 from stroma import effects as fx
 from stroma.contracts import ContractViolation
-from stroma.cost import BudgetExceeded, FallbackPolicy, estimate_cost_usd, fallback_for
+from stroma.cost import (
+    BudgetExceeded,
+    ExecutionBudget,
+    FallbackPolicy,
+    estimate_cost_usd,
+    fallback_for,
+)
 from stroma.errors import StromaError
 from stroma.failures import FailureClass, builtin_class_for_names, default_policy_map
 from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan
@@ -111,11 +117,16 @@ class MachineConfig:
     # straight to the next node's call.
     budgeted: bool = attrs.field(init=False, eq=False, repr=False)
     plain: bool = attrs.field(init=False, eq=False, repr=False)
+    budget: ExecutionBudget | None = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         budgeted = not (self.max_tokens is None and self.max_cost_usd is None
                         and self.max_latency_ms is None)
         object.__setattr__(self, "budgeted", budgeted)
+        object.__setattr__(self, "budget", ExecutionBudget(
+            max_tokens_total=self.max_tokens, max_cost_usd=self.max_cost_usd,
+            max_latency_ms=self.max_latency_ms,
+        ) if budgeted else None)
         object.__setattr__(
             self, "plain",
             not (budgeted or self.hooks or self.fallbacks or self.node_timeouts),
@@ -311,42 +322,31 @@ def _finish(s: RunState, status: RunStatus, reason: str | None) -> Out:
 
 
 def _spent(s: RunState) -> str | None:
-    c = s.config
-    if c.max_tokens is not None and s.tokens >= c.max_tokens:
-        return f"tokens {s.tokens} of {c.max_tokens}"
-    if c.max_cost_usd is not None and s.cost_usd >= c.max_cost_usd:
-        return f"cost ${s.cost_usd:.6f} of ${c.max_cost_usd:.6f}"
-    if c.max_latency_ms is not None and s.latency_ms >= c.max_latency_ms:
-        return f"latency {s.latency_ms} ms of {c.max_latency_ms} ms"
-    return None
+    """What budget is already used up (at or over its limit), described; else None."""
+    budget = s.config.budget
+    hit = budget.first_spent(s.tokens, s.cost_usd, s.latency_ms) if budget else None
+    if hit is None:
+        return None
+    dimension, limit, actual = hit
+    if dimension == "cost":
+        return f"cost ${actual:.6f} of ${limit:.6f}"
+    if dimension == "latency":
+        return f"latency {actual} ms of {limit} ms"
+    return f"{dimension} {actual} of {limit}"
 
 
 def _exceeded(s: RunState, node_id: str) -> BudgetExceeded | None:
-    c = s.config
-    if c.max_tokens is not None and s.tokens > c.max_tokens:
-        return BudgetExceeded("tokens", c.max_tokens, s.tokens, node_id)
-    if c.max_cost_usd is not None and s.cost_usd > c.max_cost_usd:
-        return BudgetExceeded("cost", c.max_cost_usd, s.cost_usd, node_id)
-    if c.max_latency_ms is not None and s.latency_ms > c.max_latency_ms:
-        return BudgetExceeded("latency", c.max_latency_ms, s.latency_ms, node_id)
-    return None
+    budget = s.config.budget
+    hit = budget.first_exceeded(s.tokens, s.cost_usd, s.latency_ms) if budget else None
+    return None if hit is None else BudgetExceeded(*hit, node_id)
 
 
 def _fallback_model(s: RunState) -> str | None:
-    if not s.config.fallbacks or s.config.max_cost_usd is None:
+    c = s.config
+    if not c.fallbacks or c.max_cost_usd is None:
         return None
-    fb = fallback_for(
-        s.cost_usd, _budget_view(s.config), s.config.fallbacks, s.config.declared_model
-    )
+    fb = fallback_for(s.cost_usd, c.budget, c.fallbacks, c.declared_model)
     return fb.fallback_model if fb is not None else None
-
-
-def _budget_view(c: MachineConfig) -> Any:
-    from stroma.cost import ExecutionBudget
-
-    return ExecutionBudget(
-        max_tokens_total=c.max_tokens, max_cost_usd=c.max_cost_usd, max_latency_ms=c.max_latency_ms
-    )
 
 
 # ------------------------------------------------------------------------------ start
