@@ -18,7 +18,7 @@ import anyio
 from pydantic import BaseModel
 
 from stroma import effects as fx
-from stroma.errors import NondeterminismError, StromaError
+from stroma.errors import LogCorrupted, NondeterminismError, StromaError
 from stroma.log import (
     EffectLog,
     LogHeader,
@@ -27,7 +27,15 @@ from stroma.log import (
     encode_partial,
     encode_record,
 )
-from stroma.machine import MachineConfig, RunState, UnexpectedEvent, advance, mark_resumed, start
+from stroma.machine import (
+    MachineConfig,
+    RunState,
+    UnexpectedEvent,
+    advance,
+    finish_effect,
+    mark_resumed,
+    start,
+)
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
 from stroma.trace import ExecutionResult, ExecutionTrace, TraceEvent
@@ -222,7 +230,8 @@ async def drive(
                     i += 1
                     if marker.restart is not None:
                         raise NondeterminismError(
-                            i - 1, "restart", repr(eff), "restart inside an unfinished step"
+                            len(records) - 1, "restart", repr(eff),
+                            "restart inside an unfinished step"
                         )
                     state = mark_resumed(state)
                 if i >= n_replay:
@@ -242,9 +251,12 @@ async def drive(
                 else:
                     rec = replay[i]
                     assert not isinstance(rec, ResumeMarker)
-                    if rec[0] != eff:
-                        raise NondeterminismError(
-                            i, _describe(rec[0]), _describe(eff), _difference(rec[0], eff)
+                    if rec[0] != eff and not (
+                        type(eff) is fx.Finish and rec[0] == (eff := _finish_now(state, eff))
+                    ):
+                        raise NondeterminismError(  # the index in the whole log
+                            len(records), _describe(rec[0]), _describe(eff),
+                            _difference(rec[0], eff)
                         )
                     if type(eff) is fx.RecordAttempt or type(eff) is fx.Finish:
                         records.append(rec)
@@ -258,22 +270,21 @@ async def drive(
                         records.append(rec)  # acknowledged: nothing to feed back
                         i += 1
                         continue
-                    if rec[1] is None:  # the effect in flight when the run stopped
-                        i += 1
-                        if perform is None:
-                            raise StromaError(
-                                f"the log of run {log.header.run_id!r} ends inside "
-                                f"record {i - 1} ({_describe(eff)}): resume it instead"
-                            )
-                        live = True
-                        records.append(ResumeMarker(datetime.now().astimezone().isoformat()))
-                        state = mark_resumed(state)
-                        if on_resume is not None:
-                            await on_resume()
-                    else:
-                        pending = (eff, rec[1])
-                        i += 1
-                        continue
+                    if rec[1] is None:
+                        # stroma records an effect only with its answer (a crash loses the
+                        # whole record), so this log was altered or written by something
+                        # else. Going live here would misalign the record indices with the
+                        # durable log and corrupt every later append.
+                        raise LogCorrupted(
+                            f"the effect log of run {log.header.run_id!r}",
+                            f"record {len(records)} ({_describe(eff)}) has no answering "
+                            "event: an effect that needs an answer is only ever recorded "
+                            "with it, so the log was altered; restore it, or delete the run "
+                            "and start it again",
+                        )
+                    pending = (eff, rec[1])
+                    i += 1
+                    continue
             t = type(eff)
             if t is fx.RecordAttempt:
                 records.append((eff, None))
@@ -285,6 +296,7 @@ async def drive(
                 saved = save_now(eff) if save_now else await (table[t] if table else perform)(eff)
                 records.append((eff, saved))
             elif t is fx.Finish:
+                eff = _finish_now(state, eff)
                 records.append((eff, None))
                 await recorder.flush()
                 return await _result(plan, eff, trace, recorder)
@@ -307,6 +319,15 @@ async def drive(
             raise NondeterminismError(
                 len(records) - 1, repr(event), "(no such event)", str(e)
             ) from None
+
+
+def _finish_now(state: RunState, eff: fx.Finish) -> fx.Finish:
+    """The Finish as the machine gives it now: a run that went live (resumed) inside the
+    list of effects that ends with this Finish was not yet marked resumed when the machine
+    made it, so its status is made again from the state marked since."""
+    if not state.resumed:
+        return eff
+    return finish_effect(state, eff.status, eff.reason)
 
 
 async def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None:

@@ -5,7 +5,9 @@
 * A log cut short by a crash: replayed, then the run goes on live from where the log
   ends; finished nodes are not run again and the status is RESUMED.
 * ``resume_from`` with an existing log: a restart record, then a fresh machine that loads
-  the checkpoint before the resume step (the API's resume), appended to the same log.
+  the checkpoint before the resume step (the API's resume), appended to the same log. The
+  restart record keeps that session's plan fingerprint: a later resume or replay of the log
+  must match it (the log's header names the first session's plan).
 
 A plan that no longer matches the log raises NondeterminismError before anything runs.
 """
@@ -32,7 +34,7 @@ from interpreters.driver import (
     session_config,
 )
 from interpreters.live import LivePerformer
-from stroma.errors import NondeterminismError, StromaError
+from stroma.errors import LogCorrupted, NondeterminismError, StromaError
 from stroma.log import EffectLog, LogHeader, ResumeMarker
 from stroma.machine import MachineConfig, start
 from stroma.plan import Plan
@@ -51,15 +53,16 @@ async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
     """Feed a finished run's log back through the machine; nothing user-written runs."""
     k, marker = last_segment(log)
     header = log.header
+    recorded = _recorded_plan(log)
+    if recorded is not None and recorded != plan.fingerprint:
+        # Find the first record where the new plan diverges, to name it.
+        await _verify_prefix(plan, log)
+        raise NondeterminismError(
+            0, f"plan fingerprint {recorded[:16]}",
+            f"plan fingerprint {plan.fingerprint[:16]}",
+            "the plan's structure or contracts changed since the run was recorded",
+        )
     if marker is None:
-        if header.plan != plan.fingerprint:
-            # Find the first record where the new plan diverges, to name it.
-            await _verify_prefix(plan, log)
-            raise NondeterminismError(
-                0, f"plan fingerprint {header.plan[:16]}",
-                f"plan fingerprint {plan.fingerprint[:16]}",
-                "the plan's structure or contracts changed since the run was recorded",
-            )
         state, effects = first_state(plan, header)
         replay = log.records
         recorder = Recorder(EffectLog(header, []), None)
@@ -72,19 +75,30 @@ async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
     return result
 
 
+def _recorded_plan(log: EffectLog) -> str | None:
+    """The fingerprint of the plan that recorded the log's last session (None for a restart
+    record written before restarts kept it)."""
+    _, marker = last_segment(log)
+    if marker is None:
+        return log.header.plan
+    assert marker.restart is not None
+    plan = marker.restart.get("plan")
+    return plan if isinstance(plan, str) else None
+
+
 async def _verify_prefix(plan: Plan, log: EffectLog) -> None:
     """Replay a log's last session without performing anything; divergence raises."""
     k, marker = last_segment(log)
     if marker is None:
         state, effects = first_state(plan, log.header)
-        replay = log.records
+        replay, before = log.records, []
     else:
         state, effects = restart_state(plan, log.header, marker)
-        replay = log.records[k + 1 :]
-    try:
-        await drive(plan, state, effects, Recorder(EffectLog(log.header, []), None), None,
+        replay, before = log.records[k + 1 :], log.records[: k + 1]
+    try:  # (the records before the session keep the error's record index the log's own)
+        await drive(plan, state, effects, Recorder(EffectLog(log.header, before), None), None,
                     replay=replay)
-    except NondeterminismError:
+    except (NondeterminismError, LogCorrupted):
         raise
     except StromaError:
         pass  # the log ends before the run finished: the prefix matched
@@ -123,10 +137,13 @@ async def run_session(
                 existing = store.get_log(run_id)
 
         if existing is not None and machine.resume_from is None:
-            if existing.header.plan != plan.fingerprint:
+            # A restart (resume_from) may have begun a session with another plan: the last
+            # session's plan is the one to match.
+            recorded = _recorded_plan(existing) or existing.header.plan
+            if recorded != plan.fingerprint:
                 await _verify_prefix(plan, existing)
                 raise NondeterminismError(
-                    0, f"plan fingerprint {existing.header.plan[:16]}",
+                    0, f"plan fingerprint {recorded[:16]}",
                     f"plan fingerprint {plan.fingerprint[:16]}",
                     f"run {run_id!r} was recorded with another plan (structure or contracts "
                     "changed)",
@@ -151,6 +168,7 @@ async def run_session(
             state, effects = start(plan, initial_state, machine)
             restart = session_config(machine, initial_state)
             restart["seed"] = machine.seed
+            restart["plan"] = plan.fingerprint  # the session's plan, checked on resume
             marker = ResumeMarker(machine.started_at.isoformat(), restart)
             recorder = Recorder(EffectLog(existing.header, [*existing.records, marker]),
                                 log_store, flushed=len(existing.records))
@@ -183,7 +201,10 @@ async def run_session(
             context=context,
             sleep=sleep,
             clock=clock,
-            prefilled=existing.pending_children() if existing is not None else None,
+            # Fan-out children that finished before the crash (not for a restart, which
+            # may give the group another input).
+            prefilled=(existing.pending_children() if resuming and existing is not None
+                       else None),
             **({"timer": timer} if timer is not None else {}),
         )
         return await drive(plan, state, effects, recorder, performer, replay=replay,

@@ -72,6 +72,7 @@ __all__ = (
     "UnexpectedEvent",
     "advance",
     "error_info",
+    "finish_effect",
     "mark_resumed",
     "start",
 )
@@ -854,6 +855,14 @@ def advance(state: RunState, event: Any) -> Out:
             f"(step {state.pos}, attempt {state.attempt}); expected {' or '.join(expected)}"
         )
     return handler(state, event)
+
+
+def finish_effect(state: RunState, status: RunStatus, reason: str | None) -> fx.Finish:
+    """The Finish the machine makes for ``state``: a completed run that was resumed
+    finishes RESUMED (for an interpreter that resumed while a Finish was pending)."""
+    finish = _finish(state, status, reason)[1][0]
+    assert isinstance(finish, fx.Finish)
+    return finish
 
 
 def mark_resumed(state: RunState) -> RunState:

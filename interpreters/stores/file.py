@@ -512,7 +512,11 @@ class FileStore:
         source = os.path.join(run.dir, LOG_NAME)
         text = data
         if _CKPT_LINE in data:  # the checkpoints committed with it are not effect records
-            text = b"\n".join(x for x in data.split(b"\n") if not x.startswith(_CKPT_LINE))
+            parts = data.split(b"\n")
+            tail = parts.pop()  # after the last newline: b"", or a torn line
+            text = b"".join(x + b"\n" for x in parts if not x.startswith(_CKPT_LINE))
+            if not tail.startswith(_CKPT_LINE):
+                text += tail
         log = EffectLog.from_jsonl(text, source=source)
         if log.header.run_id != run.run_id:
             raise LogCorrupted(
