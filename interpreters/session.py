@@ -51,7 +51,6 @@ def _holder() -> str:
 
 async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
     """Feed a finished run's log back through the machine; nothing user-written runs."""
-    k, marker = last_segment(log)
     header = log.header
     recorded = _recorded_plan(log)
     if recorded is not None and recorded != plan.fingerprint:
@@ -62,17 +61,23 @@ async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
             f"plan fingerprint {plan.fingerprint[:16]}",
             "the plan's structure or contracts changed since the run was recorded",
         )
-    if marker is None:
-        state, effects = first_state(plan, header)
-        replay = log.records
-        recorder = Recorder(EffectLog(header, []), None)
-    else:
-        state, effects = restart_state(plan, header, marker)
-        replay = log.records[k + 1 :]
-        recorder = Recorder(EffectLog(header, log.records[: k + 1]), None)
-    result = await drive(plan, state, effects, recorder, None, replay=replay)
+    state, effects, before, replay = _last_session(plan, log)
+    result = await drive(plan, state, effects, Recorder(EffectLog(header, before), None), None,
+                         replay=replay)
     result.log = log
     return result
+
+
+def _last_session(plan: Plan, log: EffectLog) -> tuple[Any, list[Any], list[Any], list[Any]]:
+    """Where replaying a log starts: the machine's first state and effects for the log's
+    last session (the run, or its latest ``resume_from`` restart), the records before that
+    session, and the session's records to replay."""
+    k, marker = last_segment(log)
+    if marker is None:
+        state, effects = first_state(plan, log.header)
+        return state, effects, [], log.records
+    state, effects = restart_state(plan, log.header, marker)
+    return state, effects, log.records[: k + 1], log.records[k + 1 :]
 
 
 def _recorded_plan(log: EffectLog) -> str | None:
@@ -88,13 +93,7 @@ def _recorded_plan(log: EffectLog) -> str | None:
 
 async def _verify_prefix(plan: Plan, log: EffectLog) -> None:
     """Replay a log's last session without performing anything; divergence raises."""
-    k, marker = last_segment(log)
-    if marker is None:
-        state, effects = first_state(plan, log.header)
-        replay, before = log.records, []
-    else:
-        state, effects = restart_state(plan, log.header, marker)
-        replay, before = log.records[k + 1 :], log.records[: k + 1]
+    state, effects, before, replay = _last_session(plan, log)
     try:  # (the records before the session keep the error's record index the log's own)
         await drive(plan, state, effects, Recorder(EffectLog(log.header, before), None), None,
                     replay=replay)
@@ -152,17 +151,9 @@ async def run_session(
                 return await replay_log(plan, existing)
             await _verify_prefix(plan, existing)
             resuming = True
-            k, marker = last_segment(existing)
-            if marker is None:
-                state, effects = first_state(plan, existing.header)
-                replay = existing.records
-                recorder = Recorder(EffectLog(existing.header, []), log_store,
-                                    flushed=len(existing.records))
-            else:
-                state, effects = restart_state(plan, existing.header, marker)
-                replay = existing.records[k + 1 :]
-                recorder = Recorder(EffectLog(existing.header, existing.records[: k + 1]),
-                                    log_store, flushed=len(existing.records))
+            state, effects, before, replay = _last_session(plan, existing)
+            recorder = Recorder(EffectLog(existing.header, before), log_store,
+                                flushed=len(existing.records))
         elif existing is not None:
             # The API's resume_from on a run that has a log: a new session in the same log.
             state, effects = start(plan, initial_state, machine)
