@@ -14,6 +14,7 @@ A plan that no longer matches the log raises NondeterminismError before anything
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import socket
@@ -103,6 +104,33 @@ async def _verify_prefix(plan: Plan, log: EffectLog) -> None:
         pass  # the log ends before the run finished: the prefix matched
 
 
+class _SyncLogStore:
+    """A synchronous store's log methods, awaited like an async LogStore's (the calls
+    block, as a synchronous store's ``save`` does)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def append_log(
+        self, run_id: str, lines: Sequence[str], checkpoint: tuple[str, BaseModel] | None = None
+    ) -> None:
+        self.store.append_log(run_id, lines, checkpoint)
+
+    async def read_log(self, run_id: str) -> EffectLog | None:
+        log: EffectLog | None = self.store.read_log(run_id)
+        return log
+
+
+def _log_store(store: Any) -> Any:
+    """The store as an async LogStore, or None if it holds no effect log."""
+    append, read = getattr(store, "append_log", None), getattr(store, "read_log", None)
+    if not (callable(append) and callable(read)):
+        return None
+    if inspect.iscoroutinefunction(append):
+        return store
+    return _SyncLogStore(store)
+
+
 async def run_session(
     plan: Plan,
     initial_state: BaseModel,
@@ -119,9 +147,7 @@ async def run_session(
 ) -> ExecutionResult:
     store = manager.store
     run_id = machine.run_id
-    log_store = store if callable(getattr(store, "append_log", None)) and callable(
-        getattr(store, "read_log", None)
-    ) else None
+    log_store = _log_store(store)
     lease: AbstractAsyncContextManager[Any] = (
         store.lease(run_id, _holder()) if callable(getattr(store, "lease", None))
         else nullcontext()

@@ -585,11 +585,12 @@ class RedisStore(_Base):
 
 
 class SyncRedisStore(_Base):
-    """The blocking twin of RedisStore: checkpoints and effect logs, same keys (no lease).
+    """The blocking twin of RedisStore: checkpoints, effect logs and leases, same keys.
 
     ``SyncRedisStore(redis_url="redis://localhost:6379", ttl_seconds=3600, *,
-    key_prefix="stroma")``. A RedisStore and a SyncRedisStore with the same URL and prefix
-    see the same runs.
+    key_prefix="stroma", lease_ms=30000)``. A RedisStore and a SyncRedisStore with the same
+    URL and prefix see the same runs. Its lease (for runs through ``interpret``) is an
+    async context manager whose Redis calls run in a worker thread, on asyncio or trio.
     """
 
     _cls_name = "SyncRedisStore"
@@ -600,11 +601,50 @@ class SyncRedisStore(_Base):
         ttl_seconds: int | None = 3600,
         *,
         key_prefix: str = "stroma",
+        lease_ms: int = 30000,
         max_attempts: int = 5,
         socket_timeout: float = 10.0,
     ) -> None:
-        super().__init__(redis_url, ttl_seconds, key_prefix, 30000, max_attempts, socket_timeout)
+        super().__init__(
+            redis_url, ttl_seconds, key_prefix, lease_ms, max_attempts, socket_timeout
+        )
         self._client: Any = None
+
+    def lease(self, run_id: str, holder: str) -> AbstractAsyncContextManager[None]:
+        """Claim ``run_id`` for ``holder`` while the context is open (see RedisStore.lease)."""
+        keys = self._keys(run_id, "lease")
+        who = _id_bytes("holder", holder, "SyncRedisStore.lease")
+        ms = self.lease_ms
+
+        async def claim_once() -> tuple[bool, str]:
+            ok, current = await anyio.to_thread.run_sync(
+                lambda: self._redis().eval(_CLAIM, 1, keys.lease, who, ms)
+            )
+            return bool(int(ok)), current.decode("utf-8", "replace")
+
+        async def retry(fn: Callable[[], Awaitable[tuple[bool, str]]]) -> tuple[bool, str]:
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self.max_attempts), wait=self._wait(),
+                retry=retry_if_exception(_is_transient), reraise=True, sleep=anyio.sleep,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await fn()
+            except Exception as exc:
+                if _is_transient(exc) or isinstance(exc, _redis.exceptions.RedisError):
+                    raise self._failure("lease", run_id, exc) from exc
+                raise
+            raise AssertionError("unreachable: tenacity neither returned nor raised")
+
+        async def release() -> None:
+            await anyio.to_thread.run_sync(
+                lambda: self._redis().eval(_RELEASE, 1, keys.lease, who)
+            )
+
+        return hold_lease(
+            run_id, holder, ms / 1000, claim_once, retry, release, self, _is_transient
+        )
 
     def _redis(self) -> Any:
         if self._client is None:
