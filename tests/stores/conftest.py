@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -26,12 +25,17 @@ import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
 
-REDIS_URL = os.environ.get("STROMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_DSN = os.environ.get(
-    "STROMA_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+from tests.services import (
+    POSTGRES_DSN,
+    REDIS_URL,
+    START_POSTGRES,
+    START_REDIS,
+    drop_postgres_tables,
+    drop_redis_prefix,
+    host_port,
+    require,
+    unique,
 )
-START_REDIS = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
-START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
 @pytest.fixture
@@ -40,44 +44,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _host_port(url: str, default_port: int) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
-
-
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _require(name: str, url: str, default_port: int, how: str) -> str:
-    host, port = _host_port(url, default_port)
-    if _reachable(host, port):
-        return url
-    reason = f"{name} is not reachable at {host}:{port}; start it with: {how}"
-    if os.environ.get("STROMA_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{reason} (STROMA_REQUIRE_SERVICES=1, so this is a failure, not a skip)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The URL of a reachable Redis server (or the test skips/fails, saying how to start it)."""
-    return _require("Redis", REDIS_URL, 6379, START_REDIS)
+    return require("Redis", REDIS_URL, 6379, START_REDIS)
 
 
 @pytest.fixture(scope="session")
 def postgres_dsn() -> str:
     """The DSN of a reachable PostgreSQL server (or the test skips/fails with how to start it)."""
-    return _require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
-
-
-def unique(prefix: str = "t") -> str:
-    """A fresh name for keys, tables and run ids, so tests never see each other's data."""
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+    return require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
 
 
 @pytest.fixture
@@ -93,29 +69,6 @@ def run_prefix() -> str:
 
 
 # --------------------------------------------------------------------- store fixtures
-
-
-async def drop_redis_prefix(url: str, key_prefix: str) -> None:
-    """Delete every key under ``key_prefix``."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(url)
-    try:
-        async for key in client.scan_iter(match=key_prefix.encode() + b":*", count=1000):
-            await client.delete(key)
-    finally:
-        await client.aclose()
-
-
-async def drop_postgres_tables(dsn: str, tables: tuple[str, ...]) -> None:
-    """Drop the given (already quoted) tables."""
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f"DROP TABLE IF EXISTS {', '.join(tables)}")
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -164,7 +117,7 @@ class Proxy:
 @asynccontextmanager
 async def tcp_proxy(target: str, default_port: int, drop: int = 1) -> AsyncIterator[Proxy]:
     """Forward to the server of ``target`` (a URL), closing the first ``drop`` connections."""
-    host, port = _host_port(target, default_port)
+    host, port = host_port(target, default_port)
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     proxy = Proxy(listener.extra(SocketAttribute.local_port), drop)
 
