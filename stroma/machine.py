@@ -71,9 +71,12 @@ __all__ = (
     "RunState",
     "UnexpectedEvent",
     "advance",
+    "continue_plain",
     "error_info",
     "finish_effect",
     "mark_resumed",
+    "plain_returned",
+    "skip_plain",
     "start",
 )
 
@@ -587,37 +590,111 @@ def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
     return tokens, estimate_cost_usd(call_model or ev.model, ev.input_tokens, ev.output_tokens)
 
 
+def plain_returned(
+    s: RunState, output: Any, started_at: datetime, duration_ms: int
+) -> tuple[RunState, BaseModel, NodeStep | None] | None:
+    """A node returned ``output`` (no usage reported) in a plain run: the plain lane.
+
+    When the output keeps its contract this is the whole decision, and it is the same one
+    ``advance`` makes for ``NodeReturned``: record the attempt, save the checkpoint, go on.
+    Returns the next state, the validated output and the next node when the machine calls
+    it straight away (a plain success's effects are then ``RecordAttempt``,
+    ``SaveCheckpoint`` and ``CallNode(next.node_id, 1, None, None, output)``); with no such
+    node, what follows is ``continue_plain(state)``. Returns None where the general path
+    must decide (a run that is not plain, an output that breaks its contract).
+    """
+    c = s.config
+    if not c.plain:
+        return None
+    pos = s.pos
+    program = s.plan.program
+    step: Any = program[pos]
+    try:
+        out = step.output_schema.__pydantic_validator__.validate_python(output)
+    except ValidationError:
+        return None  # the general path reports the violation
+    pos += 1
+    nxt: Any = program[pos] if pos < len(program) else None
+    if type(nxt) is NodeStep and type(out) is nxt.input_schema and nxt.timeout_ms is None:
+        return _next(
+            s, "call", Attempt(out), pos=pos, attempt=1, retries=0, state=out,
+            state_json=None, latency_ms=s.latency_ms + duration_ms,
+            clock=(started_at, duration_ms),
+        ), out, nxt
+    return _next(
+        s, "next", None, pos=pos, attempt=1, retries=0, state=out, state_json=None,
+        latency_ms=s.latency_ms + duration_ms, clock=(started_at, duration_ms),
+    ), out, None
+
+
+def continue_plain(s: RunState) -> Out:
+    """The effects after a plain success that ``plain_returned`` gave no next node for."""
+    return _begin_step(s)
+
+
+def skip_plain(
+    s: RunState,
+    node_ids: Sequence[str],
+    attempts: Sequence[int],
+    durations: Sequence[int],
+    last: tuple[Any, datetime],
+) -> Out | int:
+    """Replay a recorded chain of plain successes at once: nodes ``node_ids`` returned one
+    after the other, each straight into the next, with no usage reported.
+
+    It is the same as feeding each ``NodeReturned`` to ``advance`` when the recorded outputs
+    keep their contracts, as they did when recorded (the plan's fingerprint, which covers
+    the contracts, is checked before any record is replayed): every node id, attempt and
+    the way each node follows the last is checked against the plan, and the last node's
+    raw ``output`` (``last``: output and start time) is validated. Returns the state and
+    effects after the chain, or the index of the first node that the machine would not
+    reach this way (replay then goes through that one by ``advance``).
+    """
+    k = len(node_ids)
+    pos = s.pos
+    plan = s.plan
+    if not (s.config.plain and k and s.phase == "call"):
+        return 0
+    # The common case in a few C-level comparisons; on any difference, find the node.
+    if (tuple(node_ids) != plan.lane_ids[pos:pos + k] or attempts[0] != s.attempt
+            or not all(plan.lane_direct[pos + 1:pos + k])
+            or list(attempts[1:]).count(1) != k - 1):
+        for m in range(k):
+            expected = s.attempt if m == 0 else 1
+            if (plan.lane_ids[pos + m:pos + m + 1] != (node_ids[m],)
+                    or attempts[m] != expected
+                    or (m and not plan.lane_direct[pos + m])):
+                return m
+    if k > 1:
+        s = _next(s, "call", None, pos=pos + k - 1, attempt=1, retries=0,
+                  latency_ms=s.latency_ms + sum(durations[:k - 1]))
+    output, started_at = last
+    done = plain_returned(s, output, started_at, durations[k - 1])
+    if done is None:
+        return k - 1
+    s, out, nxt = done
+    if nxt is not None:
+        return s, [fx.CallNode(nxt.node_id, 1, None, None, out)]
+    return _begin_step(s)
+
+
 def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     step: Any = s.plan.program[s.pos]
     att: Any = s.current
     c = s.config
     if c.plain and not (ev.input_tokens or ev.output_tokens):
-        # The hot path: a plain run, a node that reported no usage.
-        try:
-            out = step.output_schema.__pydantic_validator__.validate_python(ev.output)
-        except ValidationError:
-            pass  # the general path below reports the violation
-        else:
-            pos = s.pos + 1
+        done = plain_returned(s, ev.output, ev.started_at, ev.duration_ms)
+        if done is not None:
+            ns, out, nxt = done
             record = fx.RecordAttempt(step.node_id, c.run_id, s.attempt, ev.started_at,
                                       att.input_json, out, ev.duration_ms)
             save = fx.SaveCheckpoint(step.node_id, out)
-            program = s.plan.program
-            nxt: Any = program[pos] if pos < len(program) else None
-            if type(nxt) is NodeStep and type(out) is nxt.input_schema and nxt.timeout_ms is None:
-                call = fx.CallNode(nxt.node_id, 1, None, None, out)
-                return _next(
-                    s, "call", Attempt(out, call), pos=pos, attempt=1, retries=0, state=out,
-                    state_json=None, latency_ms=s.latency_ms + ev.duration_ms,
-                    clock=(ev.started_at, ev.duration_ms),
-                ), [record, save, call]
-            s, effects = _begin_step(_next(
-                s, "next", None, pos=pos, attempt=1, retries=0, state=out, state_json=None,
-                latency_ms=s.latency_ms + ev.duration_ms, clock=(ev.started_at, ev.duration_ms),
-            ))
-            return s, [record, save, *effects]
+            if nxt is not None:
+                return ns, [record, save, fx.CallNode(nxt.node_id, 1, None, None, out)]
+            ns, effects = _begin_step(ns)
+            return ns, [record, save, *effects]
     if ev.input_tokens or ev.output_tokens:
-        tokens, cost = _price(att.call.model, ev)
+        tokens, cost = _price(att.call.model if att.call is not None else None, ev)
     else:
         tokens, cost = 0, 0.0
     checked = _validate(step.node_id, "output", step.output_schema, ev.output)

@@ -517,6 +517,11 @@ class Plan(_Combinable):
     steps: tuple[Step, ...] = ()
     fingerprint: str = attrs.field(init=False, eq=False, repr=False)
     program: tuple[Instruction, ...] = attrs.field(init=False, eq=False, repr=False)
+    # For the machine's plain lane, per program position: the node id of a NodeStep (else
+    # None), and whether a plain success of the step before goes straight to its call (a
+    # NodeStep without timeout whose input contract is the previous node's output contract).
+    lane_ids: tuple[str | None, ...] = attrs.field(init=False, eq=False, repr=False)
+    lane_direct: tuple[bool, ...] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         text = json.dumps([_describe(s) for s in self.steps], sort_keys=True)
@@ -524,6 +529,15 @@ class Plan(_Combinable):
         program: list[Instruction] = []
         _flatten(self.steps, program)
         object.__setattr__(self, "program", tuple(program))
+        object.__setattr__(self, "lane_ids", tuple(
+            ins.node_id if type(ins) is NodeStep else None for ins in program
+        ))
+        object.__setattr__(self, "lane_direct", tuple(
+            q > 0 and type(ins) is NodeStep and ins.timeout_ms is None
+            and type(program[q - 1]) is NodeStep
+            and program[q - 1].output_schema is ins.input_schema  # type: ignore[union-attr]
+            for q, ins in enumerate(program)
+        ))
 
     def __len__(self) -> int:
         return len(self.steps)
