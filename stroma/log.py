@@ -39,7 +39,7 @@ Any other damage is a ``LogCorrupted`` naming the source, the line and the probl
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableSequence
 from datetime import datetime
 from typing import Any
 
@@ -54,13 +54,19 @@ from stroma.trace import ExecutionTrace, RunStatus, TraceEvent
 
 __all__ = (
     "FORMAT_VERSION",
+    "ROW_LEN",
     "EffectLog",
     "LogHeader",
     "Record",
+    "RecordList",
     "ResumeMarker",
     "encode_header",
     "encode_partial",
     "encode_record",
+    "is_row",
+    "row_attempt",
+    "row_records",
+    "trace_event",
 )
 
 FORMAT_VERSION = 1
@@ -90,6 +96,132 @@ class ResumeMarker:
 
 
 Record = tuple[fx.Effect, fx.Event | None] | ResumeMarker
+
+# A node that succeeded on the machine's plain lane is held in memory as one compact row,
+# a plain tuple standing in for its three records:
+#   (node_id, run_id, attempt, started_at, duration_ms, output, input_json, output_json,
+#    schema)
+# ``output`` is what the node returned, the JSON is bytes, ``schema`` the output contract.
+ROW_LEN = 9
+
+
+def is_row(item: object) -> bool:
+    """Whether a record list item is a compact row (records are pairs or ResumeMarkers)."""
+    return type(item) is tuple and len(item) == ROW_LEN
+
+
+def row_records(row: tuple[Any, ...]) -> list[Record]:
+    """The three records a compact row stands for, as the machine emitted them."""
+    node_id, attempt, started_at, duration_ms, output = row[0], row[2], row[3], row[4], row[5]
+    output_json, schema = row[7], row[8]
+    return [
+        (fx.CallNode(node_id, attempt), fx.NodeReturned(output, started_at, duration_ms)),
+        (row_attempt(row), None),
+        (fx.SaveCheckpoint(node_id, schema.model_validate_json(output_json),
+                           f"{schema.__module__}:{schema.__qualname__}"),
+         fx.CheckpointSaved(node_id)),
+    ]
+
+
+def row_attempt(row: tuple[Any, ...]) -> fx.RecordAttempt:
+    """The RecordAttempt of a compact row (its states as JSON)."""
+    node_id, run_id, attempt, started_at, duration_ms, _, input_json, output_json, _ = row
+    return fx.RecordAttempt(node_id, run_id, attempt, started_at, json.loads(input_json),
+                            json.loads(output_json), duration_ms)
+
+
+def trace_event(item: Any) -> TraceEvent:
+    """The trace event of a RecordAttempt, or of a compact row."""
+    return row_attempt(item).event if type(item) is tuple else item.event
+
+
+class RecordList(MutableSequence[Record]):
+    """A log's records, in order: a list whose plain-lane nodes are kept compact.
+
+    A compact row fills the three positions of the records it stands for, and is turned
+    into them when any of the three is read; to everyone reading, this is a list of
+    ``(effect, event)`` pairs and ``ResumeMarker``s. A long run so keeps one small tuple per
+    node instead of five effect objects, which is what the garbage collector would walk.
+    """
+
+    __slots__ = ("items", "markers")
+
+    def __init__(self, records: Iterable[Any] = ()) -> None:
+        # Interpreters append to ``items`` directly (a compact row three times; never a
+        # ResumeMarker, which goes through ``append``).
+        self.items: list[Any]
+        # Where the ResumeMarkers are, so finding a log's last session needs no scan.
+        self.markers: list[int]
+        if isinstance(records, RecordList):
+            self.items = list(records.items)
+            self.markers = list(records.markers)
+        else:
+            self.items = list(records)
+            self._find_markers()
+
+    def _find_markers(self) -> None:
+        self.markers = [k for k, x in enumerate(self.items) if type(x) is ResumeMarker]
+
+    def _expand(self, i: int) -> None:
+        items = self.items
+        row = items[i]
+        base = i
+        while base > 0 and items[base - 1] is row:
+            base -= 1
+        items[base:base + 3] = row_records(row)
+
+    def __getitem__(self, index: Any) -> Any:
+        items = self.items
+        if isinstance(index, slice):
+            return [self[j] for j in range(*index.indices(len(items)))]
+        item = items[index]
+        if type(item) is tuple and len(item) == ROW_LEN:
+            self._expand(index if index >= 0 else index + len(items))
+            item = items[index]
+        return item
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._expand_all()
+        self.items[index] = value
+        self._find_markers()
+
+    def __delitem__(self, index: Any) -> None:
+        self._expand_all()
+        del self.items[index]
+        self._find_markers()
+
+    def insert(self, index: int, value: Record) -> None:
+        self._expand_all()
+        self.items.insert(index, value)
+        self._find_markers()
+
+    def append(self, value: Record) -> None:
+        if type(value) is ResumeMarker:
+            self.markers.append(len(self.items))
+        self.items.append(value)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Record]:
+        for j in range(len(self.items)):
+            yield self[j]
+
+    def _expand_all(self) -> None:
+        items = self.items
+        for j in range(len(items)):
+            if is_row(items[j]):
+                self._expand(j)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecordList | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 # ------------------------------------------------------------------------ the codec
 
@@ -327,14 +459,22 @@ def encode_record(index: int, record: Record) -> list[str]:
 class EffectLog:
     """A run's log in memory: the header and the records, in order."""
 
-    __slots__ = ("header", "partials", "records")
+    __slots__ = ("_records", "header", "partials")
 
     def __init__(self, header: LogHeader, records: Iterable[Record] = ()) -> None:
         self.header = header
-        self.records: list[Record] = list(records)
+        self._records = RecordList(records)
         # Fan-out children that finished before their group did, as
         # (record index of the group, child index, call, outcome), in the order written.
         self.partials: list[tuple[int, int, Any, Any]] = []
+
+    @property
+    def records(self) -> RecordList:
+        return self._records
+
+    @records.setter
+    def records(self, value: Iterable[Record]) -> None:
+        self._records = RecordList(value)
 
     def pending_children(self) -> dict[int, tuple[Any, Any]]:
         """Children of the group in flight when the log ends (a crash inside a fan-out)."""

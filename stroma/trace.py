@@ -7,7 +7,7 @@ fold of those records over its effect log, so the same log always gives the same
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -88,29 +88,38 @@ _DIFF_FIELDS = ("input_state", "output_state", "failure", "failure_message")
 class ExecutionTrace:
     """The events of a run, in the order the attempts finished."""
 
-    __slots__ = ("_events", "_records")
+    __slots__ = ("_event_of", "_events", "_records")
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     def __init__(self, events: Iterable[TraceEvent] = ()) -> None:
         self._events: list[TraceEvent] = list(events)
         self._records: list[Any] | None = None
+        self._event_of: Callable[[Any], TraceEvent] | None = None
 
     @classmethod
     def from_events(cls, events: Iterable[TraceEvent]) -> ExecutionTrace:
         return cls(events)
 
     @classmethod
-    def from_records(cls, records: list[Any]) -> ExecutionTrace:
+    def from_records(
+        cls, records: list[Any], event_of: Callable[[Any], TraceEvent] | None = None
+    ) -> ExecutionTrace:
         """A trace folded from the machine's attempt records (anything with an ``event``
-        property) when it is first read, so a run pays for its trace only if it is used."""
+        property, or what ``event_of`` takes) when it is first read, so a run pays for its
+        trace only if it is used."""
         trace = cls()
         trace._records = records
+        trace._event_of = event_of
         return trace
 
     @property
     def events(self) -> list[TraceEvent]:
         if self._records is not None:
-            self._events = [r.event for r in self._records]
+            event_of = self._event_of
+            if event_of is None:
+                self._events = [r.event for r in self._records]
+            else:
+                self._events = [event_of(r) for r in self._records]
             self._records = None
         return self._events
 
