@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 
 from stroma import effects as fx
+from stroma.checkpoint import InMemoryStore
 from stroma.cost import normalize_node_return
 from stroma.failures import FailureClass, NodeContext
 from stroma.log import EffectLog, LogHeader
@@ -31,6 +32,7 @@ from stroma.trace import RunStatus
 __all__ = ("LivePerformer", "RunLogger")
 
 _log = logging.getLogger("stroma")
+_MEMORY_STORES = (InMemoryStore,)
 
 
 class RunLogger(logging.LoggerAdapter):
@@ -71,6 +73,24 @@ class LivePerformer:
             {fx.SaveCheckpoint: self.save_checkpoint_sync}
             if self.sync_save is not None and not self.durable else {}
         )
+        # The plain lane (see driver.drive): how a checkpoint is saved without an effect
+        # object, for a synchronous store that holds no log; None where it can't be.
+        self.lane_save: Callable[[str, Any, bytes], None] | None = None
+        if self.sync_table:
+            slots = getattr(manager.store, "_run_slots", None)
+            if slots is not None and type(manager.store) in _MEMORY_STORES:
+                texts, types = slots(run_id)
+
+                def lane_save(node_id: str, state: Any, data: bytes) -> None:
+                    texts[node_id] = data  # the same text save() keeps, as bytes
+                    types[node_id] = type(state)
+            else:
+                save = manager.store.save
+
+                def lane_save(node_id: str, state: Any, data: bytes) -> None:
+                    save(run_id, node_id, state)
+
+            self.lane_save = lane_save
         self.hooks = hooks
         self.classifiers = tuple(classifiers)
         self.context = context if context is not None else {}
@@ -100,7 +120,30 @@ class LivePerformer:
 
     # -- nodes
 
+    async def call_plain(self, node_id: str, inp: Any) -> Any:
+        """Call a node with no timeout and no fallback model: ``(output, started_at,
+        duration_ms)`` when it returned a dict (no usage), else its event."""
+        node = self.nodes[node_id]
+        if node.takes_context:
+            ctx = self.context
+            if "_stroma_model" in ctx:
+                del ctx["_stroma_model"]
+        started = self.now()
+        t0 = self.timer()
+        try:
+            raw = await (node.fn(inp, self.context) if node.takes_context else node.fn(inp))
+        except Exception as exc:
+            return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
+        duration = int((self.timer() - t0) * 1000)
+        if type(raw) is dict:  # no usage reported: the common case
+            return raw, started, duration
+        output, tin, tout, model = normalize_node_return(raw)
+        return fx.NodeReturned(output, started, duration, tin, tout, model)
+
     async def call_node(self, eff: fx.CallNode) -> Any:
+        if eff.timeout_ms is None and eff.model is None:
+            got = await self.call_plain(eff.node_id, eff.input)
+            return fx.NodeReturned(*got) if type(got) is tuple else got
         node = self.nodes[eff.node_id]
         ctx = self.context
         if node.takes_context:
@@ -225,7 +268,7 @@ class LivePerformer:
         assert call.input is not None
         state, effects = start(call.plan, call.input, call.config)
         result = await drive(call.plan, state, effects, recorder, performer)
-        finish: Any = recorder.records[-1][0]  # type: ignore[index]
+        finish: Any = recorder.records[-1][0]
         return fx.PlanFinished(
             result.status, result.final_state.model_dump(mode="json"), result.total_tokens,
             result.total_cost_usd, finish.total_latency_ms, result.stop_reason, started,

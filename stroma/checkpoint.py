@@ -93,7 +93,7 @@ class _MemoryBase:
     def __init__(self) -> None:
         # JSON text and schema kept apart: a dict of str values is nothing for the garbage
         # collector to walk, which matters for runs of many thousand nodes.
-        self._data: dict[str, dict[str, str]] = {}
+        self._data: dict[str, dict[str, str | bytes]] = {}
         self._types: dict[str, dict[str, type[BaseModel]]] = {}
         self._logs: dict[str, EffectLog] = {}
 
@@ -109,6 +109,15 @@ class _MemoryBase:
             self._types[run_id] = {}
         texts[node_id] = state.model_dump_json()
         self._types[run_id][node_id] = type(state)
+
+    def _run_slots(self, run_id: str) -> tuple[dict[str, str | bytes], dict[str, type[BaseModel]]]:
+        """The run's checkpoint texts and schemas by node id, for an interpreter that saves a
+        validated state's JSON (``model_dump_json`` as bytes) straight into them."""
+        texts = self._data.get(run_id)
+        if texts is None:
+            texts = self._data[run_id] = {}
+            self._types[run_id] = {}
+        return texts, self._types[run_id]
 
     def _load(self, run_id: str, node_id: str, schema: type[BaseModel] | None) -> BaseModel | None:
         text = self._data.get(run_id, {}).get(node_id)
