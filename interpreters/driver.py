@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import anyio
@@ -20,20 +21,27 @@ from pydantic import BaseModel
 from stroma import effects as fx
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
 from stroma.log import (
+    ROW_LEN,
     EffectLog,
     LogHeader,
     Record,
+    RecordList,
     ResumeMarker,
     encode_partial,
     encode_record,
+    is_row,
+    trace_event,
 )
 from stroma.machine import (
     MachineConfig,
     RunState,
     UnexpectedEvent,
     advance,
+    continue_plain,
     finish_effect,
     mark_resumed,
+    plain_returned,
+    skip_plain,
     start,
 )
 from stroma.plan import Plan
@@ -211,20 +219,35 @@ async def drive(
     crash before the first one): it goes live through a resume marker, status RESUMED.
     """
     records = recorder.records
-    trace: list[fx.RecordAttempt] = []
+    items = records.items  # appended to directly: a plain-lane node is one compact row
+    trace: list[Any] = []  # RecordAttempt effects, and compact rows
     log = recorder.log
     n_replay = len(replay)
+    # The recorded items, compact rows as they are (indexing ``replay`` would expand them).
+    recorded = replay.items if type(replay) is RecordList else replay
     i = 0  # next recorded record to match
     live = perform is not None and n_replay == 0 and not resuming
     table = getattr(perform, "table", None)  # a performer's dispatch table, called directly
     sync_table = getattr(perform, "sync_table", None) or {}  # effects done without awaiting
+    lane_save = getattr(perform, "lane_save", None)
     while True:
         pending = None
         for eff in effects:
             if not live:
+                if (type(eff) is fx.CallNode and i < n_replay and is_row(recorded[i])
+                        and state.config.plain):
+                    skipped = _skip_rows(state, eff, recorded, i)
+                    if skipped is not None:
+                        state, effects, k = skipped
+                        rows = recorded[i:i + 3 * k]
+                        items.extend(rows)
+                        trace.extend(rows[::3])
+                        i += 3 * k
+                        pending = _SKIPPED
+                        break
                 # Replaying: skip resume markers, restart the machine where a session did.
-                while i < n_replay and isinstance(replay[i], ResumeMarker):
-                    marker = replay[i]
+                while i < n_replay and isinstance(recorded[i], ResumeMarker):
+                    marker = recorded[i]
                     assert isinstance(marker, ResumeMarker)
                     records.append(marker)
                     i += 1
@@ -249,7 +272,7 @@ async def drive(
                     if on_resume is not None:
                         await on_resume()
                 else:
-                    rec = replay[i]
+                    rec = replay[i]  # a compact row is expanded here, into its records
                     assert not isinstance(rec, ResumeMarker)
                     if rec[0] != eff and not (
                         type(eff) is fx.Finish and rec[0] == (eff := _finish_now(state, eff))
@@ -304,6 +327,12 @@ async def drive(
                 pending = eff
         if pending is None:
             raise StromaError(f"the machine emitted no effect to perform in {state.phase!r}")
+        if pending is _SKIPPED:
+            continue
+        if (lane_save is not None and type(pending) is fx.CallNode and state.config.plain
+                and pending.timeout_ms is None and pending.model is None):
+            state, effects = await _lane(state, pending, perform, lane_save, items, trace)
+            continue
         if type(pending) is tuple:
             eff, event = pending
             if type(eff) is fx.CallParallel:
@@ -319,6 +348,86 @@ async def drive(
             raise NondeterminismError(
                 len(records) - 1, repr(event), "(no such event)", str(e)
             ) from None
+
+
+_SKIPPED = object()  # drive: the machine went past a chain of recorded rows at once
+_ID, _ATTEMPT, _DURATION = itemgetter(0), itemgetter(2), itemgetter(4)  # fields of a row
+
+
+async def _lane(
+    state: RunState, call: fx.CallNode, perform: Any, save: Any, items: list[Any],
+    trace: list[Any],
+) -> tuple[RunState, list[Any]]:
+    """The plain lane: in a plain run, node after node that returns a dict and keeps its
+    contract, the machine's decision is ``plain_returned``, and its effects (record the
+    attempt, save the checkpoint, call the next node) are done here without making them
+    into objects; the log gets one compact row per node (see ``stroma.log``). Anything
+    else (a raise, usage, a broken contract, a step that is not a node) goes back to the
+    general loop, with the node's record and the machine's next effects."""
+    call_plain = perform.call_plain
+    run_id = state.config.run_id
+    first: fx.CallNode | None = call  # the machine's effect; later calls are implied
+    node_id, attempt, inp = call.node_id, call.attempt, call.input
+    in_json: bytes | None = None
+    while True:
+        got = await call_plain(node_id, inp)
+        if type(got) is not tuple:
+            event = got
+            break
+        output, started, duration = got
+        done = plain_returned(state, output, started, duration)
+        if done is None:
+            event = fx.NodeReturned(output, started, duration)
+            break
+        state, out, nxt = done
+        schema: Any = type(out)
+        out_json = schema.__pydantic_serializer__.to_json(out)
+        if in_json is None:
+            in_json = inp.__pydantic_serializer__.to_json(inp)  # type: ignore[union-attr]
+        save(node_id, out, out_json)
+        row = (node_id, run_id, attempt, started, duration, output, in_json, out_json, schema)
+        items.append(row)
+        items.append(row)
+        items.append(row)
+        trace.append(row)
+        if nxt is None:
+            return continue_plain(state)
+        node_id, attempt, inp, in_json, first = nxt.node_id, 1, out, out_json, None
+    items.append((first or fx.CallNode(node_id, attempt, None, None, inp), event))
+    return advance(state, event)
+
+
+def _skip_rows(
+    state: RunState, eff: fx.CallNode, recorded: Sequence[Any], i: int
+) -> tuple[RunState, list[Any], int] | None:
+    """Replay the chain of compact rows that starts at ``recorded[i]`` with ``skip_plain``:
+    the state and effects after it and how many rows it took, or None to go record by
+    record (the general loop then names any difference)."""
+    if eff.timeout_ms is not None or eff.model is not None:
+        return None
+    # The chain: the rows at i, i + 3, ... up to the first record that is not one. Records
+    # are pairs and rows have ROW_LEN items, so lengths find it at C speed.
+    rows = list(recorded[i::3])
+    try:
+        lengths = list(map(len, rows))
+    except TypeError:  # a ResumeMarker: go item by item
+        lengths = [len(r) if type(r) is tuple else 0 for r in rows]
+    others = set(lengths) - {ROW_LEN}
+    if others:
+        del rows[min(lengths.index(n) for n in others):]
+    if not rows or rows[0][0] != eff.node_id:
+        return None
+    while rows:
+        last = rows[-1]
+        done = skip_plain(
+            state, list(map(_ID, rows)), list(map(_ATTEMPT, rows)),
+            list(map(_DURATION, rows)), (last[5], last[3]),
+        )
+        if type(done) is tuple:
+            return done[0], done[1], len(rows)
+        assert isinstance(done, int)
+        rows = rows[:done]  # the ones before the difference, at once; then one by one
+    return None
 
 
 def _finish_now(state: RunState, eff: fx.Finish) -> fx.Finish:
@@ -364,7 +473,7 @@ async def _result(
         run_id=recorder.run_id,
         status=finish.status,
         final_state=finish.final_state,
-        trace=ExecutionTrace.from_records(trace),
+        trace=ExecutionTrace.from_records(trace, trace_event),
         total_cost_usd=finish.total_cost_usd,
         total_tokens=finish.total_tokens,
         log=recorder.log,
@@ -387,8 +496,9 @@ def first_state(plan: Plan, header: LogHeader) -> tuple[RunState, list[Any]]:
 
 def last_segment(log: EffectLog) -> tuple[int, ResumeMarker | None]:
     """Where the log's last session starts (after a resume_from restart), and its marker."""
-    for k in range(len(log.records) - 1, -1, -1):
-        rec = log.records[k]
+    items = log.records.items
+    for k in reversed(log.records.markers):
+        rec = items[k]
         if isinstance(rec, ResumeMarker) and rec.restart is not None:
             return k, rec
     return 0, None

@@ -36,7 +36,7 @@ from interpreters.driver import (
 )
 from interpreters.live import LivePerformer
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
-from stroma.log import EffectLog, LogHeader, ResumeMarker
+from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
 from stroma.machine import MachineConfig, start
 from stroma.plan import Plan
 from stroma.trace import ExecutionResult
@@ -69,7 +69,9 @@ async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
     return result
 
 
-def _last_session(plan: Plan, log: EffectLog) -> tuple[Any, list[Any], list[Any], list[Any]]:
+def _last_session(
+    plan: Plan, log: EffectLog
+) -> tuple[Any, list[Any], Sequence[Any], Sequence[Any]]:
     """Where replaying a log starts: the machine's first state and effects for the log's
     last session (the run, or its latest ``resume_from`` restart), the records before that
     session, and the session's records to replay."""
@@ -78,7 +80,8 @@ def _last_session(plan: Plan, log: EffectLog) -> tuple[Any, list[Any], list[Any]
         state, effects = first_state(plan, log.header)
         return state, effects, [], log.records
     state, effects = restart_state(plan, log.header, marker)
-    return state, effects, log.records[: k + 1], log.records[k + 1 :]
+    items = log.records.items  # sliced as they are: compact rows stay compact
+    return state, effects, RecordList(items[: k + 1]), RecordList(items[k + 1 :])
 
 
 def _recorded_plan(log: EffectLog) -> str | None:
@@ -187,7 +190,9 @@ async def run_session(
             restart["seed"] = machine.seed
             restart["plan"] = plan.fingerprint  # the session's plan, checked on resume
             marker = ResumeMarker(machine.started_at.isoformat(), restart)
-            recorder = Recorder(EffectLog(existing.header, [*existing.records, marker]),
+            records = RecordList(existing.records)
+            records.append(marker)
+            recorder = Recorder(EffectLog(existing.header, records),
                                 log_store, flushed=len(existing.records))
             replay = []
         else:
