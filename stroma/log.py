@@ -31,6 +31,10 @@ Format (JSON lines, UTF-8, one object per line, keys in a fixed order):
 Datetimes are ISO 8601 strings with their offset; failure classes and statuses are
 their string values; node outputs and states are their JSON form.
 
+In memory, a node that succeeded on the machine's plain lane is kept as one compact row
+(see ``RecordList``) and turned into its three records when read: the text, the records
+and the equality of logs are the same either way.
+
 Reading is strict, except for the tail: a last line that is torn (no newline, or not
 whole JSON) is dropped, so a log cut by a crash reads back to its last whole record.
 Any other damage is a ``LogCorrupted`` naming the source, the line and the problem.

@@ -39,6 +39,17 @@ attempt without calling the node (after the start hook, which every attempt that
 budget stop gets). The run is over when the effects contain ``Finish``.
 Running totals are kept in the state, never recomputed from history, so a step costs the
 same at node 10 and at node 10,000. Hook errors are recorded and change nothing.
+
+The plain lane. In a plain run (no budget, hooks, fallbacks or timeout overrides) a node
+that returns a dict which keeps its contract has one possible outcome, and
+``plain_returned`` is that decision; ``advance`` uses it too, so the two cannot differ.
+An interpreter may call it directly and perform the effects it implies (record, save,
+call the next node) without making them into objects; its log then holds one compact row
+per node (``stroma.log``), which reads back as exactly the records ``advance`` emits.
+``skip_plain`` is the replay side: a recorded chain of such rows is checked against the
+plan in one go (node ids, attempts, how each node follows the last; the contracts are
+covered by the plan fingerprint, checked before replay starts) and only the last output
+is validated again, instead of one ``advance`` per node.
 """
 
 from __future__ import annotations
