@@ -19,6 +19,7 @@ from time import perf_counter
 from typing import Any
 
 import anyio
+from pydantic import BaseModel
 
 from stroma import effects as fx
 from stroma.checkpoint import InMemoryStore
@@ -122,7 +123,7 @@ class LivePerformer:
 
     async def call_plain(self, node_id: str, inp: Any) -> Any:
         """Call a node with no timeout and no fallback model: ``(output, started_at,
-        duration_ms)`` when it returned a dict (no usage), else its event."""
+        duration_ms)`` when it returned a dict or a model (no usage), else its event."""
         node = self.nodes[node_id]
         if node.takes_context:
             ctx = self.context
@@ -135,7 +136,7 @@ class LivePerformer:
         except Exception as exc:
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
         duration = int((self.timer() - t0) * 1000)
-        if type(raw) is dict:  # no usage reported: the common case
+        if type(raw) is dict or isinstance(raw, BaseModel):  # no usage: the common case
             return raw, started, duration
         output, tin, tout, model = normalize_node_return(raw)
         return fx.NodeReturned(output, started, duration, tin, tout, model)

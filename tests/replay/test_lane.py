@@ -244,3 +244,30 @@ async def test_a_long_plain_run_keeps_about_one_tracked_object_per_node() -> Non
     kept = len(gc.get_objects()) - before
     assert result.status is RunStatus.COMPLETED and len(result.log.records) == 3 * n + 1
     assert kept / n < 2, f"{kept / n:.1f} tracked objects kept per node"
+
+
+class Reading(BaseModel):
+    x: float
+    note: str | None = None
+
+
+@pytest.mark.anyio
+async def test_a_state_whose_json_would_not_read_back_goes_the_general_path() -> None:
+    """JSON has no infinity: such a state is not kept as a row (its JSON would read back
+    as null) but as the machine's records, so the trace holds the very value."""
+    values = [1.0, float("inf"), 2.0]
+
+    def node(i: int) -> Any:
+        contract = NodeContract(node_id=f"r{i}", input_schema=Reading, output_schema=Reading)
+
+        async def step(s: Reading) -> Reading:
+            return Reading(x=values[i])  # a model, not a dict: the lane takes those too
+
+        return stroma_node(f"r{i}", contract)(step)
+
+    result = await interpret([node(i) for i in range(3)], Reading(x=0.0))
+    assert [e.output_state["x"] for e in result.trace] == values
+    assert result.trace.events[2].input_state["x"] == float("inf")
+    assert [r[0] for r in rows_of(result.log)] == ["r0"]  # the others: general records
+    again = await replay([node(i) for i in range(3)], result.log)
+    assert again == result and again.trace.diff(result.trace) == []
