@@ -844,9 +844,13 @@ def compile_plan(items: Any, registry: ContractRegistry | None = None) -> Plan:
     for step in steps:
         for node_id in step.node_ids():
             if node_id in seen:
+                fix = "give one of them another id"
+                if node_id.startswith("branch("):
+                    fix = ("an unnamed branch's id is made from its predicate's name; name "
+                           "one of them, e.g. branch(pred, then=..., name='check_2')")
                 raise PlanError(
                     f"two steps share the id {node_id!r}: step ids must be unique in a plan "
-                    "(give one of them another id)"
+                    f"({fix})"
                 )
             seen.add(node_id)
     plan = Plan(tuple(steps))

@@ -81,6 +81,18 @@ def test_duplicate_ids_are_refused_across_nesting(build: Any) -> None:
         build()
 
 
+def test_two_unnamed_branches_on_the_same_predicate_are_told_to_take_a_name() -> None:
+    def positive(s: Any) -> bool:
+        return True
+
+    with pytest.raises(PlanError) as err:
+        seq(branch(positive, then=inc), branch(positive, then=dbl))
+    msg = str(err.value)
+    assert "'branch(positive)'" in msg and "name='check_2'" in msg
+    named = seq(branch(positive, then=inc), branch(positive, then=dbl, name="again"))
+    assert "again" in named.step_ids()
+
+
 def test_a_missing_required_field_is_refused() -> None:
     """A step needing a field the previous output lacks fails, naming both steps' schemas,
     the field and three ways to fix it."""
