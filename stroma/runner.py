@@ -7,6 +7,7 @@ or a Plan) is compiled to an immutable plan, the run's settings become a
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from interpreters.session import new_seed, replay_log, run_session, utcnow
 from stroma.checkpoint import CheckpointManager, InMemoryStore
@@ -109,6 +110,21 @@ class RunConfig(BaseModel):
     resume_from: str | None = None
     model_fallbacks: list[Any] = Field(default_factory=list)
     seed: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                name = str(unknown[0])
+                close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+                fix = f"did you mean {close[0]!r}?" if close else "remove it"
+                raise TypeError(
+                    f"RunConfig got an unknown field {name!r} ({fix}); its fields are "
+                    f"{', '.join(cls.model_fields)}"
+                )
+        return data
 
     @field_validator("context", mode="plain")
     @classmethod

@@ -151,6 +151,19 @@ def test_run_config_hooks_that_are_not_node_hooks(hooks: Any) -> None:
         StromaRunner.quick().with_hooks(hooks)
 
 
+def test_an_unknown_run_config_field_is_refused_with_the_closest_one() -> None:
+    """A typo (``hook=`` for ``hooks=``) is a TypeError naming it and the field meant,
+    not a setting silently dropped; ``StromaRunner.quick`` refuses it too."""
+    with pytest.raises(TypeError) as info:
+        RunConfig(hook=None)
+    msg = str(info.value)
+    assert "unknown field 'hook'" in msg and "did you mean 'hooks'?" in msg
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'node_timeout'"):
+        StromaRunner.quick(node_timeout={"a": 5})
+    with pytest.raises(TypeError, match="unknown field 'zzz' \\(remove it\\)"):
+        RunConfig(zzz=1)
+
+
 @pytest.mark.parametrize("ms", [-5, 0, float("nan"), float("inf")], ids=repr)
 def test_node_timeouts_must_be_positive_milliseconds(ms: float) -> None:
     """``node_timeouts={'x': -5}`` (or 0, NaN, inf) is refused naming the node, the value,
