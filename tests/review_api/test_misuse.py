@@ -158,9 +158,9 @@ def test_an_unknown_run_config_field_is_refused_with_the_closest_one() -> None:
         RunConfig(hook=None)
     msg = str(info.value)
     assert "unknown field 'hook'" in msg and "did you mean 'hooks'?" in msg
-    with pytest.raises(TypeError, match="unexpected keyword argument.*'node_timeout'"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument.*'node_timeout'"):
         StromaRunner.quick(node_timeout={"a": 5})
-    with pytest.raises(TypeError, match="unknown field 'zzz' \\(remove it\\)"):
+    with pytest.raises(TypeError, match=r"unknown field 'zzz' \(remove it\)"):
         RunConfig(zzz=1)
 
 
