@@ -80,11 +80,13 @@ class LivePerformer:
         if self.sync_table:
             slots = getattr(manager.store, "_run_slots", None)
             if slots is not None and type(manager.store) in _MEMORY_STORES:
-                texts, types = slots(run_id)
+                run: list[Any] = []  # the run's checkpoint dicts, made at the first save
 
                 def lane_save(node_id: str, state: Any, data: bytes) -> None:
-                    texts[node_id] = data  # the same text save() keeps, as bytes
-                    types[node_id] = type(state)
+                    if not run:
+                        run.extend(slots(run_id))
+                    run[0][node_id] = data  # the same text save() keeps, as bytes
+                    run[1][node_id] = type(state)
             else:
                 save = manager.store.save
 
