@@ -263,8 +263,6 @@ async def _in_thread_shielded(fn: Callable[..., _T], *args: Any) -> _T:
 # -------------------------------------------------------------------------- checkpoints
 
 
-
-
 def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) -> bytes:
     """A checkpoint envelope: a file of its own, or (``line``) a line of the run's log.
 
@@ -286,8 +284,6 @@ def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) ->
             b"}",
         )
     )
-
-
 
 
 def _ns(raw: bytes) -> int:
