@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 from stroma.log import EffectLog
-from stroma.schemas import _resolve_schema, _schema_ref, declare_schema
+from stroma.schemas import _resolve_schema, _schema_ref, declare_schema, state_json
 
 if TYPE_CHECKING:
     from interpreters.stores.redis import RedisStore, SyncRedisStore
@@ -93,7 +93,7 @@ class _MemoryBase:
     def __init__(self) -> None:
         # JSON text and schema kept apart: a dict of str values is nothing for the garbage
         # collector to walk, which matters for runs of many thousand nodes.
-        self._data: dict[str, dict[str, str | bytes]] = {}
+        self._data: dict[str, dict[str, bytes]] = {}
         self._types: dict[str, dict[str, type[BaseModel]]] = {}
         self._logs: dict[str, EffectLog] = {}
 
@@ -107,12 +107,12 @@ class _MemoryBase:
         if texts is None:
             texts = self._data[run_id] = {}
             self._types[run_id] = {}
-        texts[node_id] = state.model_dump_json()
+        texts[node_id] = state_json(state)
         self._types[run_id][node_id] = type(state)
 
-    def _run_slots(self, run_id: str) -> tuple[dict[str, str | bytes], dict[str, type[BaseModel]]]:
+    def _run_slots(self, run_id: str) -> tuple[dict[str, bytes], dict[str, type[BaseModel]]]:
         """The run's checkpoint texts and schemas by node id, for an interpreter that saves a
-        validated state's JSON (``model_dump_json`` as bytes) straight into them."""
+        validated state's JSON (``state_json``) straight into them."""
         texts = self._data.get(run_id)
         if texts is None:
             texts = self._data[run_id] = {}

@@ -29,7 +29,9 @@ Format (JSON lines, UTF-8, one object per line, keys in a fixed order):
   replay starts the machine afresh: ``{"i":30,"resumed":"...","restart":{...}}``.
 
 Datetimes are ISO 8601 strings with their offset; failure classes and statuses are
-their string values; node outputs and states are their JSON form.
+their string values; node outputs and states are their JSON form, except that floats that
+are not finite are written ``NaN``, ``Infinity`` and ``-Infinity`` as Python's json does
+(JSON has no such numbers, and null would not read back as a float).
 
 In memory, a node that succeeded on the machine's plain lane is kept as one compact row
 (see ``RecordList``) and turned into its three records when read: the text, the records
@@ -408,11 +410,11 @@ def _default(value: Any) -> Any:
 def _dumps(obj: Any) -> str:
     try:
         return json.dumps(
-            obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default
+            obj, separators=(",", ":"), ensure_ascii=False, default=_default
         )
     except TypeError:  # keys json cannot take (tuples, ...): the generic walk str()s them
         return json.dumps(_enc(obj), separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False, default=_default)
+                          default=_default)
 
 
 def encode_header(header: LogHeader) -> str:

@@ -10,8 +10,11 @@ older, trusting resolver that custom backends may still call.
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -24,6 +27,7 @@ __all__ = (
     "declare_schemas",
     "declared_schemas",
     "resolve_declared",
+    "state_json",
 )
 
 _DECLARED: dict[str, type[BaseModel]] = {}
@@ -77,3 +81,26 @@ def resolve_declared(ref: object, *, source: str = "store") -> type[BaseModel]:
     if cls is None:
         raise UnsafeSchemaRef(ref, source=source)
     return cls
+
+
+def state_json(state: BaseModel) -> bytes:
+    """A state's JSON, as ``model_dump_json`` writes it (bytes), except for floats that are
+    not finite: JSON has no infinity, and pydantic writes null, which would not read back
+    as a float; here they are ``NaN``, ``Infinity`` and ``-Infinity``, as Python's json
+    writes them and as both it and ``model_validate_json`` read them back."""
+    data: bytes = state.__pydantic_serializer__.to_json(state)
+    if b"null" in data:
+        dumped = state.model_dump(mode="json")
+        if _has_nonfinite(dumped):
+            return json.dumps(dumped, separators=(",", ":"), ensure_ascii=False).encode()
+    return data
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if type(value) is float:
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nonfinite(v) for v in value)
+    return False

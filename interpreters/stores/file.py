@@ -73,7 +73,7 @@ from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from stroma.errors import LogCorrupted, StoreError
 from stroma.log import EffectLog
-from stroma.schemas import _schema_ref, declare_schema
+from stroma.schemas import _schema_ref, declare_schema, state_json
 
 __all__ = (
     "CHECKPOINTS",
@@ -280,7 +280,7 @@ def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) ->
             b',"node_id":',
             json.dumps(node_id).encode(),
             b',"data":',
-            state.model_dump_json().encode(),
+            state_json(state),
             b"}",
         )
     )

@@ -51,7 +51,7 @@ from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import hold_lease
 from stroma.errors import LogCorrupted, StoreError
-from stroma.schemas import _schema_ref, declare_schema
+from stroma.schemas import _schema_ref, declare_schema, state_json
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -411,7 +411,7 @@ class PostgresStore:
         node_id = _id_text("node id", node_id, op)
         state = _check_state(state, node_id, op)
         declare_schema(type(state))
-        args = (run_id, node_id, _schema_ref(type(state)), state.model_dump_json())
+        args = (run_id, node_id, _schema_ref(type(state)), state_json(state).decode())
 
         async def once(_: int) -> None:
             pool = await self._get_pool()
@@ -486,7 +486,7 @@ class PostgresStore:
             node_id = _id_text("node id", node_id, op)
             state = _check_state(state, node_id, op)
             declare_schema(type(state))
-            item = (node_id, _schema_ref(type(state)), state.model_dump_json())
+            item = (node_id, _schema_ref(type(state)), state_json(state).decode())
         if not rows and item is None:
             return
         token = uuid.uuid4().hex

@@ -55,7 +55,7 @@ from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import hold_lease
 from stroma.errors import LogCorrupted, StoreError
-from stroma.schemas import _schema_ref, declare_schema
+from stroma.schemas import _schema_ref, declare_schema, state_json
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -163,7 +163,7 @@ def _encode_checkpoint(state: BaseModel) -> bytes:
     cls = type(state)
     declare_schema(cls)
     ref = json.dumps(_schema_ref(cls)).encode()
-    return b'{"schema":' + ref + b',"data":' + state.model_dump_json().encode() + b"}"
+    return b'{"schema":' + ref + b',"data":' + state_json(state) + b"}"
 
 
 
