@@ -10,7 +10,6 @@ drive is a pure replay and must reach the recorded ``Finish``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from operator import itemgetter
@@ -46,7 +45,7 @@ from stroma.machine import (
     start,
 )
 from stroma.plan import Plan
-from stroma.schemas import _schema_ref, resolve_declared
+from stroma.schemas import _schema_ref, resolve_declared, state_json
 from stroma.trace import ExecutionResult, ExecutionTrace, TraceEvent
 
 __all__ = (
@@ -332,10 +331,8 @@ async def drive(
             continue
         if (lane_save is not None and type(pending) is fx.CallNode and state.config.plain
                 and pending.timeout_ms is None and pending.model is None):
-            went = await _lane(state, pending, perform, lane_save, items, trace)
-            if went is not None:
-                state, effects = went
-                continue
+            state, effects = await _lane(state, pending, perform, lane_save, items, trace)
+            continue
         if type(pending) is tuple:
             eff, event = pending
             if type(eff) is fx.CallParallel:
@@ -360,18 +357,15 @@ _ID, _ATTEMPT, _DURATION = itemgetter(0), itemgetter(2), itemgetter(4)  # fields
 async def _lane(
     state: RunState, call: fx.CallNode, perform: Any, save: Any, items: list[Any],
     trace: list[Any],
-) -> tuple[RunState, list[Any]] | None:
+) -> tuple[RunState, list[Any]]:
     """The plain lane: in a plain run, node after node that returns a dict and keeps its
     contract, the machine's decision is ``plain_returned``, and its effects (record the
     attempt, save the checkpoint, call the next node) are done here without making them
     into objects; the log gets one compact row per node (see ``stroma.log``). Anything
     else (a raise, usage, a broken contract, a step that is not a node) goes back to the
-    general loop, with the node's record and the machine's next effects. None: the lane
-    does not take this call (perform it as usual)."""
+    general loop, with the node's record and the machine's next effects."""
     inp: Any = call.input
-    in_json = _exact_json(inp)
-    if in_json is None:
-        return None
+    in_json = state_json(inp)
     call_plain = perform.call_plain
     run_id = state.config.run_id
     first: fx.CallNode | None = call  # the machine's effect; later calls are implied
@@ -383,36 +377,23 @@ async def _lane(
             break
         output, started, duration = got
         done = plain_returned(state, output, started, duration)
-        if done is not None:
-            out = done[1]
-            out_json = _exact_json(out)
-            if out_json is not None:
-                state, nxt = done[0], done[2]
-                schema = type(out)
-                save(node_id, out, out_json)
-                row = (node_id, run_id, attempt, started, duration, output, in_json, out_json,
-                       schema)
-                items.append(row)
-                items.append(row)
-                items.append(row)
-                trace.append(row)
-                if nxt is None:
-                    return continue_plain(state)
-                node_id, attempt, inp, in_json, first = nxt.node_id, 1, out, out_json, None
-                continue
-        event = fx.NodeReturned(output, started, duration)
-        break
+        if done is None:
+            event = fx.NodeReturned(output, started, duration)
+            break
+        state, out, nxt = done
+        out_json = state_json(out)
+        save(node_id, out, out_json)
+        row = (node_id, run_id, attempt, started, duration, output, in_json, out_json,
+               type(out))
+        items.append(row)
+        items.append(row)
+        items.append(row)
+        trace.append(row)
+        if nxt is None:
+            return continue_plain(state)
+        node_id, attempt, inp, in_json, first = nxt.node_id, 1, out, out_json, None
     items.append((first or fx.CallNode(node_id, attempt, None, None, inp), event))
     return advance(state, event)
-
-
-def _exact_json(model: Any) -> bytes | None:
-    """A state's JSON as bytes (what the memory store keeps), or None when reading it back
-    would not give its JSON form: a float that is not finite is written as null."""
-    data: bytes = model.__pydantic_serializer__.to_json(model)
-    if b"null" in data and json.loads(data) != model.model_dump(mode="json"):
-        return None
-    return data
 
 
 def _skip_rows(

@@ -251,10 +251,7 @@ class Reading(BaseModel):
     note: str | None = None
 
 
-@pytest.mark.anyio
-async def test_a_state_whose_json_would_not_read_back_goes_the_general_path() -> None:
-    """JSON has no infinity: such a state is not kept as a row (its JSON would read back
-    as null) but as the machine's records, so the trace holds the very value."""
+def reading_nodes() -> list[Any]:
     values = [1.0, float("inf"), 2.0]
 
     def node(i: int) -> Any:
@@ -265,9 +262,31 @@ async def test_a_state_whose_json_would_not_read_back_goes_the_general_path() ->
 
         return stroma_node(f"r{i}", contract)(step)
 
-    result = await interpret([node(i) for i in range(3)], Reading(x=0.0))
-    assert [e.output_state["x"] for e in result.trace] == values
+    return [node(i) for i in range(3)]
+
+
+@pytest.mark.anyio
+async def test_a_state_with_infinity_keeps_it_in_trace_log_and_checkpoint(tmp_path: Any) -> None:
+    """JSON has no infinity (pydantic writes null): the trace, the log text and every
+    checkpoint keep the very value, on the lane and on a durable store alike."""
+    store = InMemoryStore()
+    result = await interpret(reading_nodes(), Reading(x=0.0), store=store)
+    assert [e.output_state["x"] for e in result.trace] == [1.0, float("inf"), 2.0]
     assert result.trace.events[2].input_state["x"] == float("inf")
-    assert [r[0] for r in rows_of(result.log)] == ["r0"]  # the others: general records
-    again = await replay([node(i) for i in range(3)], result.log)
+    assert len(rows_of(result.log)) == 3
+    assert store.load(result.run_id, "r1") == Reading(x=float("inf"))
+    text = result.log.to_jsonl()
+    assert '"x":Infinity' in text
+    assert EffectLog.from_jsonl(text) == result.log
+    again = await replay(reading_nodes(), text)
     assert again == result and again.trace.diff(result.trace) == []
+
+    from stroma import FileStore
+    from stroma.runner import RunConfig
+
+    durable = FileStore(tmp_path / "store")
+    on_file = await interpret(reading_nodes(), Reading(x=0.0), store=durable,
+                              config=RunConfig(run_id="inf"))
+    assert on_file.status is RunStatus.COMPLETED
+    assert await durable.load("inf", "r1") == Reading(x=float("inf"))
+    assert await replay(reading_nodes(), await durable.read_log("inf")) == on_file
