@@ -33,7 +33,6 @@ from stroma.trace import RunStatus
 __all__ = ("LivePerformer", "RunLogger")
 
 _log = logging.getLogger("stroma")
-_MEMORY_STORES = (InMemoryStore,)
 
 
 class RunLogger(logging.LoggerAdapter):
@@ -78,8 +77,8 @@ class LivePerformer:
         # object, for a synchronous store that holds no log; None where it can't be.
         self.lane_save: Callable[[str, Any, bytes], None] | None = None
         if self.sync_table:
-            slots = getattr(manager.store, "_run_slots", None)
-            if slots is not None and type(manager.store) in _MEMORY_STORES:
+            if type(manager.store) is InMemoryStore:
+                slots = manager.store._run_slots
                 run: list[Any] = []  # the run's checkpoint dicts, made at the first save
 
                 def lane_save(node_id: str, state: Any, data: bytes) -> None:
