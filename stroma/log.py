@@ -123,8 +123,7 @@ def row_records(row: tuple[Any, ...]) -> list[Record]:
     return [
         (fx.CallNode(node_id, attempt), fx.NodeReturned(output, started_at, duration_ms)),
         (row_attempt(row), None),
-        (fx.SaveCheckpoint(node_id, schema.model_validate_json(output_json),
-                           f"{schema.__module__}:{schema.__qualname__}"),
+        (fx.SaveCheckpoint(node_id, schema.model_validate_json(output_json)),
          fx.CheckpointSaved(node_id)),
     ]
 
