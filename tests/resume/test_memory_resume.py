@@ -11,7 +11,7 @@ import pytest
 from stroma import AsyncInMemoryStore, replay
 from stroma.runner import RunConfig, interpret
 from stroma.trace import RunStatus
-from tests.review_resume.pipeline import POLICY, Num, Pipeline, config
+from tests.resume.pipeline import POLICY, Num, Pipeline, config
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from interpreters.stores.file import LOG_NAME, FileStore
 from stroma import NondeterminismError
 from stroma.runner import interpret
-from tests.review_resume.pipeline import Num, Pipeline, config
+from tests.resume.pipeline import Num, Pipeline, config
 
 pytestmark = pytest.mark.anyio
 

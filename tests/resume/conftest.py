@@ -1,4 +1,4 @@
-"""Fixtures for the resume review tests: both anyio backends, real Redis and PostgreSQL.
+"""Fixtures for the resume tests: both anyio backends, real Redis and PostgreSQL.
 
 The servers are those of ``tests/services.py`` (shared with the store tests).
 """

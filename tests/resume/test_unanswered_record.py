@@ -17,7 +17,7 @@ from interpreters.stores.file import LOG_NAME, FileStore
 from stroma import AsyncInMemoryStore, EffectLog, LogCorrupted, replay
 from stroma import effects as fx
 from stroma.runner import interpret
-from tests.review_resume.pipeline import Num, Pipeline, config
+from tests.resume.pipeline import Num, Pipeline, config
 
 pytestmark = pytest.mark.anyio
 

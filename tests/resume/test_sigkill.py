@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from interpreters.stores.file import FileStore
-from tests.crash.worker import N
+from tests.resume.worker import N
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIALS = 8
@@ -24,7 +24,7 @@ TRIALS = 8
 def _start(store: Path, run_id: str, effects: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash.worker", str(store), run_id, str(effects)],
+        [sys.executable, "-m", "tests.resume.worker", str(store), run_id, str(effects)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -44,7 +44,7 @@ async def _everything_reads_back(store: Path, run_id: str) -> None:
     fs = FileStore(store)
     log = await fs.read_log(run_id)
     assert log is not None
-    from tests.crash.worker import Acc
+    from tests.resume.worker import Acc
 
     for i in range(N):
         state = await fs.load_typed(run_id, f"step{i:02d}", Acc)

@@ -1,4 +1,4 @@
-"""A six-step pipeline whose nodes count their calls, for the resume review tests.
+"""A six-step pipeline whose nodes count their calls, for the resume tests.
 
 Steps: ``a`` -> ``flaky`` -> ``parallel(left, right)`` -> ``total`` -> ``e`` -> ``f``.
 ``flaky`` fails once with a RECOVERABLE TimeoutError (retried at once: backoff 0), then

@@ -12,7 +12,7 @@ import pytest
 from stroma import RunLocked
 from stroma.runner import interpret
 from stroma.trace import ExecutionResult, RunStatus
-from tests.review_resume.pipeline import Num, Pipeline, config
+from tests.resume.pipeline import Num, Pipeline, config
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from stroma import replay
 from stroma.log import ResumeMarker
 from stroma.runner import interpret
 from stroma.trace import RunStatus
-from tests.review_resume.pipeline import CHILDREN, Num, Pipeline, config
+from tests.resume.pipeline import CHILDREN, Num, Pipeline, config
 
 pytestmark = pytest.mark.anyio
 

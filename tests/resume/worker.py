@@ -1,6 +1,6 @@
 """A 30-node pipeline on a FileStore, run in a subprocess that the crash test SIGKILLs.
 
-Usage: python -m tests.crash.worker STORE_DIR RUN_ID SIDE_EFFECTS_FILE
+Usage: python -m tests.resume.worker STORE_DIR RUN_ID SIDE_EFFECTS_FILE
 Each node appends its id to SIDE_EFFECTS_FILE (flushed to the OS) when it runs, so the
 test can tell which nodes ran and how often. On completion it prints the final value.
 """

@@ -12,8 +12,8 @@ from stroma import NondeterminismError, replay
 from stroma.log import ResumeMarker
 from stroma.runner import interpret
 from stroma.trace import RunStatus
-from tests.review_resume.pipeline import Num, Pipeline, config
-from tests.review_resume.test_crash_boundaries import _cuts, _done_in
+from tests.resume.pipeline import Num, Pipeline, config
+from tests.resume.test_crash_boundaries import _cuts, _done_in
 
 pytestmark = pytest.mark.anyio
 

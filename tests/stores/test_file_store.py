@@ -31,6 +31,12 @@ T0 = datetime(2026, 11, 23, 16, 0, tzinfo=UTC)
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.fixture(params=["asyncio", "trio"], scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """FileStore runs on both anyio backends (aiofiles serves asyncio, anyio threads trio)."""
+    return str(request.param)
+
+
 class Color(enum.Enum):
     RED = "red"
     BLUE = "blue"
