@@ -46,7 +46,7 @@ from stroma.machine import (
 )
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared, state_json
-from stroma.trace import ExecutionResult, ExecutionTrace, TraceEvent
+from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus, TraceEvent
 
 __all__ = (
     "Performer",
@@ -457,8 +457,12 @@ async def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None
                 index, f"{call.child_id}: {e.recorded}", f"{call.child_id}: {e.new}",
                 f"inside the sub-plan, record {e.index}",
             ) from None
-        if (result.status != outcome.status
-                or result.final_state.model_dump(mode="json") != outcome.output):
+        # A child's output counts only when it completed (a failed child fails the group).
+        completed = outcome.status in (RunStatus.COMPLETED, RunStatus.RESUMED)
+        if result.status != outcome.status or (
+            completed
+            and result.final_state.model_dump(mode="json", exclude_unset=True) != outcome.output
+        ):
             raise NondeterminismError(
                 index, f"{call.child_id} ended {outcome.status}",
                 f"{call.child_id} ends {result.status}", "the sub-plan's result differs",

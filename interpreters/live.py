@@ -272,7 +272,8 @@ class LivePerformer:
         result = await drive(call.plan, state, effects, recorder, performer)
         finish: Any = recorder.records[-1][0]
         return fx.PlanFinished(
-            result.status, result.final_state.model_dump(mode="json"), result.total_tokens,
+            result.status, result.final_state.model_dump(mode="json", exclude_unset=True),
+            result.total_tokens,
             result.total_cost_usd, finish.total_latency_ms, result.stop_reason, started,
             _ms(self.timer() - t0), tuple(recorder.records),
         )

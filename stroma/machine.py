@@ -765,7 +765,9 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             if isinstance(out, ContractViolation):
                 first_error = _error(out)
             else:
-                outputs.append(out.model_dump())
+                # What the child returned (or set explicitly), never its schema's defaults:
+                # a later child's default must not overwrite an earlier child's value.
+                outputs.append(out.model_dump(exclude_unset=True))
     if first_error is None and len(outputs) != len(calls):
         first_error = fx.ErrorInfo(
             ("anyio.Cancelled", "builtins.BaseException"), "children were cancelled"

@@ -1,0 +1,74 @@
+"""Children of a group merge what they returned, never their schemas' defaults."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from stroma import RunStatus, StromaRunner, parallel, seq
+from stroma.runner import interpret
+
+
+class In(BaseModel):
+    x: int = 1
+
+
+class Out(BaseModel):
+    result: int = 0
+    other: int = 0
+
+
+def _runner_and_nodes() -> tuple[StromaRunner, object, object]:
+    runner = StromaRunner.quick()
+
+    @runner.node("a", input=In, output=Out)
+    async def a(s: In) -> dict[str, int]:
+        return {"result": 10}
+
+    @runner.node("b", input=In, output=Out)
+    async def b(s: In) -> dict[str, int]:
+        return {"other": 6}
+
+    return runner, a, b
+
+
+@pytest.mark.anyio
+async def test_a_later_childs_default_does_not_overwrite_an_earlier_childs_value() -> None:
+    """parallel(a, b): b's schema default for 'result' leaves a's returned 10 in place."""
+    runner, a, b = _runner_and_nodes()
+    result = await runner.run([parallel(a, b)], In())
+    assert result.status is RunStatus.COMPLETED
+    assert (result.final_state.result, result.final_state.other) == (10, 6)  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_a_child_that_is_a_plan_merges_what_its_last_node_returned() -> None:
+    """A sub-plan child merges the fields its steps set, not the defaults of its output."""
+    runner, a, b = _runner_and_nodes()
+
+    @runner.node("c", input=Out, output=Out)
+    async def c(s: Out) -> dict[str, int]:
+        return {"result": s.result + 1}
+
+    result = await interpret(seq(parallel(b, seq(a, c))), In())
+    assert result.status is RunStatus.COMPLETED
+    assert (result.final_state.result, result.final_state.other) == (11, 6)  # type: ignore[attr-defined]
+    reverse = await interpret(seq(parallel(seq(a, c), b)), In())
+    assert (reverse.final_state.result, reverse.final_state.other) == (11, 6)  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_a_key_both_children_returned_goes_to_the_later_child() -> None:
+    """When both children return a key, the later child in argument order wins it."""
+    runner = StromaRunner.quick()
+
+    @runner.node("first", input=In, output=Out)
+    async def first(s: In) -> dict[str, int]:
+        return {"result": 1, "other": 1}
+
+    @runner.node("second", input=In, output=Out)
+    async def second(s: In) -> dict[str, int]:
+        return {"result": 2}
+
+    result = await runner.run([parallel(first, second)], In())
+    assert (result.final_state.result, result.final_state.other) == (2, 1)  # type: ignore[attr-defined]
