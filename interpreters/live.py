@@ -1,36 +1,35 @@
-"""The live interpreter: performs effects for real, on anyio (asyncio or trio).
+"""The live performer: does what effects ask, for real, on anyio (asyncio or trio).
 
-It calls nodes (with the context when they take one), enforces timeouts with cancel
-scopes (a timed-out node is really cancelled, then reported as a TimeoutError), runs
-parallel children in a task group (the first failure cancels the rest), sleeps the
-backoff, fires hooks, runs the user's classifiers and saves checkpoints. Every decision
-is the machine's; this module only reports what happened.
+It calls nodes (with the context when they take one) under their timeout (a node whose
+timeout expires is really cancelled, and reported as raising TimeoutError), runs a group's children
+in a task group (cancelling the siblings once a child fails, as ``child_fails`` says),
+sleeps the backoff, fires hooks under their timeout, asks the user's classifiers and
+commits checkpoints. Every decision is the machine's; this module only reports what
+happened. Each effect type is performed by one entry of ``LivePerformer.table``.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any
 
 import anyio
+import attrs
 from pydantic import BaseModel
 
 from stroma import effects as fx
-from stroma.checkpoint import InMemoryStore
 from stroma.cost import normalize_node_return
-from stroma.failures import FailureClass, NodeContext
-from stroma.log import EffectLog, LogHeader
-from stroma.machine import error_info, start
+from stroma.errors import StromaError
+from stroma.failures import NodeContext, check_verdict
+from stroma.machine import child_fails, error_info
 from stroma.plan import Choose, NodeStep, Plan
-from stroma.trace import RunStatus
 
-__all__ = ("LivePerformer", "RunLogger")
+__all__ = ("Collaborators", "LivePerformer", "RunLogger", "single_error")
 
 _log = logging.getLogger("stroma")
 
@@ -45,6 +44,49 @@ class RunLogger(logging.LoggerAdapter):
         return f"[run {extra['run_id']}] {msg}", kwargs
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@attrs.frozen
+class Collaborators:
+    """What a run talks to besides its plan: the store (through its manager), the user's
+    hooks, classifiers and context, and the clock, timer and sleep (real time by
+    default; virtual time in ``interpreters.simulate``)."""
+
+    manager: Any
+    hooks: Any = None
+    classifiers: tuple[Callable[..., Any], ...] = ()
+    context: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    sleep: Callable[[float], Any] = anyio.sleep
+    clock: Callable[[], datetime] = attrs.field(default=_utc_now)
+    timer: Callable[[], float] = perf_counter
+
+
+def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """One exception for what a task group raised: the first stroma error (or the first
+    exception), the others attached to it as notes; ``except StoreError`` then works."""
+    leaves: list[BaseException] = []
+
+    def walk(eg: BaseExceptionGroup[Any]) -> None:
+        for exc in eg.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                walk(exc)
+            else:
+                leaves.append(exc)
+
+    walk(group)
+    first = next((e for e in leaves if isinstance(e, StromaError)), leaves[0])
+    for other in leaves:
+        if other is not first:
+            first.add_note(f"also: {type(other).__name__}: {other}")
+    return first
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 class LivePerformer:
     """Turns effects into events by doing them."""
 
@@ -53,52 +95,27 @@ class LivePerformer:
         plan: Plan,
         *,
         run_id: str,
-        manager: Any,
+        world: Collaborators,
         recorder: Any,
-        hooks: Any = None,
-        classifiers: Sequence[Callable[..., Any]] = (),
-        context: dict[str, Any] | None = None,
-        sleep: Callable[[float], Any] | None = None,
-        clock: Callable[[], datetime] | None = None,
-        timer: Callable[[], float] = perf_counter,
         prefilled: Mapping[int, tuple[Any, Any]] | None = None,
     ) -> None:
+        self.plan = plan
         self.run_id = run_id
-        self.manager = manager
+        self.world = world
         self.recorder = recorder
+        manager = world.manager
+        self.manager = manager
+        self.store = manager.store
         self.durable = recorder.store is not None
-        self.sync_save = None if manager.is_async else manager.store.save
-        # Effects that can be performed without awaiting (the driver calls these directly).
-        self.sync_table: dict[type, Callable[[Any], Any]] = (
-            {fx.SaveCheckpoint: self.save_checkpoint_sync}
-            if self.sync_save is not None and not self.durable else {}
-        )
-        # The plain lane (see driver.drive): how a checkpoint is saved without an effect
-        # object, for a synchronous store that holds no log; None where it can't be.
-        self.lane_save: Callable[[str, Any, bytes], None] | None = None
-        if self.sync_table:
-            if type(manager.store) is InMemoryStore:
-                slots = manager.store._run_slots
-                run: list[Any] = []  # the run's checkpoint dicts, made at the first save
-
-                def lane_save(node_id: str, state: Any, data: bytes) -> None:
-                    if not run:
-                        run.extend(slots(run_id))
-                    run[0][node_id] = data  # the same text save() keeps, as bytes
-                    run[1][node_id] = type(state)
-            else:
-                save = manager.store.save
-
-                def lane_save(node_id: str, state: Any, data: bytes) -> None:
-                    save(run_id, node_id, state)
-
-            self.lane_save = lane_save
-        self.hooks = hooks
-        self.classifiers = tuple(classifiers)
-        self.context = context if context is not None else {}
-        self.sleep = sleep or anyio.sleep
-        self.now = clock or functools.partial(datetime.now, UTC)
-        self.timer = timer
+        # How a commit's checkpoint is saved when the store holds no log: the JSON text
+        # the machine made (a store that takes it), a synchronous save, or an awaited one.
+        self.save_text = getattr(manager.store, "save_state_json", None)
+        self.save_sync = None if manager.is_async else manager.store.save
+        self.hooks = world.hooks
+        self.classifiers = tuple(world.classifiers)
+        self.context = world.context
+        self.now = world.clock
+        self.timer = world.timer
         self.log = RunLogger(_log, {"run_id": run_id})
         self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
         self.branches = {
@@ -106,10 +123,10 @@ class LivePerformer:
         }
         self.prefilled: dict[int, tuple[Any, Any]] = dict(prefilled or {})
         self.durable_children = recorder.store is not None or recorder.keeps_partials
+        self._running_children: dict[int, Any] = {}
         self.table: Mapping[type, Callable[[Any], Any]] = {
             fx.CallNode: self.call_node,
             fx.CallParallel: self.call_parallel,
-            fx.SaveCheckpoint: self.save_checkpoint,
             fx.LoadCheckpoint: self.load_checkpoint,
             fx.FireHook: self.fire_hook,
             fx.ClassifyFailure: self.classify,
@@ -117,35 +134,9 @@ class LivePerformer:
             fx.ChooseBranch: self.choose,
         }
 
-    async def __call__(self, effect: Any) -> Any:
-        return await self.table[type(effect)](effect)
-
     # -- nodes
 
-    async def call_plain(self, node_id: str, inp: Any) -> Any:
-        """Call a node with no timeout and no fallback model: ``(output, started_at,
-        duration_ms)`` when it returned a dict or a model (no usage), else its event."""
-        node = self.nodes[node_id]
-        if node.takes_context:
-            ctx = self.context
-            if "_stroma_model" in ctx:
-                del ctx["_stroma_model"]
-        started = self.now()
-        t0 = self.timer()
-        try:
-            raw = await (node.fn(inp, self.context) if node.takes_context else node.fn(inp))
-        except Exception as exc:
-            return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
-        duration = int((self.timer() - t0) * 1000)
-        if type(raw) is dict or isinstance(raw, BaseModel):  # no usage: the common case
-            return raw, started, duration
-        output, tin, tout, model = normalize_node_return(raw)
-        return fx.NodeReturned(output, started, duration, tin, tout, model)
-
     async def call_node(self, eff: fx.CallNode) -> Any:
-        if eff.timeout_ms is None and eff.model is None:
-            got = await self.call_plain(eff.node_id, eff.input)
-            return fx.NodeReturned(*got) if type(got) is tuple else got
         node = self.nodes[eff.node_id]
         ctx = self.context
         if node.takes_context:
@@ -155,14 +146,13 @@ class LivePerformer:
                 del ctx["_stroma_model"]
         started = self.now()
         t0 = self.timer()
+        fn = node.fn
         try:
             if eff.timeout_ms is None:
-                raw = await (node.fn(eff.input, ctx) if node.takes_context else node.fn(eff.input))
+                raw = await (fn(eff.input, ctx) if node.takes_context else fn(eff.input))
             else:
                 with anyio.move_on_after(eff.timeout_ms / 1000) as scope:
-                    raw = await (
-                        node.fn(eff.input, ctx) if node.takes_context else node.fn(eff.input)
-                    )
+                    raw = await (fn(eff.input, ctx) if node.takes_context else fn(eff.input))
                 # cancel_called, not cancelled_caught: a node that swallowed the
                 # cancellation and returned late has timed out all the same.
                 if scope.cancel_called:
@@ -172,8 +162,8 @@ class LivePerformer:
                     )
         except Exception as exc:
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
-        duration = int((self.timer() - t0) * 1000)
-        if type(raw) is dict:  # no usage reported: the common case
+        duration = _ms(self.timer() - t0)
+        if type(raw) is dict or isinstance(raw, BaseModel):  # no usage reported
             return fx.NodeReturned(raw, started, duration)
         output, tin, tout, model = normalize_node_return(raw)
         return fx.NodeReturned(output, started, duration, tin, tout, model)
@@ -186,103 +176,91 @@ class LivePerformer:
         began: list[tuple[datetime, float] | None] = [None] * n
         # Children that finished before a crash (their outcomes are in the log): not again.
         prefilled, self.prefilled = self.prefilled, {}
-        for j, (call, outcome) in prefilled.items():
-            if j < n and eff.calls[j] == call and not isinstance(outcome, fx.NodeCancelled):
-                outcomes[j] = outcome
-                await self.recorder.flush_partial(j, call, outcome)
+        for k, (index, call) in enumerate(zip(eff.indices, eff.calls, strict=True)):
+            done = prefilled.get(index)
+            if done is not None and done[0] == call and type(done[1]) is not fx.NodeCancelled:
+                outcomes[k] = done[1]
+                await self.recorder.flush_partial(index, call, done[1])
         limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
-        perform_child = self.call_child
+        group = eff.group
+        failed = [any(o is not None and child_fails(group, eff.calls[k], o)
+                      for k, o in enumerate(outcomes))]
+        try:
+            async with anyio.create_task_group() as tg:
 
-        async with anyio.create_task_group() as tg:
+                async def child(k: int, call: Any) -> None:
+                    if limiter is not None:
+                        async with limiter:
+                            began[k] = (self.now(), self.timer())
+                            outcome = await self.call_child(k, call)
+                    else:
+                        began[k] = (self.now(), self.timer())
+                        outcome = await self.call_child(k, call)
+                    outcomes[k] = outcome
+                    if child_fails(group, call, outcome):
+                        failed[0] = True
+                        tg.cancel_scope.cancel()
+                    elif self.durable_children:
+                        # Durable as soon as it finishes: a crash now does not lose it.
+                        with anyio.CancelScope(shield=True):
+                            await self.recorder.flush_partial(eff.indices[k], call, outcome)
 
-            async def child(i: int, call: Any) -> None:
-                if limiter is not None:
-                    async with limiter:
-                        began[i] = (self.now(), self.timer())
-                        outcome = await perform_child(call)
-                else:
-                    began[i] = (self.now(), self.timer())
-                    outcome = await perform_child(call)
-                outcomes[i] = outcome
-                if isinstance(outcome, fx.NodeRaised) or (
-                    isinstance(outcome, fx.PlanFinished)
-                    and outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED)
-                ):
-                    tg.cancel_scope.cancel()
-                elif self.durable_children:
-                    # Durable as soon as it finishes: a crash now does not lose it.
-                    with anyio.CancelScope(shield=True):
-                        await self.recorder.flush_partial(i, call, outcome)
-
-            if eff.timeout_ms is not None:
-                tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
-            for i, call in enumerate(eff.calls):
-                if outcomes[i] is None:
-                    tg.start_soon(child, i, call)
+                if eff.timeout_ms is not None:
+                    tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
+                if not failed[0]:
+                    for k, call in enumerate(eff.calls):
+                        if outcomes[k] is None:
+                            tg.start_soon(child, k, call)
+        except BaseExceptionGroup as eg:
+            raise single_error(eg) from None
         end = self.timer()
-        for i in range(n):
-            if outcomes[i] is None:
-                b = began[i]
-                outcomes[i] = (
-                    fx.NodeCancelled(started, 0) if b is None
-                    else fx.NodeCancelled(b[0], _ms(end - b[1]))
+        # Nothing failed, yet some children did not finish: the group's deadline passed.
+        deadline_passed = eff.timeout_ms is not None and not failed[0] and None in outcomes
+        for k in range(n):
+            if outcomes[k] is None:
+                b = began[k]
+                running = self._running_children.pop(k, None)
+                records: Any = () if running is None else running.log.records
+                outcomes[k] = (
+                    fx.NodeCancelled(started, 0, records) if b is None
+                    else fx.NodeCancelled(b[0], _ms(end - b[1]), records)
                 )
-        if (
-            eff.timeout_ms is not None
-            and not any(isinstance(o, fx.NodeRaised | fx.PlanFinished)
-                        and getattr(o, "status", None) not in (RunStatus.COMPLETED,
-                                                                RunStatus.RESUMED)
-                        for o in outcomes)
-            and any(isinstance(o, fx.NodeCancelled) for o in outcomes)
-        ):
-            # The group's deadline passed: report it on the first unfinished child.
-            k = next(i for i, o in enumerate(outcomes) if isinstance(o, fx.NodeCancelled))
-            c = outcomes[k]
-            outcomes[k] = fx.NodeRaised(
-                error_info(TimeoutError(
-                    f"{eff.step_id!r} timed out after {eff.timeout_ms} ms and was cancelled"
-                )),
-                c.started_at, c.duration_ms,
-            )
-        return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes))
+        self._running_children.clear()
+        return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
 
-    async def call_child(self, call: Any) -> Any:
+    async def call_child(self, k: int, call: Any) -> Any:
         if type(call) is fx.CallNode:
             return await self.call_node(call)
-        return await self.run_plan(call)
+        return await self.run_plan(k, call)
 
-    async def run_plan(self, call: fx.RunPlan) -> fx.PlanFinished:
-        """Run a fan-out child's sub-plan to its end, with its own (embedded) log."""
-        from interpreters.driver import Recorder, drive
+    async def run_plan(self, k: int, call: fx.RunPlan) -> fx.PlanFinished:
+        """Run a fan-out child's sub-plan to its end, with its own (embedded) log; a child
+        cancelled on an earlier attempt goes on from its records."""
+        from interpreters.loop import Recorder, run
 
         started = self.now()
         t0 = self.timer()
-        header = LogHeader(
-            run_id=self.run_id, plan=call.plan_fingerprint, seed=call.config.seed,
-            version="", started_at=started.isoformat(),
-        )
-        recorder = Recorder(EffectLog(header, []), None)
-        performer = LivePerformer(
-            call.plan, run_id=self.run_id, manager=self.manager, recorder=recorder,
-            hooks=self.hooks, classifiers=self.classifiers, context=self.context,
-            sleep=self.sleep, clock=self.now, timer=self.timer,
-        )
+        recorder = Recorder.in_memory(self.run_id, call.plan_fingerprint, call.config.seed,
+                                      started.isoformat())
+        self._running_children[k] = recorder
+        performer = LivePerformer(call.plan, run_id=self.run_id, world=self.world,
+                                  recorder=recorder)
         assert call.input is not None
-        state, effects = start(call.plan, call.input, call.config)
-        result = await drive(call.plan, state, effects, recorder, performer)
-        finish: Any = recorder.records[-1][0]
+        result = await run(call.plan, call.input, call.config, recorder, performer,
+                           prior=call.records)
+        self._running_children.pop(k, None)
+        finish: Any = recorder.log.finish
         return fx.PlanFinished(
             result.status, result.final_state.model_dump(mode="json", exclude_unset=True),
-            result.total_tokens,
-            result.total_cost_usd, finish.total_latency_ms, result.stop_reason, started,
-            _ms(self.timer() - t0), tuple(recorder.records),
+            result.total_tokens, result.total_cost_usd, finish.total_latency_ms,
+            result.stop_reason, started, _ms(self.timer() - t0), recorder.log.records,
         )
 
     async def choose(self, eff: fx.ChooseBranch) -> fx.BranchChosen:
         step = self.branches[eff.step_id]
         try:
             taken = step.predicate(eff.state)
-            if inspect.isawaitable(taken):
+            if hasattr(taken, "__await__"):
                 close = getattr(taken, "close", None)
                 if close is not None:
                     close()  # never awaited: close it, or it warns when collected
@@ -296,21 +274,21 @@ class LivePerformer:
 
     # -- store
 
-    def save_checkpoint_sync(self, eff: fx.SaveCheckpoint) -> fx.CheckpointSaved:
-        """A synchronous store that holds no log: saved without a coroutine."""
-        self.sync_save(self.run_id, eff.node_id, eff.state)  # type: ignore[misc]
-        return fx.CheckpointSaved(eff.node_id)
-
-    async def save_checkpoint(self, eff: fx.SaveCheckpoint) -> fx.CheckpointSaved:
-        event = fx.CheckpointSaved(eff.node_id)
+    async def commit(self, eff: fx.Commit) -> None:
+        """Make an attempt's record and its checkpoint durable (before what follows)."""
+        state = eff.state
+        assert state is not None
         if self.durable:
             # The log up to and including this record goes into the checkpoint's commit.
-            await self.recorder.flush((eff.node_id, eff.state), including=(eff, event))
-        elif self.sync_save is not None:
-            self.sync_save(self.run_id, eff.node_id, eff.state)  # a sync store: no await
+            await self.recorder.flush((eff.node_id, state))
+        elif self.save_text is not None:
+            result = self.save_text(self.run_id, eff.node_id, eff.output_state, type(state))
+            if result is not None:
+                await result
+        elif self.save_sync is not None:
+            self.save_sync(self.run_id, eff.node_id, state)
         else:
-            await self.manager.checkpoint(self.run_id, eff.node_id, eff.state)
-        return event
+            await self.manager.checkpoint(self.run_id, eff.node_id, state)
 
     async def load_checkpoint(self, eff: fx.LoadCheckpoint) -> fx.CheckpointLoaded:
         state = await self.manager.resume(self.run_id, eff.node_id, eff.schema)
@@ -326,16 +304,25 @@ class LivePerformer:
         if fn is None:
             return fx.HookFired()
         try:
-            if eff.kind == "start":
-                await fn(self.run_id, eff.node_id, copy.deepcopy(eff.state))
-            elif eff.kind == "success":
-                # The hook gets its own copy: the state dict is also the trace's and the
-                # log's record, which a hook must not be able to change.
-                await fn(self.run_id, eff.node_id, copy.deepcopy(eff.state), eff.tokens)
-            else:
-                assert eff.error is not None
-                exc = eff.error.exc or RuntimeError(eff.error.message)
-                await fn(self.run_id, eff.node_id, exc, eff.failure)
+            with anyio.fail_after(None if eff.timeout_ms is None else eff.timeout_ms / 1000):
+                if eff.kind == "start":
+                    # The hook gets its own copy: the state is also the log's record.
+                    await fn(self.run_id, eff.node_id, _fresh(eff.state))
+                elif eff.kind == "success":
+                    await fn(self.run_id, eff.node_id, _fresh(eff.state), eff.tokens)
+                else:
+                    assert eff.error is not None
+                    await fn(self.run_id, eff.node_id, eff.error.exception(), eff.failure)
+        except TimeoutError:
+            self.log.warning(
+                "hook on_node_%s for node %r (attempt %d) did not return within %d ms and "
+                "was cancelled; the run goes on", eff.kind, eff.node_id, eff.attempt,
+                eff.timeout_ms,
+            )
+            return fx.HookFired(error_info(TimeoutError(
+                f"hook on_node_{eff.kind} did not return within {eff.timeout_ms} ms and was "
+                "cancelled"
+            )))
         except Exception as exc:
             self.log.warning(
                 "hook on_node_%s raised for node %r (attempt %d): %r; the run goes on",
@@ -345,36 +332,40 @@ class LivePerformer:
         return fx.HookFired()
 
     async def classify(self, eff: fx.ClassifyFailure) -> fx.FailureClassified:
-        exc = eff.error.exc
-        if exc is None:
-            exc = RuntimeError(eff.error.message)
+        """Ask the classifiers in order until one answers; a classifier that raises or
+        answers something that is not a FailureClass is noted (and logged), and the next
+        one is asked: the machine passes over such answers."""
+        exc = eff.error.exception()
         ctx = NodeContext(node_id=eff.node_id, attempt=eff.attempt, run_id=self.run_id)
+        answers: list[Any] = []
         for classifier in self.classifiers:
+            name = getattr(classifier, "__qualname__", None) or repr(classifier)
             try:
-                verdict = classifier(exc, ctx)
+                answer = classifier(exc, ctx)
             except Exception as e:
-                self.log.warning(
-                    "classifier %r raised on node %r: %r; trying the next one",
-                    getattr(classifier, "__name__", classifier), eff.node_id, e,
-                )
-                continue
-            if verdict is None:
+                self.log.warning("classifier %r raised on node %r: %r; trying the next one",
+                                 name, eff.node_id, e)
+                answers.append(f"classifier {name} raised {type(e).__name__}: {e}")
                 continue
             try:
-                return fx.FailureClassified(FailureClass(verdict))
-            except ValueError:
-                self.log.warning(
-                    "classifier %r returned %r on node %r, which is not a FailureClass or "
-                    "None; skipping it (return FailureClass.RECOVERABLE, TERMINAL, "
-                    "AMBIGUOUS, or None to defer)",
-                    getattr(classifier, "__name__", classifier), verdict, eff.node_id,
-                )
-        return fx.FailureClassified(None)
+                verdict = check_verdict(classifier, answer, eff.node_id)
+            except TypeError as e:
+                self.log.warning("%s; skipping it", e)
+                answers.append(f"skipped: {e}")
+                continue
+            answers.append(verdict)
+            if verdict is not None:
+                break
+        return fx.FailureClassified(tuple(answers))
 
     async def do_sleep(self, eff: fx.Sleep) -> fx.Slept:
-        await self.sleep(eff.seconds)
+        await self.world.sleep(eff.seconds)
         return fx.Slept(eff.seconds)
 
 
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
+def _fresh(state: Any) -> Any:
+    """A state for a hook: a new dict (from the state's JSON text, or a deep copy)."""
+    if type(state) is bytes:
+        return json.loads(state)
+    return copy.deepcopy(state)
+

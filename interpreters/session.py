@@ -3,7 +3,8 @@
 * No log for the run id (or no explicit run id): a new log, and the run goes live.
 * A log that ends with a Finish: replayed (verified) and its result returned; nothing runs.
 * A log cut short by a crash: replayed, then the run goes on live from where the log
-  ends; finished nodes are not run again and the status is RESUMED.
+  ends (the machine's ``Resumed``); finished nodes are not run again and the status is
+  RESUMED.
 * ``resume_from`` with an existing log: a restart record, then a fresh machine that loads
   the checkpoint before the resume step (the API's resume), appended to the same log. The
   restart record keeps that session's plan fingerprint: a later resume or replay of the log
@@ -19,29 +20,33 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from interpreters.driver import (
-    Recorder,
-    drive,
-    first_state,
-    last_segment,
-    restart_state,
-    session_config,
-)
-from interpreters.live import LivePerformer
+from interpreters.live import Collaborators, LivePerformer, single_error
+from interpreters.loop import Recorder, result_of, resume_marker, run_live
+from interpreters.replay import Replayed, replay_records
+from stroma import effects as fx
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
-from stroma.machine import MachineConfig, start
+from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
+from stroma.schemas import _schema_ref, resolve_declared
 from stroma.trace import ExecutionResult
 
-__all__ = ("VERSION", "new_seed", "replay_log", "run_session", "utcnow")
+__all__ = (
+    "VERSION",
+    "initial_from",
+    "new_seed",
+    "replay_log",
+    "run_session",
+    "session_config",
+    "utcnow",
+)
 
 VERSION = "0.2.0"
 
@@ -50,61 +55,153 @@ def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
-    """Feed a finished run's log back through the machine; nothing user-written runs."""
-    header = log.header
-    recorded = _recorded_plan(log)
-    if recorded is not None and recorded != plan.fingerprint:
-        # Find the first record where the new plan diverges, to name it.
-        await _verify_prefix(plan, log)
-        raise NondeterminismError(
-            0, f"plan fingerprint {recorded[:16]}",
-            f"plan fingerprint {plan.fingerprint[:16]}",
-            "the plan's structure or contracts changed since the run was recorded",
+def session_config(machine: MachineConfig, initial_state: BaseModel) -> dict[str, Any]:
+    """What a log header (or restart record) keeps of a session: the machine's config
+    and the initial state."""
+    data = machine.to_json()
+    data["initial"] = {
+        "schema": _schema_ref(type(initial_state)),
+        "state": initial_state.model_dump(mode="json"),
+    }
+    return data
+
+
+def initial_from(plan: Plan, data: dict[str, Any], source: str) -> BaseModel:
+    """The initial state a log's header (or restart record) recorded, as the plan's own
+    schema: a schema recorded under another module name (``__main__`` when the run was a
+    script) is the plan's schema of the same name."""
+    init = data.get("initial")
+    if not isinstance(init, dict) or not isinstance(init.get("state"), dict):
+        raise LogCorrupted(source, "the header's config has no initial state "
+                                   "({\"initial\": {\"schema\": ..., \"state\": {...}}})")
+    ref = init.get("schema")
+    schema = _plan_schema(plan, ref)
+    if schema is None:
+        try:
+            schema = resolve_declared(ref, source=source)
+        except StromaError:
+            first = plan.input_schema
+            if first is None:
+                raise
+            schema = first
+    try:
+        return schema.model_validate(init["state"])
+    except ValidationError as e:
+        raise LogCorrupted(
+            source, f"the recorded initial state does not fit {schema.__name__}: "
+            f"{e.errors(include_url=False)[:3]}"
+        ) from None
+
+
+def _plan_schema(plan: Plan, ref: Any) -> type[BaseModel] | None:
+    if not isinstance(ref, str) or ":" not in ref:
+        return None
+    by_qualname: dict[str, list[type[BaseModel]]] = {}
+    for schema in plan.schemas():
+        if _schema_ref(schema) == ref:
+            return schema
+        by_qualname.setdefault(schema.__qualname__, []).append(schema)
+    found = by_qualname.get(ref.split(":", 1)[1], [])
+    return found[0] if len(found) == 1 else None
+
+
+def _machine_config(header: LogHeader, data: dict[str, Any], seed: int, at: str,
+                    source: str) -> MachineConfig:
+    try:
+        config = MachineConfig.from_json(
+            data, run_id=header.run_id, seed=seed, started_at=datetime.fromisoformat(at)
         )
-    state, effects, before, replay = _last_session(plan, log)
-    result = await drive(plan, state, effects, Recorder(EffectLog(header, before), None), None,
-                         replay=replay)
-    result.log = log
-    return result
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise LogCorrupted(source, f"the header's config is not valid: {e}") from None
+    if header.format == 1 and "hook_timeout_ms" not in data:
+        from attrs import evolve
+
+        config = evolve(config, hook_timeout_ms=None)  # format 1 hooks had no bound
+    return config
 
 
 def _last_session(
-    plan: Plan, log: EffectLog
-) -> tuple[Any, list[Any], Sequence[Any], Sequence[Any]]:
+    plan: Plan, log: EffectLog, source: str
+) -> tuple[Any, list[Any], int]:
     """Where replaying a log starts: the machine's first state and effects for the log's
-    last session (the run, or its latest ``resume_from`` restart), the records before that
-    session, and the session's records to replay."""
-    k, marker = last_segment(log)
-    if marker is None:
-        state, effects = first_state(plan, log.header)
-        return state, effects, [], log.records
-    state, effects = restart_state(plan, log.header, marker)
-    items = log.records.items  # sliced as they are: compact rows stay compact
-    return state, effects, RecordList(items[: k + 1]), RecordList(items[k + 1 :])
+    last session (the run, or its latest ``resume_from`` restart), and the index of the
+    session's first record."""
+    records = log.records
+    for k in reversed(records.markers):
+        marker = records.items[k]
+        if isinstance(marker, ResumeMarker) and marker.restart is not None:
+            data = marker.restart
+            seed = data.get("seed", log.header.seed)
+            if type(seed) is not int:
+                raise LogCorrupted(source, f"record {k}: the restart's seed is {seed!r}")
+            cfg = _machine_config(log.header, data, seed, marker.at, source)
+            state, effects = start(plan, initial_from(plan, data, source), cfg)
+            return state, effects, k + 1
+    cfg = _machine_config(log.header, log.header.config, log.header.seed,
+                          log.header.started_at, source)
+    state, effects = start(plan, initial_from(plan, log.header.config, source), cfg)
+    return state, effects, 0
 
 
 def _recorded_plan(log: EffectLog) -> str | None:
     """The fingerprint of the plan that recorded the log's last session (None for a restart
     record written before restarts kept it)."""
-    _, marker = last_segment(log)
-    if marker is None:
-        return log.header.plan
-    assert marker.restart is not None
-    plan = marker.restart.get("plan")
-    return plan if isinstance(plan, str) else None
+    records = log.records
+    for k in reversed(records.markers):
+        marker = records.items[k]
+        if isinstance(marker, ResumeMarker) and marker.restart is not None:
+            plan = marker.restart.get("plan")
+            return plan if isinstance(plan, str) else None
+    return log.header.plan
 
 
-async def _verify_prefix(plan: Plan, log: EffectLog) -> None:
-    """Replay a log's last session without performing anything; divergence raises."""
-    state, effects, before, replay = _last_session(plan, log)
-    try:  # (the records before the session keep the error's record index the log's own)
-        await drive(plan, state, effects, Recorder(EffectLog(log.header, before), None), None,
-                    replay=replay)
-    except (NondeterminismError, LogCorrupted):
-        raise
-    except StromaError:
-        pass  # the log ends before the run finished: the prefix matched
+def _check_plan(plan: Plan, log: EffectLog, what: str) -> None:
+    """The plan must be the one that recorded the log: checked before anything runs.
+
+    When it is not, the log is replayed against it (nothing user-written runs) to name the
+    first record where they part; a plan too different to say (another pipeline) is named
+    by the two fingerprints.
+    """
+    recorded = _recorded_plan(log)
+    if recorded is None or recorded == plan.fingerprint:
+        return
+    fingerprints = (
+        f"{what} was recorded with plan {recorded[:16]}, and this plan is "
+        f"{plan.fingerprint[:16]} (its structure or contracts changed, or it is another "
+        "pipeline)"
+    )
+    try:
+        _replay(plan, log, f"the effect log of {what}")
+    except NondeterminismError as e:
+        raise NondeterminismError(
+            e.index, e.recorded, e.new, f"{e.detail}; {fingerprints}" if e.detail else fingerprints
+        ) from None
+    except Exception:
+        pass
+    raise NondeterminismError(
+        0, f"plan fingerprint {recorded[:16]}", f"plan fingerprint {plan.fingerprint[:16]}",
+        fingerprints,
+    )
+
+
+def _replay(plan: Plan, log: EffectLog, source: str) -> tuple[Replayed, int]:
+    state, effects, first = _last_session(plan, log, source)
+    return replay_records(state, effects, log.records, start_at=first), first
+
+
+async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:
+    """Feed a finished run's log back through the machine; nothing user-written runs."""
+    source = f"the effect log of run {log.header.run_id!r}"
+    _check_plan(plan, log, f"run {log.header.run_id!r}")
+    done, first = _replay(plan, log, source)
+    if done.finish is None:
+        raise StromaError(
+            f"the log of run {log.header.run_id!r} ends at record {done.read} before "
+            "the run finished (it crashed or is still running): resume it with "
+            "interpret(plan, state, store=..., config=RunConfig(run_id=...)) instead of "
+            "replaying it"
+        )
+    return result_of(done.finish, Recorder(log, None, session_start=first))
 
 
 class _SyncLogStore:
@@ -138,17 +235,24 @@ async def run_session(
     plan: Plan,
     initial_state: BaseModel,
     *,
-    manager: Any,
     machine: MachineConfig,
     explicit_run_id: bool,
-    hooks: Any = None,
-    classifiers: Sequence[Callable[..., Any]] = (),
-    context: dict[str, Any] | None = None,
-    sleep: Callable[[float], Any] | None = None,
-    clock: Callable[[], datetime] | None = None,
-    timer: Callable[[], float] | None = None,
+    world: Collaborators,
 ) -> ExecutionResult:
-    store = manager.store
+    try:
+        return await _session(plan, initial_state, machine, explicit_run_id, world)
+    except BaseExceptionGroup as eg:
+        raise single_error(eg) from None
+
+
+async def _session(
+    plan: Plan,
+    initial_state: BaseModel,
+    machine: MachineConfig,
+    explicit_run_id: bool,
+    world: Collaborators,
+) -> ExecutionResult:
+    store = world.manager.store
     run_id = machine.run_id
     log_store = _log_store(store)
     lease: AbstractAsyncContextManager[Any] = (
@@ -157,44 +261,37 @@ async def run_session(
     )
     async with lease:
         existing: EffectLog | None = None
-        resuming = False  # picking up a crashed run's log
         if explicit_run_id:
             if log_store is not None:
                 existing = await log_store.read_log(run_id)
             elif callable(getattr(store, "get_log", None)):
                 existing = store.get_log(run_id)
-
+        source = f"the effect log of run {run_id!r}"
+        prefilled: dict[int, tuple[Any, Any]] | None = None
         if existing is not None and machine.resume_from is None:
-            # A restart (resume_from) may have begun a session with another plan: the last
-            # session's plan is the one to match.
-            recorded = _recorded_plan(existing) or existing.header.plan
-            if recorded != plan.fingerprint:
-                await _verify_prefix(plan, existing)
-                raise NondeterminismError(
-                    0, f"plan fingerprint {recorded[:16]}",
-                    f"plan fingerprint {plan.fingerprint[:16]}",
-                    f"run {run_id!r} was recorded with another plan (structure or contracts "
-                    "changed)",
-                )
+            _check_plan(plan, existing, f"run {run_id!r}")
             if existing.finish is not None:
                 return await replay_log(plan, existing)
-            await _verify_prefix(plan, existing)
-            resuming = True
-            state, effects, before, replay = _last_session(plan, existing)
-            recorder = Recorder(EffectLog(existing.header, before), log_store,
-                                flushed=len(existing.records))
+            done, first = _replay(plan, existing, source)
+            if done.finish is not None:  # the log's last record is the Finish after all
+                return result_of(done.finish, Recorder(existing, None, session_start=first))
+            recorder = Recorder(existing, log_store, flushed=len(existing.records),
+                                session_start=first)
+            # Fan-out children that finished before the crash.
+            prefilled = existing.pending_children()
+            marker = resume_marker(existing.records)
+            state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))
         elif existing is not None:
             # The API's resume_from on a run that has a log: a new session in the same log.
             state, effects = start(plan, initial_state, machine)
             restart = session_config(machine, initial_state)
             restart["seed"] = machine.seed
             restart["plan"] = plan.fingerprint  # the session's plan, checked on resume
-            marker = ResumeMarker(machine.started_at.isoformat(), restart)
-            records = RecordList(existing.records)
-            records.append(marker)
-            recorder = Recorder(EffectLog(existing.header, records),
-                                log_store, flushed=len(existing.records))
-            replay = []
+            records = existing.records
+            flushed = len(records)
+            records.append(ResumeMarker(machine.started_at.isoformat(), restart))
+            recorder = Recorder(existing, log_store, flushed=flushed,
+                                session_start=len(records))
         else:
             header = LogHeader(
                 run_id=run_id,
@@ -205,32 +302,16 @@ async def run_session(
                 config=session_config(machine, initial_state),
             )
             state, effects = start(plan, initial_state, machine)
-            recorder = Recorder(EffectLog(header, []), log_store, flushed=-1)
-            replay = []
+            recorder = Recorder(EffectLog(header, RecordList()), log_store, flushed=-1)
         if (
             explicit_run_id  # only a run someone can name again can be resumed from it
             and log_store is None and callable(getattr(store, "attach_log", None))
         ):
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True
-        performer = LivePerformer(
-            plan,
-            run_id=run_id,
-            manager=manager,
-            recorder=recorder,
-            hooks=hooks,
-            classifiers=classifiers,
-            context=context,
-            sleep=sleep,
-            clock=clock,
-            # Fan-out children that finished before the crash (not for a restart, which
-            # may give the group another input).
-            prefilled=(existing.pending_children() if resuming and existing is not None
-                       else None),
-            **({"timer": timer} if timer is not None else {}),
-        )
-        return await drive(plan, state, effects, recorder, performer, replay=replay,
-                           resuming=resuming)
+        performer = LivePerformer(plan, run_id=run_id, world=world, recorder=recorder,
+                                  prefilled=prefilled)
+        return await run_live(state, effects, recorder, performer)
 
 
 def new_seed() -> int:

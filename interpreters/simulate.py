@@ -34,8 +34,10 @@ import anyio.lowlevel
 import attrs
 from pydantic import BaseModel
 
+from interpreters.live import Collaborators
 from interpreters.session import run_session
-from stroma.checkpoint import CheckpointManager, InMemoryStore
+from interpreters.stores.memory import InMemoryStore
+from stroma.checkpoint import CheckpointManager
 from stroma.contracts import ContractRegistry
 from stroma.plan import Plan, compile_plan
 from stroma.runner import RunConfig, machine_config
@@ -134,16 +136,9 @@ async def simulate(
     )
     declare_schemas((type(initial_state),))
     manager = CheckpointManager(store if store is not None else InMemoryStore())
-    return await run_session(
-        compiled,
-        initial_state,
-        manager=manager,
-        machine=machine,
-        explicit_run_id=explicit,
-        hooks=config.hooks,
-        classifiers=config.classifiers,
-        context=config.context,
-        sleep=clock.backoff,
-        clock=clock.now,
-        timer=clock.time,
+    world = Collaborators(
+        manager, hooks=config.hooks, classifiers=tuple(config.classifiers),
+        context=config.context, sleep=clock.backoff, clock=clock.now, timer=clock.time,
     )
+    return await run_session(compiled, initial_state, machine=machine,
+                             explicit_run_id=explicit, world=world)

@@ -1,4 +1,5 @@
-"""Checkpoint stores: the protocols, the in-memory stores, and ``CheckpointManager``.
+"""Checkpoint stores: the protocols, ``CheckpointManager``, and the stores re-exported
+from ``interpreters.stores`` (the in-memory ones, and Redis on first use).
 
 A store is anything with ``save``, ``load`` and ``delete`` (sync or async): structural
 typing, no base class. Stores that also hold the effect log implement ``LogStore``
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
 from stroma.log import EffectLog
-from stroma.schemas import _resolve_schema, _schema_ref, declare_schema, state_json
+from stroma.schemas import _resolve_schema, _schema_ref, declare_schema
 
 if TYPE_CHECKING:
     from interpreters.stores.redis import RedisStore, SyncRedisStore
@@ -85,100 +87,6 @@ class LeaseStore(Protocol):
 
 def is_async_store(store: object) -> bool:
     return inspect.iscoroutinefunction(getattr(store, "save", None))
-
-
-class _MemoryBase:
-    """Checkpoints as JSON text (so a loaded state is a new, equal object) and logs by reference."""
-
-    def __init__(self) -> None:
-        # JSON text and schema kept apart: a dict of str values is nothing for the garbage
-        # collector to walk, which matters for runs of many thousand nodes.
-        self._data: dict[str, dict[str, bytes]] = {}
-        self._types: dict[str, dict[str, type[BaseModel]]] = {}
-        self._logs: dict[str, EffectLog] = {}
-
-    def _save(self, run_id: str, node_id: str, state: BaseModel) -> None:
-        if not isinstance(state, BaseModel):
-            raise TypeError(
-                f"checkpoint state for node {node_id!r} must be a pydantic BaseModel, "
-                f"got {type(state).__name__}"
-            )
-        texts = self._data.get(run_id)
-        if texts is None:
-            texts = self._data[run_id] = {}
-            self._types[run_id] = {}
-        texts[node_id] = state_json(state)
-        self._types[run_id][node_id] = type(state)
-
-    def _run_slots(self, run_id: str) -> tuple[dict[str, bytes], dict[str, type[BaseModel]]]:
-        """The run's checkpoint texts and schemas by node id, for an interpreter that saves a
-        validated state's JSON (``state_json``) straight into them."""
-        texts = self._data.get(run_id)
-        if texts is None:
-            texts = self._data[run_id] = {}
-            self._types[run_id] = {}
-        return texts, self._types[run_id]
-
-    def _load(self, run_id: str, node_id: str, schema: type[BaseModel] | None) -> BaseModel | None:
-        text = self._data.get(run_id, {}).get(node_id)
-        if text is None:
-            return None
-        return (schema or self._types[run_id][node_id]).model_validate_json(text)
-
-    def _delete(self, run_id: str) -> None:
-        self._data.pop(run_id, None)
-        self._types.pop(run_id, None)
-        self._logs.pop(run_id, None)
-
-    # The in-process effect log: held by reference, so keeping it costs nothing per node.
-    def attach_log(self, run_id: str, log: EffectLog) -> None:
-        self._logs[run_id] = log
-
-    def get_log(self, run_id: str) -> EffectLog | None:
-        return self._logs.get(run_id)
-
-    def run_ids(self) -> list[str]:
-        return sorted(set(self._data) | set(self._logs))
-
-
-class InMemoryStore(_MemoryBase):
-    """Synchronous in-process store (the default)."""
-
-    def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
-        self._save(run_id, node_id, state)
-
-    def load(self, run_id: str, node_id: str) -> BaseModel | None:
-        return self._load(run_id, node_id, None)
-
-    def delete(self, run_id: str) -> None:
-        self._delete(run_id)
-
-    def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        self._save(run_id, node_id, state)
-
-    def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
-        return self._load(run_id, node_id, schema)
-
-
-class AsyncInMemoryStore(_MemoryBase):
-    """Asynchronous in-process store."""
-
-    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
-        self._save(run_id, node_id, state)
-
-    async def load(self, run_id: str, node_id: str) -> BaseModel | None:
-        return self._load(run_id, node_id, None)
-
-    async def delete(self, run_id: str) -> None:
-        self._delete(run_id)
-
-    async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        self._save(run_id, node_id, state)
-
-    async def load_typed(
-        self, run_id: str, node_id: str, schema: type[BaseModel]
-    ) -> BaseModel | None:
-        return self._load(run_id, node_id, schema)
 
 
 class CheckpointManager:

@@ -1,14 +1,12 @@
 """Effects (what the machine asks for) and events (what the world answered).
 
-All of them are frozen attrs values, compared by value, so a replayed effect can be
-checked against the recorded one with ``==``. They are slotted: a run's log keeps several
-per node, and slotted objects are the least for the garbage collector to walk. Effects are
-commands, events are past-tense facts; each effect that reaches the world is answered by
-exactly one event:
+All of them are frozen, slotted attrs values compared by value, so a replayed effect can
+be checked against the recorded one with ``==``. Effects are commands, events are
+past-tense facts; each effect that reaches the world is answered by exactly one event:
 
-=================  ===========================================
+=================  ===========================================================
 effect             answering event
-=================  ===========================================
+=================  ===========================================================
 CallNode           NodeReturned | NodeRaised | NodeCancelled
 CallParallel       ParallelReturned (each child: one of the above, or PlanFinished)
 RunPlan            PlanFinished (only as a CallParallel child)
@@ -16,38 +14,45 @@ ChooseBranch       BranchChosen
 ClassifyFailure    FailureClassified
 FireHook           HookFired
 Sleep              Slept
-SaveCheckpoint     CheckpointSaved
 LoadCheckpoint     CheckpointLoaded
-=================  ===========================================
+=================  ===========================================================
 
-``RecordAttempt`` and ``Finish`` are the machine's own account (a trace event, the end of
-the run): they are logged but need no answer.
+``Commit`` (a successful attempt: its trace record and its checkpoint, made durable
+together), ``RecordAttempt`` (an attempt that did not succeed) and ``Finish`` (the end of
+the run) are the machine's own account: they are logged and performed, and need no answer.
 
-Fields marked ``eq=False`` carry live objects (validated models, the exception) that an
-interpreter needs but a log does not hold; they never take part in comparisons.
+``Resumed`` is the one event no effect asks for: an interpreter that picks up a crashed
+run's log reports where the recorded part ends and the live part begins.
+
+States travel as their JSON text (``bytes``, as ``stroma.schemas.state_json`` makes it):
+it is what a checkpoint stores and what the log keeps, and a value the garbage collector
+never has to walk. Fields marked ``eq=False`` carry live objects (validated models, the
+exception) that an interpreter needs but a log does not hold; they never take part in
+comparisons.
 """
 
 from __future__ import annotations
 
+import builtins
+import json
 from datetime import datetime
 from typing import Any
 
 import attrs
 from pydantic import BaseModel
 
+from stroma import errors
 from stroma.failures import FailureClass
 from stroma.trace import RunStatus, TraceEvent
 
 __all__ = (
     "BranchChosen",
     "CallNode",
-    "ChooseBranch",
-    "PlanFinished",
-    "RunPlan",
     "CallParallel",
     "CheckpointLoaded",
-    "CheckpointSaved",
+    "ChooseBranch",
     "ClassifyFailure",
+    "Commit",
     "Effect",
     "ErrorInfo",
     "Event",
@@ -60,11 +65,33 @@ __all__ = (
     "NodeRaised",
     "NodeReturned",
     "ParallelReturned",
+    "PlanFinished",
     "RecordAttempt",
-    "SaveCheckpoint",
+    "Resumed",
+    "RunPlan",
     "Sleep",
     "Slept",
+    "Validated",
+    "as_json_value",
 )
+
+
+def as_json_value(state: Any) -> Any:
+    """A state as a JSON value (a dict): JSON text is parsed, a model dumped."""
+    if type(state) is bytes:
+        return json.loads(state)
+    if isinstance(state, BaseModel):
+        return state.model_dump(mode="json")
+    return state
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """States compare by their JSON value: JSON text, a dict and a model may stand for one."""
+    if a is b:
+        return True
+    if type(a) is type(b) and type(a) is not dict:
+        return bool(a == b)
+    return bool(as_json_value(a) == as_json_value(b))
 
 
 @attrs.frozen
@@ -84,6 +111,35 @@ class ErrorInfo:
         name = self.type_name.rsplit(".", 1)[-1]
         return f"{name}: {self.message}" if self.message else name
 
+    def exception(self) -> BaseException:
+        """The exception: the live one, else one of its recorded type made again (a
+        built-in or a stroma error; RuntimeError for any other), for a hook or classifier
+        asked about an error the machine made or the log recorded."""
+        if self.exc is not None:
+            return self.exc
+        module, _, name = self.type_name.rpartition(".")
+        home = {"builtins": builtins, "stroma.errors": errors}.get(module)
+        cls = getattr(home, name, None) if home is not None else None
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(self.message)
+            except Exception:
+                pass
+        return RuntimeError(self.message)
+
+
+@attrs.frozen
+class Validated:
+    """A node's output as the JSON text of a state that kept its contract ``schema``.
+
+    A replayed ``NodeReturned`` carries its output this way: the log recorded it only
+    after the machine had validated it (its ``Commit`` follows), so the machine takes it
+    as the state without validating it again, when the contract is still ``schema``.
+    """
+
+    json: bytes
+    schema: str
+
 
 # ----------------------------------------------------------------------------- effects
 
@@ -101,7 +157,14 @@ class CallNode:
 
 @attrs.frozen
 class CallParallel:
-    """Call several nodes concurrently on the same input; the first failure cancels the rest."""
+    """Run a group's children concurrently on their inputs.
+
+    ``calls`` are the children still to run (a retry or a resume of the group leaves out
+    those that already succeeded); ``indices`` says which child of the group each one is.
+    The interpreter cancels the siblings once a child fails (``stroma.machine.child_fails``
+    says which outcomes are failures) and reports every child's outcome, in ``calls``
+    order.
+    """
 
     step_id: str
     attempt: int
@@ -109,6 +172,8 @@ class CallParallel:
     max_concurrency: int | None = None
     timeout_ms: int | None = None
     kind: str = "parallel"  # or "map": one call per item of a list field
+    indices: tuple[int, ...] = ()
+    group: Any = attrs.field(default=None, eq=False, repr=False)  # the group's step
 
 
 @attrs.frozen
@@ -118,9 +183,12 @@ class RunPlan:
     child_id: str
     attempt: int
     plan_fingerprint: str
-    plan: Any = attrs.field(eq=False, repr=False)
+    plan: Any = attrs.field(default=None, eq=False, repr=False)
     input: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
     config: Any = attrs.field(default=None, eq=False, repr=False)
+    # The child's records from an earlier, unfinished try (a group retried or resumed): the
+    # child goes on from them instead of starting again.
+    records: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 @attrs.frozen
@@ -133,7 +201,7 @@ class ChooseBranch:
 
 @attrs.frozen
 class ClassifyFailure:
-    """Run the user's classifiers (in order, first non-None wins) on a failed attempt."""
+    """Run the user's classifiers on a failed attempt, in order, until one answers."""
 
     node_id: str
     attempt: int
@@ -142,15 +210,20 @@ class ClassifyFailure:
 
 @attrs.frozen
 class FireHook:
-    """Call a user hook: ``kind`` is "start", "success" or "failure"."""
+    """Call a user hook: ``kind`` is "start", "success" or "failure"; cancelled after
+    ``timeout_ms`` (a hook that hangs must not hang the run)."""
 
     kind: str
     node_id: str
     attempt: int
-    state: dict[str, Any] | None = None
+    # The state's JSON text (start, success), compared by JSON value.
+    state: Any = attrs.field(
+        default=None, eq=attrs.cmp_using(eq=_same_state, require_same_type=False)
+    )
     tokens: int = 0
     failure: FailureClass | None = None
     error: ErrorInfo | None = None
+    timeout_ms: int | None = None
 
 
 @attrs.frozen
@@ -160,53 +233,64 @@ class Sleep:
     seconds: float
 
 
-@attrs.frozen
-class SaveCheckpoint:
-    """Persist a completed step's output (and flush the log up to here)."""
+@attrs.frozen(eq=False)
+class Commit:
+    """A successful attempt: its trace record and its checkpoint, durable together.
+
+    ``input_state`` and ``output_state`` are JSON text; ``schema`` is the output's schema
+    reference (None in a record read from a format 1 log); ``state`` is the validated
+    output model (live only: what a store's ``save`` gets).
+    Two commits are equal when their fields are (states compared by JSON value).
+    """
 
     node_id: str
-    state: BaseModel = attrs.field(eq=False, repr=False)
-    # The state's schema reference, as logged (so a store can rebuild the checkpoint from
-    # the log); worked out from ``state`` when not given.
-    schema: str | None = attrs.field(default=None, eq=False, repr=False)
+    run_id: str
+    attempt: int
+    timestamp_utc: datetime
+    input_state: Any = attrs.field(repr=False)
+    output_state: Any = attrs.field(repr=False)
+    duration_ms: int
+    schema: str | None
+    state: BaseModel | None = attrs.field(default=None, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Commit:
+            return NotImplemented
+        assert isinstance(other, Commit)
+        return (
+            self.node_id == other.node_id
+            and self.attempt == other.attempt
+            and self.duration_ms == other.duration_ms
+            and self.timestamp_utc == other.timestamp_utc
+            # (a Commit read from a format 1 log has no schema to compare)
+            and (self.schema == other.schema or self.schema is None or other.schema is None)
+            and self.run_id == other.run_id
+            and _same_state(self.output_state, other.output_state)
+            and _same_state(self.input_state, other.input_state)
+        )
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
-    def schema_ref(self) -> str | None:
-        if self.schema is not None:
-            return self.schema
-        cls = type(self.state)
-        return None if self.state is None else f"{cls.__module__}:{cls.__qualname__}"
-
-
-@attrs.frozen
-class LoadCheckpoint:
-    """Load the checkpoint a resumed run starts from."""
-
-    node_id: str
-    schema: type[BaseModel] = attrs.field(eq=False, repr=False)
-
-
-def _as_json(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-
-
-def _same_json(a: Any, b: Any) -> bool:
-    """States compare by their JSON form (a live model equals its logged dict)."""
-    if a is b:
-        return True
-    if type(a) is type(b):
-        return bool(a == b)
-    return bool(_as_json(a) == _as_json(b))
+    def event(self) -> TraceEvent:
+        """The trace event of the attempt."""
+        return TraceEvent(
+            self.node_id, self.run_id, self.attempt, self.timestamp_utc,
+            as_json_value(self.input_state), as_json_value(self.output_state),
+            self.duration_ms,
+        )
 
 
 @attrs.frozen(eq=False)
 class RecordAttempt:
-    """The machine's account of one finished attempt; the trace is made of these.
+    """The machine's account of an attempt that did not succeed (failed, cancelled, or
+    not started because a budget was spent); the trace is made of these and Commits.
 
-    The states may be live models: their JSON form (the trace event's dicts) is made only
-    when ``event`` is read, so a run pays for its trace only if someone looks at it. Two
-    records are equal when their fields are, states compared by their JSON form (a live
-    model equals the dict a log holds for it).
+    Two records are equal when their fields are, states compared by their JSON value.
     """
 
     node_id: str
@@ -231,8 +315,8 @@ class RecordAttempt:
             and self.failure == other.failure
             and self.failure_message == other.failure_message
             and self.run_id == other.run_id
-            and _same_json(self.output_state, other.output_state)
-            and _same_json(self.input_state, other.input_state)
+            and _same_state(self.output_state, other.output_state)
+            and _same_state(self.input_state, other.input_state)
         )
 
     def __ne__(self, other: object) -> bool:
@@ -253,9 +337,18 @@ class RecordAttempt:
     def event(self) -> TraceEvent:
         return TraceEvent(
             self.node_id, self.run_id, self.attempt, self.timestamp_utc,
-            _as_json(self.input_state), _as_json(self.output_state), self.duration_ms,
-            self.failure, self.failure_message,
+            as_json_value(self.input_state),
+            None if self.output_state is None else as_json_value(self.output_state),
+            self.duration_ms, self.failure, self.failure_message,
         )
+
+
+@attrs.frozen
+class LoadCheckpoint:
+    """Load the checkpoint a resumed run starts from."""
+
+    node_id: str
+    schema: type[BaseModel] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -278,9 +371,9 @@ Effect = (
     | ClassifyFailure
     | FireHook
     | Sleep
-    | SaveCheckpoint
-    | LoadCheckpoint
+    | Commit
     | RecordAttempt
+    | LoadCheckpoint
     | Finish
 )
 
@@ -289,7 +382,8 @@ Effect = (
 
 @attrs.frozen
 class NodeReturned:
-    """A node returned. ``output`` is what it returned, its usage already split off."""
+    """A node returned. ``output`` is what it returned, its usage already split off (or a
+    ``Validated`` output, when replayed from a log)."""
 
     output: Any = attrs.field(eq=False)
     started_at: datetime
@@ -310,24 +404,21 @@ class NodeRaised:
 
 @attrs.frozen
 class NodeCancelled:
-    """A parallel child was cancelled because a sibling failed first."""
+    """A group's child was cancelled (a sibling failed, or the group's deadline passed)
+    before it finished. ``records``: a sub-plan child's log up to then, so that a retry
+    of the group goes on from there instead of starting the child again."""
 
     started_at: datetime
     duration_ms: int
-
-
-@attrs.frozen
-class ParallelReturned:
-    """Every child of a CallParallel has an outcome, in argument order."""
-
-    started_at: datetime
-    duration_ms: int
-    outcomes: tuple[NodeReturned | NodeRaised | NodeCancelled | PlanFinished, ...] = ()
+    records: Any = attrs.field(default=(), eq=False, repr=False)
 
 
 @attrs.frozen
 class PlanFinished:
-    """A sub-plan ran to its end: its status, output and totals, and its own log records."""
+    """A sub-plan ran to its end: its status, output and totals, and its own log records
+    (a ``stroma.log.RecordList``: read as decoded records).
+
+    ``output`` is the JSON value of the fields its steps set (what it returned)."""
 
     status: RunStatus
     output: Any = attrs.field(eq=False)
@@ -337,7 +428,18 @@ class PlanFinished:
     reason: str | None = None
     started_at: datetime | None = None
     duration_ms: int = 0
-    records: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
+    records: Any = attrs.field(default=(), eq=False, repr=False)
+
+
+@attrs.frozen
+class ParallelReturned:
+    """Every child of a CallParallel has an outcome, in ``calls`` order;
+    ``deadline_passed`` says the group's timeout expired before they all finished."""
+
+    started_at: datetime
+    duration_ms: int
+    outcomes: tuple[NodeReturned | NodeRaised | NodeCancelled | PlanFinished, ...] = ()
+    deadline_passed: bool = False
 
 
 @attrs.frozen
@@ -350,14 +452,27 @@ class BranchChosen:
 
 @attrs.frozen
 class FailureClassified:
-    """What the user's classifiers said: a class, or None to defer to the built-in rules."""
+    """What the user's classifiers answered, in order, up to the first that answered.
 
-    failure: FailureClass | None
+    Each answer is a FailureClass, None (the classifier deferred) or a string saying why
+    the classifier's answer could not be used (it raised, or returned something that is
+    not a FailureClass); the machine skips those.
+    """
+
+    answers: tuple[FailureClass | str | None, ...] = ()
+
+    @property
+    def failure(self) -> FailureClass | None:
+        """The first usable answer (None: every classifier deferred)."""
+        for answer in self.answers:
+            if isinstance(answer, FailureClass):
+                return answer
+        return None
 
 
 @attrs.frozen
 class HookFired:
-    """A hook ran; ``error`` is set when it raised (the run goes on regardless)."""
+    """A hook ran; ``error`` is set when it raised or timed out (the run goes on)."""
 
     error: ErrorInfo | None = None
 
@@ -368,14 +483,25 @@ class Slept:
 
 
 @attrs.frozen
-class CheckpointSaved:
+class CheckpointLoaded:
+    """The checkpoint a resumed run starts from (None: the store has none); replayed from
+    a log, its JSON value."""
+
     node_id: str
+    state: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
-class CheckpointLoaded:
-    node_id: str
-    state: BaseModel | None = attrs.field(eq=False, repr=False)
+class Resumed:
+    """The recorded part of a run ends here and the live part begins (``at``, ISO 8601).
+
+    ``pending`` are the effects of the machine's last step that the log had not recorded:
+    the machine answers with what to perform instead (the same effects, a finish now
+    saying RESUMED, a group call for the children still to run).
+    """
+
+    at: str
+    pending: tuple[Any, ...] = attrs.field(default=(), eq=False)
 
 
 Event = (
@@ -388,6 +514,6 @@ Event = (
     | FailureClassified
     | HookFired
     | Slept
-    | CheckpointSaved
     | CheckpointLoaded
+    | Resumed
 )

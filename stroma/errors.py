@@ -12,6 +12,7 @@ __all__ = (
     "NondeterminismError",
     "PlanError",
     "RunLocked",
+    "StateNotSerializable",
     "StoreError",
     "StromaError",
     "UnsafeSchemaRef",
@@ -37,6 +38,7 @@ class NondeterminismError(StromaError):
         self.index = index
         self.recorded = recorded
         self.new = new
+        self.detail = detail
         msg = (
             f"replay diverged at record {index}: the log recorded {recorded!r} "
             f"but the plan now produces {new!r}"
@@ -97,3 +99,11 @@ class ChildFailed(StromaError):
 
 class ChildFailedTerminally(ChildFailed):
     """A fan-out child failed with a terminal error."""
+
+
+class StateNotSerializable(StromaError):
+    """A node's output kept its contract but cannot be stored: its JSON form cannot be made
+    (bytes that are not UTF-8, nesting too deep, a value pydantic cannot serialize).
+
+    The attempt fails (TERMINAL) and is recorded; the message names the field.
+    """

@@ -3,8 +3,9 @@
 A failed attempt is classified RECOVERABLE (retry), TERMINAL (stop the run, FAILED) or
 AMBIGUOUS (retry a little). User classifiers run first, in list order, and the first that
 answers wins; the built-in rules apply last. The built-in rules exist twice over one
-table: ``classify`` checks a live exception, ``builtin_class_for_names`` checks the
-class names recorded in a log, so replay classifies without the exception object.
+table, applied to an exception's class names (``exception_type_names``), which is what
+a log records: a run and its replay classify without the exception object, and
+``classify`` (for a live exception) makes the same decision through ``decide_class``.
 
 ``max_retries`` counts retries after the first attempt: 3 allows 4 attempts, 0 allows one.
 """
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded
-from stroma.errors import ChildFailed, ChildFailedTerminally
+from stroma.errors import ChildFailed, ChildFailedTerminally, StateNotSerializable
 
 __all__ = (
     "Classifier",
@@ -29,7 +30,9 @@ __all__ = (
     "RetryBudget",
     "StepContext",
     "builtin_class_for_names",
+    "check_verdict",
     "classify",
+    "decide_class",
     "default_policy_map",
     "exception_type_names",
     "resolve_policy",
@@ -95,6 +98,7 @@ Classifier = Callable[[Exception, NodeContext], FailureClass | None]
 # come before ValueError in case a subclass of theirs is also a ValueError.
 _BUILTIN_RULES: tuple[tuple[type[BaseException], FailureClass], ...] = (
     (ContractViolation, FailureClass.TERMINAL),
+    (StateNotSerializable, FailureClass.TERMINAL),
     (ChildFailedTerminally, FailureClass.TERMINAL),
     (ChildFailed, FailureClass.RECOVERABLE),
     (BudgetExceeded, FailureClass.RECOVERABLE),
@@ -127,30 +131,52 @@ def builtin_class_for_names(type_names: Sequence[str]) -> FailureClass:
     return _FALLBACK_CLASS
 
 
+def check_verdict(classifier: object, answer: object, node_id: str) -> FailureClass | None:
+    """What a classifier's answer means: a FailureClass, or None (it defers).
+
+    A FailureClass's name ("TERMINAL") counts as that class. Anything else is a TypeError
+    naming the classifier and the value. ``classify`` and a run ask every classifier's
+    answer through this one rule (a run skips a classifier whose answer it rejects).
+    """
+    if answer is None or isinstance(answer, FailureClass):
+        return answer
+    if isinstance(answer, str) and answer in FailureClass.__members__:
+        return FailureClass(answer)
+    name = getattr(classifier, "__qualname__", None) or repr(classifier)
+    raise TypeError(
+        f"classifier {name} returned {answer!r} (a {type(answer).__name__}) for "
+        f"node {node_id!r}; a classifier must return a FailureClass or None "
+        "(None defers to the next classifier)"
+    )
+
+
+def decide_class(answers: Sequence[object], type_names: Sequence[str]) -> FailureClass:
+    """The class of a failed attempt: the first FailureClass among the classifiers'
+    answers (in order), else the built-in rules applied to the exception's type names.
+
+    This is the decision of ``classify`` with the classifiers already asked; the machine
+    makes it with the answers an interpreter recorded (answers that are not a
+    FailureClass, such as None or a note that a classifier raised, are passed over).
+    """
+    for answer in answers:
+        if isinstance(answer, FailureClass):
+            return answer
+    return builtin_class_for_names(type_names)
+
+
 def classify(
     exc: Exception,
     ctx: NodeContext,
     classifiers: Sequence[Classifier] | None = None,
 ) -> FailureClass:
     """Custom classifiers in order (first non-None wins), then the built-in rules."""
+    answers: list[FailureClass] = []
     for classifier in classifiers or ():
-        result = classifier(exc, ctx)
-        if result is None:
-            continue
-        if isinstance(result, str) and result in FailureClass.__members__:
-            result = FailureClass(result)  # "TERMINAL": as the live interpreter accepts it
-        if not isinstance(result, FailureClass):
-            name = getattr(classifier, "__qualname__", repr(classifier))
-            raise TypeError(
-                f"classifier {name} returned {result!r} (a {type(result).__name__}) for "
-                f"node {ctx.node_id!r}; a classifier must return a FailureClass or None "
-                "(None defers to the next classifier)"
-            )
-        return result
-    for cls, failure in _BUILTIN_RULES:
-        if isinstance(exc, cls):
-            return failure
-    return _FALLBACK_CLASS
+        verdict = check_verdict(classifier, classifier(exc, ctx), ctx.node_id)
+        if verdict is not None:
+            answers.append(verdict)
+            break
+    return decide_class(answers, exception_type_names(exc))
 
 
 class RetryBudget:

@@ -1,27 +1,35 @@
 """The effect log: a header and one record per effect with the event that answered it.
 
-Format (JSON lines, UTF-8, one object per line, keys in a fixed order):
+Format version 2 (JSON lines, UTF-8, one object per line, keys in a fixed order):
 
 * line 1, the header::
 
-    {"stroma_log":1,"run_id":"...","plan":"<fingerprint>","seed":123,"version":"0.2.0",
+    {"stroma_log":2,"run_id":"...","plan":"<fingerprint>","seed":123,"version":"0.4.0",
      "started_at":"2026-11-23T16:00:00+00:00","config":{...}}
 
   ``config`` is what the machine needs to make the same decisions again: budget, retry
-  policies, timeouts, which hooks were set, whether classifiers were, model fallbacks,
-  ``resume_from``, and the initial state (its schema ref and JSON).
+  policies, timeouts, which hooks were set (and their timeout), whether classifiers were,
+  model fallbacks, ``resume_from``, and the initial state (its schema ref and JSON).
 
 * then one line per record::
 
-    {"i":0,"effect":{"t":"CallNode",...},"event":{"t":"NodeReturned",...}}
+    {"i":0,"effect":{"t":"CallNode",...},"event":{"t":"NodeReturned",...,"valid":"m:Out"}}
+    {"i":1,"effect":{"t":"Commit","node_id":...,"input_state":{..},"output_state":{..},
+     "duration_ms":3,"schema":"m:Out"},"event":null}
 
-  ``event`` is null for the machine's own records (RecordAttempt, Finish). A
-  CallParallel is one line for the group (its event without the outcomes) followed by
-  one line per child: ``{"i":4,"child":0,"effect":{"t":"CallNode",..},"event":{..}}``.
+  ``event`` is null for the machine's own records (Commit, RecordAttempt, Finish). A
+  node's success is two records: its call with the answer, and its ``Commit`` (the
+  attempt's trace record and checkpoint). A ``NodeReturned`` whose output kept its
+  contract says so with ``"valid"`` (the schema it kept); replay then takes the output
+  as validated. A CallParallel is one line for the group (its event without the
+  outcomes) followed by one line per child:
+  ``{"i":4,"child":0,"effect":{"t":"CallNode",..},"event":{..}}``.
 * a fan-out child that finishes before its group is made durable at once as
-  ``{"i":k,"partial":j,"effect":{..},"event":{..}}`` (k: the group's future index); the
-  group's record supersedes these, so ``lines()`` keeps only those of a group in flight.
-* a run resumed after a crash has a marker line where the live part starts again::
+  ``{"i":k,"partial":j,"effect":{..},"event":{..}}`` (k: the group's future index, j: the
+  child's index in the group); the group's record supersedes these, so ``lines()`` keeps
+  only those of a group in flight.
+* a run resumed after a crash has a marker line where the live part starts again
+  (the machine's ``Resumed`` event)::
 
     {"i":12,"resumed":"2026-11-23T16:05:00+00:00"}
 
@@ -29,29 +37,35 @@ Format (JSON lines, UTF-8, one object per line, keys in a fixed order):
   replay starts the machine afresh: ``{"i":30,"resumed":"...","restart":{...}}``.
 
 Datetimes are ISO 8601 strings with their offset; failure classes and statuses are
-their string values; node outputs and states are their JSON form, except that floats that
-are not finite are written ``NaN``, ``Infinity`` and ``-Infinity`` as Python's json does
-(JSON has no such numbers, and null would not read back as a float).
+their string values; states are their JSON form, floats that are not finite written
+``NaN``, ``Infinity`` and ``-Infinity`` as Python's json does (JSON has no such numbers,
+and null would not read back as a float).
 
-In memory, a node that succeeded on the machine's plain lane is kept as one compact row
-(see ``RecordList``) and turned into its three records when read: the text, the records
-and the equality of logs are the same either way.
+Format 1 logs (written by stroma 0.2) read, replay and resume: their records are read
+into this vocabulary (an attempt's record and its separate checkpoint record become a
+``Commit`` and a ``SavedCheckpoint`` that replay passes over) and keep their text, so
+``to_jsonl`` gives back exactly what was read; a resumed format 1 log goes on in format 2.
+
+In memory a record is a flat tuple of atoms (strings, numbers, datetimes, the JSON text
+of states, tuples of those), which the garbage collector does not track, and is decoded
+into effect and event objects only when read: ``EffectLog.records`` reads like a list
+of ``(effect, event)`` pairs and ``ResumeMarker``s.
 
 Reading is strict, except for the tail: a last line that is torn (no newline, or not
 whole JSON) is dropped, so a log cut by a crash reads back to its last whole record.
-Any other damage is a ``LogCorrupted`` naming the source, the line and the problem.
+Every field is checked as it is read: any other damage is a ``LogCorrupted`` naming the
+source, the line, the field and the problem.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from datetime import datetime
 from typing import Any
 
 import attrs
-from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
+from pydantic_core import from_json, to_json
 
 from stroma import effects as fx
 from stroma.errors import LogCorrupted
@@ -60,22 +74,26 @@ from stroma.trace import ExecutionTrace, RunStatus, TraceEvent
 
 __all__ = (
     "FORMAT_VERSION",
-    "ROW_LEN",
     "EffectLog",
     "LogHeader",
     "Record",
     "RecordList",
     "ResumeMarker",
+    "SavedCheckpoint",
+    "decode_effect",
+    "decode_event",
+    "encode_effect",
+    "encode_event",
     "encode_header",
     "encode_partial",
     "encode_record",
-    "is_row",
-    "row_attempt",
-    "row_records",
-    "trace_event",
+    "is_attempt",
+    "returned_atoms",
+    "trace_of",
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
 
 
 @attrs.frozen
@@ -91,7 +109,7 @@ class LogHeader:
 
 @attrs.frozen
 class ResumeMarker:
-    """Where a crashed run was picked up again and went on live.
+    """Where a crashed run was picked up again and went on live (a ``Resumed`` event).
 
     ``restart`` is set when the run was restarted with ``resume_from`` (API resume): it
     holds that session's machine config, and replay starts the machine afresh there.
@@ -101,125 +119,368 @@ class ResumeMarker:
     restart: dict[str, Any] | None = attrs.field(default=None, eq=False)
 
 
-Record = tuple[fx.Effect, fx.Event | None] | ResumeMarker
+@attrs.frozen
+class SavedCheckpoint:
+    """A format 1 log's checkpoint record (its own record after the attempt's): in format
+    2 the ``Commit`` before it covers it, and replay passes over it."""
 
-# A node that succeeded on the machine's plain lane is held in memory as one compact row,
-# a plain tuple standing in for its three records:
-#   (node_id, run_id, attempt, started_at, duration_ms, output, input_json, output_json,
-#    schema)
-# ``output`` is what the node returned, the JSON is bytes, ``schema`` the output contract.
-ROW_LEN = 9
-
-
-def is_row(item: object) -> bool:
-    """Whether a record list item is a compact row (records are pairs or ResumeMarkers)."""
-    return type(item) is tuple and len(item) == ROW_LEN
+    node_id: str
+    schema: str | None = None
 
 
-def row_records(row: tuple[Any, ...]) -> list[Record]:
-    """The three records a compact row stands for, as the machine emitted them."""
-    node_id, attempt, started_at, duration_ms, output = row[0], row[2], row[3], row[4], row[5]
-    output_json, schema = row[7], row[8]
-    return [
-        (fx.CallNode(node_id, attempt), fx.NodeReturned(output, started_at, duration_ms)),
-        (row_attempt(row), None),
-        (fx.SaveCheckpoint(node_id, schema.model_validate_json(output_json)),
-         fx.CheckpointSaved(node_id)),
-    ]
+Record = tuple[Any, Any] | ResumeMarker
+
+# ------------------------------------------------------------------- atoms (in memory)
+#
+# A record is ``(effect_atoms, event_atoms_or_None)``; each is a tuple whose first item
+# names the class and whose other items are the recorded fields, in the order of
+# ``_SPEC``. A field's kind says how it is held, written and checked.
+
+_S, _OS = "str", "opt_str"
+_I, _OI = "int", "opt_int"
+_F, _B = "float", "bool"
+_DT, _ODT = "dt", "opt_dt"
+_ST, _OST = "state", "opt_state"  # JSON text (bytes) in memory, a JSON value in a line
+_ER, _OER = "error", "opt_error"
+_CL, _OCL = "class", "opt_class"
+_STATUS = "status"
+_CALLS, _OUTCOMES, _RECORDS = "calls", "outcomes", "records"
+_INTS, _ANSWERS = "ints", "answers"
+_OUTPUT = "output"  # NodeReturned.output: (JSON text, schema ref if validated)
+
+_SPEC: dict[str, tuple[tuple[str, str], ...]] = {
+    "CallNode": (("node_id", _S), ("attempt", _I), ("timeout_ms", _OI), ("model", _OS)),
+    "CallParallel": (("step_id", _S), ("attempt", _I), ("calls", _CALLS),
+                     ("max_concurrency", _OI), ("timeout_ms", _OI), ("kind", _S),
+                     ("indices", _INTS)),
+    "RunPlan": (("child_id", _S), ("attempt", _I), ("plan_fingerprint", _S)),
+    "ChooseBranch": (("step_id", _S),),
+    "ClassifyFailure": (("node_id", _S), ("attempt", _I), ("error", _ER)),
+    "FireHook": (("kind", _S), ("node_id", _S), ("attempt", _I), ("state", _OST),
+                 ("tokens", _I), ("failure", _OCL), ("error", _OER), ("timeout_ms", _OI)),
+    "Sleep": (("seconds", _F),),
+    "Commit": (("node_id", _S), ("run_id", _S), ("attempt", _I), ("timestamp_utc", _DT),
+               ("input_state", _ST), ("output_state", _ST), ("duration_ms", _I),
+               ("schema", _OS)),
+    "RecordAttempt": (("node_id", _S), ("run_id", _S), ("attempt", _I),
+                      ("timestamp_utc", _DT), ("input_state", _ST), ("output_state", _OST),
+                      ("duration_ms", _I), ("failure", _OCL), ("failure_message", _OS)),
+    "LoadCheckpoint": (("node_id", _S),),
+    "Finish": (("status", _STATUS), ("final_state", _ST), ("total_tokens", _I),
+               ("total_cost_usd", _F), ("total_latency_ms", _I), ("reason", _OS)),
+    "SaveCheckpoint": (("node_id", _S), ("schema", _OS)),
+    "NodeReturned": (("output", _OUTPUT), ("started_at", _DT), ("duration_ms", _I),
+                     ("input_tokens", _I), ("output_tokens", _I), ("model", _OS)),
+    "NodeRaised": (("error", _ER), ("started_at", _DT), ("duration_ms", _I)),
+    "NodeCancelled": (("started_at", _DT), ("duration_ms", _I), ("records", _RECORDS)),
+    "PlanFinished": (("status", _STATUS), ("output", _ST), ("total_tokens", _I),
+                     ("total_cost_usd", _F), ("total_latency_ms", _I), ("reason", _OS),
+                     ("started_at", _ODT), ("duration_ms", _I), ("records", _RECORDS)),
+    "ParallelReturned": (("started_at", _DT), ("duration_ms", _I), ("outcomes", _OUTCOMES),
+                         ("deadline_passed", _B)),
+    "BranchChosen": (("taken", _B), ("error", _OER)),
+    "FailureClassified": (("answers", _ANSWERS),),
+    "HookFired": (("error", _OER),),
+    "Slept": (("seconds", _F),),
+    "CheckpointLoaded": (("node_id", _S), ("state", _OST)),
+    "CheckpointSaved": (("node_id", _S),),
+}
+_EFFECTS = frozenset({
+    "CallNode", "CallParallel", "RunPlan", "ChooseBranch", "ClassifyFailure", "FireHook",
+    "Sleep", "Commit", "RecordAttempt", "LoadCheckpoint", "Finish", "SaveCheckpoint",
+})
+_EVENTS = frozenset(_SPEC) - _EFFECTS
+_CLASSES: dict[str, Any] = {
+    name: getattr(fx, name, None) for name in _SPEC
+}
+_CLASSES["SaveCheckpoint"] = SavedCheckpoint
+_CLASSES["CheckpointSaved"] = None  # a format 1 answer: nothing to decode it into
+_CHILD_EFFECTS = frozenset({"CallNode", "RunPlan"})
+_OUTCOME_EVENTS = frozenset({"NodeReturned", "NodeRaised", "NodeCancelled", "PlanFinished"})
+# Where a class's fields are in its atoms (1-based: item 0 is the class name).
+_POS: dict[str, dict[str, int]] = {
+    name: {f: k + 1 for k, (f, _) in enumerate(spec)} for name, spec in _SPEC.items()
+}
 
 
-def row_attempt(row: tuple[Any, ...]) -> fx.RecordAttempt:
-    """The RecordAttempt of a compact row (its states as JSON)."""
-    node_id, run_id, attempt, started_at, duration_ms, _, input_json, output_json, _ = row
-    return fx.RecordAttempt(node_id, run_id, attempt, started_at, json.loads(input_json),
-                            json.loads(output_json), duration_ms)
+def _state_bytes(value: Any) -> bytes:
+    """A state as JSON text: text stays, a model or a JSON value is written."""
+    if type(value) is bytes:
+        return value
+    if hasattr(value, "__pydantic_serializer__"):
+        from stroma.schemas import state_json
+
+        return state_json(value)
+    return _json_text(value)
 
 
-def trace_event(item: Any) -> TraceEvent:
-    """The trace event of a RecordAttempt, or of a compact row."""
-    return row_attempt(item).event if type(item) is tuple else item.event
+def _json_text(value: Any) -> bytes:
+    """A JSON value's text, as pydantic writes it (and NaN/Infinity as constants)."""
+    try:
+        return to_json(value, inf_nan_mode="constants")
+    except Exception:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                          default=repr).encode()
+
+
+def _parse_json(text: bytes | str) -> Any:
+    try:
+        return from_json(text)
+    except ValueError:
+        return json.loads(text)  # deeper than the fast reader goes
+
+
+def _error_atoms(e: fx.ErrorInfo) -> tuple[Any, ...]:
+    return ("ErrorInfo", tuple(e.type_names), e.message)
+
+
+def _atom(kind: str, value: Any) -> Any:
+    if kind in (_S, _OS, _I, _OI, _B, _DT, _ODT):
+        return value
+    if kind == _F:
+        return float(value)
+    if kind == _ST:
+        return _state_bytes(value)
+    if kind == _OST:
+        return None if value is None else _state_bytes(value)
+    if kind in (_ER, _OER):
+        return None if value is None else _error_atoms(value)
+    if kind in (_CL, _OCL, _STATUS):
+        return None if value is None else str(value.value if hasattr(value, "value") else value)
+    if kind == _CALLS:
+        return tuple(encode_effect(c) for c in value)
+    if kind == _OUTCOMES:
+        return tuple(encode_event(o) for o in value)
+    if kind == _RECORDS:
+        if isinstance(value, RecordList):
+            return tuple(value.items)
+        return tuple(_record_atoms(r) for r in value)
+    if kind == _INTS:
+        return tuple(value)
+    if kind == _ANSWERS:
+        return tuple(
+            None if a is None else (a.value if isinstance(a, FailureClass) else str(a))
+            for a in value
+        )
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _record_atoms(record: Any) -> Any:
+    """A record (decoded, or already atoms) as atoms."""
+    if isinstance(record, ResumeMarker):
+        return record
+    eff, ev = record
+    if type(eff) is tuple:
+        return record
+    return (encode_effect(eff), None if ev is None else encode_event(ev))
+
+
+def _generic_atoms(obj: Any) -> tuple[Any, ...]:
+    name = type(obj).__name__
+    return (name, *(_atom(kind, getattr(obj, f)) for f, kind in _SPEC[name]))
+
+
+def _call_atoms(e: fx.CallNode) -> tuple[Any, ...]:
+    return ("CallNode", e.node_id, e.attempt, e.timeout_ms, e.model)
+
+
+def _commit_atoms(e: fx.Commit) -> tuple[Any, ...]:
+    return ("Commit", e.node_id, e.run_id, e.attempt, e.timestamp_utc,
+            _state_bytes(e.input_state), _state_bytes(e.output_state), e.duration_ms, e.schema)
+
+
+def _attempt_atoms(e: fx.RecordAttempt) -> tuple[Any, ...]:
+    out = e.output_state
+    failure = e.failure
+    return ("RecordAttempt", e.node_id, e.run_id, e.attempt, e.timestamp_utc,
+            _state_bytes(e.input_state), None if out is None else _state_bytes(out),
+            e.duration_ms, None if failure is None else failure.value, e.failure_message)
+
+
+_ENCODE: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    fx.CallNode: _call_atoms,
+    fx.Commit: _commit_atoms,
+    fx.RecordAttempt: _attempt_atoms,
+}
+
+
+def encode_effect(effect: Any) -> tuple[Any, ...]:
+    """An effect's atoms (what the log keeps of it)."""
+    fast = _ENCODE.get(type(effect))
+    return fast(effect) if fast is not None else _generic_atoms(effect)
+
+
+def returned_atoms(
+    event: fx.NodeReturned, valid: tuple[Any, str | None] | None
+) -> tuple[Any, ...]:
+    """A NodeReturned's atoms; ``valid`` is (JSON text, schema) when the output kept its
+    contract (the text is then shared with the Commit that follows)."""
+    output: Any
+    if valid is not None:
+        output = valid
+    elif type(event.output) is fx.Validated:
+        output = (event.output.json, event.output.schema)
+    else:
+        output = (_state_bytes(event.output), None)
+    return ("NodeReturned", output, event.started_at, event.duration_ms,
+            event.input_tokens, event.output_tokens, event.model)
+
+
+def encode_event(event: Any) -> tuple[Any, ...]:
+    """An event's atoms."""
+    if type(event) is fx.NodeReturned:
+        return returned_atoms(event, None)
+    return _generic_atoms(event)
+
+
+def _from_atom(kind: str, value: Any) -> Any:
+    if kind in (_ER, _OER):
+        return None if value is None else fx.ErrorInfo(value[1], value[2])
+    if kind == _OCL:
+        return None if value is None else FailureClass(value)
+    if kind == _STATUS:
+        return RunStatus(value)
+    if kind == _CALLS:
+        return tuple(decode_effect(c) for c in value)
+    if kind == _OUTCOMES:
+        return tuple(decode_event(o) for o in value)
+    if kind == _RECORDS:
+        records = RecordList()
+        records.items = list(value)
+        records.markers = [k for k, x in enumerate(value) if type(x) is ResumeMarker]
+        return records
+    if kind == _ANSWERS:
+        return tuple(
+            FailureClass(a) if a in FailureClass.__members__ else a for a in value
+        )
+    if kind == _OUTPUT:
+        text, schema = value
+        return fx.Validated(text, schema) if schema is not None else _parse_json(text)
+    return value
+
+
+def decode_effect(atoms: tuple[Any, ...]) -> Any:
+    """The effect an atoms tuple stands for."""
+    name = atoms[0]
+    cls = _CLASSES[name]
+    kw = {f: _from_atom(kind, v) for (f, kind), v in zip(_SPEC[name], atoms[1:], strict=True)}
+    if name == "Finish":
+        kw["final_state"] = _parse_json(kw["final_state"])
+    elif name == "FireHook" and kw["state"] is not None:
+        kw["state"] = _parse_json(kw["state"])
+    return cls(**kw)
+
+
+def decode_event(atoms: tuple[Any, ...] | None) -> Any:
+    """The event an atoms tuple stands for (None for an effect that needs no answer)."""
+    if atoms is None:
+        return None
+    name = atoms[0]
+    cls = _CLASSES[name]
+    if cls is None:
+        return None
+    kw = {f: _from_atom(kind, v) for (f, kind), v in zip(_SPEC[name], atoms[1:], strict=True)}
+    if name == "PlanFinished":
+        kw["output"] = _parse_json(kw["output"])
+    elif name == "CheckpointLoaded" and kw["state"] is not None:
+        kw["state"] = _parse_json(kw["state"])
+    return cls(**kw)
+
+
+def _decode_item(item: Any) -> Record:
+    if type(item) is ResumeMarker:
+        return item
+    eff, ev = item[0], item[1]
+    return decode_effect(eff), decode_event(ev)
+
+
+def trace_of(item: Any) -> TraceEvent:
+    """The trace event of a record's atoms (a Commit or a RecordAttempt)."""
+    eff = item[0]
+    if eff[0] == "Commit":
+        _, node_id, run_id, attempt, at, inp, out, ms, _ = eff
+        return TraceEvent(node_id, run_id, attempt, at, _parse_json(inp), _parse_json(out), ms)
+    _, node_id, run_id, attempt, at, inp, out, ms, failure, message = eff
+    return TraceEvent(
+        node_id, run_id, attempt, at, _parse_json(inp),
+        None if out is None else _parse_json(out), ms,
+        None if failure is None else FailureClass(failure), message,
+    )
+
+
+def is_attempt(item: Any) -> bool:
+    """Whether a record's atoms are an attempt's account (a Commit or a RecordAttempt)."""
+    return type(item) is not ResumeMarker and item[0][0] in ("Commit", "RecordAttempt")
 
 
 class RecordList(MutableSequence[Record]):
-    """A log's records, in order: a list whose plain-lane nodes are kept compact.
+    """A log's records, in order: atoms in ``items``, read as decoded records.
 
-    A compact row fills the three positions of the records it stands for, and is turned
-    into them when any of the three is read; to everyone reading, this is a list of
-    ``(effect, event)`` pairs and ``ResumeMarker``s. A long run so keeps one small tuple per
-    node instead of five effect objects, which is what the garbage collector would walk.
+    To everyone reading, this is a list of ``(effect, event)`` pairs and
+    ``ResumeMarker``s. Interpreters append atoms (``append_atoms``); ``append`` takes a
+    decoded record. ``markers`` are the positions of the ResumeMarkers; ``texts`` keeps
+    the original lines of records read from a format 1 log (written back as they were).
     """
 
-    __slots__ = ("items", "markers")
+    __slots__ = ("items", "markers", "texts")
 
     def __init__(self, records: Iterable[Any] = ()) -> None:
-        # Interpreters append to ``items`` directly (a compact row three times; never a
-        # ResumeMarker, which goes through ``append``).
-        self.items: list[Any]
-        # Where the ResumeMarkers are, so finding a log's last session needs no scan.
-        self.markers: list[int]
+        self.items: list[Any] = []
+        self.markers: list[int] = []
+        self.texts: dict[int, list[str]] = {}
         if isinstance(records, RecordList):
             self.items = list(records.items)
             self.markers = list(records.markers)
+            self.texts = dict(records.texts)
         else:
-            self.items = list(records)
-            self._find_markers()
+            for record in records:
+                self.append(record)
+
+    def append(self, record: Any) -> None:
+        if type(record) is ResumeMarker:
+            self.markers.append(len(self.items))
+            self.items.append(record)
+        else:
+            self.items.append(_record_atoms(record))
+
+    def append_atoms(self, effect: tuple[Any, ...], event: tuple[Any, ...] | None) -> None:
+        self.items.append((effect, event))
 
     def _find_markers(self) -> None:
         self.markers = [k for k, x in enumerate(self.items) if type(x) is ResumeMarker]
-
-    def _expand(self, i: int) -> None:
-        items = self.items
-        row = items[i]
-        base = i
-        while base > 0 and items[base - 1] is row:
-            base -= 1
-        items[base:base + 3] = row_records(row)
-
-    def __getitem__(self, index: Any) -> Any:
-        items = self.items
-        if isinstance(index, slice):
-            return [self[j] for j in range(*index.indices(len(items)))]
-        item = items[index]
-        if type(item) is tuple and len(item) == ROW_LEN:
-            self._expand(index if index >= 0 else index + len(items))
-            item = items[index]
-        return item
+        self.texts = {}  # an edited log is written anew
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        self._expand_all()
-        self.items[index] = value
+        if isinstance(index, slice):
+            self.items[index] = [_record_atoms(v) for v in value]
+        else:
+            self.items[index] = _record_atoms(value)
         self._find_markers()
 
     def __delitem__(self, index: Any) -> None:
-        self._expand_all()
         del self.items[index]
         self._find_markers()
 
-    def insert(self, index: int, value: Record) -> None:
-        self._expand_all()
-        self.items.insert(index, value)
+    def insert(self, index: int, value: Any) -> None:
+        self.items.insert(index, _record_atoms(value))
         self._find_markers()
 
-    def append(self, value: Record) -> None:
-        if type(value) is ResumeMarker:
-            self.markers.append(len(self.items))
-        self.items.append(value)
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [_decode_item(x) for x in self.items[index]]
+        return _decode_item(self.items[index])
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __iter__(self) -> Iterator[Record]:
-        for j in range(len(self.items)):
-            yield self[j]
-
-    def _expand_all(self) -> None:
-        items = self.items
-        for j in range(len(items)):
-            if is_row(items[j]):
-                self._expand(j)
+        for item in self.items:
+            yield _decode_item(item)
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, RecordList | list | tuple):
+        if isinstance(other, RecordList):
+            return self.items == other.items or list(self) == list(other)
+        if isinstance(other, list | tuple):
             return list(self) == list(other)
         return NotImplemented
 
@@ -228,196 +489,82 @@ class RecordList(MutableSequence[Record]):
     def __repr__(self) -> str:
         return repr(list(self))
 
-# ------------------------------------------------------------------------ the codec
-
-_CLASSES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        fx.CallNode, fx.CallParallel, fx.RunPlan, fx.ChooseBranch, fx.PlanFinished,
-        fx.BranchChosen, fx.ClassifyFailure, fx.FireHook, fx.Sleep,
-        fx.SaveCheckpoint, fx.LoadCheckpoint, fx.RecordAttempt, fx.Finish,
-        fx.NodeReturned, fx.NodeRaised, fx.NodeCancelled, fx.ParallelReturned,
-        fx.FailureClassified, fx.HookFired, fx.Slept, fx.CheckpointSaved,
-        fx.CheckpointLoaded, fx.ErrorInfo,
-    )
-}
-# Live-only fields that a log never holds (the answer to them is in the log instead).
-_SKIP = {("RunPlan", "plan"), ("RunPlan", "input"), ("RunPlan", "config"),
-         ("ChooseBranch", "state"), ("CallNode", "input"), ("SaveCheckpoint", "state"),
-         ("LoadCheckpoint", "schema"),
-         ("ErrorInfo", "exc"), ("CallParallel", "calls"), ("ParallelReturned", "outcomes")}
-_FIELDS: dict[str, tuple[str, ...]] = {
-    name: tuple(f.name for f in attrs.fields(cls) if (name, f.name) not in _SKIP)
-    for name, cls in _CLASSES.items()
-}
-# Required fields among the skipped ones: a decoded record gets None there.
-_ABSENT: dict[str, dict[str, Any]] = {
-    name: {
-        f.name: None
-        for f in attrs.fields(cls)
-        if (name, f.name) in _SKIP and f.default is attrs.NOTHING
-    }
-    for name, cls in _CLASSES.items()
-}
-_TRACE_FIELDS = (
-    "node_id", "run_id", "attempt", "timestamp_utc", "input_state", "output_state",
-    "duration_ms", "failure", "failure_message",
-)
-
-
-def _dt(value: datetime) -> str:
-    return value.isoformat()
-
-
-def _state(value: Any) -> Any:
-    """A state's JSON form (models dumped; JSON dicts as they are)."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    return value if type(value) is dict else _enc(value)
-
-
-def _enc_call(v: fx.CallNode) -> dict[str, Any]:
-    return {"t": "CallNode", "node_id": v.node_id, "attempt": v.attempt,
-            "timeout_ms": v.timeout_ms, "model": v.model}
-
-
-def _enc_returned(v: fx.NodeReturned) -> dict[str, Any]:
-    return {"t": "NodeReturned", "output": _state(v.output), "started_at": v.started_at.isoformat(),
-            "duration_ms": v.duration_ms, "input_tokens": v.input_tokens,
-            "output_tokens": v.output_tokens, "model": v.model}
-
-
-def _enc_attempt(v: fx.RecordAttempt) -> dict[str, Any]:
-    failure = v.failure
-    return {"t": "RecordAttempt", "event": {
-        "t": "TraceEvent", "node_id": v.node_id, "run_id": v.run_id, "attempt": v.attempt,
-        "timestamp_utc": v.timestamp_utc.isoformat(), "input_state": _state(v.input_state),
-        "output_state": None if v.output_state is None else _state(v.output_state),
-        "duration_ms": v.duration_ms, "failure": None if failure is None else failure.value,
-        "failure_message": v.failure_message,
-    }}
-
-
-def _enc_saved(v: fx.CheckpointSaved) -> dict[str, Any]:
-    return {"t": "CheckpointSaved", "node_id": v.node_id}
-
-
-# The records every node writes, encoded without the generic walk (same output).
-_FAST: dict[type, Any] = {
-    fx.CallNode: _enc_call,
-    fx.NodeReturned: _enc_returned,
-    fx.RecordAttempt: _enc_attempt,
-    fx.CheckpointSaved: _enc_saved,
-}
-
-
-def _enc(value: Any) -> Any:
-    fast = _FAST.get(type(value))
-    if fast is not None:
-        return fast(value)
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, datetime):
-        return _dt(value)
-    if isinstance(value, TraceEvent):
-        return {"t": "TraceEvent", **{k: _enc(getattr(value, k)) for k in _TRACE_FIELDS}}
-    name = type(value).__name__
-    if name == "RecordAttempt":
-        return {"t": name, "event": _enc(value.event)}
-    if name == "SaveCheckpoint":
-        return {"t": name, "node_id": value.node_id, "schema": value.schema_ref}
-    if name == "PlanFinished":
-        out = {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]
-                             if k != "records"}}
-        out["records"] = [_enc_record(e, v) for e, v in value.records]
+    def head(self, n: int) -> RecordList:
+        """The first ``n`` records (their atoms shared)."""
+        out = RecordList()
+        out.items = self.items[:n]
+        out.markers = [k for k in self.markers if k < n]
+        out.texts = {k: v for k, v in self.texts.items() if k < n}
         return out
-    if name in _FIELDS and type(value) is _CLASSES[name]:
-        return {"t": name, **{k: _enc(getattr(value, k)) for k in _FIELDS[name]}}
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, tuple | list):
-        return [_enc(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _enc(v) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return [_enc(v) for v in value]
-    return to_jsonable_python(value, fallback=repr)
+
+    def tail(self, n: int) -> RecordList:
+        """The records from ``n`` on (their atoms shared, renumbered from 0)."""
+        out = RecordList()
+        out.items = self.items[n:]
+        out.markers = [k - n for k in self.markers if k >= n]
+        out.texts = {k - n: v for k, v in self.texts.items() if k >= n}
+        return out
 
 
-_DATETIME_FIELDS = {"started_at", "timestamp_utc"}
-_TUPLE_FIELDS = {"type_names"}
-
-
-def _dec(obj: Any) -> Any:
-    if not isinstance(obj, dict) or "t" not in obj:
-        return obj
-    name = obj["t"]
-    if name == "TraceEvent":
-        kw = {k: obj[k] for k in _TRACE_FIELDS}
-        kw["timestamp_utc"] = datetime.fromisoformat(kw["timestamp_utc"])
-        kw["failure"] = None if kw["failure"] is None else FailureClass(kw["failure"])
-        return TraceEvent(**kw)
-    if name == "RecordAttempt":
-        return fx.RecordAttempt.of(_dec(obj["event"]))
-    cls = _CLASSES[name]
-    kw = dict(_ABSENT[name])
-    for k in _FIELDS[name]:
-        v = obj[k]
-        if k in _DATETIME_FIELDS:
-            v = None if v is None else datetime.fromisoformat(v)
-        elif k == "records":
-            v = tuple(_dec_record(r) for r in v)
-        elif k in _TUPLE_FIELDS:
-            v = tuple(v)
-        elif k == "failure" and v is not None:
-            v = FailureClass(v)
-        elif k == "status":
-            v = RunStatus(v)
-        elif isinstance(v, dict) and "t" in v and k not in ("output", "state", "final_state"):
-            v = _dec(v)
-        kw[k] = v
-    return cls(**kw)
-
-
-def _enc_record(effect: Any, event: Any) -> list[Any]:
-    """A record inside a sub-plan's log: groups keep their children inline."""
-    eff, ev = _enc(effect), _enc(event)
-    if isinstance(effect, fx.CallParallel):
-        eff["calls"] = [_enc(c) for c in effect.calls]
-        if isinstance(event, fx.ParallelReturned):
-            ev["outcomes"] = [_enc(o) for o in event.outcomes]
-    return [eff, ev]
-
-
-def _dec_record(raw: Any) -> tuple[Any, Any]:
-    eff_raw, ev_raw = raw
-    effect, event = _dec(eff_raw), _dec(ev_raw)
-    if isinstance(effect, fx.CallParallel):
-        effect = attrs.evolve(effect, calls=tuple(_dec(c) for c in eff_raw.get("calls", ())))
-        if isinstance(event, fx.ParallelReturned):
-            event = attrs.evolve(
-                event, outcomes=tuple(_dec(o) for o in ev_raw.get("outcomes", ()))
-            )
-    return effect, event
-
-
-def _default(value: Any) -> Any:
-    """What json does not know inside a node's output (datetimes, models, sets, ...)."""
-    return _enc(value)
+# ------------------------------------------------------------------------- the lines
 
 
 def _dumps(obj: Any) -> str:
-    try:
-        return json.dumps(
-            obj, separators=(",", ":"), ensure_ascii=False, default=_default
-        )
-    except TypeError:  # keys json cannot take (tuples, ...): the generic walk str()s them
-        return json.dumps(_enc(obj), separators=(",", ":"), ensure_ascii=False,
-                          default=_default)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _state_text(text: bytes | None) -> str:
+    return "null" if text is None else text.decode("utf-8")
+
+
+def _json_atom(kind: str, value: Any) -> str:
+    """A field's atom written as JSON text."""
+    if value is None:
+        return "null"
+    if kind in (_ST, _OST):
+        return _state_text(value)
+    if kind in (_DT, _ODT):
+        return '"' + value.isoformat() + '"'
+    if kind in (_ER, _OER):
+        return ('{"t":"ErrorInfo","type_names":' + _dumps(list(value[1])) + ',"message":'
+                + _dumps(value[2]) + "}")
+    if kind == _CALLS:
+        return "[" + ",".join(_json_atoms(c) for c in value) + "]"
+    if kind == _OUTCOMES:
+        return "[" + ",".join(_json_atoms(o) for o in value) + "]"
+    if kind == _RECORDS:
+        return "[" + ",".join(_json_pair(r) for r in value) + "]"
+    if kind == _OUTPUT:
+        return _state_text(value[0])
+    if kind == _F:
+        return _dumps(float(value))
+    return _dumps(list(value) if kind in (_INTS, _ANSWERS) else value)
+
+
+def _json_atoms(atoms: tuple[Any, ...] | None, skip: tuple[str, ...] = ()) -> str:
+    if atoms is None:
+        return "null"
+    name = atoms[0]
+    parts = ['{"t":"', name, '"']
+    for (f, kind), value in zip(_SPEC[name], atoms[1:], strict=True):
+        if f in skip:
+            continue
+        parts.append(',"' + f + '":' + _json_atom(kind, value))
+        if kind == _OUTPUT and value[1] is not None:
+            parts.append(',"valid":' + _dumps(value[1]))
+    parts.append("}")
+    return "".join(parts)
+
+
+def _json_pair(item: Any) -> str:
+    """A record inside a sub-plan's log: ``[effect, event]`` with groups inline."""
+    if type(item) is ResumeMarker:
+        return _dumps({"resumed": item.at})
+    return "[" + _json_atoms(item[0]) + "," + _json_atoms(item[1]) + "]"
 
 
 def encode_header(header: LogHeader) -> str:
-    return _dumps(
+    return json.dumps(
         {
             "stroma_log": header.format,
             "run_id": header.run_id,
@@ -426,36 +573,310 @@ def encode_header(header: LogHeader) -> str:
             "version": header.version,
             "started_at": header.started_at,
             "config": header.config,
-        }
+        },
+        separators=(",", ":"), ensure_ascii=False, default=repr,
     )
 
 
 def encode_partial(index: int, child: int, call: Any, outcome: Any) -> str:
     """A fan-out child that finished before its group: ``{"i":k,"partial":j,...}``."""
-    return _dumps({"i": index, "partial": child, "effect": _enc(call), "event": _enc(outcome)})
+    call_atoms = call if type(call) is tuple else encode_effect(call)
+    outcome_atoms = outcome if type(outcome) is tuple else encode_event(outcome)
+    return (f'{{"i":{index},"partial":{child},"effect":' + _json_atoms(call_atoms)
+            + ',"event":' + _json_atoms(outcome_atoms) + "}")
 
 
-def encode_record(index: int, record: Record) -> list[str]:
-    """The JSON lines of one record (one line, or 1 + n for a parallel group)."""
-    if isinstance(record, ResumeMarker):
-        obj: dict[str, Any] = {"i": index, "resumed": record.at}
-        if record.restart is not None:
-            obj["restart"] = record.restart
-        return [_dumps(obj)]
-    effect, event = record
-    if isinstance(effect, fx.CallParallel):
-        assert isinstance(event, fx.ParallelReturned) or event is None
-        head = _enc(effect)
-        head["n"] = len(effect.calls)
-        lines = [_dumps({"i": index, "effect": head, "event": _enc(event)})]
-        outcomes = event.outcomes if event is not None else ()
-        for j, call in enumerate(effect.calls):
-            child_event = outcomes[j] if j < len(outcomes) else None
-            lines.append(
-                _dumps({"i": index, "child": j, "effect": _enc(call), "event": _enc(child_event)})
-            )
+def encode_record(index: int, item: Any) -> list[str]:
+    """The JSON lines of one record's atoms (one line, or 1 + n for a parallel group)."""
+    if type(item) is ResumeMarker:
+        obj: dict[str, Any] = {"i": index, "resumed": item.at}
+        if item.restart is not None:
+            obj["restart"] = item.restart
+        return [json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=repr)]
+    if type(item[0]) is not tuple:
+        item = _record_atoms(item)
+    eff, ev = item[0], item[1]
+    prefix = f'{{"i":{index},"effect":'
+    if eff[0] == "CallParallel":
+        calls = eff[_POS["CallParallel"]["calls"]]
+        head = _json_atoms(eff, skip=("calls",))
+        head = head[:-1] + f',"n":{len(calls)}}}'
+        event = "null" if ev is None else _json_atoms(ev, skip=("outcomes",))
+        lines = [prefix + head + ',"event":' + event + "}"]
+        outcomes = () if ev is None else ev[_POS["ParallelReturned"]["outcomes"]]
+        for j, call in enumerate(calls):
+            outcome = outcomes[j] if j < len(outcomes) else None
+            lines.append(f'{{"i":{index},"child":{j},"effect":' + _json_atoms(call)
+                         + ',"event":' + _json_atoms(outcome) + "}")
         return lines
-    return [_dumps({"i": index, "effect": _enc(effect), "event": _enc(event)})]
+    return [prefix + _json_atoms(eff) + ',"event":' + _json_atoms(ev) + "}"]
+
+
+# --------------------------------------------------------------------- reading lines
+
+
+class _Bad(Exception):
+    """A field of a line is missing or malformed (raised with the field's path)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+
+def _field(obj: dict[str, Any], key: str, path: str) -> Any:
+    if key not in obj:
+        raise _Bad(f"{path}.{key}" if path else key, "missing")
+    return obj[key]
+
+
+def _read_datetime(value: Any, path: str) -> datetime:
+    if type(value) is not str:
+        raise _Bad(path, f"expected an ISO 8601 time, found {_shown(value)}")
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Bad(path, f"not an ISO 8601 time: {_shown(value)}") from None
+    if at.tzinfo is None:
+        raise _Bad(path, f"the time {value!r} has no UTC offset")
+    return at
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _read(kind: str, value: Any, path: str, run_id: str) -> Any:
+    if kind == _S:
+        if type(value) is not str:
+            raise _Bad(path, f"expected a string, found {_shown(value)}")
+        return value
+    if kind == _OS:
+        return None if value is None else _read(_S, value, path, run_id)
+    if kind == _I:
+        if not _is_int(value) or value < 0:
+            raise _Bad(path, f"expected a non-negative integer, found {_shown(value)}")
+        return value
+    if kind == _OI:
+        return None if value is None else _read(_I, value, path, run_id)
+    if kind == _F:
+        if type(value) not in (int, float):
+            raise _Bad(path, f"expected a number, found {_shown(value)}")
+        return float(value)
+    if kind == _B:
+        if type(value) is not bool:
+            raise _Bad(path, f"expected true or false, found {_shown(value)}")
+        return value
+    if kind == _DT:
+        return _read_datetime(value, path)
+    if kind == _ODT:
+        return None if value is None else _read_datetime(value, path)
+    if kind == _ST:
+        if not isinstance(value, dict):
+            raise _Bad(path, f"expected a state (a JSON object), found {_shown(value)}")
+        return _json_text(value)
+    if kind == _OST:
+        return None if value is None else _read(_ST, value, path, run_id)
+    if kind == _OUTPUT:
+        return (_json_text(value), None)
+    if kind in (_ER, _OER):
+        if value is None and kind == _OER:
+            return None
+        if not isinstance(value, dict):
+            raise _Bad(path, f"expected an error {{\"type_names\": [...], \"message\": "
+                             f"...}}, found {_shown(value)}")
+        names = _field(value, "type_names", path)
+        if not isinstance(names, list) or not all(type(n) is str for n in names):
+            raise _Bad(f"{path}.type_names", f"expected a list of class names, found "
+                                             f"{_shown(names)}")
+        return ("ErrorInfo", tuple(names), _read(_S, _field(value, "message", path),
+                                                 f"{path}.message", run_id))
+    if kind in (_CL, _OCL):
+        if value is None and kind == _OCL:
+            return None
+        if value not in FailureClass.__members__:
+            raise _Bad(path, f"expected a failure class ({', '.join(FailureClass)}), found "
+                             f"{_shown(value)}")
+        return value
+    if kind == _STATUS:
+        if value not in RunStatus.__members__:
+            raise _Bad(path, f"expected a run status ({', '.join(RunStatus)}), found "
+                             f"{_shown(value)}")
+        return value
+    if kind == _INTS:
+        if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
+            raise _Bad(path, f"expected a list of non-negative integers, found "
+                             f"{_shown(value)}")
+        return tuple(value)
+    if kind == _ANSWERS:
+        if not isinstance(value, list) or not all(v is None or type(v) is str for v in value):
+            raise _Bad(path, f"expected a list of answers, found {_shown(value)}")
+        return tuple(value)
+    if kind == _CALLS:
+        if not isinstance(value, list):
+            raise _Bad(path, f"expected a list of calls, found {_shown(value)}")
+        return tuple(_read_obj(v, f"{path}[{k}]", run_id, _CHILD_EFFECTS)
+                     for k, v in enumerate(value))
+    if kind == _OUTCOMES:
+        if not isinstance(value, list):
+            raise _Bad(path, f"expected a list of outcomes, found {_shown(value)}")
+        return tuple(_read_obj(v, f"{path}[{k}]", run_id, _OUTCOME_EVENTS)
+                     for k, v in enumerate(value))
+    if kind == _RECORDS:
+        if not isinstance(value, list):
+            raise _Bad(path, f"expected a list of records, found {_shown(value)}")
+        return tuple(_read_pair(v, f"{path}[{k}]", run_id) for k, v in enumerate(value))
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _read_pair(value: Any, path: str, run_id: str) -> Any:
+    if isinstance(value, dict) and "resumed" in value:
+        return ResumeMarker(_read(_S, value["resumed"], f"{path}.resumed", run_id))
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Bad(path, f"expected a record [effect, event], found {_shown(value)}")
+    eff = _read_obj(value[0], f"{path}[0]", run_id, _EFFECTS)
+    ev = None if value[1] is None else _read_obj(value[1], f"{path}[1]", run_id, _EVENTS)
+    return (eff, ev)
+
+
+def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tuple[Any, ...]:
+    """An effect or event written as a JSON object, read and checked into its atoms."""
+    if not isinstance(value, dict):
+        raise _Bad(path, f"expected a JSON object, found {_shown(value)}")
+    name = value.get("t")
+    if name not in allowed:
+        raise _Bad(f"{path}.t", f"expected one of {', '.join(sorted(allowed))}, found "
+                                f"{_shown(name)}")
+    if name == "RecordAttempt" and "event" in value:  # format 1: a nested trace event
+        value = _field(value, "event", path)
+        if not isinstance(value, dict):
+            raise _Bad(f"{path}.event", f"expected a trace event, found {_shown(value)}")
+        path = f"{path}.event"
+    atoms: list[Any] = [name]
+    for f, kind in _SPEC[name]:
+        if f not in value:
+            if kind in (_RECORDS, _CALLS, _OUTCOMES) or (f, name) in _V1_ABSENT:
+                # A group's calls and outcomes are on the child lines that follow it.
+                atoms.append(_V1_DEFAULT.get((f, name), () if kind in (
+                    _RECORDS, _CALLS, _OUTCOMES) else None))
+                continue
+            raise _Bad(f"{path}.{f}", "missing")
+        atoms.append(_read(kind, value[f], f"{path}.{f}", run_id))
+    if name == "NodeReturned" and "valid" in value:
+        valid = _read(_S, value["valid"], f"{path}.valid", run_id)
+        k = _POS["NodeReturned"]["output"]
+        atoms[k] = (atoms[k][0], valid)
+    if name == "FailureClassified" and "failure" in value and "answers" not in value:
+        failure = _read(_OCL, value["failure"], f"{path}.failure", run_id)  # format 1
+        atoms[1] = (failure,)
+    return tuple(atoms)
+
+
+# Fields a format 1 log does not have, and what they read as.
+_V1_ABSENT = {
+    ("indices", "CallParallel"), ("deadline_passed", "ParallelReturned"),
+    ("timeout_ms", "FireHook"),
+    ("answers", "FailureClassified"), ("schema", "SaveCheckpoint"),
+}
+_V1_DEFAULT: dict[tuple[str, str], Any] = {
+    ("deadline_passed", "ParallelReturned"): False,
+    ("answers", "FailureClassified"): (),
+    ("indices", "CallParallel"): (),
+}
+
+
+def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str, Any] | None:
+    try:
+        obj = from_json(line)
+    except ValueError:
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            if last:
+                return None
+            raise LogCorrupted(source, f"line {line_no}: not JSON: {line[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise LogCorrupted(source, f"line {line_no}: expected a JSON object, found {line[:80]!r}")
+    return obj
+
+
+def _parse_header(line: str, source: str) -> LogHeader:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        raise LogCorrupted(source, f"line 1: the header is not JSON: {line[:80]!r}") from None
+    if not isinstance(obj, dict) or "stroma_log" not in obj:
+        raise LogCorrupted(source, "line 1: not a stroma effect log header")
+    if obj["stroma_log"] not in _READABLE or type(obj["stroma_log"]) is not int:
+        raise LogCorrupted(
+            source,
+            f"log format version {obj['stroma_log']!r}, this stroma reads versions "
+            f"{', '.join(map(str, _READABLE))}: replay it with the stroma version that wrote it",
+        )
+    try:
+        for key, kind in (("run_id", str), ("plan", str), ("version", str),
+                          ("started_at", str)):
+            if type(obj.get(key)) is not kind:
+                raise _Bad(key, f"expected a string, found {_shown(obj.get(key))}")
+        if type(obj.get("seed")) is not int:
+            raise _Bad("seed", f"expected an integer, found {_shown(obj.get('seed'))}")
+        _read_datetime(obj["started_at"], "started_at")
+        config = obj.get("config") or {}
+        if not isinstance(config, dict):
+            raise _Bad("config", f"expected an object, found {_shown(config)}")
+    except _Bad as bad:
+        raise LogCorrupted(source, f"line 1: header field {bad.path}: {bad.problem}") from None
+    return LogHeader(
+        run_id=obj["run_id"], plan=obj["plan"], seed=obj["seed"], version=obj["version"],
+        started_at=obj["started_at"], config=dict(config), format=obj["stroma_log"],
+    )
+
+
+def _upgrade_v1(items: list[Any]) -> None:
+    """Format 1 records in format 2 terms, in place: a successful RecordAttempt followed
+    by its SaveCheckpoint becomes a Commit (with the checkpoint's schema), the
+    SavedCheckpoint record staying for replay to pass over; a success whose checkpoint
+    record was not written (a crash between the two) is dropped, as a torn tail is; a
+    group's children are numbered and 'finished' in argument order (format 1 decided the
+    first failure in argument order). Sub-plans' records are upgraded too."""
+    k = 0
+    while k < len(items):
+        item = items[k]
+        if type(item) is ResumeMarker:
+            k += 1
+            continue
+        eff, ev = item
+        if eff[0] == "RecordAttempt" and eff[8] is None and eff[6] is not None:
+            nxt = items[k + 1] if k + 1 < len(items) else None
+            if nxt is None:
+                del items[k:]
+                return
+            if type(nxt) is not ResumeMarker and nxt[0][0] == "SaveCheckpoint" \
+                    and nxt[0][1] == eff[1]:
+                _, node_id, run_id, attempt, at, inp, out, ms, _, _ = eff
+                # (no schema: format 1 named derived schemas by a counter of the process)
+                items[k] = (("Commit", node_id, run_id, attempt, at, inp, out, ms, None), None)
+        elif eff[0] == "CallParallel":
+            calls = eff[3]
+            if not eff[7]:
+                eff = (*eff[:7], tuple(range(len(calls))))
+            if ev is not None and ev[0] == "ParallelReturned":
+                ev = (*ev[:3], tuple(_upgrade_outcome(o) for o in ev[3]), ev[4])
+            items[k] = (eff, ev)
+        k += 1
+
+
+def _upgrade_outcome(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
+    if outcome[0] != "PlanFinished":
+        return outcome
+    records = list(outcome[9])
+    _upgrade_v1(records)
+    return (*outcome[:9], tuple(records))
 
 
 # ------------------------------------------------------------------------------- log
@@ -468,9 +889,9 @@ class EffectLog:
 
     def __init__(self, header: LogHeader, records: Iterable[Record] = ()) -> None:
         self.header = header
-        self._records = RecordList(records)
+        self._records = records if type(records) is RecordList else RecordList(records)
         # Fan-out children that finished before their group did, as
-        # (record index of the group, child index, call, outcome), in the order written.
+        # (record index of the group, child index, call, outcome).
         self.partials: list[tuple[int, int, Any, Any]] = []
 
     @property
@@ -479,10 +900,11 @@ class EffectLog:
 
     @records.setter
     def records(self, value: Iterable[Record]) -> None:
-        self._records = RecordList(value)
+        self._records = value if type(value) is RecordList else RecordList(value)
 
     def pending_children(self) -> dict[int, tuple[Any, Any]]:
-        """Children of the group in flight when the log ends (a crash inside a fan-out)."""
+        """Children of the group in flight when the log ends (a crash inside a fan-out),
+        by child index: (call, outcome)."""
         k = len(self.records)
         return {j: (call, outcome) for i, j, call, outcome in self.partials if i == k}
 
@@ -497,6 +919,8 @@ class EffectLog:
             return NotImplemented
         return self.to_jsonl() == other.to_jsonl()
 
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return f"EffectLog(run_id={self.header.run_id!r}, records={len(self.records)})"
 
@@ -505,31 +929,32 @@ class EffectLog:
     @property
     def finish(self) -> fx.Finish | None:
         """The Finish record of a run that ended, else None (a run cut short)."""
-        for rec in reversed(self.records):
-            if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.Finish):
-                return rec[0]
-            break
+        items = self.records.items
+        if items and type(items[-1]) is not ResumeMarker and items[-1][0][0] == "Finish":
+            finish: fx.Finish = decode_effect(items[-1][0])
+            return finish
         return None
 
     def trace(self) -> ExecutionTrace:
-        """The trace is a fold over the log: the machine's RecordAttempt records, in order."""
-        return ExecutionTrace.from_events(
-            [rec[0].event for rec in self.records
-             if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.RecordAttempt)]
+        """The trace is a fold over the log: the attempts' records (Commit and
+        RecordAttempt), in order."""
+        return ExecutionTrace.from_records(
+            [x for x in self.records.items if is_attempt(x)], trace_of
         )
 
     def completed_nodes(self) -> list[str]:
-        """Ids of the steps whose checkpoint was saved, in order."""
-        return [rec[0].node_id for rec in self.records
-                if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.SaveCheckpoint)
-                and rec[1] is not None]
+        """Ids of the steps whose checkpoint was committed, in order."""
+        return [x[0][1] for x in self.records.items
+                if type(x) is not ResumeMarker and x[0][0] == "Commit"]
 
     # -- text
 
     def lines(self) -> list[str]:
         out = [encode_header(self.header)]
-        for i, rec in enumerate(self.records):
-            out.extend(encode_record(i, rec))
+        texts = self.records.texts
+        for i, item in enumerate(self.records.items):
+            original = texts.get(i)
+            out.extend(original if original is not None else encode_record(i, item))
         # A finished group's record holds all its children in argument order, so its
         # partials (in completion order) are left out: the text stays deterministic. Only
         # the children of a group still in flight (a crash inside a fan-out) are written.
@@ -551,6 +976,8 @@ class EffectLog:
                 if e.start == 0 or b"\n" in raw[e.start :]:
                     raise LogCorrupted(source, f"not UTF-8 text at byte {e.start}") from None
                 text = raw[: e.start].decode("utf-8")
+        if not isinstance(text, str):
+            raise LogCorrupted(source, f"expected the log's text, found {type(text).__name__}")
         raw_lines = text.split("\n")
         complete = raw_lines[:-1]  # what precedes the last newline
         tail = raw_lines[-1]  # text after the last newline: a torn line, or ""
@@ -564,104 +991,114 @@ class EffectLog:
         if not lines:
             raise LogCorrupted(source, "the log is empty: it has no header line")
         header = _parse_header(lines[0], source)
-        records: list[Record] = []
+        run_id = header.run_id
+        v1 = header.format == 1
+        records = RecordList()
+        items = records.items
         partials: list[tuple[int, int, Any, Any]] = []
         n = len(lines)
         line_no = 1
         while line_no < n:
-            obj = _parse_line(lines[line_no], source, line_no + 1, last=line_no == n - 1
+            line = lines[line_no]
+            obj = _parse_line(line, source, line_no + 1, last=line_no == n - 1
                               and not torn_tail)
             if obj is None:  # torn last line
                 break
             try:
-                index = obj["i"]
-                if "partial" in obj and index == len(records):
-                    partials.append((index, int(obj["partial"]), _dec(obj["effect"]),
-                                     _dec(obj["event"])))
+                index = obj.get("i")
+                if not _is_int(index):
+                    raise _Bad("i", f"expected the record's index, found {_shown(index)}")
+                if "partial" in obj and index == len(items):
+                    child = _read(_I, obj["partial"], "partial", run_id)
+                    partials.append((
+                        index, child,
+                        decode_effect(_read_obj(_field(obj, "effect", ""), "effect", run_id,
+                                                _CHILD_EFFECTS)),
+                        decode_event(_read_obj(_field(obj, "event", ""), "event", run_id,
+                                               _OUTCOME_EVENTS)),
+                    ))
                     line_no += 1
                     continue
-                if index != len(records):
+                if index != len(items):
                     raise LogCorrupted(
                         source, f"line {line_no + 1}: record index {index} out of sequence "
-                        f"(expected {len(records)})"
+                        f"(expected {len(items)})"
                     )
                 if "resumed" in obj:
+                    at = _read(_S, obj["resumed"], "resumed", run_id)
                     restart = obj.get("restart")
                     if restart is not None and not isinstance(restart, dict):
-                        raise LogCorrupted(source, f"line {line_no + 1}: bad restart record")
-                    records.append(ResumeMarker(str(obj["resumed"]), restart))
+                        raise _Bad("restart", f"expected an object, found {_shown(restart)}")
+                    records.append(ResumeMarker(at, restart))
+                    if v1:
+                        records.texts[index] = [line]
                     line_no += 1
                     continue
-                effect = _dec(obj["effect"])
-                event = _dec(obj["event"])
-                if isinstance(effect, fx.CallParallel):
-                    count = int(obj["effect"]["n"])
-                    children: list[tuple[Any, Any]] = []
+                effect = _read_obj(_field(obj, "effect", ""), "effect", run_id, _EFFECTS)
+                raw_event = _field(obj, "event", "")
+                event = (None if raw_event is None
+                         else _read_obj(raw_event, "event", run_id, _EVENTS))
+                used = [line]
+                if effect[0] == "CallParallel":
+                    count = _read(_I, _field(obj["effect"], "n", "effect"), "effect.n", run_id)
+                    calls: list[Any] = []
+                    outcomes: list[Any] = []
                     j = line_no + 1
-                    while j < n and len(children) < count:
+                    while j < n and len(calls) < count:
                         child = _parse_line(lines[j], source, j + 1,
                                             last=j == n - 1 and not torn_tail)
                         if child is None:
                             break
-                        if child.get("i") != index or child.get("child") != len(children):
+                        if child.get("i") != index or child.get("child") != len(calls):
                             raise LogCorrupted(
-                                source, f"line {j + 1}: expected child {len(children)} of "
+                                source, f"line {j + 1}: expected child {len(calls)} of "
                                 f"the parallel group on line {line_no + 1}"
                             )
-                        children.append((_dec(child["effect"]), _dec(child["event"])))
+                        try:
+                            calls.append(_read_obj(_field(child, "effect", ""), "effect",
+                                                   run_id, _CHILD_EFFECTS))
+                            raw_outcome = _field(child, "event", "")
+                            if raw_outcome is not None:
+                                outcomes.append(_read_obj(raw_outcome, "event", run_id,
+                                                          _OUTCOME_EVENTS))
+                        except _Bad as bad:
+                            raise LogCorrupted(
+                                source, f"line {j + 1}: field {bad.path}: {bad.problem}"
+                            ) from None
+                        used.append(lines[j])
                         j += 1
-                    if len(children) < count:
+                    if len(calls) < count:
                         break  # the group was cut short by a crash: a torn tail
-                    effect = attrs.evolve(effect, calls=tuple(c for c, _ in children))
+                    effect = (*effect[:3], tuple(calls), *effect[4:])
                     if event is not None:
-                        event = attrs.evolve(event, outcomes=tuple(e for _, e in children))
-                    records.append((effect, event))
+                        if event[0] != "ParallelReturned" or len(outcomes) != count:
+                            raise _Bad("event", "a group's answer must be a ParallelReturned "
+                                                "with an outcome per child")
+                        event = (*event[:3], tuple(outcomes), *event[4:])
+                    items.append((effect, event))
+                    if v1:
+                        records.texts[index] = used
                     line_no = j
                     continue
-                records.append((effect, event))
+                items.append((effect, event))
+                if v1:
+                    records.texts[index] = used
+            except _Bad as bad:
+                raise LogCorrupted(
+                    source, f"line {line_no + 1}: field {bad.path}: {bad.problem}"
+                ) from None
             except LogCorrupted:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError,
-                    RecursionError) as e:
+                    RecursionError, IndexError) as e:
                 raise LogCorrupted(
                     source, f"line {line_no + 1}: not a valid record ({type(e).__name__}: {e})"
                 ) from None
             line_no += 1
+        if v1:
+            _upgrade_v1(items)
+            for k in [k for k in records.texts if k >= len(items)]:
+                del records.texts[k]
         log = cls(header, records)
         log.partials = partials
         return log
-
-
-def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):
-        if last:
-            return None
-        raise LogCorrupted(source, f"line {line_no}: not JSON: {line[:80]!r}") from None
-    if not isinstance(obj, dict):
-        raise LogCorrupted(source, f"line {line_no}: expected a JSON object, found {line[:80]!r}")
-    return obj
-
-
-def _parse_header(line: str, source: str) -> LogHeader:
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):
-        raise LogCorrupted(source, f"line 1: the header is not JSON: {line[:80]!r}") from None
-    if not isinstance(obj, dict) or "stroma_log" not in obj:
-        raise LogCorrupted(source, "line 1: not a stroma effect log header")
-    if obj["stroma_log"] != FORMAT_VERSION:
-        raise LogCorrupted(
-            source,
-            f"log format version {obj['stroma_log']!r}, this stroma reads version "
-            f"{FORMAT_VERSION}: replay it with the stroma version that wrote it",
-        )
-    try:
-        return LogHeader(
-            run_id=str(obj["run_id"]), plan=str(obj["plan"]), seed=int(obj["seed"]),
-            version=str(obj["version"]), started_at=str(obj["started_at"]),
-            config=dict(obj.get("config") or {}),
-        )
-    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
-        raise LogCorrupted(source, f"line 1: header field missing or wrong: {e}") from None

@@ -5,55 +5,68 @@ Theory of operation
 ``start(plan, initial_state, config)`` gives the first ``RunState`` and effects;
 ``advance(state, event)`` takes the event that answered the last effect and gives the
 next state and effects. The machine never performs anything: interpreters do, and feed
-back what happened. Time, durations, node outputs, exceptions and what user classifiers
-said only ever arrive as event fields; jitter comes from a PRNG whose seed is in the
-config (and the log header), so the same events always give the same effects.
+back what happened. Time, durations, node outputs, exceptions, what user classifiers
+answered and where a crashed run was picked up again only ever arrive as event fields;
+jitter comes from a PRNG whose seed is in the config (and the log header), so the same
+events always give the same effects. A live run and its replay are the same calls of
+``advance``: replay only takes the events from the log.
 
-The state's ``phase`` says which event it waits for:
+The state's ``phase`` (a ``Phase``) says which event it waits for:
 
-========== ============================ =========================================
-phase      waits for (answering ...)    then
-========== ============================ =========================================
-load       CheckpointLoaded             begin the resume step, or PARTIAL
-hook_start HookFired (FireHook start)   CallNode / CallParallel
-call       NodeReturned | NodeRaised    success: RecordAttempt, SaveCheckpoint, then
-           | ParallelReturned           FireHook success or the next step's effects
-                                        failure: ClassifyFailure or classified
-classify   FailureClassified            RecordAttempt, FireHook failure or decide
-hook_fail  HookFired (FireHook failure) decide: Finish, Sleep or next attempt
-sleep      Slept                        next attempt
-hook_ok    HookFired (FireHook success) the next step
-done       nothing                      (a Finish was emitted)
-========== ============================ =========================================
+=========== ================================= =========================================
+phase       waits for (answering ...)         then
+=========== ================================= =========================================
+LOAD        CheckpointLoaded                  begin the resume step, or PARTIAL
+HOOK_START  HookFired (FireHook start)        CallNode / CallParallel
+CALL        NodeReturned | NodeRaised         success: Commit, then FireHook success or
+            | ParallelReturned                the next step's effects; failure:
+                                              ClassifyFailure, or classified at once
+CLASSIFY    FailureClassified                 RecordAttempt, FireHook failure or decide
+HOOK_FAIL   HookFired (FireHook failure)      decide: Finish, Sleep or the next attempt
+SLEEP       Slept                             the next attempt
+HOOK_OK     HookFired (FireHook success)      the next step
+CHOOSE      BranchChosen                      the branch's arm
+DONE        nothing                           (a Finish was emitted)
+=========== ================================= =========================================
 
-The effects of one step come as a list, performed in order: ``RecordAttempt`` and
-``Finish`` need no answer; ``SaveCheckpoint`` is answered (``CheckpointSaved``, kept in
-the log) but the machine does not wait for it, since nothing it decides depends on it:
-it is performed before the effects that follow it, so a node's checkpoint is saved
-before the next node starts. The last effect of a list is the one whose answer the
-machine waits for, unless the list ends with ``Finish``.
+In every phase but DONE the machine also takes ``Resumed``: the log of a crashed run
+ended there, and the effects it had not recorded (``Resumed.pending``) are performed
+live; the machine answers with them as they must be performed now (a Finish says
+RESUMED, a node gets its input), and the run's status becomes RESUMED.
+
+The effects of one step come as a list, performed in order. ``Commit``,
+``RecordAttempt`` and ``Finish`` need no answer; the last effect of a list is the one
+whose answer the machine waits for, unless the list ends with ``Finish``. A node's
+success is one transition: ``Commit`` (its trace record and checkpoint, durable
+together) and the next node's ``CallNode``; the checkpoint is committed before the next
+node starts.
 
 An attempt begins with two checks: a budget already spent stops the run (PARTIAL, and
 the trace says why) before the node starts; an input that breaks the contract fails the
 attempt without calling the node (after the start hook, which every attempt that is not a
-budget stop gets). The run is over when the effects contain ``Finish``.
-Running totals are kept in the state, never recomputed from history, so a step costs the
-same at node 10 and at node 10,000. Hook errors are recorded and change nothing.
+budget stop gets). A node that returns after its timeout has timed out all the same (a
+node that blocks the event loop cannot be cancelled, only caught when it returns). An
+output that keeps its contract but cannot be written as JSON fails the attempt
+(``StateNotSerializable``). Running totals are kept in the state, never recomputed from
+history, so a step costs the same at node 10 and at node 10,000. Hook errors are
+recorded and change nothing.
 
-The plain lane. In a plain run (no budget, hooks, fallbacks or timeout overrides) a node
-that returns a dict which keeps its contract has one possible outcome, and
-``plain_returned`` is that decision; ``advance`` uses it too, so the two cannot differ.
-An interpreter may call it directly and perform the effects it implies (record, save,
-call the next node) without making them into objects; its log then holds one compact row
-per node (``stroma.log``), which reads back as exactly the records ``advance`` emits.
-``skip_plain`` is the replay side: a recorded chain of such rows is checked against the
-plan in one go (node ids, attempts, how each node follows the last; the contracts are
-covered by the plan fingerprint, checked before replay starts) and only the last output
-is validated again, instead of one ``advance`` per node.
+Groups (``parallel``, ``map_each``) are one step: one ``CallParallel`` with a call per
+child, answered by one ``ParallelReturned`` with every child's outcome. The first child
+that failed (in argument order) fails the group's attempt; children
+that succeeded are kept, so a retry of the group runs only the others, and a sub-plan
+child that was cancelled goes on from its own log. A sub-plan child that ran out of its
+own retries (or failed terminally) ends the group without a group retry: its nodes'
+retries are counted once over the whole run.
+
+The state of a run need not be a model at every step: after a replayed success it is
+the output's JSON text (``state_json``) and its schema, made into a model only where a
+decision needs one (a group's children, a branch, the end of the run, going live).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -63,42 +76,65 @@ from pydantic import BaseModel, ValidationError
 
 from stroma import effects as fx
 from stroma.contracts import ContractViolation
-from stroma.cost import (
-    BudgetExceeded,
-    ExecutionBudget,
-    FallbackPolicy,
-    estimate_cost_usd,
-    fallback_for,
-)
+from stroma.cost import BudgetExceeded, ExecutionBudget, FallbackPolicy, estimate_cost_usd
+from stroma.cost import fallback_for as _fallback_for
 from stroma.errors import StromaError
-from stroma.failures import FailureClass, builtin_class_for_names, default_policy_map
+from stroma.failures import (
+    FailureClass,
+    FailurePolicy,
+    builtin_class_for_names,
+    decide_class,
+    resolve_policy,
+)
 from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan
+from stroma.schemas import serialization_problem, state_json
 from stroma.trace import RunStatus
 
 __all__ = (
+    "DEFAULT_HOOK_TIMEOUT_MS",
     "Attempt",
+    "GroupProgress",
     "MachineConfig",
     "Out",
+    "Phase",
+    "PolicyTable",
     "RunState",
     "UnexpectedEvent",
     "advance",
-    "continue_plain",
+    "child_fails",
     "error_info",
-    "finish_effect",
-    "mark_resumed",
-    "plain_returned",
-    "skip_plain",
     "start",
 )
 
 _MASK = (1 << 64) - 1
-_DEFAULTS = tuple(
-    (cls, pol.max_retries, pol.backoff_seconds) for cls, pol in default_policy_map().items()
-)
+DEFAULT_HOOK_TIMEOUT_MS = 10_000
+"""How long a hook may run before it is cancelled (a hook error that changes nothing)."""
 
 
 class UnexpectedEvent(StromaError, ValueError):
     """An event arrived that the machine was not waiting for (a broken interpreter or log)."""
+
+
+class Phase(enum.Enum):
+    """What the machine waits for (see the table in the module's docstring)."""
+
+    LOAD = "load"
+    HOOK_START = "hook_start"
+    CALL = "call"
+    CLASSIFY = "classify"
+    HOOK_FAIL = "hook_fail"
+    SLEEP = "sleep"
+    HOOK_OK = "hook_ok"
+    CHOOSE = "choose"
+    NEXT = "next"  # between steps, inside one transition (never waited in)
+    DONE = "done"
+
+
+PolicyTable = tuple[tuple[FailureClass, int, float], ...]
+
+
+def _policies(table: PolicyTable) -> dict[FailureClass, FailurePolicy]:
+    return {c: FailurePolicy(max_retries=r, backoff_seconds=b) for c, r, b in table}
 
 
 @attrs.frozen
@@ -111,51 +147,44 @@ class MachineConfig:
     max_tokens: int | None = None
     max_cost_usd: float | None = None
     max_latency_ms: int | None = None
-    policy_map: tuple[tuple[FailureClass, int, float], ...] = ()
+    policy_map: PolicyTable = ()
     custom_classifiers: bool = False
     hooks: frozenset[str] = frozenset()
     fallbacks: tuple[FallbackPolicy, ...] = attrs.field(default=(), eq=False)
     declared_model: str | None = None
     resume_from: str | None = None
     node_timeouts: dict[str, int] = attrs.field(factory=dict, hash=False)
-    node_policies: dict[str, tuple[tuple[FailureClass, int, float], ...]] = attrs.field(
-        factory=dict, hash=False
-    )
+    node_policies: dict[str, PolicyTable] = attrs.field(factory=dict, hash=False)
+    hook_timeout_ms: int | None = DEFAULT_HOOK_TIMEOUT_MS
     # Totals already spent before this run starts (a middleware context's earlier steps):
     # the run's running totals start here, so budgets and fallbacks see the cumulative spend.
     base_tokens: int = 0
     base_cost_usd: float = 0.0
     base_latency_ms: int = 0
 
-    # Derived once: whether any budget is set, and whether the run is "plain" (no budget,
-    # hooks, model fallbacks or timeout overrides), which lets a node's success go
-    # straight to the next node's call.
-    budgeted: bool = attrs.field(init=False, eq=False, repr=False)
-    plain: bool = attrs.field(init=False, eq=False, repr=False)
+    # Derived once: the budget (None without limits) and the policies as FailurePolicy
+    # values, which is what ``resolve_policy`` takes.
     budget: ExecutionBudget | None = attrs.field(init=False, eq=False, repr=False)
+    policies: dict[FailureClass, FailurePolicy] = attrs.field(init=False, eq=False, repr=False)
+    per_node: dict[str, dict[FailureClass, FailurePolicy]] = attrs.field(
+        init=False, eq=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         budgeted = not (self.max_tokens is None and self.max_cost_usd is None
                         and self.max_latency_ms is None)
-        object.__setattr__(self, "budgeted", budgeted)
         object.__setattr__(self, "budget", ExecutionBudget(
             max_tokens_total=self.max_tokens, max_cost_usd=self.max_cost_usd,
             max_latency_ms=self.max_latency_ms,
         ) if budgeted else None)
-        object.__setattr__(
-            self, "plain",
-            not (budgeted or self.hooks or self.fallbacks or self.node_timeouts),
-        )
+        object.__setattr__(self, "policies", _policies(self.policy_map))
+        object.__setattr__(self, "per_node", {
+            k: _policies(v) for k, v in self.node_policies.items()
+        })
 
     def to_json(self) -> dict[str, Any]:
         """The decision-making part of the config, for the log header."""
-        data = self._to_json()
-        if self.base_tokens or self.base_cost_usd or self.base_latency_ms:
-            data["base"] = [self.base_tokens, self.base_cost_usd, self.base_latency_ms]
-        return data
-
-    def _to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "budget": [self.max_tokens, self.max_cost_usd, self.max_latency_ms],
             "policy_map": [[c.value, r, b] for c, r, b in self.policy_map],
             "node_policies": {
@@ -170,75 +199,125 @@ class MachineConfig:
             "model": self.declared_model,
             "resume_from": self.resume_from,
         }
+        if self.hook_timeout_ms != DEFAULT_HOOK_TIMEOUT_MS:
+            data["hook_timeout_ms"] = self.hook_timeout_ms
+        if self.base_tokens or self.base_cost_usd or self.base_latency_ms:
+            data["base"] = [self.base_tokens, self.base_cost_usd, self.base_latency_ms]
+        return data
 
     @classmethod
     def from_json(
         cls, data: Mapping[str, Any], *, run_id: str, seed: int, started_at: datetime
     ) -> MachineConfig:
-        def table(rows: Any) -> tuple[tuple[FailureClass, int, float], ...]:
-            return tuple((FailureClass(c), int(r), float(b)) for c, r, b in rows)
+        """The config a log header recorded (see ``to_json``). A value of the wrong shape
+        raises TypeError, ValueError or KeyError (the log reader makes it LogCorrupted)."""
+
+        def table(rows: Any) -> PolicyTable:
+            return tuple((FailureClass(c), _count(r), _seconds(b)) for c, r, b in rows)
 
         tokens, cost, latency = data.get("budget") or [None, None, None]
         base_tokens, base_cost, base_latency = data.get("base") or [0, 0.0, 0]
+        hook_timeout = data.get("hook_timeout_ms", DEFAULT_HOOK_TIMEOUT_MS)
         return cls(
             run_id=run_id,
             seed=seed,
             started_at=started_at,
-            max_tokens=tokens,
-            max_cost_usd=cost,
-            max_latency_ms=latency,
+            max_tokens=None if tokens is None else _count(tokens),
+            max_cost_usd=None if cost is None else _seconds(cost),
+            max_latency_ms=None if latency is None else _count(latency),
             policy_map=table(data.get("policy_map") or ()),
             custom_classifiers=bool(data.get("classifiers")),
-            hooks=frozenset(data.get("hooks") or ()),
+            hooks=frozenset(_text(h) for h in data.get("hooks") or ()),
             fallbacks=tuple(
-                FallbackPolicy(preferred_model=p, fallback_model=f, at_budget_pct=pct)
+                FallbackPolicy(preferred_model=_text(p), fallback_model=_text(f),
+                               at_budget_pct=_seconds(pct))
                 for p, f, pct in data.get("fallbacks") or ()
             ),
-            declared_model=data.get("model"),
-            resume_from=data.get("resume_from"),
-            node_timeouts={k: int(v) for k, v in (data.get("node_timeouts") or {}).items()},
-            node_policies={k: table(v) for k, v in (data.get("node_policies") or {}).items()},
-            base_tokens=int(base_tokens),
-            base_cost_usd=float(base_cost),
-            base_latency_ms=int(base_latency),
+            declared_model=_text_or_none(data.get("model")),
+            resume_from=_text_or_none(data.get("resume_from")),
+            node_timeouts={_text(k): _count(v)
+                           for k, v in (data.get("node_timeouts") or {}).items()},
+            node_policies={_text(k): table(v)
+                           for k, v in (data.get("node_policies") or {}).items()},
+            hook_timeout_ms=None if hook_timeout is None else _count(hook_timeout),
+            base_tokens=_count(base_tokens),
+            base_cost_usd=_seconds(base_cost),
+            base_latency_ms=_count(base_latency),
         )
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a non-negative integer, found {value!r}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if type(value) not in (int, float) or not value >= 0:
+        raise ValueError(f"expected a non-negative number, found {value!r}")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise ValueError(f"expected a string, found {value!r}")
+    return value
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else _text(value)
 
 
 class Attempt(NamedTuple):
     """The attempt in flight: what the trace and a failure need.
 
     A named tuple (immutable, compared by value) because one is made per attempt.
-    ``input_json`` may still be the input model: its JSON form is made only when needed.
+    ``input_json`` is the JSON text of the attempt's input.
     """
 
-    input_json: Any
+    input_json: bytes
     call: Any = None  # fx.CallNode | fx.CallParallel
     started_at: datetime | None = None
     duration_ms: int = 0
     tokens: int = 0
-    output: BaseModel | None = None
-    output_json: dict[str, Any] | None = None
     error: fx.ErrorInfo | None = None
     failure: FailureClass | None = None
+    final: RunStatus | None = None  # a group child that ended the group: how it ended
+
+
+@attrs.frozen
+class GroupProgress:
+    """What a group's earlier attempts achieved: outputs of the children that succeeded
+    (by index) and the logs of sub-plan children that were cancelled midway."""
+
+    outputs: dict[int, Any] = attrs.field(factory=dict)
+    records: dict[int, tuple[tuple[Any, ...], MachineConfig]] = attrs.field(factory=dict)
+
+
+_NO_PROGRESS = GroupProgress()
 
 
 @attrs.frozen(slots=False)
 class RunState:
     plan: Plan
     config: MachineConfig
-    phase: str
+    phase: Phase
     pos: int
     attempt: int
     retries: int
-    state: BaseModel = attrs.field(eq=False)
-    state_json: dict[str, Any]
+    # The current state: its model (None until a decision needs it, after a replayed
+    # success), its JSON text and its schema.
+    state: BaseModel | None = attrs.field(eq=False)
+    state_json: bytes
+    state_type: type[BaseModel]
     tokens: int
     cost_usd: float
     latency_ms: int
     rng: int
-    clock: datetime
+    clock: Any  # datetime, or (started_at, duration_ms) of the last thing that happened
     resumed: bool = False
     current: Attempt | None = None
+    group: GroupProgress = _NO_PROGRESS
 
     @property
     def step(self) -> Any:
@@ -248,7 +327,7 @@ class RunState:
 Out = tuple[RunState, list[Any]]
 
 
-def _next(s: RunState, phase: str, current: Attempt | None, **changes: Any) -> RunState:
+def _next(s: RunState, phase: Phase, current: Attempt | None, **changes: Any) -> RunState:
     """``attrs.evolve`` for the hot path: a copy of the state's fields with some replaced.
 
     RunState keeps its fields in a ``__dict__`` so that this is one C-level dict copy
@@ -267,7 +346,8 @@ def _next(s: RunState, phase: str, current: Attempt | None, **changes: Any) -> R
 # ----------------------------------------------------------------------------- helpers
 
 
-def _error(exc: BaseException) -> fx.ErrorInfo:
+def error_info(exc: BaseException) -> fx.ErrorInfo:
+    """An exception as data, for interpreters building NodeRaised / HookFired events."""
     names = tuple(f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__)
     return fx.ErrorInfo(names, str(exc), exc)
 
@@ -278,6 +358,8 @@ def _validate(
     if type(raw) is schema:
         return raw
     try:
+        if type(raw) is fx.Validated:
+            return schema.model_validate_json(raw.json)
         if isinstance(raw, BaseModel):
             return schema.model_validate(raw, from_attributes=True)
         return schema.model_validate(raw)
@@ -286,13 +368,29 @@ def _validate(
         return ContractViolation(node_id, direction, shown, e.errors(include_url=False))
 
 
-def _policy(state: RunState, step: Any, cls: FailureClass) -> tuple[int, float]:
-    per_node = state.config.node_policies.get(step.step_id, ())
-    for table in (per_node, step.policies, state.config.policy_map, _DEFAULTS):
-        for c, retries, backoff in table:
-            if c is cls or c == cls:
-                return retries, backoff
-    return 0, 0.0
+def _model(s: RunState) -> BaseModel:
+    """The current state as a model (made from its JSON text the first time it is needed)."""
+    if s.state is not None:
+        return s.state
+    return s.state_type.model_validate_json(s.state_json)
+
+
+def _materialized(s: RunState) -> RunState:
+    if s.state is not None:
+        return s
+    return _next(s, s.phase, s.current, state=_model(s))
+
+
+def _policy(s: RunState, step: Any, cls: FailureClass) -> FailurePolicy:
+    """The retry policy for a failure of ``step``: the run's per-node override, the plan's
+    ``with_retry`` for the step, the run's policy map, the defaults (``resolve_policy``)."""
+    c = s.config
+    node_policies = c.per_node
+    if step.policies:
+        mine = _policies(step.policies)
+        mine.update(c.per_node.get(step.step_id, {}))
+        node_policies = {**c.per_node, step.step_id: mine}
+    return resolve_policy(cls, step.step_id, node_policies, c.policies)
 
 
 def _draw(rng: int) -> tuple[int, float]:
@@ -319,10 +417,6 @@ def _now(s: RunState) -> datetime:
     return c if isinstance(c, datetime) else _end(*c)
 
 
-def _state_json(s: RunState) -> dict[str, Any]:
-    return s.state_json if s.state_json is not None else s.state.model_dump(mode="json")
-
-
 def _end(started_at: datetime, duration_ms: int) -> datetime:
     return started_at + timedelta(milliseconds=duration_ms)
 
@@ -330,9 +424,9 @@ def _end(started_at: datetime, duration_ms: int) -> datetime:
 def _finish(s: RunState, status: RunStatus, reason: str | None) -> Out:
     if status is RunStatus.COMPLETED and s.resumed:
         status = RunStatus.RESUMED
-    s = attrs.evolve(s, phase="done", current=None)
+    s = _next(s, Phase.DONE, None)
     return s, [
-        fx.Finish(status, s.state, s.tokens, s.cost_usd, s.latency_ms, reason)
+        fx.Finish(status, _model(s), s.tokens, s.cost_usd, s.latency_ms, reason)
     ]
 
 
@@ -360,8 +454,44 @@ def _fallback_model(s: RunState) -> str | None:
     c = s.config
     if not c.fallbacks or c.max_cost_usd is None:
         return None
-    fb = fallback_for(s.cost_usd, c.budget, c.fallbacks, c.declared_model)
+    fb = _fallback_for(s.cost_usd, c.budget, c.fallbacks, c.declared_model)
     return fb.fallback_model if fb is not None else None
+
+
+def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
+    tokens = ev.input_tokens + ev.output_tokens
+    if not tokens:
+        return 0, 0.0
+    return tokens, estimate_cost_usd(call_model or ev.model, ev.input_tokens, ev.output_tokens)
+
+
+def _json(state: BaseModel) -> bytes | fx.ErrorInfo:
+    """The state's JSON text, or why it cannot be written (a failed attempt)."""
+    try:
+        return state_json(state)
+    except Exception as exc:
+        problem = serialization_problem(state, exc)
+    except RecursionError as exc:
+        problem = serialization_problem(state, exc)
+    return fx.ErrorInfo(
+        ("stroma.errors.StateNotSerializable", "stroma.errors.StromaError",
+         "builtins.Exception", "builtins.BaseException", "builtins.object"),
+        f"the output keeps its contract but cannot be stored: {problem}; return values "
+        "JSON can hold (text, not raw bytes; base64-encode binary data)",
+    )
+
+
+_TIMEOUT_NAMES = ("builtins.TimeoutError", "builtins.OSError", "builtins.Exception",
+                  "builtins.BaseException", "builtins.object")
+
+
+def _timed_out(node_id: str, timeout_ms: int, duration_ms: int) -> fx.ErrorInfo:
+    return fx.ErrorInfo(
+        _TIMEOUT_NAMES,
+        f"node {node_id!r} returned after {duration_ms} ms, past its timeout of "
+        f"{timeout_ms} ms (it blocked the event loop, so it could not be cancelled "
+        "sooner)",
+    )
 
 
 # ------------------------------------------------------------------------------ start
@@ -374,15 +504,19 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
             "initial_state must be a pydantic BaseModel instance (got "
             f"{type(initial_state).__name__}): wrap it, e.g. Input(**data)"
         )
+    text = _json(initial_state)
+    if isinstance(text, fx.ErrorInfo):
+        raise StromaError(f"initial_state: {text.message}")
     s = RunState(
         plan=plan,
         config=config,
-        phase="start",
+        phase=Phase.NEXT,
         pos=0,
         attempt=1,
         retries=0,
         state=initial_state,
-        state_json=initial_state.model_dump(mode="json"),
+        state_json=text,
+        state_type=type(initial_state),
         tokens=config.base_tokens,
         cost_usd=config.base_cost_usd,
         latency_ms=config.base_latency_ms,
@@ -403,8 +537,8 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
              if ins.step_id == target and not isinstance(ins, Choose | Jump))
     before = _unit_before(plan, k)
     if before is None:
-        return _begin_step(attrs.evolve(s, pos=k, resumed=True))
-    s = attrs.evolve(s, phase="load", pos=k, resumed=True)
+        return _begin_step(_next(s, Phase.NEXT, None, pos=k, resumed=True))
+    s = _next(s, Phase.LOAD, None, pos=k, resumed=True)
     return s, [fx.LoadCheckpoint(before.step_id, before.output_schema)]
 
 
@@ -427,8 +561,11 @@ def _on_loaded(s: RunState, ev: fx.CheckpointLoaded) -> Out:
     state = _validate(before.step_id, "output", before.output_schema, ev.state)
     if isinstance(state, ContractViolation):
         return _finish(s, RunStatus.PARTIAL, f"the checkpoint does not fit its contract: {state}")
-    s = attrs.evolve(s, state=state, state_json=state.model_dump(mode="json"))
-    return _begin_step(s)
+    text = _json(state)
+    if isinstance(text, fx.ErrorInfo):
+        return _finish(s, RunStatus.PARTIAL, f"the checkpoint cannot be used: {text.message}")
+    return _begin_step(_next(s, Phase.NEXT, None, state=state, state_json=text,
+                             state_type=type(state)))
 
 
 # --------------------------------------------------------------------------- attempts
@@ -439,10 +576,11 @@ def _begin_step(s: RunState) -> Out:
     while s.pos < len(program):
         ins = program[s.pos]
         if type(ins) is Jump:
-            s = _next(s, "next", None, pos=ins.target)
+            s = _next(s, Phase.NEXT, None, pos=ins.target)
             continue
         if type(ins) is Choose:
-            return _next(s, "choose", None), [fx.ChooseBranch(ins.step_id, s.state)]
+            s = _materialized(s)
+            return _next(s, Phase.CHOOSE, None), [fx.ChooseBranch(ins.step_id, s.state)]
         return _begin_attempt(s)
     return _finish(s, RunStatus.COMPLETED, None)
 
@@ -453,12 +591,155 @@ def _on_chosen(s: RunState, ev: fx.BranchChosen) -> Out:
     if ev.error is not None:
         reason = f"the predicate of {ins.step_id!r} raised: {ev.error.short}"
         te = fx.RecordAttempt(
-            ins.step_id, s.config.run_id, 1, _now(s), _state_json(s), None, 0,
+            ins.step_id, s.config.run_id, 1, _now(s), s.state_json, None, 0,
             FailureClass.TERMINAL, reason,
         )
         s, effects = _finish(s, RunStatus.FAILED, reason)
         return s, [te, *effects]
-    return _begin_step(_next(s, "next", None, pos=s.pos + 1 if ev.taken else ins.otherwise_pc))
+    return _begin_step(
+        _next(s, Phase.NEXT, None, pos=s.pos + 1 if ev.taken else ins.otherwise_pc)
+    )
+
+
+def _begin_attempt(s: RunState) -> Out:
+    step = s.step
+    c = s.config
+    if c.budget is not None:
+        spent = _spent(s)
+        if spent is not None:
+            reason = f"budget spent ({spent}): {step.step_id!r} was not started"
+            te = fx.RecordAttempt(
+                step.step_id, c.run_id, s.attempt, _now(s), s.state_json, None, 0,
+                FailureClass.RECOVERABLE, reason,
+            )
+            s, effects = _finish(s, RunStatus.PARTIAL, reason)
+            return s, [te, *effects]
+    model = _fallback_model(s) if c.fallbacks else None
+    call: fx.CallNode | fx.CallParallel
+    if type(step) is NodeStep:
+        if s.state_type is step.input_schema:
+            # The common case: the state already is this node's input.
+            call = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, s.state)
+            input_json = s.state_json
+        else:
+            s = _materialized(s)
+            inp = _validate(step.node_id, "input", step.input_schema, s.state)
+            if isinstance(inp, ContractViolation):
+                return _input_broken(s, step, inp)
+            text = _json(inp)
+            if isinstance(text, fx.ErrorInfo):
+                return _input_broken(s, step, text)
+            input_json = text
+            call = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, inp)
+    else:
+        s = _materialized(s)
+        built = _group_call(s, step, model)
+        if not isinstance(built, tuple):
+            return _input_broken(s, step, built)
+        call, input_json = built
+    att = Attempt(input_json, call)
+    if "start" in c.hooks:
+        return _next(s, Phase.HOOK_START, att), [
+            fx.FireHook("start", step.step_id, s.attempt, input_json,
+                        timeout_ms=c.hook_timeout_ms)
+        ]
+    return _next(s, Phase.CALL, att), [call]
+
+
+def _input_broken(s: RunState, step: Any, problem: ContractViolation | fx.ErrorInfo) -> Out:
+    """The input breaks the contract: the attempt fails without calling the node, after
+    the start hook (so an attempt's hooks always come as start, then success or failure)."""
+    error = problem if isinstance(problem, fx.ErrorInfo) else error_info(problem)
+    att = Attempt(s.state_json, started_at=_now(s), error=error)
+    if "start" in s.config.hooks:
+        return _next(s, Phase.HOOK_START, att), [
+            fx.FireHook("start", step.step_id, s.attempt, s.state_json,
+                        timeout_ms=s.config.hook_timeout_ms)
+        ]
+    return _failed(_next(s, s.phase, att), error)
+
+
+def _on_hook_start(s: RunState, ev: fx.HookFired) -> Out:
+    att = s.current
+    assert att is not None
+    if att.call is None:  # the input broke its contract: fail the attempt, call nothing
+        assert att.error is not None
+        return _failed(s, att.error)
+    return _next(s, Phase.CALL, att), [att.call]
+
+
+# ----------------------------------------------------------------------------- success
+
+
+def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
+    step: Any = s.plan.program[s.pos]
+    att: Any = s.current
+    call = att.call
+    duration = ev.duration_ms
+    if ev.input_tokens or ev.output_tokens:
+        tokens, cost = _price(call.model, ev)
+    else:
+        tokens, cost = 0, 0.0
+    s = _next(
+        s, s.phase, Attempt(att.input_json, call, ev.started_at, duration, tokens),
+        tokens=s.tokens + tokens,
+        cost_usd=s.cost_usd + cost,
+        latency_ms=s.latency_ms + duration,
+        clock=(ev.started_at, duration),
+    )
+    if call.timeout_ms is not None and duration > call.timeout_ms:
+        return _failed(s, _timed_out(step.node_id, call.timeout_ms, duration))
+    output = ev.output
+    if type(output) is fx.Validated and output.schema == step.output_ref:
+        # Replayed: the log holds this output only because it kept its contract.
+        return _succeeded(s, None, output.json, step.output_schema)
+    out = _validate(step.node_id, "output", step.output_schema, output)
+    if isinstance(out, ContractViolation):
+        return _failed(s, error_info(out))
+    text = _json(out)
+    if isinstance(text, fx.ErrorInfo):
+        return _failed(s, text)
+    return _succeeded(s, out, text, step.output_schema)
+
+
+def _succeeded(
+    s: RunState, out: BaseModel | None, out_json: bytes, out_type: type[BaseModel]
+) -> Out:
+    """The attempt's output is valid: commit it, and go on to what follows.
+
+    The commit (trace record and checkpoint) is performed before anything that follows
+    it in the effects (the success hook, the next step).
+    """
+    step = s.step
+    c = s.config
+    if c.budget is not None:
+        over = _exceeded(s, step.step_id)
+        if over is not None:
+            return _failed(s, error_info(over))
+    att: Any = s.current
+    commit = fx.Commit(
+        step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out_json,
+        att.duration_ms, step.output_ref, out,
+    )
+    if "success" in c.hooks:
+        hook = fx.FireHook("success", step.step_id, s.attempt, out_json, att.tokens,
+                           timeout_ms=c.hook_timeout_ms)
+        s = _next(s, Phase.HOOK_OK, att, state=out, state_json=out_json, state_type=out_type,
+                  pos=s.pos + 1, attempt=1, retries=0, group=_NO_PROGRESS)
+        return s, [commit, hook]
+    s, effects = _begin_step(_next(
+        s, Phase.NEXT, None, state=out, state_json=out_json, state_type=out_type,
+        pos=s.pos + 1, attempt=1, retries=0, group=_NO_PROGRESS,
+    ))
+    effects.insert(0, commit)
+    return s, effects
+
+
+def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
+    return _begin_step(_next(s, Phase.NEXT, None))
+
+
+# ------------------------------------------------------------------------------ groups
 
 
 def _child_config(s: RunState, index: int) -> MachineConfig:
@@ -470,22 +751,8 @@ def _child_config(s: RunState, index: int) -> MachineConfig:
         run_id=c.run_id, seed=seed & ((1 << 63) - 1), started_at=_now(s),
         policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
         node_timeouts=c.node_timeouts, node_policies=c.node_policies,
+        hook_timeout_ms=c.hook_timeout_ms,
     )
-
-
-_SOLO: dict[int, tuple[NodeStep, Plan]] = {}
-
-
-def _solo(node: NodeStep) -> Plan:
-    """The one-node plan of a group's child (memoized by identity: it carries the fn)."""
-    hit = _SOLO.get(id(node))
-    if hit is not None and hit[0] is node:
-        return hit[1]
-    if len(_SOLO) >= 1024:
-        _SOLO.clear()
-    plan = Plan((node,))
-    _SOLO[id(node)] = (node, plan)
-    return plan
 
 
 def _child_call(
@@ -498,290 +765,72 @@ def _child_call(
                 return cin
             return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin)
         # A child with retry policies of its own retries on its own: a one-node sub-plan.
-        child = _solo(child)
+        child = child.solo
     schema = child.input_schema
     cin = raw if schema is None else _validate(child_id, "input", schema, raw)
     if isinstance(cin, ContractViolation):
         return cin
+    prior = s.group.records.get(index)
+    if prior is not None:  # cancelled on an earlier attempt: it goes on from its own log
+        records, config = prior
+        return fx.RunPlan(child_id, s.attempt, child.fingerprint, child, cin, config, records)
     return fx.RunPlan(child_id, s.attempt, child.fingerprint, child, cin,
                       _child_config(s, index))
 
 
-def _begin_attempt(s: RunState) -> Out:
-    step = s.step
-    spent = _spent(s) if s.config.budgeted else None
-    if spent is not None:
-        reason = f"budget spent ({spent}): {step.step_id!r} was not started"
-        te = fx.RecordAttempt(
-            step.step_id, s.config.run_id, s.attempt, _now(s), _state_json(s), None, 0,
-            FailureClass.RECOVERABLE, reason,
-        )
-        s, effects = _finish(s, RunStatus.PARTIAL, reason)
-        return s, [te, *effects]
-    model = _fallback_model(s) if s.config.fallbacks else None
-    if type(step) is NodeStep and type(s.state) is step.input_schema:
-        # The common case: the state already is this node's input.
-        call0 = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, s.state)
-        att0 = Attempt(s.state_json if s.state_json is not None else s.state, call0)
-        if s.config.hooks:
-            if "start" in s.config.hooks:
-                return _next(s, "hook_start", att0), [
-                    fx.FireHook("start", step.node_id, s.attempt, _state_json(s))
-                ]
-        return _next(s, "call", att0), [call0]
-    if isinstance(step, NodeStep):
-        inp = _validate(step.node_id, "input", step.input_schema, s.state)
-        if isinstance(inp, ContractViolation):
-            return _input_broken(s, step, inp)
-        input_json = _state_json(s) if inp is s.state else inp.model_dump(mode="json")
-        call: fx.CallNode | fx.CallParallel = fx.CallNode(
-            step.node_id, s.attempt, _timeout(s, step), model, inp
-        )
-    elif isinstance(step, ParallelStep):
-        calls: list[Any] = []
-        for j, child in enumerate(step.children):
-            c = _child_call(s, child, j, f"{step.step_id}[{j}]", s.state, model)
-            if isinstance(c, ContractViolation):
-                return _input_broken(s, step, c)
-            calls.append(c)
-        input_json = _state_json(s)
-        call = fx.CallParallel(
-            step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step)
-        )
-    else:
-        assert isinstance(step, MapStep)
-        inp = _validate(step.step_id, "input", step.input_schema, s.state)
-        if isinstance(inp, ContractViolation):
-            return _input_broken(s, step, inp)
-        items = getattr(inp, step.over)
-        calls = []
-        for j, item in enumerate(items):
-            raw = item if isinstance(item, BaseModel | dict) else {"item": item}
-            c = _child_call(s, step.body, j, f"{step.step_id}[{j}]", raw, model)
-            if isinstance(c, ContractViolation):
-                return _input_broken(s, step, c)
-            calls.append(c)
-        input_json = _state_json(s) if inp is s.state else inp.model_dump(mode="json")
-        call = fx.CallParallel(
-            step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
-            "map",
-        )
-    att = Attempt(input_json, call)
-    if "start" in s.config.hooks:
-        s = _next(s, "hook_start", att)
-        return s, [fx.FireHook("start", step.step_id, s.attempt, input_json)]
-    return _next(s, "call", att), [call]
+def _children(s: RunState, step: Any) -> list[tuple[Any, Any]] | ContractViolation:
+    """Each child of a group and its raw input, in argument (item) order."""
+    if isinstance(step, ParallelStep):
+        return [(child, s.state) for child in step.children]
+    inp = _validate(step.step_id, "input", step.input_schema, s.state)
+    if isinstance(inp, ContractViolation):
+        return inp
+    return [
+        (step.body, item if isinstance(item, BaseModel | dict) else {"item": item})
+        for item in getattr(inp, step.over)
+    ]
 
 
-def _input_broken(s: RunState, step: Any, violation: ContractViolation) -> Out:
-    """The input breaks the contract: the attempt fails without calling the node, after
-    the start hook (so an attempt's hooks always come as start, then success or failure)."""
-    error = _error(violation)
-    att = Attempt(_state_json(s), started_at=_now(s), error=error)
-    if "start" in s.config.hooks:
-        return _next(s, "hook_start", att), [
-            fx.FireHook("start", step.step_id, s.attempt, _state_json(s))
-        ]
-    return _failed(_next(s, s.phase, att), error)
-
-
-def _on_hook_start(s: RunState, ev: fx.HookFired) -> Out:
-    att = s.current
-    assert att is not None
-    if att.call is None:  # the input broke its contract: fail the attempt, call nothing
-        assert att.error is not None
-        return _failed(s, att.error)
-    return _next(s, "call", att), [att.call]
-
-
-def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
-    tokens = ev.input_tokens + ev.output_tokens
-    if not tokens:
-        return 0, 0.0
-    return tokens, estimate_cost_usd(call_model or ev.model, ev.input_tokens, ev.output_tokens)
-
-
-def plain_returned(
-    s: RunState, output: Any, started_at: datetime, duration_ms: int
-) -> tuple[RunState, BaseModel, NodeStep | None] | None:
-    """A node returned ``output`` (no usage reported) in a plain run: the plain lane.
-
-    When the output keeps its contract this is the whole decision, and it is the same one
-    ``advance`` makes for ``NodeReturned``: record the attempt, save the checkpoint, go on.
-    Returns the next state, the validated output and the next node when the machine calls
-    it straight away (a plain success's effects are then ``RecordAttempt``,
-    ``SaveCheckpoint`` and ``CallNode(next.node_id, 1, None, None, output)``); with no such
-    node, what follows is ``continue_plain(state)``. Returns None where the general path
-    must decide (a run that is not plain, an output that breaks its contract).
-    """
-    c = s.config
-    if not c.plain:
-        return None
-    pos = s.pos
-    program = s.plan.program
-    step: Any = program[pos]
-    try:
-        out = step.output_schema.__pydantic_validator__.validate_python(output)
-    except ValidationError:
-        return None  # the general path reports the violation
-    pos += 1
-    nxt: Any = program[pos] if pos < len(program) else None
-    if type(nxt) is NodeStep and type(out) is nxt.input_schema and nxt.timeout_ms is None:
-        return _next(
-            s, "call", Attempt(out), pos=pos, attempt=1, retries=0, state=out,
-            state_json=None, latency_ms=s.latency_ms + duration_ms,
-            clock=(started_at, duration_ms),
-        ), out, nxt
-    return _next(
-        s, "next", None, pos=pos, attempt=1, retries=0, state=out, state_json=None,
-        latency_ms=s.latency_ms + duration_ms, clock=(started_at, duration_ms),
-    ), out, None
-
-
-def continue_plain(s: RunState) -> Out:
-    """The effects after a plain success that ``plain_returned`` gave no next node for."""
-    return _begin_step(s)
-
-
-def skip_plain(
-    s: RunState,
-    node_ids: Sequence[str],
-    attempts: Sequence[int],
-    durations: Sequence[int],
-    last: tuple[Any, datetime],
-) -> Out | int:
-    """Replay a recorded chain of plain successes at once: nodes ``node_ids`` returned one
-    after the other, each straight into the next, with no usage reported.
-
-    It is the same as feeding each ``NodeReturned`` to ``advance`` when the recorded outputs
-    keep their contracts, as they did when recorded (the plan's fingerprint, which covers
-    the contracts, is checked before any record is replayed): every node id, attempt and
-    the way each node follows the last is checked against the plan, and the last node's
-    raw ``output`` (``last``: output and start time) is validated. Returns the state and
-    effects after the chain, or the index of the first node that the machine would not
-    reach this way (replay then goes through that one by ``advance``).
-    """
-    k = len(node_ids)
-    pos = s.pos
-    plan = s.plan
-    if not (s.config.plain and k and s.phase == "call"):
-        return 0
-    # The common case in a few C-level comparisons; on any difference, find the node.
-    if (tuple(node_ids) != plan.lane_ids[pos:pos + k] or attempts[0] != s.attempt
-            or not all(plan.lane_direct[pos + 1:pos + k])
-            or list(attempts[1:]).count(1) != k - 1):
-        for m in range(k):
-            expected = s.attempt if m == 0 else 1
-            if (plan.lane_ids[pos + m:pos + m + 1] != (node_ids[m],)
-                    or attempts[m] != expected
-                    or (m and not plan.lane_direct[pos + m])):
-                return m
-    if k > 1:
-        s = _next(s, "call", None, pos=pos + k - 1, attempt=1, retries=0,
-                  latency_ms=s.latency_ms + sum(durations[:k - 1]))
-    output, started_at = last
-    done = plain_returned(s, output, started_at, durations[k - 1])
-    if done is None:
-        return k - 1
-    s, out, nxt = done
-    if nxt is not None:
-        return s, [fx.CallNode(nxt.node_id, 1, None, None, out)]
-    return _begin_step(s)
-
-
-def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
-    step: Any = s.plan.program[s.pos]
-    att: Any = s.current
-    c = s.config
-    if c.plain and not (ev.input_tokens or ev.output_tokens):
-        done = plain_returned(s, ev.output, ev.started_at, ev.duration_ms)
-        if done is not None:
-            ns, out, nxt = done
-            record = fx.RecordAttempt(step.node_id, c.run_id, s.attempt, ev.started_at,
-                                      att.input_json, out, ev.duration_ms)
-            save = fx.SaveCheckpoint(step.node_id, out)
-            if nxt is not None:
-                return ns, [record, save, fx.CallNode(nxt.node_id, 1, None, None, out)]
-            ns, effects = _begin_step(ns)
-            return ns, [record, save, *effects]
-    if ev.input_tokens or ev.output_tokens:
-        tokens, cost = _price(att.call.model if att.call is not None else None, ev)
-    else:
-        tokens, cost = 0, 0.0
-    checked = _validate(step.node_id, "output", step.output_schema, ev.output)
-    s = _next(
-        s, s.phase, Attempt(att.input_json, att.call, ev.started_at, ev.duration_ms, tokens),
-        tokens=s.tokens + tokens,
-        cost_usd=s.cost_usd + cost,
-        latency_ms=s.latency_ms + ev.duration_ms,
-        clock=(ev.started_at, ev.duration_ms),
+def _group_call(
+    s: RunState, step: Any, model: str | None
+) -> tuple[fx.CallParallel, bytes] | ContractViolation | fx.ErrorInfo:
+    children = _children(s, step)
+    if isinstance(children, ContractViolation):
+        return children
+    done = s.group.outputs
+    calls: list[Any] = []
+    indices: list[int] = []
+    for j, (child, raw) in enumerate(children):
+        if j in done:
+            continue  # it succeeded on an earlier attempt of the group
+        c = _child_call(s, child, j, f"{step.step_id}[{j}]", raw, model)
+        if isinstance(c, ContractViolation):
+            return c
+        calls.append(c)
+        indices.append(j)
+    call = fx.CallParallel(
+        step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
+        "map" if isinstance(step, MapStep) else "parallel", tuple(indices), step,
     )
-    return _succeeded(s, checked)
+    return call, s.state_json
 
 
-def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
-    step = s.step
-    att = s.current
-    assert isinstance(step, ParallelStep | MapStep) and att is not None
-    assert isinstance(att.call, fx.CallParallel)
-    calls = att.call.calls
-    if len(ev.outcomes) != len(calls):
-        raise UnexpectedEvent(
-            f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(calls)} children"
+def child_fails(group: Any, call: Any, outcome: Any) -> bool:
+    """Whether a child's outcome fails its group (so its siblings are cancelled): it
+    raised, returned an output that breaks its contract or came back after its timeout,
+    or its sub-plan did not complete. The machine decides the same way on the outcomes."""
+    if type(outcome) is fx.NodeReturned:
+        if type(call) is not fx.CallNode:
+            return True
+        if call.timeout_ms is not None and outcome.duration_ms > call.timeout_ms:
+            return True
+        node = group.child_node(call.node_id)
+        return not isinstance(
+            _validate(node.node_id, "output", node.output_schema, outcome.output), BaseModel
         )
-    tokens, cost = 0, 0.0
-    for call, outcome in zip(calls, ev.outcomes, strict=True):
-        if type(outcome) is fx.NodeReturned:
-            t, c = _price(call.model if type(call) is fx.CallNode else None, outcome)
-            tokens, cost = tokens + t, cost + c
-        elif type(outcome) is fx.PlanFinished:
-            tokens, cost = tokens + outcome.total_tokens, cost + outcome.total_cost_usd
-    s = attrs.evolve(
-        s,
-        tokens=s.tokens + tokens,
-        cost_usd=s.cost_usd + cost,
-        latency_ms=s.latency_ms + ev.duration_ms,
-        clock=_end(ev.started_at, ev.duration_ms),
-        current=att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms,
-                             tokens=tokens),
-    )
-    children = step.children if isinstance(step, ParallelStep) else [step.body] * len(calls)
-    outputs: list[dict[str, Any]] = []
-    first_error: fx.ErrorInfo | None = None
-    for child, call, outcome in zip(children, calls, ev.outcomes, strict=True):
-        if isinstance(outcome, fx.NodeRaised):
-            first_error = first_error or outcome.error
-        elif isinstance(outcome, fx.NodeCancelled):
-            continue
-        elif isinstance(outcome, fx.PlanFinished):
-            if outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED):
-                if first_error is None:
-                    first_error = _child_failure(call, outcome)
-            elif first_error is None:
-                outputs.append(outcome.output)
-        elif first_error is None:
-            node: Any = child
-            out = _validate(node.node_id, "output", node.output_schema, outcome.output)
-            if isinstance(out, ContractViolation):
-                first_error = _error(out)
-            else:
-                # What the child returned (or set explicitly), never its schema's defaults:
-                # a later child's default must not overwrite an earlier child's value.
-                outputs.append(out.model_dump(exclude_unset=True))
-    if first_error is None and len(outputs) != len(calls):
-        first_error = fx.ErrorInfo(
-            ("anyio.Cancelled", "builtins.BaseException"), "children were cancelled"
-        )
-    if first_error is not None:
-        return _failed(s, first_error)
-    if isinstance(step, MapStep):
-        base = s.state.model_dump()
-        base[step.into] = outputs
-        return _succeeded(s, _validate(step.step_id, "output", step.output_schema, base))
-    merged: dict[str, Any] = {}
-    for out_dict in outputs:
-        merged.update(out_dict)
-    return _succeeded(s, _validate(step.step_id, "output", step.output_schema, merged))
+    if type(outcome) is fx.PlanFinished:
+        return outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED)
+    return type(outcome) is fx.NodeRaised
 
 
 def _child_failure(call: Any, outcome: fx.PlanFinished) -> fx.ErrorInfo:
@@ -794,39 +843,107 @@ def _child_failure(call: Any, outcome: fx.PlanFinished) -> fx.ErrorInfo:
     return fx.ErrorInfo(names, f"{label} {outcome.status}: {outcome.reason}")
 
 
-def _succeeded(s: RunState, out: BaseModel | ContractViolation) -> Out:
-    """The attempt's output is valid: record it, save it, and go on to what follows.
-
-    The checkpoint is saved before anything that follows it in the effects (the success
-    hook, the next step), and the machine does not wait for its answer.
-    """
+def _child_outcome(call: Any, node: Any, outcome: Any) -> tuple[Any, fx.ErrorInfo | None]:
+    """A finished child: its output (a JSON value) or why it failed."""
+    if type(outcome) is fx.NodeRaised:
+        return None, outcome.error
+    if type(outcome) is fx.PlanFinished:
+        if outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED):
+            return None, _child_failure(call, outcome)
+        return outcome.output, None
+    assert type(outcome) is fx.NodeReturned
+    if call.timeout_ms is not None and outcome.duration_ms > call.timeout_ms:
+        return None, _timed_out(call.node_id, call.timeout_ms, outcome.duration_ms)
+    out = _validate(node.node_id, "output", node.output_schema, outcome.output)
     if isinstance(out, ContractViolation):
-        return _failed(s, _error(out))
-    step = s.step
-    c = s.config
-    if c.budgeted:
-        over = _exceeded(s, step.step_id)
-        if over is not None:
-            return _failed(s, _error(over))
-    att = s.current
-    assert att is not None and att.started_at is not None
-    record = fx.RecordAttempt(
-        step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out, att.duration_ms,
+        return None, error_info(out)
+    return out, None
+
+
+def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
+    step: Any = s.step
+    att: Any = s.current
+    call: fx.CallParallel = att.call
+    calls = call.calls
+    if len(ev.outcomes) != len(calls):
+        raise UnexpectedEvent(
+            f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(calls)} children"
+        )
+    tokens, cost = 0, 0.0
+    for c, outcome in zip(calls, ev.outcomes, strict=True):
+        if type(outcome) is fx.NodeReturned:
+            t, k = _price(c.model if type(c) is fx.CallNode else None, outcome)
+            tokens, cost = tokens + t, cost + k
+        elif type(outcome) is fx.PlanFinished:
+            tokens, cost = tokens + outcome.total_tokens, cost + outcome.total_cost_usd
+    s = _next(
+        s, s.phase, att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms,
+                                 tokens=tokens),
+        tokens=s.tokens + tokens,
+        cost_usd=s.cost_usd + cost,
+        latency_ms=s.latency_ms + ev.duration_ms,
+        clock=(ev.started_at, ev.duration_ms),
     )
-    save = fx.SaveCheckpoint(step.step_id, out)
-    if "success" in c.hooks:
-        out_json = out.model_dump(mode="json")
-        hook = fx.FireHook("success", step.step_id, s.attempt, out_json, att.tokens)
-        s = _next(s, "hook_ok", att, state=out, state_json=out_json, pos=s.pos + 1,
-                  attempt=1, retries=0)
-        return s, [record, save, hook]
-    s, effects = _begin_step(_next(s, "next", None, state=out, state_json=None,
-                                   pos=s.pos + 1, attempt=1, retries=0))
-    return s, [record, save, *effects]
-
-
-def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
-    return _begin_step(_next(s, "next", None))
+    # The first child (in argument order) that failed fails the attempt; the successes
+    # are kept for a retry of the group.
+    outputs = dict(s.group.outputs)
+    records = dict(s.group.records)
+    error: fx.ErrorInfo | None = None
+    final: RunStatus | None = None
+    for k, index in enumerate(call.indices):
+        c, outcome = calls[k], ev.outcomes[k]
+        if type(outcome) is fx.NodeCancelled:
+            continue
+        out, problem = _child_outcome(c, step.child_node(getattr(c, "node_id", "")), outcome)
+        if problem is not None:
+            if error is None:
+                error = problem
+                if type(outcome) is fx.PlanFinished:
+                    final = outcome.status  # its own retries are spent: no group retry
+            continue
+        records.pop(index, None)
+        if isinstance(out, BaseModel):
+            # A parallel child adds what it returned (never its schema's defaults, which
+            # would overwrite an earlier child's value); a map item is the whole output.
+            out = out.model_dump(exclude_unset=isinstance(step, ParallelStep))
+        outputs[index] = out
+    for k, outcome in enumerate(ev.outcomes):
+        c = calls[k]
+        if type(outcome) is fx.NodeCancelled and outcome.records and type(c) is fx.RunPlan:
+            # A sub-plan child goes on from here on the group's next attempt.
+            records[call.indices[k]] = (outcome.records, c.config)
+    s = _next(s, s.phase, s.current, group=GroupProgress(outputs, records))
+    if error is None and any(type(o) is fx.NodeCancelled for o in ev.outcomes):
+        if ev.deadline_passed:
+            error = fx.ErrorInfo(
+                _TIMEOUT_NAMES,
+                f"{step.step_id!r} timed out after {call.timeout_ms} ms and was cancelled",
+            )
+        else:
+            error = fx.ErrorInfo(
+                ("anyio.Cancelled", "builtins.BaseException"), "children were cancelled"
+            )
+    if error is not None:
+        if final is not None:
+            s = _next(s, s.phase, s.current._replace(final=final))  # type: ignore[union-attr]
+        return _failed(s, error)
+    n = len(step.children) if isinstance(step, ParallelStep) else len(outputs)
+    ordered = [outputs[j] for j in range(n)]
+    if isinstance(step, MapStep):
+        base = _model(s).model_dump()
+        base[step.into] = ordered
+        merged: Any = base
+    else:
+        merged = {}
+        for part in ordered:
+            merged.update(part)
+    out = _validate(step.step_id, "output", step.output_schema, merged)
+    if isinstance(out, ContractViolation):
+        return _failed(s, error_info(out))
+    text = _json(out)
+    if isinstance(text, fx.ErrorInfo):
+        return _failed(s, text)
+    return _succeeded(s, out, text, step.output_schema)
 
 
 # ---------------------------------------------------------------------------- failures
@@ -835,11 +952,10 @@ def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
 def _on_raised(s: RunState, ev: fx.NodeRaised) -> Out:
     att = s.current
     assert att is not None
-    s = attrs.evolve(
-        s,
+    s = _next(
+        s, s.phase, att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms),
         latency_ms=s.latency_ms + ev.duration_ms,
-        clock=_end(ev.started_at, ev.duration_ms),
-        current=att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms),
+        clock=(ev.started_at, ev.duration_ms),
     )
     return _failed(s, ev.error)
 
@@ -847,19 +963,16 @@ def _on_raised(s: RunState, ev: fx.NodeRaised) -> Out:
 def _failed(s: RunState, error: fx.ErrorInfo) -> Out:
     att = s.current
     assert att is not None
-    s = attrs.evolve(s, current=att._replace(error=error))
+    s = _next(s, s.phase, att._replace(error=error))
     if s.config.custom_classifiers:
-        s = attrs.evolve(s, phase="classify")
+        s = _next(s, Phase.CLASSIFY, s.current)
         return s, [fx.ClassifyFailure(s.step.step_id, s.attempt, error)]
     return _classified(s, builtin_class_for_names(error.type_names))
 
 
 def _on_classified(s: RunState, ev: fx.FailureClassified) -> Out:
     assert s.current is not None and s.current.error is not None
-    cls = ev.failure
-    if cls is None:
-        cls = builtin_class_for_names(s.current.error.type_names)
-    return _classified(s, FailureClass(cls))
+    return _classified(s, decide_class(ev.answers, s.current.error.type_names))
 
 
 def _classified(s: RunState, cls: FailureClass) -> Out:
@@ -871,13 +984,14 @@ def _classified(s: RunState, cls: FailureClass) -> Out:
         step.step_id, s.config.run_id, s.attempt, att.started_at or _now(s), att.input_json,
         None, att.duration_ms, cls, message,
     )
-    s = attrs.evolve(s, current=att._replace(failure=cls))
+    s = _next(s, s.phase, att._replace(failure=cls))
     if "failure" in s.config.hooks:
-        s = attrs.evolve(s, phase="hook_fail")
-        return s, [te,
-                   fx.FireHook("failure", step.step_id, s.attempt, None, 0, cls, att.error)]
+        s = _next(s, Phase.HOOK_FAIL, s.current)
+        return s, [te, fx.FireHook("failure", step.step_id, s.attempt, None, 0, cls, att.error,
+                                   timeout_ms=s.config.hook_timeout_ms)]
     s, effects = _decide(s)
-    return s, [te, *effects]
+    effects.insert(0, te)
+    return s, effects
 
 
 def _on_hook_fail(s: RunState, ev: fx.HookFired) -> Out:
@@ -889,77 +1003,100 @@ def _decide(s: RunState) -> Out:
     assert att is not None and att.failure is not None and att.error is not None
     step = s.step
     cls = att.failure
-    if cls is FailureClass.TERMINAL:
+    if cls is FailureClass.TERMINAL or att.final is RunStatus.FAILED:
         return _finish(
             s, RunStatus.FAILED,
             f"{step.step_id!r} failed with a terminal error on attempt {s.attempt}: "
             f"{att.error.short}",
         )
-    max_retries, backoff = _policy(s, step, cls)
-    if s.retries >= max_retries:
+    if att.final is not None:
+        return _finish(
+            s, RunStatus.PARTIAL,
+            f"{step.step_id!r} gave up on attempt {s.attempt}: a child ran out of its own "
+            f"retries: {att.error.short}",
+        )
+    policy = _policy(s, step, cls)
+    if s.retries >= policy.max_retries:
         return _finish(
             s, RunStatus.PARTIAL,
             f"{step.step_id!r} gave up after {s.attempt} attempt(s) ({cls} allows "
-            f"{max_retries} retries): {att.error.short}",
+            f"{policy.max_retries} retries): {att.error.short}",
         )
-    s = attrs.evolve(s, attempt=s.attempt + 1, retries=s.retries + 1, current=None)
-    if backoff > 0:
+    s = _next(s, s.phase, None, attempt=s.attempt + 1, retries=s.retries + 1)
+    if policy.backoff_seconds > 0:
         rng, u = _draw(s.rng)
-        delay = u * backoff
-        s = attrs.evolve(s, rng=rng, phase="sleep")
-        return s, [fx.Sleep(delay)]
+        return _next(s, Phase.SLEEP, None, rng=rng), [fx.Sleep(u * policy.backoff_seconds)]
     return _begin_attempt(s)
 
 
 def _on_slept(s: RunState, ev: fx.Slept) -> Out:
-    return _begin_attempt(attrs.evolve(s, clock=_now(s) + timedelta(seconds=ev.seconds)))
+    return _begin_attempt(
+        _next(s, Phase.NEXT, None, clock=_now(s) + timedelta(seconds=ev.seconds))
+    )
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def _on_resumed(s: RunState, ev: fx.Resumed) -> Out:
+    """The log ended and the run goes on live: the effects it had not recorded are
+    performed now, with the live values they need, and a completed run says RESUMED."""
+    s = _materialized(_next(s, s.phase, s.current, resumed=True))
+    effects: list[Any] = []
+    for eff in ev.pending:
+        t = type(eff)
+        if t is fx.Finish:
+            status = RunStatus.RESUMED if eff.status is RunStatus.COMPLETED else eff.status
+            eff = attrs.evolve(eff, status=status, final_state=_model(s))
+        elif t is fx.CallNode and eff.input is None:
+            eff = attrs.evolve(eff, input=s.state)
+        elif t is fx.ChooseBranch and eff.state is None:
+            eff = attrs.evolve(eff, state=s.state)
+        elif t is fx.Commit and eff.state is None:
+            state = s.state if eff.output_state is s.state_json else (
+                s.plan.schema_for(eff.schema).model_validate_json(eff.output_state)
+            )
+            eff = attrs.evolve(eff, state=state)
+        effects.append(eff)
+    att = s.current
+    if att is not None and type(att.call) is fx.CallNode and att.call.input is None:
+        s = _next(s, s.phase, att._replace(call=attrs.evolve(att.call, input=s.state)))
+    return s, effects
 
 
 # ---------------------------------------------------------------------------- advance
 
 _Handler = Callable[[RunState, Any], Out]
-_TABLE: Mapping[str, Mapping[type, _Handler]] = {
-    "load": {fx.CheckpointLoaded: _on_loaded},
-    "hook_start": {fx.HookFired: _on_hook_start},
-    "call": {
+_TABLE: Mapping[Phase, Mapping[type, _Handler]] = {
+    Phase.LOAD: {fx.CheckpointLoaded: _on_loaded},
+    Phase.HOOK_START: {fx.HookFired: _on_hook_start},
+    Phase.CALL: {
         fx.NodeReturned: _on_returned,
         fx.NodeRaised: _on_raised,
         fx.ParallelReturned: _on_parallel,
     },
-    "classify": {fx.FailureClassified: _on_classified},
-    "hook_fail": {fx.HookFired: _on_hook_fail},
-    "sleep": {fx.Slept: _on_slept},
-    "hook_ok": {fx.HookFired: _on_hook_ok},
-    "choose": {fx.BranchChosen: _on_chosen},
-    "done": {},
+    Phase.CLASSIFY: {fx.FailureClassified: _on_classified},
+    Phase.HOOK_FAIL: {fx.HookFired: _on_hook_fail},
+    Phase.SLEEP: {fx.Slept: _on_slept},
+    Phase.HOOK_OK: {fx.HookFired: _on_hook_ok},
+    Phase.CHOOSE: {fx.BranchChosen: _on_chosen},
+    Phase.NEXT: {},
+    Phase.DONE: {},
 }
+for _handlers in _TABLE.values():
+    _handlers[fx.Resumed] = _on_resumed  # type: ignore[index]  # (in DONE: a pending Finish)
 
 
 def advance(state: RunState, event: Any) -> Out:
     """The next state and effects, given the event that answered the last effect."""
     handler = _TABLE[state.phase].get(type(event))
     if handler is None:
-        expected: Sequence[str] = [t.__name__ for t in _TABLE[state.phase]] or ["nothing"]
+        expected: Sequence[str] = [
+            t.__name__ for t in _TABLE[state.phase] if t is not fx.Resumed
+        ] or ["nothing"]
         raise UnexpectedEvent(
-            f"can't handle event {type(event).__name__} in phase {state.phase!r} "
+            f"can't handle event {type(event).__name__} in phase {state.phase.value!r} "
             f"(step {state.pos}, attempt {state.attempt}); expected {' or '.join(expected)}"
         )
     return handler(state, event)
 
-
-def finish_effect(state: RunState, status: RunStatus, reason: str | None) -> fx.Finish:
-    """The Finish the machine makes for ``state``: a completed run that was resumed
-    finishes RESUMED (for an interpreter that resumed while a Finish was pending)."""
-    finish = _finish(state, status, reason)[1][0]
-    assert isinstance(finish, fx.Finish)
-    return finish
-
-
-def mark_resumed(state: RunState) -> RunState:
-    """The same state, in a run that was picked up again after a crash."""
-    return attrs.evolve(state, resumed=True)
-
-
-def error_info(exc: BaseException) -> fx.ErrorInfo:
-    """An exception as data, for interpreters building NodeRaised / HookFired events."""
-    return _error(exc)

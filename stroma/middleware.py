@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 from pydantic import BaseModel
 
+from interpreters.live import Collaborators
 from interpreters.session import run_session
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, NodeContract
@@ -126,10 +127,10 @@ async def execute_step(
             mc, base_tokens=base_tokens, base_cost_usd=base_cost,
             base_latency_ms=int(tracker.total_latency_ms),
         )
-    result = await run_session(
-        plan, input_state, manager=ctx.checkpoint_manager, machine=mc, explicit_run_id=False,
-        hooks=config.hooks, classifiers=config.classifiers, context=config.context,
-    )
+    world = Collaborators(ctx.checkpoint_manager, hooks=config.hooks,
+                          classifiers=tuple(config.classifiers), context=config.context)
+    result = await run_session(plan, input_state, machine=mc, explicit_run_id=False,
+                               world=world)
     # The step's own usage: the run's totals less what it started from.
     result.total_tokens -= mc.base_tokens
     result.total_cost_usd -= mc.base_cost_usd

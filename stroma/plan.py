@@ -21,6 +21,8 @@ an empty parallel, a step whose input needs a field nothing before it provides, 
 
 The machine runs ``plan.program``: the steps flattened, each branch becoming a
 ``Choose`` (jump to the other arm when the predicate says no) and a ``Jump`` (over it).
+Each kind of step has its own methods for what a plan asks of it (node ids, schemas,
+description, the inputs it needs fed, how it changes under ``with_retry``).
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ def _is_async(fn: object) -> bool:
 
 
 # ------------------------------------------------------------------------------ steps
+#
+# Each kind of step answers for itself what a plan needs to know about it: its node ids
+# and nodes, its input and output schemas, the schemas it uses, its description for the
+# fingerprint, which inputs the step before it must feed, and how it looks with one of its
+# steps changed (``with_retry`` / ``with_timeout``).
+
+
+def _ref_of(step: Any) -> None:
+    object.__setattr__(step, "output_ref", _schema_ref(step.output_schema))
 
 
 @attrs.frozen
@@ -131,13 +142,58 @@ class NodeStep:
     takes_context: bool = attrs.field(default=False, eq=False)
     timeout_ms: int | None = None
     policies: PolicyTable = ()
+    output_ref: str = attrs.field(init=False, eq=False, repr=False)
+    _solo: Any = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _ref_of(self)
 
     @property
     def step_id(self) -> str:
         return self.node_id
 
+    @property
+    def solo(self) -> Plan:
+        """The one-node plan of this node (a group's child that retries on its own)."""
+        if self._solo is None:
+            object.__setattr__(self, "_solo", Plan((self,)))
+        plan: Plan = self._solo
+        return plan
+
     def node_ids(self) -> tuple[str, ...]:
         return (self.node_id,)
+
+    def nodes(self) -> Iterable[NodeStep]:
+        yield self
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.input_schema
+
+    def output_of(self) -> type[BaseModel] | None:
+        return self.output_schema
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        out.update((self.input_schema, self.output_schema))
+
+    def describe(self) -> Any:
+        return {
+            "node": self.node_id,
+            "in": _schema_fingerprint(self.input_schema),
+            "out": _schema_fingerprint(self.output_schema),
+        }
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        """The (id, input schema) pairs the step before this one must provide for."""
+        return [(self.node_id, self.input_schema)]
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> NodeStep:
+        if self.node_id == node_id:
+            found.append(True)
+            return attrs.evolve(self, **changes)
+        return self
+
+    def flatten(self, out: list[Instruction]) -> None:
+        out.append(self)
 
 
 @attrs.frozen
@@ -148,13 +204,57 @@ class ParallelStep:
     max_concurrency: int | None = None
     timeout_ms: int | None = None
     policies: PolicyTable = ()
+    output_ref: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _ref_of(self)
 
     @property
     def node_id(self) -> str:
         return self.step_id
 
+    def child_node(self, node_id: str) -> NodeStep | None:
+        """The child that is the node ``node_id`` (None for sub-plan children)."""
+        for child in self.children:
+            if isinstance(child, NodeStep) and child.node_id == node_id:
+                return child
+        return None
+
     def node_ids(self) -> tuple[str, ...]:
         return (self.step_id, *(i for c in self.children for i in c.node_ids()))
+
+    def nodes(self) -> Iterable[NodeStep]:
+        for child in self.children:
+            yield from child.nodes()
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.children[0].input_of()
+
+    def output_of(self) -> type[BaseModel] | None:
+        return self.output_schema
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        out.add(self.output_schema)
+        for child in self.children:
+            child.collect_schemas(out)
+
+    def describe(self) -> Any:
+        return {"parallel": self.step_id, "children": [c.describe() for c in self.children]}
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        return [(c.node_id, c.input_schema) for c in self.children if isinstance(c, NodeStep)]
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> Any:
+        step = attrs.evolve(
+            self, children=tuple(c.replaced(node_id, changes, found) for c in self.children)
+        )
+        if step.step_id == node_id:
+            found.append(True)
+            return attrs.evolve(step, **changes)
+        return step
+
+    def flatten(self, out: list[Instruction]) -> None:
+        out.append(self)
 
 
 @attrs.frozen
@@ -171,6 +271,49 @@ class BranchStep:
     def node_ids(self) -> tuple[str, ...]:
         return (self.step_id, *self.then.node_ids(), *self.otherwise.node_ids())
 
+    def nodes(self) -> Iterable[NodeStep]:
+        yield from self.then.nodes()
+        yield from self.otherwise.nodes()
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.then.input_schema or self.otherwise.input_schema
+
+    def output_of(self) -> type[BaseModel] | None:
+        a, b = self.then.output_schema, self.otherwise.output_schema
+        return a if a is b else None
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        out.update(self.then.schemas())
+        out.update(self.otherwise.schemas())
+
+    def describe(self) -> Any:
+        return {"branch": self.step_id, "then": self.then.describe(),
+                "otherwise": self.otherwise.describe()}
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        return []  # each arm's first step is checked when the arm is compiled
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> BranchStep:
+        return attrs.evolve(
+            self, then=self.then.replaced(node_id, changes, found),
+            otherwise=self.otherwise.replaced(node_id, changes, found),
+        )
+
+    def flatten(self, out: list[Instruction]) -> None:
+        """A ``Choose`` (to the other arm when the predicate says no), the ``then`` arm, a
+        ``Jump`` over the ``otherwise`` arm, and that arm."""
+        choose_at = len(out)
+        out.append(Choose(self, -1))
+        for step in self.then.steps:
+            step.flatten(out)
+        jump_at = len(out)
+        out.append(Jump(-1, self.step_id))
+        otherwise_pc = len(out)
+        for step in self.otherwise.steps:
+            step.flatten(out)
+        out[choose_at] = Choose(self, otherwise_pc)
+        out[jump_at] = Jump(len(out), self.step_id)
+
 
 @attrs.frozen
 class MapStep:
@@ -183,13 +326,51 @@ class MapStep:
     max_concurrency: int | None = None
     timeout_ms: int | None = None
     policies: PolicyTable = ()
+    output_ref: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _ref_of(self)
 
     @property
     def node_id(self) -> str:
         return self.step_id
 
+    def child_node(self, node_id: str) -> NodeStep | None:
+        body = self.body
+        return body if isinstance(body, NodeStep) and body.node_id == node_id else None
+
     def node_ids(self) -> tuple[str, ...]:
         return (self.step_id, *self.body.node_ids())
+
+    def nodes(self) -> Iterable[NodeStep]:
+        yield from self.body.nodes()
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.input_schema
+
+    def output_of(self) -> type[BaseModel] | None:
+        return self.output_schema
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        out.update((self.input_schema, self.output_schema))
+        self.body.collect_schemas(out)
+
+    def describe(self) -> Any:
+        return {"map": self.step_id, "over": self.over, "into": self.into,
+                "body": self.body.describe(), "in": _schema_fingerprint(self.input_schema)}
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        return [(self.step_id, self.input_schema)]
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> Any:
+        step = attrs.evolve(self, body=self.body.replaced(node_id, changes, found))
+        if step.step_id == node_id:
+            found.append(True)
+            return attrs.evolve(step, **changes)
+        return step
+
+    def flatten(self, out: list[Instruction]) -> None:
+        out.append(self)
 
 
 Step = NodeStep | ParallelStep | BranchStep | MapStep
@@ -218,6 +399,9 @@ class Jump:
 Instruction = NodeStep | ParallelStep | MapStep | Choose | Jump
 
 # ------------------------------------------------------------------ unresolved groups
+#
+# What the combinators return before they are compiled into steps: each knows how to
+# compile itself, given the schema the step before it outputs.
 
 
 def _item_id(item: Any) -> str:
@@ -249,6 +433,22 @@ class ParallelGroup(_Combinable):
     def step_id(self) -> str:
         return f"parallel({', '.join(_item_id(i) for i in self.items)})"
 
+    def compile(
+        self, registry: ContractRegistry | None, prev: type[BaseModel] | None
+    ) -> list[Step]:
+        children = tuple(_sub(i, registry, prev) for i in self.items)
+        schemas = tuple(c.output_of() for c in children)
+        if any(s is None for s in schemas):
+            raise PlanError(
+                f"{self.step_id}: every child must end in a step with one output schema"
+            )
+        return [ParallelStep(
+            step_id=f"parallel({', '.join(_item_id(c) for c in children)})",
+            children=children,
+            output_schema=_merged_schema(schemas),
+            max_concurrency=self.max_concurrency,
+        )]
+
 
 @attrs.frozen
 class BranchGroup(_Combinable):
@@ -264,6 +464,13 @@ class BranchGroup(_Combinable):
         pred = getattr(self.predicate, "__name__", "predicate")
         return f"branch({pred})"
 
+    def compile(
+        self, registry: ContractRegistry | None, prev: type[BaseModel] | None
+    ) -> list[Step]:
+        then = Plan(tuple(_compile_items(_as_list(self.then), registry, prev)))
+        otherwise = Plan(tuple(_compile_items(_as_list(self.otherwise), registry, prev)))
+        return [BranchStep(self.step_id, self.predicate, then, otherwise)]
+
 
 @attrs.frozen
 class MapGroup(_Combinable):
@@ -276,6 +483,33 @@ class MapGroup(_Combinable):
     @property
     def step_id(self) -> str:
         return f"map_each({_item_id(self.body)}, over={self.over}, into={self.into})"
+
+    def compile(
+        self, registry: ContractRegistry | None, prev: type[BaseModel] | None
+    ) -> list[Step]:
+        base = self.input or prev
+        if base is None:
+            raise PlanError(
+                f"{self.step_id} is the first step, so stroma cannot tell which schema "
+                f"holds {self.over!r}: pass map_each(..., input=YourState)"
+            )
+        is_list = _is_list_field(base, self.over)
+        if not is_list:
+            found = "has no such field" if is_list is None else "is not a list"
+            raise PlanError(
+                f"{self.step_id}: field {self.over!r} of {base.__name__} {found}; "
+                f"map_each runs a step per item of a list field (e.g. {self.over}: "
+                "list[Item])"
+            )
+        body = _sub(self.body, registry, _item_schema(base, self.over))
+        out_item = body.output_of()
+        if out_item is None:
+            raise PlanError(f"{self.step_id}: the mapped step must have one output schema")
+        return [MapStep(
+            step_id=self.step_id, body=body, over=self.over, into=self.into,
+            input_schema=base, output_schema=_mapped_schema(base, self.into, out_item),
+            max_concurrency=self.max_concurrency,
+        )]
 
 
 def _check_concurrency(where: str, value: int | None) -> None:
@@ -349,6 +583,14 @@ def map_each(
 _MERGED: dict[tuple[Any, ...], type[BaseModel]] = {}
 
 
+def _tag(*parts: Any) -> str:
+    """A short name for a derived schema that is the same in every process: it comes from
+    the schemas (by reference) and names it is made of, so the logs that name it can be
+    read by another process."""
+    text = "|".join(_schema_ref(p) if isinstance(p, type) else str(p) for p in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def _merged_schema(schemas: tuple[type[BaseModel], ...]) -> type[BaseModel]:
     """One model with the fields of every child's output (a later child wins a field)."""
     cached = _MERGED.get(schemas)
@@ -360,7 +602,7 @@ def _merged_schema(schemas: tuple[type[BaseModel], ...]) -> type[BaseModel]:
             fields[name] = (info.annotation, info)
     name = "Merged_" + "_".join(s.__name__ for s in schemas)
     model: type[BaseModel] = create_model(name, __module__=__name__, **fields)
-    model.__qualname__ = f"{name}_{len(_MERGED)}"
+    model.__qualname__ = f"{name}_{_tag('merged', *schemas)}"
     _MERGED[schemas] = model
     return model
 
@@ -374,7 +616,7 @@ def _mapped_schema(base: type[BaseModel], into: str, item: type[BaseModel]) -> t
     fields[into] = (list[item], ...)  # type: ignore[valid-type]
     name = f"{base.__name__}_with_{into}"
     model: type[BaseModel] = create_model(name, __module__=__name__, **fields)
-    model.__qualname__ = f"{name}_{len(_MERGED)}"
+    model.__qualname__ = f"{name}_{_tag('map', base, into, item)}"
     _MERGED[key] = model
     return model
 
@@ -411,7 +653,7 @@ def _item_schema(schema: type[BaseModel], name: str) -> type[BaseModel] | None:
     if cached is None:
         fields: dict[str, Any] = {"item": (elem, ...)}
         cached = create_model(f"{schema.__name__}_{name}_item", __module__=__name__, **fields)
-        cached.__qualname__ = f"{cached.__name__}_{len(_MERGED)}"
+        cached.__qualname__ = f"{cached.__name__}_{_tag('item', schema, name)}"
         _MERGED[key] = cached
     return cached
 
@@ -426,7 +668,7 @@ def _common_schema(a: type[BaseModel], b: type[BaseModel]) -> type[BaseModel]:
             if n in b.model_fields and b.model_fields[n].annotation == i.annotation
         }
         cached = create_model(f"{a.__name__}_or_{b.__name__}", __module__=__name__, **fields)
-        cached.__qualname__ = f"{cached.__name__}_{len(_MERGED)}"
+        cached.__qualname__ = f"{cached.__name__}_{_tag('common', a, b)}"
         _MERGED[key] = cached
     return cached
 
@@ -472,40 +714,6 @@ def _schema_fingerprint(schema: type[BaseModel]) -> str:
     return fp
 
 
-def _describe(step: Any) -> Any:
-    if isinstance(step, NodeStep):
-        return {
-            "node": step.node_id,
-            "in": _schema_fingerprint(step.input_schema),
-            "out": _schema_fingerprint(step.output_schema),
-        }
-    if isinstance(step, Plan):
-        return {"seq": [_describe(s) for s in step.steps]}
-    if isinstance(step, ParallelStep):
-        return {"parallel": step.step_id, "children": [_describe(c) for c in step.children]}
-    if isinstance(step, BranchStep):
-        return {"branch": step.step_id, "then": _describe(step.then),
-                "otherwise": _describe(step.otherwise)}
-    assert isinstance(step, MapStep)
-    return {"map": step.step_id, "over": step.over, "into": step.into,
-            "body": _describe(step.body), "in": _schema_fingerprint(step.input_schema)}
-
-
-def _flatten(steps: Iterable[Step], out: list[Instruction]) -> None:
-    for step in steps:
-        if isinstance(step, BranchStep):
-            choose_at = len(out)
-            out.append(Choose(step, -1))
-            _flatten(step.then.steps, out)
-            jump_at = len(out)
-            out.append(Jump(-1, step.step_id))
-            otherwise_pc = len(out)
-            _flatten(step.otherwise.steps, out)
-            out[choose_at] = Choose(step, otherwise_pc)
-            out[jump_at] = Jump(len(out), step.step_id)
-        else:
-            out.append(step)
-
 
 # ------------------------------------------------------------------------------- plan
 
@@ -517,27 +725,15 @@ class Plan(_Combinable):
     steps: tuple[Step, ...] = ()
     fingerprint: str = attrs.field(init=False, eq=False, repr=False)
     program: tuple[Instruction, ...] = attrs.field(init=False, eq=False, repr=False)
-    # For the machine's plain lane, per program position: the node id of a NodeStep (else
-    # None), and whether a plain success of the step before goes straight to its call (a
-    # NodeStep without timeout whose input contract is the previous node's output contract).
-    lane_ids: tuple[str | None, ...] = attrs.field(init=False, eq=False, repr=False)
-    lane_direct: tuple[bool, ...] = attrs.field(init=False, eq=False, repr=False)
+    _by_ref: Any = attrs.field(init=False, default=None, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        text = json.dumps([_describe(s) for s in self.steps], sort_keys=True)
+        text = json.dumps([s.describe() for s in self.steps], sort_keys=True)
         object.__setattr__(self, "fingerprint", hashlib.sha256(text.encode()).hexdigest())
         program: list[Instruction] = []
-        _flatten(self.steps, program)
+        for step in self.steps:
+            step.flatten(program)
         object.__setattr__(self, "program", tuple(program))
-        object.__setattr__(self, "lane_ids", tuple(
-            ins.node_id if type(ins) is NodeStep else None for ins in program
-        ))
-        object.__setattr__(self, "lane_direct", tuple(
-            q > 0 and type(ins) is NodeStep and ins.timeout_ms is None
-            and type(program[q - 1]) is NodeStep
-            and program[q - 1].output_schema is ins.input_schema  # type: ignore[union-attr]
-            for q, ins in enumerate(program)
-        ))
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -551,11 +747,11 @@ class Plan(_Combinable):
     def nodes(self) -> Iterable[NodeStep]:
         """Every NodeStep of the plan, nested ones included."""
         for s in self.steps:
-            yield from _nodes_of(s)
+            yield from s.nodes()
 
     @property
     def input_schema(self) -> type[BaseModel] | None:
-        return _input_of(self.steps[0]) if self.steps else None
+        return self.steps[0].input_of() if self.steps else None
 
     @property
     def output_schema(self) -> type[BaseModel] | None:
@@ -563,20 +759,45 @@ class Plan(_Combinable):
         for i, step in enumerate(self.steps):
             if isinstance(step, BranchStep):
                 # An empty arm passes the state on: at the start, the plan's own input.
-                out = _after_branch(step, out if i else _input_of(step))
+                out = _after_branch(step, out if i else step.input_of())
             else:
-                out = _output_of(step)
+                out = step.output_of()
         return out
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.input_schema
+
+    def output_of(self) -> type[BaseModel] | None:
+        return self.output_schema
 
     def schemas(self) -> set[type[BaseModel]]:
         out: set[type[BaseModel]] = set()
-        for s in self.steps:
-            _collect_schemas(s, out)
+        self.collect_schemas(out)
         return out
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        for s in self.steps:
+            s.collect_schemas(out)
+
+    def schema_for(self, ref: str) -> type[BaseModel]:
+        """The plan's schema whose reference (``module:qualname``) is ``ref``."""
+        if self._by_ref is None:
+            object.__setattr__(self, "_by_ref", {_schema_ref(s): s for s in self.schemas()})
+        try:
+            schema: type[BaseModel] = self._by_ref[ref]
+        except KeyError:
+            raise PlanError(f"the plan declares no schema {ref!r}") from None
+        return schema
+
+    def describe(self) -> Any:
+        return {"seq": [s.describe() for s in self.steps]}
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> Plan:
+        return Plan(tuple(s.replaced(node_id, changes, found) for s in self.steps))
 
     def _replace(self, node_id: str, what: str, **changes: Any) -> Plan:
         found: list[bool] = []
-        plan = _replace_in(self, node_id, changes, found)
+        plan = self.replaced(node_id, changes, found)
         if not found:
             raise PlanError(
                 f"{what}: no step {node_id!r} in this plan; its steps are "
@@ -593,86 +814,6 @@ class Plan(_Combinable):
     def with_retry(self, node_id: str, policy_map: Mapping[Any, Any]) -> Plan:
         """A new plan in which the step ``node_id`` retries by ``policy_map`` (class -> policy)."""
         return self._replace(node_id, "with_retry", policies=_policy_table(policy_map))
-
-
-def _nodes_of(step: Any) -> Iterable[NodeStep]:
-    if isinstance(step, NodeStep):
-        yield step
-    elif isinstance(step, Plan):
-        yield from step.nodes()
-    elif isinstance(step, ParallelStep):
-        for c in step.children:
-            yield from _nodes_of(c)
-    elif isinstance(step, BranchStep):
-        yield from step.then.nodes()
-        yield from step.otherwise.nodes()
-    elif isinstance(step, MapStep):
-        yield from _nodes_of(step.body)
-
-
-def _input_of(step: Any) -> type[BaseModel] | None:
-    if isinstance(step, NodeStep | MapStep):
-        return step.input_schema
-    if isinstance(step, Plan):
-        return step.input_schema
-    if isinstance(step, ParallelStep):
-        return _input_of(step.children[0])
-    if isinstance(step, BranchStep):
-        return step.then.input_schema or step.otherwise.input_schema
-    return None
-
-
-def _output_of(step: Any) -> type[BaseModel] | None:
-    if isinstance(step, NodeStep | ParallelStep | MapStep):
-        return step.output_schema
-    if isinstance(step, Plan):
-        return step.output_schema
-    if isinstance(step, BranchStep):
-        a, b = step.then.output_schema, step.otherwise.output_schema
-        return a if a is b else None
-    return None
-
-
-def _collect_schemas(step: Any, out: set[type[BaseModel]]) -> None:
-    if isinstance(step, NodeStep):
-        out.update((step.input_schema, step.output_schema))
-    elif isinstance(step, Plan):
-        out.update(step.schemas())
-    elif isinstance(step, ParallelStep):
-        out.add(step.output_schema)
-        for c in step.children:
-            _collect_schemas(c, out)
-    elif isinstance(step, BranchStep):
-        out.update(step.then.schemas())
-        out.update(step.otherwise.schemas())
-    elif isinstance(step, MapStep):
-        out.update((step.input_schema, step.output_schema))
-        _collect_schemas(step.body, out)
-
-
-def _replace_in(step: Any, node_id: str, changes: dict[str, Any], found: list[bool]) -> Any:
-    if isinstance(step, Plan):
-        return Plan(tuple(_replace_in(s, node_id, changes, found) for s in step.steps))
-    if isinstance(step, NodeStep):
-        if step.node_id == node_id:
-            found.append(True)
-            return attrs.evolve(step, **changes)
-        return step
-    if isinstance(step, ParallelStep):
-        step = attrs.evolve(
-            step, children=tuple(_replace_in(c, node_id, changes, found) for c in step.children)
-        )
-    elif isinstance(step, BranchStep):
-        return attrs.evolve(
-            step, then=_replace_in(step.then, node_id, changes, found),
-            otherwise=_replace_in(step.otherwise, node_id, changes, found),
-        )
-    elif isinstance(step, MapStep):
-        step = attrs.evolve(step, body=_replace_in(step.body, node_id, changes, found))
-    if step.step_id == node_id:
-        found.append(True)
-        return attrs.evolve(step, **changes)
-    return step
 
 
 # --------------------------------------------------------------------------- compiling
@@ -735,18 +876,8 @@ def _check_feed(prev: type[BaseModel] | None, step: Any) -> None:
     """A step's input needs no required field that the previous output lacks."""
     if prev is None:
         return
-    targets: list[tuple[str, type[BaseModel]]] = []
-    if isinstance(step, NodeStep):
-        targets.append((step.node_id, step.input_schema))
-    elif isinstance(step, ParallelStep):
-        for c in step.children:
-            schema = _input_of(c)
-            if isinstance(c, NodeStep) and schema is not None:
-                targets.append((c.node_id, schema))
-    elif isinstance(step, MapStep):
-        targets.append((step.step_id, step.input_schema))
     have = _provided(prev)
-    for step_id, schema in targets:
+    for step_id, schema in step.feeds():
         missing = [f for f in _required(schema) if f not in have]
         if missing:
             raise PlanError(
@@ -765,61 +896,25 @@ def _compile_items(
     steps: list[Step] = []
     for item in items:
         new: list[Step]
+        checked = False  # a plan's or list's steps were checked where they were built
         if isinstance(item, Plan):
             new = list(item.steps)
             if new:
                 _check_feed(prev, new[0])
+            checked = True
         elif isinstance(item, NodeStep | ParallelStep | BranchStep | MapStep):
             new = [item]
-        elif isinstance(item, ParallelGroup):
-            children = tuple(_sub(i, registry, prev) for i in item.items)
-            schemas = tuple(_output_of(c) for c in children)
-            if any(s is None for s in schemas):
-                raise PlanError(
-                    f"{item.step_id}: every child must end in a step with one output schema"
-                )
-            new = [ParallelStep(
-                step_id=f"parallel({', '.join(_item_id(c) for c in children)})",
-                children=children,
-                output_schema=_merged_schema(schemas),  # type: ignore[arg-type]
-                max_concurrency=item.max_concurrency,
-            )]
-        elif isinstance(item, BranchGroup):
-            then = Plan(tuple(_compile_items(_as_list(item.then), registry, prev)))
-            otherwise = Plan(tuple(_compile_items(_as_list(item.otherwise), registry, prev)))
-            new = [BranchStep(item.step_id, item.predicate, then, otherwise)]
-        elif isinstance(item, MapGroup):
-            base = item.input or prev
-            if base is None:
-                raise PlanError(
-                    f"{item.step_id} is the first step, so stroma cannot tell which schema "
-                    f"holds {item.over!r}: pass map_each(..., input=YourState)"
-                )
-            is_list = _is_list_field(base, item.over)
-            if not is_list:
-                found = "has no such field" if is_list is None else "is not a list"
-                raise PlanError(
-                    f"{item.step_id}: field {item.over!r} of {base.__name__} {found}; "
-                    f"map_each runs a step per item of a list field (e.g. {item.over}: "
-                    "list[Item])"
-                )
-            body = _sub(item.body, registry, _item_schema(base, item.over))
-            out_item = _output_of(body)
-            if out_item is None:
-                raise PlanError(f"{item.step_id}: the mapped step must have one output schema")
-            new = [MapStep(
-                step_id=item.step_id, body=body, over=item.over, into=item.into,
-                input_schema=base, output_schema=_mapped_schema(base, item.into, out_item),
-                max_concurrency=item.max_concurrency,
-            )]
+        elif isinstance(item, ParallelGroup | BranchGroup | MapGroup):
+            new = item.compile(registry, prev)
         elif isinstance(item, list | tuple):
             new = _compile_items(item, registry, prev)
+            checked = True
         else:
             new = [_compile_node(item, registry)]
         for step in new:
-            if not isinstance(item, Plan | list | tuple):
+            if not checked:
                 _check_feed(prev, step)
-            prev = _after_branch(step, prev) if isinstance(step, BranchStep) else _output_of(step)
+            prev = _after_branch(step, prev) if isinstance(step, BranchStep) else step.output_of()
             steps.append(step)
     return steps
 

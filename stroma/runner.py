@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from interpreters.live import Collaborators
 from interpreters.session import new_seed, replay_log, run_session, utcnow
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, NodeContract
@@ -271,16 +273,13 @@ async def interpret(
     explicit = "run_id" in config.model_fields_set
     run_id = config.run_id if explicit else str(uuid.uuid4())
     declare_schemas((type(initial_state),))
+    world = Collaborators(
+        manager, hooks=config.hooks, classifiers=tuple(config.classifiers),
+        context=config.context, sleep=sleep if sleep is not None else anyio.sleep,
+    )
     return await run_session(
-        compiled,
-        initial_state,
-        manager=manager,
-        machine=machine_config(config, run_id),
-        explicit_run_id=explicit,
-        hooks=config.hooks,
-        classifiers=config.classifiers,
-        context=config.context,
-        sleep=sleep,
+        compiled, initial_state, machine=machine_config(config, run_id),
+        explicit_run_id=explicit, world=world,
     )
 
 

@@ -27,6 +27,7 @@ __all__ = (
     "declare_schemas",
     "declared_schemas",
     "resolve_declared",
+    "serialization_problem",
     "state_json",
 )
 
@@ -104,3 +105,16 @@ def _has_nonfinite(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_nonfinite(v) for v in value)
     return False
+
+
+def serialization_problem(state: BaseModel, exc: BaseException) -> str:
+    """Why ``state_json(state)`` raised ``exc``, naming the field whose value is at fault."""
+    what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    if isinstance(exc, RecursionError):
+        what = "nested too deeply to be written as JSON"
+    for name in type(state).model_fields:
+        try:
+            state.__pydantic_serializer__.to_json(state, include={name})
+        except Exception:
+            return f"field {name!r} of {type(state).__name__} cannot be written as JSON ({what})"
+    return f"{type(state).__name__} cannot be written as JSON ({what})"

@@ -7,25 +7,24 @@ the machine to emit, in order, each with the event that answers it, and
 
     from stroma import effects as fx
     from stroma.machine import start
-    from stroma.testing import perform_sequence, returned, saved
+    from stroma.testing import perform_sequence, returned
 
     state, effects = start(plan, Num(value=1), config)
     perform_sequence(state, effects, [
         (fx.CallNode("double", 1), returned({"value": 2})),
-        (fx.RecordAttempt, None),
-        (fx.SaveCheckpoint, saved),
+        (fx.Commit, None),
         (lambda e: isinstance(e, fx.Finish) and e.status == "COMPLETED", None),
     ])
 
 An expectation is an effect value (compared with ``==``; fields marked ``eq=False`` such
 as a call's input are ignored), an effect type (``isinstance``), or a predicate taking the
 effect. An answer is an event value, or a function of the effect giving the event; the
-machine's own ``RecordAttempt`` and ``Finish`` need no answer (use ``None``). With
-``skip_records=True`` the ``RecordAttempt`` effects are passed over and the sequence lists
-only the effects that reach the world (and ``Finish``).
+machine's own ``Commit``, ``RecordAttempt`` and ``Finish`` need no answer (use ``None``).
+With ``skip_records=True`` the ``Commit`` and ``RecordAttempt`` effects are passed over
+and the sequence lists only the effects that reach the world (and ``Finish``).
 
 ``run_scripted`` drives the machine to its end with an answering function instead of a
-fixed list, and the small event builders (``returned``, ``raised``, ``saved``, ...) make
+fixed list, and the small event builders (``returned``, ``raised``, ``slept``, ...) make
 answers for either. Everything here is pure: no event loop, no clock, no I/O.
 """
 
@@ -40,7 +39,7 @@ from pydantic import BaseModel
 
 from stroma import effects as fx
 from stroma.failures import FailureClass
-from stroma.machine import RunState, UnexpectedEvent, advance, error_info
+from stroma.machine import Phase, RunState, UnexpectedEvent, advance, error_info
 
 __all__ = (
     "EPOCH",
@@ -54,8 +53,8 @@ __all__ = (
     "perform_sequence",
     "raised",
     "returned",
+    "resumed",
     "run_scripted",
-    "saved",
     "slept",
 )
 
@@ -63,10 +62,9 @@ EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 """The default start time of the event builders (any fixed aware datetime would do)."""
 
 _Expected = Any  # an effect value, an effect type, or a predicate on the effect
-_Answer = Any  # an event value, a function effect -> event, or None for RecordAttempt/Finish
-_NO_ANSWER = (fx.RecordAttempt, fx.Finish)
-# Answered (the answer is logged) but not fed back: the machine does not wait for it.
-_ACKNOWLEDGED = (fx.SaveCheckpoint,)
+_Answer = Any  # an event value, a function effect -> event, or None (no answer needed)
+_NO_ANSWER = (fx.Commit, fx.RecordAttempt, fx.Finish)
+_RECORDS = (fx.Commit, fx.RecordAttempt)
 
 
 class SequenceMismatch(AssertionError):
@@ -110,11 +108,6 @@ def parallel_returned(
     return fx.ParallelReturned(started_at, duration_ms, tuple(outcomes))
 
 
-def saved(effect: fx.SaveCheckpoint) -> fx.CheckpointSaved:
-    """The answer to a ``SaveCheckpoint``: it was saved."""
-    return fx.CheckpointSaved(effect.node_id)
-
-
 def loaded(state: BaseModel | None) -> Callable[[fx.LoadCheckpoint], fx.CheckpointLoaded]:
     """An answer to a ``LoadCheckpoint``: the store had ``state`` (None: no checkpoint)."""
 
@@ -135,8 +128,13 @@ def slept(effect: fx.Sleep) -> fx.Slept:
 
 
 def classified(failure: FailureClass | None) -> fx.FailureClassified:
-    """The answer to a ``ClassifyFailure``: what the user's classifiers said (None: defer)."""
-    return fx.FailureClassified(failure)
+    """The answer to a ``ClassifyFailure``: what the user's classifier said (None: defer)."""
+    return fx.FailureClassified((failure,))
+
+
+def resumed(at: str = EPOCH.isoformat(), *pending: Any) -> fx.Resumed:
+    """A ``Resumed`` event: the log ended and the run goes on live with ``pending``."""
+    return fx.Resumed(at, tuple(pending))
 
 
 # ------------------------------------------------------------------------- describing
@@ -144,10 +142,10 @@ def classified(failure: FailureClass | None) -> fx.FailureClassified:
 
 def describe_effect(effect: Any) -> str:
     """A one-line, readable account of an effect (or an expectation) for failure logs."""
-    if isinstance(effect, fx.RecordAttempt):
+    if isinstance(effect, fx.RecordAttempt | fx.Commit):
         e = effect.event
         what = "ok" if e.failure is None else f"{e.failure}: {e.failure_message}"
-        return f"RecordAttempt({e.node_id!r}, attempt {e.attempt}, {what})"
+        return f"{type(effect).__name__}({e.node_id!r}, attempt {e.attempt}, {what})"
     if isinstance(effect, fx.Finish):
         return (
             f"Finish({effect.status}, tokens={effect.total_tokens}, "
@@ -172,8 +170,8 @@ def _matches(expected: _Expected, effect: Any) -> bool:
 
 def _expects_record(expected: _Expected) -> bool:
     if isinstance(expected, type):
-        return issubclass(expected, fx.RecordAttempt)
-    return isinstance(expected, fx.RecordAttempt)
+        return issubclass(expected, _RECORDS)
+    return isinstance(expected, _RECORDS)
 
 
 class _Log:
@@ -228,7 +226,8 @@ def perform_sequence(
             if _expects_record(expected):
                 raise ValueError(
                     f"sequence entry {k} expects {describe_effect(expected)} but "
-                    "skip_records=True passes over every RecordAttempt: drop the entry "
+                    "skip_records=True passes over every Commit and RecordAttempt: drop the "
+                    "entry "
                     "or call perform_sequence(..., skip_records=False)"
                 )
     log = _Log(sequence)
@@ -236,7 +235,7 @@ def perform_sequence(
     position = 0
     while pending:
         effect = pending.pop(0)
-        if skip_records and isinstance(effect, fx.RecordAttempt):
+        if skip_records and isinstance(effect, _RECORDS):
             log.skipped(effect)
             continue
         if position >= len(sequence):
@@ -253,10 +252,6 @@ def perform_sequence(
         position += 1
         if isinstance(effect, _NO_ANSWER):
             log.ok(effect)
-            continue
-        if isinstance(effect, _ACKNOWLEDGED):
-            ack = answer(effect) if callable(answer) and not attrs.has(type(answer)) else answer
-            log.ok(effect, ack)
             continue
         if pending:
             raise log.fail(
@@ -276,7 +271,7 @@ def perform_sequence(
         except UnexpectedEvent as e:
             raise log.fail(
                 f"the machine rejected the answer: {e}", position - 1,
-                expected=f"an event the machine waits for in phase {state.phase!r}",
+                expected=f"an event the machine waits for in phase {state.phase.value!r}",
                 got=repr(event),
             ) from e
         pending = list(new)
@@ -284,8 +279,8 @@ def perform_sequence(
         raise log.fail(
             "the machine stopped emitting effects before the sequence ended", position,
             expected=describe_effect(sequence[position][0]),
-            got="nothing (the run is over)" if state.phase == "done"
-            else f"nothing (waiting in phase {state.phase!r})",
+            got="nothing (the run is over)" if state.phase is Phase.DONE
+            else f"nothing (waiting in phase {state.phase.value!r})",
         )
     return state
 
@@ -303,7 +298,7 @@ def run_scripted(
     """Drive the machine to its ``Finish``, asking ``answer(effect)`` for each event.
 
     Returns the final state and the log: ``(effect, event)`` pairs in order, with
-    ``None`` as the event of ``RecordAttempt`` and ``Finish`` (as in an effect log).
+    ``None`` as the event of ``Commit``, ``RecordAttempt`` and ``Finish`` (as in a log).
     """
     records: list[tuple[Any, Any]] = []
     pending = list(effects)
@@ -319,13 +314,12 @@ def run_scripted(
                 records.append((effect, None))
                 if isinstance(effect, fx.Finish):
                     return state, records
-            elif isinstance(effect, _ACKNOWLEDGED):
-                records.append((effect, answer(effect)))
             else:
                 waiting = effect
         if waiting is None:
             raise AssertionError(
-                f"the machine emitted nothing to answer in phase {state.phase!r} and no Finish"
+                f"the machine emitted nothing to answer in phase {state.phase.value!r} and no "
+                "Finish"
             )
         if len(records) >= max_effects:
             raise AssertionError(f"no Finish after {max_effects} effects: a runaway run?")

@@ -339,7 +339,6 @@ class ScriptedWorld:
             fx.ClassifyFailure: self.classify,
             fx.FireHook: self.fire_hook,
             fx.Sleep: self.sleep,
-            fx.SaveCheckpoint: lambda e: fx.CheckpointSaved(e.node_id),
             fx.LoadCheckpoint: self.load,
         }
 
@@ -388,8 +387,8 @@ class ScriptedWorld:
 
     def classify(self, eff: fx.ClassifyFailure) -> fx.FailureClassified:
         if eff.error.type_name.endswith(".CustomError"):
-            return fx.FailureClassified(self.scenario.classifier_answer)
-        return fx.FailureClassified(None)
+            return fx.FailureClassified((self.scenario.classifier_answer,))
+        return fx.FailureClassified((None,))
 
     def fire_hook(self, eff: fx.FireHook) -> fx.HookFired:
         self.hooks_fired += 1

@@ -717,10 +717,12 @@ async def test_latency_budget_is_the_sum_of_node_durations_checked_after_each_no
     calls: list[str] = []
     plan = runner.compile([add(runner, "one", calls=calls), add(runner, "two", calls=calls),
                            add(runner, "three", calls=calls)])
+    from interpreters.live import Collaborators
+
     result = await run_session(
-        plan, Num(value=0), manager=CheckpointManager(InMemoryStore()),
-        machine=machine_config(runner.config, "latency-run"), explicit_run_id=False,
-        timer=timer,
+        plan, Num(value=0), machine=machine_config(runner.config, "latency-run"),
+        explicit_run_id=False,
+        world=Collaborators(CheckpointManager(InMemoryStore()), timer=timer),
     )
 
     assert calls == ["one", "two"]

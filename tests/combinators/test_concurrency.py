@@ -10,6 +10,7 @@ import pytest
 from pydantic import create_model
 
 from stroma import AsyncInMemoryStore, FailureClass, RunStatus
+from stroma import effects as fx
 from stroma.plan import map_each, parallel, seq
 from stroma.runner import RunConfig, interpret
 from tests.combinators.kit import (
@@ -312,8 +313,9 @@ async def test_a_map_with_no_items_gives_an_empty_list(anyio_backend: str) -> No
 
 @pytest.mark.anyio
 async def test_a_group_timeout_cancels_the_children_and_is_a_timeout(anyio_backend: str) -> None:
-    """with_timeout on a parallel group cancels children still running at the deadline and
-    reports a TimeoutError (RECOVERABLE) on the first unfinished child, not a cancellation."""
+    """with_timeout on a parallel group cancels children still running at the deadline; the
+    log records the facts (the unfinished child cancelled, the deadline passed) and the
+    machine makes the attempt a TimeoutError (RECOVERABLE), not a cancellation."""
     script = Script()
     never = anyio.Event()
 
@@ -333,12 +335,15 @@ async def test_a_group_timeout_cancels_the_children_and_is_a_timeout(anyio_backe
     [event] = list(result.trace)
     assert event.failure is FailureClass.RECOVERABLE
     kinds = [c["event"]["t"] for c in child_lines(result.log.to_jsonl())]
-    assert kinds == ["NodeRaised", "NodeReturned"]
+    assert kinds == ["NodeCancelled", "NodeReturned"]
+    group = next(r for r in result.log.records if isinstance(r[0], fx.CallParallel))
+    assert group[1].deadline_passed is True
 
 
 @pytest.mark.anyio
-async def test_with_retry_on_a_group_retries_the_whole_group(anyio_backend: str) -> None:
-    """A retry policy set on a group's id reruns the group (all its children) as one unit."""
+async def test_with_retry_on_a_group_retries_the_group(anyio_backend: str) -> None:
+    """A retry policy set on a group's id retries the group as one unit (one trace event
+    per attempt); a retry runs only the children that have not succeeded yet."""
     script = Script()
     seen = {"n": 0}
 
@@ -357,5 +362,5 @@ async def test_with_retry_on_a_group_retries_the_whole_group(anyio_backend: str)
                            {"RECOVERABLE": {"max_retries": 2, "backoff_seconds": 0}})
     result = await interpret(plan, Num(value=1), config=RunConfig(policy_map=NO_RETRY))
     assert result.status is RunStatus.COMPLETED
-    assert script.calls == {"flaky": 3, "steady": 3}
+    assert script.calls == {"flaky": 3, "steady": 1}
     assert [e.attempt for e in result.trace] == [1, 2, 3]

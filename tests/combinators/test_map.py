@@ -133,7 +133,7 @@ async def test_a_sub_plan_body_retries_its_nodes_inside_the_child(anyio_backend:
     # The retries are in the item's own records.
     group = next(r for r in result.log.records if isinstance(r[0], fx.CallParallel))
     sub = group[1].outcomes[2]
-    attempts = [e.event for e, _ in sub.records if isinstance(e, fx.RecordAttempt)]
+    attempts = [e.event for e, _ in sub.records if isinstance(e, fx.RecordAttempt | fx.Commit)]
     assert [(a.node_id, a.attempt, a.failure is None) for a in attempts] == [
         ("parse", 1, True), ("fetch", 1, False), ("fetch", 2, False), ("fetch", 3, True),
     ]

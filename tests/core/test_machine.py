@@ -11,9 +11,10 @@ from stroma import effects as fx
 from stroma.contracts import NodeContract
 from stroma.cost import estimate_cost_usd
 from stroma.failures import FailureClass
-from stroma.machine import MachineConfig, error_info, start
+from stroma.machine import MachineConfig, Phase, error_info, start
 from stroma.plan import Plan, compile_plan, parallel
 from stroma.runner import stroma_node
+from stroma.schemas import _schema_ref
 from stroma.testing import (
     EPOCH,
     SequenceMismatch,
@@ -25,7 +26,6 @@ from stroma.testing import (
     raised,
     returned,
     run_scripted,
-    saved,
     slept,
 )
 from stroma.trace import RunStatus, TraceEvent
@@ -59,11 +59,17 @@ def plan(*items: Any) -> Plan:
 
 
 def config(**changes: Any) -> MachineConfig:
+    changes.setdefault("hook_timeout_ms", None)  # hooks without a bound unless a test says
     return MachineConfig(run_id=RUN, seed=7, started_at=EPOCH, **changes)
 
 
-def ok(node_id: str, attempt: int, inp: dict[str, Any], out: dict[str, Any]) -> fx.RecordAttempt:
-    return fx.RecordAttempt.of(TraceEvent(node_id, RUN, attempt, EPOCH, inp, out, 0))
+def ok(
+    node_id: str, attempt: int, inp: dict[str, Any], out: dict[str, Any],
+    schema: type[BaseModel] | None = None,
+) -> fx.Commit:
+    """The Commit of a successful attempt (its record and checkpoint)."""
+    ref = _schema_ref(schema or Num)
+    return fx.Commit(node_id, RUN, attempt, EPOCH, inp, out, 0, ref)
 
 
 def failed(
@@ -88,17 +94,17 @@ def finish(status: RunStatus, tokens: int = 0, cost: float = 0.0) -> Any:
 
 
 def test_plain_success() -> None:
-    """A node that returns: CallNode, RecordAttempt, SaveCheckpoint, Finish(COMPLETED)."""
+    """A node that returns: CallNode, Commit (its record and checkpoint), Finish(COMPLETED)."""
     state, effects = start(plan(node("inc")), Num(value=1), config())
     cost = estimate_cost_usd("gpt-4o", 10, 5)
     end = perform_sequence(state, effects, [
         (fx.CallNode("inc", 1), returned({"value": 2}, input_tokens=10, output_tokens=5,
                                          model="gpt-4o")),
-        (ok("inc", 1, {"value": 1}, {"value": 2}), None),
-        (fx.SaveCheckpoint("inc", Num(value=2)), saved),
+        (lambda e: e == ok("inc", 1, {"value": 1}, {"value": 2}) and e.state == Num(value=2),
+         None),
         (fx.Finish(RunStatus.COMPLETED, Num(value=2), 15, cost, 0), None),
     ])
-    assert end.phase == "done" and end.state == Num(value=2)
+    assert end.phase is Phase.DONE and end.state == Num(value=2)
 
 
 def test_retry_with_backoff() -> None:
@@ -113,7 +119,6 @@ def test_retry_with_backoff() -> None:
         (lambda e: isinstance(e, fx.Sleep) and 0 <= e.seconds <= 30.0, slept),
         (fx.CallNode("fetch", 2), returned({"value": 5})),
         (ok("fetch", 2, {"value": 1}, {"value": 5}), None),
-        (fx.SaveCheckpoint, saved),
         (finish(RunStatus.COMPLETED), None),
     ])
 
@@ -154,7 +159,6 @@ def test_hooks_fire_start_then_success_or_failure() -> None:
         (fx.FireHook("start", "inc", 2, {"value": 1}), hook_fired()),
         (fx.CallNode("inc", 2), returned({"value": 2}, input_tokens=7)),
         (ok("inc", 2, {"value": 1}, {"value": 2}), None),
-        (fx.SaveCheckpoint, saved),
         (fx.FireHook("success", "inc", 2, {"value": 2}, 7), hook_fired()),
         (finish(RunStatus.COMPLETED, tokens=7), None),
     ])
@@ -167,7 +171,6 @@ def test_hooks_sequence_with_records_skipped() -> None:
     perform_sequence(state, effects, [
         (fx.FireHook("start", "inc", 1, {"value": 1}), hook_fired()),
         (fx.CallNode, returned({"value": 2})),
-        (fx.SaveCheckpoint, saved),
         (fx.FireHook("success", "inc", 1, {"value": 2}, 0), hook_fired()),
         (fx.Finish, None),
     ], skip_records=True)
@@ -187,17 +190,16 @@ def test_input_contract_violation_fires_start_then_failure() -> None:
 
 
 def test_parallel_group_is_one_step() -> None:
-    """A parallel group is one CallParallel, one merged record, one checkpoint, summed tokens."""
+    """A parallel group is one CallParallel, one Commit of the merged output, summed tokens."""
     step = parallel(node("left", Num, Left), node("right", Num, Right))
     state, effects = start(plan(step), Num(value=1), config())
     perform_sequence(state, effects, [
         (fx.CallParallel("parallel(left, right)", 1,
-                         (fx.CallNode("left", 1), fx.CallNode("right", 1))),
+                         (fx.CallNode("left", 1), fx.CallNode("right", 1)), indices=(0, 1)),
          parallel_returned(returned({"left": 2}, input_tokens=3),
                            returned({"right": 3}, input_tokens=4))),
-        (ok("parallel(left, right)", 1, {"value": 1}, {"left": 2, "right": 3}), None),
-        (lambda e: isinstance(e, fx.SaveCheckpoint)
-         and e.state.model_dump() == {"left": 2, "right": 3}, saved),
+        (lambda e: isinstance(e, fx.Commit) and e.event.output_state == {"left": 2, "right": 3}
+         and e.state.model_dump() == {"left": 2, "right": 3}, None),
         (finish(RunStatus.COMPLETED, tokens=7), None),
     ])
 
@@ -222,7 +224,6 @@ def test_resume_from_loads_the_checkpoint_before() -> None:
         (fx.LoadCheckpoint("a", Num), loaded(Num(value=10))),
         (fx.CallNode("b", 1), returned({"value": 20})),
         (ok("b", 1, {"value": 10}, {"value": 20}), None),
-        (fx.SaveCheckpoint, saved),
         (finish(RunStatus.RESUMED), None),
     ])
     assert end.state == Num(value=20)
@@ -247,12 +248,12 @@ def test_mismatch_shows_the_sequence_so_far() -> None:
     with pytest.raises(SequenceMismatch) as info:
         perform_sequence(state, effects, [
             (fx.CallNode("inc", 1), returned({"value": 2})),
-            (fx.SaveCheckpoint, saved),
+            (fx.RecordAttempt, None),
         ])
     message = str(info.value)
     assert "ok   CallNode(node_id='inc'" in message
-    assert "next expected: any SaveCheckpoint" in message
-    assert "got:           RecordAttempt('inc', attempt 1, ok)" in message
+    assert "next expected: any RecordAttempt" in message
+    assert "got:           Commit('inc', attempt 1, ok)" in message
 
 
 def test_too_short_and_too_long_sequences_fail() -> None:
@@ -263,7 +264,6 @@ def test_too_short_and_too_long_sequences_fail() -> None:
     with pytest.raises(SequenceMismatch, match="stopped emitting effects"):
         perform_sequence(state, effects, [
             (fx.CallNode, returned({"value": 2})),
-            (fx.SaveCheckpoint, saved),
             (fx.Finish, None),
             (fx.Finish, None),
         ], skip_records=True)
@@ -286,12 +286,10 @@ def test_a_rejected_answer_is_a_mismatch() -> None:
 def test_run_scripted_returns_the_log() -> None:
     """run_scripted drives to Finish and returns (effect, event) pairs like an effect log."""
     state, effects = start(plan(node("a"), node("b")), Num(value=1), config())
-    answers = {fx.CallNode: lambda e: returned({"value": e.input.value * 2}),
-               fx.SaveCheckpoint: saved}
+    answers = {fx.CallNode: lambda e: returned({"value": e.input.value * 2})}
     end, records = run_scripted(state, effects, lambda e: answers[type(e)](e))
     assert [type(e).__name__ for e, _ in records] == [
-        "CallNode", "RecordAttempt", "SaveCheckpoint",
-        "CallNode", "RecordAttempt", "SaveCheckpoint", "Finish",
+        "CallNode", "Commit", "CallNode", "Commit", "Finish",
     ]
     assert end.state == Num(value=4)
     assert records[-1][1] is None

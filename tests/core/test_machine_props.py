@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 from stroma import effects as fx
 from stroma.cost import estimate_cost_usd
 from stroma.failures import FailureClass
-from stroma.machine import MachineConfig, RunState, advance, error_info, start
+from stroma.machine import MachineConfig, Phase, RunState, advance, error_info, start
 from stroma.plan import Plan, Step
 from stroma.testing import run_scripted
 from stroma.trace import RunStatus, TraceEvent
@@ -53,7 +53,7 @@ def effects_of(records: Records) -> list[Any]:
 
 
 def attempts_of(records: Records) -> list[TraceEvent]:
-    return [e.event for e, _ in records if isinstance(e, fx.RecordAttempt)]
+    return [e.event for e, _ in records if isinstance(e, fx.RecordAttempt | fx.Commit)]
 
 
 def finish_of(records: Records) -> fx.Finish:
@@ -142,8 +142,9 @@ def test_terminal_failure_is_the_last_attempt(scenario: Scenario) -> None:
 
 @given(scenarios())
 def test_one_checkpoint_per_successful_step_in_order(scenario: Scenario) -> None:
-    """Each successful step is saved once, right after its validated attempt, before the next
-    step's first effect; no failed attempt is ever saved."""
+    """Each successful step is committed (its record and checkpoint) once, right after its
+    validated output arrived, before the next step's first effect; no failed attempt is
+    ever committed, and the committed state is the recorded output."""
     records = run(scenario)
     effects = effects_of(records)
     ids = scenario.plan.step_ids()
@@ -151,27 +152,24 @@ def test_one_checkpoint_per_successful_step_in_order(scenario: Scenario) -> None
     if scenario.config.resume_from in ids:
         first = ids.index(scenario.config.resume_from)
     saved: list[str] = []
-    successes = 0
     for i, eff in enumerate(effects):
         if isinstance(eff, fx.CallNode | fx.CallParallel | fx.RecordAttempt):
             step_id = eff.event.node_id if isinstance(eff, fx.RecordAttempt) else (
                 eff.node_id if isinstance(eff, fx.CallNode) else eff.step_id
             )
             assert saved == list(ids[first : ids.index(step_id)])
-            if isinstance(eff, fx.RecordAttempt) and eff.event.failure is None:
-                successes += 1
-                nxt = effects[i + 1]
-                assert isinstance(nxt, fx.SaveCheckpoint) and nxt.node_id == step_id
-        elif isinstance(eff, fx.SaveCheckpoint):
+            if isinstance(eff, fx.RecordAttempt):
+                assert eff.failure is not None or eff.output_state is None
+        elif isinstance(eff, fx.Commit):
             before = effects[i - 1]
-            assert isinstance(before, fx.RecordAttempt)
-            assert before.event.node_id == eff.node_id and before.event.failure is None
+            assert isinstance(before, fx.CallNode | fx.CallParallel)
+            assert (before.node_id if isinstance(before, fx.CallNode) else before.step_id) \
+                == eff.node_id
             schema = step_of(scenario.plan, eff.node_id).output_schema
             assert isinstance(eff.state, schema)
-            assert eff.state.model_dump(mode="json") == before.event.output_state
+            assert eff.state.model_dump(mode="json") == eff.event.output_state
             assert saved == list(ids[first : ids.index(eff.node_id)])
             saved.append(eff.node_id)
-    assert len(saved) == successes
     if finish_of(records).status in (RunStatus.COMPLETED, RunStatus.RESUMED):
         assert saved == list(ids[first:])
 
@@ -191,13 +189,10 @@ def test_hooks_bracket_each_attempt(scenario: Scenario) -> None:
         elif isinstance(eff, fx.CallNode | fx.CallParallel):
             step_id = eff.node_id if isinstance(eff, fx.CallNode) else eff.step_id
             markers[(step_id, eff.attempt)].append("call")
-        elif isinstance(eff, fx.RecordAttempt):
+        elif isinstance(eff, fx.RecordAttempt | fx.Commit):
             last = (eff.event.node_id, eff.event.attempt)
             attempts[last] = eff.event
-            markers[last].append("failed" if eff.event.failure else "ok")
-        elif isinstance(eff, fx.SaveCheckpoint):
-            assert last is not None
-            markers[last].append("save")
+            markers[last].append("failed" if eff.event.failure else "ok+save")
     assert set(markers) == set(attempts)
     for key, te in attempts.items():
         if is_budget_stop(te):
@@ -207,7 +202,7 @@ def test_hooks_bracket_each_attempt(scenario: Scenario) -> None:
             if not is_input_violation(te):
                 expected.append("call")
             if te.failure is None:
-                expected += ["ok", "save"] + (["success"] if "success" in hooks else [])
+                expected += ["ok+save"] + (["success"] if "success" in hooks else [])
             else:
                 expected += ["failed"] + (["failure"] if "failure" in hooks else [])
         assert markers[key] == expected, key
@@ -321,13 +316,11 @@ class MachineWalk(RuleBasedStateMachine):
         self.pending = None
         for eff in effects:
             assert self.pending is None, "an effect after one that needs an answer"
-            if isinstance(eff, fx.RecordAttempt | fx.Finish):
+            if isinstance(eff, fx.Commit | fx.RecordAttempt | fx.Finish):
                 self.records.append((eff, None))
-            elif isinstance(eff, fx.SaveCheckpoint):  # answered, not waited for
-                self.records.append((eff, fx.CheckpointSaved(eff.node_id)))
             else:
                 self.pending = eff
-        assert (self.pending is None) == (self.state.phase == "done")
+        assert (self.pending is None) == (self.state.phase is Phase.DONE)
 
     def answer(self, event: Any) -> None:
         self.records.append((self.pending, event))
@@ -357,7 +350,7 @@ class MachineWalk(RuleBasedStateMachine):
     @precondition(lambda self: self.waiting_for(fx.ClassifyFailure))
     @rule(answer=st.sampled_from((None, *FailureClass)))
     def classifier_answers(self, answer: FailureClass | None) -> None:
-        self.answer(fx.FailureClassified(answer))
+        self.answer(fx.FailureClassified((answer,)))
 
     @precondition(lambda self: self.waiting_for(fx.FireHook))
     @rule(fails=st.booleans())
@@ -365,14 +358,12 @@ class MachineWalk(RuleBasedStateMachine):
         error = error_info(RuntimeError("the hook is down")) if fails else None
         self.answer(fx.HookFired(error))
 
-    @precondition(lambda self: self.waiting_for(
-        fx.Sleep | fx.SaveCheckpoint | fx.LoadCheckpoint
-    ))
+    @precondition(lambda self: self.waiting_for(fx.Sleep | fx.LoadCheckpoint))
     @rule()
     def world_answers(self) -> None:
         self.answer(self.world(self.pending))
 
-    @precondition(lambda self: self.state.phase == "done")
+    @precondition(lambda self: self.state.phase is Phase.DONE)
     @rule()
     def finished(self) -> None:
         assert isinstance(self.records[-1][0], fx.Finish)

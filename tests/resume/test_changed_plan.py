@@ -34,13 +34,13 @@ CHANGES: dict[str, dict[str, Any]] = {
 
 
 async def _log_cut_after_flaky(folder: Path) -> bytes:
-    """A run's log cut just after flaky's checkpoint record (as a crash leaves it)."""
+    """A run's log cut just after flaky's commit record (as a crash leaves it)."""
     await interpret(Pipeline().nodes(), Num(value=1), store=FileStore(folder),
                     config=config(RUN))
     path = folder / "runs" / RUN / LOG_NAME
     lines = path.read_bytes().split(b"\n")
     n = next(k for k, line in enumerate(lines)
-             if b'"SaveCheckpoint","node_id":"flaky"' in line)
+             if b'"Commit","node_id":"flaky"' in line)
     cut = b"".join(line + b"\n" for line in lines[: n + 1])
     path.write_bytes(cut)
     return cut

@@ -46,7 +46,7 @@ def _done_in(prefix: bytes) -> tuple[set[str], bool, bool, bool]:
         if "ckpt" in obj:
             continue
         effect = obj["effect"]
-        if effect["t"] == "SaveCheckpoint":
+        if effect["t"] == "Commit":
             done.update(CHILDREN.get(effect["node_id"], (effect["node_id"],)))
         elif "partial" in obj:
             done.add(effect["node_id"])  # a fan-out child made durable before its group
@@ -120,7 +120,7 @@ async def test_resume_after_a_crash_at_every_record_boundary(tmp_path: Path) -> 
         assert not again.called, where
 
 
-@pytest.mark.parametrize("before", ["header", "partial", "SaveCheckpoint"])
+@pytest.mark.parametrize("before", ["header", "partial", "Commit"])
 async def test_a_torn_checkpoint_line_keeps_the_whole_line_before_it(
     tmp_path: Path, before: str
 ) -> None:
@@ -129,7 +129,7 @@ async def test_a_torn_checkpoint_line_keeps_the_whole_line_before_it(
     _, raw, original = await _record(tmp_path)
     lines = raw.split(b"\n")
     marker = {"header": b'{"stroma_log"', "partial": b'"partial":1',
-              "SaveCheckpoint": b'"t":"SaveCheckpoint"'}[before]
+              "Commit": b'"t":"Commit"'}[before]
     n = next(k for k, line in enumerate(lines) if marker in line)
     assert lines[n + 1].startswith(b'{"ckpt":1,')
     prefix = b"".join(line + b"\n" for line in lines[: n + 1]) + lines[n + 1][:20]
@@ -204,8 +204,8 @@ async def test_a_run_resumed_after_its_last_node_returned_finishes_resumed(
     stored = await FileStore(folder).read_log(RUN)
     assert stored is not None
     kinds = [type(r).__name__ if isinstance(r, ResumeMarker) else type(r[0]).__name__
-             for r in stored.records[-4:]]
-    assert kinds == ["ResumeMarker", "RecordAttempt", "SaveCheckpoint", "Finish"]
+             for r in stored.records[-3:]]
+    assert kinds == ["ResumeMarker", "Commit", "Finish"]
     assert stored.finish is not None and stored.finish.status is RunStatus.RESUMED
     assert (await replay(Pipeline().nodes(), stored)).status is RunStatus.RESUMED
 

@@ -22,7 +22,7 @@ from tests.resume.pipeline import Num, Pipeline, config
 pytestmark = pytest.mark.anyio
 
 RUN = "unanswered"
-_NO_ANSWER = (fx.RecordAttempt, fx.Finish)
+_NO_ANSWER = (fx.Commit, fx.RecordAttempt, fx.Finish)
 
 
 def _unanswer(line: bytes) -> bytes:
@@ -40,7 +40,8 @@ async def _recorded(folder: Path) -> list[bytes]:
 async def test_stromas_own_logs_answer_every_effect_that_needs_an_answer(
     tmp_path: Path,
 ) -> None:
-    """Every record a live run writes, except RecordAttempt and Finish, has its event."""
+    """Every record a live run writes, except Commit, RecordAttempt and Finish, has its
+    event."""
     await _recorded(tmp_path)
     log = await FileStore(tmp_path).read_log(RUN)
     assert log is not None
@@ -49,7 +50,7 @@ async def test_stromas_own_logs_answer_every_effect_that_needs_an_answer(
 
 
 @pytest.mark.parametrize("where", ["middle", "end"])
-@pytest.mark.parametrize("effect", ["CallNode", "CallParallel", "SaveCheckpoint"])
+@pytest.mark.parametrize("effect", ["CallNode", "CallParallel"])
 async def test_resuming_a_log_with_an_unanswered_record_is_log_corrupted(
     tmp_path: Path, where: str, effect: str
 ) -> None:

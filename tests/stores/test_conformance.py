@@ -404,13 +404,15 @@ def sample_log(run_id: str) -> EffectLog:
             fx.CallNode(node_id="fetch", attempt=2, timeout_ms=500),
             fx.NodeReturned(output={"x": 1, "s": "\u00e9\n"}, started_at=t0, duration_ms=3),
         ),
-        (fx.SaveCheckpoint("fetch", SAMPLES["nested"]), fx.CheckpointSaved("fetch")),
+        (fx.Commit("fetch", run_id, 2, t0, {"x": 0}, SAMPLES["nested"], 3, "m:Nested",
+                   SAMPLES["nested"]), None),
         ResumeMarker(at=(t0 + timedelta(minutes=5)).isoformat()),
         (
             fx.CallNode(node_id="parse", attempt=1, model="gpt-4o-mini"),
             fx.NodeReturned(output={"y": [1, 2]}, started_at=t0, duration_ms=7, input_tokens=9),
         ),
-        (fx.SaveCheckpoint("parse", SAMPLES["generic"]), fx.CheckpointSaved("parse")),
+        (fx.Commit("parse", run_id, 1, t0, {"y": [1, 2]}, SAMPLES["generic"], 7, "m:Generic",
+                   SAMPLES["generic"]), None),
     ]
     return EffectLog(header, records)
 

@@ -79,15 +79,15 @@ def sample_log(run_id: str = "r1", nodes: int = 3, finish: bool = True) -> Effec
         records.append(
             (fx.CallNode(node, 1), fx.NodeReturned({"v": k}, T0, 5, input_tokens=3, model="m"))
         )
-        records.append(
-            (fx.RecordAttempt.of(TraceEvent(node, run_id, 1, T0, {"v": k - 1}, {"v": k}, 5)), None)
-        )
-        records.append((fx.SaveCheckpoint(node, Step(v=k)), fx.CheckpointSaved(node)))
+        records.append((fx.Commit(node, run_id, 1, T0, {"v": k - 1}, {"v": k}, 5, "x:Step",
+                                  Step(v=k)), None))
     error = fx.ErrorInfo(("builtins.ValueError", "builtins.Exception"), "bad")
     group = fx.CallParallel("parallel(a, b)", 1, calls=(fx.CallNode("a", 1), fx.CallNode("b", 1)))
     outcomes = (fx.NodeReturned({"a": 1}, T0, 2), fx.NodeRaised(error, T0, 3))
     records.append((group, fx.ParallelReturned(T0, 4, outcomes=outcomes)))
-    records.append((fx.ClassifyFailure("b", 1, error), fx.FailureClassified(FailureClass.TERMINAL)))
+    records.append(
+        (fx.ClassifyFailure("b", 1, error), fx.FailureClassified((FailureClass.TERMINAL,)))
+    )
     records.append(
         (
             fx.RecordAttempt.of(
@@ -108,7 +108,8 @@ async def write_log(store: FileStore, log: EffectLog) -> None:
     for i, rec in enumerate(log.records):
         effect = rec[0] if isinstance(rec, tuple) else None
         checkpoint = (
-            (effect.node_id, effect.state) if isinstance(effect, fx.SaveCheckpoint) else None
+            (effect.node_id, Step.model_validate_json(effect.output_state))
+            if isinstance(effect, fx.Commit) else None
         )
         await store.append_log(run_id, encode_record(i, rec), checkpoint)
 
@@ -555,11 +556,11 @@ async def test_garbage_in_the_middle_names_the_file(
 async def test_a_header_of_another_format_version_names_the_file(tmp_path: Path) -> None:
     """A log written in another format version is refused, naming the file and the version."""
     await write_log(FileStore(tmp_path), sample_log())
-    data = log_path(tmp_path).read_bytes().replace(b'"stroma_log":1', b'"stroma_log":2', 1)
+    data = log_path(tmp_path).read_bytes().replace(b'"stroma_log":2', b'"stroma_log":3', 1)
     log_path(tmp_path).write_bytes(data)
     with pytest.raises(LogCorrupted) as info:
         await FileStore(tmp_path).read_log("r1")
-    assert str(log_path(tmp_path)) in str(info.value) and "version 2" in str(info.value)
+    assert str(log_path(tmp_path)) in str(info.value) and "version 3" in str(info.value)
 
 
 async def test_a_log_of_another_run_is_refused(tmp_path: Path) -> None:

@@ -421,7 +421,8 @@ def test_sync_store_round_trips_and_deletes(
     from stroma.log import EffectLog, LogHeader
 
     store = SyncRedisStore(redis_url, key_prefix=unique_name("stroma-test"))
-    log = EffectLog(LogHeader(run_id="r", plan="p", seed=1, version="0", started_at="t"))
+    log = EffectLog(LogHeader(run_id="r", plan="p", seed=1, version="0",
+                                started_at="2026-01-01T00:00:00+00:00"))
     try:
         store.save("r", "n", STATE)
         assert store.load("r", "n") == STATE and type(store.load("r", "n")) is State

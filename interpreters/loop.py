@@ -1,0 +1,209 @@
+"""The live loop: perform effect -> event -> ``advance`` -> append the record.
+
+The machine decides; the loop performs what it asks through the performer's table (one
+entry per effect type), appends each record's atoms to the run's log, and makes the log
+durable through the ``Recorder`` when the store holds it: a ``Commit`` is appended with
+its checkpoint in one store call, so a node's success is durable before the next node
+starts. A run that picks up a recorded log first goes through ``interpreters.replay``
+and then goes on here after the machine's ``Resumed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from pydantic import BaseModel
+
+from interpreters.replay import replay_records
+from stroma import effects as fx
+from stroma.errors import StromaError
+from stroma.log import (
+    EffectLog,
+    LogHeader,
+    RecordList,
+    ResumeMarker,
+    encode_effect,
+    encode_event,
+    encode_header,
+    encode_partial,
+    encode_record,
+    is_attempt,
+    returned_atoms,
+    trace_of,
+)
+from stroma.machine import MachineConfig, RunState, advance, start
+from stroma.plan import Plan
+from stroma.trace import ExecutionResult, ExecutionTrace
+
+__all__ = ("Recorder", "result_of", "resume_marker", "run", "run_live")
+
+
+class Recorder:
+    """The run's EffectLog, and how much of it a durable LogStore already holds."""
+
+    __slots__ = ("_lock", "flushed", "keeps_partials", "log", "run_id", "session_start",
+                 "store")
+
+    def __init__(
+        self, log: EffectLog, store: Any | None, *, flushed: int | None = None,
+        keeps_partials: bool = False, session_start: int = 0,
+    ) -> None:
+        self.log = log
+        # In-process logs (memory stores) keep finished fan-out children too.
+        self.keeps_partials = keeps_partials
+        self.run_id = log.header.run_id
+        self.store = store  # a LogStore, or None
+        # Index of the first record not yet durable; -1 means the header is not written yet.
+        self.flushed = len(log.records) if flushed is None else flushed
+        # Where this session's records start (the trace is the session's attempts).
+        self.session_start = session_start
+        self._lock: anyio.Lock | None = None  # serializes fan-out children's appends
+
+    @classmethod
+    def in_memory(cls, run_id: str, plan: str, seed: int, started_at: str) -> Recorder:
+        """A recorder for a sub-plan's embedded log."""
+        header = LogHeader(run_id=run_id, plan=plan, seed=seed, version="",
+                           started_at=started_at)
+        return cls(EffectLog(header, RecordList()), None)
+
+    def _pending_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.flushed < 0:
+            lines.append(encode_header(self.log.header))
+            self.flushed = 0
+        items = self.log.records.items
+        for i in range(self.flushed, len(items)):
+            lines.extend(encode_record(i, items[i]))
+        return lines
+
+    async def flush(self, checkpoint: tuple[str, BaseModel] | None = None) -> None:
+        """Make every record so far durable, with ``checkpoint`` in the same commit."""
+        if self.store is None:
+            return
+        start = self.flushed
+        lines = self._pending_lines()
+        try:
+            await self.store.append_log(self.run_id, lines, checkpoint)
+        except BaseException:
+            self.flushed = start
+            raise
+        self.flushed = len(self.log.records.items)
+
+    async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
+        """A fan-out child finished: make it durable before the group ends, so a crash
+        inside the fan-out does not run it again."""
+        index = len(self.log.records.items)
+        entry = (index, child, call, outcome)
+        if self.store is None:
+            if self.keeps_partials:
+                self.log.partials.append(entry)
+            return
+        # Children finish concurrently: one append at a time, so the header and any
+        # pending records are written once, and first.
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            start = self.flushed
+            lines = self._pending_lines()
+            lines.append(encode_partial(*entry))
+            try:
+                await self.store.append_log(self.run_id, lines, None)
+            except BaseException:
+                self.flushed = start
+                raise
+            self.flushed = len(self.log.records.items)
+            self.log.partials.append(entry)
+
+
+def result_of(finish: fx.Finish, recorder: Recorder) -> ExecutionResult:
+    """The run's result: the Finish, and the trace folded from this session's records."""
+    items = recorder.log.records.items
+    attempts = [x for x in items[recorder.session_start:] if is_attempt(x)]
+    return ExecutionResult(
+        run_id=recorder.run_id,
+        status=finish.status,
+        final_state=finish.final_state,
+        trace=ExecutionTrace.from_records(attempts, trace_of),
+        total_cost_usd=finish.total_cost_usd,
+        total_tokens=finish.total_tokens,
+        log=recorder.log,
+        stop_reason=finish.reason,
+    )
+
+
+async def run_live(
+    state: RunState, effects: Sequence[Any], recorder: Recorder, performer: Any
+) -> ExecutionResult:
+    """Run the machine to its Finish, performing its effects live."""
+    items = recorder.log.records.items
+    table = performer.table
+    commit = performer.commit
+    warn = performer.log.warning
+    while True:
+        pending: Any = None
+        for eff in effects:
+            t = type(eff)
+            if t is fx.Commit:
+                items.append((("Commit", eff.node_id, eff.run_id, eff.attempt,
+                               eff.timestamp_utc, eff.input_state, eff.output_state,
+                               eff.duration_ms, eff.schema), None))
+                await commit(eff)
+            elif t is fx.RecordAttempt:
+                items.append((encode_effect(eff), None))
+                if eff.failure is not None:
+                    warn("node %r attempt %d failed (%s): %s", eff.node_id, eff.attempt,
+                         eff.failure, eff.failure_message)
+            elif t is fx.Finish:
+                items.append((encode_effect(eff), None))
+                await recorder.flush()
+                return result_of(eff, recorder)
+            else:
+                pending = eff
+        if pending is None:
+            raise StromaError(
+                f"the machine emitted no effect to perform in {state.phase.value!r}"
+            )
+        event = await table[type(pending)](pending)
+        state, effects = advance(state, event)
+        if type(event) is fx.NodeReturned:
+            first = effects[0] if effects else None
+            valid = (first.output_state, first.schema) if type(first) is fx.Commit else None
+            items.append(((
+                "CallNode", pending.node_id, pending.attempt, pending.timeout_ms, pending.model,
+            ), returned_atoms(event, valid)))
+        else:
+            items.append((encode_effect(pending), encode_event(event)))
+
+
+def resume_marker(records: RecordList) -> ResumeMarker:
+    """A marker for where this session goes on live, appended to ``records``."""
+    marker = ResumeMarker(datetime.now(UTC).astimezone().isoformat())
+    records.append(marker)
+    return marker
+
+
+async def run(
+    plan: Plan,
+    initial: BaseModel,
+    config: MachineConfig,
+    recorder: Recorder,
+    performer: Any,
+    *,
+    prior: Sequence[Any] = (),
+) -> ExecutionResult:
+    """A (sub-)plan's run: from its start, or going on from the ``prior`` records of an
+    unfinished earlier try (replayed, then live after a ``Resumed``)."""
+    state, effects = start(plan, initial, config)
+    if prior:
+        records = recorder.log.records
+        for item in getattr(prior, "items", prior):  # (a RecordList's atoms as they are)
+            records.append(item)
+        done = replay_records(state, effects, records)
+        if done.finish is not None:
+            return result_of(done.finish, recorder)
+        marker = resume_marker(records)
+        state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))
+    return await run_live(state, effects, recorder, performer)

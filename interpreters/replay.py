@@ -1,0 +1,212 @@
+"""The replay loop: the machine fed the events of a recorded log.
+
+A replay is the live loop with the events taken from the log instead of the world: each
+effect the machine emits must equal the recorded one (else ``NondeterminismError``,
+naming the record, the recorded effect and the new one), the recorded answer is fed back
+through ``advance``, and nothing user-written runs. A ``ResumeMarker`` is fed to the
+machine as the ``Resumed`` event it records.
+
+``replay_records`` stops at the recorded ``Finish``, or where the records end (a run that
+crashed or is still running): it then says which of the machine's effects the log has not
+recorded, for the live loop to perform after a ``Resumed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from stroma import effects as fx
+from stroma.errors import LogCorrupted, NondeterminismError
+from stroma.log import RecordList, ResumeMarker, decode_effect, decode_event, encode_effect
+from stroma.machine import RunState, UnexpectedEvent, advance, start
+from stroma.trace import RunStatus
+
+__all__ = ("Replayed", "describe", "replay_records")
+
+_OWN = (fx.Commit, fx.RecordAttempt)  # the machine's own records: no answer to feed back
+
+
+@attrs.frozen
+class Replayed:
+    """Where a replay stopped: the machine's state, the effects of its last step that the
+    log did not record (``pending``, empty after a Finish), how many records were read,
+    and the Finish (None when the records ran out first)."""
+
+    state: RunState
+    pending: tuple[Any, ...]
+    read: int
+    finish: fx.Finish | None
+
+
+def describe(effect: Any) -> str:
+    """One line about an effect, for a divergence message."""
+    if isinstance(effect, fx.RecordAttempt | fx.Commit):
+        e = effect.event
+        what = "ok" if e.failure is None else f"{e.failure}: {e.failure_message}"
+        return f"{type(effect).__name__}({e.node_id!r}, attempt {e.attempt}, {what})"
+    return repr(effect)
+
+
+def _difference(recorded: Any, new: Any) -> str:
+    """Which fields differ, when both are the same kind of effect."""
+    if type(recorded) is not type(new):
+        return f"a {type(new).__name__} where the log has a {type(recorded).__name__}"
+    parts = []
+    for field in attrs.fields(type(new)):
+        if not field.eq or field.name == "state":  # (a live value, never compared)
+            continue
+        x, y = getattr(recorded, field.name), getattr(new, field.name)
+        if x != y and fx.as_json_value(x) != fx.as_json_value(y):
+            parts.append(f"{field.name}: recorded {x!r}, now {y!r}")
+    return "; ".join(parts)[:800]
+
+
+def _diverged(index: int, recorded: Any, new: Any) -> NondeterminismError:
+    return NondeterminismError(index, describe(recorded), describe(new), _difference(recorded, new))
+
+
+def _same(effect: Any, atoms: tuple[Any, ...]) -> bool:
+    """Whether an emitted effect is the recorded one: by atoms first (C-level tuple
+    equality), then by value (a format 1 record, states written differently)."""
+    if encode_effect(effect) == atoms:
+        return True
+    if type(effect) is fx.Finish:
+        recorded = decode_effect(atoms)
+        return bool(
+            # (a log written before a resumed run's Finish said RESUMED says COMPLETED)
+            (recorded.status == effect.status or (
+                effect.status is RunStatus.RESUMED and recorded.status is RunStatus.COMPLETED
+            ))
+            and recorded.reason == effect.reason
+            and recorded.total_tokens == effect.total_tokens
+            and recorded.total_latency_ms == effect.total_latency_ms
+            and recorded.total_cost_usd == effect.total_cost_usd
+        )
+    if atoms[0] != type(effect).__name__:
+        return False
+    return bool(decode_effect(atoms) == effect)
+
+
+def replay_records(
+    state: RunState,
+    effects: Sequence[Any],
+    records: RecordList,
+    *,
+    offset: int = 0,
+    start_at: int = 0,
+) -> Replayed:
+    """Feed ``records.items[start_at:]`` to the machine from ``state, effects``.
+
+    ``offset`` is added to record positions in error messages (a session that starts
+    after other records of the same log).
+    """
+    items = records.items
+    n = len(items)
+    i = start_at
+    work = list(effects)
+    while True:
+        k = 0
+        event: Any = None
+        while k < len(work):
+            eff = work[k]
+            if i >= n:
+                return Replayed(state, tuple(work[k:]), i, None)
+            item = items[i]
+            if type(item) is ResumeMarker:
+                if item.restart is not None:
+                    raise NondeterminismError(
+                        i + offset, "restart", describe(eff), "restart inside an unfinished step"
+                    )
+                # The run was picked up here after a crash: the machine takes the Resumed
+                # it recorded, and answers with what the live part performed.
+                i += 1
+                try:
+                    state, new = advance(state, fx.Resumed(item.at, tuple(work[k:])))
+                except UnexpectedEvent as e:
+                    raise NondeterminismError(i - 1 + offset, "resumed", describe(eff),
+                                              str(e)) from None
+                work = [*work[:k], *new]
+                continue
+            recorded, answer = item
+            t = type(eff)
+            if not _same(eff, recorded):
+                raise _diverged(i + offset, decode_effect(recorded), eff)
+            i += 1
+            k += 1
+            if t is fx.Commit:
+                if i < n and type(items[i]) is not ResumeMarker and items[i][0][0] == (
+                    "SaveCheckpoint"
+                ):
+                    i += 1  # a format 1 log's separate checkpoint record: covered
+                continue
+            if t is fx.RecordAttempt:
+                continue
+            if t is fx.Finish:
+                status = RunStatus(recorded[1])  # as recorded (see _same)
+                return Replayed(state, (), i, attrs.evolve(eff, status=status))
+            if answer is None:
+                # stroma records an effect only with its answer (a crash loses the whole
+                # record), so this log was altered or written by something else. Going
+                # live here would misalign the record indices with the durable log.
+                raise LogCorrupted(
+                    "the effect log",
+                    f"record {i - 1 + offset} ({describe(eff)}) has no answering event: an "
+                    "effect that needs an answer is only ever recorded with it, so the log "
+                    "was altered; restore it, or delete the run and start it again",
+                )
+            event = decode_event(answer)
+            if t is fx.CallParallel:
+                _verify_children(eff, event, i - 1 + offset)
+            break
+        else:
+            raise LogCorrupted(
+                "the effect log",
+                f"record {i + offset}: the machine emitted no effect to wait on in phase "
+                f"{state.phase.value!r}",
+            )
+        try:
+            state, work = advance(state, event)
+        except UnexpectedEvent as e:
+            raise NondeterminismError(i - 1 + offset, repr(event), "(no such event)",
+                                      str(e)) from None
+
+
+def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None:
+    """Replay each recorded sub-plan against its plan: it must end the same way."""
+    if not isinstance(event, fx.ParallelReturned) or len(event.outcomes) != len(eff.calls):
+        return
+    for call, outcome in zip(eff.calls, event.outcomes, strict=True):
+        if not (type(call) is fx.RunPlan and type(outcome) is fx.PlanFinished):
+            continue
+        if call.plan is None or call.input is None:
+            continue
+        state, effects = start(call.plan, call.input, call.config)
+        try:
+            done = replay_records(state, effects, RecordList(outcome.records))  # (a copy)
+        except NondeterminismError as e:
+            raise NondeterminismError(
+                index, f"{call.child_id}: {e.recorded}", f"{call.child_id}: {e.new}",
+                f"inside the sub-plan, record {e.index}",
+            ) from None
+        ended = done.finish.status if done.finish is not None else None
+        if ended != outcome.status:
+            raise NondeterminismError(
+                index, f"{call.child_id} ended {outcome.status}",
+                f"{call.child_id} ends {ended}", "the sub-plan's result differs",
+            )
+        if outcome.status in (RunStatus.COMPLETED, RunStatus.RESUMED):
+            assert done.finish is not None
+            # The recorded output holds the fields the child set; its unset fields have
+            # their defaults, so the full states compare (which fields count as set can
+            # differ once a state was rebuilt from its JSON).
+            final_state = done.finish.final_state
+            final = final_state.model_dump(mode="json")
+            recorded = type(final_state).model_validate(outcome.output).model_dump(mode="json")
+            if final != recorded:
+                raise NondeterminismError(
+                    index, f"{call.child_id} output {recorded!r}",
+                    f"{call.child_id} output {final!r}", "the sub-plan's result differs",
+                )

@@ -1,0 +1,130 @@
+"""The in-process stores: ``InMemoryStore`` (synchronous, the default) and
+``AsyncInMemoryStore``.
+
+Checkpoints are kept as their JSON text, so a loaded state is a new object equal to the
+saved one; a run's effect log is kept by reference (``attach_log``), so a run cancelled
+in this process resumes from it. ``save_state_json`` takes a checkpoint as the JSON text
+the machine already made (what a run commits through), ``save`` a model.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from stroma.log import EffectLog
+from stroma.schemas import state_json
+
+__all__ = ("AsyncInMemoryStore", "InMemoryStore")
+
+
+def _require_model_type(schema: object) -> None:
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise TypeError(
+            f"schema must be a BaseModel type (a pydantic model class), got {schema!r:.80} "
+            f"(a {type(schema).__name__}): pass the class of the state, e.g. save_typed("
+            "run_id, node_id, state, MyState)"
+        )
+
+
+class _MemoryBase:
+    """Checkpoints as JSON text (so a loaded state is a new, equal object) and logs by reference."""
+
+    def __init__(self) -> None:
+        # JSON text and schema kept apart: a dict of bytes values is nothing for the
+        # garbage collector to walk, which matters for runs of many thousand nodes.
+        self._data: dict[str, dict[str, bytes]] = {}
+        self._types: dict[str, dict[str, type[BaseModel]]] = {}
+        self._logs: dict[str, EffectLog] = {}
+
+    def _put(self, run_id: str, node_id: str, data: bytes, schema: type[BaseModel]) -> None:
+        texts = self._data.get(run_id)
+        if texts is None:
+            texts = self._data[run_id] = {}
+            self._types[run_id] = {}
+        texts[node_id] = data
+        self._types[run_id][node_id] = schema
+
+    def _save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        if not isinstance(state, BaseModel):
+            raise TypeError(
+                f"checkpoint state for node {node_id!r} must be a pydantic BaseModel, "
+                f"got {type(state).__name__}"
+            )
+        self._put(run_id, node_id, state_json(state), type(state))
+
+    def _load(self, run_id: str, node_id: str, schema: type[BaseModel] | None) -> BaseModel | None:
+        text = self._data.get(run_id, {}).get(node_id)
+        if text is None:
+            return None
+        return (schema or self._types[run_id][node_id]).model_validate_json(text)
+
+    def _delete(self, run_id: str) -> None:
+        self._data.pop(run_id, None)
+        self._types.pop(run_id, None)
+        self._logs.pop(run_id, None)
+
+    # The in-process effect log: held by reference, so keeping it costs nothing per node.
+    def attach_log(self, run_id: str, log: EffectLog) -> None:
+        self._logs[run_id] = log
+
+    def get_log(self, run_id: str) -> EffectLog | None:
+        return self._logs.get(run_id)
+
+    def run_ids(self) -> list[str]:
+        return sorted(set(self._data) | set(self._logs))
+
+
+class InMemoryStore(_MemoryBase):
+    """Synchronous in-process store (the default)."""
+
+    def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self._save(run_id, node_id, state)
+
+    def save_state_json(
+        self, run_id: str, node_id: str, data: bytes, schema: type[BaseModel]
+    ) -> None:
+        """Save a checkpoint given as its JSON text (``state_json``) and its schema."""
+        self._put(run_id, node_id, data, schema)
+
+    def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return self._load(run_id, node_id, None)
+
+    def delete(self, run_id: str) -> None:
+        self._delete(run_id)
+
+    def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
+        _require_model_type(schema)
+        self._save(run_id, node_id, state)
+
+    def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
+        _require_model_type(schema)
+        return self._load(run_id, node_id, schema)
+
+
+class AsyncInMemoryStore(_MemoryBase):
+    """Asynchronous in-process store."""
+
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self._save(run_id, node_id, state)
+
+    async def save_state_json(
+        self, run_id: str, node_id: str, data: bytes, schema: type[BaseModel]
+    ) -> None:
+        """Save a checkpoint given as its JSON text (``state_json``) and its schema."""
+        self._put(run_id, node_id, data, schema)
+
+    async def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return self._load(run_id, node_id, None)
+
+    async def delete(self, run_id: str) -> None:
+        self._delete(run_id)
+
+    async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
+        _require_model_type(schema)
+        self._save(run_id, node_id, state)
+
+    async def load_typed(
+        self, run_id: str, node_id: str, schema: type[BaseModel]
+    ) -> BaseModel | None:
+        _require_model_type(schema)
+        return self._load(run_id, node_id, schema)
