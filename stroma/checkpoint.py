@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = (
     "AsyncCheckpointStore",
     "AsyncInMemoryStore",
+    "CheckpointKey",
     "CheckpointManager",
     "CheckpointStore",
     "InMemoryStore",
@@ -36,6 +37,25 @@ __all__ = (
     "_schema_ref",
     "is_async_store",
 )
+
+
+class CheckpointKey(NamedTuple):
+    """Where a checkpoint lives: the run and the node whose output it is."""
+
+    run_id: str
+    node_id: str
+
+
+def _check_schema(method: str, schema: object) -> None:
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        found = (
+            f"the class {schema.__qualname__}" if isinstance(schema, type)
+            else f"{schema!r:.80} (a {type(schema).__name__})"
+        )
+        raise TypeError(
+            f"{method}(run_id, node_id, state, schema): schema must be a BaseModel type, got "
+            f"{found}: pass the pydantic model class of the state, e.g. type(state)"
+        )
 
 
 @runtime_checkable
@@ -154,6 +174,7 @@ class InMemoryStore(_MemoryBase):
         self._delete(run_id)
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
+        _check_schema("InMemoryStore.save_typed", schema)
         self._save(run_id, node_id, state)
 
     def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
@@ -173,6 +194,7 @@ class AsyncInMemoryStore(_MemoryBase):
         self._delete(run_id)
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
+        _check_schema("AsyncInMemoryStore.save_typed", schema)
         self._save(run_id, node_id, state)
 
     async def load_typed(
