@@ -39,7 +39,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check stroma interpreters tests benchmarks
 	$(BIN)/mypy stroma interpreters
 	$(BIN)/python -m tests.api.readme_examples $(TYPED)
-	$(BIN)/mypy --strict --follow-imports=silent $(TYPED)/*.py stroma/demo.py
+	$(BIN)/mypy --strict --follow-imports=silent $(TYPED)/*.py stroma/demo.py \
+		tests/api/typed_user_code.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
