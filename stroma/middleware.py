@@ -79,8 +79,13 @@ async def execute_step(
 ) -> ExecutionResult:
     """Run one callable with the full reliability loop; returns that step's result.
 
-    The step's usage counts against the context's budget together with earlier steps,
-    and its attempts are appended to the context's trace.
+    The contract is ``contract``, else the one the context's registry has for
+    ``step_id``. With neither, the step runs unvalidated (classification, retries,
+    budget, hooks and checkpoint still apply) and the result's final state is a model of
+    the type the step returned, or of the input's type when the output fits it, else an
+    ``UnvalidatedOutput`` holding what it returned. The step's usage counts against the
+    context's budget together with earlier steps, and its attempts are appended to the
+    context's trace.
     """
     if contract is None and step_id in ctx.registry:
         contract = ctx.registry.get(step_id)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,24 @@ def test_make_demo_from_a_fresh_checkout_is_quiet_and_installs_only_the_demo(
         capture_output=True, text=True,
     )
     assert shown.returncode == 0 and f"run {command[5]}: COMPLETED" in shown.stdout
+
+
+@pytest.mark.slow
+def test_building_the_wheel_prints_no_setuptools_warning(tmp_path: Path) -> None:
+    """A verbose wheel build of a fresh checkout shows no setuptools deprecation (the license
+    banner included), and the wheel carries the SPDX license and stroma's one version."""
+    checkout = _fresh_checkout(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-v", "-w", str(tmp_path)],
+        cwd=checkout, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    build_output = out.stdout + out.stderr
+    assert "BuildBackendWarning" not in build_output
+    assert "deprecated" not in build_output.lower()
+    [wheel] = tmp_path.glob("stroma-*.whl")
+    assert wheel.name == f"stroma-{stroma.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(f"stroma-{stroma.__version__}.dist-info/METADATA").decode()
+    assert f"Version: {stroma.__version__}\n" in metadata
+    assert "License-Expression: MIT\n" in metadata
