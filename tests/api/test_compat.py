@@ -552,10 +552,11 @@ def _without_extras(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_stroma_imports_and_runs_without_redis_or_asyncpg() -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_stroma_imports_and_runs_without_redis_or_asyncpg(backend: str) -> None:
     """``import stroma`` (every lazy store name included) needs neither redis nor asyncpg,
-    and a FileStore run works without them."""
-    out = _without_extras('''
+    and a FileStore run works without them, on asyncio and on trio."""
+    out = _without_extras(f"BACKEND = {backend!r}\n" + textwrap.dedent('''
         import sys, tempfile
         import anyio
         import stroma
@@ -575,9 +576,12 @@ def test_stroma_imports_and_runs_without_redis_or_asyncpg() -> None:
             return {"value": s.value + 1}
 
         with tempfile.TemporaryDirectory() as folder:
-            result = anyio.run(lambda: stroma.interpret([inc], N(value=1), store=FileStore(folder)))
+            result = anyio.run(
+                lambda: stroma.interpret([inc], N(value=1), store=FileStore(folder)),
+                backend=BACKEND,
+            )
         print(result.status, result.final_state)
-    ''')
+    '''))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "COMPLETED value=2"
 
