@@ -37,6 +37,7 @@ from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
 from stroma.trace import ExecutionResult
+from stroma._version import __version__
 
 __all__ = (
     "VERSION",
@@ -48,7 +49,7 @@ __all__ = (
     "utcnow",
 )
 
-VERSION = "0.2.0"
+VERSION = __version__
 
 
 def _holder() -> str:

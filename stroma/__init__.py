@@ -6,9 +6,15 @@ pluggable stores, hooks, parallel fan-out, a full trace, and an effect log that 
 a run deterministically.
 """
 
+from typing import TYPE_CHECKING
+
+from stroma._version import __version__
+import logging as _logging
+
 from stroma.checkpoint import (
     AsyncCheckpointStore,
     AsyncInMemoryStore,
+    CheckpointKey,
     CheckpointManager,
     CheckpointStore,
     InMemoryStore,
@@ -38,6 +44,8 @@ from stroma.cost import (
     resolve_model,
 )
 from stroma.errors import (
+    ChildFailed,
+    ChildFailedTerminally,
     LogCorrupted,
     NondeterminismError,
     PlanError,
@@ -58,7 +66,7 @@ from stroma.failures import (
 )
 from stroma.log import EffectLog
 from stroma.middleware import ReliabilityContext, StromaStep, execute_step
-from stroma.plan import Plan, parallel, seq
+from stroma.plan import Plan, branch, map_each, parallel, seq
 from stroma.runner import (
     NodeHooks,
     RunConfig,
@@ -71,7 +79,12 @@ from stroma.runner import (
 )
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus, TraceEvent
 
-__version__ = "0.2.0"
+if TYPE_CHECKING:
+    # The stores live with the other I/O in interpreters/ and are imported when first
+    # asked for (see __getattr__ below); type checkers see their real classes.
+    from interpreters.stores.file import FileStore
+    from interpreters.stores.postgres import PostgresStore
+    from interpreters.stores.redis import RedisStore, SyncRedisStore
 
 __all__ = (
     "KNOWN_MODELS",
@@ -79,7 +92,10 @@ __all__ = (
     "AsyncInMemoryStore",
     "BoundaryValidator",
     "BudgetExceeded",
+    "CheckpointKey",
     "CheckpointManager",
+    "ChildFailed",
+    "ChildFailedTerminally",
     "CheckpointStore",
     "Classifier",
     "ContractRegistry",
@@ -127,11 +143,13 @@ __all__ = (
     "__version__",
     "_resolve_schema",
     "_schema_ref",
+    "branch",
     "classify",
     "default_policy_map",
     "estimate_cost_usd",
     "execute_step",
     "interpret",
+    "map_each",
     "parallel",
     "replay",
     "resolve_model",
@@ -139,6 +157,10 @@ __all__ = (
     "stroma_node",
     "stroma_step",
 )
+
+# A library's logger: records go to whatever the application configured, and nowhere
+# (not to stderr) when it configured nothing.
+_logging.getLogger("stroma").addHandler(_logging.NullHandler())
 
 _LAZY = {
     "RedisStore": "interpreters.stores.redis",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = (
     "AsyncCheckpointStore",
     "AsyncInMemoryStore",
+    "CheckpointKey",
     "CheckpointManager",
     "CheckpointStore",
     "InMemoryStore",
@@ -38,6 +39,13 @@ __all__ = (
     "_schema_ref",
     "is_async_store",
 )
+
+
+class CheckpointKey(NamedTuple):
+    """Where a checkpoint lives: the run and the node whose output it is."""
+
+    run_id: str
+    node_id: str
 
 
 @runtime_checkable

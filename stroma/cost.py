@@ -204,21 +204,16 @@ class CostTracker:
         """Each node's accumulated usage (read-only view)."""
         return MappingProxyType(self._by_node)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, NodeUsage]:
+        """Each node's usage summed over its records, by node id (in the order the nodes
+        were first recorded): tokens, cost, latency and output tokens added up, ``model``
+        the latest one that was not None. The values are copies: changing them changes
+        nothing in the tracker."""
         return {
-            "total_tokens": self._tokens,
-            "total_cost_usd": self._cost,
-            "total_latency_ms": self._latency,
-            "by_node": {
-                node_id: {
-                    "tokens_used": u.tokens_used,
-                    "output_tokens": u.output_tokens,
-                    "cost_usd": u.cost_usd,
-                    "latency_ms": u.latency_ms,
-                    "model": u.model,
-                }
-                for node_id, u in self._by_node.items()
-            },
+            node_id: NodeUsage(
+                u.node_id, u.tokens_used, u.cost_usd, u.latency_ms, u.model, u.output_tokens
+            )
+            for node_id, u in self._by_node.items()
         }
 
 

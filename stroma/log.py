@@ -4,7 +4,7 @@ Format version 2 (JSON lines, UTF-8, one object per line, keys in a fixed order)
 
 * line 1, the header::
 
-    {"stroma_log":2,"run_id":"...","plan":"<fingerprint>","seed":123,"version":"0.4.0",
+    {"stroma_log":2,"run_id":"...","plan":"<fingerprint>","seed":123,"version":"<stroma version>",
      "started_at":"2026-11-23T16:00:00+00:00","config":{...}}
 
   ``config`` is what the machine needs to make the same decisions again: budget, retry

@@ -103,6 +103,7 @@ __all__ = (
     "advance",
     "child_fails",
     "error_info",
+    "failed_child",
     "start",
 )
 
@@ -860,6 +861,28 @@ def _child_outcome(call: Any, node: Any, outcome: Any) -> tuple[Any, fx.ErrorInf
     return out, None
 
 
+def _judged(
+    group: Any, call: fx.CallParallel, event: fx.ParallelReturned
+) -> list[tuple[int, Any, fx.ErrorInfo | None, Any]]:
+    """Each child that finished, in argument order: (its index in the group, its output,
+    why it failed or None, its outcome)."""
+    judged = []
+    for k, index in enumerate(call.indices):
+        c, outcome = call.calls[k], event.outcomes[k]
+        if type(outcome) is fx.NodeCancelled:
+            continue
+        out, problem = _child_outcome(c, group.child_node(getattr(c, "node_id", "")), outcome)
+        judged.append((index, out, problem, outcome))
+    return judged
+
+
+def failed_child(group: Any, call: fx.CallParallel, event: fx.ParallelReturned) -> int | None:
+    """The index (in ``group``) of the child that failed the group's attempt: the first
+    child, in argument order, that failed. None when every child that finished succeeded."""
+    return next((index for index, _, problem, _ in _judged(group, call, event)
+                 if problem is not None), None)
+
+
 def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     step: Any = s.step
     att: Any = s.current
@@ -890,11 +913,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     records = dict(s.group.records)
     error: fx.ErrorInfo | None = None
     final: RunStatus | None = None
-    for k, index in enumerate(call.indices):
-        c, outcome = calls[k], ev.outcomes[k]
-        if type(outcome) is fx.NodeCancelled:
-            continue
-        out, problem = _child_outcome(c, step.child_node(getattr(c, "node_id", "")), outcome)
+    for index, out, problem, outcome in _judged(step, call, ev):
         if problem is not None:
             if error is None:
                 error = problem

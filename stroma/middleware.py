@@ -10,25 +10,25 @@ usage and trace into the context, so several steps can share one budget and trac
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import attrs
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from interpreters.live import Collaborators
 from interpreters.session import run_session
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, NodeContract
-from stroma.cost import CostTracker, NodeUsage
+from stroma.cost import CostTracker, NodeUsage, normalize_node_return
 from stroma.errors import PlanError
 from stroma.failures import RetryBudget
-from stroma.plan import NODE_ATTR, NodeMarker, compile_plan
+from stroma.plan import NODE_ATTR, STEP_ATTR, NodeMarker, compile_plan
 from stroma.runner import RunConfig, _is_async_callable, machine_config
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
-__all__ = ("ReliabilityContext", "StromaStep", "execute_step")
+__all__ = ("ReliabilityContext", "StromaStep", "UnvalidatedOutput", "execute_step")
 
 
 @dataclass
@@ -80,21 +80,29 @@ async def execute_step(
 ) -> ExecutionResult:
     """Run one callable with the full reliability loop; returns that step's result.
 
-    The step's usage counts against the context's budget together with earlier steps,
-    and its attempts are appended to the context's trace.
+    The contract is ``contract``, else the one the context's registry has for
+    ``step_id``. With neither, the step runs unvalidated (classification, retries,
+    budget, hooks and checkpoint still apply) and the result's final state is a model of
+    the type the step returned, or of the input's type when the output fits it, else an
+    ``UnvalidatedOutput`` holding what it returned. The step's usage counts against the
+    context's budget together with earlier steps, and its attempts are appended to the
+    context's trace.
     """
-    if contract is None:
-        if step_id not in ctx.registry:
-            raise PlanError(
-                f"step {step_id!r} has no contract: pass contract=NodeContract(...) or "
-                "register one in the context's registry"
-            )
+    if contract is None and step_id in ctx.registry:
         contract = ctx.registry.get(step_id)
     if not isinstance(input_state, BaseModel):
+        example = contract.input_schema.__name__ if contract is not None else "YourInput"
         raise TypeError(
             f"execute_step({step_id!r}, ...): input_state must be a pydantic BaseModel "
             f"instance, got {input_state!r:.80} (a {type(input_state).__name__}): e.g. "
-            f"{contract.input_schema.__name__}(...)"
+            f"{example}(...)"
+        )
+    unvalidated = contract is None
+    if contract is None:
+        # No contract passed or registered: the step runs unvalidated. Its input is the
+        # state as given, and whatever it returns is accepted (see UnvalidatedOutput).
+        contract = NodeContract(
+            node_id=step_id, input_schema=type(input_state), output_schema=UnvalidatedOutput
         )
     if not _is_async_callable(func):
         name = getattr(func, "__qualname__", None) or repr(func)
@@ -103,14 +111,17 @@ async def execute_step(
             "'async def' (execute_step awaits it)"
         )
     marker = NodeMarker(step_id, contract)
+    returned: list[type] = []
 
     @functools.wraps(func)
     async def node(*args: Any) -> Any:
-        return await func(*args)
+        out = await func(*args)
+        returned[:] = [type(normalize_node_return(out)[0])]  # (usage split off)
+        return out
 
     if _takes_two(func):
         async def node2(state: Any, context: Any) -> Any:
-            return await func(state, context)
+            return await node(state, context)
         target: Any = node2
     else:
         target = node
@@ -142,7 +153,51 @@ async def execute_step(
         ctx.trace.append(event)
         if event.failure is not None:
             ctx.retry_budget.increment(ctx.run_id, step_id)
+    if unvalidated and isinstance(result.final_state, UnvalidatedOutput):
+        result.final_state = _as_model(result.final_state, type(input_state), returned)
     return result
+
+
+class UnvalidatedOutput(BaseModel):
+    """What a step without a contract returned, accepted as it is (the output schema
+    ``execute_step`` gives such a step). A dict's keys become the model's fields, a model
+    is taken as its fields, any other value is kept as ``value``. A step's result holds a
+    model of the type it returned, or of its input's type when the output fits it, and
+    this model otherwise."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _anything(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {str(k): v for k, v in data.items()}
+        if isinstance(data, BaseModel):
+            return {name: getattr(data, name) for name in type(data).model_fields}
+        return {"value": data}
+
+
+def _as_model(
+    output: UnvalidatedOutput, input_type: type[BaseModel], returned: list[type]
+) -> BaseModel:
+    """An unvalidated step's final state: a model of the type the step returned, else of
+    the input's type when the output fits it (its fields and nothing else), else the
+    output as it came."""
+    data = output.model_dump()
+    kind = returned[0] if returned else None
+    if kind is None or not issubclass(kind, Mapping | BaseModel):
+        return output  # not a dict or a model: kept as ``value``
+    for schema in (kind, input_type):
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            continue
+        extra_allowed = schema.model_config.get("extra") == "allow"
+        if not extra_allowed and not set(data) <= set(schema.model_fields):
+            continue
+        try:
+            return schema.model_validate(data)
+        except ValidationError:
+            continue
+    return output
 
 
 def _takes_two(func: Callable[..., Any]) -> bool:
@@ -160,12 +215,25 @@ class StromaStep:
     def wrap(
         self, step_id: str, func: Callable[..., Any], *, contract: NodeContract | None = None
     ) -> Callable[..., Any]:
+        """``func`` as a function of the input state that runs ``execute_step`` in this
+        context and returns its ExecutionResult. It carries ``_stroma_node_id`` and
+        ``_stroma_contract`` (the contract passed, else the one registered for the id when
+        wrapping, else None: the step then runs unvalidated)."""
         ctx = self.ctx
 
         @functools.wraps(func)
         async def wrapped(input_state: BaseModel) -> ExecutionResult:
             return await execute_step(step_id, func, input_state, ctx, contract=contract)
 
+        # functools.wraps copied func's attributes: the wrapper returns an ExecutionResult,
+        # so it is not a pipeline node even when func is one.
+        for attr in (NODE_ATTR, STEP_ATTR):
+            wrapped.__dict__.pop(attr, None)
+        wrapped._stroma_node_id = step_id  # type: ignore[attr-defined]
+        wrapped._stroma_contract = (  # type: ignore[attr-defined]
+            contract if contract is not None
+            else ctx.registry.get(step_id) if step_id in ctx.registry else None
+        )
         return wrapped
 
     def __call__(

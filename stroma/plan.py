@@ -31,7 +31,7 @@ import hashlib
 import inspect
 import json
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -422,6 +422,11 @@ class _Combinable:
         return seq(other, self)
 
 
+# How a group runs on its own (``await parallel(a, b)(state)``): the core never runs
+# anything, so the facade (stroma.runner) installs this when stroma is imported.
+_run_group_alone: Callable[..., Awaitable[dict[str, Any]]] | None = None
+
+
 @attrs.frozen
 class ParallelGroup(_Combinable):
     """``parallel(a, b)`` before compilation: the items, not yet resolved."""
@@ -432,6 +437,17 @@ class ParallelGroup(_Combinable):
     @property
     def step_id(self) -> str:
         return f"parallel({', '.join(_item_id(i) for i in self.items)})"
+
+    def __call__(
+        self, state: BaseModel, context: dict[str, Any] | None = None
+    ) -> Awaitable[dict[str, Any]]:
+        """``await parallel(a, b)(state)``: run the children on ``state`` (children that
+        take a context get ``context``) and return the merged output as a plain dict:
+        what each child returned, a later child winning a key. The group runs once, with
+        no retries; a child that fails raises ``ChildFailed`` naming it and the failure."""
+        if _run_group_alone is None:  # (importing stroma installs it)
+            raise RuntimeError("import stroma before awaiting a parallel group on its own")
+        return _run_group_alone(self, state, context)
 
     def compile(
         self, registry: ContractRegistry | None, prev: type[BaseModel] | None

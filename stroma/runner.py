@@ -18,18 +18,29 @@ from typing import Any, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+import stroma.plan as _plan_module
 from interpreters.live import Collaborators
 from interpreters.session import new_seed, replay_log, run_session, utcnow
+from stroma import effects as fx
 from stroma.checkpoint import CheckpointManager, InMemoryStore
-from stroma.contracts import ContractRegistry, NodeContract
+from stroma.contracts import ContractRegistry, ContractViolation, NodeContract
 from stroma.cost import ExecutionBudget, FallbackPolicy
-from stroma.errors import LogCorrupted, PlanError
-from stroma.failures import Classifier, FailureClass, FailurePolicy
+from stroma.errors import ChildFailed, ChildFailedTerminally, LogCorrupted, PlanError
+from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.log import EffectLog
-from stroma.machine import MachineConfig
-from stroma.plan import NODE_ATTR, NodeMarker, ParallelGroup, Plan, compile_plan, parallel
+from stroma.machine import MachineConfig, failed_child
+from stroma.plan import (
+    NODE_ATTR,
+    NodeMarker,
+    NodeStep,
+    ParallelGroup,
+    ParallelStep,
+    Plan,
+    compile_plan,
+    parallel,
+)
 from stroma.schemas import declare_schemas
-from stroma.trace import ExecutionResult
+from stroma.trace import ExecutionResult, RunStatus
 
 __all__ = (
     "NodeHooks",
@@ -297,9 +308,13 @@ def _initial_state_error(value: object, schema: type[BaseModel] | None) -> str:
     )
 
 
-async def replay(plan: Plan | Sequence[Any], log: EffectLog | str) -> ExecutionResult:
+async def replay(
+    plan: Plan | Sequence[Any], log: EffectLog | str | bytes | None
+) -> ExecutionResult:
     """Replay a recorded run: the same result, calling no node, classifier or hook.
 
+    ``log`` is a run's ``EffectLog`` (``result.log``, ``await store.read_log(run_id)``) or
+    its JSON-lines text; anything else (None included) is a TypeError saying what to pass.
     Raises ``NondeterminismError`` (naming the record) when the plan no longer matches.
     """
     if isinstance(log, str | bytes):
@@ -322,6 +337,93 @@ async def replay(plan: Plan | Sequence[Any], log: EffectLog | str) -> ExecutionR
     return await replay_log(compile_plan(plan), log)
 
 
+# ------------------------------------------------------------- a group on its own
+
+_ONE_ATTEMPT = {c: FailurePolicy(max_retries=0, backoff_seconds=0.0) for c in FailureClass}
+
+
+async def _run_group_alone(
+    group: ParallelGroup, state: BaseModel, context: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``await parallel(a, b)(state)``: the group compiled to a one-step plan and
+    interpreted once (no retries); the merged output as a plain dict of what the children
+    returned, or ``ChildFailed`` naming the child that failed and how."""
+    plan = compile_plan([group])
+    step = plan.steps[0]
+    assert isinstance(step, ParallelStep)
+    if not isinstance(state, BaseModel):
+        raise TypeError(
+            f"await {step.step_id}(state): state must be a pydantic BaseModel instance, "
+            f"got {state!r:.80} (a {type(state).__name__}): pass the children's input model, "
+            f"e.g. {_input_name(plan)}(...)"
+        )
+    if context is not None and not isinstance(context, dict):
+        raise TypeError(
+            f"await {step.step_id}(state, context): context must be a dict (got "
+            f"{context!r:.80}, a {type(context).__name__}): the children that take a context "
+            "get it, e.g. {'http': client}"
+        )
+    raised: list[BaseException] = []
+
+    def remember(exc: Exception, ctx: NodeContext) -> FailureClass | None:
+        raised.append(exc)
+        return None  # the built-in rules classify it, as in any run
+
+    config = RunConfig(
+        policy_map=_ONE_ATTEMPT, classifiers=[remember],
+        context=context if context is not None else {},
+    )
+    result = await interpret(plan, state, config=config)
+    if result.status is RunStatus.COMPLETED:
+        final = result.final_state
+        returned = final.model_fields_set
+        return {k: v for k, v in final.model_dump().items() if k in returned}
+    failed = result.trace.failures()
+    failure = failed[-1].failure if failed else None
+    message = (failed[-1].failure_message if failed else None) or result.stop_reason or ""
+    child, cause = _failed_child(step, result, raised)
+    who = f"child {child!r}" if child is not None else "a child"
+    error = ChildFailedTerminally if failure is FailureClass.TERMINAL else ChildFailed
+    raise error(
+        f"{step.step_id}: {who} failed ({failure or result.status}): {message}"
+    ) from cause
+
+
+def _input_name(plan: Plan) -> str:
+    schema = plan.input_schema
+    return schema.__name__ if schema is not None else "YourInput"
+
+
+def _failed_child(
+    step: ParallelStep, result: ExecutionResult, raised: list[BaseException]
+) -> tuple[str | None, BaseException | None]:
+    """Which child of the group failed (``stroma.machine.failed_child``, the machine's own
+    rule) and the exception it raised (the first a classifier was asked about that the
+    machine did not make itself)."""
+    cause = next((e for e in raised if not isinstance(e, ChildFailed)),
+                 raised[-1] if raised else None)
+    log = result.log
+    records = list(log.records) if log is not None else []
+    for record in reversed(records):
+        if not (isinstance(record, tuple) and isinstance(record[0], fx.CallParallel)
+                and isinstance(record[1], fx.ParallelReturned)):
+            continue
+        index = failed_child(step, record[0], record[1])
+        if index is None:
+            break
+        child = step.children[index]
+        label = child.node_id if isinstance(child, NodeStep) else (
+            f"seq({', '.join(child.step_ids())})"
+        )
+        return label, cause
+    if isinstance(cause, ContractViolation):
+        return cause.node_id, cause  # a child's input broke its contract
+    return None, cause
+
+
+_plan_module._run_group_alone = _run_group_alone
+
+
 def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[[_F], _F]:
     """Mark a function as the node ``node_id`` (without registering its contract)."""
     if not isinstance(node_id, str) or not node_id:
@@ -332,6 +434,9 @@ def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[
 
     def mark(fn: _F) -> _F:
         setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
+        # The earlier library's marker attributes, which adapters and users' code read.
+        setattr(fn, "_stroma_node_id", node_id)  # noqa: B010
+        setattr(fn, "_stroma_contract", contract)  # noqa: B010
         if contract is not None:
             declare_schemas((contract.input_schema, contract.output_schema))
         return fn
@@ -410,6 +515,15 @@ class StromaRunner:
         return self
 
     def with_redis(self, url: str, ttl_seconds: int = 3600) -> StromaRunner:
+        """Checkpoints (and the effect log) in Redis at ``url``: a ``RedisStore``. Needs the
+        ``redis`` extra; without it this raises ImportError saying how to install it."""
+        try:
+            import redis  # noqa: F401  (the optional extra: say how to install it)
+        except ImportError as e:
+            raise ImportError(
+                "redis is required for StromaRunner.with_redis() (a RedisStore), but the "
+                "'redis' package is not installed: pip install 'stroma[redis]'"
+            ) from e
         from stroma.checkpoint import RedisStore
 
         self.checkpoint_manager = CheckpointManager(RedisStore(url, ttl_seconds=ttl_seconds))

@@ -55,7 +55,9 @@ def _resolve_schema(ref: str) -> type[BaseModel]:
         obj = getattr(obj, part)
     if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
         raise TypeError(
-            f"schema reference {ref!r} names {obj!r}, which is not a pydantic BaseModel"
+            f"resolved schema is not a BaseModel: the schema reference {ref!r} names "
+            f"{obj!r}, which is not a pydantic BaseModel class; a reference must name the "
+            "model class of the stored state ('package.module:QualName')"
         )
     return obj
 

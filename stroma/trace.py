@@ -7,16 +7,20 @@ fold of those records over its effect log, so the same log always gives the same
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from stroma.failures import FailureClass
+
+if TYPE_CHECKING:
+    from stroma.log import EffectLog
 
 __all__ = (
     "ExecutionResult",
@@ -134,9 +138,11 @@ class ExecutionTrace:
         """The attempts that failed (a cancelled attempt is not a failure)."""
         return [e for e in self.events if e.failure is not None]
 
-    def to_json(self) -> list[dict[str, Any]]:
-        """The events as JSON-ready dicts (see ``TraceEvent.to_dict``)."""
-        return [e.to_dict() for e in self.events]
+    def to_json(self) -> str:
+        """The trace as JSON text: a list with one object per attempt, in order (see
+        ``TraceEvent.to_dict``: models inside states in their JSON form, datetimes as ISO
+        strings). ``json.loads(trace.to_json())`` gives the list back."""
+        return json.dumps([e.to_dict() for e in self.events], ensure_ascii=False)
 
     def replay(self) -> list[TraceEvent]:
         """The events in order (a new list)."""
@@ -145,23 +151,34 @@ class ExecutionTrace:
     def diff(self, other: ExecutionTrace) -> list[str]:
         """Human-readable differences with ``other``; an empty list means equivalent.
 
-        Events are matched by ``(node_id, attempt)`` (the n-th occurrence of a key with the
-        n-th, for a node that ran twice in one trace) and compared on their states and
-        failure, ignoring timestamps, durations and run ids.
+        Events are keyed by ``(node_id, attempt)`` and compared in sorted key order on
+        their states and failure, ignoring timestamps, durations and run ids. A node that
+        ran more than once with the same attempt number (a branch taken twice, a resumed
+        run) is matched occurrence by occurrence: the n-th with the n-th. The lines read::
+
+            Missing event in other trace: <node> attempt <n>
+            Extra event in other trace: <node> attempt <n>
+            Difference for <node> attempt <n>: <field>: <this> != <other>; ...
+
+        with `` (occurrence <k>)`` after the attempt number from the second occurrence on.
         """
         mine, theirs = _keyed(self.events), _keyed(other.events)
         lines: list[str] = []
-        for key, event in mine.items():
+        for key in sorted(mine.keys() | theirs.keys()):
             label = _label(key)
-            twin = theirs.get(key)
+            event, twin = mine.get(key), theirs.get(key)
             if twin is None:
-                lines.append(f"{label}: only in this trace")
-                continue
-            for name in _DIFF_FIELDS:
-                a, b = getattr(event, name), getattr(twin, name)
-                if a != b:
-                    lines.append(f"{label}: {name} differs: {a!r} != {b!r}")
-        lines.extend(f"{_label(key)}: only in the other trace" for key in theirs if key not in mine)
+                lines.append(f"Missing event in other trace: {label}")
+            elif event is None:
+                lines.append(f"Extra event in other trace: {label}")
+            else:
+                changed = [
+                    f"{name}: {getattr(event, name)!r} != {getattr(twin, name)!r}"
+                    for name in _DIFF_FIELDS
+                    if getattr(event, name) != getattr(twin, name)
+                ]
+                if changed:
+                    lines.append(f"Difference for {label}: {'; '.join(changed)}")
         return lines
 
     def __len__(self) -> int:
@@ -195,7 +212,7 @@ def _keyed(events: list[TraceEvent]) -> dict[_Key, TraceEvent]:
 
 def _label(key: _Key) -> str:
     node_id, attempt, n = key
-    return f"{node_id!r} attempt {attempt}" + (f" (occurrence {n + 1})" if n else "")
+    return f"{node_id} attempt {attempt}" + (f" (occurrence {n + 1})" if n else "")
 
 
 @dataclass(slots=True)
@@ -208,7 +225,7 @@ class ExecutionResult:
     trace: ExecutionTrace
     total_cost_usd: float
     total_tokens: int
-    log: object | None = field(default=None, compare=False, repr=False)  # the EffectLog
+    log: EffectLog | None = field(default=None, compare=False, repr=False)
     stop_reason: str | None = None
 
 

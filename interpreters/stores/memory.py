@@ -17,12 +17,15 @@ from stroma.schemas import state_json
 __all__ = ("AsyncInMemoryStore", "InMemoryStore")
 
 
-def _require_model_type(schema: object) -> None:
+def _require_model_type(method: str, schema: object) -> None:
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        found = (
+            f"the class {schema.__qualname__}" if isinstance(schema, type)
+            else f"{schema!r:.80} (a {type(schema).__name__})"
+        )
         raise TypeError(
-            f"schema must be a BaseModel type (a pydantic model class), got {schema!r:.80} "
-            f"(a {type(schema).__name__}): pass the class of the state, e.g. save_typed("
-            "run_id, node_id, state, MyState)"
+            f"{method}(run_id, node_id, state, schema): schema must be a BaseModel type, got "
+            f"{found}: pass the pydantic model class of the state, e.g. type(state)"
         )
 
 
@@ -93,11 +96,11 @@ class InMemoryStore(_MemoryBase):
         self._delete(run_id)
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        _require_model_type(schema)
+        _require_model_type("InMemoryStore.save_typed", schema)
         self._save(run_id, node_id, state)
 
     def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
-        _require_model_type(schema)
+        _require_model_type("InMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
 
 
@@ -120,11 +123,11 @@ class AsyncInMemoryStore(_MemoryBase):
         self._delete(run_id)
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        _require_model_type(schema)
+        _require_model_type("AsyncInMemoryStore.save_typed", schema)
         self._save(run_id, node_id, state)
 
     async def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
-        _require_model_type(schema)
+        _require_model_type("AsyncInMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)

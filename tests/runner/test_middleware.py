@@ -19,7 +19,6 @@ from stroma import (
     InMemoryStore,
     NodeContract,
     NodeHooks,
-    PlanError,
     ReliabilityContext,
     RunConfig,
     RunStatus,
@@ -182,8 +181,9 @@ async def test_execute_step_checks_the_input_contract(anyio_backend: str) -> Non
 
 
 async def test_execute_step_takes_the_contract_from_the_registry(anyio_backend: str) -> None:
-    """Without ``contract=`` the context's registry supplies it; with neither it is an error
-    naming the step and the fix."""
+    """Without ``contract=`` the context's registry supplies it, and it is enforced: an output
+    that breaks it fails the step (with neither, the step runs unvalidated: see
+    tests/api/test_compat.py)."""
     registry = ContractRegistry()
     registry.register(contract("known"))
     ctx = ReliabilityContext.for_run(RunConfig(), registry)
@@ -191,12 +191,15 @@ async def test_execute_step_takes_the_contract_from_the_registry(anyio_backend: 
     async def inc(state: Num) -> dict[str, int]:
         return {"value": state.value + 1}
 
+    async def broken(state: Num) -> dict[str, str]:
+        return {"value": "not a number"}
+
     result = await execute_step("known", inc, Num(value=1), ctx)
     assert result.final_state == Num(value=2)
 
-    with pytest.raises(PlanError, match="'unknown'") as info:
-        await execute_step("unknown", inc, Num(value=1), ctx)
-    assert "contract=" in str(info.value)
+    bad = await execute_step("known", broken, Num(value=1), ctx)
+    assert bad.status is RunStatus.FAILED
+    assert "Contract violation for 'known' (output)" in (bad.trace.events[0].failure_message or "")
 
 
 async def test_execute_step_refuses_a_sync_callable_before_calling_it(anyio_backend: str) -> None:
