@@ -31,13 +31,13 @@ from interpreters.live import Collaborators, LivePerformer, single_error
 from interpreters.loop import Recorder, result_of, resume_marker, run_live
 from interpreters.replay import Replayed, replay_records
 from stroma import effects as fx
+from stroma._version import __version__
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
 from stroma.trace import ExecutionResult
-from stroma._version import __version__
 
 __all__ = (
     "VERSION",

@@ -6,11 +6,10 @@ pluggable stores, hooks, parallel fan-out, a full trace, and an effect log that 
 a run deterministically.
 """
 
+import logging as _logging
 from typing import TYPE_CHECKING
 
 from stroma._version import __version__
-import logging as _logging
-
 from stroma.checkpoint import (
     AsyncCheckpointStore,
     AsyncInMemoryStore,
