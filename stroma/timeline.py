@@ -482,6 +482,11 @@ class _Reader:
         """A group attempt's children; returns their usage summed."""
         is_map = group_row.kind == "map" or getattr(group, "kind", None) == "map"
         over = _map_over(group_row.step_id) if is_map else None
+        if is_map and over is None and isinstance(input_state, dict):
+            # A map in flight whose id is not known: the state's one list long enough.
+            lists = [k for k, v in input_state.items()
+                     if isinstance(v, list) and len(v) >= len(calls)]
+            over = lists[0] if len(lists) == 1 else None
         items = input_state.get(over) if over and isinstance(input_state, dict) else None
         first_fail = next(
             (j for j, o in enumerate(outcomes)
@@ -588,6 +593,22 @@ class _Reader:
 
     # -- a crash inside a fan-out: the children that had finished
 
+    def _unknown_group(self, pending: dict[int, tuple[Any, Any]], state: Any) -> _RowBuild:
+        """The row of a fan-out in flight whose group record was never written."""
+        calls = [c for c, _ in pending.values()]
+        for c in calls:  # a sub-plan child's id is its group's id and its index
+            child_id = getattr(c, "child_id", None)
+            if isinstance(child_id, str) and child_id.endswith("]") and "[" in child_id:
+                step_id = child_id[: child_id.rindex("[")]
+                kind = "map" if _map_over(step_id) else "parallel"
+                return self.row(step_id, step_id, step_id, kind, 0, None)
+        names = sorted({str(getattr(c, "node_id", "?")) for c in calls})
+        if len(names) == 1 and len(calls) > 1:  # one node for every child: a map_each
+            return self.row("(in flight)", f"map_each({names[0]}) in flight",
+                            "(in flight)", "map", 0, None)
+        return self.row("(in flight)", f"fan-out in flight ({', '.join(names)})",
+                        "(in flight)", "group", 0, None)
+
     def in_flight(self, pending: dict[int, tuple[Any, Any]], state: Any) -> None:
         if not pending:
             return
@@ -600,10 +621,7 @@ class _Reader:
             if last["outcome"] != OK and last["attempt"] + 1 == attempt:
                 group = top[-1]  # the group failed, backed off, and was being retried
         if group is None:
-            names = sorted({str(getattr(c, "node_id", None) or getattr(c, "child_id", "?"))
-                            for c, _ in pending.values()})
-            group = self.row("(in flight)", f"fan-out in flight ({', '.join(names)})",
-                             "(in flight)", "group", 0, None)
+            group = self._unknown_group(pending, state)
         width = max(pending) + 1
         calls: list[Any] = [None] * width
         outcomes: list[Any] = [None] * width
