@@ -304,3 +304,10 @@ async def crashed_fan_out(store: Any, run_id: str = "crashed") -> list[str]:
                     break
         tg.cancel_scope.cancel()
     return calls
+
+
+# Plans for `--plan tests.timeline.pipelines:NAME` (replay calls no node, so these nodes'
+# failure scripts never run there).
+RETRIES_PLAN = retries_plan()
+MAP_PLAN = map_plan()
+PARALLEL_PLAN = parallel_plan()
