@@ -2,8 +2,9 @@
 
 ``timeline_svg(tl)`` draws a ``stroma.timeline.Timeline``: a header with the run's status
 and totals, a time axis, one row per step and fan-out child (indented under its group),
-one bar per attempt coloured by its outcome, the backoff sleeps between attempts as dashed
-lines, the moments the run was resumed, and a legend. Hovering a bar shows its attempt,
+one bar per attempt coloured by its outcome (at least 3 px wide, and nudged right
+rather than drawn over the previous attempt of its row), the backoff sleeps between
+attempts as dashed lines, the moments the run was resumed, and a legend. Hovering a bar shows its attempt,
 outcome, duration, failure message and usage (an SVG ``<title>``). The picture needs no
 external resource (no fonts, scripts or images), so it can go into a bug report or a CI
 artifact as it is; ``python -m stroma show STORE RUN_ID --svg run.svg`` writes one, and
@@ -164,9 +165,11 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
                 f"<title>backoff after attempt {gap.after_attempt}: "
                 f"{escape(_duration(gap.duration_ms))}</title></line>"
             )
+        free_x = 0.0  # bars of a row never overlap: a quick retry is nudged right
         for j, bar in enumerate(row.bars):
-            x = plot_x + bar.offset_ms * scale
+            x = max(plot_x + bar.offset_ms * scale, free_x)
             w = max(3.0, bar.duration_ms * scale)
+            free_x = x + w + 1.5
             fill = COLOURS.get(bar.outcome, "#555555")
             dash = ' stroke="#0d47a1" stroke-dasharray="4 2"' if bar.outcome == UNFINISHED else (
                 ' stroke="#00000033"')
