@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stroma import NodeContract, stroma_node  # noqa: E402  (stroma first: it loads interpreters)
-from interpreters.simulate import VirtualClock, simulate  # noqa: E402, I001
+import stroma  # noqa: E402, F401  (first: importing interpreters alone is circular)
+from interpreters.simulate import VirtualClock, simulate  # noqa: E402
 from interpreters.stores.file import FileStore  # noqa: E402
+from stroma import NodeContract, stroma_node  # noqa: E402
 from stroma.failures import FailureClass, FailurePolicy, NodeContext  # noqa: E402
 from stroma.plan import map_each, parallel, seq  # noqa: E402
 from stroma.runner import RunConfig  # noqa: E402

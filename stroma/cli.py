@@ -57,6 +57,7 @@ __all__ = (
     "Question",
     "Summary",
     "build",
+    "damaged_hint",
     "demo_main",
     "describe_store",
     "format_runs",
@@ -198,6 +199,7 @@ async def run_summaries(store: Any) -> list[RunSummary]:
 
 
 def damaged_hint(e: LogCorrupted) -> str:
+    """The one-line message for a damaged log: what is wrong, and what to do."""
     return (f"{_one_line(str(e))}; the run's log is damaged: restore it from a copy, or "
             "delete the run and start it again")
 

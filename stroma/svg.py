@@ -2,15 +2,16 @@
 
 ``timeline_svg(tl)`` draws a ``stroma.timeline.Timeline``: a header with the run's status
 and totals, a time axis, one row per step and fan-out child (indented under its group),
-one bar per attempt coloured by its outcome (at least 3 px wide, and nudged right
-rather than drawn over the previous attempt of its row), the backoff sleeps between
-attempts as dashed lines, the moments the run was resumed, and a legend. Hovering a bar shows its attempt,
-outcome, duration, failure message and usage (an SVG ``<title>``). The picture needs no
-external resource (no fonts, scripts or images), so it can go into a bug report or a CI
-artifact as it is; ``python -m stroma show STORE RUN_ID --svg run.svg`` writes one, and
-the web UI embeds the same drawing (``standalone=False``) and makes its bars clickable.
+one bar per attempt coloured by its outcome (at least 3 px wide, and nudged right rather
+than drawn over the previous attempt of its row), the backoff sleeps between attempts as
+dashed lines, the moments the run was resumed, and a legend. Hovering a bar shows its
+attempt, outcome, duration, failure message and usage (an SVG ``<title>``). The picture
+needs no external resource (no fonts, scripts or images), so it can go into a bug report
+or a CI artifact as it is; ``python -m stroma show STORE RUN_ID --svg run.svg`` writes
+one, and the web UI embeds the same drawing (``standalone=False``) and makes its bars
+clickable.
 
-Every bar is a ``<rect class="bar ..."``> carrying ``data-row`` (the row's key),
+Every bar is a ``<rect class="bar ...">`` carrying ``data-row`` (the row's key),
 ``data-attempt``, ``data-outcome`` and ``data-index`` (``"row:bar"``, the position in the
 timeline), so tests and scripts can read the picture back.
 """
