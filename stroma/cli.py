@@ -146,13 +146,38 @@ def _make_store(spec: str) -> Any:
     return FileStore(spec)
 
 
+async def _check_tables(store: Any, spec: str) -> None:
+    """A PostgresStore makes its tables on first use; reading a store must not, so a DSN
+    whose tables are not there is an error saying which prefix and schema were looked for."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(store.dsn, timeout=10)
+    except Exception as e:
+        raise CliError(
+            f"cannot read {describe_store(spec)}: {type(e).__name__}: {_one_line(str(e))}. "
+            "Is the PostgreSQL server running and reachable?") from None
+    try:
+        found = [await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+                 for table in store.tables[:2]]
+    finally:
+        await conn.close()
+    if not all(found):
+        raise CliError(
+            f"no stroma tables {store.tables[0]} and {store.tables[1]} in "
+            f"{describe_store(spec)}: no run was ever stored there; pass the store's "
+            "?table_prefix=NAME (default stroma) and &schema=NAME (default public)")
+
+
 @contextlib.asynccontextmanager
 async def open_store(spec: str) -> AsyncIterator[Any]:
     """The store a STORE argument names (a FileStore folder, ``redis://...`` or
     ``postgresql://...``), closed again on exit; a bad spec is a CliError saying what
-    STORE may be. The store is only read."""
+    STORE may be. The store is only read (a PostgreSQL store's tables must exist)."""
     store = _make_store(spec)
     try:
+        if type(store).__name__ == "PostgresStore":
+            await _check_tables(store, spec)
         yield store
     finally:
         close = getattr(store, "close", None)
@@ -301,7 +326,7 @@ def format_timeline(tl: Timeline) -> str:
              f"${tl.cost_usd:.6f}"]
     if tl.stop_reason:
         lines.append(f"reason: {tl.stop_reason}")
-    lines.extend(f"{m.kind}: {m.label}" for m in tl.marks if m.kind != "branch")
+    lines.extend(f"{m.kind} {m.label}" for m in tl.marks if m.kind != "branch")
     header = ("step", "attempt", "group", "outcome", "at_ms", "duration_ms", "backoff_ms",
               "tokens", "cost_usd", "model", "message")
     rows: list[tuple[str, ...]] = [header]
@@ -365,7 +390,7 @@ async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
             bars = sum(len(r.bars) for r in tl.rows)
             print(f"wrote {svg}: {len(tl.rows)} rows, {bars} attempt bars ({tl.status})")
     if as_json:
-        print(json.dumps(tl.to_json(), indent=2, allow_nan=True))
+        print(json.dumps(tl.to_json(), indent=2, allow_nan=True, default=str))
     elif svg is None:
         print(format_timeline(tl))
 
@@ -386,11 +411,14 @@ async def _replay(spec: str, run_id: str, plan_ref: str) -> int:
 
 async def _ui(spec: str, port: int, plan_ref: str | None) -> None:
     try:
-        from interpreters.ui.app import serve
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as e:
-        missing = getattr(e, "name", None) or "a package"
+        missing = getattr(e, "name", None) or "starlette or uvicorn"
         raise CliError(f"the web UI needs the 'ui' extra ({missing} is not installed): "
                        "pip install 'stroma[ui]'") from None
+    from interpreters.ui.app import serve
+
     plan = load_plan(plan_ref) if plan_ref else None
     async with open_store(spec) as store:
         await _run_ids(store)  # a store that cannot be read fails now, not on a page

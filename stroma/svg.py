@@ -189,7 +189,8 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
         x = plot_x + mark.offset_ms * scale
         out.append(
             f'<line class="mark" x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" y2="{_TOP + rows_h}" '
-            f'stroke="#1565c0" stroke-dasharray="6 3"><title>{escape(mark.label)}</title>'
+            f'stroke="#1565c0" stroke-dasharray="6 3"><title>{escape(mark.kind)} '
+            f"{escape(mark.label)}</title>"
             "</line>"
         )
     # Legend.

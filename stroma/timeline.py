@@ -210,8 +210,8 @@ class Row:
 
 @attrs.frozen
 class Mark:
-    """A moment of the run: ``resumed`` (after a crash), ``restarted`` (``resume_from``)
-    or ``branch`` (``label`` says which arm was taken)."""
+    """A moment of the run: ``resumed`` (after a crash) or ``restarted`` (``resume_from``),
+    ``label`` saying when; or ``branch``, ``label`` saying which arm was taken."""
 
     kind: str
     label: str
@@ -382,8 +382,7 @@ class _Reader:
             if isinstance(rec, ResumeMarker):
                 if depth == 0:
                     self.marks.append(("restarted" if rec.restart is not None else "resumed",
-                                       f"{'restarted' if rec.restart else 'resumed'} at "
-                                       f"{rec.at}", _parse(rec.at)))
+                                       f"at {rec.at}", _parse(rec.at)))
                 pending = None
                 continue
             effect, event = rec

@@ -112,3 +112,28 @@ def test_an_unknown_run_on_a_server_store_names_the_runs_there(spec: str) -> Non
     assert out.returncode == 2
     assert out.stderr.startswith("stroma: error: no run 'nope'")
     assert "runs there: map, retries" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.postgres
+def test_a_dsn_without_stroma_tables_is_an_error_and_creates_none() -> None:
+    """A DSN whose table prefix has no tables is one line naming the tables looked for,
+    and reading it creates no table (the store would make them on first use)."""
+    import asyncpg
+
+    dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+    prefix = unique("absent")
+    out = cli("runs", f"{dsn}?table_prefix={prefix}")
+    assert out.returncode == 2 and out.stderr.startswith("stroma: error: no stroma tables")
+    assert f"{prefix}_checkpoints" in out.stderr and "?table_prefix=NAME" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+
+    async def tables() -> list[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE $1",
+                                    f"{prefix}%")
+            return [r["tablename"] for r in rows]
+        finally:
+            await conn.close()
+
+    assert anyio.run(tables, backend="asyncio") == []
