@@ -9,6 +9,7 @@ fail.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -49,21 +50,26 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         await P.terminal_run(fs)
         await P.crashed_fan_out(fs)
 
-    # In a thread of its own: Playwright's sync API keeps an event loop in the main one.
+    run_in_thread(record)
+    return path
+
+
+def run_in_thread(fn: Any, *args: Any, backend: str = "asyncio") -> None:
+    """``anyio.run(fn, *args)`` in a thread of its own (Playwright's sync API keeps an event
+    loop in the main one), raising what it raised."""
     failures: list[BaseException] = []
 
-    def in_thread() -> None:
+    def target() -> None:
         try:
-            anyio.run(record)
+            anyio.run(fn, *args, backend=backend)
         except BaseException as e:
             failures.append(e)
 
-    worker = threading.Thread(target=in_thread)
+    worker = threading.Thread(target=target)
     worker.start()
     worker.join()
     if failures:
         raise failures[0]
-    return path
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
@@ -75,13 +81,12 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-@pytest.fixture(scope="session")
-def ui_url(ui_store: Path) -> Iterator[str]:
-    """The URL of `python -m stroma ui` serving ``ui_store`` with the map run's plan."""
+@contextlib.contextmanager
+def serving(store: str, *args: str) -> Iterator[str]:
+    """`python -m stroma ui STORE --port 0 ARGS` in a subprocess: its URL, until exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "stroma", "ui", str(ui_store), "--port", "0",
-         "--plan", "tests.timeline.pipelines:MAP_PLAN"],
+        [sys.executable, "-m", "stroma", "ui", store, "--port", "0", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -103,6 +108,13 @@ def ui_url(ui_store: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+@pytest.fixture(scope="session")
+def ui_url(ui_store: Path) -> Iterator[str]:
+    """The URL of `python -m stroma ui` serving ``ui_store`` with the map run's plan."""
+    with serving(str(ui_store), "--plan", "tests.timeline.pipelines:MAP_PLAN") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
