@@ -1,9 +1,10 @@
 """The web UI's pages as HTML text, made from timelines and run summaries (no I/O).
 
-Server-rendered, with the stylesheet and the small script of ``static/`` inlined, so a
-page needs nothing else: no JavaScript build, no external resource. The run page embeds
-the same SVG drawing as ``show --svg`` (``stroma.svg``) and the timeline's JSON, which the
-script reads to show an attempt's states and usage when its bar is clicked.
+Server-rendered, with the stylesheet and the small script beside this module (``ui.css``,
+``ui.js``, package data) inlined, so a page needs nothing else: no JavaScript build, no
+external resource. The run page embeds the same SVG drawing as ``show --svg``
+(``stroma.svg``) and the timeline's JSON, which the script reads to show an attempt's
+states and usage when its bar is clicked.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ STATUS_ORDER = ("COMPLETED", "RESUMED", "WAITING", RUNNING_OR_CRASHED, "PARTIAL"
 
 
 def _static(name: str) -> str:
-    return resources.files("interpreters.ui").joinpath("static", name).read_text("utf-8")
+    return resources.files("interpreters.ui").joinpath(name).read_text("utf-8")
 
 
 _CSS = _static("ui.css")
