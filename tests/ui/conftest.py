@@ -117,9 +117,10 @@ def ui_url(ui_store: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium (Debian's), driven by Playwright."""
+    """Headless Chromium (Debian's), driven by Playwright, for one test module (Playwright's
+    sync API holds an event loop in this thread while it is open)."""
     executable = shutil.which("chromium")
     reason = None
     if executable is None:
