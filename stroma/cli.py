@@ -1,124 +1,495 @@
-"""Command line: ``python -m stroma demo | runs PATH | show PATH RUN_ID | replay PATH RUN_ID
---plan module:attr``. Errors are one line on stderr and exit status 2."""
+"""Command line: ``python -m stroma demo | runs | show | replay | ui``.
+
+STORE is a FileStore folder, a Redis URL (``redis://host:6379/0``, ``rediss://...``; add
+``?key_prefix=NAME`` for a store made with another ``key_prefix``) or a PostgreSQL DSN
+(``postgresql://user@host/db`` or ``postgres://...``; add ``?table_prefix=NAME`` and
+``&schema=NAME`` for a store made with other ones)::
+
+    python -m stroma runs STORE [--status S] [--json]       the runs, their status and totals
+    python -m stroma show STORE RUN_ID [--json] [--svg F]   a run's attempts, fan-out children too
+    python -m stroma replay STORE RUN_ID --plan mod:attr    OK, or the first divergence (exit 1)
+    python -m stroma ui STORE [--port N] [--plan mod:attr]  a local, read-only web UI
+
+Every error is one line on stderr, ``stroma: error: ...`` naming the problem and the fix,
+with exit status 2 (a replay that diverges prints ``DIVERGED: ...`` and exits 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
+import json
 import os
+import re
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
 from stroma.demo import run_demo
-from stroma.errors import NondeterminismError, StromaError
-from stroma.trace import format_trace_table
+from stroma.errors import LogCorrupted, NondeterminismError, StromaError
+from stroma.log import EffectLog
+from stroma.runner import replay
+from stroma.timeline import (
+    RunSummary,
+    Timeline,
+    damaged_summary,
+    no_log_summary,
+    summary,
+    timeline,
+)
 
-__all__ = ("CliError", "main")
+__all__ = (
+    "DEFAULT_UI_PORT",
+    "CliError",
+    "damaged_hint",
+    "describe_store",
+    "format_runs",
+    "format_timeline",
+    "load_plan",
+    "main",
+    "open_store",
+    "read_run",
+    "replay_check",
+    "run_summaries",
+)
+
+DEFAULT_UI_PORT = 8765
 
 
 class CliError(Exception):
     """A one-line error for the user; exit status 2."""
 
 
-def _store(path: str) -> Any:
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+
+
+# ------------------------------------------------------------------------- stores
+
+_STORE_FORMS = ("a FileStore folder, a Redis URL (redis://host:6379/0) or a PostgreSQL DSN "
+                "(postgresql://user@host:5432/db)")
+
+
+def _split_options(spec: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """A URL without the stroma options in its query string, and those options."""
+    parts = urlsplit(spec)
+    kept: list[tuple[str, str]] = []
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in names:
+            options[key] = value
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
+
+
+def describe_store(spec: str) -> str:
+    """The store spec as it may be shown (a password is replaced by ***)."""
+    parts = urlsplit(spec)
+    if parts.scheme and parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return spec
+
+
+def _make_store(spec: str) -> Any:
+    scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    try:
+        if scheme in ("redis", "rediss", "unix"):
+            from interpreters.stores.redis import RedisStore
+
+            url, options = _split_options(spec, ("key_prefix",))
+            return RedisStore(url, key_prefix=options.get("key_prefix") or "stroma")
+        if scheme in ("postgresql", "postgres"):
+            from interpreters.stores.postgres import PostgresStore
+
+            dsn, options = _split_options(spec, ("table_prefix", "schema"))
+            return PostgresStore(dsn, table_prefix=options.get("table_prefix") or "stroma",
+                                 schema=options.get("schema") or "public")
+    except ImportError as e:
+        raise CliError(f"cannot open {describe_store(spec)}: {_one_line(str(e))}") from None
+    except ValueError as e:
+        raise CliError(f"cannot open {describe_store(spec)}: {_one_line(str(e))}") from None
+    if scheme:
+        raise CliError(
+            f"unknown store {describe_store(spec)!r}: the scheme {scheme!r} is not one stroma "
+            f"reads; STORE is {_STORE_FORMS}"
+        )
     from interpreters.stores.file import FileStore
 
-    if not os.path.isdir(path):
-        raise CliError(f"no FileStore at {path!r}: the folder does not exist")
-    return FileStore(path)
+    if not os.path.exists(spec):
+        raise CliError(
+            f"no FileStore at {spec!r}: the folder does not exist; STORE is {_STORE_FORMS}"
+        )
+    if not os.path.isdir(spec):
+        raise CliError(f"no FileStore at {spec!r}: it is a file, not a folder; STORE is "
+                       f"{_STORE_FORMS}")
+    return FileStore(spec)
 
 
-def _load_plan(ref: str) -> Any:
-    if ":" not in ref:
-        raise CliError(f"--plan {ref!r}: expected 'package.module:attribute'")
-    module_name, attr = ref.split(":", 1)
+async def _check_tables(store: Any, spec: str) -> None:
+    """A PostgresStore makes its tables on first use; reading a store must not, so a DSN
+    whose tables are not there is an error saying which prefix and schema were looked for."""
+    import asyncpg
+
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise CliError(f"--plan {ref!r} does not import: {e}") from None
-    if callable(obj) and not hasattr(obj, "__stroma_node__") and not hasattr(obj, "steps"):
-        obj = obj()  # a factory returning the plan
-    return obj
+        conn = await asyncpg.connect(store.dsn, timeout=10)
+    except Exception as e:
+        raise CliError(
+            f"cannot read {describe_store(spec)}: {type(e).__name__}: {_one_line(str(e))}. "
+            "Is the PostgreSQL server running and reachable?") from None
+    try:
+        found = [await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+                 for table in store.tables[:2]]
+    finally:
+        await conn.close()
+    if not all(found):
+        raise CliError(
+            f"no stroma tables {store.tables[0]} and {store.tables[1]} in "
+            f"{describe_store(spec)}: no run was ever stored there; pass the store's "
+            "?table_prefix=NAME (default stroma) and &schema=NAME (default public)")
 
 
-async def _read(path: str, run_id: str) -> Any:
-    store = _store(path)
-    log = await store.read_log(run_id)
+@contextlib.asynccontextmanager
+async def open_store(spec: str) -> AsyncIterator[Any]:
+    """The store a STORE argument names (a FileStore folder, ``redis://...`` or
+    ``postgresql://...``), closed again on exit; a bad spec is a CliError saying what
+    STORE may be. The store is only read (a PostgreSQL store's tables must exist)."""
+    store = _make_store(spec)
+    try:
+        if type(store).__name__ == "PostgresStore":
+            await _check_tables(store, spec)
+        yield store
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await close()
+
+
+async def read_run(store: Any, spec: str, run_id: str) -> EffectLog:
+    """The run's effect log, or a CliError naming the runs there are."""
+    log: EffectLog | None = await store.read_log(run_id)
     if log is None:
-        known = await store.run_ids()
-        hint = f" (runs there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" \
-            if known else " (the store has no runs)"
-        raise CliError(f"no run {run_id!r} in {path}{hint}")
+        known = await _run_ids(store)
+        hint = (f" (runs there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})"
+                if known else " (the store has no runs)")
+        raise CliError(f"no run {run_id!r} in {describe_store(spec)}{hint}: pass one of its "
+                       f"run ids (python -m stroma runs {describe_store(spec)} lists them)")
     return log
 
 
-async def _runs(path: str) -> None:
-    store = _store(path)
-    infos = await store.list_runs()
-    print(f"{'run id':<38} {'status':<10} {'nodes':>5}  {'started':<32} {'duration_ms':>11}")
-    for info in infos:
-        duration = "" if info.duration_ms is None else str(info.duration_ms)
-        print(f"{info.run_id:<38} {info.status!s:<10} {info.nodes_done:>5}  "
-              f"{info.started!s:<32} {duration:>11}")
+async def _run_ids(store: Any) -> list[str]:
+    """The store's run ids (``list_runs`` gives RunInfo values or ids, by store)."""
+    run_ids = getattr(store, "run_ids", None)
+    items = await (run_ids() if callable(run_ids) else store.list_runs())
+    return [item if isinstance(item, str) else item.run_id for item in items]
 
 
-async def _show(path: str, run_id: str) -> None:
-    log = await _read(path, run_id)
-    finish = log.finish
-    print(f"run {run_id}: {finish.status if finish else 'unfinished (crashed or running)'}")
-    if finish is not None and finish.reason:
-        print(f"reason: {finish.reason}")
-    print(format_trace_table(log.trace()))
+async def run_summaries(store: Any) -> list[RunSummary]:
+    """Every run in the store, with its status and totals, newest first."""
+    found: list[RunSummary] = []
+    for run_id in await _run_ids(store):
+        try:
+            log = await store.read_log(run_id)
+            if log is None:
+                found.append(no_log_summary(run_id))
+                continue
+            found.append(summary(timeline(log)))
+        except LogCorrupted as e:
+            found.append(damaged_summary(run_id, _one_line(str(e))))
+    found.sort(key=lambda s: s.run_id)
+    found.sort(key=lambda s: s.started or "", reverse=True)
+    return found
 
 
-async def _replay(path: str, run_id: str, plan_ref: str) -> int:
-    from stroma.runner import replay
+def damaged_hint(e: LogCorrupted) -> str:
+    """The one-line message for a damaged log: what is wrong, and what to do."""
+    return (f"{_one_line(str(e))}; the run's log is damaged: restore it from a copy, or "
+            "delete the run and start it again")
 
-    log = await _read(path, run_id)
-    plan = _load_plan(plan_ref)
+
+# --------------------------------------------------------------------------- plans
+
+
+def load_plan(ref: str) -> Any:
+    """The plan ``module:attribute`` names (a Plan, a list of nodes, or a function of no
+    arguments returning one), compiled; a CliError saying what is wrong otherwise."""
+    from stroma.plan import NODE_ATTR, compile_plan
+
+    if ":" not in ref or not all(ref.split(":", 1)):
+        raise CliError(f"--plan {ref!r}: expected 'package.module:attribute', e.g. "
+                       "--plan myapp.pipeline:plan")
+    module_name, attr = ref.split(":", 1)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: modules beside you import
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CliError(f"--plan {ref!r} does not import: {_one_line(str(e))}; run from the "
+                       "folder the module is in, or add it to PYTHONPATH") from None
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        raise CliError(f"--plan {ref!r}: importing {module_name!r} raised "
+                       f"{type(e).__name__}: {_one_line(str(e))}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CliError(f"--plan {ref!r}: {module_name!r} has no attribute {attr!r}; "
+                           "name the plan (or node list) defined there") from None
+    if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not hasattr(obj, NODE_ATTR):
+        try:
+            obj = obj()  # a factory returning the plan
+        except Exception as e:
+            raise CliError(f"--plan {ref!r}: calling the factory raised {type(e).__name__}: "
+                           f"{_one_line(str(e))}") from None
+    try:
+        return compile_plan(obj)
+    except Exception as e:
+        raise CliError(f"--plan {ref!r} is a {type(obj).__name__}, not a plan: "
+                       f"{_one_line(str(e))}; name a Plan, a list of nodes, or a function "
+                       "returning one") from None
+
+
+async def replay_check(plan: Any, log: EffectLog) -> tuple[bool, str]:
+    """Replay ``log`` against ``plan``: (True, "OK: ...") or (False, why not)."""
     try:
         result = await replay(plan, log)
     except NondeterminismError as e:
-        print(f"DIVERGED: {e}")
-        return 1
-    print(f"OK: {len(log)} records replayed; status {result.status}, "
-          f"{len(result.trace)} trace events, {result.total_tokens} tokens")
-    return 0
+        return False, f"DIVERGED: {_one_line(str(e))}"
+    except StromaError as e:
+        return False, _one_line(str(e))
+    except Exception as e:  # the plan's own code, or a log this stroma cannot replay
+        return False, f"replay failed: {type(e).__name__}: {_one_line(str(e))}"
+    return True, (f"OK: {len(log)} records replayed; status {result.status}, "
+                  f"{len(result.trace)} trace events, {result.total_tokens} tokens")
+
+
+# ----------------------------------------------------------------------- commands
+
+
+def format_runs(runs: Sequence[RunSummary]) -> str:
+    """A fixed-width table of runs."""
+    header = ("run id", "status", "started", "duration_ms", "attempts", "failed", "tokens",
+              "cost_usd")
+    rows = [header]
+    for s in runs:
+        rows.append((s.run_id, s.status, s.started or "",
+                     "" if s.duration_ms is None else str(s.duration_ms), str(s.attempts),
+                     str(s.failures), str(s.tokens), f"{s.cost_usd:.6f}"))
+    return _table(rows, right={3, 4, 5, 6, 7}) + "".join(
+        f"\n  {s.run_id}: {s.problem}" for s in runs if s.problem)
+
+
+def _table(rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+
+
+_MESSAGE_WIDTH = 60
+
+
+def format_timeline(tl: Timeline) -> str:
+    """A run's facts, then one line per attempt: the run's steps and, indented beneath
+    their group, the fan-out children."""
+    lines = [f"run {tl.run_id}: {tl.status}",
+             f"started {tl.started}; {tl.duration_ms} ms wall clock, {tl.latency_ms} ms in "
+             f"nodes; {tl.attempts} attempt(s), {tl.failures} failed; {tl.tokens} tokens, "
+             f"${tl.cost_usd:.6f}"]
+    if tl.stop_reason:
+        lines.append(f"reason: {tl.stop_reason}")
+    lines.extend(f"{m.kind} {m.label}" for m in tl.marks if m.kind != "branch")
+    header = ("step", "attempt", "group", "outcome", "at_ms", "duration_ms", "backoff_ms",
+              "tokens", "cost_usd", "model", "message")
+    rows: list[tuple[str, ...]] = [header]
+    for r in tl.rows:
+        backoff = {(g.group_attempt, g.after_attempt): g.duration_ms for g in r.gaps}
+        for b in r.bars:
+            message = (b.message or "").replace("\n", " ")
+            if b.hook_errors:
+                message = (message + "; " if message else "") + "; ".join(b.hook_errors)
+            if len(message) > _MESSAGE_WIDTH:
+                message = message[: _MESSAGE_WIDTH - 3] + "..."
+            gap = backoff.get((b.group_attempt, b.attempt))
+            rows.append((
+                "  " * r.depth + r.label, str(b.attempt),
+                "" if b.group_attempt in (None, b.attempt) else str(b.group_attempt), b.outcome,
+                f"{b.offset_ms:.0f}", str(b.duration_ms), "" if gap is None else f"{gap:.0f}",
+                str(b.usage.tokens) if b.usage.tokens else "",
+                f"{b.usage.cost_usd:.6f}" if b.usage.cost_usd else "", b.usage.model or "",
+                message,
+            ))
+    lines.append("")
+    lines.append(_table(rows, right={1, 2, 4, 5, 6, 7, 8}))
+    return "\n".join(lines)
+
+
+async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
+    async with open_store(spec) as store:
+        runs = await run_summaries(store)
+    if statuses:
+        wanted = {s.lower() for s in statuses}
+        runs = [s for s in runs if s.status.lower() in wanted]
+    if as_json:
+        print(json.dumps([s.to_json() for s in runs], indent=2))
+    elif not runs:
+        print(f"no runs in {describe_store(spec)}" + (" with that status" if statuses else ""))
+    else:
+        print(format_runs(runs))
+
+
+async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
+    async with open_store(spec) as store:
+        try:
+            log = await read_run(store, spec, run_id)
+            tl = timeline(log)
+        except LogCorrupted as e:
+            raise CliError(damaged_hint(e)) from None
+    if svg is not None:
+        from stroma.svg import timeline_svg
+
+        picture = timeline_svg(tl)
+        if svg == "-":
+            sys.stdout.write(picture)
+            return
+        try:
+            with open(svg, "w", encoding="utf-8") as f:
+                f.write(picture)
+        except OSError as e:
+            raise CliError(f"--svg {svg!r}: cannot write the file ({e.strerror or e}); "
+                           "pass a path in a folder you can write") from None
+        if not as_json:
+            bars = sum(len(r.bars) for r in tl.rows)
+            print(f"wrote {svg}: {len(tl.rows)} rows, {bars} attempt bars ({tl.status})")
+    if as_json:
+        print(json.dumps(tl.to_json(), indent=2, allow_nan=True, default=str))
+    elif svg is None:
+        print(format_timeline(tl))
+
+
+async def _replay(spec: str, run_id: str, plan_ref: str) -> int:
+    plan = load_plan(plan_ref)
+    async with open_store(spec) as store:
+        try:
+            log = await read_run(store, spec, run_id)
+        except LogCorrupted as e:
+            raise CliError(damaged_hint(e)) from None
+    ok, text = await replay_check(plan, log)
+    if ok or text.startswith("DIVERGED"):
+        print(text)
+        return 0 if ok else 1
+    raise CliError(f"cannot replay run {run_id!r}: {text}")
+
+
+async def _ui(spec: str, port: int, plan_ref: str | None) -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        missing = getattr(e, "name", None) or "starlette or uvicorn"
+        raise CliError(f"the web UI needs the 'ui' extra ({missing} is not installed): "
+                       "pip install 'stroma[ui]'") from None
+    from interpreters.ui.app import serve
+
+    plan = load_plan(plan_ref) if plan_ref else None
+    async with open_store(spec) as store:
+        await _run_ids(store)  # a store that cannot be read fails now, not on a page
+        await serve(store, describe_store(spec), port=port, plan=plan, plan_ref=plan_ref)
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stroma", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``stroma: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"stroma: error: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m stroma", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("demo", help="run a small real pipeline and print its result and trace")
-    p = sub.add_parser("runs", help="list the runs in a FileStore")
-    p.add_argument("path")
-    p = sub.add_parser("show", help="print a stored run's trace")
-    p.add_argument("path")
-    p.add_argument("run_id")
+    store_help = ("a FileStore folder, redis://host:port/db or postgresql://user@host/db")
+    p = sub.add_parser("runs", help="list the runs in a store, with status and totals")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("--status", action="append", default=[], metavar="S",
+                   help="only runs with this status (COMPLETED, FAILED, PARTIAL, RESUMED, "
+                   "running/crashed, damaged, ...); repeat for several")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of runs (run_id, status, started, duration_ms, "
+                   "tokens, cost_usd, attempts, failures, stop_reason, problem)")
+    p = sub.add_parser("show", help="print a stored run's attempts, fan-out children too")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true",
+                   help="print the run's timeline as JSON (see stroma.timeline)")
+    p.add_argument("--svg", metavar="FILE",
+                   help="write the run's timeline as a standalone SVG picture ('-': stdout)")
     p = sub.add_parser("replay", help="replay a stored run against a plan")
-    p.add_argument("path")
-    p.add_argument("run_id")
-    p.add_argument("--plan", required=True, help="module:attribute of the plan (or node list)")
-    args = parser.parse_args(argv)
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--plan", required=True, metavar="MODULE:ATTR",
+                   help="module:attribute of the plan (or node list, or a function giving one)")
+    p = sub.add_parser("ui", help="serve a local, read-only web UI of a store's runs")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("--port", type=int, default=DEFAULT_UI_PORT,
+                   help=f"port on 127.0.0.1 (default {DEFAULT_UI_PORT}; 0 picks a free one)")
+    p.add_argument("--plan", metavar="MODULE:ATTR",
+                   help="the plan the runs were recorded with, to check that they replay")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
             run_demo()
             return 0
         if args.command == "runs":
-            anyio.run(_runs, args.path)
+            anyio.run(_runs, args.store, args.status, args.json)
             return 0
         if args.command == "show":
-            anyio.run(_show, args.path, args.run_id)
+            anyio.run(_show, args.store, args.run_id, args.json, args.svg)
             return 0
-        return int(anyio.run(_replay, args.path, args.run_id, args.plan))
-    except (CliError, StromaError, OSError) as e:
-        print(f"stroma: error: {e}", file=sys.stderr)
+        if args.command == "ui":
+            if not 0 <= args.port <= 65535:
+                raise CliError(f"--port {args.port}: expected 0..65535 (0 picks a free port)")
+            anyio.run(_ui, args.store, args.port, args.plan)
+            return 0
+        return int(anyio.run(_replay, args.store, args.run_id, args.plan))
+    except KeyboardInterrupt:
+        return 130
+    except CliError as e:
+        print(f"stroma: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except LogCorrupted as e:
+        print(f"stroma: error: {damaged_hint(e)}", file=sys.stderr)
+        return 2
+    except StromaError as e:
+        print(f"stroma: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"stroma: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except Exception as e:  # never a traceback: say what happened and where to report it
+        print(f"stroma: error: unexpected {type(e).__name__}: {_one_line(str(e))} (this is "
+              "a bug in stroma: please report it with the command you ran)", file=sys.stderr)
         return 2

@@ -1,9 +1,15 @@
-"""The command line: runs, show and replay on a FileStore; bad input is one line, exit 2."""
+"""The command line on a FileStore: runs, show (text, --json, --svg) and replay, with the
+fan-out children's attempts and a crashed run's finished children."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import anyio
@@ -11,23 +17,29 @@ import pytest
 
 from interpreters.stores.file import FileStore
 from stroma.runner import RunConfig, interpret
+from stroma.timeline import timeline
 from tests.replay.pipelines import SCENARIOS, Num
+from tests.timeline import pipelines as P
 
 ROOT = Path(__file__).resolve().parents[2]
+SVG = "{http://www.w3.org/2000/svg}"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stroma", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120, env=env or {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FileStore holding the golden retries and terminal runs, a map_each with retries
+    inside, a parallel group and a run that crashed inside a fan-out."""
     path = tmp_path_factory.mktemp("clistore")
 
     async def record() -> None:
+        fs = FileStore(path)
         for name in ("retries", "terminal"):
             build, config = SCENARIOS[name]
 
@@ -35,25 +47,43 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 return None
 
             cfg = config()
-            await interpret(build(True), Num(value=1), store=FileStore(path),
-                            config=RunConfig(**{**{k: getattr(cfg, k) for k in
-                                                   cfg.model_fields_set}}),
+            await interpret(build(True), Num(value=1), store=fs,
+                            config=RunConfig(**{k: getattr(cfg, k) for k in
+                                                cfg.model_fields_set}),
                             sleep=no_sleep)
+        await P.map_run(fs)
+        await P.parallel_run(fs)
+        await P.crashed_fan_out(fs)
 
     anyio.run(record)
     return path
 
 
 def test_runs_lists_every_run_with_status(store: Path) -> None:
-    """`runs` lists each run id with its status and the number of nodes done."""
+    """`runs` lists each run id with its status, crashed runs included."""
     out = cli("runs", str(store))
     assert out.returncode == 0, out.stderr
-    assert "golden-retries" in out.stdout and "COMPLETED" in out.stdout
-    assert "golden-terminal" in out.stdout and "FAILED" in out.stdout
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[2:]}
+    assert "COMPLETED" in lines["golden-retries"] and "FAILED" in lines["golden-terminal"]
+    assert "running/crashed" in lines["crashed"] and "COMPLETED" in lines["map"]
 
 
-def test_show_prints_the_trace_table(store: Path) -> None:
-    """`show` prints one row per attempt with node, attempt and outcome."""
+def test_runs_json_and_status_filter(store: Path) -> None:
+    """`runs --json` is a list of runs with status and totals; `--status` keeps only the
+    runs with that status."""
+    out = cli("runs", str(store), "--json")
+    assert out.returncode == 0, out.stderr
+    runs = {r["run_id"]: r for r in json.loads(out.stdout)}
+    assert set(runs) == {"golden-retries", "golden-terminal", "map", "parallel", "crashed"}
+    assert runs["map"]["tokens"] == 360 and runs["map"]["status"] == "COMPLETED"
+    assert set(runs["map"]) == {"run_id", "status", "started", "duration_ms", "tokens",
+                                "cost_usd", "attempts", "failures", "stop_reason", "problem"}
+    failed = json.loads(cli("runs", str(store), "--json", "--status", "FAILED").stdout)
+    assert [r["run_id"] for r in failed] == ["golden-terminal"]
+
+
+def test_show_prints_the_attempts(store: Path) -> None:
+    """`show` prints one line per attempt with step, attempt and outcome."""
     out = cli("show", str(store), "golden-retries")
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("flaky")]
@@ -61,31 +91,102 @@ def test_show_prints_the_trace_table(store: Path) -> None:
     assert "AMBIGUOUS" in rows[0] and "ok" in rows[2]
 
 
+def test_show_lists_fan_out_childrens_attempts(store: Path) -> None:
+    """`show` of a map_each lists each item's attempts, indented under the group: the
+    item that failed twice has three lines."""
+    out = cli("show", str(store), "map")
+    assert out.returncode == 0, out.stderr
+    item = [line.split() for line in out.stdout.splitlines()
+            if line.startswith("  fetch [item 1]")]
+    # step (3 words), attempt, group attempt (where it differs), outcome, ...
+    assert [(row[3], row[4] if row[4] in ("ok", "AMBIGUOUS") else (row[4], row[5]))
+            for row in item] == [("1", "AMBIGUOUS"), ("2", ("1", "AMBIGUOUS")),
+                                 ("3", ("1", "ok"))]
+    assert sum(1 for line in out.stdout.splitlines() if line.startswith("  fetch [item")) == 5
+
+
+def test_show_lists_a_crashed_runs_finished_children(store: Path) -> None:
+    """`show` of a run that crashed inside a fan-out lists the children that had
+    finished, under the unfinished group."""
+    out = cli("show", str(store), "crashed")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "run crashed: running/crashed"
+    done = [line for line in out.stdout.splitlines() if line.startswith("  fetch [item")]
+    assert len(done) == P.CRASH_FINISHED and all(" ok " in line for line in done)
+    assert "unfinished" in out.stdout
+
+
+def test_show_json_is_the_timeline(store: Path) -> None:
+    """`show --json` prints the run's timeline in its documented JSON shape."""
+    out = cli("show", str(store), "parallel", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    log = anyio.run(FileStore(store).read_log, "parallel")
+    assert log is not None
+    assert data == json.loads(json.dumps(timeline(log).to_json()))
+    assert [r["label"] for r in data["rows"]] == ["parallel(left, right)", "left", "right",
+                                                  "total"]
+
+
+def test_show_svg_writes_the_timeline_picture(store: Path, tmp_path: Path) -> None:
+    """`show --svg` writes a standalone SVG with a bar per attempt, coloured by outcome."""
+    target = tmp_path / "map.svg"
+    out = cli("show", str(store), "map", "--svg", str(target))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"wrote {target}: 4 rows, 6 attempt bars")
+    root = ET.fromstring(target.read_text(encoding="utf-8"))
+    bars = [el for el in root.iter(f"{SVG}rect") if "bar" in el.get("class", "").split()]
+    assert [(b.get("data-row"), b.get("data-outcome")) for b in bars] == [
+        ("map_each(fetch, over=urls, into=pages)", "ok"),
+        ("map_each(fetch, over=urls, into=pages)[0]", "ok"),
+        ("map_each(fetch, over=urls, into=pages)[1]", "AMBIGUOUS"),
+        ("map_each(fetch, over=urls, into=pages)[1]", "AMBIGUOUS"),
+        ("map_each(fetch, over=urls, into=pages)[1]", "ok"),
+        ("map_each(fetch, over=urls, into=pages)[2]", "ok"),
+    ]
+    assert "href" not in target.read_text(encoding="utf-8")  # nothing external
+
+
 def test_replay_ok_and_divergence(store: Path) -> None:
-    """`replay` prints OK for the recording plan and the first divergence for another."""
+    """`replay` prints OK for the recording plan and the first divergence (exit 1, one
+    line) for another."""
     ok = cli("replay", str(store), "golden-retries", "--plan",
              "tests.replay.test_replay:RETRIES_PLAN")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("OK")
+    ok = cli("replay", str(store), "map", "--plan", "tests.timeline.pipelines:MAP_PLAN")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stderr
     bad = cli("replay", str(store), "golden-retries", "--plan",
               "tests.replay.test_replay:REORDERED_PLAN")
     assert bad.returncode == 1
-    assert "DIVERGED" in bad.stdout and "record 0" in bad.stdout
+    assert bad.stdout.startswith("DIVERGED") and "record 0" in bad.stdout
+    assert len(bad.stdout.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("runs", "/no/such/folder"),
-        ("show", "{store}", "no-such-run"),
-        ("replay", "{store}", "golden-retries", "--plan", "no.such.module:plan"),
-        ("replay", "{store}", "golden-retries", "--plan", "not-a-reference"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(store: Path, args: tuple[str, ...]) -> None:
-    """A wrong path, an unknown run id or a plan that does not import: one line, exit 2."""
-    out = cli(*(a.format(store=store) for a in args))
-    assert out.returncode == 2
-    assert out.stderr.startswith("stroma: error:")
-    assert len(out.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in out.stderr
+@pytest.mark.slow
+def test_show_after_a_sigkill_inside_a_fan_out(tmp_path: Path) -> None:
+    """A process SIGKILLed inside a map_each leaves a run that `show` lists as
+    running/crashed with the children that had finished."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.cli.crash_worker", str(tmp_path), "killed"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert worker.poll() is None, worker.communicate()[1]
+            assert time.monotonic() < deadline, "the worker's children never became durable"
+            log = anyio.run(FileStore(tmp_path).read_log, "killed")
+            if log is not None and len(log.pending_children()) == P.CRASH_FINISHED:
+                break
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.communicate()
+    out = cli("show", str(tmp_path), "killed")
+    assert out.returncode == 0, out.stderr
+    assert "running/crashed" in out.stdout.splitlines()[0]
+    done = [line for line in out.stdout.splitlines() if line.startswith("  fetch [item")]
+    assert len(done) == P.CRASH_FINISHED

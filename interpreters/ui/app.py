@@ -1,0 +1,151 @@
+"""The web UI: a read-only Starlette app over a store, served by uvicorn on 127.0.0.1.
+
+Routes (all GET; nothing here writes to the store)::
+
+    /                      the store's runs (``?status=S``, repeatable, filters them)
+    /runs/{run_id}         a run: facts, replay check, timeline, attempts
+    /svg/{run_id}          the run's timeline as a standalone SVG file
+    /api/runs              the runs as JSON (see ``stroma.timeline.RunSummary.to_json``)
+    /api/runs/{run_id}     the run's timeline as JSON (``Timeline.to_json``)
+
+Run ids are percent-encoded in the path, so any id works. The replay check needs the
+plan the run was recorded with: given one (``python -m stroma ui STORE --plan mod:attr``),
+each run page replays the run's log against it (calling no node); without one the page
+says how to give it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from interpreters.ui.pages import error_page, run_page, runs_page
+from stroma.errors import LogCorrupted, StromaError
+from stroma.timeline import Timeline, timeline
+
+__all__ = ("create_app", "serve")
+
+
+def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None = None,
+               ) -> Starlette:
+    """The UI's app over ``store`` (already open; shown as ``label``)."""
+    from stroma.cli import damaged_hint, replay_check, run_summaries
+
+    async def load(run_id: str) -> Timeline | tuple[int, str, str]:
+        """The run's timeline, or (status code, title, message) saying why not."""
+        try:
+            log = await store.read_log(run_id)
+            if log is None:
+                return 404, "No such run", (f"There is no run {run_id!r} in {label}: pick "
+                                            "one from the list of runs.")
+            return timeline(log)
+        except LogCorrupted as e:
+            return 500, "Damaged log", damaged_hint(e)
+
+    def problem(why: tuple[int, str, str]) -> Response:
+        code, title, message = why
+        return HTMLResponse(error_page(label, title, message), status_code=code)
+
+    async def runs(request: Request) -> Response:
+        selected = [s for s in request.query_params.getlist("status") if s]
+        return HTMLResponse(runs_page(label, await run_summaries(store), selected))
+
+    async def run(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        tl = await load(run_id)
+        if not isinstance(tl, Timeline):
+            return problem(tl)
+        if plan is None:
+            replay = ("none", "To check that this run replays clean, start the UI with the "
+                      "plan it was recorded with: python -m stroma ui STORE --plan "
+                      "module:attr (or run python -m stroma replay STORE RUN_ID --plan "
+                      "module:attr).")
+        elif not tl.finished:
+            replay = ("none", "The run has not finished (it crashed or is still running): "
+                      "replay checks a finished run; resume it with interpret(plan, state, "
+                      "store=..., config=RunConfig(run_id=...)).")
+        else:
+            log = await store.read_log(run_id)
+            ok, text = await replay_check(plan, log)
+            replay = ("ok" if ok else "bad", f"{text} (against --plan {plan_ref})")
+        return HTMLResponse(run_page(label, tl, replay))
+
+    async def svg(request: Request) -> Response:
+        from stroma.svg import timeline_svg
+
+        tl = await load(request.path_params["run_id"])
+        if not isinstance(tl, Timeline):
+            return problem(tl)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in tl.run_id)
+        return Response(timeline_svg(tl), media_type="image/svg+xml", headers={
+            "content-disposition": f'inline; filename="{name}.svg"'})
+
+    async def api_runs(request: Request) -> Response:
+        return JSONResponse([s.to_json() for s in await run_summaries(store)])
+
+    async def api_run(request: Request) -> Response:
+        tl = await load(request.path_params["run_id"])
+        if not isinstance(tl, Timeline):
+            return JSONResponse({"error": tl[2]}, status_code=tl[0])
+        return Response(json.dumps(tl.to_json(), allow_nan=True, default=str),
+                        media_type="application/json")
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        message = " ".join(str(exc).split())
+        if isinstance(exc, StromaError):
+            return HTMLResponse(error_page(label, "The store could not be read", message),
+                                status_code=503)
+        return HTMLResponse(error_page(label, "Error", f"{type(exc).__name__}: {message}"),
+                            status_code=500)
+
+    return Starlette(
+        routes=[
+            Route("/", runs, methods=["GET"]),
+            Route("/runs/{run_id:path}", run, methods=["GET"]),
+            Route("/svg/{run_id:path}", svg, methods=["GET"]),
+            Route("/api/runs", api_runs, methods=["GET"]),
+            Route("/api/runs/{run_id:path}", api_run, methods=["GET"]),
+        ],
+        exception_handlers={Exception: failed},
+    )
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(e.errno, f"port {port} on 127.0.0.1 is in use: pass --port 0 for a "
+                          "free one, or another port") from None
+        raise OSError(e.errno, f"cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(store: Any, label: str, *, port: int = 8765, plan: Any = None,
+                plan_ref: str | None = None) -> None:
+    """Serve the UI on 127.0.0.1:``port`` (0: a free port) until interrupted; prints the
+    URL once it listens."""
+    import uvicorn
+
+    sock = _listen(port)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    app = create_app(store, label, plan=plan, plan_ref=plan_ref)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    print(f"stroma ui: {label} at {url} (read-only; Ctrl-C stops it)", flush=True)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,771 @@
+"""A run as a timeline: rows of attempt bars, read from its effect log (pure, no I/O).
+
+This module is the one place that knows how an effect log's records describe what a run
+did. Everything that shows a run (``python -m stroma show``, ``show --json``, ``show --svg``,
+``runs``, the web UI) reads a ``Timeline`` and never the records, so the log's format can
+change without touching them.
+
+``timeline(log)`` gives a ``Timeline``:
+
+* run-level facts: ``run_id``, ``status`` (the finished run's status, e.g. ``COMPLETED``,
+  or ``running/crashed`` for a log without a Finish), ``started_at``, ``duration_ms`` (wall
+  clock, from the start to the end of the last attempt or backoff), ``tokens``,
+  ``cost_usd``, ``latency_ms`` (the sum of attempt durations), ``stop_reason``, and
+  ``marks`` (where the run was resumed or restarted, which branch arms were taken);
+* ``rows``, in the order the steps first ran: one per step (a node, a ``parallel`` or
+  ``map_each`` group, a branch whose predicate raised) and, under a group, one per fan-out
+  child (``child_index``; ``item_index`` for a ``map_each`` item). A child that is a
+  sub-plan of one node is one row; a longer sub-plan is a row for the child with a row
+  per node of it beneath (``parent`` is the key of the row above, ``depth`` its level);
+* each row's ``bars``, one per attempt: ``start``/``offset_ms``, ``duration_ms``,
+  ``outcome`` (``ok``, ``RECOVERABLE``, ``TERMINAL``, ``AMBIGUOUS``, ``cancelled`` for a
+  fan-out child cancelled by a failing sibling, ``budget stop`` for an attempt a spent
+  budget did not start, ``unfinished`` for a fan-out still in flight when the log ends),
+  ``message``, ``input_state``, ``output_state``, ``usage`` (tokens in/out, model, cost)
+  and ``hook_errors``; and its ``gaps``, the backoff sleeps between attempts.
+
+Fan-out children's attempts come from the group's record (one outcome per child and group
+attempt; a sub-plan child's own attempts from the records it ran). For a run that crashed
+inside a fan-out, the children that had finished are in the log on their own (they are
+made durable at once) and show as the group's ``unfinished`` attempt.
+
+``Timeline.to_json()`` is the documented JSON shape (``show --json``); ``summary(tl)`` is
+the line a run gets in a list of runs (``runs``, the UI's run list).
+
+A log whose records do not have the shapes this reader expects is a ``LogCorrupted``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import attrs
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from stroma import effects as fx
+from stroma.cost import estimate_cost_usd
+from stroma.errors import LogCorrupted
+from stroma.failures import builtin_class_for_names
+from stroma.log import EffectLog, ResumeMarker
+from stroma.trace import RunStatus
+
+__all__ = (
+    "BUDGET_STOP",
+    "CANCELLED",
+    "DAMAGED",
+    "FAILURE_OUTCOMES",
+    "NO_LOG",
+    "OK",
+    "OUTCOMES",
+    "RUNNING_OR_CRASHED",
+    "UNFINISHED",
+    "Bar",
+    "Gap",
+    "Mark",
+    "Row",
+    "RunSummary",
+    "Timeline",
+    "Usage",
+    "damaged_summary",
+    "no_log_summary",
+    "summary",
+    "timeline",
+)
+
+# Outcomes of an attempt, besides the failure classes' names.
+OK = "ok"
+CANCELLED = "cancelled"
+BUDGET_STOP = "budget stop"
+UNFINISHED = "unfinished"
+FAILURE_OUTCOMES = ("RECOVERABLE", "AMBIGUOUS", "TERMINAL")
+OUTCOMES = (OK, *FAILURE_OUTCOMES, CANCELLED, BUDGET_STOP, UNFINISHED)
+
+# Run statuses besides those of a finished run (RunStatus values).
+RUNNING_OR_CRASHED = "running/crashed"
+NO_LOG = "no log"
+DAMAGED = "damaged"
+
+_MAP_ID = re.compile(r"^map_each\(.*, over=(\w+), into=(\w+)\)$")
+
+
+# ------------------------------------------------------------------------ the values
+
+
+@attrs.frozen
+class Usage:
+    """What an attempt used: tokens in and out, the model that priced them, the cost."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model: str | None = None
+    cost_usd: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        model = self.model if other.model in (None, self.model) else (
+            other.model if self.model is None else None
+        )
+        return Usage(self.input_tokens + other.input_tokens,
+                     self.output_tokens + other.output_tokens, model,
+                     self.cost_usd + other.cost_usd)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "tokens": self.tokens, "model": self.model, "cost_usd": self.cost_usd}
+
+
+@attrs.frozen
+class Bar:
+    """One attempt of a row's step.
+
+    ``attempt`` is the attempt as the machine counts it for this row (for a fan-out child,
+    its group's attempt); ``group_attempt`` is the attempt of the group it ran in (None at
+    the top level). ``offset_ms`` is the start relative to the run's start.
+    """
+
+    attempt: int
+    start: datetime
+    offset_ms: float
+    duration_ms: int
+    outcome: str
+    message: str | None = None
+    input_state: Any = None
+    output_state: Any = None
+    usage: Usage = Usage()
+    group_attempt: int | None = None
+    hook_errors: tuple[str, ...] = ()
+
+    @property
+    def end_ms(self) -> float:
+        return self.offset_ms + self.duration_ms
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in FAILURE_OUTCOMES or self.outcome == BUDGET_STOP
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt, "group_attempt": self.group_attempt,
+            "start": self.start.isoformat(), "offset_ms": self.offset_ms,
+            "duration_ms": self.duration_ms, "outcome": self.outcome,
+            "message": self.message, "input_state": self.input_state,
+            "output_state": self.output_state, "usage": self.usage.to_json(),
+            "hook_errors": list(self.hook_errors),
+        }
+
+
+@attrs.frozen
+class Gap:
+    """A backoff sleep after attempt ``after_attempt`` of a row's step."""
+
+    after_attempt: int
+    offset_ms: float
+    duration_ms: float
+    group_attempt: int | None = None
+
+    @property
+    def end_ms(self) -> float:
+        return self.offset_ms + self.duration_ms
+
+    def to_json(self) -> dict[str, Any]:
+        return {"after_attempt": self.after_attempt, "group_attempt": self.group_attempt,
+                "offset_ms": self.offset_ms, "duration_ms": self.duration_ms}
+
+
+@attrs.frozen
+class Row:
+    """A step of the run, or a fan-out child, with its attempts.
+
+    ``kind`` is ``node``, ``parallel``, ``map``, ``branch``, ``child`` (a fan-out child
+    shown as one row), ``plan`` (a sub-plan child whose nodes have rows beneath it) or
+    ``group`` (a fan-out in flight when the log ends whose step is not otherwise known).
+    """
+
+    key: str
+    label: str
+    step_id: str
+    kind: str
+    depth: int = 0
+    parent: str | None = None
+    child_index: int | None = None
+    item_index: int | None = None
+    bars: tuple[Bar, ...] = ()
+    gaps: tuple[Gap, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "label": self.label, "step_id": self.step_id, "kind": self.kind,
+            "depth": self.depth, "parent": self.parent, "child_index": self.child_index,
+            "item_index": self.item_index, "bars": [b.to_json() for b in self.bars],
+            "gaps": [g.to_json() for g in self.gaps],
+        }
+
+
+@attrs.frozen
+class Mark:
+    """A moment of the run: ``resumed`` (after a crash) or ``restarted`` (``resume_from``),
+    ``label`` saying when; or ``branch``, ``label`` saying which arm was taken."""
+
+    kind: str
+    label: str
+    offset_ms: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "label": self.label, "offset_ms": self.offset_ms}
+
+
+@attrs.frozen
+class Timeline:
+    """A run read from its effect log: run-level facts and rows of attempt bars."""
+
+    run_id: str
+    status: str
+    finished: bool
+    started: str
+    started_at: datetime | None
+    duration_ms: int
+    latency_ms: int
+    tokens: int
+    cost_usd: float
+    stop_reason: str | None
+    plan: str
+    rows: tuple[Row, ...]
+    marks: tuple[Mark, ...] = ()
+
+    @property
+    def attempts(self) -> int:
+        """The attempts of the run's own steps (fan-out children not counted)."""
+        return sum(len(r.bars) for r in self.rows if r.depth == 0)
+
+    @property
+    def failures(self) -> int:
+        """The failed attempts of the run's own steps."""
+        return sum(1 for r in self.rows if r.depth == 0 for b in r.bars if b.failed)
+
+    def row(self, key: str) -> Row:
+        """The row with ``key`` (KeyError naming the keys there are)."""
+        for r in self.rows:
+            if r.key == key:
+                return r
+        raise KeyError(f"no row {key!r} in the timeline of {self.run_id!r}; rows: "
+                       f"{', '.join(r.key for r in self.rows)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON shape (``python -m stroma show STORE RUN --json``)."""
+        return {
+            "run_id": self.run_id, "status": self.status, "finished": self.finished,
+            "started": self.started, "duration_ms": self.duration_ms,
+            "latency_ms": self.latency_ms, "tokens": self.tokens, "cost_usd": self.cost_usd,
+            "stop_reason": self.stop_reason, "plan": self.plan,
+            "attempts": self.attempts, "failures": self.failures,
+            "marks": [m.to_json() for m in self.marks],
+            "rows": [r.to_json() for r in self.rows],
+        }
+
+
+@attrs.frozen
+class RunSummary:
+    """One run in a list of runs: its status and totals (``problem`` for a damaged log)."""
+
+    run_id: str
+    status: str
+    started: str | None = None
+    duration_ms: int | None = None
+    tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 0
+    failures: int = 0
+    stop_reason: str | None = None
+    problem: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "status": self.status, "started": self.started,
+            "duration_ms": self.duration_ms, "tokens": self.tokens, "cost_usd": self.cost_usd,
+            "attempts": self.attempts, "failures": self.failures,
+            "stop_reason": self.stop_reason, "problem": self.problem,
+        }
+
+
+def summary(tl: Timeline) -> RunSummary:
+    """The run-list line of a timeline."""
+    return RunSummary(tl.run_id, tl.status, tl.started, tl.duration_ms, tl.tokens,
+                      tl.cost_usd, tl.attempts, tl.failures, tl.stop_reason)
+
+
+def damaged_summary(run_id: str, problem: str) -> RunSummary:
+    """The run-list line of a run whose log cannot be read."""
+    return RunSummary(run_id, DAMAGED, problem=problem)
+
+
+def no_log_summary(run_id: str) -> RunSummary:
+    """The run-list line of a run that has checkpoints but no effect log."""
+    return RunSummary(run_id, NO_LOG)
+
+
+# --------------------------------------------------------------------- the reader
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if value is None or isinstance(value, dict | list | str | int | float | bool):
+        return value
+    return to_jsonable_python(value, fallback=repr)
+
+
+def _end(start: datetime, duration_ms: float) -> datetime:
+    return start + timedelta(milliseconds=duration_ms)
+
+
+class _RowBuild:
+    __slots__ = ("bars", "child_index", "depth", "gaps", "item_index", "key", "kind", "label",
+                 "parent", "step_id")
+
+    def __init__(self, key: str, label: str, step_id: str, kind: str, depth: int,
+                 parent: str | None, child_index: int | None, item_index: int | None) -> None:
+        self.key, self.label, self.step_id, self.kind = key, label, step_id, kind
+        self.depth, self.parent = depth, parent
+        self.child_index, self.item_index = child_index, item_index
+        self.bars: list[dict[str, Any]] = []
+        self.gaps: list[dict[str, Any]] = []
+
+
+class _Reader:
+    def __init__(self, log: EffectLog) -> None:
+        self.log = log
+        self.rows: dict[str, _RowBuild] = {}
+        self.marks: list[tuple[str, str, datetime | None]] = []
+        self.clock: datetime | None = None  # the end of the last thing seen
+
+    def row(self, key: str, label: str, step_id: str, kind: str, depth: int,
+            parent: str | None, child_index: int | None = None,
+            item_index: int | None = None) -> _RowBuild:
+        row = self.rows.get(key)
+        if row is None:
+            row = _RowBuild(key, label, step_id, kind, depth, parent, child_index, item_index)
+            self.rows[key] = row
+        elif kind != "node" and row.kind == "node":
+            row.kind = kind
+        return row
+
+    def bar(self, row: _RowBuild, **bar: Any) -> dict[str, Any]:
+        bar.setdefault("hook_errors", [])
+        bar.setdefault("usage", Usage())
+        bar.setdefault("group_attempt", None)
+        row.bars.append(bar)
+        end = _end(bar["start"], bar["duration_ms"])
+        if self.clock is None or end > self.clock:
+            self.clock = end
+        return bar
+
+    # -- one scope: the run, or a sub-plan child's own records
+
+    def walk(self, records: Iterable[Any], *, prefix: str, parent: str | None, depth: int,
+             group_attempt: int | None, solo: tuple[str, str, int | None, int | None] | None,
+             state: Any) -> tuple[Any, dict[str, Any] | None, Any]:
+        """Read records into rows; returns (the Finish or None, the last bar, the state)."""
+        pending: tuple[Any, Any] | None = None
+        branch: str | None = None
+        last: tuple[_RowBuild, dict[str, Any]] | None = None
+        hooks: dict[tuple[str, int], list[str]] = {}
+        made: list[dict[str, Any]] = []  # the bars of this scope's own steps
+        finish: Any = None
+        for rec in records:
+            if isinstance(rec, ResumeMarker):
+                if depth == 0:
+                    self.marks.append(("restarted" if rec.restart is not None else "resumed",
+                                       f"at {rec.at}", _parse(rec.at)))
+                pending = None
+                continue
+            effect, event = rec
+            kind = type(effect)
+            if kind is fx.CallNode or kind is fx.CallParallel:
+                pending = (effect, event)
+            elif kind is fx.RecordAttempt or kind is fx.Commit:
+                row, bar = self.attempt(effect, pending, branch, prefix=prefix, parent=parent,
+                                        depth=depth, group_attempt=group_attempt, solo=solo)
+                if bar["outcome"] == OK:
+                    state = bar["output_state"]
+                made.append(bar)
+                last = (row, bar)
+                pending, branch = None, None
+            elif kind is fx.Sleep:
+                if last is not None:
+                    row, bar = last
+                    start = _end(bar["start"], bar["duration_ms"])
+                    seconds = event.seconds if isinstance(event, fx.Slept) else effect.seconds
+                    row.gaps.append({"after_attempt": bar["attempt"], "start": start,
+                                     "duration_ms": float(seconds) * 1000.0,
+                                     "group_attempt": group_attempt})
+                    gap_end = _end(start, float(seconds) * 1000.0)
+                    if self.clock is None or gap_end > self.clock:
+                        self.clock = gap_end
+            elif kind is fx.FireHook:
+                if isinstance(event, fx.HookFired) and event.error is not None:
+                    hooks.setdefault((effect.node_id, effect.attempt), []).append(
+                        f"on_node_{effect.kind}: {event.error.short}"
+                    )
+            elif kind is fx.ChooseBranch:
+                branch = effect.step_id
+                if isinstance(event, fx.BranchChosen) and event.error is None and depth == 0:
+                    arm = "then" if event.taken else "otherwise"
+                    self.marks.append(("branch", f"{effect.step_id}: {arm}", self.clock))
+            elif kind is fx.Finish:
+                finish = effect
+        # Hook errors belong to the attempt they fired for.
+        for bar in made if hooks else ():
+            found = hooks.get((bar["node_id"], bar["attempt"]))
+            if found:
+                bar["hook_errors"] = list(found)
+        if finish is not None and last is not None:
+            row, bar = last
+            if (bar["outcome"] == "RECOVERABLE" and not bar["called"]
+                    and finish.status is RunStatus.PARTIAL and bar["message"] == finish.reason):
+                bar["outcome"] = BUDGET_STOP
+        return finish, (last[1] if last else None), state
+
+    def attempt(self, ra: Any, pending: tuple[Any, Any] | None, branch: str | None, *,
+                prefix: str, parent: str | None, depth: int, group_attempt: int | None,
+                solo: tuple[str, str, int | None, int | None] | None,
+                ) -> tuple[_RowBuild, dict[str, Any]]:
+        event = ra.event  # the states as JSON
+        step_id = event.node_id
+        call, answer = pending if pending is not None else (None, None)
+        if call is not None and getattr(call, "node_id", getattr(call, "step_id", None)) != step_id:
+            call, answer = None, None
+        if isinstance(call, fx.CallParallel):
+            kind = "map" if call.kind == "map" else "parallel"
+        elif call is None and branch == step_id:
+            kind = "branch"
+        else:
+            kind = "node"
+        if solo is not None:
+            key, label, child_index, item_index = solo
+            row = self.row(key, label, step_id, "child", depth, parent, child_index, item_index)
+        else:
+            row = self.row(prefix + step_id, step_id, step_id, kind, depth, parent)
+        if event.failure is not None:
+            outcome = str(event.failure)
+        elif event.output_state is None:
+            outcome = CANCELLED
+        else:
+            outcome = OK
+        usage = Usage()
+        if isinstance(call, fx.CallNode) and isinstance(answer, fx.NodeReturned):
+            usage = _usage(call, answer)
+        bar = self.bar(
+            row, attempt=event.attempt, start=event.timestamp_utc,
+            duration_ms=int(event.duration_ms), outcome=outcome,
+            message=event.failure_message, input_state=event.input_state,
+            output_state=event.output_state, usage=usage, group_attempt=group_attempt,
+            node_id=step_id, called=call is not None,
+        )
+        if isinstance(call, fx.CallParallel) and isinstance(answer, fx.ParallelReturned):
+            bar["usage"] = self.children(
+                row, call.calls, answer.outcomes, group=call, input_state=event.input_state,
+                failure=event.failure, depth=depth,
+            )
+        return row, bar
+
+    def children(self, group_row: _RowBuild, calls: Sequence[Any], outcomes: Sequence[Any],
+                 *, group: Any, input_state: Any, failure: Any, depth: int,
+                 attempt: int | None = None) -> Usage:
+        """A group attempt's children; returns their usage summed."""
+        is_map = group_row.kind == "map" or getattr(group, "kind", None) == "map"
+        over = _map_over(group_row.step_id) if is_map else None
+        if is_map and over is None and isinstance(input_state, dict):
+            # A map in flight whose id is not known: the state's one list long enough.
+            lists = [k for k, v in input_state.items()
+                     if isinstance(v, list) and len(v) >= len(calls)]
+            over = lists[0] if len(lists) == 1 else None
+        items = input_state.get(over) if over and isinstance(input_state, dict) else None
+        first_fail = next(
+            (k for k, o in enumerate(outcomes)
+             if isinstance(o, fx.NodeRaised) or (
+                 isinstance(o, fx.PlanFinished)
+                 and o.status not in (RunStatus.COMPLETED, RunStatus.RESUMED))),
+            None,
+        )
+        indices = getattr(group, "indices", None) or range(len(calls))
+        total = Usage()
+        for k, (call, outcome) in enumerate(zip(calls, outcomes, strict=False)):
+            if outcome is None:
+                continue
+            j = indices[k]  # the child's index in the group (a retry runs only some)
+            if is_map:
+                child_input = _item(items, j)
+            else:
+                child_input = input_state
+            total = total + self.child(
+                group_row, j, call, outcome, is_map=is_map, child_input=child_input,
+                group_failure=failure if k == first_fail else None, depth=depth,
+                group_attempt=attempt if attempt is not None else call.attempt,
+            )
+        return total
+
+    def child(self, group_row: _RowBuild, j: int, call: Any, outcome: Any, *, is_map: bool,
+              child_input: Any, group_failure: Any, depth: int, group_attempt: int) -> Usage:
+        key = f"{group_row.key}[{j}]"
+        item = j if is_map else None
+        if isinstance(call, fx.RunPlan) and isinstance(outcome, fx.PlanFinished):
+            return self.sub_plan(group_row, key, j, item, call, outcome, depth=depth,
+                                 child_input=child_input, group_attempt=group_attempt)
+        node_id = str(getattr(call, "node_id", None) or getattr(call, "child_id", f"child {j}"))
+        label = f"{node_id} [item {j}]" if is_map else node_id
+        row = self.row(key, label, node_id, "child", depth + 1, group_row.key, j, item)
+        usage = Usage()
+        message = None
+        output = None
+        if isinstance(outcome, fx.NodeReturned):
+            result = OK
+            output = _json(outcome.output)
+            usage = _usage(call, outcome)
+        elif isinstance(outcome, fx.NodeRaised):
+            cls = group_failure if group_failure is not None else builtin_class_for_names(
+                outcome.error.type_names)
+            result = str(cls)
+            message = outcome.error.message or outcome.error.type_name.rsplit(".", 1)[-1]
+        elif isinstance(outcome, fx.NodeCancelled):
+            result = CANCELLED
+            message = "cancelled: a sibling failed first (or the group's deadline passed)"
+        else:
+            raise TypeError(f"a fan-out child's outcome is a {type(outcome).__name__}")
+        self.bar(row, attempt=getattr(call, "attempt", group_attempt),
+                 start=outcome.started_at, duration_ms=int(outcome.duration_ms),
+                 outcome=result, message=message, input_state=child_input,
+                 output_state=output, usage=usage, group_attempt=group_attempt,
+                 node_id=node_id, called=True)
+        return usage
+
+    def sub_plan(self, group_row: _RowBuild, key: str, j: int, item: int | None, call: Any,
+                 outcome: Any, *, depth: int, child_input: Any, group_attempt: int) -> Usage:
+        records = list(outcome.records)
+        steps: list[str] = []
+        nested = False
+        for rec in records:
+            if isinstance(rec, ResumeMarker):
+                continue
+            eff = rec[0]
+            if isinstance(eff, fx.RecordAttempt | fx.Commit):
+                sid = eff.node_id
+                if sid not in steps:
+                    steps.append(sid)
+            elif isinstance(eff, fx.CallParallel | fx.ChooseBranch):
+                nested = True
+        name = steps[0] if len(steps) == 1 else f"seq({', '.join(steps)})"
+        label = f"{name} [item {j}]" if item is not None else name
+        usage = Usage(int(outcome.total_tokens), 0, None, float(outcome.total_cost_usd))
+        if len(steps) == 1 and not nested:
+            # One node: the child's row is that node's, with its own attempts and backoffs.
+            self.walk(records, prefix=key + "/", parent=group_row.key, depth=depth + 1,
+                      group_attempt=group_attempt, solo=(key, label, j, item),
+                      state=child_input)
+            return self._summed(key, group_attempt) or usage
+        row = self.row(key, label, call.child_id, "plan", depth + 1, group_row.key, j, item)
+        if outcome.status in (RunStatus.COMPLETED, RunStatus.RESUMED):
+            result, message = OK, None
+        else:
+            result = "TERMINAL" if outcome.status is RunStatus.FAILED else _last_failure(records)
+            message = outcome.reason
+        start = outcome.started_at or self.clock or _parse(self.log.header.started_at)
+        assert start is not None
+        self.bar(row, attempt=call.attempt, start=start, duration_ms=int(outcome.duration_ms),
+                 outcome=result, message=message, input_state=child_input,
+                 output_state=_json(outcome.output) if result == OK else None, usage=usage,
+                 group_attempt=group_attempt, node_id=call.child_id, called=True)
+        self.walk(records, prefix=key + "/", parent=key, depth=depth + 2,
+                  group_attempt=group_attempt, solo=None, state=child_input)
+        return usage
+
+    def _summed(self, key: str, group_attempt: int) -> Usage:
+        total = Usage()
+        for bar in self.rows[key].bars if key in self.rows else ():
+            if bar["group_attempt"] == group_attempt:
+                total = total + bar["usage"]
+        return total
+
+    # -- a crash inside a fan-out: the children that had finished
+
+    def _unknown_group(self, pending: dict[int, tuple[Any, Any]], state: Any) -> _RowBuild:
+        """The row of a fan-out in flight whose group record was never written."""
+        calls = [c for c, _ in pending.values()]
+        for c in calls:  # a sub-plan child's id is its group's id and its index
+            child_id = getattr(c, "child_id", None)
+            if isinstance(child_id, str) and child_id.endswith("]") and "[" in child_id:
+                step_id = child_id[: child_id.rindex("[")]
+                kind = "map" if _map_over(step_id) else "parallel"
+                return self.row(step_id, step_id, step_id, kind, 0, None)
+        names = sorted({str(getattr(c, "node_id", "?")) for c in calls})
+        if len(names) == 1 and len(calls) > 1:  # one node for every child: a map_each
+            return self.row("(in flight)", f"map_each({names[0]}) in flight",
+                            "(in flight)", "map", 0, None)
+        return self.row("(in flight)", f"fan-out in flight ({', '.join(names)})",
+                        "(in flight)", "group", 0, None)
+
+    def in_flight(self, pending: dict[int, tuple[Any, Any]], state: Any) -> None:
+        if not pending:
+            return
+        first_call = pending[min(pending)][0]
+        attempt = int(getattr(first_call, "attempt", 1))
+        top = [r for r in self.rows.values() if r.depth == 0]
+        group: _RowBuild | None = None
+        if top and top[-1].kind in ("parallel", "map") and top[-1].bars:
+            last = top[-1].bars[-1]
+            if last["outcome"] != OK and last["attempt"] + 1 == attempt:
+                group = top[-1]  # the group failed, backed off, and was being retried
+        if group is None:
+            group = self._unknown_group(pending, state)
+        width = max(pending) + 1
+        calls: list[Any] = [None] * width
+        outcomes: list[Any] = [None] * width
+        for j, (call, outcome) in pending.items():
+            calls[j], outcomes[j] = call, outcome
+        started = [o.started_at for o in outcomes if o is not None]
+        ends = [_end(o.started_at, o.duration_ms) for o in outcomes if o is not None]
+        start = min(started)
+        usage = self.children(group, calls, outcomes, group=None, input_state=state,
+                              failure=None, depth=0, attempt=attempt)
+        done = sum(1 for o in outcomes if o is not None)
+        self.bar(group, attempt=attempt, start=start,
+                 duration_ms=int((max(ends) - start).total_seconds() * 1000),
+                 outcome=UNFINISHED,
+                 message=f"in flight when the log ends: {done} child(ren) had finished",
+                 input_state=state, output_state=None, usage=usage, node_id=group.step_id,
+                 called=True)
+
+
+def _usage(call: Any, answer: fx.NodeReturned) -> Usage:
+    model = getattr(call, "model", None) or answer.model
+    tin, tout = int(answer.input_tokens), int(answer.output_tokens)
+    cost = estimate_cost_usd(model, tin, tout) if tin or tout else 0.0
+    return Usage(tin, tout, model, cost)
+
+
+def _map_over(step_id: str) -> str | None:
+    m = _MAP_ID.match(step_id)
+    return m.group(1) if m else None
+
+
+def _item(items: Any, j: int) -> Any:
+    if not isinstance(items, list) or j >= len(items):
+        return None
+    value = items[j]
+    return value if isinstance(value, dict) else {"item": value}
+
+
+def _last_failure(records: Sequence[Any]) -> str:
+    for rec in reversed(records):
+        if not isinstance(rec, ResumeMarker) and isinstance(rec[0], fx.RecordAttempt):
+            failure = rec[0].failure
+            if failure is not None:
+                return str(failure)
+    return "AMBIGUOUS"
+
+
+def _parse(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ms(t: datetime, t0: datetime) -> float:
+    return round((t - t0).total_seconds() * 1000.0, 3)
+
+
+def timeline(log: EffectLog) -> Timeline:
+    """The timeline of a run, from its effect log (see the module's docstring)."""
+    if not isinstance(log, EffectLog):
+        raise TypeError(f"timeline(log): log must be an EffectLog (got {type(log).__name__}): "
+                        "pass result.log or await store.read_log(run_id)")
+    try:
+        return _timeline(log)
+    except LogCorrupted:
+        raise
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError) as e:
+        raise LogCorrupted(
+            f"the effect log of run {log.header.run_id!r}",
+            f"a record does not have the shape of one stroma writes ({type(e).__name__}: {e})",
+        ) from None
+
+
+def _timeline(log: EffectLog) -> Timeline:
+    header = log.header
+    reader = _Reader(log)
+    initial = (header.config.get("initial") or {}).get("state")
+    finish, _, state = reader.walk(
+        log.records, prefix="", parent=None, depth=0, group_attempt=None, solo=None,
+        state=initial,
+    )
+    if finish is None:
+        reader.in_flight(log.pending_children(), state)
+    started_at = _parse(header.started_at)
+    starts = [b["start"] for r in reader.rows.values() for b in r.bars]
+    t0 = started_at or (min(starts) if starts else None)
+    rows: list[Row] = []
+    for r in reader.rows.values():
+        bars = tuple(
+            Bar(b["attempt"], b["start"], _ms(b["start"], t0) if t0 else 0.0,
+                b["duration_ms"], b["outcome"], b["message"], b["input_state"],
+                b["output_state"], b["usage"], b["group_attempt"], tuple(b["hook_errors"]))
+            for b in r.bars
+        )
+        gaps = tuple(
+            Gap(g["after_attempt"], _ms(g["start"], t0) if t0 else 0.0, g["duration_ms"],
+                g["group_attempt"])
+            for g in r.gaps
+        )
+        rows.append(Row(r.key, r.label, r.step_id, r.kind, r.depth, r.parent, r.child_index,
+                        r.item_index, bars, gaps))
+    ordered = _tree_order(rows)
+    top_usage = Usage()
+    latency = 0
+    for done in ordered:
+        if done.depth == 0:
+            for bar in done.bars:
+                top_usage = top_usage + bar.usage
+                latency += bar.duration_ms
+    duration = 0
+    if t0 is not None and reader.clock is not None:
+        duration = max(0, round((reader.clock - t0).total_seconds() * 1000))
+    marks = tuple(Mark(kind, label, _ms(at, t0) if (at and t0) else None)
+                  for kind, label, at in reader.marks)
+    if finish is not None:
+        return Timeline(
+            header.run_id, str(finish.status), True, header.started_at, started_at, duration,
+            int(finish.total_latency_ms), int(finish.total_tokens),
+            float(finish.total_cost_usd), finish.reason, header.plan, tuple(ordered), marks,
+        )
+    return Timeline(
+        header.run_id, RUNNING_OR_CRASHED, False, header.started_at, started_at, duration,
+        latency, top_usage.tokens, top_usage.cost_usd, None, header.plan, tuple(ordered), marks,
+    )
+
+
+def _tree_order(rows: list[Row]) -> list[Row]:
+    """Rows in first-seen order, each followed by the rows beneath it."""
+    below: dict[str | None, list[Row]] = {}
+    for r in rows:
+        below.setdefault(r.parent, []).append(r)
+    out: list[Row] = []
+
+    def visit(parent: str | None) -> None:
+        # Children in argument order (a group's attempts may finish them in any order).
+        for r in sorted(below.get(parent, ()), key=lambda x: x.child_index or 0):
+            out.append(r)
+            visit(r.key)
+
+    visit(None)
+    seen = {r.key for r in out}
+    out.extend(r for r in rows if r.key not in seen)  # rows whose parent never showed up
+    return out

@@ -1,0 +1,153 @@
+"""Every command-line error is one line, `stroma: error: ...`, naming the problem and the
+fix, with exit status 2 and never a traceback (a divergent replay: DIVERGED, exit 1)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from interpreters.stores.file import FileStore
+from tests.cli.test_cli import ROOT, cli
+from tests.timeline import pipelines as P
+
+
+def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith("stroma: error: "), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    for needle in needles:
+        assert needle in out.stderr, (needle, out.stderr)
+    return out.stderr
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FileStore with a retries run, and a run whose log is then damaged."""
+    path = tmp_path_factory.mktemp("errors")
+
+    async def record() -> None:
+        fs = FileStore(path)
+        await P.retries_run(fs)
+        await P.retries_run(fs, "damaged")
+
+    anyio.run(record)
+    log = path / "runs" / "damaged" / "log.jsonl"
+    lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[3] = '{"i": 2, "effect": not json at all\n'  # a line in the middle, not the tail
+    log.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_missing_store_folder(tmp_path: Path) -> None:
+    """A folder that does not exist: one line saying what STORE may be."""
+    one_line_error(cli("runs", str(tmp_path / "nope")), "no FileStore at",
+                   "does not exist", "redis://", "postgresql://")
+
+
+def test_store_that_is_a_file(tmp_path: Path) -> None:
+    """A file where a folder was expected: one line saying so."""
+    (tmp_path / "f").write_text("x")
+    one_line_error(cli("show", str(tmp_path / "f"), "r"), "is a file, not a folder")
+
+
+def test_unknown_store_scheme() -> None:
+    """A URL of a kind stroma does not read: one line listing the kinds it does."""
+    one_line_error(cli("runs", "mysql://localhost/db"), "scheme 'mysql'", "redis://")
+
+
+def test_unknown_run(store: Path) -> None:
+    """An unknown run id: one line naming the runs there and how to list them."""
+    one_line_error(cli("show", str(store), "no-such-run"), "no run 'no-such-run'",
+                   "runs there: damaged, retries", "python -m stroma runs")
+
+
+def test_damaged_log_on_show_and_replay(store: Path) -> None:
+    """A damaged log: one line naming the file and the damage, for show and replay."""
+    for args in (("show", str(store), "damaged"),
+                 ("replay", str(store), "damaged", "--plan",
+                  "tests.timeline.pipelines:RETRIES_PLAN")):
+        one_line_error(cli(*args), "log.jsonl", "not JSON", "log is damaged")
+
+
+def test_damaged_run_is_listed_with_its_problem(store: Path) -> None:
+    """`runs` still lists a store with a damaged run: that run is 'damaged', named."""
+    out = cli("runs", str(store))
+    assert out.returncode == 0, out.stderr
+    assert any(line.startswith("damaged ") and "damaged" in line.split()[1]
+               for line in out.stdout.splitlines())
+
+
+@pytest.mark.parametrize(("plan", "needle"), [
+    ("no.such.module:plan", "does not import"),
+    ("not-a-reference", "expected 'package.module:attribute'"),
+    ("tests.timeline.pipelines:NO_SUCH_PLAN", "has no attribute 'NO_SUCH_PLAN'"),
+    ("tests.timeline.pipelines:CRASH_ITEMS", "not a plan"),
+])
+def test_plan_that_does_not_import(store: Path, plan: str, needle: str) -> None:
+    """A --plan that does not import, has no such attribute or is not a plan: one line."""
+    one_line_error(cli("replay", str(store), "retries", "--plan", plan), needle)
+
+
+def test_plan_module_that_raises_on_import(store: Path, tmp_path: Path) -> None:
+    """A --plan module whose import raises: one line naming the module and the error."""
+    (tmp_path / "broken_plan.py").write_text("raise RuntimeError('no API key set')\n")
+    env = {"PYTHONPATH": f"{ROOT}:{tmp_path}", "PATH": "/usr/bin:/bin"}
+    one_line_error(cli("replay", str(store), "retries", "--plan", "broken_plan:plan",
+                       env=env), "importing 'broken_plan' raised RuntimeError: no API key")
+
+
+def test_plan_that_does_not_match_is_one_diverged_line(store: Path) -> None:
+    """A plan that does not match the log: DIVERGED on one line, exit status 1."""
+    out = cli("replay", str(store), "retries", "--plan", "tests.timeline.pipelines:MAP_PLAN")
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.startswith("DIVERGED: ") and len(out.stdout.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("scheme", ["redis", "postgresql"])
+def test_server_that_is_down(closed_port: int, scheme: str) -> None:
+    """A Redis or PostgreSQL server that does not answer: one line asking whether it runs."""
+    spec = (f"redis://127.0.0.1:{closed_port}/0" if scheme == "redis"
+            else f"postgresql://postgres@127.0.0.1:{closed_port}/test")
+    server = "Redis" if scheme == "redis" else "PostgreSQL"
+    for args in (("runs", spec), ("show", spec, "r")):
+        one_line_error(cli(*args), f"Is the {server} server running and reachable?")
+
+
+def test_usage_errors_are_one_line() -> None:
+    """A missing argument or an unknown command: one line pointing at --help."""
+    one_line_error(cli("show"), "the following arguments are required", "--help")
+    one_line_error(cli("frobnicate"), "invalid choice", "--help")
+
+
+def test_ui_without_the_extra_says_how_to_install_it(store: Path, tmp_path: Path) -> None:
+    """`ui` where starlette does not import: one line saying pip install 'stroma[ui]'."""
+    shim = tmp_path / "shim" / "starlette"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named starlette')\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'shim'}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    one_line_error(cli("ui", str(store), "--port", "0", env=env),
+                   "pip install 'stroma[ui]'")
+
+
+def test_ui_on_a_port_in_use(store: Path) -> None:
+    """`ui --port N` where N is taken: one line saying to pass --port 0."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        one_line_error(cli("ui", str(store), "--port", str(port)), "in use", "--port 0")

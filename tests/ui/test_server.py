@@ -1,0 +1,84 @@
+"""The UI's HTTP surface: pages, the SVG and JSON of a run, clear errors, GET only, and the
+same pages over a Redis store."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.services import REDIS_URL, START_REDIS, drop_redis_prefix, require, unique
+from tests.timeline import pipelines as P
+from tests.ui.conftest import run_in_thread, serving
+
+MAP = "map_each(fetch, over=urls, into=pages)"
+
+
+def test_runs_and_status_filter_over_http(ui_url: str) -> None:
+    """The runs page lists every run; ?status= keeps only those with that status."""
+    page = httpx.get(ui_url).text
+    for run_id in ("map", "parallel", "retries", "terminal", "crashed"):
+        assert f'data-run="{run_id}"' in page
+    crashed = httpx.get(ui_url, params={"status": "running/crashed"}).text
+    assert 'data-run="crashed"' in crashed and 'data-run="map"' not in crashed
+
+
+def test_svg_and_json_of_a_run(ui_url: str) -> None:
+    """/svg/RUN is the standalone picture; /api/runs/RUN the timeline's JSON."""
+    svg = httpx.get(ui_url + "svg/map")
+    assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+    root = ET.fromstring(svg.content)
+    assert root.get("data-run") == "map" and root.get("data-status") == "COMPLETED"
+    data = httpx.get(ui_url + "api/runs/map").json()
+    assert [r["key"] for r in data["rows"]] == [MAP, *(f"{MAP}[{j}]" for j in range(3))]
+    runs = httpx.get(ui_url + "api/runs").json()
+    assert {r["run_id"]: r["status"] for r in runs}["crashed"] == "running/crashed"
+
+
+def test_unknown_run_is_a_404_page_saying_what_to_do(ui_url: str) -> None:
+    """An unknown run id is a 404 page naming it and pointing back at the list."""
+    answer = httpx.get(ui_url + "runs/no-such-run")
+    assert answer.status_code == 404
+    assert "There is no run &#x27;no-such-run&#x27;" in answer.text
+    assert httpx.get(ui_url + "api/runs/no-such-run").status_code == 404
+
+
+def test_only_get_is_served(ui_url: str) -> None:
+    """The UI is read-only: any other method is refused (405)."""
+    for method in ("POST", "PUT", "DELETE"):
+        assert httpx.request(method, ui_url + "runs/map").status_code == 405
+        assert httpx.request(method, ui_url).status_code == 405
+
+
+@pytest.fixture(scope="module")
+def redis_spec() -> Iterator[str]:
+    """A Redis URL naming a key prefix that holds a map_each run."""
+    from interpreters.stores.redis import RedisStore
+
+    url = require("Redis", REDIS_URL, 6379, START_REDIS)
+    prefix = unique("stroma-ui")
+
+    async def record() -> None:
+        store = RedisStore(url, key_prefix=prefix)
+        try:
+            await P.map_run(store)
+        finally:
+            await store.close()
+
+    run_in_thread(record)
+    try:
+        yield f"{url}?key_prefix={prefix}"
+    finally:
+        run_in_thread(drop_redis_prefix, url, prefix)
+
+
+@pytest.mark.redis
+def test_the_ui_over_a_redis_store(redis_spec: str) -> None:
+    """`ui redis://...` serves the runs and timelines of a Redis store."""
+    with serving(redis_spec) as url:
+        assert 'data-run="map"' in httpx.get(url).text
+        data = httpx.get(url + "api/runs/map").json()
+        assert [[b["outcome"] for b in r["bars"]] for r in data["rows"]] == [
+            ["ok"], ["ok"], ["AMBIGUOUS", "AMBIGUOUS", "ok"], ["ok"]]
