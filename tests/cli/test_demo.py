@@ -54,4 +54,4 @@ def test_demo_keeps_its_runs_and_ends_with_the_command_that_shows_the_run(
 
     listed = _run(["runs", "runs"], tmp_path)
     assert listed.returncode == 0, listed.stderr
-    assert [line.split()[0] for line in listed.stdout.splitlines()[2:]] == sorted(run_ids)
+    assert sorted(line.split()[0] for line in listed.stdout.splitlines()[2:]) == sorted(run_ids)
