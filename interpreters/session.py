@@ -15,10 +15,7 @@ A plan that no longer matches the log raises NondeterminismError before anything
 from __future__ import annotations
 
 import inspect
-import os
 import secrets
-import socket
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
@@ -47,7 +44,9 @@ VERSION = "0.2.0"
 
 
 def _holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    from interpreters.stores._lease import new_holder
+
+    return new_holder()
 
 
 async def replay_log(plan: Plan, log: EffectLog) -> ExecutionResult:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-import stroma
 from stroma import (
     AsyncCheckpointStore,
     AsyncInMemoryStore,
@@ -361,21 +360,7 @@ def test_resolve_schema_refuses_a_target_that_is_not_a_basemodel(target: str) ->
     assert ref in str(info.value)
 
 
-@pytest.mark.parametrize("cls_name", ["RedisStore", "SyncRedisStore"])
-def test_missing_redis_extra_is_an_import_error_saying_how_to_install(
-    monkeypatch: pytest.MonkeyPatch, cls_name: str
-) -> None:
-    """Without the ``redis`` package, constructing a Redis store (or ``with_redis``) raises an
-    ImportError naming the store and the pip command."""
-    import interpreters.stores.redis as redis_mod
-
-    monkeypatch.setattr(redis_mod, "_redis", None)
-    cls = getattr(stroma.checkpoint, cls_name)
-    with pytest.raises(ImportError, match=rf"{cls_name} needs the 'redis' package: pip install"):
-        cls("redis://localhost:6379")
-    if cls_name == "RedisStore":
-        with pytest.raises(ImportError, match="pip install 'stroma\\[redis\\]'"):
-            StromaRunner.quick().with_redis("redis://localhost:6379")
+# (Without the redis extra: tests/api/test_compat.py, in a subprocess that blocks it.)
 
 
 # --------------------------------------------------------------------------- runner
