@@ -22,6 +22,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check stroma interpreters tests benchmarks
 	$(BIN)/mypy stroma interpreters
+	$(BIN)/python scripts/unasync.py --check
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

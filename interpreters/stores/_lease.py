@@ -137,7 +137,7 @@ async def hold_lease(
         started = anyio.current_time()  # the lease runs from (no later than) the claim
         maybe_held = True  # from here on the server may grant it, whatever happens to us
         ok, current, token = await claim(None)
-        if not ok and _stale_own(space, run_id, current):
+        if not ok and _stale_own(space, run_id, holder, current):
             # This worker's own lease of a session that is over: take it over at once.
             ok, current, token = await claim(current)
         if not ok:
@@ -156,9 +156,15 @@ async def hold_lease(
             _LIVE.discard(me)
 
 
-def _stale_own(space: str, run_id: str, current: str) -> bool:
-    """Whether ``current`` is a session of this worker that is no longer live."""
-    return _worker_of(current) == worker_id() and (space, run_id, current) not in _LIVE
+def _stale_own(space: str, run_id: str, holder: str, current: str) -> bool:
+    """Whether ``current`` is an ended session of the worker ``holder`` belongs to, and that
+    worker is this process (so whether its session is live is known here)."""
+    worker = _worker_of(current)
+    return (
+        worker == worker_id()
+        and _worker_of(holder) == worker
+        and (space, run_id, current) not in _LIVE
+    )
 
 
 @asynccontextmanager
