@@ -591,13 +591,15 @@ class FileStore:
                 try:
                     _write_all(fd, data)
                     _fsync(fd)
+                    if size == 0:
+                        _fsync_dir(run.dir)  # the log file may be new
                 except BaseException:
+                    # Whatever failed (ENOSPC, EIO, ...), the caller is told the append did
+                    # not happen: make that true before the error leaves.
                     self._roll_back(run, fd, size)
                     raise
             finally:
                 os.close(fd)
-            if size == 0:
-                _fsync_dir(run.dir)  # the log file may be new
             self._log_ok.add(run.dir)
 
     def _roll_back(self, run: _Run, fd: int, size: int) -> None:

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from stroma.runner import RunConfig, interpret
-from tests.faults.worker import N, Acc, build, make_store
+from tests.faults.worker import Acc, N, build, make_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
