@@ -136,10 +136,16 @@ async def hold_lease(
     try:
         started = anyio.current_time()  # the lease runs from (no later than) the claim
         maybe_held = True  # from here on the server may grant it, whatever happens to us
-        ok, current, token = await claim(None)
-        if not ok and _stale_own(space, run_id, holder, current):
-            # This worker's own lease of a session that is over: take it over at once.
-            ok, current, token = await claim(current)
+        try:
+            ok, current, token = await claim(None)
+            if not ok and _stale_own(space, run_id, holder, current):
+                # This worker's own lease of a session that is over: take it over at once.
+                ok, current, token = await claim(current)
+        except Exception:
+            # The claim failed after its retries (the server unreachable, say): nothing to
+            # release (were it granted unseen, this worker takes it over when it claims again).
+            maybe_held = False
+            raise
         if not ok:
             maybe_held = False
             raise RunLocked(run_id, current)

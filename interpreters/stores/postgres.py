@@ -361,6 +361,12 @@ class PostgresStore:
         # A write's fence check: the lease row, locked against a concurrent claim until the
         # write commits.
         self._q_fence = f"SELECT holder, fence FROM {ls} WHERE run_id = $1 FOR SHARE"
+        # The same after taking the run's advisory lock ($2), in one round trip.
+        self._q_lock_fence = (
+            "SELECT f.holder, f.fence FROM (SELECT pg_advisory_xact_lock($2)) AS a "
+            f"LEFT JOIN LATERAL (SELECT holder, fence FROM {ls} WHERE run_id = $1 FOR SHARE) "
+            "AS f ON true"
+        )
         self._q_setup = [
             f"CREATE TABLE IF NOT EXISTS {c} (run_id text NOT NULL, node_id text NOT NULL, "
             "schema_ref text NOT NULL, state text NOT NULL, "
@@ -504,19 +510,28 @@ class PostgresStore:
             raise self._failure(op, run_id, exc) from exc
         raise AssertionError("unreachable: tenacity neither returned nor raised")
 
-    async def _check_fence(self, conn: Any, op: str, run_id: str) -> None:
-        """Inside a write's transaction: refuse it unless this store's lease on the run is
-        still the current one (a run without a lease held here is not fenced)."""
+    async def _check_fence(
+        self, conn: Any, op: str, run_id: str, lock: int | None = None
+    ) -> None:
+        """Inside a write's transaction (after taking the advisory lock ``lock`` if given):
+        refuse the write unless this store's lease on the run is still the current one (a
+        run without a lease held here is not fenced)."""
         held = self._fences.get(run_id)
         if held is None:
+            if lock is not None:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
             return
         holder, token = held
-        row = await conn.fetchrow(self._q_fence, run_id)
+        if lock is None:
+            row = await conn.fetchrow(self._q_fence, run_id)
+        else:
+            row = await conn.fetchrow(self._q_lock_fence, run_id, lock)
         if row is None or row["holder"] != holder or row["fence"] != token:
+            current = None if row is None else row["holder"]
             raise LeaseLost(
                 f"PostgresStore.{op}", run_id, holder, token,
-                "" if row is None else str(row["holder"]),
-                None if row is None else int(row["fence"]),
+                "" if current is None else str(current),
+                None if current is None else int(row["fence"]),
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -616,10 +631,9 @@ class PostgresStore:
 
         async def once(attempt: int) -> None:
             async with self._conn() as conn, conn.transaction():
-                if rows:
-                    # Serializes appends to this run: seq continues from the current max.
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
-                await self._check_fence(conn, "append_log", run_id)
+                # The advisory lock serializes appends to this run (seq continues from the
+                # current max); the fence check comes with it.
+                await self._check_fence(conn, "append_log", run_id, lock if rows else None)
                 if rows:
                     # An earlier attempt may have committed before its reply was lost.
                     if attempt == 1 or not await conn.fetchval(self._q_applied, run_id, token):
