@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,16 +83,6 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str
 
 
 @pytest.fixture
-async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
-    """A fresh key prefix on the shared Redis server, emptied afterwards."""
-    prefix = unique("stroma-fault")
-    try:
-        yield prefix
-    finally:
-        await drop_redis_prefix(redis_url, prefix)
-
-
-@pytest.fixture
 async def postgres_prefix(postgres_dsn: str) -> AsyncIterator[str]:
     """A fresh table prefix on the shared PostgreSQL server; its tables dropped afterwards."""
     from interpreters.stores.postgres import PostgresStore
@@ -116,9 +106,3 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def unique_name() -> Callable[[str], str]:
-    """``unique_name(prefix)`` gives a fresh name."""
-    return unique

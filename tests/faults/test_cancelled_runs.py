@@ -20,35 +20,43 @@ from interpreters.stores._lease import new_holder
 from stroma.errors import RunLocked
 from stroma.runner import RunConfig, interpret
 from tests.faults.kit import Acc, pipeline
+from tests.services import drop_postgres_tables, drop_redis_prefix, unique
 
 pytestmark = pytest.mark.anyio
 
 DELAYS = [i * 0.0002 for i in range(40)]  # 0 to 8 ms, around a claim's round trip
 
 
-@pytest.fixture(params=["async", "sync"])
-async def store(
-    server: tuple[str, str, str], request: pytest.FixtureRequest
-) -> AsyncIterator[Any]:
-    """Each leasing store (RedisStore, SyncRedisStore, PostgresStore) with a 30 s lease."""
-    kind, target, name = server
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("sync-redis", marks=pytest.mark.redis),
+                        pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Each leasing store (RedisStore, SyncRedisStore, PostgresStore) with a 30 s lease, on
+    a fresh namespace of the shared server."""
+    kind = str(request.param)
     if kind == "postgres":
-        if request.param == "sync":
-            pytest.skip("PostgresStore has no blocking twin")
         from interpreters.stores.postgres import PostgresStore
 
-        made: Any = PostgresStore(target, table_prefix=name, lease_seconds=30)
-    else:
-        from interpreters.stores.redis import RedisStore, SyncRedisStore
+        dsn = request.getfixturevalue("postgres_dsn")
+        made: Any = PostgresStore(dsn, table_prefix=unique("cx"), lease_seconds=30)
+        try:
+            yield made
+        finally:
+            await made.close()
+            await drop_postgres_tables(dsn, made.tables)
+        return
+    from interpreters.stores.redis import RedisStore, SyncRedisStore
 
-        cls: Any = RedisStore if request.param == "async" else SyncRedisStore
-        made = cls(target, key_prefix=name, lease_ms=30_000)
+    url = request.getfixturevalue("redis_url")
+    cls: Any = RedisStore if kind == "redis" else SyncRedisStore
+    made = cls(url, key_prefix=unique("stroma-cx"), lease_ms=30_000)
     try:
         yield made
     finally:
         result = made.close()
         if result is not None:
             await result
+        await drop_redis_prefix(url, made.key_prefix)
 
 
 async def _free(store: Any, run_id: str) -> None:
