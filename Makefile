@@ -41,6 +41,7 @@ lint: $(STAMP)
 	$(BIN)/python -m tests.api.readme_examples $(TYPED)
 	$(BIN)/mypy --strict --follow-imports=silent $(TYPED)/*.py stroma/demo.py \
 		tests/api/typed_user_code.py
+	$(BIN)/python scripts/unasync.py --check
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -16,10 +16,7 @@ A plan that no longer matches the log raises NondeterminismError before anything
 from __future__ import annotations
 
 import inspect
-import os
 import secrets
-import socket
-import uuid
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
@@ -53,7 +50,9 @@ VERSION = __version__
 
 
 def _holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    from interpreters.stores._lease import new_holder
+
+    return new_holder()
 
 
 def session_config(machine: MachineConfig, initial_state: BaseModel) -> dict[str, Any]:

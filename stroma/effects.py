@@ -134,7 +134,8 @@ class Validated:
 
     A replayed ``NodeReturned`` carries its output this way: the log recorded it only
     after the machine had validated it (its ``Commit`` follows), so the machine takes it
-    as the state without validating it again, when the contract is still ``schema``.
+    as the state without validating it again (the plan's fingerprint, which covers the
+    contracts, is checked before any record is replayed).
     """
 
     json: bytes
@@ -240,7 +241,10 @@ class Commit:
     ``input_state`` and ``output_state`` are JSON text; ``schema`` is the output's schema
     reference (None in a record read from a format 1 log); ``state`` is the validated
     output model (live only: what a store's ``save`` gets).
-    Two commits are equal when their fields are (states compared by JSON value).
+    Two commits are equal when their fields are (states compared by JSON value), the
+    schema reference aside: it names the class by its module, which is ``__main__`` in a
+    script and the module's name when the same plan is imported (the plan's fingerprint
+    covers the schemas themselves).
     """
 
     node_id: str
@@ -262,8 +266,6 @@ class Commit:
             and self.attempt == other.attempt
             and self.duration_ms == other.duration_ms
             and self.timestamp_utc == other.timestamp_utc
-            # (a Commit read from a format 1 log has no schema to compare)
-            and (self.schema == other.schema or self.schema is None or other.schema is None)
             and self.run_id == other.run_id
             and _same_state(self.output_state, other.output_state)
             and _same_state(self.input_state, other.input_state)

@@ -1,14 +1,33 @@
-"""The lease shared by the Redis and PostgreSQL stores: claim, renew, release.
+"""The lease shared by the Redis and PostgreSQL stores: claim, fence, renew, release.
 
-A run is claimed for one worker; a background task renews the claim while the run is in
-progress and cancels the run if the claim is lost; the claim is released on the way out
-(shielded from cancellation). The stores supply how to claim once, how to retry a claim
-on transient errors, and how to release.
+A run is claimed for one worker session. Each claim gets a **fencing token** from the
+server that grows with every claim of the run; the store object records it for the run
+while the lease is held, and every write of the run (append_log, save, delete) is checked
+against it atomically with the write (a Lua script in Redis, the same transaction in
+PostgreSQL). A worker that stalled past its lease (a pause, a GC, SIGSTOP) while another
+worker took the run over holds an old token: its writes are refused with ``LeaseLost`` and
+the other worker's log stays intact.
+
+A background task renews the claim while the run is in progress and cancels the run if the
+claim is lost. The claim and its release are one unit: each claim round trip is shielded
+from cancellation, and once a claim was sent the release runs on the way out (shielded,
+retried a bounded number of times), so a run cancelled from outside never leaves its own
+lease behind.
+
+**Holders.** ``new_holder()`` gives ``<host>:<pid>:<worker nonce>/<session nonce>``: a
+stable worker id for this process plus a nonce per session. This process keeps the set of
+its live sessions: a claim that finds the run leased by this same worker for a session that
+is not live any more (its release failed, say, on a broken connection) takes it over at
+once instead of waiting for it to expire; two live sessions of the same run in one process
+still exclude each other (``RunLocked``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -16,63 +35,168 @@ import anyio
 
 from stroma.errors import RunLocked, StoreError
 
-__all__ = ("hold_lease",)
+__all__ = ("LeaseLost", "hold_lease", "new_holder", "worker_id")
 
 _log = logging.getLogger("stroma.stores")
+
+_WORKER: tuple[int, str] | None = None
+# The sessions of this process that are inside a lease: (lease space, run id, holder).
+_LIVE: set[tuple[str, str, str]] = set()
+
+# claim(takeover) -> (granted, current holder, fencing token); takeover names a stale
+# holder of this worker that the claim may replace.
+_Claim = Callable[[str | None], Awaitable[tuple[bool, str, int]]]
+# renew(token) -> (still ours, current holder)
+_Renew = Callable[[int], Awaitable[tuple[bool, str]]]
+
+
+def worker_id() -> str:
+    """This process's worker id, ``<host>:<pid>:<nonce>`` (a new one after a fork)."""
+    global _WORKER
+    pid = os.getpid()
+    if _WORKER is None or _WORKER[0] != pid:
+        _WORKER = (pid, f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
+    return _WORKER[1]
+
+
+def new_holder() -> str:
+    """A holder name for one lease session: this process's worker id and a fresh nonce."""
+    return f"{worker_id()}/{secrets.token_hex(4)}"
+
+
+def _worker_of(holder: str) -> str | None:
+    head, sep, _ = holder.rpartition("/")
+    return head if sep else None
+
+
+class LeaseLost(RunLocked):
+    """A write of a leased run was refused: the writer's lease is no longer the current one.
+
+    ``holder`` is who holds the run now (as in RunLocked), ``stale_holder`` and ``token`` the
+    refused writer's lease, ``current_token`` the current lease's fencing token (None if the
+    lease was released since).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        run_id: str,
+        stale_holder: str,
+        token: int,
+        holder: str,
+        current_token: int | None,
+    ) -> None:
+        self.run_id = run_id
+        self.holder = holder
+        self.stale_holder = stale_holder
+        self.token = token
+        self.current_token = current_token
+        now = (
+            f"worker {holder!r} holds it now (fencing token {current_token})"
+            if holder and current_token is not None
+            else "another worker claimed it since (and has released it)"
+        )
+        StoreError.__init__(
+            self,
+            f"{op} for run {run_id!r} was refused: this worker's lease on the run (holder "
+            f"{stale_holder!r}, fencing token {token}) is no longer current; {now}. This "
+            "worker stalled past its lease and the run was taken over: nothing was written, "
+            "and the other worker's log is intact. Let that worker finish the run (or resume "
+            "it later with the same run id), or use a longer lease.",
+        )
 
 
 @asynccontextmanager
 async def hold_lease(
+    store: object,
     run_id: str,
     holder: str,
     lease_s: float,
-    claim_once: Callable[[], Awaitable[tuple[bool, str]]],
-    retry: Callable[[Callable[[], Awaitable[tuple[bool, str]]]], Awaitable[tuple[bool, str]]],
+    *,
+    space: str,
+    claim: _Claim,
+    renew: _Renew,
     release: Callable[[], Awaitable[None]],
+    is_transient: Callable[[BaseException], bool],
+    fences: dict[str, tuple[str, int]],
+) -> AsyncIterator[None]:
+    """Claim ``run_id`` for ``holder``, record its fencing token in ``fences``, renew it in a
+    background task while the body runs, release it on the way out.
+
+    ``space`` names the server and namespace of the store (leases of two stores with the same
+    space are the same leases). ``claim`` retries transient errors itself and shields each
+    round trip from cancellation; ``renew`` is one attempt; ``release`` retries itself.
+    """
+    me = (space, run_id, holder)
+    if me in _LIVE:
+        raise RunLocked(run_id, holder)  # the same holder name, live in this process
+    _LIVE.add(me)
+    token: int | None = None
+    maybe_held = False
+    try:
+        started = anyio.current_time()  # the lease runs from (no later than) the claim
+        maybe_held = True  # from here on the server may grant it, whatever happens to us
+        try:
+            ok, current, token = await claim(None)
+            if not ok and _stale_own(space, run_id, holder, current):
+                # This worker's own lease of a session that is over: take it over at once.
+                ok, current, token = await claim(current)
+        except Exception:
+            # The claim failed after its retries (the server unreachable, say): nothing to
+            # release (were it granted unseen, this worker takes it over when it claims again).
+            maybe_held = False
+            raise
+        if not ok:
+            maybe_held = False
+            raise RunLocked(run_id, current)
+        fences[run_id] = (holder, token)
+        async with _renewed(store, run_id, lease_s, started, token, renew, is_transient):
+            yield
+    finally:
+        if token is not None and fences.get(run_id) == (holder, token):
+            del fences[run_id]
+        try:
+            if maybe_held:
+                await _release(store, run_id, holder, lease_s, release)
+        finally:
+            _LIVE.discard(me)
+
+
+def _stale_own(space: str, run_id: str, holder: str, current: str) -> bool:
+    """Whether ``current`` is an ended session of the worker ``holder`` belongs to, and that
+    worker is this process (so whether its session is live is known here)."""
+    worker = _worker_of(current)
+    return (
+        worker == worker_id()
+        and _worker_of(holder) == worker
+        and (space, run_id, current) not in _LIVE
+    )
+
+
+@asynccontextmanager
+async def _renewed(
     store: object,
+    run_id: str,
+    lease_s: float,
+    started: float,
+    token: int,
+    renew: _Renew,
     is_transient: Callable[[BaseException], bool],
 ) -> AsyncIterator[None]:
-    """Claim (with retries), renew in a background task, release; see ``lease``."""
-    started = 0.0
-
-    async def first_claim() -> tuple[bool, str]:
-        nonlocal started
-        started = anyio.current_time()  # the lease runs from the attempt that took it
-        return await claim_once()
-
-    ok, current = await retry(first_claim)
-    if not ok:
-        raise RunLocked(run_id, current)
+    """Run the body with the renewal task beside it; a lost lease cancels the body."""
     lost: list[BaseException] = []
     body_exc: BaseException | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                _renew, run_id, lease_s, started, claim_once, lost, tg.cancel_scope, store,
-                is_transient,
-            )
-            try:
-                yield
-            except BaseException as exc:  # re-raised below, outside the task group
-                body_exc = exc
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(max(lease_s, 1.0)):
-            try:
-                await release()
-            except Exception as exc:  # it expires on its own; do not mask the body's outcome
-                _log.warning(
-                    "%r: could not release the lease on run %r held by %r (%s: %s); it "
-                    "expires after %.3g s",
-                    store,
-                    run_id,
-                    holder,
-                    type(exc).__name__,
-                    exc,
-                    lease_s,
-                    extra={"run_id": run_id},
-                )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            _renew, run_id, lease_s, started, token, renew, lost, tg.cancel_scope, store,
+            is_transient,
+        )
+        try:
+            yield
+        except BaseException as exc:  # re-raised below, outside the task group
+            body_exc = exc
+        finally:
+            tg.cancel_scope.cancel()
     if lost:
         cancelled = isinstance(body_exc, anyio.get_cancelled_exc_class())
         raise lost[0] from (None if cancelled else body_exc)
@@ -80,11 +204,37 @@ async def hold_lease(
         raise body_exc
 
 
+async def _release(
+    store: object, run_id: str, holder: str, lease_s: float,
+    release: Callable[[], Awaitable[None]],
+) -> None:
+    """Release the lease, shielded and bounded in time; a failure is logged, never raised."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(max(lease_s, 5.0)) as scope:
+        try:
+            await release()
+            return
+        except Exception as exc:  # it expires on its own; do not mask the body's outcome
+            problem = f"{type(exc).__name__}: {exc}"
+    if scope.cancelled_caught:
+        problem = f"no answer within {max(lease_s, 5.0):.3g} s"
+    _log.warning(
+        "%r: could not release the lease on run %r held by %r (%s); it expires after %.3g s, "
+        "and this worker takes it over at once if it claims the run again",
+        store,
+        run_id,
+        holder,
+        problem,
+        lease_s,
+        extra={"run_id": run_id},
+    )
+
+
 async def _renew(
     run_id: str,
     lease_s: float,
     last_ok: float,
-    claim_once: Callable[[], Awaitable[tuple[bool, str]]],
+    token: int,
+    renew: _Renew,
     lost: list[BaseException],
     scope: anyio.CancelScope,
     store: object,
@@ -105,7 +255,7 @@ async def _renew(
             )
         else:
             try:
-                ok, current = await claim_once()
+                ok, current = await renew(token)
             except Exception as exc:
                 if is_transient(exc):
                     healthy = False
@@ -118,7 +268,7 @@ async def _renew(
                 if ok:
                     last_ok, healthy = tried_at, True
                     continue
-                problem = RunLocked(run_id, current)
+                problem = RunLocked(run_id, current or "<nobody: the lease was released>")
         lost.append(problem)
         scope.cancel()
         return

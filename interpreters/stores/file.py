@@ -60,7 +60,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote_to_bytes
 
@@ -69,6 +68,13 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
+from interpreters.stores._common import (
+    DAMAGED,
+    NO_LOG,
+    RUNNING_OR_CRASHED,
+    RunInfo,
+    run_info,
+)
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from stroma.errors import LogCorrupted, StoreError
@@ -95,11 +101,6 @@ RUN_INFO_NAME = "run.json"
 CHECKPOINTS = "checkpoints"
 _TMP_PREFIX = "~tmp."
 _TRASH_PREFIX = "~del."
-
-# Status of a run in ``list_runs`` besides the RunStatus values of a finished run.
-RUNNING_OR_CRASHED = "running/crashed"
-NO_LOG = "no log"
-DAMAGED = "damaged"
 
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_.-")
 _TABLE = tuple(chr(b) if b in _SAFE else f"%{b:02x}" for b in range(256))
@@ -333,26 +334,6 @@ def _decode_checkpoint(
 # --------------------------------------------------------------------------------- runs
 
 
-@dataclass(frozen=True, slots=True)
-class RunInfo:
-    """One run in a FileStore, as ``list_runs`` sums it up.
-
-    ``status`` is the finished run's status (``"COMPLETED"``, ``"FAILED"``, ``"PARTIAL"``,
-    ``"RESUMED"``), ``"running/crashed"`` for a log without a Finish record, ``"no log"``
-    for a run that has checkpoints only, or ``"damaged"`` (``problem`` says what is wrong).
-    ``nodes_done`` counts the saved checkpoints; ``started`` is the log header's ISO 8601
-    ``started_at``; ``duration_ms`` is the sum of the trace's attempt durations (None
-    without a log or attempts).
-    """
-
-    run_id: str
-    status: str
-    nodes_done: int
-    started: str | None
-    duration_ms: int | None
-    problem: str | None = None
-
-
 def _whole_end(data: bytes, records: int) -> int:
     """Where the last whole record of a parsed log ends in ``data``.
 
@@ -417,6 +398,10 @@ class FileStore:
         self._ready: set[str] = set()  # runs whose folder this instance has set up
         self._log_ok: set[str] = set()  # runs whose log is known to end on a whole record
         self._valid: dict[str, tuple[int, int]] = {}  # run -> (log size, whole-record bytes)
+        # run -> the size its log must be cut back to: an append failed (a full disk, an I/O
+        # error) and its rollback did too; the log is read as if cut, and cut before the
+        # next append.
+        self._cut: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
 
     def __repr__(self) -> str:
@@ -533,7 +518,7 @@ class FileStore:
         if run.dir not in self._ready:
             self._check_inside(run)
         line = None
-        log = _read(os.path.join(run.dir, LOG_NAME))
+        log = self._read_log_bytes(run)
         if log is not None and _CKPT_LINE in log:
             whole = log[: self._parse_log(run, log)[1]]  # not from a torn tail
             key = b'"node_id":' + json.dumps(node_id).encode() + b',"data":'
@@ -542,6 +527,33 @@ class FileStore:
                     line = candidate
                     break
         return _read(path), line
+
+    def _read_log_bytes(self, run: _Run) -> bytes | None:
+        """The log file's bytes, without those of a failed append not yet cut off."""
+        data = _read(os.path.join(run.dir, LOG_NAME))
+        cut = self._cut.get(run.dir)
+        if data is not None and cut is not None:
+            try:
+                self._cut_back(run)
+            except OSError:
+                pass  # read as if cut; the next append cuts it (or fails saying why)
+            data = data[:cut]
+        return data
+
+    def _cut_back(self, run: _Run, fd: int | None = None) -> None:
+        """Cut the log back to the size before a failed append (``_cut``), durably."""
+        size = self._cut[run.dir]
+        if fd is None:
+            fd = os.open(os.path.join(run.dir, LOG_NAME), os.O_WRONLY | _O_CLOEXEC | _O_NOFOLLOW)
+            try:
+                self._cut_back(run, fd)
+            finally:
+                os.close(fd)
+            return
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+        _fsync(fd)
+        del self._cut[run.dir]
 
     def _append_sync(
         self, run: _Run, data: bytes, header: bool, checkpoint: tuple[str, bytes] | None
@@ -555,9 +567,9 @@ class FileStore:
             log_path = os.path.join(run.dir, LOG_NAME)
             fd = os.open(log_path, _APPEND, 0o666)
             try:
-                size = -1
-                if run.dir not in self._log_ok or header:
-                    size = os.fstat(fd).st_size
+                if run.dir in self._cut:
+                    self._cut_back(run, fd)  # raises (nothing appended) if it still cannot
+                size = os.fstat(fd).st_size
                 if run.dir not in self._log_ok and size > 0:
                     size = self._repair(run, fd, log_path, size)
                 if header and size > 0:
@@ -575,13 +587,30 @@ class FileStore:
                 # The checkpoint first: a log that records it saved never points at nothing.
                 if checkpoint is not None:
                     _write_atomic(os.path.dirname(checkpoint[0]), checkpoint[0], checkpoint[1])
-                _write_all(fd, data)
-                _fsync(fd)
+                self._log_ok.discard(run.dir)  # until this append is whole and durable
+                try:
+                    _write_all(fd, data)
+                    _fsync(fd)
+                    if size == 0:
+                        _fsync_dir(run.dir)  # the log file may be new
+                except BaseException:
+                    # Whatever failed (ENOSPC, EIO, ...), the caller is told the append did
+                    # not happen: make that true before the error leaves.
+                    self._roll_back(run, fd, size)
+                    raise
             finally:
                 os.close(fd)
-            if size == 0:
-                _fsync_dir(run.dir)  # the log file may be new
             self._log_ok.add(run.dir)
+
+    def _roll_back(self, run: _Run, fd: int, size: int) -> None:
+        """Undo a failed append: cut the log back to ``size`` (its last whole record) and
+        fsync, so the run's log ends where it did before; if that fails too, remember to."""
+        self._valid.pop(run.dir, None)
+        self._cut[run.dir] = size
+        try:
+            self._cut_back(run, fd)
+        except OSError:
+            pass  # kept in _cut: read as if cut, cut before the next append
 
     def _repair(self, run: _Run, fd: int, log_path: str, size: int) -> int:
         """Cut a torn tail (left by a crash) off the log; its size after that."""
@@ -601,12 +630,15 @@ class FileStore:
         with self._lock(run):
             if run.dir not in self._ready:
                 self._check_inside(run)
-            data = _read(os.path.join(run.dir, LOG_NAME))
+            data = self._read_log_bytes(run)
             if data is None:
                 return None
             log, valid = self._parse_log(run, data)
-            if valid < len(data):  # a torn tail: the next append cuts it off
+            if run.dir in self._cut:
+                pass  # the next append cuts the log back first
+            elif valid < len(data):  # a torn tail: the next append cuts it off
                 self._valid[run.dir] = (len(data), valid)
+                self._log_ok.discard(run.dir)
             elif log is not None:  # the log ends on a whole record: append right after it
                 self._log_ok.add(run.dir)
             return log
@@ -616,6 +648,7 @@ class FileStore:
             self._ready.discard(run.dir)
             self._log_ok.discard(run.dir)
             self._valid.pop(run.dir, None)
+            self._cut.pop(run.dir, None)
             if not os.path.lexists(run.dir):
                 return
             # Rename first, so a crash mid-way never leaves a half-deleted run behind.
@@ -647,28 +680,19 @@ class FileStore:
 
     def _summary(self, run_id: str) -> RunInfo:
         run = self._run(run_id, "list_runs")
+        log: EffectLog | LogCorrupted | None
         try:
             log = self._read_log_sync(run)
         except LogCorrupted as e:
-            return RunInfo(run_id, DAMAGED, 0, None, None, str(e))
+            log = e
+        done = 0
         if log is None:
             try:
                 names = os.listdir(os.path.join(run.dir, CHECKPOINTS))
             except (FileNotFoundError, NotADirectoryError):
                 names = []
             done = sum(1 for n in names if not n.startswith(_TMP_PREFIX))
-            return RunInfo(run_id, NO_LOG, done, None, None)
-        try:
-            finish = log.finish
-            status = RUNNING_OR_CRASHED if finish is None else str(finish.status)
-            events = list(log.trace())
-            duration = sum(int(e.duration_ms) for e in events) if events else None
-            return RunInfo(
-                run_id, status, len(log.completed_nodes()), log.header.started_at, duration
-            )
-        except (TypeError, ValueError, AttributeError) as e:  # a record with wrong field types
-            problem = f"{os.path.join(run.dir, LOG_NAME)}: a record has a field of the wrong type"
-            return RunInfo(run_id, DAMAGED, 0, log.header.started_at, None, f"{problem} ({e})")
+        return run_info(run_id, log, done, os.path.join(run.dir, LOG_NAME))
 
     def _list_sync(self) -> list[RunInfo]:
         return [self._summary(run_id) for run_id in self._run_ids_sync()]

@@ -9,19 +9,35 @@ Tables (``{prefix}`` is ``table_prefix``, in ``schema``), created on first use o
 
     {prefix}_checkpoints (run_id, node_id, schema_ref, state, updated_at)  PK (run_id, node_id)
     {prefix}_log         (run_id, seq, line, append_id)                     PK (run_id, seq)
-    {prefix}_leases      (run_id, holder, expires_at)                       PK (run_id)
+    {prefix}_leases      (run_id, holder, expires_at, fence)                PK (run_id)
 
-``state`` is the model's JSON text (text, not jsonb: it reads back byte for byte and may hold
-``\\u0000``). ``append_log`` writes the log rows and the checkpoint in one transaction, under a
-per-run advisory lock, with ``seq`` continuing from the run's current maximum; readers only
-ever see whole transactions. A retried append is applied once (its ``append_id`` is checked
-before writing again). ``delete`` removes the run's checkpoints and log and an expired lease
-row; a live lease stays with its holder and ends when the holder exits or dies.
+and the sequence ``{prefix}_lease_fence`` (owned by the leases table, dropped with it) that
+gives each claim its fencing token. ``state`` is the model's JSON text (text, not jsonb: it
+reads back byte for byte and may hold ``\\u0000``). ``append_log`` writes the log rows and
+the checkpoint in one transaction, under a per-run advisory lock, with ``seq`` continuing
+from the run's current maximum; readers only ever see whole transactions. A retried append
+is applied once (its ``append_id`` is checked before writing again). ``delete`` removes the
+run's checkpoints and log and an expired lease row; a live lease stays with its holder and
+ends when the holder exits or dies.
 
-Transient failures (connection refused/reset/lost, timeouts, serialization failures,
-deadlocks, too many connections, server restarts) are retried with tenacity, a bounded
-number of times with jittered exponential waits; anything else, or a failure that outlasts
-the retries, is a StoreError naming the operation, the run and the server.
+**Under faults.**
+
+* A worker that lost its lease cannot write: while a store object holds a run's lease,
+  every write of that run (``append_log``, ``save``, ``delete``) reads the lease row
+  ``FOR SHARE`` in the write's own transaction and is refused with ``LeaseLost`` (a
+  RunLocked), nothing written, unless the row still carries this worker's fencing token.
+* Transient failures (connection refused/reset/lost, a backend terminated by
+  ``pg_terminate_backend``, "another operation is in progress" on a broken connection,
+  timeouts, serialization failures, deadlocks, too many connections, server restarts, no
+  pooled connection free within ``pool_timeout``) are retried with tenacity, a bounded
+  number of times with jittered exponential waits. A connection that failed (or whose
+  operation was cancelled) is terminated, never handed back to the pool half-used.
+  Anything else, or a failure that outlasts the retries, is a StoreError naming the
+  operation, the run and the server: no asyncpg exception leaves the store.
+* Under load a call waits (up to ``pool_timeout``) for one of the pool's
+  ``max_connections`` connections instead of failing.
+* A run cancelled from outside never leaves its lease behind, a release that fails is
+  retried, and a lease this worker left behind is taken over at once (see ``_lease``).
 """
 
 from __future__ import annotations
@@ -31,8 +47,8 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,11 +62,11 @@ from tenacity import (
     wait_random,
 )
 
-from interpreters.stores._common import check_lines
+from interpreters.stores._common import RunInfo, check_lines, require_asyncio, run_info
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
-from interpreters.stores._lease import hold_lease
-from stroma.errors import LogCorrupted, StoreError
+from interpreters.stores._lease import LeaseLost, hold_lease
+from stroma.errors import LogCorrupted, StoreError, StromaError
 from stroma.schemas import _schema_ref, declare_schema, state_json
 
 if TYPE_CHECKING:
@@ -90,21 +106,6 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _require_asyncio() -> None:
-    import sniffio
-
-    try:
-        library: str | None = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        library = None
-    if library != "asyncio":
-        raise StoreError(
-            "PostgresStore needs the asyncio backend: asyncpg runs on asyncio only, but this "
-            f"code runs on {library or 'no async library'}. Run it under asyncio "
-            "(anyio.run(main, backend='asyncio')), or use FileStore, which also works on trio."
-        )
-
-
 def _id_text(kind: str, value: object, op: str) -> str:
     """A valid run/node/holder id, or a StoreError saying what is wrong with it."""
     if not isinstance(value, str):
@@ -134,13 +135,8 @@ def _id_text(kind: str, value: object, op: str) -> str:
     return value
 
 
-
-
-
-
-
-
 def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the connection or the server's state, not the request, failed."""
     if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable; timeouts
         return True
     if _asyncpg is None:
@@ -150,12 +146,14 @@ def _is_transient(exc: BaseException) -> bool:
         exc,
         e.PostgresConnectionError  # connection lost / does not exist / failure (class 08)
         | e.InterfaceError  # e.g. "connection is closed", "pool is closing"
+        | e.InternalClientError  # "cannot switch to state ...; another operation is in progress"
         | e.SerializationError
         | e.DeadlockDetectedError
         | e.TooManyConnectionsError
         | e.CannotConnectNowError
-        | e.AdminShutdownError
-        | e.CrashShutdownError,
+        | e.AdminShutdownError  # pg_terminate_backend, a server shutting down
+        | e.CrashShutdownError
+        | e.QueryCanceledError,
     )
 
 
@@ -165,15 +163,47 @@ def _lock_key(*parts: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def _close_with_loop(pool: Any) -> AsyncGenerator[None, None]:
+    """An async generator, started, whose ``finally`` closes ``pool``: the running loop
+    finalizes it when it shuts down or the store is garbage collected, so a store nobody
+    closed leaves no connection open (and no ResourceWarning)."""
+
+    async def closer() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            try:
+                await asyncio.wait_for(pool.close(), 5.0)
+            except (Exception, asyncio.CancelledError):
+                pool.terminate()
+
+    agen = closer()
+    try:
+        agen.asend(None).send(None)  # to the first yield: registers it with the loop
+    except StopIteration:
+        pass
+    return agen
+
+
 # ----------------------------------------------------------------------------- store
 
 
 class PostgresStore:
     """Checkpoints, effect logs and leases in PostgreSQL (asyncpg, asyncio only).
 
-    ``PostgresStore(dsn, *, schema="public", table_prefix="stroma", lease_seconds=30)``.
-    The connection pool is created lazily on the event loop of the first call (and made
-    anew if a later call runs on another loop); ``await store.close()`` closes it.
+    ``PostgresStore(dsn, *, schema="public", table_prefix="stroma", lease_seconds=30,
+    max_attempts=5, max_connections=10, pool_timeout=30.0, command_timeout=30.0,
+    application_name="stroma")``.
+
+    The connection pool (at most ``max_connections`` connections) is created lazily on the
+    event loop of the first call (and made anew if a later call runs on another loop);
+    under load a call waits up to ``pool_timeout`` seconds for a free connection (then the
+    wait counts as a transient failure and is retried). Transient failures are retried up
+    to ``max_attempts`` times; ``command_timeout`` bounds each statement. Connections show
+    as ``application_name`` in ``pg_stat_activity``. ``await store.close()`` (or
+    ``async with PostgresStore(dsn) as store:``) closes the pool; a store that is never
+    closed is closed when its event loop shuts down (or when it is garbage collected), so
+    it leaves no connection open.
     """
 
     def __init__(
@@ -185,7 +215,9 @@ class PostgresStore:
         lease_seconds: float = 30,
         max_attempts: int = 5,
         max_connections: int = 10,
+        pool_timeout: float = 30.0,
         command_timeout: float = 30.0,
+        application_name: str = "stroma",
     ) -> None:
         if _asyncpg is None:
             raise ImportError(_INSTALL_HINT)
@@ -221,23 +253,50 @@ class PostgresStore:
             raise ValueError(
                 f"PostgresStore: max_attempts must be an int >= 1, got {max_attempts!r}"
             )
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ValueError(
+                f"PostgresStore: max_connections must be an int >= 1, got {max_connections!r}"
+            )
+        for setting, value in (
+            ("pool_timeout", pool_timeout), ("command_timeout", command_timeout)
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(
+                    f"PostgresStore: {setting} must be a positive number of seconds, "
+                    f"got {value!r}"
+                )
+        if not isinstance(application_name, str) or not application_name:
+            raise ValueError(
+                "PostgresStore: application_name must be a non-empty str (it names the "
+                f"store's connections in pg_stat_activity), got {application_name!r}"
+            )
         self.dsn = dsn
         self.schema = schema
         self.table_prefix = table_prefix
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = max_attempts
         self.max_connections = max_connections
+        self.pool_timeout = float(pool_timeout)
         self.command_timeout = command_timeout
+        self.application_name = application_name
         self._where = _redact(dsn)
         s = _quote(schema)
         self.checkpoints_table = f"{s}.{_quote(table_prefix + '_checkpoints')}"
         self.log_table = f"{s}.{_quote(table_prefix + '_log')}"
         self.leases_table = f"{s}.{_quote(table_prefix + '_leases')}"
+        self.fence_sequence = f"{s}.{_quote(table_prefix + '_lease_fence')}"
         self._pool: Any = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._pool_lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._closer: Any = None
         self._ready = False
+        # The fencing token of each run this store object holds the lease on.
+        self._fences: dict[str, tuple[str, int]] = {}
         self._sql()
 
     def __repr__(self) -> str:
@@ -245,6 +304,12 @@ class PostgresStore:
             f"PostgresStore({self._where!r}, schema={self.schema!r}, "
             f"table_prefix={self.table_prefix!r})"
         )
+
+    async def __aenter__(self) -> PostgresStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     @property
     def tables(self) -> tuple[str, str, str]:
@@ -268,18 +333,40 @@ class PostgresStore:
         )
         self._q_applied = f"SELECT EXISTS (SELECT 1 FROM {lg} WHERE run_id = $1 AND append_id = $2)"
         self._q_read = f"SELECT line FROM {lg} WHERE run_id = $1 ORDER BY seq"
+        # Claims if free (or expired), ours by name, or the takeover's ($4); every claim
+        # takes the next fencing token.
         self._q_claim = (
             "WITH claimed AS ("
-            f"INSERT INTO {ls} AS l (run_id, holder, expires_at) "
-            "VALUES ($1, $2, now() + make_interval(secs => $3)) "
+            f"INSERT INTO {ls} AS l (run_id, holder, expires_at, fence) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3), "
+            f"nextval('{self.fence_sequence}'::regclass)) "
             "ON CONFLICT (run_id) DO UPDATE SET holder = EXCLUDED.holder, "
-            "expires_at = EXCLUDED.expires_at "
-            "WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder RETURNING l.holder) "
-            "SELECT true AS ok, holder FROM claimed UNION ALL "
-            f"SELECT false, holder FROM {ls} "
+            "expires_at = EXCLUDED.expires_at, fence = EXCLUDED.fence "
+            "WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder OR l.holder = $4 "
+            "RETURNING l.holder, l.fence) "
+            "SELECT true AS ok, holder, fence FROM claimed UNION ALL "
+            f"SELECT false, holder, fence FROM {ls} "
             "WHERE run_id = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
         )
+        # Extends the lease while its row still carries our token.
+        self._q_renew = (
+            "WITH renewed AS ("
+            f"UPDATE {ls} SET expires_at = now() + make_interval(secs => $3) "
+            "WHERE run_id = $1 AND holder = $2 AND fence = $4 RETURNING holder) "
+            "SELECT true AS ok, holder FROM renewed UNION ALL "
+            f"SELECT false, holder FROM {ls} "
+            "WHERE run_id = $1 AND NOT EXISTS (SELECT 1 FROM renewed)"
+        )
         self._q_release = f"DELETE FROM {ls} WHERE run_id = $1 AND holder = $2"
+        # A write's fence check: the lease row, locked against a concurrent claim until the
+        # write commits.
+        self._q_fence = f"SELECT holder, fence FROM {ls} WHERE run_id = $1 FOR SHARE"
+        # The same after taking the run's advisory lock ($2), in one round trip.
+        self._q_lock_fence = (
+            "SELECT f.holder, f.fence FROM (SELECT pg_advisory_xact_lock($2)) AS a "
+            f"LEFT JOIN LATERAL (SELECT holder, fence FROM {ls} WHERE run_id = $1 FOR SHARE) "
+            "AS f ON true"
+        )
         self._q_setup = [
             f"CREATE TABLE IF NOT EXISTS {c} (run_id text NOT NULL, node_id text NOT NULL, "
             "schema_ref text NOT NULL, state text NOT NULL, "
@@ -287,7 +374,10 @@ class PostgresStore:
             f"CREATE TABLE IF NOT EXISTS {lg} (run_id text NOT NULL, seq bigint NOT NULL, "
             "line text NOT NULL, append_id text, PRIMARY KEY (run_id, seq))",
             f"CREATE TABLE IF NOT EXISTS {ls} (run_id text PRIMARY KEY, holder text NOT NULL, "
-            "expires_at timestamptz NOT NULL)",
+            "expires_at timestamptz NOT NULL, fence bigint NOT NULL DEFAULT 0)",
+            # Tables made before leases were fenced get the column.
+            f"ALTER TABLE {ls} ADD COLUMN IF NOT EXISTS fence bigint NOT NULL DEFAULT 0",
+            f"CREATE SEQUENCE IF NOT EXISTS {self.fence_sequence} OWNED BY {ls}.fence",
         ]
         if self.schema != "public":
             self._q_setup.insert(0, f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
@@ -312,7 +402,7 @@ class PostgresStore:
     # --------------------------------------------------------------------- the pool
 
     async def _get_pool(self) -> Any:
-        _require_asyncio()
+        require_asyncio("PostgresStore", "asyncpg")
         loop = asyncio.get_running_loop()
         if self._pool is not None and self._pool_loop is loop:
             if not self._ready:
@@ -333,14 +423,32 @@ class PostgresStore:
                     min_size=1,
                     max_size=self.max_connections,
                     command_timeout=self.command_timeout,
+                    server_settings={"application_name": self.application_name},
                 )
                 self._pool_loop = loop
+                self._closer = _close_with_loop(self._pool)
             if not self._ready:
                 await self._setup(self._pool)
         return self._pool
 
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        """A pooled connection; one that failed or was cancelled mid-operation is
+        terminated (its protocol state is unknown), never handed back half-used."""
+        pool = await self._get_pool()
+        conn = await pool.acquire(timeout=self.pool_timeout)
+        try:
+            yield conn
+        except BaseException as exc:
+            if not isinstance(exc, StromaError):
+                conn.terminate()
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.release(conn)
+
     async def _setup(self, pool: Any) -> None:
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire(timeout=self.pool_timeout) as conn, conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1)",
                 _lock_key("stroma-setup", self.schema, self.table_prefix),
@@ -357,11 +465,14 @@ class PostgresStore:
     async def close(self) -> None:
         """Close the connection pool (a later call opens a new one)."""
         pool, self._pool, self._pool_loop = self._pool, None, None
-        if pool is not None:
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            await closer.aclose()  # its finally closes the pool
+        elif pool is not None:
             await pool.close()
 
     async def _run(self, op: str, run_id: str | None, fn: Callable[[int], Awaitable[_T]]) -> _T:
-        """``fn(attempt)``, retried on transient errors; failures become StoreError.
+        """``fn(attempt)``, retried on transient errors; every failure becomes a StoreError.
 
         The first attempt runs without tenacity (a store call is on every node's path);
         only a transient failure starts the retry loop, which replays that failure as its
@@ -369,13 +480,11 @@ class PostgresStore:
         """
         try:
             return await fn(1)
-        except StoreError:
+        except StromaError:
             raise
         except Exception as exc:
             if not _is_transient(exc):
-                if isinstance(exc, _asyncpg.PostgresError):
-                    raise self._failure(op, run_id, exc) from exc
-                raise
+                raise self._failure(op, run_id, exc) from exc
             first_failure = exc
 
         async def attempt_again(n: int) -> _T:
@@ -395,13 +504,35 @@ class PostgresStore:
             async for attempt in retrying:
                 with attempt:
                     return await attempt_again(attempt.retry_state.attempt_number)
-        except StoreError:
+        except StromaError:
             raise
         except Exception as exc:
-            if _is_transient(exc) or isinstance(exc, _asyncpg.PostgresError):
-                raise self._failure(op, run_id, exc) from exc
-            raise
+            raise self._failure(op, run_id, exc) from exc
         raise AssertionError("unreachable: tenacity neither returned nor raised")
+
+    async def _check_fence(
+        self, conn: Any, op: str, run_id: str, lock: int | None = None
+    ) -> None:
+        """Inside a write's transaction (after taking the advisory lock ``lock`` if given):
+        refuse the write unless this store's lease on the run is still the current one (a
+        run without a lease held here is not fenced)."""
+        held = self._fences.get(run_id)
+        if held is None:
+            if lock is not None:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+            return
+        holder, token = held
+        if lock is None:
+            row = await conn.fetchrow(self._q_fence, run_id)
+        else:
+            row = await conn.fetchrow(self._q_lock_fence, run_id, lock)
+        if row is None or row["holder"] != holder or row["fence"] != token:
+            current = None if row is None else row["holder"]
+            raise LeaseLost(
+                f"PostgresStore.{op}", run_id, holder, token,
+                "" if current is None else str(current),
+                None if current is None else int(row["fence"]),
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -414,8 +545,13 @@ class PostgresStore:
         args = (run_id, node_id, _schema_ref(type(state)), state_json(state).decode())
 
         async def once(_: int) -> None:
-            pool = await self._get_pool()
-            await pool.execute(self._q_upsert, *args)
+            async with self._conn() as conn:
+                if run_id not in self._fences:
+                    await conn.execute(self._q_upsert, *args)
+                    return
+                async with conn.transaction():
+                    await self._check_fence(conn, "save", run_id)
+                    await conn.execute(self._q_upsert, *args)
 
         await self._run("save", run_id, once)
 
@@ -431,8 +567,8 @@ class PostgresStore:
         node_id = _id_text("node id", node_id, f"PostgresStore.{op}")
 
         async def once(_: int) -> Any:
-            pool = await self._get_pool()
-            return await pool.fetchrow(self._q_load, run_id, node_id)
+            async with self._conn() as conn:
+                return await conn.fetchrow(self._q_load, run_id, node_id)
 
         row = await self._run(op, run_id, once)
         if row is None:
@@ -441,7 +577,7 @@ class PostgresStore:
         cls = schema if schema is not None else _resolve(row["schema_ref"], source)
         try:
             return cls.model_validate_json(row["state"])
-        except ValidationError as e:
+        except (ValidationError, ValueError, RecursionError) as e:
             raise LogCorrupted(
                 source, f"the checkpoint does not validate as {_schema_ref(cls)}: {e}"
             ) from None
@@ -461,13 +597,14 @@ class PostgresStore:
         c, lg, ls = self.tables
 
         async def once(_: int) -> None:
-            pool = await self._get_pool()
-            async with pool.acquire() as conn, conn.transaction():
+            async with self._conn() as conn, conn.transaction():
+                await self._check_fence(conn, "delete", run_id)
                 await conn.execute(f"DELETE FROM {c} WHERE run_id = $1", run_id)
                 await conn.execute(f"DELETE FROM {lg} WHERE run_id = $1", run_id)
-                await conn.execute(
-                    f"DELETE FROM {ls} WHERE run_id = $1 AND expires_at <= now()", run_id
-                )
+                if run_id not in self._fences:  # a lease held here stays with this store
+                    await conn.execute(
+                        f"DELETE FROM {ls} WHERE run_id = $1 AND expires_at <= now()", run_id
+                    )
 
         await self._run("delete", run_id, once)
 
@@ -493,11 +630,11 @@ class PostgresStore:
         lock = _lock_key("stroma-log", self.schema, self.table_prefix, run_id)
 
         async def once(attempt: int) -> None:
-            pool = await self._get_pool()
-            async with pool.acquire() as conn, conn.transaction():
+            async with self._conn() as conn, conn.transaction():
+                # The advisory lock serializes appends to this run (seq continues from the
+                # current max); the fence check comes with it.
+                await self._check_fence(conn, "append_log", run_id, lock if rows else None)
                 if rows:
-                    # Serializes appends to this run: seq continues from the current max.
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
                     # An earlier attempt may have committed before its reply was lost.
                     if attempt == 1 or not await conn.fetchval(self._q_applied, run_id, token):
                         await conn.execute(self._q_append, run_id, rows, token)
@@ -513,8 +650,8 @@ class PostgresStore:
         run_id = _id_text("run id", run_id, "PostgresStore.read_log")
 
         async def once(_: int) -> list[str]:
-            pool = await self._get_pool()
-            records = await pool.fetch(self._q_read, run_id)
+            async with self._conn() as conn:
+                records = await conn.fetch(self._q_read, run_id)
             return [r["line"] for r in records]
 
         lines = await self._run("read_log", run_id, once)
@@ -522,18 +659,38 @@ class PostgresStore:
             return None
         return EffectLog.from_lines(lines, source=self._source(run_id, "effect log"))
 
-    async def list_runs(self) -> list[str]:
+    async def run_ids(self) -> list[str]:
         """The ids of the runs that have checkpoints or a log, sorted."""
         c, lg, _ = self.tables
 
         async def once(_: int) -> list[str]:
-            pool = await self._get_pool()
-            records = await pool.fetch(
-                f"SELECT run_id FROM {c} UNION SELECT run_id FROM {lg} ORDER BY 1"
-            )
+            async with self._conn() as conn:
+                records = await conn.fetch(
+                    f"SELECT run_id FROM {c} UNION SELECT run_id FROM {lg}"
+                )
             return [r["run_id"] for r in records]
 
-        return sorted(await self._run("list_runs", None, once))
+        return sorted(await self._run("run_ids", None, once))
+
+    async def list_runs(self) -> list[RunInfo]:
+        """A summary of every run in the tables (sorted by run id); see RunInfo."""
+        c = self.checkpoints_table
+        infos: list[RunInfo] = []
+        for run_id in await self.run_ids():
+            log: EffectLog | LogCorrupted | None
+            try:
+                log = await self.read_log(run_id)
+            except LogCorrupted as e:
+                log = e
+
+            async def count(_: int, run_id: str = run_id) -> int:
+                async with self._conn() as conn:
+                    n = await conn.fetchval(f"SELECT count(*) FROM {c} WHERE run_id = $1", run_id)
+                return int(n)
+
+            done = await self._run("list_runs", run_id, count)
+            infos.append(run_info(run_id, log, done, self._source(run_id, "effect log")))
+        return infos
 
     # ---------------------------------------------------------------------- lease
 
@@ -541,37 +698,55 @@ class PostgresStore:
         """Claim ``run_id`` for ``holder`` while the context is open, or raise RunLocked.
 
         The lease row lives ``lease_seconds`` (server time) and is renewed in the background
-        every ``lease_seconds / 3``; a holder that dies loses it after ``lease_seconds``. A
-        holder name identifies one worker: claiming again under the same name (after a
-        restart) takes the lease back. If the lease is lost while the context is open, the
-        body is cancelled and the context raises StoreError (or RunLocked if another worker
-        took it).
+        every ``lease_seconds / 3``; a holder that dies loses it after ``lease_seconds``.
+        Each claim takes the next fencing token from the store's sequence: while the lease
+        is held, this store's writes of the run check it in their own transaction, and a
+        write after another worker took the run over is refused with ``LeaseLost`` (a
+        RunLocked). Claiming again under the same holder name (after a restart) takes the
+        lease back; a lease left behind by an ended session of this same worker
+        (``new_holder()`` names) is taken over at once. If the lease is lost while the
+        context is open, the body is cancelled and the context raises StoreError (or
+        RunLocked if another worker took it).
         """
         op = "PostgresStore.lease"
         run_id = _id_text("run id", run_id, op)
         holder = _id_text("holder", holder, op)
         seconds = self.lease_seconds
 
-        async def claim_once() -> tuple[bool, str]:
-            pool = await self._get_pool()
-            for _ in range(3):
-                row = await pool.fetchrow(self._q_claim, run_id, holder, seconds)
-                if row is not None:
-                    return bool(row["ok"]), str(row["holder"])
-                # The row that blocked us vanished in between: claim again.
-            return False, "<unknown: the lease changed hands during the claim>"
+        async def claim_round_trip(takeover: str) -> tuple[bool, str, int]:
+            async with self._conn() as conn:
+                for _ in range(3):
+                    row = await conn.fetchrow(self._q_claim, run_id, holder, seconds, takeover)
+                    if row is not None:
+                        return bool(row["ok"]), str(row["holder"]), int(row["fence"])
+                    # The row that blocked us vanished in between: claim again.
+            return False, "<unknown: the lease changed hands during the claim>", 0
 
-        async def retry(
-            fn: Callable[[], Awaitable[tuple[bool, str]]],
-        ) -> tuple[bool, str]:
-            return await self._run("lease", run_id, lambda _: fn())
+        async def claim(takeover: str | None) -> tuple[bool, str, int]:
+            async def once(_: int) -> tuple[bool, str, int]:
+                with anyio.CancelScope(shield=True):  # never cut off once the server may grant it
+                    result = await claim_round_trip(takeover or "")
+                return result
+
+            return await self._run("lease", run_id, once)
+
+        async def renew(token: int) -> tuple[bool, str]:
+            async with self._conn() as conn:
+                row = await conn.fetchrow(self._q_renew, run_id, holder, seconds, token)
+            if row is None:
+                return False, ""
+            return bool(row["ok"]), str(row["holder"])
 
         async def release() -> None:
-            pool = await self._get_pool()
-            await pool.execute(self._q_release, run_id, holder)
+            async def once(_: int) -> None:
+                async with self._conn() as conn:
+                    await conn.execute(self._q_release, run_id, holder)
+
+            await self._run("release", run_id, once)
 
         return hold_lease(
-            run_id, holder, seconds, claim_once, retry, release, self, _is_transient
+            self, run_id, holder, seconds,
+            space=f"postgres {self._where} {self.schema}.{self.table_prefix}",
+            claim=claim, renew=renew, release=release, is_transient=_is_transient,
+            fences=self._fences,
         )
-
-

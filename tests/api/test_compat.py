@@ -617,13 +617,7 @@ def test_constructing_a_redis_store_without_redis_says_how_to_install(cls_name: 
     assert cls_name in out.stdout and "pip install 'stroma[redis]'" in out.stdout
 
 
-@pytest.mark.parametrize("cls_name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True,
-        reason="the store's message comes from interpreters/stores (the stores branch makes "
-               "it 'redis is required for <class>, ...'): remove this marker once merged",
-    )) for name in ("RedisStore", "SyncRedisStore")
-])
+@pytest.mark.parametrize("cls_name", ["RedisStore", "SyncRedisStore"])
 def test_a_redis_store_without_redis_says_redis_is_required_for_it(cls_name: str) -> None:
     """The ImportError of a Redis store built without redis starts ``redis is required for
     <the class>`` (the earlier library's words)."""

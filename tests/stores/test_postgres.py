@@ -175,12 +175,12 @@ async def test_concurrent_appends_to_one_run_are_serialized(
         assert batch == [f'{w},"k":{k}}}' for k in range(5)]
 
 
-async def test_list_runs(postgres_store: PostgresStore) -> None:
-    """list_runs names every run with checkpoints or a log, once, sorted."""
+async def test_run_ids(postgres_store: PostgresStore) -> None:
+    """run_ids names every run with checkpoints or a log, once, sorted."""
     for run in TRICKY_RUNS:
         await postgres_store.save(run, "n", STATE)
     await postgres_store.append_log("only-log", LINES)
-    assert await postgres_store.list_runs() == sorted([*TRICKY_RUNS, "only-log"])
+    assert await postgres_store.run_ids() == sorted([*TRICKY_RUNS, "only-log"])
 
 
 @pytest.mark.parametrize(

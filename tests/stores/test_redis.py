@@ -15,6 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
+import interpreters.stores._redis_base as redis_base
 import interpreters.stores.redis as redis_module
 from interpreters.stores.redis import RedisStore, SyncRedisStore
 from stroma.errors import LogCorrupted, RunLocked, StoreError, UnsafeSchemaRef
@@ -120,15 +121,15 @@ async def test_delete_removes_exactly_the_runs_keys(
         assert await redis_store.load(run, "n") == STATE
 
 
-async def test_list_runs_names_each_run_once(redis_store: RedisStore) -> None:
-    """list_runs gives every run with data under the prefix, decoded exactly, and forgets deleted
+async def test_run_ids_names_each_run_once(redis_store: RedisStore) -> None:
+    """run_ids gives every run with data under the prefix, decoded exactly, and forgets deleted
     ones."""
     for run in TRICKY_RUNS:
         await redis_store.save(run, "n", STATE)
     await redis_store.append_log("only-log", LINES)
-    assert await redis_store.list_runs() == sorted([*TRICKY_RUNS, "only-log"])
+    assert await redis_store.run_ids() == sorted([*TRICKY_RUNS, "only-log"])
     await redis_store.delete("a:b")
-    assert "a:b" not in await redis_store.list_runs()
+    assert "a:b" not in await redis_store.run_ids()
 
 
 @pytest.mark.parametrize(
@@ -236,20 +237,23 @@ async def test_transient_error_is_retried_once_then_succeeds(
 async def test_append_retried_after_a_lost_reply_is_applied_once(
     redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If EXEC commits but its reply is lost, the retry notices and the lines appear once."""
-    original = aioredis.client.Pipeline.execute
+    """If the write script commits but its reply is lost, the retry notices and the lines
+    appear once."""
+    client = redis_store._redis()
+    original = client.evalsha
     calls: list[int] = []
 
-    async def commit_then_fail(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = await original(self, *args, **kwargs)
+    async def commit_then_fail(*args: Any) -> Any:
+        result = await original(*args)
         calls.append(1)
         if len(calls) == 1:
             raise redis.exceptions.ConnectionError("reply lost")
         return result
 
-    monkeypatch.setattr(aioredis.client.Pipeline, "execute", commit_then_fail)
+    monkeypatch.setattr(client, "evalsha", commit_then_fail)
     await redis_store.append_log("r", LINES, ("n", STATE))
     monkeypatch.undo()
+    assert len(calls) == 2
     raw = await redis_store._redis().lrange(run_keys(redis_store, "r").log, 0, -1)
     assert [line.decode() for line in raw] == LINES
     assert await redis_store.load("r", "n") == STATE
@@ -292,7 +296,7 @@ def test_password_is_not_in_error_messages() -> None:
 
 def test_missing_redis_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the redis extra, constructing a store raises ImportError with the pip command."""
-    monkeypatch.setattr(redis_module, "_redis", None)
+    monkeypatch.setattr(redis_base, "_redis", None)
     with pytest.raises(ImportError, match=r"pip install 'stroma\[redis\]'"):
         RedisStore()
     with pytest.raises(ImportError, match=r"pip install 'stroma\[redis\]'"):
@@ -430,10 +434,10 @@ def test_sync_store_round_trips_and_deletes(
         store.append_log("r", log.lines(), ("m", STATE))
         read = store.read_log("r")
         assert read is not None and read.to_jsonl() == log.to_jsonl()
-        assert store.list_runs() == ["r"]
+        assert store.run_ids() == ["r"]
         store.delete("r")
         assert store.load("r", "n") is None and store.read_log("r") is None
-        assert store.list_runs() == []
+        assert store.run_ids() == []
     finally:
         store.delete("r")
         store.close()

@@ -39,7 +39,7 @@ def pipeline(calls: list[str], gate: anyio.Event | None = None) -> list[Any]:
 def store(redis_url: str) -> Any:
     s = SyncRedisStore(redis_url, key_prefix=f"syncrun{uuid.uuid4().hex[:8]}", lease_ms=2000)
     yield s
-    for run in s.list_runs():
+    for run in s.run_ids():
         s.delete(run)
     s.close()
 
