@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
@@ -29,7 +29,7 @@ from stroma.failures import NodeContext, check_verdict
 from stroma.machine import child_fails, error_info
 from stroma.plan import Choose, NodeStep, Plan
 
-__all__ = ("Collaborators", "LivePerformer", "RunLogger", "single_error")
+__all__ = ("Collaborators", "LivePerformer", "RunLogger", "RunObserver", "single_error")
 
 _log = logging.getLogger("stroma")
 
@@ -44,6 +44,23 @@ class RunLogger(logging.LoggerAdapter):
         return f"[run {extra['run_id']}] {msg}", kwargs
 
 
+class RunObserver(Protocol):
+    """What is told of a run as it happens (``Collaborators.observer``): the records the
+    live loop appends, in order, as effect and event values (``event`` is None for the
+    machine's own records), and how the run ended. An observer decides nothing and
+    changes nothing; it must not raise (what it raises is logged and ignored)."""
+
+    def record(self, effect: Any, event: Any) -> None: ...
+
+    def child(self, call: Any, started: datetime) -> RunObserver:
+        """The observer of a fan-out child's sub-plan (its records, its end)."""
+        ...
+
+    def ended(self, finish: Any | None, error: BaseException | None) -> None:
+        """The run ended: its Finish, or the exception that ended it (cancelled too)."""
+        ...
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -51,8 +68,8 @@ def _utc_now() -> datetime:
 @attrs.frozen
 class Collaborators:
     """What a run talks to besides its plan: the store (through its manager), the user's
-    hooks, classifiers and context, and the clock, timer and sleep (real time by
-    default; virtual time in ``interpreters.simulate``)."""
+    hooks, classifiers and context, the clock, timer and sleep (real time by default;
+    virtual time in ``interpreters.simulate``), and an observer of its records."""
 
     manager: Any
     hooks: Any = None
@@ -61,6 +78,8 @@ class Collaborators:
     sleep: Callable[[float], Any] = anyio.sleep
     clock: Callable[[], datetime] = attrs.field(default=_utc_now)
     timer: Callable[[], float] = perf_counter
+    # Told of every record the run appends (``RunObserver``; OpenTelemetry is one), or None.
+    observer: Any = None
 
 
 def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -243,7 +262,10 @@ class LivePerformer:
         recorder = Recorder.in_memory(self.run_id, call.plan_fingerprint, call.config.seed,
                                       started.isoformat())
         self._running_children[k] = recorder
-        performer = LivePerformer(call.plan, run_id=self.run_id, world=self.world,
+        world = self.world
+        if world.observer is not None:  # the child's records are told to its own observer
+            world = attrs.evolve(world, observer=world.observer.child(call, started))
+        performer = LivePerformer(call.plan, run_id=self.run_id, world=world,
                                   recorder=recorder)
         assert call.input is not None
         result = await run(call.plan, call.input, call.config, recorder, performer,

@@ -137,7 +137,44 @@ def result_of(finish: fx.Finish, recorder: Recorder) -> ExecutionResult:
 async def run_live(
     state: RunState, effects: Sequence[Any], recorder: Recorder, performer: Any
 ) -> ExecutionResult:
-    """Run the machine to its Finish, performing its effects live."""
+    """Run the machine to its Finish, performing its effects live (and telling the run's
+    observer, if it has one, of every record and of how the run ended)."""
+    observer = performer.world.observer
+    if observer is None:
+        return await _run_live(state, effects, recorder, performer, None)
+    try:
+        result = await _run_live(state, effects, recorder, performer, _Told(observer, performer))
+    except BaseException as exc:
+        _tell(performer, observer.ended, None, exc)
+        raise
+    _tell(performer, observer.ended, recorder.log.finish, None)
+    return result
+
+
+class _Told:
+    """An observer's ``record``, called so that what it raises changes nothing."""
+
+    __slots__ = ("observer", "performer")
+
+    def __init__(self, observer: Any, performer: Any) -> None:
+        self.observer = observer
+        self.performer = performer
+
+    def __call__(self, effect: Any, event: Any) -> None:
+        _tell(self.performer, self.observer.record, effect, event)
+
+
+def _tell(performer: Any, fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - an observer never changes the run
+        performer.log.warning("the run's observer raised %r; the run goes on", exc)
+
+
+async def _run_live(
+    state: RunState, effects: Sequence[Any], recorder: Recorder, performer: Any,
+    told: _Told | None,
+) -> ExecutionResult:
     items = recorder.log.records.items
     table = performer.table
     commit = performer.commit
@@ -151,14 +188,20 @@ async def run_live(
                                eff.timestamp_utc, eff.input_state, eff.output_state,
                                eff.duration_ms, eff.schema), None))
                 await commit(eff)
+                if told is not None:
+                    told(eff, None)
             elif t is fx.RecordAttempt:
                 items.append((encode_effect(eff), None))
                 if eff.failure is not None:
                     warn("node %r attempt %d failed (%s): %s", eff.node_id, eff.attempt,
                          eff.failure, eff.failure_message)
+                if told is not None:
+                    told(eff, None)
             elif t is fx.Finish:
                 items.append((encode_effect(eff), None))
                 await recorder.flush()
+                if told is not None:
+                    told(eff, None)
                 return result_of(eff, recorder)
             else:
                 pending = eff
@@ -176,6 +219,8 @@ async def run_live(
             ), returned_atoms(event, valid)))
         else:
             items.append((encode_effect(pending), encode_event(event)))
+        if told is not None:
+            told(pending, event)
 
 
 def resume_marker(records: RecordList) -> ResumeMarker:
