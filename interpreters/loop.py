@@ -167,7 +167,7 @@ class _Told:
 def _tell(performer: Any, fn: Any, *args: Any) -> None:
     try:
         fn(*args)
-    except Exception as exc:  # noqa: BLE001 - an observer never changes the run
+    except Exception as exc:
         performer.log.warning("the run's observer raised %r; the run goes on", exc)
 
 
