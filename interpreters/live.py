@@ -11,6 +11,8 @@ happened. Each effect type is performed by one entry of ``LivePerformer.table``.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 from pydantic import BaseModel
+from pydantic_core import from_json
 
 from stroma import effects as fx
 from stroma.cost import normalize_node_return
@@ -63,6 +66,10 @@ class RunObserver(Protocol):
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+_now_utc = functools.partial(datetime.now, UTC)  # _utc_now, as one C-level call
+_tuple_new = tuple.__new__  # a NodeReturned made with every field, per node
 
 
 @attrs.frozen
@@ -130,10 +137,24 @@ class LivePerformer:
         # the machine made (a store that takes it), a synchronous save, or an awaited one.
         self.save_text = getattr(manager.store, "save_state_json", None)
         self.save_sync = None if manager.is_async else manager.store.save
+        # A commit a synchronous store takes at once (no coroutine): what the loop calls
+        # instead of ``commit`` when there is one.
+        self.commit_now: Callable[[fx.Commit], None] | None = None
+        if not self.durable and not manager.is_async:
+            save_text, save_sync, rid = self.save_text, self.save_sync, run_id
+            if save_text is not None and not inspect.iscoroutinefunction(save_text):
+                def commit_now(eff: fx.Commit) -> None:
+                    save_text(rid, eff.node_id, eff.output_state, type(eff.state))
+            else:
+                assert save_sync is not None
+
+                def commit_now(eff: fx.Commit) -> None:
+                    save_sync(rid, eff.node_id, eff.state)
+            self.commit_now = commit_now
         self.hooks = world.hooks
         self.classifiers = tuple(world.classifiers)
         self.context = world.context
-        self.now = world.clock
+        self.now = _now_utc if world.clock is _utc_now else world.clock
         self.timer = world.timer
         self.log = RunLogger(_log, {"run_id": run_id})
         self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
@@ -181,9 +202,9 @@ class LivePerformer:
                     )
         except Exception as exc:
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
-        duration = _ms(self.timer() - t0)
+        duration = int((self.timer() - t0) * 1000)
         if type(raw) is dict or isinstance(raw, BaseModel):  # no usage reported
-            return fx.NodeReturned(raw, started, duration)
+            return _tuple_new(fx.NodeReturned, (raw, started, duration, 0, 0, None))
         output, tin, tout, model = normalize_node_return(raw)
         return fx.NodeReturned(output, started, duration, tin, tout, model)
 
@@ -326,15 +347,15 @@ class LivePerformer:
         if fn is None:
             return fx.HookFired()
         try:
-            with anyio.fail_after(None if eff.timeout_ms is None else eff.timeout_ms / 1000):
-                if eff.kind == "start":
-                    # The hook gets its own copy: the state is also the log's record.
-                    await fn(self.run_id, eff.node_id, _fresh(eff.state))
-                elif eff.kind == "success":
-                    await fn(self.run_id, eff.node_id, _fresh(eff.state), eff.tokens)
-                else:
-                    assert eff.error is not None
-                    await fn(self.run_id, eff.node_id, eff.error.exception(), eff.failure)
+            if eff.kind == "start":
+                # The hook gets its own copy: the state is also the log's record.
+                call = fn(self.run_id, eff.node_id, _fresh(eff.state))
+            elif eff.kind == "success":
+                call = fn(self.run_id, eff.node_id, _fresh(eff.state), eff.tokens)
+            else:
+                assert eff.error is not None
+                call = fn(self.run_id, eff.node_id, eff.error.exception(), eff.failure)
+            await _bounded(call, eff.timeout_ms)
         except TimeoutError:
             self.log.warning(
                 "hook on_node_%s for node %r (attempt %d) did not return within %d ms and "
@@ -385,9 +406,23 @@ class LivePerformer:
         return fx.Slept(eff.seconds)
 
 
+async def _bounded(call: Any, timeout_ms: int | None) -> None:
+    """Await a hook's coroutine, cancelled after ``timeout_ms`` (a TimeoutError then)."""
+    if timeout_ms is None:
+        await call
+        return
+    with anyio.CancelScope(deadline=anyio.current_time() + timeout_ms / 1000) as scope:
+        await call
+    if scope.cancelled_caught:
+        raise TimeoutError
+
+
 def _fresh(state: Any) -> Any:
     """A state for a hook: a new dict (from the state's JSON text, or a deep copy)."""
     if type(state) is bytes:
-        return json.loads(state)
+        try:
+            return from_json(state)
+        except ValueError:
+            return json.loads(state)  # (nested deeper than the fast reader goes)
     return copy.deepcopy(state)
 

@@ -121,7 +121,11 @@ class Recorder:
 def result_of(finish: fx.Finish, recorder: Recorder) -> ExecutionResult:
     """The run's result: the Finish, and the trace folded from this session's records."""
     items = recorder.log.records.items
-    attempts = [x for x in items[recorder.session_start:] if is_attempt(x)]
+    start, end = recorder.session_start, len(items)
+
+    def attempts() -> list[Any]:  # folded when the trace is first read
+        return [x for x in items[start:end] if is_attempt(x)]
+
     return ExecutionResult(
         run_id=recorder.run_id,
         status=finish.status,
@@ -178,6 +182,7 @@ async def _run_live(
     items = recorder.log.records.items
     table = performer.table
     commit = performer.commit
+    commit_now = performer.commit_now  # (a synchronous store: no coroutine per commit)
     warn = performer.log.warning
     while True:
         pending: Any = None
@@ -187,7 +192,10 @@ async def _run_live(
                 items.append((("Commit", eff.node_id, eff.run_id, eff.attempt,
                                eff.timestamp_utc, eff.input_state, eff.output_state,
                                eff.duration_ms, eff.schema), None))
-                await commit(eff)
+                if commit_now is not None:
+                    commit_now(eff)
+                else:
+                    await commit(eff)
                 if told is not None:
                     told(eff, None)
             elif t is fx.RecordAttempt:
@@ -213,10 +221,15 @@ async def _run_live(
         state, effects = advance(state, event)
         if type(event) is fx.NodeReturned:
             first = effects[0] if effects else None
-            valid = (first.output_state, first.schema) if type(first) is fx.Commit else None
+            if type(first) is fx.Commit:  # the output kept its contract: the Commit's text
+                answer: Any = ("NodeReturned", (first.output_state, first.schema),
+                               event.started_at, event.duration_ms, event.input_tokens,
+                               event.output_tokens, event.model)
+            else:
+                answer = returned_atoms(event, None)
             items.append(((
                 "CallNode", pending.node_id, pending.attempt, pending.timeout_ms, pending.model,
-            ), returned_atoms(event, valid)))
+            ), answer))
         else:
             items.append((encode_effect(pending), encode_event(event)))
         if told is not None:

@@ -50,17 +50,23 @@ def describe(effect: Any) -> str:
     return repr(effect)
 
 
+_LIVE = frozenset({"state", "input", "output", "schema"})
+
+
 def _difference(recorded: Any, new: Any) -> str:
     """Which fields differ, when both are the same kind of effect."""
     if type(recorded) is not type(new):
         return f"a {type(new).__name__} where the log has a {type(recorded).__name__}"
     parts = []
-    for field in attrs.fields(type(new)):
-        if not field.eq or field.name == "state":  # (a live value, never compared)
+    names = getattr(type(new), "_fields", None) or [
+        f.name for f in attrs.fields(type(new)) if f.eq
+    ]
+    for name in names:
+        if name in _LIVE:  # (live values, never compared)
             continue
-        x, y = getattr(recorded, field.name), getattr(new, field.name)
+        x, y = getattr(recorded, name), getattr(new, name)
         if x != y and fx.as_json_value(x) != fx.as_json_value(y):
-            parts.append(f"{field.name}: recorded {x!r}, now {y!r}")
+            parts.append(f"{name}: recorded {x!r}, now {y!r}")
     return "; ".join(parts)[:800]
 
 

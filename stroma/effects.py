@@ -36,7 +36,7 @@ from __future__ import annotations
 import builtins
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from pydantic import BaseModel
@@ -145,15 +145,30 @@ class Validated:
 # ----------------------------------------------------------------------------- effects
 
 
-@attrs.frozen
-class CallNode:
-    """Call one node function with its validated input."""
+class CallNode(NamedTuple):
+    """Call one node function with its validated input (``input``: live only, never
+    compared)."""
 
     node_id: str
     attempt: int
     timeout_ms: int | None = None
     model: str | None = None  # fallback model to put in ctx["_stroma_model"], if any
-    input: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
+    input: BaseModel | None = None
+
+    # A named tuple (the cheapest immutable value to make, one per node) compared, hashed
+    # and shown without its live input.
+    def __eq__(self, other: object) -> bool:
+        return type(other) is CallNode and self[:4] == other[:4]
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self[:4])
+
+    def __repr__(self) -> str:
+        return (f"CallNode(node_id={self.node_id!r}, attempt={self.attempt!r}, "
+                f"timeout_ms={self.timeout_ms!r}, model={self.model!r})")
 
 
 @attrs.frozen
@@ -234,13 +249,13 @@ class Sleep:
     seconds: float
 
 
-@attrs.frozen(eq=False)
-class Commit:
+class Commit(NamedTuple):
     """A successful attempt: its trace record and its checkpoint, durable together.
 
     ``input_state`` and ``output_state`` are JSON text; ``schema`` is the output's schema
     reference (None in a record read from a format 1 log); ``state`` is the validated
     output model (live only: what a store's ``save`` gets).
+
     Two commits are equal when their fields are (states compared by JSON value), the
     schema reference aside: it names the class by its module, which is ``__main__`` in a
     script and the module's name when the same plan is imported (the plan's fingerprint
@@ -251,15 +266,15 @@ class Commit:
     run_id: str
     attempt: int
     timestamp_utc: datetime
-    input_state: Any = attrs.field(repr=False)
-    output_state: Any = attrs.field(repr=False)
+    input_state: Any
+    output_state: Any
     duration_ms: int
     schema: str | None
-    state: BaseModel | None = attrs.field(default=None, repr=False)
+    state: BaseModel | None = None
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not Commit:
-            return NotImplemented
+        if type(other) is not Commit:
+            return False
         assert isinstance(other, Commit)
         return (
             self.node_id == other.node_id
@@ -272,10 +287,15 @@ class Commit:
         )
 
     def __ne__(self, other: object) -> bool:
-        eq = self.__eq__(other)
-        return eq if eq is NotImplemented else not eq
+        return not self.__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:  # (states may be dicts: a Commit is not hashed)
+        raise TypeError("unhashable type: 'Commit'")
+
+    def __repr__(self) -> str:
+        return (f"Commit(node_id={self.node_id!r}, run_id={self.run_id!r}, "
+                f"attempt={self.attempt!r}, timestamp_utc={self.timestamp_utc!r}, "
+                f"duration_ms={self.duration_ms!r}, schema={self.schema!r})")
 
     @property
     def event(self) -> TraceEvent:
@@ -382,17 +402,25 @@ Effect = (
 # ------------------------------------------------------------------------------ events
 
 
-@attrs.frozen
-class NodeReturned:
+class NodeReturned(NamedTuple):
     """A node returned. ``output`` is what it returned, its usage already split off (or a
-    ``Validated`` output, when replayed from a log)."""
+    ``Validated`` output, when replayed from a log); it takes no part in comparisons."""
 
-    output: Any = attrs.field(eq=False)
+    output: Any
     started_at: datetime
     duration_ms: int
     input_tokens: int = 0
     output_tokens: int = 0
     model: str | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is NodeReturned and self[1:] == other[1:]
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self[1:])
 
 
 @attrs.frozen

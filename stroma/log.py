@@ -297,11 +297,21 @@ def _attempt_atoms(e: fx.RecordAttempt) -> tuple[Any, ...]:
             e.duration_ms, None if failure is None else failure.value, e.failure_message)
 
 
+def _hook_atoms(e: fx.FireHook) -> tuple[Any, ...]:
+    state, error, failure = e.state, e.error, e.failure
+    return ("FireHook", e.kind, e.node_id, e.attempt,
+            None if state is None else _state_bytes(state), e.tokens,
+            None if failure is None else failure.value,
+            None if error is None else _error_atoms(error), e.timeout_ms)
+
+
 _ENCODE: dict[type, Callable[[Any], tuple[Any, ...]]] = {
     fx.CallNode: _call_atoms,
     fx.Commit: _commit_atoms,
     fx.RecordAttempt: _attempt_atoms,
+    fx.FireHook: _hook_atoms,
 }
+_NO_ERROR = ("HookFired", None)
 
 
 def encode_effect(effect: Any) -> tuple[Any, ...]:
@@ -328,8 +338,12 @@ def returned_atoms(
 
 def encode_event(event: Any) -> tuple[Any, ...]:
     """An event's atoms."""
-    if type(event) is fx.NodeReturned:
+    t = type(event)
+    if t is fx.NodeReturned:
         return returned_atoms(event, None)
+    if t is fx.HookFired:
+        error = event.error
+        return _NO_ERROR if error is None else ("HookFired", _error_atoms(error))
     return _generic_atoms(event)
 
 

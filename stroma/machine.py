@@ -131,6 +131,12 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+# The phases the hot path sets, as module globals (an enum member read from its class
+# costs more than a global).
+_CALL, _CHOOSE, _HOOK_START, _HOOK_OK, _NEXT = (
+    Phase.CALL, Phase.CHOOSE, Phase.HOOK_START, Phase.HOOK_OK, Phase.NEXT,
+)
+
 PolicyTable = tuple[tuple[FailureClass, int, float], ...]
 
 
@@ -296,6 +302,9 @@ class GroupProgress:
 
 
 _NO_PROGRESS = GroupProgress()
+# Named tuples (Attempt, CallNode, Commit) made without their Python-level __new__, with
+# every field given: what the hot path makes once per node.
+_tuple_new = tuple.__new__
 
 
 @attrs.frozen(slots=False)
@@ -328,6 +337,9 @@ class RunState:
 Out = tuple[RunState, list[Any]]
 
 
+_setattr = object.__setattr__
+
+
 def _next(s: RunState, phase: Phase, current: Attempt | None, **changes: Any) -> RunState:
     """``attrs.evolve`` for the hot path: a copy of the state's fields with some replaced.
 
@@ -335,12 +347,12 @@ def _next(s: RunState, phase: Phase, current: Attempt | None, **changes: Any) ->
     instead of a constructor call that sets every field.
     """
     new = object.__new__(RunState)
-    d = new.__dict__
-    d.update(s.__dict__)
+    d = s.__dict__.copy()
     d["phase"] = phase
     d["current"] = current
     if changes:
         d.update(changes)
+    _setattr(new, "__dict__", d)
     return new
 
 
@@ -359,6 +371,9 @@ def _validate(
     if type(raw) is schema:
         return raw
     try:
+        if type(raw) is dict:
+            model: BaseModel = schema.__pydantic_validator__.validate_python(raw)
+            return model
         if type(raw) is fx.Validated:
             return schema.model_validate_json(raw.json)
         if isinstance(raw, BaseModel):
@@ -572,20 +587,6 @@ def _on_loaded(s: RunState, ev: fx.CheckpointLoaded) -> Out:
 # --------------------------------------------------------------------------- attempts
 
 
-def _begin_step(s: RunState) -> Out:
-    program = s.plan.program
-    while s.pos < len(program):
-        ins = program[s.pos]
-        if type(ins) is Jump:
-            s = _next(s, Phase.NEXT, None, pos=ins.target)
-            continue
-        if type(ins) is Choose:
-            s = _materialized(s)
-            return _next(s, Phase.CHOOSE, None), [fx.ChooseBranch(ins.step_id, s.state)]
-        return _begin_attempt(s)
-    return _finish(s, RunStatus.COMPLETED, None)
-
-
 def _on_chosen(s: RunState, ev: fx.BranchChosen) -> Out:
     ins = s.step
     assert isinstance(ins, Choose)
@@ -602,8 +603,28 @@ def _on_chosen(s: RunState, ev: fx.BranchChosen) -> Out:
     )
 
 
-def _begin_attempt(s: RunState) -> Out:
-    step = s.step
+def _begin_step(s: RunState) -> Out:
+    """Go on at ``s.pos``: past branch instructions to the next step and its attempt
+    number ``s.attempt``, or to the end of the run.
+
+    ``s`` was just made by this transition (it is the transition's own copy), so it is
+    finished in place: one copy of the state per transition.
+    """
+    program = s.plan.program
+    d = s.__dict__
+    step = program[s.pos] if s.pos < len(program) else None
+    while type(step) is Jump or type(step) is Choose:
+        if type(step) is Jump:
+            d["pos"] = step.target
+            step = program[s.pos] if s.pos < len(program) else None
+            continue
+        if s.state is None:
+            d["state"] = _model(s)
+        d["phase"] = _CHOOSE
+        d["current"] = None
+        return s, [fx.ChooseBranch(step.step_id, s.state)]
+    if step is None:
+        return _finish(s, RunStatus.COMPLETED, None)
     c = s.config
     if c.budget is not None:
         spent = _spent(s)
@@ -618,12 +639,14 @@ def _begin_attempt(s: RunState) -> Out:
     model = _fallback_model(s) if c.fallbacks else None
     call: fx.CallNode | fx.CallParallel
     if type(step) is NodeStep:
+        timeout = step.timeout_ms if not c.node_timeouts else _timeout(s, step)
         if s.state_type is step.input_schema:
             # The common case: the state already is this node's input.
-            call = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, s.state)
+            call = _tuple_new(fx.CallNode, (step.node_id, s.attempt, timeout, model, s.state))
             input_json = s.state_json
         else:
-            s = _materialized(s)
+            if s.state is None:
+                d["state"] = _model(s)
             inp = _validate(step.node_id, "input", step.input_schema, s.state)
             if isinstance(inp, ContractViolation):
                 return _input_broken(s, step, inp)
@@ -631,20 +654,21 @@ def _begin_attempt(s: RunState) -> Out:
             if isinstance(text, fx.ErrorInfo):
                 return _input_broken(s, step, text)
             input_json = text
-            call = fx.CallNode(step.node_id, s.attempt, _timeout(s, step), model, inp)
+            call = fx.CallNode(step.node_id, s.attempt, timeout, model, inp)
     else:
-        s = _materialized(s)
+        if s.state is None:
+            d["state"] = _model(s)
         built = _group_call(s, step, model)
         if not isinstance(built, tuple):
             return _input_broken(s, step, built)
         call, input_json = built
-    att = Attempt(input_json, call)
+    d["current"] = _tuple_new(Attempt, (input_json, call, None, 0, 0, None, None, None))
     if "start" in c.hooks:
-        return _next(s, Phase.HOOK_START, att), [
-            fx.FireHook("start", step.step_id, s.attempt, input_json,
-                        timeout_ms=c.hook_timeout_ms)
-        ]
-    return _next(s, Phase.CALL, att), [call]
+        d["phase"] = _HOOK_START
+        return s, [fx.FireHook("start", step.step_id, s.attempt, input_json,
+                               timeout_ms=c.hook_timeout_ms)]
+    d["phase"] = _CALL
+    return s, [call]
 
 
 def _input_broken(s: RunState, step: Any, problem: ContractViolation | fx.ErrorInfo) -> Out:
@@ -672,67 +696,109 @@ def _on_hook_start(s: RunState, ev: fx.HookFired) -> Out:
 # ----------------------------------------------------------------------------- success
 
 
+def _answered(
+    s: RunState, started_at: datetime, duration_ms: int, tokens: int, cost: float
+) -> RunState:
+    """The state once an attempt's answer is in: its time and usage, on the attempt and
+    on the running totals (what a failed or hooked attempt goes on from)."""
+    att: Any = s.current
+    return _next(
+        s, s.phase, att._replace(started_at=started_at, duration_ms=duration_ms, tokens=tokens),
+        tokens=s.tokens + tokens,
+        cost_usd=s.cost_usd + cost,
+        latency_ms=s.latency_ms + duration_ms,
+        clock=(started_at, duration_ms),
+    )
+
+
 def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     step: Any = s.plan.program[s.pos]
-    att: Any = s.current
-    call = att.call
+    call = s.current.call  # type: ignore[union-attr]
     duration = ev.duration_ms
     if ev.input_tokens or ev.output_tokens:
         tokens, cost = _price(call.model, ev)
     else:
         tokens, cost = 0, 0.0
-    s = _next(
-        s, s.phase, Attempt(att.input_json, call, ev.started_at, duration, tokens),
-        tokens=s.tokens + tokens,
-        cost_usd=s.cost_usd + cost,
-        latency_ms=s.latency_ms + duration,
-        clock=(ev.started_at, duration),
-    )
-    if call.timeout_ms is not None and duration > call.timeout_ms:
-        return _failed(s, _timed_out(step.node_id, call.timeout_ms, duration))
     output = ev.output
-    if type(output) is fx.Validated:
+    problem: Any = None
+    if call.timeout_ms is not None and duration > call.timeout_ms:
+        problem = _timed_out(step.node_id, call.timeout_ms, duration)
+    elif type(output) is fx.Validated:
         # Replayed: the log says the output kept this node's contract, and the plan's
         # fingerprint (checked before any record is replayed) says the contract is the same.
-        return _succeeded(s, None, output.json, step.output_schema)
-    out = _validate(step.node_id, "output", step.output_schema, output)
-    if isinstance(out, ContractViolation):
-        return _failed(s, error_info(out))
-    text = _json(out)
-    if isinstance(text, fx.ErrorInfo):
-        return _failed(s, text)
-    return _succeeded(s, out, text, step.output_schema)
+        return _succeeded(s, None, output.json, step.output_schema, ev.started_at, duration,
+                          tokens, cost)
+    else:
+        schema = step.output_schema
+        if type(output) is dict:  # the common case, inline: validate, then the JSON text
+            try:
+                out: Any = schema.__pydantic_validator__.validate_python(output)
+            except ValidationError:
+                out = _validate(step.node_id, "output", schema, output)
+        else:
+            out = _validate(step.node_id, "output", schema, output)
+        if isinstance(out, ContractViolation):
+            problem = error_info(out)
+        else:
+            try:
+                text: Any = out.__pydantic_serializer__.to_json(out)
+                if b"null" in text:
+                    text = _json(out)  # (perhaps a float that is not finite)
+            except Exception:
+                text = _json(out)
+            if type(text) is bytes:
+                return _succeeded(s, out, text, schema, ev.started_at, duration, tokens, cost)
+            problem = text
+    return _failed(_answered(s, ev.started_at, duration, tokens, cost), problem)
 
 
 def _succeeded(
-    s: RunState, out: BaseModel | None, out_json: bytes, out_type: type[BaseModel]
+    s: RunState, out: BaseModel | None, out_json: bytes, out_type: type[BaseModel],
+    started_at: datetime, duration_ms: int, tokens: int, cost: float,
 ) -> Out:
     """The attempt's output is valid: commit it, and go on to what follows.
 
-    The commit (trace record and checkpoint) is performed before anything that follows
-    it in the effects (the success hook, the next step).
+    ``s`` is the state the attempt's answer arrived in (not changed); this is the one copy
+    the transition makes. The commit (trace record and checkpoint) is performed before
+    anything that follows it in the effects (the success hook, the next step).
     """
-    step = s.step
+    step: Any = s.plan.program[s.pos]
     c = s.config
+    total_tokens = s.tokens + tokens
+    total_cost = s.cost_usd + cost
+    latency = s.latency_ms + duration_ms
     if c.budget is not None:
-        over = _exceeded(s, step.step_id)
-        if over is not None:
-            return _failed(s, error_info(over))
-    att: Any = s.current
-    commit = fx.Commit(
-        step.step_id, c.run_id, s.attempt, att.started_at, att.input_json, out_json,
-        att.duration_ms, step.output_ref, out,
-    )
-    if "success" in c.hooks:
-        hook = fx.FireHook("success", step.step_id, s.attempt, out_json, att.tokens,
-                           timeout_ms=c.hook_timeout_ms)
-        s = _next(s, Phase.HOOK_OK, att, state=out, state_json=out_json, state_type=out_type,
-                  pos=s.pos + 1, attempt=1, retries=0, group=_NO_PROGRESS)
-        return s, [commit, hook]
-    s, effects = _begin_step(_next(
-        s, Phase.NEXT, None, state=out, state_json=out_json, state_type=out_type,
-        pos=s.pos + 1, attempt=1, retries=0, group=_NO_PROGRESS,
+        hit = c.budget.first_exceeded(total_tokens, total_cost, latency)
+        if hit is not None:
+            s = _answered(s, started_at, duration_ms, tokens, cost)
+            return _failed(s, error_info(BudgetExceeded(*hit, step.step_id)))
+    attempt = s.attempt
+    commit = _tuple_new(fx.Commit, (
+        step.step_id, c.run_id, attempt, started_at, s.current.input_json,  # type: ignore[union-attr]
+        out_json, duration_ms, step.output_ref, out,
     ))
+    # _next, spelled out: this runs once per node.
+    d = s.__dict__.copy()
+    d["state"] = out
+    d["state_json"] = out_json
+    d["state_type"] = out_type
+    d["pos"] = s.pos + 1
+    d["attempt"] = 1
+    d["retries"] = 0
+    d["tokens"] = total_tokens
+    d["cost_usd"] = total_cost
+    d["latency_ms"] = latency
+    d["clock"] = (started_at, duration_ms)
+    d["group"] = _NO_PROGRESS
+    s = object.__new__(RunState)
+    _setattr(s, "__dict__", d)
+    if "success" in c.hooks:
+        d["phase"] = _HOOK_OK
+        return s, [commit, fx.FireHook("success", step.step_id, attempt, out_json, tokens,
+                                       timeout_ms=c.hook_timeout_ms)]
+    d["phase"] = _NEXT
+    d["current"] = None
+    s, effects = _begin_step(s)
     effects.insert(0, commit)
     return s, effects
 
@@ -900,14 +966,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             tokens, cost = tokens + t, cost + k
         elif type(outcome) is fx.PlanFinished:
             tokens, cost = tokens + outcome.total_tokens, cost + outcome.total_cost_usd
-    s = _next(
-        s, s.phase, att._replace(started_at=ev.started_at, duration_ms=ev.duration_ms,
-                                 tokens=tokens),
-        tokens=s.tokens + tokens,
-        cost_usd=s.cost_usd + cost,
-        latency_ms=s.latency_ms + ev.duration_ms,
-        clock=(ev.started_at, ev.duration_ms),
-    )
+    before = s
+    s = _answered(s, ev.started_at, ev.duration_ms, tokens, cost)
     # The first child (in argument order) that failed fails the attempt; the successes
     # are kept for a retry of the group.
     outputs = dict(s.group.outputs)
@@ -963,7 +1023,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     text = _json(out)
     if isinstance(text, fx.ErrorInfo):
         return _failed(s, text)
-    return _succeeded(s, out, text, step.output_schema)
+    return _succeeded(before, out, text, step.output_schema, ev.started_at, ev.duration_ms,
+                      tokens, cost)
 
 
 # ---------------------------------------------------------------------------- failures
@@ -1046,11 +1107,11 @@ def _decide(s: RunState) -> Out:
     if policy.backoff_seconds > 0:
         rng, u = _draw(s.rng)
         return _next(s, Phase.SLEEP, None, rng=rng), [fx.Sleep(u * policy.backoff_seconds)]
-    return _begin_attempt(s)
+    return _begin_step(s)
 
 
 def _on_slept(s: RunState, ev: fx.Slept) -> Out:
-    return _begin_attempt(
+    return _begin_step(
         _next(s, Phase.NEXT, None, clock=_now(s) + timedelta(seconds=ev.seconds))
     )
 
@@ -1069,18 +1130,18 @@ def _on_resumed(s: RunState, ev: fx.Resumed) -> Out:
             status = RunStatus.RESUMED if eff.status is RunStatus.COMPLETED else eff.status
             eff = attrs.evolve(eff, status=status, final_state=_model(s))
         elif t is fx.CallNode and eff.input is None:
-            eff = attrs.evolve(eff, input=s.state)
+            eff = eff._replace(input=s.state)
         elif t is fx.ChooseBranch and eff.state is None:
             eff = attrs.evolve(eff, state=s.state)
         elif t is fx.Commit and eff.state is None:
             state = s.state if eff.output_state is s.state_json else (
                 s.plan.schema_for(eff.schema).model_validate_json(eff.output_state)
             )
-            eff = attrs.evolve(eff, state=state)
+            eff = eff._replace(state=state)
         effects.append(eff)
     att = s.current
     if att is not None and type(att.call) is fx.CallNode and att.call.input is None:
-        s = _next(s, s.phase, att._replace(call=attrs.evolve(att.call, input=s.state)))
+        s = _next(s, s.phase, att._replace(call=att.call._replace(input=s.state)))
     return s, effects
 
 
@@ -1103,13 +1164,16 @@ _TABLE: Mapping[Phase, Mapping[type, _Handler]] = {
     Phase.NEXT: {},
     Phase.DONE: {},
 }
-for _handlers in _TABLE.values():
+for _phase, _handlers in _TABLE.items():
     _handlers[fx.Resumed] = _on_resumed  # type: ignore[index]  # (in DONE: a pending Finish)
+    # Each phase carries its row of the table (an attribute is read faster than an enum
+    # member hashed for a dict lookup).
+    _phase.handlers = _handlers  # type: ignore[attr-defined]
 
 
 def advance(state: RunState, event: Any) -> Out:
     """The next state and effects, given the event that answered the last effect."""
-    handler = _TABLE[state.phase].get(type(event))
+    handler = state.phase.handlers.get(type(event))  # type: ignore[attr-defined]  # (_TABLE)
     if handler is None:
         expected: Sequence[str] = [
             t.__name__ for t in _TABLE[state.phase] if t is not fx.Resumed

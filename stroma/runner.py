@@ -28,7 +28,7 @@ from stroma.cost import ExecutionBudget, FallbackPolicy
 from stroma.errors import ChildFailed, ChildFailedTerminally, LogCorrupted, PlanError
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.log import EffectLog
-from stroma.machine import MachineConfig, failed_child
+from stroma.machine import DEFAULT_HOOK_TIMEOUT_MS, MachineConfig, failed_child
 from stroma.plan import (
     NODE_ATTR,
     NodeMarker,
@@ -123,6 +123,8 @@ class RunConfig(BaseModel):
     resume_from: str | None = None
     model_fallbacks: list[Any] = Field(default_factory=list)
     seed: int | None = None
+    # How long a hook may run before it is cancelled (None: no bound).
+    hook_timeout_ms: float | None = DEFAULT_HOOK_TIMEOUT_MS
 
     @model_validator(mode="before")
     @classmethod
@@ -257,6 +259,7 @@ def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
         resume_from=config.resume_from,
         node_timeouts={k: int(v) for k, v in config.node_timeouts.items()},
         node_policies={k: _table(v) for k, v in config.node_policies.items()},
+        hook_timeout_ms=None if config.hook_timeout_ms is None else int(config.hook_timeout_ms),
     )
 
 

@@ -97,7 +97,7 @@ class ExecutionTrace:
 
     def __init__(self, events: Iterable[TraceEvent] = ()) -> None:
         self._events: list[TraceEvent] = list(events)
-        self._records: list[Any] | None = None
+        self._records: list[Any] | Callable[[], list[Any]] | None = None
         self._event_of: Callable[[Any], TraceEvent] | None = None
 
     @classmethod
@@ -106,11 +106,12 @@ class ExecutionTrace:
 
     @classmethod
     def from_records(
-        cls, records: list[Any], event_of: Callable[[Any], TraceEvent] | None = None
+        cls, records: list[Any] | Callable[[], list[Any]],
+        event_of: Callable[[Any], TraceEvent] | None = None,
     ) -> ExecutionTrace:
         """A trace folded from the machine's attempt records (anything with an ``event``
         property, or what ``event_of`` takes) when it is first read, so a run pays for its
-        trace only if it is used."""
+        trace only if it is used. ``records`` may be a function giving them (called then)."""
         trace = cls()
         trace._records = records
         trace._event_of = event_of
@@ -119,11 +120,12 @@ class ExecutionTrace:
     @property
     def events(self) -> list[TraceEvent]:
         if self._records is not None:
+            records = self._records() if callable(self._records) else self._records
             event_of = self._event_of
             if event_of is None:
-                self._events = [r.event for r in self._records]
+                self._events = [r.event for r in records]
             else:
-                self._events = [event_of(r) for r in self._records]
+                self._events = [event_of(r) for r in records]
             self._records = None
         return self._events
 
@@ -193,7 +195,7 @@ class ExecutionTrace:
         return self.events == other.events
 
     def __repr__(self) -> str:
-        n = len(self._records) if self._records is not None else len(self._events)
+        n = len(self.events)
         return f"ExecutionTrace(<{n} events>)"
 
 

@@ -87,7 +87,12 @@ class InMemoryStore(_MemoryBase):
         self, run_id: str, node_id: str, data: bytes, schema: type[BaseModel]
     ) -> None:
         """Save a checkpoint given as its JSON text (``state_json``) and its schema."""
-        self._put(run_id, node_id, data, schema)
+        texts = self._data.get(run_id)
+        if texts is None:
+            self._put(run_id, node_id, data, schema)
+            return
+        texts[node_id] = data  # (what _put does, once per node of a run)
+        self._types[run_id][node_id] = schema
 
     def load(self, run_id: str, node_id: str) -> BaseModel | None:
         return self._load(run_id, node_id, None)
