@@ -371,7 +371,7 @@ async def test_a_plan_child_has_its_nodes_attempts_beneath_it(
     assert result.status is RunStatus.COMPLETED
     step = mapped.step_id
     run_id = result.run_id
-    [(call, returned)] = group_records(result)
+    [(_, returned)] = group_records(result)
     finished = returned.outcomes
     assert [type(o) for o in finished] == [fx.PlanFinished, fx.PlanFinished]
     cost = estimate_cost_usd("gpt-4o-mini", 7, 0)
