@@ -136,10 +136,15 @@ def _provider(kind: str, method: str, example: str) -> Any:
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if value is None or callable(getattr(value, method, None)):
             return
+        made = next((what for what, has in (("a Tracer", "start_span"),
+                                             ("a Meter", "create_counter"))
+                     if callable(getattr(value, has, None))), None)
+        fix = (f"that is {made}, not a provider: pass the provider it came from"
+               if made is not None else f"e.g. {attribute.name}={example}")
         raise TypeError(
-            f"Tracing({attribute.name}=...) must be an OpenTelemetry {kind} (an object with "
-            f"{method}()) or None for the global one, got {value!r:.80} (a "
-            f"{type(value).__name__}): e.g. {attribute.name}={example}"
+            f"{attribute.name} must be an OpenTelemetry {kind} (an object with {method}()) "
+            f"or None for the global one, got {value!r:.80} (a {type(value).__name__}): "
+            f"{fix}"
         )
 
     return check
