@@ -148,6 +148,56 @@ class _Telemetry:
 
 _TELEMETRY: dict[tuple[int, int], tuple[Any, Any, _Telemetry]] = {}
 
+_SECOND = 1_000_000_000
+
+
+class _Counts:
+    """A run's counter increments, added to the counters together: when the run ends, and
+    whenever a second of the run's time has passed since the last time (an add costs the
+    SDK microseconds, and an attempt makes up to four; a metric reader collects far less
+    often than once a second)."""
+
+    __slots__ = ("flushed_at", "pending", "tel")
+
+    def __init__(self, tel: _Telemetry) -> None:
+        self.tel = tel
+        self.pending: dict[tuple[Any, ...], float] = {}
+        self.flushed_at: int | None = None
+
+    def add(self, key: tuple[Any, ...], amount: float) -> None:
+        pending = self.pending
+        pending[key] = pending.get(key, 0) + amount
+
+    def tick(self, at: int) -> None:
+        """The run's time is ``at`` (ns): add what is pending once a second has passed."""
+        if self.flushed_at is None:
+            self.flushed_at = at
+        elif at - self.flushed_at >= _SECOND:
+            self.flush()
+            self.flushed_at = at
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        tel = self.tel
+        for key, amount in pending.items():
+            what = key[0]
+            if what == "attempts":
+                _, node_id, kind, outcome, failure = key
+                attributes: dict[str, Any] = {NODE_ID: node_id, KIND: kind, OUTCOME: outcome}
+                if failure is not None:
+                    attributes[FAILURE_CLASS] = failure
+                tel.attempts.add(int(amount), attributes)
+                continue
+            _, node_id, model, token_type = key
+            attributes = {NODE_ID: node_id}
+            if model is not None:
+                attributes[MODEL] = model
+            if what == "tokens":
+                attributes[TOKEN_TYPE] = token_type
+                tel.tokens.add(int(amount), attributes)
+            else:
+                tel.cost.add(amount, attributes)
+
 
 def _telemetry(tracing: Tracing) -> _Telemetry:
     """The tracer and instruments for ``tracing``'s providers (the global ones for None),
@@ -253,10 +303,11 @@ class _Scope:
 
     def __init__(
         self, tel: _Telemetry, run_id: str, hooks: frozenset[str],
-        clock: Callable[[], datetime], plan: Any, call: Any = None,
+        clock: Callable[[], datetime], plan: Any, counts: _Counts, call: Any = None,
         started: datetime | None = None,
     ) -> None:
         self.tel = tel
+        self.counts = counts  # the run's, shared by its children's scopes
         self.run_id = run_id
         self.hooks = hooks  # which hooks the run has: an attempt's account ends after them
         self.clock = clock
@@ -294,7 +345,7 @@ class _Scope:
 
     def child(self, call: Any, started: datetime) -> _Scope:
         scope = _Scope(self.tel, self.run_id, self.hooks, self.clock,
-                       getattr(call, "plan", None), call, started)
+                       getattr(call, "plan", None), self.counts, call, started)
         self.children[id(call)] = scope
         return scope
 
@@ -502,7 +553,7 @@ class _Scope:
                                                      "account was recorded"))
         span.end(end_time=end)
         self.latest = max(self.latest, end)
-        self._measure(att.kind, att.node_id, outcome, att.failure, att.duration_ms, usage)
+        self._measure(att.kind, att.node_id, outcome, att.failure, att.duration_ms, usage, end)
 
     def _group_span(self, att: _Attempt) -> None:
         """The span of a group's attempt, with one span per child beneath it."""
@@ -552,7 +603,7 @@ class _Scope:
                                                      "account was recorded"))
         span.end(end_time=end)
         self.latest = max(self.latest, end)
-        self._measure(eff.kind, eff.step_id, outcome, att.failure, att.duration_ms, None)
+        self._measure(eff.kind, eff.step_id, outcome, att.failure, att.duration_ms, None, end)
 
     def _child_span(
         self, parent: Any, eff: fx.CallParallel, ev: fx.ParallelReturned, index: int,
@@ -601,7 +652,7 @@ class _Scope:
             scope = self.children.pop(id(call), None)
             if scope is None:  # finished in an earlier session: read from its records
                 scope = _Scope(self.tel, self.run_id, self.hooks, self.clock,
-                               getattr(call, "plan", None), call)
+                               getattr(call, "plan", None), self.counts, call)
                 for record in getattr(outcome, "records", None) or ():
                     if type(record) is tuple:
                         scope.buffer.append((record[0], record[1], None))
@@ -635,7 +686,7 @@ class _Scope:
         span.end(end_time=end)
         if type(call) is fx.CallNode:
             self._measure("node", call.node_id, outcome_name, failure, outcome.duration_ms,
-                          usage)
+                          usage, end)
         return error, end
 
     def _group_step(self, step_id: str) -> Any:
@@ -648,25 +699,24 @@ class _Scope:
         return self._groups.get(step_id)
 
     def _measure(self, kind: str, node_id: str, outcome: str, failure: Any,
-                 duration_ms: int, usage: Any) -> None:
-        tel = self.tel
+                 duration_ms: int, usage: Any, end: int) -> None:
+        """An attempt's duration (recorded now) and its counts (added with the run's)."""
+        failure_class = None if failure is None else failure.value
         attributes: dict[str, Any] = {NODE_ID: node_id, KIND: kind, OUTCOME: outcome}
-        if failure is not None:
-            attributes[FAILURE_CLASS] = failure.value
-        tel.attempts.add(1, attributes)
-        tel.duration.record(duration_ms / 1000, attributes)
-        if usage is None:
-            return
-        _, model, tin, tout, cost = usage
-        base: dict[str, Any] = {NODE_ID: node_id}
-        if model is not None:
-            base[MODEL] = model
-        if tin:
-            tel.tokens.add(tin, {**base, TOKEN_TYPE: "input"})
-        if tout:
-            tel.tokens.add(tout, {**base, TOKEN_TYPE: "output"})
-        if cost:
-            tel.cost.add(cost, base)
+        if failure_class is not None:
+            attributes[FAILURE_CLASS] = failure_class
+        self.tel.duration.record(duration_ms / 1000, attributes)
+        counts = self.counts
+        counts.add(("attempts", node_id, kind, outcome, failure_class), 1)
+        if usage is not None:
+            _, model, tin, tout, cost = usage
+            if tin:
+                counts.add(("tokens", node_id, model, "input"), tin)
+            if tout:
+                counts.add(("tokens", node_id, model, "output"), tout)
+            if cost:
+                counts.add(("cost", node_id, model, None), cost)
+        counts.tick(end)
 
 
 def _hook_attributes(kind: str, error: fx.ErrorInfo) -> dict[str, Any]:
@@ -715,7 +765,7 @@ class RunTracer(_Scope):
     ) -> RunTracer:
         """The run's span starts (at ``started_at``, under the caller's current span)."""
         tel = _telemetry(tracing)
-        tracer = cls(tel, run_id, frozenset(hooks), clock, plan)
+        tracer = cls(tel, run_id, frozenset(hooks), clock, plan, _Counts(tel))
         tracer.attach(tel.tracer.start_span(RUN_SPAN, start_time=_ns(started_at),
                                             attributes={RUN_ID: run_id}))
         return tracer
@@ -725,6 +775,7 @@ class RunTracer(_Scope):
             return
         self.done = True
         self.close_all()
+        self.counts.flush()
         span = self.span
         finish = finish if finish is not None else self.finish
         if finish is not None:
