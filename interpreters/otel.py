@@ -371,20 +371,29 @@ class _Scope:
         """The scope's records are all in: the open attempt's span, and spans for children
         of a group whose record never came (the run ended inside the group)."""
         self._close()
-        for scope in self.children.values():
+        for scope in sorted(self.children.values(), key=_child_order):
             call = scope.call
             start = scope.started or self.clock()
-            span = self.tel.tracer.start_span(
-                f"stroma child {call.child_id}", context=self.ctx, start_time=_ns(start),
-                attributes={RUN_ID: self.run_id, CHILD_ID: call.child_id,
-                            ATTEMPT: call.attempt, OUTCOME: "unfinished"},
-            )
+            attributes: dict[str, Any] = {RUN_ID: self.run_id, CHILD_ID: call.child_id,
+                                          ATTEMPT: call.attempt}
+            finish = scope.finish
+            if finish is not None:  # it finished; its group did not
+                attributes[OUTCOME] = "succeeded" if finish.status in _DONE else "failed"
+                status = _finished(attributes, finish.status, finish.total_tokens,
+                                   finish.total_cost_usd, finish.total_latency_ms,
+                                   finish.reason)
+            else:
+                attributes[OUTCOME] = "unfinished"
+                why = "the run ended before the child did"
+                if scope.error is not None:
+                    why += f" ({type(scope.error).__name__})"
+                status = Status(StatusCode.ERROR, why)
+            span = self.tel.tracer.start_span(f"stroma child {call.child_id}",
+                                              context=self.ctx, start_time=_ns(start),
+                                              attributes=attributes)
             scope.attach(span)
             scope.close_all()
-            why = "the run ended before the child's group did"
-            if scope.error is not None:
-                why += f" ({type(scope.error).__name__})"
-            span.set_status(Status(StatusCode.ERROR, why))
+            span.set_status(status)
             end = max(_ns(scope.ended_at or self.clock()), scope.latest)
             span.end(end_time=end)
             self.latest = max(self.latest, end)
@@ -717,6 +726,14 @@ class _Scope:
             if cost:
                 counts.add(("cost", node_id, model, None), cost)
         counts.tick(end)
+
+
+def _child_order(scope: _Scope) -> tuple[int, str]:
+    """Children in their group's order: by the index their id ends with (``step[2]``)."""
+    child_id = scope.call.child_id
+    head, _, tail = child_id.rpartition("[")
+    index = tail[:-1]
+    return (int(index) if head and index.isdigit() else -1, child_id)
 
 
 def _hook_attributes(kind: str, error: fx.ErrorInfo) -> dict[str, Any]:

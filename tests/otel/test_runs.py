@@ -21,6 +21,8 @@ from stroma import (
     branch,
     execute_step,
     interpret,
+    map_each,
+    seq,
     stroma_node,
 )
 from stroma.otel import (
@@ -38,7 +40,7 @@ from stroma.otel import (
     Tracing,
 )
 from tests.otel.telemetry import Telemetry
-from tests.otel.test_spans import Num, contract, ran, retries, traced
+from tests.otel.test_spans import Item, Items, Num, Out, contract, ran, retries, traced
 
 pytestmark = pytest.mark.anyio
 
@@ -285,3 +287,63 @@ async def test_tracing_changes_nothing_in_the_run(anyio_backend: str, telemetry:
     ]
     assert a.log is not None and b.log is not None
     assert [r for r in b.log.records] == [r for r in a.log.records]
+
+
+async def test_a_fan_out_cut_short_and_resumed_shows_every_child(
+    anyio_backend: str, telemetry: Telemetry
+) -> None:
+    """A run cancelled inside a map of sub-plans shows its children as ``stroma child``
+    spans under the run's (the one that finished OK, the one cut short unfinished, each
+    with its node attempts); resumed, the group's span has the child that finished before
+    (read from the log) and the one run again, each with its node attempts."""
+    hang = [True]
+    started = anyio.Event()
+
+    @stroma_node("first", contract("first", Item, Item))
+    async def first(item: Item) -> dict[str, int]:
+        return {"item": item.item + 1}
+
+    @stroma_node("second", contract("second", Item, Out))
+    async def second(item: Item) -> dict[str, int]:
+        if item.item == 3 and hang[0]:
+            started.set()
+            await anyio.sleep_forever()
+        return {"out": item.item * 10}
+
+    mapped = map_each(seq(first, second), over="items", into="outs", input=Items)
+    store = stroma.InMemoryStore()
+    config = traced(telemetry, run_id="cut")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: interpret([mapped], Items(items=[1, 2]), store=store,
+                                        config=config))
+        await started.wait()
+        tg.cancel_scope.cancel()
+
+    [cut] = telemetry.tree()
+    assert cut["status"].startswith("ERROR: Cancelled")
+    step = mapped.step_id
+    cancelled = "Cancelled" if anyio_backend == "trio" else "CancelledError"
+    assert [(c["name"], c["status"], c["attributes"][OUTCOME],
+             [g["name"] for g in c["children"]]) for c in cut["children"]] == [
+        (f"stroma child {step}[0]", "OK", "succeeded",
+         ["stroma node first", "stroma node second"]),
+        (f"stroma child {step}[1]", f"ERROR: the run ended before the child did ({cancelled})",
+         "unfinished", ["stroma node first"]),
+    ]
+
+    telemetry.exporter.clear()
+    hang[0] = False
+    result = await interpret([mapped], Items(items=[1, 2]), store=store, config=config)
+
+    assert result.status is RunStatus.RESUMED
+    [run] = telemetry.tree()
+    [group] = run["children"]
+    assert group["name"] == f"stroma map {step}" and group["status"] == "OK"
+    assert [(c["name"], c["status"], c["attributes"]["stroma.outcome"],
+             [(g["name"], g["status"]) for g in c["children"]])
+            for c in group["children"]] == [
+        (f"stroma child {step}[0]", "OK", "succeeded",
+         [("stroma node first", "OK"), ("stroma node second", "OK")]),
+        (f"stroma child {step}[1]", "OK", "succeeded",
+         [("stroma node first", "OK"), ("stroma node second", "OK")]),
+    ]

@@ -510,3 +510,56 @@ async def test_a_raising_hook_is_an_event_on_its_attempt_and_changes_nothing(
                                  "exception.message": "'success hook broke'"})]),
     ])]
     assert_nested_in_time(telemetry)
+
+
+async def test_a_group_that_times_out_cancels_its_children(
+    anyio_backend: str, telemetry: Telemetry
+) -> None:
+    """A group whose timeout passes is an ERROR group span (RECOVERABLE, the timeout's
+    message, an exception event with it) whose children are cancelled, naming the
+    timeout; its retry is a sibling group span."""
+    calls: list[str] = []
+
+    def hanging_once(node_id: str, out: type[BaseModel]) -> Any:
+        @stroma_node(node_id, contract(node_id, Num, out))
+        async def fn(state: Num) -> dict[str, int]:
+            calls.append(node_id)
+            if calls.count(node_id) == 1:
+                await anyio.sleep_forever()
+            return {node_id: state.value}
+
+        return fn
+
+    group = parallel(hanging_once("left", Left), hanging_once("right", Right))
+    step = group.step_id
+    runner = StromaRunner.quick(policy_map=retries(1)).with_node_timeouts({step: 20})
+    runner.with_tracing(telemetry.tracer_provider, telemetry.meter_provider)
+    result = await runner.run([group], Num(value=5))
+
+    assert result.status is RunStatus.COMPLETED
+    message = f"{step!r} timed out after 20 ms and was cancelled"
+    run_id = result.run_id
+
+    def child(node_id: str, index: int, attempt: int, status: str, outcome: str) -> Any:
+        return node(f"stroma node {node_id}", status, {
+            RUN_ID: run_id, NODE_ID: node_id, ATTEMPT: attempt, CHILD_INDEX: index,
+            OUTCOME: outcome,
+        })
+
+    cancelled = "ERROR: cancelled: the group's timeout passed"
+    assert telemetry.tree() == [node("stroma run", "OK", ran(result, telemetry), [], [
+        node(f"stroma parallel {step}", f"ERROR: {message}", {
+            RUN_ID: run_id, NODE_ID: step, ATTEMPT: 1, TIMEOUT_MS: 20,
+            FAILURE_CLASS: "RECOVERABLE", FAILURE_MESSAGE: message, OUTCOME: "failed",
+        }, [("exception", {"exception.message": message})], [
+            child("left", 0, 1, cancelled, "cancelled"),
+            child("right", 1, 1, cancelled, "cancelled"),
+        ]),
+        node(f"stroma parallel {step}", "OK", {
+            RUN_ID: run_id, NODE_ID: step, ATTEMPT: 2, TIMEOUT_MS: 20, OUTCOME: "succeeded",
+        }, [], [
+            child("left", 0, 2, "OK", "succeeded"),
+            child("right", 1, 2, "OK", "succeeded"),
+        ]),
+    ])]
+    assert_nested_in_time(telemetry)
