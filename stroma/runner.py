@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -317,8 +318,15 @@ def _traced(config: RunConfig, machine: MachineConfig, world: Collaborators, pla
         return None
     from interpreters.otel import RunTracer
 
-    return RunTracer.start(tracing, run_id=machine.run_id, started_at=machine.started_at,
-                           clock=world.clock, hooks=machine.hooks, plan=plan)
+    try:
+        return RunTracer.start(tracing, run_id=machine.run_id, started_at=machine.started_at,
+                               clock=world.clock, hooks=machine.hooks, plan=plan)
+    except Exception as exc:  # tracing never stops a run: it goes on untraced
+        logging.getLogger("stroma").warning(
+            "[run %s] tracing could not start (%r); the run goes on untraced",
+            machine.run_id, exc,
+        )
+        return None
 
 
 def _initial_state_error(value: object, schema: type[BaseModel] | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 import stroma  # before interpreters.simulate, which imports stroma's modules
 from interpreters.simulate import DEFAULT_START, VirtualClock, simulate
@@ -347,3 +348,43 @@ async def test_a_fan_out_cut_short_and_resumed_shows_every_child(
         (f"stroma child {step}[1]", "OK", "succeeded",
          [("stroma node first", "OK"), ("stroma node second", "OK")]),
     ]
+
+
+class Faulty(SpanProcessor):
+    """A span processor that raises when a span whose name starts with ``prefix`` starts
+    (a broken processor or exporter of the application's SDK)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if span.name.startswith(self.prefix):
+            raise RuntimeError(f"processor broke on {span.name}")
+
+
+@pytest.mark.parametrize("prefix", ["stroma run", "stroma node"])
+async def test_a_broken_sdk_changes_nothing_in_the_run(
+    anyio_backend: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the SDK raises making the run's span (the run goes on untraced) or an
+    attempt's span (the run goes on), the run's result is what it is untraced, and the
+    problem is logged as a warning."""
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(Faulty(prefix))
+    calls: list[int] = []
+
+    @stroma_node("n", contract("n", Num, Num))
+    async def n(state: Num) -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("once")
+        return {"value": state.value + 1}
+
+    runner = StromaRunner.quick(policy_map=retries(1)).with_tracing(provider)
+    result = await runner.run([n], Num(value=1))
+
+    assert result.status is RunStatus.COMPLETED and result.final_state == Num(value=2)
+    assert [(e.attempt, e.failure is None) for e in result.trace] == [(1, False), (2, True)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"processor broke on {prefix}" in w for w in warnings)
+    provider.shutdown()
