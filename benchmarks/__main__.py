@@ -6,7 +6,7 @@ survives a noisy machine better than an absolute time.
 
 from __future__ import annotations
 
-from benchmarks import fanout, filestore, machine, overhead, replay, stores
+from benchmarks import fanout, filestore, machine, overhead, replay, stores, tracing
 
 
 def main() -> None:
@@ -17,6 +17,7 @@ def main() -> None:
         ("replay and memory", replay.main),
         ("fan-out (ratio <= 3)", fanout.main),
         ("Redis and PostgreSQL stores (ratio <= 1.5)", stores.main),
+        ("tracing on vs off (OpenTelemetry SDK, dropping exporter)", tracing.main),
     ):
         print(f"\n=== {title} ===")
         run()

@@ -40,7 +40,7 @@ from interpreters.stores.memory import InMemoryStore
 from stroma.checkpoint import CheckpointManager
 from stroma.contracts import ContractRegistry
 from stroma.plan import Plan, compile_plan
-from stroma.runner import RunConfig, machine_config
+from stroma.runner import RunConfig, _traced, machine_config
 from stroma.schemas import declare_schemas
 from stroma.trace import ExecutionResult
 
@@ -140,5 +140,10 @@ async def simulate(
         manager, hooks=config.hooks, classifiers=tuple(config.classifiers),
         context=config.context, sleep=clock.backoff, clock=clock.now, timer=clock.time,
     )
-    return await run_session(compiled, initial_state, machine=machine,
-                             explicit_run_id=explicit, world=world)
+    tracer = _traced(config, machine, world, compiled)  # spans on the virtual clock
+    if tracer is None:
+        return await run_session(compiled, initial_state, machine=machine,
+                                 explicit_run_id=explicit, world=world)
+    world = attrs.evolve(world, observer=tracer)
+    return await tracer.around(run_session(compiled, initial_state, machine=machine,
+                                           explicit_run_id=explicit, world=world))

@@ -25,7 +25,7 @@ from stroma.cost import CostTracker, NodeUsage, normalize_node_return
 from stroma.errors import PlanError
 from stroma.failures import RetryBudget
 from stroma.plan import NODE_ATTR, STEP_ATTR, NodeMarker, compile_plan
-from stroma.runner import RunConfig, _is_async_callable, machine_config
+from stroma.runner import RunConfig, _is_async_callable, _traced, machine_config
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
 __all__ = ("ReliabilityContext", "StromaStep", "UnvalidatedOutput", "execute_step")
@@ -140,8 +140,14 @@ async def execute_step(
         )
     world = Collaborators(ctx.checkpoint_manager, hooks=config.hooks,
                           classifiers=tuple(config.classifiers), context=config.context)
-    result = await run_session(plan, input_state, machine=mc, explicit_run_id=False,
-                               world=world)
+    tracer = _traced(config, mc, world, plan)
+    if tracer is None:
+        result = await run_session(plan, input_state, machine=mc, explicit_run_id=False,
+                                   world=world)
+    else:
+        world = attrs.evolve(world, observer=tracer)
+        result = await tracer.around(run_session(plan, input_state, machine=mc,
+                                                 explicit_run_id=False, world=world))
     # The step's own usage: the run's totals less what it started from.
     result.total_tokens -= mc.base_tokens
     result.total_cost_usd -= mc.base_cost_usd

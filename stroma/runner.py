@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+import attrs
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import stroma.plan as _plan_module
@@ -29,6 +31,7 @@ from stroma.errors import ChildFailed, ChildFailedTerminally, LogCorrupted, Plan
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.log import EffectLog
 from stroma.machine import DEFAULT_HOOK_TIMEOUT_MS, MachineConfig, failed_child
+from stroma.otel import Tracing, tracing_of
 from stroma.plan import (
     NODE_ATTR,
     NodeMarker,
@@ -125,6 +128,9 @@ class RunConfig(BaseModel):
     seed: int | None = None
     # How long a hook may run before it is cancelled (None: no bound).
     hook_timeout_ms: float | None = DEFAULT_HOOK_TIMEOUT_MS
+    # OpenTelemetry (stroma.otel): True for the global providers, or a Tracing. Not a
+    # decision of the run: it is in neither the MachineConfig nor the log's header.
+    tracing: bool | Tracing = False
 
     @model_validator(mode="before")
     @classmethod
@@ -151,6 +157,12 @@ class RunConfig(BaseModel):
                 "context={'http': client, 'model': 'gpt-4o'}"
             )
         return value  # the same dict, by reference: nodes share it
+
+    @field_validator("tracing", mode="plain")
+    @classmethod
+    def _tracing(cls, value: Any) -> Any:
+        tracing_of(value)  # a TypeError saying what to pass, for anything else
+        return False if value is None else value
 
     @field_validator("hooks", mode="plain")
     @classmethod
@@ -291,10 +303,33 @@ async def interpret(
         manager, hooks=config.hooks, classifiers=tuple(config.classifiers),
         context=config.context, sleep=sleep if sleep is not None else anyio.sleep,
     )
-    return await run_session(
-        compiled, initial_state, machine=machine_config(config, run_id),
-        explicit_run_id=explicit, world=world,
-    )
+    machine = machine_config(config, run_id)
+    tracer = _traced(config, machine, world, compiled)
+    if tracer is None:
+        return await run_session(compiled, initial_state, machine=machine,
+                                 explicit_run_id=explicit, world=world)
+    world = attrs.evolve(world, observer=tracer)
+    return await tracer.around(run_session(compiled, initial_state, machine=machine,
+                                           explicit_run_id=explicit, world=world))
+
+
+def _traced(config: RunConfig, machine: MachineConfig, world: Collaborators, plan: Plan) -> Any:
+    """The run's OpenTelemetry observer when ``config.tracing`` is on (its span starts
+    now), else None: with tracing off nothing is imported, looked up or made."""
+    tracing = tracing_of(config.tracing)
+    if tracing is None:
+        return None
+    from interpreters.otel import RunTracer
+
+    try:
+        return RunTracer.start(tracing, run_id=machine.run_id, started_at=machine.started_at,
+                               clock=world.clock, hooks=machine.hooks, plan=plan)
+    except Exception as exc:  # tracing never stops a run: it goes on untraced
+        logging.getLogger("stroma").warning(
+            "[run %s] tracing could not start (%r); the run goes on untraced",
+            machine.run_id, exc,
+        )
+        return None
 
 
 def _initial_state_error(value: object, schema: type[BaseModel] | None) -> str:
@@ -567,6 +602,20 @@ class StromaRunner:
 
     def with_hooks(self, hooks: NodeHooks) -> StromaRunner:
         return self._update(hooks=hooks)
+
+    def with_tracing(
+        self, tracer_provider: Any = None, meter_provider: Any = None
+    ) -> StromaRunner:
+        """Trace every run with OpenTelemetry (see ``stroma.otel``): a span per run, per
+        node attempt and per fan-out child, and metrics; ``None`` uses the global
+        provider. Needs ``opentelemetry-api`` (``pip install 'stroma[otel]'``); without
+        it this raises ImportError saying so."""
+        import interpreters.otel  # noqa: F401  (the optional extra: say how to install it)
+
+        tracing: bool | Tracing = True
+        if tracer_provider is not None or meter_provider is not None:
+            tracing = Tracing(tracer_provider, meter_provider)
+        return self._update(tracing=tracing)
 
     def with_context(self, context: dict[str, Any]) -> StromaRunner:
         return self._update(context=context)
