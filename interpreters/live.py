@@ -32,7 +32,15 @@ from stroma.failures import NodeContext, check_verdict
 from stroma.machine import child_fails, error_info
 from stroma.plan import Choose, NodeStep, Plan
 
-__all__ = ("Collaborators", "LivePerformer", "RunLogger", "RunObserver", "single_error")
+__all__ = (
+    "Collaborators",
+    "HookGuard",
+    "HookTimedOut",
+    "LivePerformer",
+    "RunLogger",
+    "RunObserver",
+    "single_error",
+)
 
 _log = logging.getLogger("stroma")
 
@@ -124,6 +132,7 @@ class LivePerformer:
         world: Collaborators,
         recorder: Any,
         prefilled: Mapping[int, tuple[Any, Any]] | None = None,
+        hook_timeout_ms: int | None = None,
     ) -> None:
         self.plan = plan
         self.run_id = run_id
@@ -152,6 +161,13 @@ class LivePerformer:
                     save_sync(rid, eff.node_id, eff.state)
             self.commit_now = commit_now
         self.hooks = world.hooks
+        # Hooks are bounded by one watchdog per run (see HookGuard), when there are hooks.
+        self.guard: HookGuard | None = None
+        if hook_timeout_ms is not None and world.hooks is not None and any(
+            getattr(world.hooks, f"on_node_{kind}", None) is not None
+            for kind in ("start", "success", "failure")
+        ):
+            self.guard = HookGuard(hook_timeout_ms)
         self.classifiers = tuple(world.classifiers)
         self.context = world.context
         self.now = _now_utc if world.clock is _utc_now else world.clock
@@ -287,7 +303,7 @@ class LivePerformer:
         if world.observer is not None:  # the child's records are told to its own observer
             world = attrs.evolve(world, observer=world.observer.child(call, started))
         performer = LivePerformer(call.plan, run_id=self.run_id, world=world,
-                                  recorder=recorder)
+                                  recorder=recorder, hook_timeout_ms=call.config.hook_timeout_ms)
         assert call.input is not None
         result = await run(call.plan, call.input, call.config, recorder, performer,
                            prior=call.records)
@@ -355,17 +371,13 @@ class LivePerformer:
             else:
                 assert eff.error is not None
                 call = fn(self.run_id, eff.node_id, eff.error.exception(), eff.failure)
-            await _bounded(call, eff.timeout_ms)
-        except TimeoutError:
-            self.log.warning(
-                "hook on_node_%s for node %r (attempt %d) did not return within %d ms and "
-                "was cancelled; the run goes on", eff.kind, eff.node_id, eff.attempt,
-                eff.timeout_ms,
-            )
-            return fx.HookFired(error_info(TimeoutError(
-                f"hook on_node_{eff.kind} did not return within {eff.timeout_ms} ms and was "
-                "cancelled"
-            )))
+            guard = self.guard
+            if guard is None or eff.timeout_ms is None:
+                await call
+            else:
+                await guard.bounded(call, eff.timeout_ms)
+        except HookTimedOut:
+            raise  # the loop leaves the cancelled scope, then answers with hook_timed_out
         except Exception as exc:
             self.log.warning(
                 "hook on_node_%s raised for node %r (attempt %d): %r; the run goes on",
@@ -373,6 +385,17 @@ class LivePerformer:
             )
             return fx.HookFired(error_info(exc))
         return fx.HookFired()
+
+    def hook_timed_out(self, eff: fx.FireHook) -> fx.HookFired:
+        """The answer to a hook the guard cancelled at its deadline."""
+        self.log.warning(
+            "hook on_node_%s for node %r (attempt %d) did not return within %d ms and was "
+            "cancelled; the run goes on", eff.kind, eff.node_id, eff.attempt, eff.timeout_ms,
+        )
+        return fx.HookFired(error_info(TimeoutError(
+            f"hook on_node_{eff.kind} did not return within {eff.timeout_ms} ms and was "
+            "cancelled"
+        )))
 
     async def classify(self, eff: fx.ClassifyFailure) -> fx.FailureClassified:
         """Ask the classifiers in order until one answers; a classifier that raises or
@@ -406,15 +429,53 @@ class LivePerformer:
         return fx.Slept(eff.seconds)
 
 
-async def _bounded(call: Any, timeout_ms: int | None) -> None:
-    """Await a hook's coroutine, cancelled after ``timeout_ms`` (a TimeoutError then)."""
-    if timeout_ms is None:
-        await call
-        return
-    with anyio.CancelScope(deadline=anyio.current_time() + timeout_ms / 1000) as scope:
-        await call
-    if scope.cancelled_caught:
-        raise TimeoutError
+class HookTimedOut(Exception):
+    """The hook in flight passed its deadline and was cancelled (raised out of the run's
+    hook scope, which the live loop then replaces)."""
+
+
+class HookGuard:
+    """Bounds a run's hooks without a cancel scope (and its timer) per hook call.
+
+    The live loop runs inside one cancel scope (``scope``), made again only after a hook
+    timed out. Before a hook is awaited its deadline is set here; a watchdog task, waking
+    every quarter of the hook timeout, cancels the scope when the hook in flight is past
+    its deadline: the hook is cancelled where it waits, and ``fire_hook`` answers
+    ``HookFired`` with the timeout. A hook is so cancelled between its deadline and a
+    quarter of its timeout later.
+    """
+
+    __slots__ = ("deadline", "fired", "poll", "scope")
+
+    def __init__(self, timeout_ms: int) -> None:
+        self.poll = max(timeout_ms / 4000, 0.001)
+        self.deadline: float | None = None
+        self.fired = False
+        self.scope: anyio.CancelScope | None = None
+
+    async def watch(self) -> None:
+        while True:
+            await anyio.sleep(self.poll)
+            deadline = self.deadline
+            if deadline is not None and anyio.current_time() >= deadline:
+                self.fired = True
+                self.deadline = None
+                assert self.scope is not None
+                self.scope.cancel()
+
+    async def bounded(self, call: Any, timeout_ms: int) -> None:
+        """Await a hook's coroutine; HookTimedOut when the watchdog cancelled it."""
+        self.deadline = anyio.current_time() + timeout_ms / 1000
+        try:
+            await call
+        except anyio.get_cancelled_exc_class():
+            if self.fired:
+                raise HookTimedOut from None
+            raise
+        finally:
+            self.deadline = None
+        if self.fired:  # the hook swallowed its cancellation: leave the cancelled scope
+            raise HookTimedOut
 
 
 def _fresh(state: Any) -> Any:

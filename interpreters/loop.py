@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel
 
+from interpreters.live import HookTimedOut
 from interpreters.replay import replay_records
 from stroma import effects as fx
 from stroma.errors import StromaError
@@ -144,14 +145,49 @@ async def run_live(
     """Run the machine to its Finish, performing its effects live (and telling the run's
     observer, if it has one, of every record and of how the run ended)."""
     observer = performer.world.observer
+    told = None if observer is None else _Told(observer, performer)
+    run = _run_live if performer.guard is None else _run_guarded
     if observer is None:
-        return await _run_live(state, effects, recorder, performer, None)
+        return await run(state, effects, recorder, performer, None)
     try:
-        result = await _run_live(state, effects, recorder, performer, _Told(observer, performer))
+        result = await run(state, effects, recorder, performer, told)
     except BaseException as exc:
         _tell(performer, observer.ended, None, exc)
         raise
     _tell(performer, observer.ended, recorder.log.finish, None)
+    return result
+
+
+async def _run_guarded(
+    state: RunState, effects: Sequence[Any], recorder: Recorder, performer: Any,
+    told: _Told | None,
+) -> ExecutionResult:
+    """The live loop with its hooks bounded by the performer's ``HookGuard``: the loop runs
+    in the guard's cancel scope, with the guard's watchdog beside it; a hook cancelled at
+    its deadline is answered with the timeout, and the loop goes on in a new scope."""
+    guard = performer.guard
+    result: ExecutionResult | None = None
+    failure: BaseException | None = None
+    first: Any = None  # the event answering the first effect (a hook that timed out)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(guard.watch)
+        try:
+            while result is None:
+                with anyio.CancelScope() as scope:
+                    guard.scope, guard.fired = scope, False
+                    try:
+                        result = await _run_live(state, effects, recorder, performer, told,
+                                                 first)
+                    except HookTimedOut:
+                        state, hook = performer.at
+                        effects, first = [hook], performer.hook_timed_out(hook)
+        except BaseException as exc:  # re-raised below, outside the task group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    assert result is not None
     return result
 
 
@@ -177,9 +213,12 @@ def _tell(performer: Any, fn: Any, *args: Any) -> None:
 
 async def _run_live(
     state: RunState, effects: Sequence[Any], recorder: Recorder, performer: Any,
-    told: _Told | None,
+    told: _Told | None, first: Any = None,
 ) -> ExecutionResult:
+    """The loop. ``first``, when given, is the answer to the first effect that needs one
+    (it was performed already: a hook cut off at its deadline)."""
     items = recorder.log.records.items
+    guarded = performer.guard is not None
     table = performer.table
     commit = performer.commit
     commit_now = performer.commit_now  # (a synchronous store: no coroutine per commit)
@@ -217,12 +256,17 @@ async def _run_live(
             raise StromaError(
                 f"the machine emitted no effect to perform in {state.phase.value!r}"
             )
-        event = await table[type(pending)](pending)
+        if first is not None:
+            event, first = first, None
+        else:
+            if guarded and type(pending) is fx.FireHook:
+                performer.at = (state, pending)  # where to go on if the hook times out
+            event = await table[type(pending)](pending)
         state, effects = advance(state, event)
         if type(event) is fx.NodeReturned:
-            first = effects[0] if effects else None
-            if type(first) is fx.Commit:  # the output kept its contract: the Commit's text
-                answer: Any = ("NodeReturned", (first.output_state, first.schema),
+            head = effects[0] if effects else None
+            if type(head) is fx.Commit:  # the output kept its contract: the Commit's text
+                answer: Any = ("NodeReturned", (head.output_state, head.schema),
                                event.started_at, event.duration_ms, event.input_tokens,
                                event.output_tokens, event.model)
             else:

@@ -310,7 +310,8 @@ async def _session(
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True
         performer = LivePerformer(plan, run_id=run_id, world=world, recorder=recorder,
-                                  prefilled=prefilled)
+                                  prefilled=prefilled,
+                                  hook_timeout_ms=state.config.hook_timeout_ms)
         return await run_live(state, effects, recorder, performer)
 
 
