@@ -77,7 +77,14 @@ def _diverged(index: int, recorded: Any, new: Any) -> NondeterminismError:
 def _same(effect: Any, atoms: tuple[Any, ...]) -> bool:
     """Whether an emitted effect is the recorded one: by atoms first (C-level tuple
     equality), then by value (a format 1 record, states written differently)."""
-    if encode_effect(effect) == atoms:
+    t = type(effect)
+    if t is fx.CallNode:
+        if atoms[1:] == effect[:4] and atoms[0] == "CallNode":
+            return True
+    elif t is fx.Commit:
+        if atoms[1:] == effect[:8] and atoms[0] == "Commit":
+            return True
+    elif encode_effect(effect) == atoms:
         return True
     if type(effect) is fx.Finish:
         recorded = decode_effect(atoms)

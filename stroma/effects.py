@@ -128,8 +128,7 @@ class ErrorInfo:
         return RuntimeError(self.message)
 
 
-@attrs.frozen
-class Validated:
+class Validated(NamedTuple):
     """A node's output as the JSON text of a state that kept its contract ``schema``.
 
     A replayed ``NodeReturned`` carries its output this way: the log recorded it only

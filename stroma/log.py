@@ -385,11 +385,19 @@ def decode_effect(atoms: tuple[Any, ...]) -> Any:
     return cls(**kw)
 
 
+_tuple_new = tuple.__new__
+
+
 def decode_event(atoms: tuple[Any, ...] | None) -> Any:
     """The event an atoms tuple stands for (None for an effect that needs no answer)."""
     if atoms is None:
         return None
     name = atoms[0]
+    if name == "NodeReturned":  # the common case, decoded directly
+        text, schema = atoms[1]
+        output = (_tuple_new(fx.Validated, (text, schema)) if schema is not None
+                  else _parse_json(text))
+        return _tuple_new(fx.NodeReturned, (output, *atoms[2:]))
     cls = _CLASSES[name]
     if cls is None:
         return None
