@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import attrs
 from pydantic import BaseModel
 
 from interpreters.replay import replay_records
@@ -33,6 +34,7 @@ from stroma.log import (
     is_attempt,
     returned_atoms,
     trace_of,
+    unwritable,
 )
 from stroma.machine import MachineConfig, RunState, advance, start
 from stroma.plan import Plan
@@ -167,7 +169,7 @@ class _Told:
 def _tell(performer: Any, fn: Any, *args: Any) -> None:
     try:
         fn(*args)
-    except Exception as exc:  # noqa: BLE001 - an observer never changes the run
+    except Exception as exc:  # an observer never changes the run
         performer.log.warning("the run's observer raised %r; the run goes on", exc)
 
 
@@ -210,17 +212,50 @@ async def _run_live(
                 f"the machine emitted no effect to perform in {state.phase.value!r}"
             )
         event = await table[type(pending)](pending)
+        before = state
         state, effects = advance(state, event)
         if type(event) is fx.NodeReturned:
             first = effects[0] if effects else None
-            valid = (first.output_state, first.schema) if type(first) is fx.Commit else None
-            items.append(((
-                "CallNode", pending.node_id, pending.attempt, pending.timeout_ms, pending.model,
-            ), returned_atoms(event, valid)))
+            if type(first) is fx.Commit:
+                atoms = returned_atoms(event, (first.output_state, first.schema))
+            else:
+                atoms = returned_atoms(event, None)
+                error = unwritable(atoms)
+                if error is not None:
+                    # The log cannot hold what the node returned: the machine decides on
+                    # what it records (an error), so that replay decides the same.
+                    event = attrs.evolve(event, output=error)
+                    state, effects = advance(before, event)
+            items.append((
+                ("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
+                 pending.model), atoms,
+            ))
         else:
-            items.append((encode_effect(pending), encode_event(event)))
+            atoms = encode_event(event)
+            if type(event) is fx.ParallelReturned:
+                marked = _unwritable_children(event, atoms)
+                if marked is not None:
+                    event = marked
+                    state, effects = advance(before, event)
+            items.append((encode_effect(pending), atoms))
         if told is not None:
             told(pending, event)
+
+
+def _unwritable_children(
+    event: fx.ParallelReturned, atoms: tuple[Any, ...]
+) -> fx.ParallelReturned | None:
+    """The group's answer with each child output that the log cannot hold replaced by its
+    error (None when the log holds them all)."""
+    outcomes: list[Any] = list(event.outcomes)
+    changed = False
+    for k, child in enumerate(atoms[3]):
+        if child[0] == "NodeReturned":
+            error = unwritable(child)
+            if error is not None and type(outcomes[k].output) is not fx.ErrorInfo:
+                outcomes[k] = attrs.evolve(outcomes[k], output=error)
+                changed = True
+    return attrs.evolve(event, outcomes=tuple(outcomes)) if changed else None
 
 
 def resume_marker(records: RecordList) -> ResumeMarker:

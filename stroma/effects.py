@@ -385,7 +385,8 @@ Effect = (
 @attrs.frozen
 class NodeReturned:
     """A node returned. ``output`` is what it returned, its usage already split off (or a
-    ``Validated`` output, when replayed from a log)."""
+    ``Validated`` output, when replayed from a log; or an ``ErrorInfo`` when what it
+    returned cannot be written as JSON, which fails the attempt)."""
 
     output: Any = attrs.field(eq=False)
     started_at: datetime
