@@ -31,7 +31,7 @@ from interpreters.stores.file import LOG_NAME, FileStore
 from stroma import EffectLog, StromaError, replay
 from stroma import cli as stroma_cli
 from stroma.checkpoint import InMemoryStore
-from stroma.errors import LogCorrupted
+from stroma.errors import LogCorrupted, NondeterminismError
 from stroma.runner import RunConfig, interpret
 from tests.faults.damaged import (
     HOWS,
@@ -414,3 +414,58 @@ def test_show_and_replay_of_a_damaged_run_are_one_line_errors(
         assert out.stderr.startswith("stroma: error: ") and out.stdout == "", out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
         assert needle in out.stderr and LOG_NAME in out.stderr, out.stderr
+
+
+def _edit(text: str, k: int, edit: Any) -> str:
+    lines = text.splitlines()
+    obj = json.loads(lines[k])
+    edit(obj)
+    lines[k] = dumps(obj)
+    return "\n".join(lines) + "\n"
+
+
+def _first(text: str, needle: str) -> int:
+    return next(k for k, line in enumerate(text.splitlines()) if needle in line)
+
+
+def _last(text: str, needle: str) -> int:
+    return max(k for k, line in enumerate(text.splitlines()) if needle in line)
+
+
+FOUND = {
+    # The header's resume_from names no step: the machine finishes at once, where the log
+    # has a CallNode (this raised AttributeError: 'CallNode' object has no attribute ...).
+    "resume_from that is not a step": ("branch", lambda t: _edit(
+        t, 0, lambda o: o["config"].__setitem__("resume_from", "nowhere")),
+        NondeterminismError),
+    # The last node's output, which the log says kept its contract, null: ValidationError
+    # from the machine making the final state.
+    "a valid output that is null": ("retries", lambda t: _edit(
+        t, _last(t, '"valid"'), lambda o: o["event"].__setitem__("output", None)),
+        LogCorrupted),
+    # A sub-plan child's recorded output that does not fit: ValidationError.
+    "a sub-plan output that does not fit": ("maps", lambda t: _edit(
+        t, _first(t, '"t":"PlanFinished"'), lambda o: o["event"].__setitem__("output", {})),
+        LogCorrupted),
+    # A backoff or a duration no datetime can add: OverflowError from the machine.
+    "a backoff of 2**64 seconds": ("retries", lambda t: _edit(
+        t, _first(t, '"t":"Slept"'), lambda o: o["event"].__setitem__("seconds", 2**64)),
+        LogCorrupted),
+    "a duration of 2**64 ms": ("budget", lambda t: _edit(
+        t, _first(t, '"node_id":"spend1"'),
+        lambda o: o["event"].__setitem__("duration_ms", 2**64)), LogCorrupted),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOUND))
+async def test_damage_the_fuzz_found_is_a_stroma_error(
+    anyio_backend: str, corpus: dict[str, Recorded], case: str
+) -> None:
+    """Damage that made replay raise AttributeError, ValidationError or OverflowError is a
+    NondeterminismError or a LogCorrupted naming the record."""
+    name, damage, expected = FOUND[case]
+    text = damage(corpus[name].text)
+    with pytest.raises(expected) as caught:
+        await replay(SPECS[name].build(False), EffectLog.from_jsonl(text))
+    if expected is LogCorrupted:
+        assert "record " in str(caught.value) and "cannot take" in str(caught.value)
