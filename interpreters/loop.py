@@ -26,6 +26,7 @@ from stroma.log import (
     LogHeader,
     RecordList,
     ResumeMarker,
+    approximate_output,
     encode_effect,
     encode_event,
     encode_header,
@@ -36,7 +37,7 @@ from stroma.log import (
     trace_of,
     unwritable,
 )
-from stroma.machine import MachineConfig, RunState, advance, start
+from stroma.machine import MachineConfig, Out, RunState, advance, start
 from stroma.plan import Plan
 from stroma.trace import ExecutionResult, ExecutionTrace
 
@@ -222,10 +223,11 @@ async def _run_live(
                 atoms = returned_atoms(event, None)
                 error = unwritable(atoms)
                 if error is not None:
-                    # The log cannot hold what the node returned: the machine decides on
-                    # what it records (an error), so that replay decides the same.
-                    event = attrs.evolve(event, output=error)
-                    state, effects = advance(before, event)
+                    event, (state, effects) = _recordable(
+                        before, (state, effects), attrs.evolve(event, output=error),
+                        _near(event),
+                    )
+                    atoms = returned_atoms(event, None)
             items.append((
                 ("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
                  pending.model), atoms,
@@ -235,27 +237,58 @@ async def _run_live(
             if type(event) is fx.ParallelReturned:
                 marked = _unwritable_children(event, atoms)
                 if marked is not None:
-                    event = marked
-                    state, effects = advance(before, event)
+                    event, (state, effects) = _recordable(
+                        before, (state, effects), *marked)
+                    atoms = encode_event(event)
             items.append((encode_effect(pending), atoms))
         if told is not None:
             told(pending, event)
 
 
+def _recordable(before: RunState, decided: Out, marked: Any, near: Any | None,
+                ) -> tuple[Any, Out]:
+    """An answer holding an output the log cannot hold exactly, made one it can: the
+    answer with that output as near as JSON gets (``near``), if the machine decides the
+    same on it (the part JSON cannot hold is one the contract ignores); else the answer
+    with the output's error (``marked``), on which the machine decides again. Either way
+    the machine decides on what the log records, so replay decides the same."""
+    if near is not None and advance(before, near) == decided:
+        return near, decided
+    return marked, advance(before, marked)
+
+
+def _near(event: fx.NodeReturned) -> fx.NodeReturned | None:
+    value = approximate_output(event.output)
+    return None if value is None else attrs.evolve(event, output=value)
+
+
 def _unwritable_children(
     event: fx.ParallelReturned, atoms: tuple[Any, ...]
-) -> fx.ParallelReturned | None:
+) -> tuple[fx.ParallelReturned, fx.ParallelReturned | None] | None:
     """The group's answer with each child output that the log cannot hold replaced by its
-    error (None when the log holds them all)."""
-    outcomes: list[Any] = list(event.outcomes)
+    error, and by its nearest JSON value (None if one has none); None when the log holds
+    them all."""
+    marked: list[Any] = list(event.outcomes)
+    near: list[Any] | None = list(event.outcomes)
     changed = False
     for k, child in enumerate(atoms[3]):
-        if child[0] == "NodeReturned":
-            error = unwritable(child)
-            if error is not None and type(outcomes[k].output) is not fx.ErrorInfo:
-                outcomes[k] = attrs.evolve(outcomes[k], output=error)
-                changed = True
-    return attrs.evolve(event, outcomes=tuple(outcomes)) if changed else None
+        if child[0] != "NodeReturned":
+            continue
+        error = unwritable(child)
+        outcome = marked[k]
+        if error is None or type(outcome.output) is fx.ErrorInfo:
+            continue
+        changed = True
+        marked[k] = attrs.evolve(outcome, output=error)
+        value = approximate_output(outcome.output)
+        if value is None:
+            near = None
+        elif near is not None:
+            near[k] = attrs.evolve(outcome, output=value)
+    if not changed:
+        return None
+    return (attrs.evolve(event, outcomes=tuple(marked)),
+            None if near is None else attrs.evolve(event, outcomes=tuple(near)))
 
 
 def resume_marker(records: RecordList) -> ResumeMarker:

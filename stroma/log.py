@@ -24,7 +24,10 @@ Format version 2 (JSON lines, UTF-8, one object per line, keys in a fixed order)
   as validated. An output that cannot be written as JSON exactly (bytes that are not
   UTF-8, nesting too deep, an object JSON has no form for) is ``"output":null`` with
   ``"unwritable"``: the StateNotSerializable error the attempt failed with (the live
-  loop has the machine decide on that, so replay decides the same). A CallParallel is
+  loop has the machine decide on that, so replay decides the same); unless what JSON
+  cannot hold is a value the contract ignores (an extra key), when the output is written
+  as near as JSON gets (an object as its repr), on which the machine decides the same
+  (see ``approximate_output``). A CallParallel is
   one line for the group (its event without the outcomes) followed by one line per child:
   ``{"i":4,"child":0,"effect":{"t":"CallNode",..},"event":{..}}``.
 * a fan-out child that finishes before its group is made durable at once as
@@ -83,6 +86,7 @@ __all__ = (
     "RecordList",
     "ResumeMarker",
     "SavedCheckpoint",
+    "approximate_output",
     "decode_effect",
     "decode_event",
     "encode_effect",
@@ -346,11 +350,11 @@ def _unwritable(output: Any, exc: BaseException) -> fx.ErrorInfo:
     )
 
 
-def _output_atom(output: Any) -> tuple[Any, Any]:
+def _output_atom(output: Any, approximate: bool = False) -> tuple[Any, Any]:
     """A node's output as the log keeps it: its JSON text, written exactly; or, when it
     cannot be (raw bytes that are not UTF-8, nesting too deep, an object JSON has no form
-    for), null and the StateNotSerializable error the attempt fails with. Nothing is
-    written approximately: replay must see what the machine saw."""
+    for), null and the StateNotSerializable error the attempt fails with (or, with
+    ``approximate``, the text ``approximate_output`` gives, when there is one)."""
     if type(output) is fx.ErrorInfo:
         return (b"null", _error_atoms(output))
     try:
@@ -360,7 +364,23 @@ def _output_atom(output: Any) -> tuple[Any, Any]:
             return (state_json(output), None)
         return (to_json(output, inf_nan_mode="constants"), None)
     except (Exception, RecursionError) as exc:
+        if approximate:
+            near = approximate_output(output)
+            if near is not None:
+                return (_json_text(near), None)
         return (b"null", _error_atoms(_unwritable(output, exc)))
+
+
+def approximate_output(output: Any) -> Any | None:
+    """An output JSON cannot hold exactly, as the JSON value nearest to it (an object as
+    its repr, a field JSON has no form for as text), or None when there is none (nesting
+    too deep). The live loop records it only where the machine decides the same on it as
+    on the output itself (a value the contract ignores), so replay decides the same."""
+    try:
+        return json.loads(json.dumps(output, separators=(",", ":"), ensure_ascii=False,
+                                     default=repr))
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def unwritable(atoms: tuple[Any, ...]) -> fx.ErrorInfo | None:
@@ -370,18 +390,19 @@ def unwritable(atoms: tuple[Any, ...]) -> fx.ErrorInfo | None:
 
 
 def returned_atoms(
-    event: fx.NodeReturned, valid: tuple[Any, str | None] | None
+    event: fx.NodeReturned, valid: tuple[Any, str | None] | None, approximate: bool = False
 ) -> tuple[Any, ...]:
     """A NodeReturned's atoms; ``valid`` is (JSON text, schema) when the output kept its
     contract (the text is then shared with the Commit that follows). An output that
-    cannot be written as JSON is kept as its error (see ``unwritable``)."""
+    cannot be written as JSON is kept as its error (see ``unwritable``), or with
+    ``approximate`` as its ``approximate_output`` when it has one."""
     output: Any
     if valid is not None:
         output = valid
     elif type(event.output) is fx.Validated:
         output = (event.output.json, event.output.schema)
     else:
-        output = _output_atom(event.output)
+        output = _output_atom(event.output, approximate)
     return ("NodeReturned", output, event.started_at, event.duration_ms,
             event.input_tokens, event.output_tokens, event.model)
 

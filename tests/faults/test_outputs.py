@@ -277,3 +277,53 @@ async def test_classifiers_and_the_failure_hook_see_a_state_not_serializable(
         (1, FailureClass.RECOVERABLE), (2, None)
     ]
     await check_log_stays_whole(plan, Num(value=1), result, store, calls, tmp_path)
+
+
+class Opaque:
+    """Something JSON has no form for (a client, a response object)."""
+
+    def __repr__(self) -> str:
+        return "<opaque client>"
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "file"])
+async def test_a_value_json_cannot_hold_in_a_field_the_contract_ignores_changes_nothing(
+    anyio_backend: str, store_kind: str, tmp_path: Path
+) -> None:
+    """A node, a map item and a parallel child returning an extra key the contract ignores
+    whose value JSON cannot hold (an object) succeed as without it; so does a node whose
+    budget stop comes with such an output (it stays a RECOVERABLE BudgetExceeded); the
+    logs read back and replay."""
+    calls = Calls()
+    node = calls.node("node", Num, Num, lambda s: {"value": s.value + 1, "raw": Opaque()})
+    item = calls.node("item", Item, Item, lambda i: {"item": i.item * 2, "raw": Opaque()})
+    left = calls.node("left", Num, Left, lambda s: {"left": s.value, "raw": Opaque()})
+
+    async def spend_body(s: Num) -> Any:
+        return {"value": s.value, "raw": Opaque()}, 60
+
+    spend = stroma_node("spend", NodeContract(node_id="spend", input_schema=Num,
+                                              output_schema=Num))(spend_body)
+    store = store_of(store_kind, tmp_path)
+    cases: dict[str, tuple[Any, BaseModel, dict[str, Any], RunStatus]] = {
+        "node": (seq(node), Num(value=1), {}, RunStatus.COMPLETED),
+        "map": (seq(map_each(item, over="items", into="outs", input=Items)),
+                Items(items=[1, 2]), {}, RunStatus.COMPLETED),
+        "parallel": (seq(parallel(left, calls.node("other", Num, Blob,
+                                                   lambda s: {"data": b"fine"}))),
+                     Num(value=3), {}, RunStatus.COMPLETED),
+        "budget": (seq(spend), Num(value=1), {"budget": {"max_tokens_total": 50}},
+                   RunStatus.PARTIAL),
+    }
+    for name, (plan, state, extra, status) in cases.items():
+        calls.forbidden = False
+        result = await interpret(plan, state, store=store, config=RunConfig(
+            run_id=f"ignored-{name}", policy_map=FAST, **extra))
+
+        assert result.status is status, (name, result.stop_reason)
+        assert unwritable_answers(result.log) == []
+        if name == "budget":  # exceeded on the attempt, then not started again
+            failures = result.trace.failures()
+            assert [e.failure for e in failures] == [FailureClass.RECOVERABLE] * 2
+            assert "budget exceeded" in (failures[0].failure_message or "")
+        await check_log_stays_whole(plan, state, result, store, calls, tmp_path)
