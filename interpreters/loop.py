@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import attrs
 from pydantic import BaseModel
 
 from interpreters.live import HookTimedOut
@@ -26,6 +27,7 @@ from stroma.log import (
     LogHeader,
     RecordList,
     ResumeMarker,
+    approximate_output,
     encode_effect,
     encode_event,
     encode_header,
@@ -34,8 +36,9 @@ from stroma.log import (
     is_attempt,
     returned_atoms,
     trace_of,
+    unwritable,
 )
-from stroma.machine import MachineConfig, RunState, advance, start
+from stroma.machine import MachineConfig, Out, RunState, advance, start
 from stroma.plan import Plan
 from stroma.trace import ExecutionResult, ExecutionTrace
 
@@ -207,7 +210,7 @@ class _Told:
 def _tell(performer: Any, fn: Any, *args: Any) -> None:
     try:
         fn(*args)
-    except Exception as exc:
+    except Exception as exc:  # an observer never changes the run
         performer.log.warning("the run's observer raised %r; the run goes on", exc)
 
 
@@ -262,22 +265,83 @@ async def _run_live(
             if guarded and type(pending) is fx.FireHook:
                 performer.at = (state, pending)  # where to go on if the hook times out
             event = await table[type(pending)](pending)
+        before = state
         state, effects = advance(state, event)
         if type(event) is fx.NodeReturned:
             head = effects[0] if effects else None
             if type(head) is fx.Commit:  # the output kept its contract: the Commit's text
-                answer: Any = ("NodeReturned", (head.output_state, head.schema),
-                               event.started_at, event.duration_ms, event.input_tokens,
-                               event.output_tokens, event.model)
+                atoms: Any = ("NodeReturned", (head.output_state, head.schema),
+                              event.started_at, event.duration_ms, event.input_tokens,
+                              event.output_tokens, event.model)
             else:
-                answer = returned_atoms(event, None)
-            items.append(((
-                "CallNode", pending.node_id, pending.attempt, pending.timeout_ms, pending.model,
-            ), answer))
+                atoms = returned_atoms(event, None)
+                error = unwritable(atoms)
+                if error is not None:
+                    event, (state, effects) = _recordable(
+                        before, (state, effects), event._replace(output=error), _near(event),
+                    )
+                    atoms = returned_atoms(event, None)
+            items.append((
+                ("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
+                 pending.model), atoms,
+            ))
         else:
-            items.append((encode_effect(pending), encode_event(event)))
+            atoms = encode_event(event)
+            if type(event) is fx.ParallelReturned:
+                marked = _unwritable_children(event, atoms)
+                if marked is not None:
+                    event, (state, effects) = _recordable(
+                        before, (state, effects), *marked)
+                    atoms = encode_event(event)
+            items.append((encode_effect(pending), atoms))
         if told is not None:
             told(pending, event)
+
+
+def _recordable(before: RunState, decided: Out, marked: Any, near: Any | None,
+                ) -> tuple[Any, Out]:
+    """An answer holding an output the log cannot hold exactly, made one it can: the
+    answer with that output as near as JSON gets (``near``), if the machine decides the
+    same on it (the part JSON cannot hold is one the contract ignores); else the answer
+    with the output's error (``marked``), on which the machine decides again. Either way
+    the machine decides on what the log records, so replay decides the same."""
+    if near is not None and advance(before, near) == decided:
+        return near, decided
+    return marked, advance(before, marked)
+
+
+def _near(event: fx.NodeReturned) -> fx.NodeReturned | None:
+    value = approximate_output(event.output)
+    return None if value is None else event._replace(output=value)
+
+
+def _unwritable_children(
+    event: fx.ParallelReturned, atoms: tuple[Any, ...]
+) -> tuple[fx.ParallelReturned, fx.ParallelReturned | None] | None:
+    """The group's answer with each child output that the log cannot hold replaced by its
+    error, and by its nearest JSON value (None if one has none); None when the log holds
+    them all."""
+    marked: list[Any] = list(event.outcomes)
+    near: list[Any] | None = list(event.outcomes)
+    changed = False
+    for k, child in enumerate(atoms[3]):
+        if child[0] != "NodeReturned":
+            continue
+        error = unwritable(child)
+        outcome = marked[k]
+        if error is None or type(outcome.output) is fx.ErrorInfo:
+            continue
+        changed = True
+        marked[k] = outcome._replace(output=error)
+        value = approximate_output(outcome.output)
+        if value is None:
+            near = None
+        elif near is not None:
+            near[k] = outcome._replace(output=value)
+    if not changed:
+        return None
+    return (attrs.evolve(event, outcomes=tuple(marked)),
+            None if near is None else attrs.evolve(event, outcomes=tuple(near)))
 
 
 def resume_marker(records: RecordList) -> ResumeMarker:

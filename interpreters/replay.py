@@ -19,12 +19,12 @@ from typing import Any
 import attrs
 
 from stroma import effects as fx
-from stroma.errors import LogCorrupted, NondeterminismError
+from stroma.errors import LogCorrupted, NondeterminismError, StromaError
 from stroma.log import RecordList, ResumeMarker, decode_effect, decode_event, encode_effect
 from stroma.machine import RunState, UnexpectedEvent, advance, start
 from stroma.trace import RunStatus
 
-__all__ = ("Replayed", "describe", "replay_records")
+__all__ = ("Replayed", "damaged", "describe", "replay_records")
 
 _OWN = (fx.Commit, fx.RecordAttempt)  # the machine's own records: no answer to feed back
 
@@ -87,6 +87,8 @@ def _same(effect: Any, atoms: tuple[Any, ...]) -> bool:
     elif encode_effect(effect) == atoms:
         return True
     if type(effect) is fx.Finish:
+        if atoms[0] != "Finish":
+            return False
         recorded = decode_effect(atoms)
         return bool(
             # (a log written before a resumed run's Finish said RESUMED says COMPLETED)
@@ -101,6 +103,28 @@ def _same(effect: Any, atoms: tuple[Any, ...]) -> bool:
     if atoms[0] != type(effect).__name__:
         return False
     return bool(decode_effect(atoms) == effect)
+
+
+# What the machine raises when a recorded event holds values no run could have recorded
+# (an output the log says kept its contract but does not, a time or duration past what a
+# datetime holds, ...): the log was altered. (UnexpectedEvent, a StromaError, is caught
+# before these.)
+_DAMAGE = (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
+           RecursionError)
+
+
+def damaged(index: int, exc: BaseException) -> StromaError:
+    """The error for a recorded event the machine cannot take (a damaged log); a stroma
+    error stays itself."""
+    if isinstance(exc, StromaError):
+        return exc
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return LogCorrupted(
+        "the effect log",
+        f"record {index}: the machine cannot take the recorded event ({type(exc).__name__}: "
+        f"{text[:200]}): the log was altered; restore it, or delete the run and start it "
+        "again",
+    )
 
 
 def replay_records(
@@ -141,6 +165,8 @@ def replay_records(
                 except UnexpectedEvent as e:
                     raise NondeterminismError(i - 1 + offset, "resumed", describe(eff),
                                               str(e)) from None
+                except _DAMAGE as e:
+                    raise damaged(i - 1 + offset, e) from None
                 work = [*work[:k], *new]
                 continue
             recorded, answer = item
@@ -185,6 +211,8 @@ def replay_records(
         except UnexpectedEvent as e:
             raise NondeterminismError(i - 1 + offset, repr(event), "(no such event)",
                                       str(e)) from None
+        except _DAMAGE as e:
+            raise damaged(i - 1 + offset, e) from None
 
 
 def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None:
@@ -217,7 +245,11 @@ def _verify_children(eff: fx.CallParallel, event: Any, index: int) -> None:
             # differ once a state was rebuilt from its JSON).
             final_state = done.finish.final_state
             final = final_state.model_dump(mode="json")
-            recorded = type(final_state).model_validate(outcome.output).model_dump(mode="json")
+            try:
+                recorded = type(final_state).model_validate(outcome.output).model_dump(
+                    mode="json")
+            except _DAMAGE as e:
+                raise damaged(index, e) from None
             if final != recorded:
                 raise NondeterminismError(
                     index, f"{call.child_id} output {recorded!r}",

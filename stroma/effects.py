@@ -403,7 +403,9 @@ Effect = (
 
 class NodeReturned(NamedTuple):
     """A node returned. ``output`` is what it returned, its usage already split off (or a
-    ``Validated`` output, when replayed from a log); it takes no part in comparisons."""
+    ``Validated`` output, when replayed from a log; or an ``ErrorInfo`` when what it
+    returned cannot be written as JSON, which fails the attempt); it takes no part in
+    comparisons."""
 
     output: Any
     started_at: datetime

@@ -21,8 +21,14 @@ Format version 2 (JSON lines, UTF-8, one object per line, keys in a fixed order)
   node's success is two records: its call with the answer, and its ``Commit`` (the
   attempt's trace record and checkpoint). A ``NodeReturned`` whose output kept its
   contract says so with ``"valid"`` (the schema it kept); replay then takes the output
-  as validated. A CallParallel is one line for the group (its event without the
-  outcomes) followed by one line per child:
+  as validated. An output that cannot be written as JSON exactly (bytes that are not
+  UTF-8, nesting too deep, an object JSON has no form for) is ``"output":null`` with
+  ``"unwritable"``: the StateNotSerializable error the attempt failed with (the live
+  loop has the machine decide on that, so replay decides the same); unless what JSON
+  cannot hold is a value the contract ignores (an extra key), when the output is written
+  as near as JSON gets (an object as its repr), on which the machine decides the same
+  (see ``approximate_output``). A CallParallel is
+  one line for the group (its event without the outcomes) followed by one line per child:
   ``{"i":4,"child":0,"effect":{"t":"CallNode",..},"event":{..}}``.
 * a fan-out child that finishes before its group is made durable at once as
   ``{"i":k,"partial":j,"effect":{..},"event":{..}}`` (k: the group's future index, j: the
@@ -80,6 +86,7 @@ __all__ = (
     "RecordList",
     "ResumeMarker",
     "SavedCheckpoint",
+    "approximate_output",
     "decode_effect",
     "decode_event",
     "encode_effect",
@@ -90,6 +97,7 @@ __all__ = (
     "is_attempt",
     "returned_atoms",
     "trace_of",
+    "unwritable",
 )
 
 FORMAT_VERSION = 2
@@ -146,7 +154,9 @@ _CL, _OCL = "class", "opt_class"
 _STATUS = "status"
 _CALLS, _OUTCOMES, _RECORDS = "calls", "outcomes", "records"
 _INTS, _ANSWERS = "ints", "answers"
-_OUTPUT = "output"  # NodeReturned.output: (JSON text, schema ref if validated)
+# NodeReturned.output: (JSON text, the schema ref if validated, or the error atoms of an
+# output that cannot be written as JSON, with the text null)
+_OUTPUT = "output"
 
 _SPEC: dict[str, tuple[tuple[str, str], ...]] = {
     "CallNode": (("node_id", _S), ("attempt", _I), ("timeout_ms", _OI), ("model", _OS)),
@@ -320,18 +330,89 @@ def encode_effect(effect: Any) -> tuple[Any, ...]:
     return fast(effect) if fast is not None else _generic_atoms(effect)
 
 
+_UNWRITABLE_NAMES = ("stroma.errors.StateNotSerializable", "stroma.errors.StromaError",
+                     "builtins.Exception", "builtins.BaseException", "builtins.object")
+
+
+def _unwritable(output: Any, exc: BaseException) -> fx.ErrorInfo:
+    """Why a node's output cannot be written as JSON, naming the field at fault."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, RecursionError) or "depth" in text:
+        what = "nested too deeply"
+    else:
+        what = f"{type(exc).__name__}: {text}".rstrip(": ")
+    fields: Any = ()
+    if isinstance(output, dict):
+        fields = output.items()
+    elif hasattr(output, "__pydantic_serializer__"):
+        fields = ((name, getattr(output, name, None)) for name in type(output).model_fields)
+    where = "it"
+    for name, value in fields:
+        try:
+            to_json(value, inf_nan_mode="constants")
+        except (Exception, RecursionError):
+            where = f"field {name!r}"
+            break
+    return fx.ErrorInfo(
+        _UNWRITABLE_NAMES,
+        f"the output cannot be stored: {where} cannot be written as JSON ({what}); return "
+        "values JSON can hold (text, not raw bytes; base64-encode binary data)",
+    )
+
+
+def _output_atom(output: Any, approximate: bool = False) -> tuple[Any, Any]:
+    """A node's output as the log keeps it: its JSON text, written exactly; or, when it
+    cannot be (raw bytes that are not UTF-8, nesting too deep, an object JSON has no form
+    for), null and the StateNotSerializable error the attempt fails with (or, with
+    ``approximate``, the text ``approximate_output`` gives, when there is one)."""
+    if type(output) is fx.ErrorInfo:
+        return (b"null", _error_atoms(output))
+    try:
+        if hasattr(output, "__pydantic_serializer__"):
+            from stroma.schemas import state_json
+
+            return (state_json(output), None)
+        return (to_json(output, inf_nan_mode="constants"), None)
+    except (Exception, RecursionError) as exc:
+        if approximate:
+            near = approximate_output(output)
+            if near is not None:
+                return (_json_text(near), None)
+        return (b"null", _error_atoms(_unwritable(output, exc)))
+
+
+def approximate_output(output: Any) -> Any | None:
+    """An output JSON cannot hold exactly, as the JSON value nearest to it (an object as
+    its repr, a field JSON has no form for as text), or None when there is none (nesting
+    too deep). The live loop records it only where the machine decides the same on it as
+    on the output itself (a value the contract ignores), so replay decides the same."""
+    try:
+        return json.loads(json.dumps(output, separators=(",", ":"), ensure_ascii=False,
+                                     default=repr))
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def unwritable(atoms: tuple[Any, ...]) -> fx.ErrorInfo | None:
+    """The error of a NodeReturned's atoms whose output could not be written as JSON."""
+    error = atoms[1][1]
+    return fx.ErrorInfo(error[1], error[2]) if type(error) is tuple else None
+
+
 def returned_atoms(
-    event: fx.NodeReturned, valid: tuple[Any, str | None] | None
+    event: fx.NodeReturned, valid: tuple[Any, str | None] | None, approximate: bool = False
 ) -> tuple[Any, ...]:
     """A NodeReturned's atoms; ``valid`` is (JSON text, schema) when the output kept its
-    contract (the text is then shared with the Commit that follows)."""
+    contract (the text is then shared with the Commit that follows). An output that
+    cannot be written as JSON is kept as its error (see ``unwritable``), or with
+    ``approximate`` as its ``approximate_output`` when it has one."""
     output: Any
     if valid is not None:
         output = valid
     elif type(event.output) is fx.Validated:
         output = (event.output.json, event.output.schema)
     else:
-        output = (_state_bytes(event.output), None)
+        output = _output_atom(event.output, approximate)
     return ("NodeReturned", output, event.started_at, event.duration_ms,
             event.input_tokens, event.output_tokens, event.model)
 
@@ -369,6 +450,8 @@ def _from_atom(kind: str, value: Any) -> Any:
         )
     if kind == _OUTPUT:
         text, schema = value
+        if type(schema) is tuple:  # the output could not be written: its error
+            return fx.ErrorInfo(schema[1], schema[2])
         return fx.Validated(text, schema) if schema is not None else _parse_json(text)
     return value
 
@@ -573,7 +656,10 @@ def _json_atoms(atoms: tuple[Any, ...] | None, skip: tuple[str, ...] = ()) -> st
             continue
         parts.append(',"' + f + '":' + _json_atom(kind, value))
         if kind == _OUTPUT and value[1] is not None:
-            parts.append(',"valid":' + _dumps(value[1]))
+            if type(value[1]) is tuple:
+                parts.append(',"unwritable":' + _json_atom(_ER, value[1]))
+            else:
+                parts.append(',"valid":' + _dumps(value[1]))
     parts.append("}")
     return "".join(parts)
 
@@ -793,6 +879,10 @@ def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tu
         valid = _read(_S, value["valid"], f"{path}.valid", run_id)
         k = _POS["NodeReturned"]["output"]
         atoms[k] = (atoms[k][0], valid)
+    elif name == "NodeReturned" and "unwritable" in value:
+        error = _read(_ER, value["unwritable"], f"{path}.unwritable", run_id)
+        k = _POS["NodeReturned"]["output"]
+        atoms[k] = (b"null", error)
     if name == "FailureClassified" and "failure" in value and "answers" not in value:
         failure = _read(_OCL, value["failure"], f"{path}.failure", run_id)  # format 1
         atoms[1] = (failure,)

@@ -47,9 +47,11 @@ attempt without calling the node (after the start hook, which every attempt that
 budget stop gets). A node that returns after its timeout has timed out all the same (a
 node that blocks the event loop cannot be cancelled, only caught when it returns). An
 output that keeps its contract but cannot be written as JSON fails the attempt
-(``StateNotSerializable``). Running totals are kept in the state, never recomputed from
-history, so a step costs the same at node 10 and at node 10,000. Hook errors are
-recorded and change nothing.
+(``StateNotSerializable``), and so does a ``NodeReturned`` whose output is an
+``ErrorInfo``: the live loop answers with one when the log cannot hold what the node
+returned, so that the machine decides on what the log records. Running totals are kept
+in the state, never recomputed from history, so a step costs the same at node 10 and at
+node 10,000. Hook errors are recorded and change nothing.
 
 Groups (``parallel``, ``map_each``) are one step: one ``CallParallel`` with a call per
 child, answered by one ``ParallelReturned`` with every child's outcome. The first child
@@ -723,6 +725,8 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     problem: Any = None
     if call.timeout_ms is not None and duration > call.timeout_ms:
         problem = _timed_out(step.node_id, call.timeout_ms, duration)
+    elif type(output) is fx.ErrorInfo:  # the output cannot be written as JSON (the log says)
+        problem = output
     elif type(output) is fx.Validated:
         # Replayed: the log says the output kept this node's contract, and the plan's
         # fingerprint (checked before any record is replayed) says the contract is the same.
@@ -892,6 +896,8 @@ def child_fails(group: Any, call: Any, outcome: Any) -> bool:
             return True
         if call.timeout_ms is not None and outcome.duration_ms > call.timeout_ms:
             return True
+        if type(outcome.output) is fx.ErrorInfo:
+            return True
         node = group.child_node(call.node_id)
         return not isinstance(
             _validate(node.node_id, "output", node.output_schema, outcome.output), BaseModel
@@ -922,6 +928,8 @@ def _child_outcome(call: Any, node: Any, outcome: Any) -> tuple[Any, fx.ErrorInf
     assert type(outcome) is fx.NodeReturned
     if call.timeout_ms is not None and outcome.duration_ms > call.timeout_ms:
         return None, _timed_out(call.node_id, call.timeout_ms, outcome.duration_ms)
+    if type(outcome.output) is fx.ErrorInfo:
+        return None, outcome.output
     out = _validate(node.node_id, "output", node.output_schema, outcome.output)
     if isinstance(out, ContractViolation):
         return None, error_info(out)

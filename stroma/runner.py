@@ -126,8 +126,9 @@ class RunConfig(BaseModel):
     resume_from: str | None = None
     model_fallbacks: list[Any] = Field(default_factory=list)
     seed: int | None = None
-    # How long a hook may run before it is cancelled (None: no bound).
-    hook_timeout_ms: float | None = DEFAULT_HOOK_TIMEOUT_MS
+    # How long a hook may run before it is cancelled (a hook error that changes nothing);
+    # None: hooks run unbounded.
+    hook_timeout_ms: int | None = DEFAULT_HOOK_TIMEOUT_MS
     # OpenTelemetry (stroma.otel): True for the global providers, or a Tracing. Not a
     # decision of the run: it is in neither the MachineConfig nor the log's header.
     tracing: bool | Tracing = False
@@ -216,6 +217,16 @@ class RunConfig(BaseModel):
                 )
         return value
 
+    @field_validator("hook_timeout_ms", mode="after")
+    @classmethod
+    def _hook_timeout(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(
+                f"hook_timeout_ms must be a number of milliseconds > 0, or None for hooks "
+                f"without a bound, got {value!r}: e.g. hook_timeout_ms=5_000 for 5 s"
+            )
+        return value
+
     @field_validator("node_policies", mode="before")
     @classmethod
     def _node_policies(cls, value: Any) -> Any:
@@ -271,7 +282,7 @@ def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
         resume_from=config.resume_from,
         node_timeouts={k: int(v) for k, v in config.node_timeouts.items()},
         node_policies={k: _table(v) for k, v in config.node_policies.items()},
-        hook_timeout_ms=None if config.hook_timeout_ms is None else int(config.hook_timeout_ms),
+        hook_timeout_ms=config.hook_timeout_ms,
     )
 
 
