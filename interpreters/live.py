@@ -29,8 +29,8 @@ from stroma import effects as fx
 from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
-from stroma.machine import child_fails, error_info
-from stroma.plan import Choose, NodeStep, Plan
+from stroma.machine import child_fails, error_info, idempotency_key
+from stroma.plan import Choose, LoopEnd, NodeStep, Plan, RouteTo
 
 __all__ = (
     "Collaborators",
@@ -95,6 +95,8 @@ class Collaborators:
     timer: Callable[[], float] = perf_counter
     # Told of every record the run appends (``RunObserver``; OpenTelemetry is one), or None.
     observer: Any = None
+    # Inputs for the run's waits, given to interpret (name or key -> payload).
+    inputs: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
 
 
 def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -174,9 +176,18 @@ class LivePerformer:
         self.timer = world.timer
         self.log = RunLogger(_log, {"run_id": run_id})
         self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
-        self.branches = {
-            ins.step_id: ins.branch for ins in plan.program if isinstance(ins, Choose)
-        }
+        # The user's pure functions the program asks: branch predicates and loops' until
+        # (answered as BranchChosen), routes' selectors (RouteChosen).
+        self.predicates: dict[str, Callable[[Any], Any]] = {}
+        self.selectors: dict[str, Callable[[Any], Any]] = {}
+        for ins in plan.program:
+            if isinstance(ins, Choose):
+                self.predicates[ins.step_id] = ins.branch.predicate
+            elif isinstance(ins, LoopEnd):
+                self.predicates[ins.step_id] = ins.loop.until
+            elif isinstance(ins, RouteTo):
+                self.selectors[ins.step_id] = ins.route.selector
+        self.inputs: Mapping[str, Any] = world.inputs
         self.prefilled: dict[int, tuple[Any, Any]] = dict(prefilled or {})
         self.durable_children = recorder.store is not None or recorder.keeps_partials
         self._running_children: dict[int, Any] = {}
@@ -188,6 +199,8 @@ class LivePerformer:
             fx.ClassifyFailure: self.classify,
             fx.Sleep: self.do_sleep,
             fx.ChooseBranch: self.choose,
+            fx.ChooseRoute: self.choose_route,
+            fx.AwaitInput: self.await_input,
         }
 
     # -- nodes
@@ -200,6 +213,9 @@ class LivePerformer:
                 ctx["_stroma_model"] = eff.model
             elif "_stroma_model" in ctx:
                 del ctx["_stroma_model"]
+            # (read it at the start of the node: the context is shared by the run's nodes)
+            ctx["_stroma_idempotency_key"] = idempotency_key(self.run_id, eff.node_id,
+                                                             eff.coords)
         started = self.now()
         t0 = self.timer()
         fn = node.fn
@@ -316,20 +332,42 @@ class LivePerformer:
         )
 
     async def choose(self, eff: fx.ChooseBranch) -> fx.BranchChosen:
-        step = self.branches[eff.step_id]
         try:
-            taken = step.predicate(eff.state)
-            if hasattr(taken, "__await__"):
-                close = getattr(taken, "close", None)
-                if close is not None:
-                    close()  # never awaited: close it, or it warns when collected
-                raise TypeError(
-                    f"the predicate of {eff.step_id!r} returned an awaitable: branch "
-                    "predicates are plain (pure) functions of the state"
-                )
+            taken = _pure(self.predicates[eff.step_id], eff.state, eff.step_id)
         except Exception as exc:
             return fx.BranchChosen(False, error_info(exc))
         return fx.BranchChosen(bool(taken))
+
+    async def choose_route(self, eff: fx.ChooseRoute) -> fx.RouteChosen:
+        try:
+            key = _pure(self.selectors[eff.step_id], eff.state, eff.step_id)
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"the selector of {eff.step_id!r} returned {key!r} (a "
+                    f"{type(key).__name__}): a selector returns the key (a str) of a route"
+                )
+        except Exception as exc:
+            return fx.RouteChosen(None, error_info(exc))
+        return fx.RouteChosen(key)
+
+    async def await_input(self, eff: fx.AwaitInput) -> Any:
+        """Look for a wait's input: given to ``interpret``, or sent to the store."""
+        payload = self.inputs.get(eff.key)
+        if payload is None and eff.key != eff.name:
+            payload = self.inputs.get(eff.name)
+        if payload is None:
+            get = getattr(self.store, "get_input", None)
+            if callable(get):
+                payload = get(self.run_id, eff.key)
+                if inspect.isawaitable(payload):
+                    payload = await payload
+        if payload is None:
+            return fx.InputMissing(self.now())
+        if isinstance(payload, BaseModel):
+            payload = payload.model_dump(mode="json")
+        elif isinstance(payload, bytes | str):
+            payload = json.loads(payload)
+        return fx.InputReceived(payload, self.now())
 
     # -- store
 
@@ -402,7 +440,9 @@ class LivePerformer:
         answers something that is not a FailureClass is noted (and logged), and the next
         one is asked: the machine passes over such answers."""
         exc = eff.error.exception()
-        ctx = NodeContext(node_id=eff.node_id, attempt=eff.attempt, run_id=self.run_id)
+        ctx = NodeContext(node_id=eff.node_id, attempt=eff.attempt, run_id=self.run_id,
+                          idempotency_key=idempotency_key(self.run_id, eff.node_id, eff.coords),
+                          coords=eff.coords)
         answers: list[Any] = []
         for classifier in self.classifiers:
             name = getattr(classifier, "__qualname__", None) or repr(classifier)
@@ -476,6 +516,20 @@ class HookGuard:
             self.deadline = None
         if self.fired:  # the hook swallowed its cancellation: leave the cancelled scope
             raise HookTimedOut
+
+
+def _pure(fn: Callable[[Any], Any], state: Any, step_id: str) -> Any:
+    """What a branch predicate, loop's until or route's selector says of the state."""
+    answer = fn(state)
+    if hasattr(answer, "__await__"):
+        close = getattr(answer, "close", None)
+        if close is not None:
+            close()  # never awaited: close it, or it warns when collected
+        raise TypeError(
+            f"the function of {step_id!r} returned an awaitable: branch predicates, loops' "
+            "until and routes' selectors are plain (pure) functions of the state"
+        )
+    return answer
 
 
 def _fresh(state: Any) -> Any:

@@ -40,7 +40,7 @@ from stroma.log import (
 )
 from stroma.machine import MachineConfig, Out, RunState, advance, start
 from stroma.plan import Plan
-from stroma.trace import ExecutionResult, ExecutionTrace
+from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
 __all__ = ("Recorder", "result_of", "resume_marker", "run", "run_live")
 
@@ -233,7 +233,7 @@ async def _run_live(
             if t is fx.Commit:
                 items.append((("Commit", eff.node_id, eff.run_id, eff.attempt,
                                eff.timestamp_utc, eff.input_state, eff.output_state,
-                               eff.duration_ms, eff.schema), None))
+                               eff.duration_ms, eff.schema, eff.coords), None))
                 if commit_now is not None:
                     commit_now(eff)
                 else:
@@ -283,7 +283,7 @@ async def _run_live(
                     atoms = returned_atoms(event, None)
             items.append((
                 ("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
-                 pending.model), atoms,
+                 pending.model, pending.coords), atoms,
             ))
         else:
             atoms = encode_event(event)
@@ -368,7 +368,7 @@ async def run(
         for item in getattr(prior, "items", prior):  # (a RecordList's atoms as they are)
             records.append(item)
         done = replay_records(state, effects, records)
-        if done.finish is not None:
+        if done.finish is not None and done.finish.status is not RunStatus.WAITING:
             return result_of(done.finish, recorder)
         marker = resume_marker(records)
         state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))

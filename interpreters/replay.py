@@ -79,10 +79,10 @@ def _same(effect: Any, atoms: tuple[Any, ...]) -> bool:
     equality), then by value (a format 1 record, states written differently)."""
     t = type(effect)
     if t is fx.CallNode:
-        if atoms[1:] == effect[:4] and atoms[0] == "CallNode":
+        if atoms[1:5] == effect[:4] and atoms[5] == effect[5] and atoms[0] == "CallNode":
             return True
     elif t is fx.Commit:
-        if atoms[1:] == effect[:8] and atoms[0] == "Commit":
+        if atoms[1:9] == effect[:8] and atoms[9] == effect[9] and atoms[0] == "Commit":
             return True
     elif encode_effect(effect) == atoms:
         return True
@@ -185,6 +185,13 @@ def replay_records(
                 continue
             if t is fx.Finish:
                 status = RunStatus(recorded[1])  # as recorded (see _same)
+                if status is RunStatus.WAITING and i < n and type(items[i]) is ResumeMarker:
+                    # The run waited for input and a later session went on from there.
+                    marker = items[i]
+                    i += 1
+                    state, work = advance(state, fx.Resumed(marker.at, ()))
+                    k = 0
+                    continue
                 return Replayed(state, (), i, attrs.evolve(eff, status=status))
             if answer is None:
                 # stroma records an effect only with its answer (a crash loses the whole

@@ -34,7 +34,7 @@ from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
-from stroma.trace import ExecutionResult
+from stroma.trace import ExecutionResult, RunStatus
 
 __all__ = (
     "VERSION",
@@ -270,11 +270,14 @@ async def _session(
         prefilled: dict[int, tuple[Any, Any]] | None = None
         if existing is not None and machine.resume_from is None:
             _check_plan(plan, existing, f"run {run_id!r}")
-            if existing.finish is not None:
+            finish = existing.finish
+            if finish is not None and finish.status is not RunStatus.WAITING:
                 return await replay_log(plan, existing)
             done, first = _replay(plan, existing, source)
-            if done.finish is not None:  # the log's last record is the Finish after all
+            if done.finish is not None and done.finish.status is not RunStatus.WAITING:
+                # (the log's last record is the Finish after all)
                 return result_of(done.finish, Recorder(existing, None, session_start=first))
+            # A crashed run, or one WAITING for input: it goes on from where it stopped.
             recorder = Recorder(existing, log_store, flushed=len(existing.records),
                                 session_start=first)
             # Fan-out children that finished before the crash.

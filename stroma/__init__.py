@@ -63,9 +63,10 @@ from stroma.failures import (
     classify,
     default_policy_map,
 )
+from stroma.inputs import InputRefused, send_input
 from stroma.log import EffectLog
 from stroma.middleware import ReliabilityContext, StromaStep, execute_step
-from stroma.plan import Plan, branch, map_each, parallel, seq
+from stroma.plan import Plan, await_input, branch, loop, map_each, parallel, route, seq
 from stroma.runner import (
     NodeHooks,
     RunConfig,
@@ -109,6 +110,7 @@ __all__ = (
     "FallbackPolicy",
     "FileStore",
     "InMemoryStore",
+    "InputRefused",
     "LeaseStore",
     "LogCorrupted",
     "LogStore",
@@ -140,6 +142,7 @@ __all__ = (
     "TraceEvent",
     "UnsafeSchemaRef",
     "__version__",
+    "await_input",
     "_resolve_schema",
     "_schema_ref",
     "branch",
@@ -148,10 +151,13 @@ __all__ = (
     "estimate_cost_usd",
     "execute_step",
     "interpret",
+    "loop",
     "map_each",
     "parallel",
     "replay",
     "resolve_model",
+    "route",
+    "send_input",
     "seq",
     "stroma_node",
     "stroma_step",

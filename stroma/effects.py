@@ -10,7 +10,9 @@ effect             answering event
 CallNode           NodeReturned | NodeRaised | NodeCancelled
 CallParallel       ParallelReturned (each child: one of the above, or PlanFinished)
 RunPlan            PlanFinished (only as a CallParallel child)
-ChooseBranch       BranchChosen
+ChooseBranch       BranchChosen (also a loop's ``until``, asked after each iteration)
+ChooseRoute        RouteChosen
+AwaitInput         InputReceived | InputMissing
 ClassifyFailure    FailureClassified
 FireHook           HookFired
 Sleep              Slept
@@ -46,11 +48,13 @@ from stroma.failures import FailureClass
 from stroma.trace import RunStatus, TraceEvent
 
 __all__ = (
+    "AwaitInput",
     "BranchChosen",
     "CallNode",
     "CallParallel",
     "CheckpointLoaded",
     "ChooseBranch",
+    "ChooseRoute",
     "ClassifyFailure",
     "Commit",
     "Effect",
@@ -60,6 +64,8 @@ __all__ = (
     "Finish",
     "FireHook",
     "HookFired",
+    "InputMissing",
+    "InputReceived",
     "LoadCheckpoint",
     "NodeCancelled",
     "NodeRaised",
@@ -68,6 +74,7 @@ __all__ = (
     "PlanFinished",
     "RecordAttempt",
     "Resumed",
+    "RouteChosen",
     "RunPlan",
     "Sleep",
     "Slept",
@@ -153,21 +160,26 @@ class CallNode(NamedTuple):
     timeout_ms: int | None = None
     model: str | None = None  # fallback model to put in ctx["_stroma_model"], if any
     input: BaseModel | None = None
+    # Where the call is made: the loop iterations and map items around it (see
+    # TraceEvent.coords); with the run id and node id, what its idempotency key is made of.
+    coords: tuple[tuple[str, str, int], ...] = ()
 
     # A named tuple (the cheapest immutable value to make, one per node) compared, hashed
     # and shown without its live input.
     def __eq__(self, other: object) -> bool:
-        return type(other) is CallNode and self[:4] == other[:4]
+        return (type(other) is CallNode and self[:4] == other[:4]
+                and self[5] == other[5])
 
     def __ne__(self, other: object) -> bool:
         return not self.__eq__(other)
 
     def __hash__(self) -> int:
-        return hash(self[:4])
+        return hash((self[:4], self[5]))
 
     def __repr__(self) -> str:
+        where = f", coords={self.coords!r}" if self.coords else ""
         return (f"CallNode(node_id={self.node_id!r}, attempt={self.attempt!r}, "
-                f"timeout_ms={self.timeout_ms!r}, model={self.model!r})")
+                f"timeout_ms={self.timeout_ms!r}, model={self.model!r}{where})")
 
 
 @attrs.frozen
@@ -221,6 +233,7 @@ class ClassifyFailure:
     node_id: str
     attempt: int
     error: ErrorInfo
+    coords: tuple[tuple[str, str, int], ...] = ()
 
 
 @attrs.frozen
@@ -270,6 +283,7 @@ class Commit(NamedTuple):
     duration_ms: int
     schema: str | None
     state: BaseModel | None = None
+    coords: tuple[tuple[str, str, int], ...] = ()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not Commit:
@@ -278,6 +292,7 @@ class Commit(NamedTuple):
         return (
             self.node_id == other.node_id
             and self.attempt == other.attempt
+            and self.coords == other.coords
             and self.duration_ms == other.duration_ms
             and self.timestamp_utc == other.timestamp_utc
             and self.run_id == other.run_id
@@ -302,7 +317,7 @@ class Commit(NamedTuple):
         return TraceEvent(
             self.node_id, self.run_id, self.attempt, self.timestamp_utc,
             as_json_value(self.input_state), as_json_value(self.output_state),
-            self.duration_ms,
+            self.duration_ms, coords=self.coords,
         )
 
 
@@ -323,13 +338,15 @@ class RecordAttempt:
     duration_ms: int
     failure: FailureClass | None = None
     failure_message: str | None = None
+    coords: tuple[tuple[str, str, int], ...] = ()
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not RecordAttempt:
             return NotImplemented
         assert isinstance(other, RecordAttempt)
         return (
-            self.node_id == other.node_id
+            self.coords == other.coords
+            and self.node_id == other.node_id
             and self.attempt == other.attempt
             and self.duration_ms == other.duration_ms
             and self.timestamp_utc == other.timestamp_utc
@@ -352,6 +369,7 @@ class RecordAttempt:
         return cls(
             event.node_id, event.run_id, event.attempt, event.timestamp_utc, event.input_state,
             event.output_state, event.duration_ms, event.failure, event.failure_message,
+            event.coords,
         )
 
     @property
@@ -360,8 +378,35 @@ class RecordAttempt:
             self.node_id, self.run_id, self.attempt, self.timestamp_utc,
             as_json_value(self.input_state),
             None if self.output_state is None else as_json_value(self.output_state),
-            self.duration_ms, self.failure, self.failure_message,
+            self.duration_ms, self.failure, self.failure_message, self.coords,
         )
+
+
+@attrs.frozen
+class ChooseRoute:
+    """Ask a route's selector which route to take, given the current state."""
+
+    step_id: str
+    state: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class AwaitInput:
+    """Look for the input an ``await_input`` step waits for (sent with ``send_input``, or
+    given to ``interpret``). ``key`` is where it is looked up (the name, with the
+    coordinates of a wait inside a loop or map); ``schema`` its schema reference and
+    ``json_schema`` its JSON Schema (to check a payload sent without the plan);
+    ``digest`` identifies the state the input is asked about."""
+
+    step_id: str
+    name: str
+    key: str
+    attempt: int
+    schema: str
+    digest: str
+    timeout_ms: int | None = None
+    json_schema: str = attrs.field(default="", repr=False)
+    coords: tuple[tuple[str, str, int], ...] = ()
 
 
 @attrs.frozen
@@ -389,6 +434,8 @@ Effect = (
     | CallParallel
     | RunPlan
     | ChooseBranch
+    | ChooseRoute
+    | AwaitInput
     | ClassifyFailure
     | FireHook
     | Sleep
@@ -482,6 +529,30 @@ class BranchChosen:
 
 
 @attrs.frozen
+class RouteChosen:
+    """The selector's answer: the route's key (``error`` set when the selector raised or
+    gave something that is not a string)."""
+
+    key: str | None
+    error: ErrorInfo | None = None
+
+
+@attrs.frozen
+class InputReceived:
+    """The input a wait looked for is there: its payload (a JSON value), received ``at``."""
+
+    payload: Any = attrs.field(eq=attrs.cmp_using(eq=_same_state, require_same_type=False))
+    at: datetime
+
+
+@attrs.frozen
+class InputMissing:
+    """The input a wait looked for is not there yet (looked for ``at``)."""
+
+    at: datetime
+
+
+@attrs.frozen
 class FailureClassified:
     """What the user's classifiers answered, in order, up to the first that answered.
 
@@ -538,6 +609,9 @@ class Resumed:
 Event = (
     PlanFinished
     | BranchChosen
+    | RouteChosen
+    | InputReceived
+    | InputMissing
     | NodeReturned
     | NodeRaised
     | NodeCancelled

@@ -83,11 +83,17 @@ def default_policy_map() -> dict[FailureClass, FailurePolicy]:
 
 @dataclass(frozen=True, slots=True)
 class NodeContext:
-    """What a classifier knows about the failed attempt (``attempt`` is 1-based)."""
+    """What a classifier knows about the failed attempt (``attempt`` is 1-based).
+
+    ``idempotency_key`` is the key of the logical call (the same for every retry and
+    resume of it); ``coords`` where it ran (see ``TraceEvent.coords``).
+    """
 
     node_id: str
     attempt: int
     run_id: str
+    idempotency_key: str | None = None
+    coords: tuple[tuple[str, str, int], ...] = ()
 
 
 StepContext = NodeContext

@@ -157,24 +157,32 @@ _INTS, _ANSWERS = "ints", "answers"
 # NodeReturned.output: (JSON text, the schema ref if validated, or the error atoms of an
 # output that cannot be written as JSON, with the text null)
 _OUTPUT = "output"
+_COORDS = "coords"  # ((kind, step id, n), ...): the loop iterations and map items around
 
 _SPEC: dict[str, tuple[tuple[str, str], ...]] = {
-    "CallNode": (("node_id", _S), ("attempt", _I), ("timeout_ms", _OI), ("model", _OS)),
+    "CallNode": (("node_id", _S), ("attempt", _I), ("timeout_ms", _OI), ("model", _OS),
+                 ("coords", _COORDS)),
     "CallParallel": (("step_id", _S), ("attempt", _I), ("calls", _CALLS),
                      ("max_concurrency", _OI), ("timeout_ms", _OI), ("kind", _S),
                      ("indices", _INTS)),
     "RunPlan": (("child_id", _S), ("attempt", _I), ("plan_fingerprint", _S)),
     "ChooseBranch": (("step_id", _S),),
-    "ClassifyFailure": (("node_id", _S), ("attempt", _I), ("error", _ER)),
+    "ChooseRoute": (("step_id", _S),),
+    "AwaitInput": (("step_id", _S), ("name", _S), ("key", _S), ("attempt", _I),
+                   ("schema", _S), ("digest", _S), ("timeout_ms", _OI), ("json_schema", _S),
+                   ("coords", _COORDS)),
+    "ClassifyFailure": (("node_id", _S), ("attempt", _I), ("error", _ER),
+                        ("coords", _COORDS)),
     "FireHook": (("kind", _S), ("node_id", _S), ("attempt", _I), ("state", _OST),
                  ("tokens", _I), ("failure", _OCL), ("error", _OER), ("timeout_ms", _OI)),
     "Sleep": (("seconds", _F),),
     "Commit": (("node_id", _S), ("run_id", _S), ("attempt", _I), ("timestamp_utc", _DT),
                ("input_state", _ST), ("output_state", _ST), ("duration_ms", _I),
-               ("schema", _OS)),
+               ("schema", _OS), ("coords", _COORDS)),
     "RecordAttempt": (("node_id", _S), ("run_id", _S), ("attempt", _I),
                       ("timestamp_utc", _DT), ("input_state", _ST), ("output_state", _OST),
-                      ("duration_ms", _I), ("failure", _OCL), ("failure_message", _OS)),
+                      ("duration_ms", _I), ("failure", _OCL), ("failure_message", _OS),
+                      ("coords", _COORDS)),
     "LoadCheckpoint": (("node_id", _S),),
     "Finish": (("status", _STATUS), ("final_state", _ST), ("total_tokens", _I),
                ("total_cost_usd", _F), ("total_latency_ms", _I), ("reason", _OS)),
@@ -189,6 +197,9 @@ _SPEC: dict[str, tuple[tuple[str, str], ...]] = {
     "ParallelReturned": (("started_at", _DT), ("duration_ms", _I), ("outcomes", _OUTCOMES),
                          ("deadline_passed", _B)),
     "BranchChosen": (("taken", _B), ("error", _OER)),
+    "RouteChosen": (("key", _OS), ("error", _OER)),
+    "InputReceived": (("payload", _ST), ("at", _DT)),
+    "InputMissing": (("at", _DT),),
     "FailureClassified": (("answers", _ANSWERS),),
     "HookFired": (("error", _OER),),
     "Slept": (("seconds", _F),),
@@ -196,7 +207,8 @@ _SPEC: dict[str, tuple[tuple[str, str], ...]] = {
     "CheckpointSaved": (("node_id", _S),),
 }
 _EFFECTS = frozenset({
-    "CallNode", "CallParallel", "RunPlan", "ChooseBranch", "ClassifyFailure", "FireHook",
+    "CallNode", "CallParallel", "RunPlan", "ChooseBranch", "ChooseRoute", "AwaitInput",
+    "ClassifyFailure", "FireHook",
     "Sleep", "Commit", "RecordAttempt", "LoadCheckpoint", "Finish", "SaveCheckpoint",
 })
 _EVENTS = frozenset(_SPEC) - _EFFECTS
@@ -247,6 +259,8 @@ def _error_atoms(e: fx.ErrorInfo) -> tuple[Any, ...]:
 def _atom(kind: str, value: Any) -> Any:
     if kind in (_S, _OS, _I, _OI, _B, _DT, _ODT):
         return value
+    if kind == _COORDS:
+        return tuple(tuple(c) for c in value)
     if kind == _F:
         return float(value)
     if kind == _ST:
@@ -291,12 +305,13 @@ def _generic_atoms(obj: Any) -> tuple[Any, ...]:
 
 
 def _call_atoms(e: fx.CallNode) -> tuple[Any, ...]:
-    return ("CallNode", e.node_id, e.attempt, e.timeout_ms, e.model)
+    return ("CallNode", e.node_id, e.attempt, e.timeout_ms, e.model, e.coords)
 
 
 def _commit_atoms(e: fx.Commit) -> tuple[Any, ...]:
     return ("Commit", e.node_id, e.run_id, e.attempt, e.timestamp_utc,
-            _state_bytes(e.input_state), _state_bytes(e.output_state), e.duration_ms, e.schema)
+            _state_bytes(e.input_state), _state_bytes(e.output_state), e.duration_ms, e.schema,
+            e.coords)
 
 
 def _attempt_atoms(e: fx.RecordAttempt) -> tuple[Any, ...]:
@@ -304,7 +319,8 @@ def _attempt_atoms(e: fx.RecordAttempt) -> tuple[Any, ...]:
     failure = e.failure
     return ("RecordAttempt", e.node_id, e.run_id, e.attempt, e.timestamp_utc,
             _state_bytes(e.input_state), None if out is None else _state_bytes(out),
-            e.duration_ms, None if failure is None else failure.value, e.failure_message)
+            e.duration_ms, None if failure is None else failure.value, e.failure_message,
+            e.coords)
 
 
 def _hook_atoms(e: fx.FireHook) -> tuple[Any, ...]:
@@ -478,8 +494,12 @@ def decode_event(atoms: tuple[Any, ...] | None) -> Any:
     name = atoms[0]
     if name == "NodeReturned":  # the common case, decoded directly
         text, schema = atoms[1]
-        output = (_tuple_new(fx.Validated, (text, schema)) if schema is not None
-                  else _parse_json(text))
+        if type(schema) is str:
+            output: Any = _tuple_new(fx.Validated, (text, schema))
+        elif schema is None:
+            output = _parse_json(text)
+        else:  # the error of an output the log could not hold (see unwritable)
+            output = fx.ErrorInfo(schema[1], schema[2])
         return _tuple_new(fx.NodeReturned, (output, *atoms[2:]))
     cls = _CLASSES[name]
     if cls is None:
@@ -489,6 +509,8 @@ def decode_event(atoms: tuple[Any, ...] | None) -> Any:
         kw["output"] = _parse_json(kw["output"])
     elif name == "CheckpointLoaded" and kw["state"] is not None:
         kw["state"] = _parse_json(kw["state"])
+    elif name == "InputReceived":
+        kw["payload"] = _parse_json(kw["payload"])
     return cls(**kw)
 
 
@@ -503,13 +525,14 @@ def trace_of(item: Any) -> TraceEvent:
     """The trace event of a record's atoms (a Commit or a RecordAttempt)."""
     eff = item[0]
     if eff[0] == "Commit":
-        _, node_id, run_id, attempt, at, inp, out, ms, _ = eff
-        return TraceEvent(node_id, run_id, attempt, at, _parse_json(inp), _parse_json(out), ms)
-    _, node_id, run_id, attempt, at, inp, out, ms, failure, message = eff
+        _, node_id, run_id, attempt, at, inp, out, ms, _, coords = eff
+        return TraceEvent(node_id, run_id, attempt, at, _parse_json(inp), _parse_json(out), ms,
+                          coords=coords)
+    _, node_id, run_id, attempt, at, inp, out, ms, failure, message, coords = eff
     return TraceEvent(
         node_id, run_id, attempt, at, _parse_json(inp),
         None if out is None else _parse_json(out), ms,
-        None if failure is None else FailureClass(failure), message,
+        None if failure is None else FailureClass(failure), message, coords,
     )
 
 
@@ -643,6 +666,8 @@ def _json_atom(kind: str, value: Any) -> str:
         return _state_text(value[0])
     if kind == _F:
         return _dumps(float(value))
+    if kind == _COORDS:
+        return _dumps([list(c) for c in value])
     return _dumps(list(value) if kind in (_INTS, _ANSWERS) else value)
 
 
@@ -825,6 +850,13 @@ def _read(kind: str, value: Any, path: str, run_id: str) -> Any:
         if not isinstance(value, list) or not all(v is None or type(v) is str for v in value):
             raise _Bad(path, f"expected a list of answers, found {_shown(value)}")
         return tuple(value)
+    if kind == _COORDS:
+        if not isinstance(value, list) or not all(
+            isinstance(c, list) and len(c) == 3 and c[0] in ("loop", "item")
+            and type(c[1]) is str and _is_int(c[2]) and c[2] >= 0 for c in value
+        ):
+            raise _Bad(path, f"expected a list of [kind, step id, n], found {_shown(value)}")
+        return tuple(tuple(c) for c in value)
     if kind == _CALLS:
         if not isinstance(value, list):
             raise _Bad(path, f"expected a list of calls, found {_shown(value)}")
@@ -868,10 +900,10 @@ def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tu
     atoms: list[Any] = [name]
     for f, kind in _SPEC[name]:
         if f not in value:
-            if kind in (_RECORDS, _CALLS, _OUTCOMES) or (f, name) in _V1_ABSENT:
+            if kind in (_RECORDS, _CALLS, _OUTCOMES, _COORDS) or (f, name) in _V1_ABSENT:
                 # A group's calls and outcomes are on the child lines that follow it.
                 atoms.append(_V1_DEFAULT.get((f, name), () if kind in (
-                    _RECORDS, _CALLS, _OUTCOMES) else None))
+                    _RECORDS, _CALLS, _OUTCOMES, _COORDS) else None))
                 continue
             raise _Bad(f"{path}.{f}", "missing")
         atoms.append(_read(kind, value[f], f"{path}.{f}", run_id))
@@ -970,9 +1002,10 @@ def _upgrade_v1(items: list[Any]) -> None:
                 return
             if type(nxt) is not ResumeMarker and nxt[0][0] == "SaveCheckpoint" \
                     and nxt[0][1] == eff[1]:
-                _, node_id, run_id, attempt, at, inp, out, ms, _, _ = eff
+                _, node_id, run_id, attempt, at, inp, out, ms, _, _, _ = eff
                 # (no schema: format 1 named derived schemas by a counter of the process)
-                items[k] = (("Commit", node_id, run_id, attempt, at, inp, out, ms, None), None)
+                items[k] = (("Commit", node_id, run_id, attempt, at, inp, out, ms, None, ()),
+                            None)
         elif eff[0] == "CallParallel":
             calls = eff[3]
             if not eff[7]:

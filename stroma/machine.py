@@ -69,6 +69,7 @@ decision needs one (a group's children, a branch, the end of the run, going live
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -88,13 +89,26 @@ from stroma.failures import (
     decide_class,
     resolve_policy,
 )
-from stroma.plan import Choose, Jump, MapStep, NodeStep, ParallelStep, Plan
+from stroma.plan import (
+    CONTROL,
+    Choose,
+    Jump,
+    LoopEnd,
+    LoopStart,
+    MapStep,
+    NodeStep,
+    ParallelStep,
+    Plan,
+    RouteTo,
+    WaitStep,
+)
 from stroma.schemas import serialization_problem, state_json
 from stroma.trace import RunStatus
 
 __all__ = (
     "DEFAULT_HOOK_TIMEOUT_MS",
     "Attempt",
+    "Coords",
     "GroupProgress",
     "MachineConfig",
     "Out",
@@ -106,6 +120,8 @@ __all__ = (
     "child_fails",
     "error_info",
     "failed_child",
+    "idempotency_key",
+    "input_key",
     "start",
 )
 
@@ -129,15 +145,20 @@ class Phase(enum.Enum):
     SLEEP = "sleep"
     HOOK_OK = "hook_ok"
     CHOOSE = "choose"
+    ROUTE = "route"
+    WAIT = "wait"
     NEXT = "next"  # between steps, inside one transition (never waited in)
     DONE = "done"
 
 
 # The phases the hot path sets, as module globals (an enum member read from its class
 # costs more than a global).
-_CALL, _CHOOSE, _HOOK_START, _HOOK_OK, _NEXT = (
-    Phase.CALL, Phase.CHOOSE, Phase.HOOK_START, Phase.HOOK_OK, Phase.NEXT,
+_CALL, _CHOOSE, _HOOK_START, _HOOK_OK, _NEXT, _ROUTE, _WAIT = (
+    Phase.CALL, Phase.CHOOSE, Phase.HOOK_START, Phase.HOOK_OK, Phase.NEXT, Phase.ROUTE,
+    Phase.WAIT,
 )
+Coords = tuple[tuple[str, str, int], ...]
+_CONTROL = frozenset({Jump, LoopStart, LoopEnd, RouteTo, Choose})  # instructions, not steps
 
 PolicyTable = tuple[tuple[FailureClass, int, float], ...]
 
@@ -170,6 +191,9 @@ class MachineConfig:
     base_tokens: int = 0
     base_cost_usd: float = 0.0
     base_latency_ms: int = 0
+    # Where a fan-out child's sub-plan runs (the loops and map items around it); () for a
+    # run (a child's config is the machine's own making, never in a log header).
+    coords: Coords = ()
 
     # Derived once: the budget (None without limits) and the policies as FailurePolicy
     # values, which is what ``resolve_policy`` takes.
@@ -330,6 +354,10 @@ class RunState:
     resumed: bool = False
     current: Attempt | None = None
     group: GroupProgress = _NO_PROGRESS
+    # Where the run is: the config's coordinates and the iterations of the loops it is in.
+    coords: Coords = ()
+    # When the wait in progress first found its input missing (for its timeout).
+    waiting_since: datetime | None = None
 
     @property
     def step(self) -> Any:
@@ -540,11 +568,12 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
         latency_ms=config.base_latency_ms,
         rng=config.seed & _MASK,
         clock=config.started_at,
+        coords=config.coords,
     )
     target = config.resume_from
     if target is None:
         return _begin_step(s)
-    ids = [ins.step_id for ins in plan.program if not isinstance(ins, Choose | Jump)]
+    ids = [ins.step_id for ins in plan.program if not isinstance(ins, CONTROL)]
     if target not in ids:
         return _finish(
             s, RunStatus.PARTIAL,
@@ -552,7 +581,7 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
             f"{', '.join(map(repr, ids)) or 'none'}); nothing was run",
         )
     k = next(i for i, ins in enumerate(plan.program)
-             if ins.step_id == target and not isinstance(ins, Choose | Jump))
+             if ins.step_id == target and not isinstance(ins, CONTROL))
     before = _unit_before(plan, k)
     if before is None:
         return _begin_step(_next(s, Phase.NEXT, None, pos=k, resumed=True))
@@ -563,7 +592,7 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
 def _unit_before(plan: Plan, pc: int) -> Any:
     """The step (not a branch instruction) that runs just before program position pc."""
     for ins in reversed(plan.program[:pc]):
-        if not isinstance(ins, Choose | Jump):
+        if not isinstance(ins, CONTROL):
             return ins
     return None
 
@@ -590,19 +619,136 @@ def _on_loaded(s: RunState, ev: fx.CheckpointLoaded) -> Out:
 
 
 def _on_chosen(s: RunState, ev: fx.BranchChosen) -> Out:
+    """A branch's predicate, or a loop's ``until``, answered."""
     ins = s.step
-    assert isinstance(ins, Choose)
     if ev.error is not None:
-        reason = f"the predicate of {ins.step_id!r} raised: {ev.error.short}"
-        te = fx.RecordAttempt(
-            ins.step_id, s.config.run_id, 1, _now(s), s.state_json, None, 0,
-            FailureClass.TERMINAL, reason,
-        )
-        s, effects = _finish(s, RunStatus.FAILED, reason)
-        return s, [te, *effects]
+        what = "until function" if type(ins) is LoopEnd else "predicate"
+        return _control_failed(s, f"the {what} of {ins.step_id!r} raised: {ev.error.short}")
+    if type(ins) is LoopEnd:
+        *outer, (kind, loop_id, n) = s.coords
+        if ev.taken:  # done: on past the loop
+            return _begin_step(_next(s, Phase.NEXT, None, pos=s.pos + 1, coords=tuple(outer)))
+        if n >= ins.loop.max_iterations:
+            return _finish(
+                s, RunStatus.PARTIAL,
+                f"loop {loop_id!r} ran out of iterations: until(state) was still false after "
+                f"{n} (max_iterations={ins.loop.max_iterations})",
+            )
+        return _begin_step(_next(s, Phase.NEXT, None, pos=ins.body_pc,
+                                 coords=(*outer, (kind, loop_id, n + 1))))
+    assert isinstance(ins, Choose)
     return _begin_step(
         _next(s, Phase.NEXT, None, pos=s.pos + 1 if ev.taken else ins.otherwise_pc)
     )
+
+
+def _control_failed(s: RunState, reason: str) -> Out:
+    """A branch's, loop's or route's own function failed: the run stops (TERMINAL)."""
+    te = fx.RecordAttempt(
+        s.step.step_id, s.config.run_id, 1, _now(s), s.state_json, None, 0,
+        FailureClass.TERMINAL, reason, s.coords,
+    )
+    s, effects = _finish(s, RunStatus.FAILED, reason)
+    return s, [te, *effects]
+
+
+def _on_route(s: RunState, ev: fx.RouteChosen) -> Out:
+    """A route's selector answered with the key of the route to take."""
+    ins = s.step
+    assert isinstance(ins, RouteTo)
+    if ev.error is not None:
+        return _control_failed(s, f"the selector of {ins.step_id!r} raised: {ev.error.short}")
+    target = dict(ins.targets).get(ev.key) if ev.key is not None else None
+    if target is None:
+        target = ins.default_pc
+    if target is None:
+        keys = ", ".join(repr(k) for k, _ in ins.targets)
+        return _control_failed(
+            s, f"route {ins.step_id!r} got the key {ev.key!r}, which names none of its routes "
+            f"({keys}): return one of them, or give the route a default=",
+        )
+    return _begin_step(_next(s, Phase.NEXT, None, pos=target))
+
+
+# ------------------------------------------------------------------------------- waits
+
+
+def idempotency_key(run_id: str, node_id: str, coords: Coords = ()) -> str:
+    """The key of one logical node call: the same for every retry and every resume of it
+    (the same run, node, loop iterations and map items), different for any other call.
+    A node can pass it to an API that deduplicates (an ``Idempotency-Key`` header)."""
+    where = "/".join(f"{kind}:{step}:{n}" for kind, step, n in coords)
+    digest = hashlib.sha256(f"{run_id}\x00{node_id}\x00{where}".encode()).hexdigest()
+    return f"stroma-{digest[:32]}"
+
+
+def input_key(name: str, coords: Coords) -> str:
+    """Where the input of a wait is looked up: its name, and for a wait inside a loop or a
+    map_each, where it is (``approval@agent#3``)."""
+    if not coords:
+        return name
+    where = "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
+                     for kind, step, n in coords)
+    return f"{name}@{where}"
+
+
+def _begin_wait(s: RunState, step: WaitStep) -> Out:
+    """Look for the wait's input (``s`` is this transition's copy, finished in place)."""
+    d = s.__dict__
+    ask = fx.AwaitInput(
+        step.step_id, step.name, input_key(step.name, s.coords), s.attempt, step.schema_ref,
+        hashlib.sha256(s.state_json).hexdigest()[:16], step.timeout_ms, step.json_schema,
+        s.coords,
+    )
+    d["current"] = _tuple_new(Attempt, (s.state_json, ask, None, 0, 0, None, None, None))
+    d["phase"] = _WAIT
+    return s, [ask]
+
+
+def _on_input(s: RunState, ev: fx.InputReceived) -> Out:
+    """The input is there: the step's output is the state with the field set to it."""
+    step: Any = s.step
+    att: Any = s.current
+    payload = _validate(step.step_id, "input", step.schema, ev.payload)
+    if isinstance(payload, ContractViolation):
+        # A payload that does not fit is not the step's failure: the run waits on for a
+        # valid one (nothing is lost; send it again).
+        return _wait(s, f"the input {att.call.key!r} sent does not fit {step.schema.__name__}: "
+                        f"{payload}; send a valid one")
+    state = _model(s)
+    out = state.model_copy(update={step.name: payload})
+    text = _json(out)
+    if isinstance(text, fx.ErrorInfo):
+        return _failed(_answered(s, ev.at, 0, 0, 0.0), text)
+    s = _next(s, s.phase, att, waiting_since=None)
+    return _succeeded(s, out, text, step.state_schema, ev.at, 0, 0, 0.0)
+
+
+def _on_input_missing(s: RunState, ev: fx.InputMissing) -> Out:
+    """The input is not there: the run waits (or the wait timed out: a failed attempt)."""
+    step: Any = s.step
+    att: Any = s.current
+    since = s.waiting_since or ev.at
+    if step.timeout_ms is not None and (ev.at - since) > timedelta(milliseconds=step.timeout_ms):
+        s = _next(_answered(s, since, 0, 0, 0.0), s.phase, s.current, waiting_since=None)
+        return _failed(s, fx.ErrorInfo(
+            _TIMEOUT_NAMES,
+            f"the wait for {att.call.key!r} timed out: nothing was sent within "
+            f"{step.timeout_ms} ms",
+        ))
+    return _wait(_next(s, s.phase, att, waiting_since=since),
+                 f"waiting for input {att.call.key!r} ({step.schema.__name__}) at "
+                 f"{step.step_id!r}: send it with send_input(store, run_id, "
+                 f"{att.call.key!r}, ...) and run the plan again with the same run id")
+
+
+def _wait(s: RunState, reason: str) -> Out:
+    """The run stops WAITING at the wait in progress (kept in ``current``: a Resumed goes
+    on from it)."""
+    att = s.current
+    s = _next(s, Phase.DONE, att)
+    return s, [fx.Finish(RunStatus.WAITING, _model(s), s.tokens, s.cost_usd, s.latency_ms,
+                         reason)]
 
 
 def _begin_step(s: RunState) -> Out:
@@ -615,16 +761,24 @@ def _begin_step(s: RunState) -> Out:
     program = s.plan.program
     d = s.__dict__
     step = program[s.pos] if s.pos < len(program) else None
-    while type(step) is Jump or type(step) is Choose:
-        if type(step) is Jump:
-            d["pos"] = step.target
-            step = program[s.pos] if s.pos < len(program) else None
-            continue
-        if s.state is None:
-            d["state"] = _model(s)
-        d["phase"] = _CHOOSE
-        d["current"] = None
-        return s, [fx.ChooseBranch(step.step_id, s.state)]
+    t = type(step)
+    while t in _CONTROL:
+        if t is Jump:
+            d["pos"] = step.target  # type: ignore[union-attr]
+        elif t is LoopStart:  # iteration 1 of the loop
+            d["coords"] = (*s.coords, ("loop", step.step_id, 1))  # type: ignore[union-attr]
+            d["pos"] = s.pos + 1
+        else:  # Choose, LoopEnd (until), RouteTo: ask the user's function
+            if s.state is None:
+                d["state"] = _model(s)
+            d["current"] = None
+            if t is RouteTo:
+                d["phase"] = _ROUTE
+                return s, [fx.ChooseRoute(step.step_id, s.state)]  # type: ignore[union-attr]
+            d["phase"] = _CHOOSE
+            return s, [fx.ChooseBranch(step.step_id, s.state)]  # type: ignore[union-attr]
+        step = program[s.pos] if s.pos < len(program) else None
+        t = type(step)
     if step is None:
         return _finish(s, RunStatus.COMPLETED, None)
     c = s.config
@@ -634,7 +788,7 @@ def _begin_step(s: RunState) -> Out:
             reason = f"budget spent ({spent}): {step.step_id!r} was not started"
             te = fx.RecordAttempt(
                 step.step_id, c.run_id, s.attempt, _now(s), s.state_json, None, 0,
-                FailureClass.RECOVERABLE, reason,
+                FailureClass.RECOVERABLE, reason, s.coords,
             )
             s, effects = _finish(s, RunStatus.PARTIAL, reason)
             return s, [te, *effects]
@@ -644,7 +798,8 @@ def _begin_step(s: RunState) -> Out:
         timeout = step.timeout_ms if not c.node_timeouts else _timeout(s, step)
         if s.state_type is step.input_schema:
             # The common case: the state already is this node's input.
-            call = _tuple_new(fx.CallNode, (step.node_id, s.attempt, timeout, model, s.state))
+            call = _tuple_new(fx.CallNode,
+                              (step.node_id, s.attempt, timeout, model, s.state, s.coords))
             input_json = s.state_json
         else:
             if s.state is None:
@@ -656,7 +811,9 @@ def _begin_step(s: RunState) -> Out:
             if isinstance(text, fx.ErrorInfo):
                 return _input_broken(s, step, text)
             input_json = text
-            call = fx.CallNode(step.node_id, s.attempt, timeout, model, inp)
+            call = fx.CallNode(step.node_id, s.attempt, timeout, model, inp, s.coords)
+    elif type(step) is WaitStep:
+        return _begin_wait(s, step)
     else:
         if s.state is None:
             d["state"] = _model(s)
@@ -779,7 +936,7 @@ def _succeeded(
     attempt = s.attempt
     commit = _tuple_new(fx.Commit, (
         step.step_id, c.run_id, attempt, started_at, s.current.input_json,  # type: ignore[union-attr]
-        out_json, duration_ms, step.output_ref, out,
+        out_json, duration_ms, step.output_ref, out, s.coords,
     ))
     # _next, spelled out: this runs once per node.
     d = s.__dict__.copy()
@@ -814,6 +971,14 @@ def _on_hook_ok(s: RunState, ev: fx.HookFired) -> Out:
 # ------------------------------------------------------------------------------ groups
 
 
+def _child_coords(s: RunState, index: int) -> Coords:
+    """Where a fan-out child runs: a map item adds its index to where the group is."""
+    step: Any = s.step
+    if isinstance(step, MapStep):
+        return (*s.coords, ("item", step.step_id, index))
+    return s.coords
+
+
 def _child_config(s: RunState, index: int) -> MachineConfig:
     """A fan-out child's sub-plan runs with the run's policies, its own PRNG stream and no
     budget of its own (the group's usage counts against the run's budget when it ends)."""
@@ -823,7 +988,7 @@ def _child_config(s: RunState, index: int) -> MachineConfig:
         run_id=c.run_id, seed=seed & ((1 << 63) - 1), started_at=_now(s),
         policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
         node_timeouts=c.node_timeouts, node_policies=c.node_policies,
-        hook_timeout_ms=c.hook_timeout_ms,
+        hook_timeout_ms=c.hook_timeout_ms, coords=_child_coords(s, index),
     )
 
 
@@ -835,7 +1000,8 @@ def _child_call(
             cin = _validate(child.node_id, "input", child.input_schema, raw)
             if isinstance(cin, ContractViolation):
                 return cin
-            return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin)
+            return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin,
+                               _child_coords(s, index))
         # A child with retry policies of its own retries on its own: a one-node sub-plan.
         child = child.solo
     schema = child.input_schema
@@ -903,7 +1069,7 @@ def child_fails(group: Any, call: Any, outcome: Any) -> bool:
             _validate(node.node_id, "output", node.output_schema, outcome.output), BaseModel
         )
     if type(outcome) is fx.PlanFinished:
-        return outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED)
+        return outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED, RunStatus.WAITING)
     return type(outcome) is fx.NodeRaised
 
 
@@ -922,6 +1088,8 @@ def _child_outcome(call: Any, node: Any, outcome: Any) -> tuple[Any, fx.ErrorInf
     if type(outcome) is fx.NodeRaised:
         return None, outcome.error
     if type(outcome) is fx.PlanFinished:
+        if outcome.status is RunStatus.WAITING:
+            return _WAITING, None  # neither a success nor a failure: it waits for input
         if outcome.status not in (RunStatus.COMPLETED, RunStatus.RESUMED):
             return None, _child_failure(call, outcome)
         return outcome.output, None
@@ -934,6 +1102,9 @@ def _child_outcome(call: Any, node: Any, outcome: Any) -> tuple[Any, fx.ErrorInf
     if isinstance(out, ContractViolation):
         return None, error_info(out)
     return out, None
+
+
+_WAITING = object()  # the "output" of a sub-plan child that stopped WAITING
 
 
 def _judged(
@@ -982,7 +1153,14 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     records = dict(s.group.records)
     error: fx.ErrorInfo | None = None
     final: RunStatus | None = None
+    waiting: list[str] = []
     for index, out, problem, outcome in _judged(step, call, ev):
+        if out is _WAITING:  # it goes on from its records when the group runs again
+            child = call.calls[call.indices.index(index)]
+            assert isinstance(child, fx.RunPlan)  # only a sub-plan waits
+            records[index] = (outcome.records, child.config)
+            waiting.append(outcome.reason or f"child {index} waits for input")
+            continue
         if problem is not None:
             if error is None:
                 error = problem
@@ -1015,6 +1193,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         if final is not None:
             s = _next(s, s.phase, s.current._replace(final=final))  # type: ignore[union-attr]
         return _failed(s, error)
+    if waiting:  # the group goes on when the run does, from what its children did
+        return _wait(s, f"{step.step_id!r}: " + "; ".join(waiting))
     n = len(step.children) if isinstance(step, ParallelStep) else len(outputs)
     ordered = [outputs[j] for j in range(n)]
     if isinstance(step, MapStep):
@@ -1055,7 +1235,7 @@ def _failed(s: RunState, error: fx.ErrorInfo) -> Out:
     s = _next(s, s.phase, att._replace(error=error))
     if s.config.custom_classifiers:
         s = _next(s, Phase.CLASSIFY, s.current)
-        return s, [fx.ClassifyFailure(s.step.step_id, s.attempt, error)]
+        return s, [fx.ClassifyFailure(s.step.step_id, s.attempt, error, s.coords)]
     return _classified(s, builtin_class_for_names(error.type_names))
 
 
@@ -1071,7 +1251,7 @@ def _classified(s: RunState, cls: FailureClass) -> Out:
     message = att.error.message or att.error.type_name.rsplit(".", 1)[-1]
     te = fx.RecordAttempt(
         step.step_id, s.config.run_id, s.attempt, att.started_at or _now(s), att.input_json,
-        None, att.duration_ms, cls, message,
+        None, att.duration_ms, cls, message, s.coords,
     )
     s = _next(s, s.phase, att._replace(failure=cls))
     if "failure" in s.config.hooks:
@@ -1130,6 +1310,10 @@ def _on_slept(s: RunState, ev: fx.Slept) -> Out:
 def _on_resumed(s: RunState, ev: fx.Resumed) -> Out:
     """The log ended and the run goes on live: the effects it had not recorded are
     performed now, with the live values they need, and a completed run says RESUMED."""
+    if s.phase is Phase.DONE and s.current is not None and not ev.pending:
+        # The run stopped WAITING: look for the input again (a group waiting on a child
+        # calls the children that have not succeeded; the waiting one goes on).
+        return _begin_step(_next(s, Phase.NEXT, None, resumed=True))
     s = _materialized(_next(s, s.phase, s.current, resumed=True))
     effects: list[Any] = []
     for eff in ev.pending:
@@ -1169,6 +1353,8 @@ _TABLE: Mapping[Phase, Mapping[type, _Handler]] = {
     Phase.SLEEP: {fx.Slept: _on_slept},
     Phase.HOOK_OK: {fx.HookFired: _on_hook_ok},
     Phase.CHOOSE: {fx.BranchChosen: _on_chosen},
+    Phase.ROUTE: {fx.RouteChosen: _on_route},
+    Phase.WAIT: {fx.InputReceived: _on_input, fx.InputMissing: _on_input_missing},
     Phase.NEXT: {},
     Phase.DONE: {},
 }

@@ -43,6 +43,7 @@ from stroma.failures import FailureClass, FailurePolicy
 from stroma.schemas import _schema_ref, declare_schemas
 
 __all__ = (
+    "CONTROL",
     "BranchGroup",
     "BranchStep",
     "NODE_ATTR",
@@ -50,6 +51,10 @@ __all__ = (
     "Choose",
     "Instruction",
     "Jump",
+    "LoopEnd",
+    "LoopGroup",
+    "LoopStart",
+    "LoopStep",
     "MapGroup",
     "MapStep",
     "NodeMarker",
@@ -58,12 +63,20 @@ __all__ = (
     "ParallelStep",
     "Plan",
     "PolicyTable",
+    "RouteGroup",
+    "RouteStep",
+    "RouteTo",
     "Step",
+    "WaitGroup",
+    "WaitStep",
+    "await_input",
     "branch",
     "compile_plan",
+    "loop",
     "map_each",
     "node_marker",
     "parallel",
+    "route",
     "schema_refs",
     "seq",
 )
@@ -195,6 +208,10 @@ class NodeStep:
     def flatten(self, out: list[Instruction]) -> None:
         out.append(self)
 
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        """The state's schema after this step, given the one before it."""
+        return self.output_schema
+
 
 @attrs.frozen
 class ParallelStep:
@@ -256,6 +273,9 @@ class ParallelStep:
     def flatten(self, out: list[Instruction]) -> None:
         out.append(self)
 
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        return self.output_schema
+
 
 @attrs.frozen
 class BranchStep:
@@ -313,6 +333,9 @@ class BranchStep:
             step.flatten(out)
         out[choose_at] = Choose(self, otherwise_pc)
         out[jump_at] = Jump(len(out), self.step_id)
+
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        return _after_branch(self, prev)
 
 
 @attrs.frozen
@@ -372,8 +395,218 @@ class MapStep:
     def flatten(self, out: list[Instruction]) -> None:
         out.append(self)
 
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        return self.output_schema
 
-Step = NodeStep | ParallelStep | BranchStep | MapStep
+
+@attrs.frozen
+class LoopStep:
+    """``loop(body, until=..., max_iterations=...)``: ``body`` runs again and again on its
+    own output until ``until(state)`` says so (its answer recorded, like a branch's)."""
+
+    step_id: str
+    body: Plan
+    until: Callable[[Any], Any] = attrs.field(eq=False, repr=False)
+    max_iterations: int
+
+    @property
+    def node_id(self) -> str:
+        return self.step_id
+
+    def node_ids(self) -> tuple[str, ...]:
+        return (self.step_id, *self.body.node_ids())
+
+    def nodes(self) -> Iterable[NodeStep]:
+        yield from self.body.nodes()
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.body.input_schema
+
+    def output_of(self) -> type[BaseModel] | None:
+        return self.body.output_schema
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        out.update(self.body.schemas())
+
+    def describe(self) -> Any:
+        return {"loop": self.step_id, "max": self.max_iterations, "body": self.body.describe()}
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        return []  # the body's first step is checked when the body is compiled
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> LoopStep:
+        return attrs.evolve(self, body=self.body.replaced(node_id, changes, found))
+
+    def flatten(self, out: list[Instruction]) -> None:
+        """``LoopStart``, the body, ``LoopEnd`` (which asks ``until`` and goes back)."""
+        start_at = len(out)
+        out.append(LoopStart(self, -1))
+        for step in self.body.steps:
+            step.flatten(out)
+        out.append(LoopEnd(self, start_at + 1))
+        out[start_at] = LoopStart(self, len(out))
+
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        return self.body.output_schema or prev
+
+
+@attrs.frozen
+class RouteStep:
+    """``route(selector, routes, default=...)``: ``selector(state)`` picks a route by key
+    (the key recorded); an unknown key without a default fails the run (TERMINAL)."""
+
+    step_id: str
+    selector: Callable[[Any], Any] = attrs.field(eq=False, repr=False)
+    routes: tuple[tuple[str, Plan], ...]
+    default: Plan | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.step_id
+
+    def arms(self) -> list[Plan]:
+        return [p for _, p in self.routes] + ([self.default] if self.default is not None else [])
+
+    def node_ids(self) -> tuple[str, ...]:
+        return (self.step_id, *(i for arm in self.arms() for i in arm.node_ids()))
+
+    def nodes(self) -> Iterable[NodeStep]:
+        for arm in self.arms():
+            yield from arm.nodes()
+
+    def input_of(self) -> type[BaseModel] | None:
+        return next((a.input_schema for a in self.arms() if a.input_schema is not None), None)
+
+    def output_of(self) -> type[BaseModel] | None:
+        outs = {a.output_schema for a in self.arms()}
+        return outs.pop() if len(outs) == 1 else None
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        for arm in self.arms():
+            out.update(arm.schemas())
+
+    def describe(self) -> Any:
+        return {"route": self.step_id, "routes": {k: p.describe() for k, p in self.routes},
+                "default": None if self.default is None else self.default.describe()}
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        return []  # each route's first step is checked when the route is compiled
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> RouteStep:
+        return attrs.evolve(
+            self, routes=tuple((k, p.replaced(node_id, changes, found)) for k, p in self.routes),
+            default=None if self.default is None else self.default.replaced(
+                node_id, changes, found),
+        )
+
+    def flatten(self, out: list[Instruction]) -> None:
+        """``RouteTo`` (jumps to the chosen route), then each route and a ``Jump`` out."""
+        at = len(out)
+        out.append(RouteTo(self, (), None))
+        targets: list[tuple[str, int]] = []
+        jumps: list[int] = []
+        for key, arm in self.routes:
+            targets.append((key, len(out)))
+            for step in arm.steps:
+                step.flatten(out)
+            jumps.append(len(out))
+            out.append(Jump(-1, self.step_id))
+        default_pc = None
+        if self.default is not None:
+            default_pc = len(out)
+            for step in self.default.steps:
+                step.flatten(out)
+        for j in jumps:
+            out[j] = Jump(len(out), self.step_id)
+        out[at] = RouteTo(self, tuple(targets), default_pc)
+
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        outs = [a.output_schema if a.steps else prev for a in self.arms()]
+        if any(o is None for o in outs):
+            return None
+        first = outs[0]
+        assert first is not None
+        for other in outs[1:]:
+            assert other is not None
+            if other is not first:
+                first = _common_schema(first, other)
+        return first
+
+
+@attrs.frozen
+class WaitStep:
+    """``await_input(name, schema)``: the run waits for a person or another system; the
+    step's output is its input state with the field ``name`` set to the payload."""
+
+    step_id: str
+    name: str
+    schema: type[BaseModel]
+    state_schema: type[BaseModel]
+    timeout_ms: int | None = None
+    policies: PolicyTable = ()
+    output_ref: str = attrs.field(init=False, eq=False, repr=False)
+    schema_ref: str = attrs.field(init=False, eq=False, repr=False)
+    json_schema: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "output_ref", _schema_ref(self.state_schema))
+        object.__setattr__(self, "schema_ref", _schema_ref(self.schema))
+        try:
+            text = json.dumps(self.schema.model_json_schema(), sort_keys=True,
+                              separators=(",", ":"))
+        except Exception:  # arbitrary types: no JSON Schema to check a payload against
+            text = ""
+        object.__setattr__(self, "json_schema", text)
+
+    @property
+    def node_id(self) -> str:
+        return self.step_id
+
+    @property
+    def input_schema(self) -> type[BaseModel]:
+        return self.state_schema
+
+    @property
+    def output_schema(self) -> type[BaseModel]:
+        return self.state_schema
+
+    def node_ids(self) -> tuple[str, ...]:
+        return (self.step_id,)
+
+    def nodes(self) -> Iterable[NodeStep]:
+        return ()
+
+    def input_of(self) -> type[BaseModel] | None:
+        return self.state_schema
+
+    def output_of(self) -> type[BaseModel] | None:
+        return self.state_schema
+
+    def collect_schemas(self, out: set[type[BaseModel]]) -> None:
+        out.update((self.schema, self.state_schema))
+
+    def describe(self) -> Any:
+        return {"wait": self.step_id, "name": self.name,
+                "schema": _schema_fingerprint(self.schema),
+                "state": _schema_fingerprint(self.state_schema)}
+
+    def feeds(self) -> list[tuple[str, type[BaseModel]]]:
+        return [(self.step_id, self.state_schema)]
+
+    def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> WaitStep:
+        if self.step_id == node_id:
+            found.append(True)
+            return attrs.evolve(self, **changes)
+        return self
+
+    def flatten(self, out: list[Instruction]) -> None:
+        out.append(self)
+
+    def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
+        return self.state_schema
+
+
+Step = NodeStep | ParallelStep | BranchStep | MapStep | LoopStep | RouteStep | WaitStep
 
 
 @attrs.frozen
@@ -396,7 +629,49 @@ class Jump:
     step_id: str = ""
 
 
-Instruction = NodeStep | ParallelStep | MapStep | Choose | Jump
+@attrs.frozen
+class LoopStart:
+    """Program instruction: enter a loop (its iteration 1); ``end_pc`` is past its end."""
+
+    loop: LoopStep
+    end_pc: int
+
+    @property
+    def step_id(self) -> str:
+        return self.loop.step_id
+
+
+@attrs.frozen
+class LoopEnd:
+    """Program instruction: an iteration ended: ask ``until``; go back to ``body_pc`` for
+    the next iteration, or on past the loop."""
+
+    loop: LoopStep
+    body_pc: int
+
+    @property
+    def step_id(self) -> str:
+        return self.loop.step_id
+
+
+@attrs.frozen
+class RouteTo:
+    """Program instruction: ask the route's selector and go on at the chosen route."""
+
+    route: RouteStep
+    targets: tuple[tuple[str, int], ...]
+    default_pc: int | None
+
+    @property
+    def step_id(self) -> str:
+        return self.route.step_id
+
+
+Instruction = (
+    NodeStep | ParallelStep | MapStep | WaitStep | Choose | Jump | LoopStart | LoopEnd | RouteTo
+)
+# The program's instructions that are not steps (no attempt of their own).
+CONTROL = (Choose, Jump, LoopStart, LoopEnd, RouteTo)
 
 # ------------------------------------------------------------------ unresolved groups
 #
@@ -526,6 +801,192 @@ class MapGroup(_Combinable):
             input_schema=base, output_schema=_mapped_schema(base, self.into, out_item),
             max_concurrency=self.max_concurrency,
         )]
+
+
+@attrs.frozen
+class LoopGroup(_Combinable):
+    body: Any
+    until: Callable[[Any], Any] = attrs.field(eq=False)
+    max_iterations: int
+    name: str | None = None
+
+    @property
+    def step_id(self) -> str:
+        return self.name or f"loop({_item_id(self.body)})"
+
+    def compile(
+        self, registry: ContractRegistry | None, prev: type[BaseModel] | None
+    ) -> list[Step]:
+        body = Plan(tuple(_compile_items(_as_list(self.body), registry, prev)))
+        if not body.steps:
+            raise PlanError(f"{self.step_id}: the loop's body has no step")
+        out = body.output_schema
+        first_in = body.steps[0].input_of()
+        if out is not None and first_in is not None:
+            missing = [f for f in _required(first_in) if f not in _provided(out)]
+            if missing:
+                raise PlanError(
+                    f"{self.step_id}: the body's output ({out.__name__}) feeds its own input "
+                    f"on the next iteration, but {first_in.__name__} needs "
+                    f"{', '.join(map(repr, missing))}, which {out.__name__} does not have: "
+                    f"add them to {out.__name__}, or give them defaults in "
+                    f"{first_in.__name__}"
+                )
+        return [LoopStep(self.step_id, body, self.until, self.max_iterations)]
+
+
+@attrs.frozen
+class RouteGroup(_Combinable):
+    selector: Callable[[Any], Any] = attrs.field(eq=False)
+    routes: tuple[tuple[str, Any], ...]
+    default: Any = None
+    name: str | None = None
+
+    @property
+    def step_id(self) -> str:
+        if self.name:
+            return self.name
+        return f"route({getattr(self.selector, '__name__', 'selector')})"
+
+    def compile(
+        self, registry: ContractRegistry | None, prev: type[BaseModel] | None
+    ) -> list[Step]:
+        routes = []
+        for key, arm in self.routes:
+            plan = Plan(tuple(_compile_items(_as_list(arm), registry, prev)))
+            routes.append((key, plan))
+        default = None
+        if self.default is not None:
+            default = Plan(tuple(_compile_items(_as_list(self.default), registry, prev)))
+        return [RouteStep(self.step_id, self.selector, tuple(routes), default)]
+
+
+@attrs.frozen
+class WaitGroup(_Combinable):
+    name: str
+    schema: type[BaseModel]
+    timeout_ms: int | None = None
+    input: type[BaseModel] | None = None
+
+    @property
+    def step_id(self) -> str:
+        return f"await_input({self.name})"
+
+    def compile(
+        self, registry: ContractRegistry | None, prev: type[BaseModel] | None
+    ) -> list[Step]:
+        state = self.input or prev
+        if state is None:
+            raise PlanError(
+                f"{self.step_id} is the first step, so stroma cannot tell which state holds "
+                f"its field {self.name!r}: pass await_input(..., input=YourState)"
+            )
+        info = state.model_fields.get(self.name)
+        fix = (f"give {state.__name__} the field '{self.name}: {self.schema.__name__} | None "
+               "= None'")
+        if info is None:
+            raise PlanError(
+                f"{self.step_id}: the state before it ({state.__name__}) has no field "
+                f"{self.name!r} for the input to go in: {fix}"
+            )
+        if not _accepts(info.annotation, self.schema):
+            raise PlanError(
+                f"{self.step_id}: field {self.name!r} of {state.__name__} is "
+                f"{info.annotation!r}, which does not take a {self.schema.__name__}: {fix}"
+            )
+        return [WaitStep(self.step_id, self.name, self.schema, state, self.timeout_ms)]
+
+
+def _accepts(annotation: Any, schema: type[BaseModel]) -> bool:
+    if annotation is schema:
+        return True
+    return any(_accepts(arg, schema) for arg in typing.get_args(annotation))
+
+
+def _check_pure(where: str, what: str, fn: Any) -> None:
+    if not callable(fn):
+        raise PlanError(f"{where}({what}={fn!r}): expected a function of the state")
+    if _is_async(fn):
+        raise PlanError(
+            f"{where}({what}={getattr(fn, '__qualname__', fn)}): the function is async; it "
+            "must be a plain (pure) function of the state (define it with 'def')"
+        )
+
+
+def loop(
+    body: Any, *, until: Callable[[Any], Any], max_iterations: int, name: str | None = None
+) -> LoopGroup:
+    """Run ``body`` (a step or a plan whose output feeds its own input) again and again
+    until ``until(state)`` is true after an iteration, at most ``max_iterations`` times.
+
+    ``until`` is a pure function of the state; its answers are recorded in the log, so a
+    replay takes the same path. Running out of iterations ends the run PARTIAL. Budgets,
+    timeouts, retries, hooks and checkpoints apply inside the loop as outside; trace
+    events carry the iteration.
+    """
+    _check_pure("loop", "until", until)
+    if not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or (
+        max_iterations < 1
+    ):
+        raise PlanError(
+            f"loop(max_iterations={max_iterations!r}): expected a whole number >= 1, the "
+            "most iterations the loop may run (e.g. max_iterations=10)"
+        )
+    return LoopGroup(body, until, max_iterations, name)
+
+
+def route(
+    selector: Callable[[Any], Any],
+    routes: Mapping[str, Any],
+    *,
+    default: Any = None,
+    name: str | None = None,
+) -> RouteGroup:
+    """Go on with one of ``routes`` (key -> step or plan), picked by ``selector(state)``
+    (the model's choice of tool, say). The key is recorded in the log; a key that names no
+    route goes to ``default``, or, without one, fails the run (TERMINAL) naming the key
+    and the keys there are."""
+    _check_pure("route", "selector", selector)
+    if not isinstance(routes, Mapping) or not routes:
+        raise PlanError(
+            f"route(routes={routes!r}): expected a dict of at least one route, key -> step, "
+            "e.g. route(pick, {'search': search, 'answer': answer})"
+        )
+    bad = [k for k in routes if not isinstance(k, str)]
+    if bad:
+        raise PlanError(f"route(routes=...): keys must be strings, got {bad[0]!r}")
+    return RouteGroup(selector, tuple(routes.items()), default, name)
+
+
+def await_input(
+    name: str,
+    schema: type[BaseModel],
+    *,
+    timeout_ms: int | None = None,
+    input: type[BaseModel] | None = None,
+) -> WaitGroup:
+    """A step that waits for a person or another system to send ``name`` (a ``schema``).
+
+    When the input is there, the step's output is the state it received with its field
+    ``name`` set to the validated payload (the state must have such a field, e.g.
+    ``approval: Approval | None = None``). When it is not, the run ends WAITING; send it
+    with ``stroma.send_input`` and run the plan again with the same run id (or pass
+    ``inputs={name: payload}`` to ``interpret``). A wait past ``timeout_ms`` when the run
+    is next resumed fails the step with a TimeoutError.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PlanError(
+            f"await_input(name={name!r}): expected the name of a field of the state (a "
+            "Python identifier), e.g. await_input('approval', Approval)"
+        )
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise PlanError(
+            f"await_input({name!r}, schema={schema!r}): expected a pydantic BaseModel class, "
+            "the shape of the input, e.g. class Approval(BaseModel): approved: bool"
+        )
+    if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or timeout_ms <= 0):
+        raise PlanError(f"await_input({name!r}, timeout_ms={timeout_ms!r}): expected ms > 0")
+    return WaitGroup(name, schema, None if timeout_ms is None else int(timeout_ms), input)
 
 
 def _check_concurrency(where: str, value: int | None) -> None:
@@ -773,11 +1234,8 @@ class Plan(_Combinable):
     def output_schema(self) -> type[BaseModel] | None:
         out: type[BaseModel] | None = None
         for i, step in enumerate(self.steps):
-            if isinstance(step, BranchStep):
-                # An empty arm passes the state on: at the start, the plan's own input.
-                out = _after_branch(step, out if i else step.input_of())
-            else:
-                out = step.output_of()
+            # (an empty arm of a branch passes the state on: at the start, the plan's input)
+            out = step.after(out if i else step.input_of())
         return out
 
     def input_of(self) -> type[BaseModel] | None:
@@ -918,9 +1376,11 @@ def _compile_items(
             if new:
                 _check_feed(prev, new[0])
             checked = True
-        elif isinstance(item, NodeStep | ParallelStep | BranchStep | MapStep):
+        elif isinstance(item, NodeStep | ParallelStep | BranchStep | MapStep | LoopStep
+                        | RouteStep | WaitStep):
             new = [item]
-        elif isinstance(item, ParallelGroup | BranchGroup | MapGroup):
+        elif isinstance(item, ParallelGroup | BranchGroup | MapGroup | LoopGroup | RouteGroup
+                        | WaitGroup):
             new = item.compile(registry, prev)
         elif isinstance(item, list | tuple):
             new = _compile_items(item, registry, prev)
@@ -930,7 +1390,7 @@ def _compile_items(
         for step in new:
             if not checked:
                 _check_feed(prev, step)
-            prev = _after_branch(step, prev) if isinstance(step, BranchStep) else step.output_of()
+            prev = step.after(prev)
             steps.append(step)
     return steps
 

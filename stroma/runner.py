@@ -295,6 +295,7 @@ async def interpret(
     registry: ContractRegistry | None = None,
     manager: CheckpointManager | None = None,
     sleep: Callable[[float], Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> ExecutionResult:
     """Run a plan (or a list of nodes) live and return its result and effect log.
 
@@ -313,6 +314,7 @@ async def interpret(
     world = Collaborators(
         manager, hooks=config.hooks, classifiers=tuple(config.classifiers),
         context=config.context, sleep=sleep if sleep is not None else anyio.sleep,
+        inputs=dict(inputs or {}),
     )
     machine = machine_config(config, run_id)
     tracer = _traced(config, machine, world, compiled)

@@ -26,6 +26,7 @@ __all__ = (
     "declare_schema",
     "declare_schemas",
     "declared_schemas",
+    "json_schema_problems",
     "resolve_declared",
     "serialization_problem",
     "state_json",
@@ -120,3 +121,51 @@ def serialization_problem(state: BaseModel, exc: BaseException) -> str:
         except Exception:
             return f"field {name!r} of {type(state).__name__} cannot be written as JSON ({what})"
     return f"{type(state).__name__} cannot be written as JSON ({what})"
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "array": (list,), "object": (dict,), "null": (type(None),),
+}
+
+
+def json_schema_problems(value: Any, schema: dict[str, Any], where: str = "") -> list[str]:
+    """What in ``value`` does not fit the JSON Schema ``schema`` (the subset pydantic
+    writes for plain models: types, properties, required, items, enum, const, anyOf and
+    $ref to $defs), each named by its field; [] when it fits. For checking a payload
+    against a schema whose class this process does not have."""
+    return _problems(value, schema, schema.get("$defs", {}), where)
+
+
+def _problems(value: Any, schema: dict[str, Any], defs: dict[str, Any], where: str) -> list[str]:
+    at = where or "(the payload)"
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _problems(value, defs.get(ref.rsplit("/", 1)[1], {}), defs, where)
+    if "anyOf" in schema:
+        options = [_problems(value, option, defs, where) for option in schema["anyOf"]]
+        return [] if any(not o for o in options) else min(options, key=len)
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{at}: expected one of {schema['enum']!r}, got {value!r}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{at}: expected {schema['const']!r}, got {value!r}"]
+    kind = schema.get("type")
+    if isinstance(kind, str) and kind in _JSON_TYPES:
+        ok = isinstance(value, _JSON_TYPES[kind]) and not (
+            kind in ("integer", "number") and isinstance(value, bool))
+        if not ok:
+            return [f"{at}: expected {kind}, got {value!r}"]
+    found: list[str] = []
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for name in schema.get("required", []):
+            if name not in value:
+                found.append(f"{where + '.' if where else ''}{name}: field required")
+        for name, sub in properties.items():
+            if name in value:
+                found.extend(_problems(value[name], sub, defs,
+                                       f"{where + '.' if where else ''}{name}"))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            found.extend(_problems(item, schema["items"], defs, f"{where}[{i}]"))
+    return found

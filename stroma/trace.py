@@ -38,6 +38,7 @@ class RunStatus(StrEnum):
     FAILED = "FAILED"  # a TERMINAL failure stopped the run
     PARTIAL = "PARTIAL"  # retries ran out, or the resume target was not in the sequence
     RESUMED = "RESUMED"  # finished after resuming from a checkpoint
+    WAITING = "WAITING"  # stopped at an await_input step until its input is sent
 
 
 @dataclass(slots=True)
@@ -57,11 +58,30 @@ class TraceEvent:
     duration_ms: int
     failure: FailureClass | None = None
     failure_message: str | None = None
+    # Where the attempt ran, outermost first: ("loop", loop id, iteration) for each loop
+    # and ("item", map step id, item index) for each map_each around it; () at the top.
+    coords: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def step_id(self) -> str:
         """Alias of ``node_id``."""
         return self.node_id
+
+    @property
+    def iteration(self) -> int | None:
+        """The iteration of the innermost loop the attempt ran in (1-based), or None."""
+        return next((n for kind, _, n in reversed(self.coords) if kind == "loop"), None)
+
+    @property
+    def item(self) -> int | None:
+        """The item index of the innermost map_each the attempt ran in, or None."""
+        return next((n for kind, _, n in reversed(self.coords) if kind == "item"), None)
+
+    @property
+    def where(self) -> str:
+        """The coordinates as text: ``agent#3/map_each(fetch, ...)[7]``; "" at the top."""
+        return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
+                        for kind, step, n in self.coords)
 
     @property
     def outcome(self) -> str:
@@ -82,6 +102,7 @@ class TraceEvent:
             "duration_ms": self.duration_ms,
             "failure": None if self.failure is None else str(self.failure),
             "failure_message": self.failure_message,
+            **({"coords": [list(c) for c in self.coords]} if self.coords else {}),
         }
 
 
@@ -132,9 +153,14 @@ class ExecutionTrace:
     def append(self, event: TraceEvent) -> None:
         self.events.append(event)
 
-    def events_for(self, node_id: str) -> list[TraceEvent]:
-        """Every attempt of one node, in order."""
-        return [e for e in self.events if e.node_id == node_id]
+    def events_for(
+        self, node_id: str, *, iteration: int | None = None, item: int | None = None
+    ) -> list[TraceEvent]:
+        """Every attempt of one node, in order; ``iteration`` / ``item`` keep those of one
+        loop iteration or one map item (the innermost)."""
+        return [e for e in self.events if e.node_id == node_id
+                and (iteration is None or e.iteration == iteration)
+                and (item is None or e.item == item)]
 
     def failures(self) -> list[TraceEvent]:
         """The attempts that failed (a cancelled attempt is not a failure)."""
@@ -153,16 +179,18 @@ class ExecutionTrace:
     def diff(self, other: ExecutionTrace) -> list[str]:
         """Human-readable differences with ``other``; an empty list means equivalent.
 
-        Events are keyed by ``(node_id, attempt)`` and compared in sorted key order on
-        their states and failure, ignoring timestamps, durations and run ids. A node that
-        ran more than once with the same attempt number (a branch taken twice, a resumed
-        run) is matched occurrence by occurrence: the n-th with the n-th. The lines read::
+        Events are keyed by ``(node_id, where, attempt)`` (``where``: the loop iteration
+        and map item it ran in, see ``TraceEvent.where``) and compared in sorted key order
+        on their states and failure, ignoring timestamps, durations and run ids. A node
+        that ran more than once with the same key (a branch taken twice, a resumed run) is
+        matched occurrence by occurrence: the n-th with the n-th. The lines read::
 
             Missing event in other trace: <node> attempt <n>
             Extra event in other trace: <node> attempt <n>
             Difference for <node> attempt <n>: <field>: <this> != <other>; ...
 
-        with `` (occurrence <k>)`` after the attempt number from the second occurrence on.
+        with `` at <where>`` after the node inside a loop or map, and `` (occurrence <k>)``
+        after the attempt number from the second occurrence on.
         """
         mine, theirs = _keyed(self.events), _keyed(other.events)
         lines: list[str] = []
@@ -199,22 +227,24 @@ class ExecutionTrace:
         return f"ExecutionTrace(<{n} events>)"
 
 
-_Key = tuple[str, int, int]
+_Key = tuple[str, str, int, int]
 
 
 def _keyed(events: list[TraceEvent]) -> dict[_Key, TraceEvent]:
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[str, str, int], int] = {}
     out: dict[_Key, TraceEvent] = {}
     for e in events:
-        n = seen.get((e.node_id, e.attempt), 0)
-        seen[(e.node_id, e.attempt)] = n + 1
-        out[(e.node_id, e.attempt, n)] = e
+        where = e.where
+        n = seen.get((e.node_id, where, e.attempt), 0)
+        seen[(e.node_id, where, e.attempt)] = n + 1
+        out[(e.node_id, where, e.attempt, n)] = e
     return out
 
 
 def _label(key: _Key) -> str:
-    node_id, attempt, n = key
-    return f"{node_id} attempt {attempt}" + (f" (occurrence {n + 1})" if n else "")
+    node_id, where, attempt, n = key
+    at = f" at {where}" if where else ""
+    return f"{node_id}{at} attempt {attempt}" + (f" (occurrence {n + 1})" if n else "")
 
 
 @dataclass(slots=True)

@@ -38,6 +38,14 @@ class _MemoryBase:
         self._data: dict[str, dict[str, bytes]] = {}
         self._types: dict[str, dict[str, type[BaseModel]]] = {}
         self._logs: dict[str, EffectLog] = {}
+        self._inputs: dict[str, dict[str, str]] = {}
+
+    # Inputs sent to waiting runs (send_input): JSON text by the wait's key.
+    def _put_input(self, run_id: str, key: str, text: str) -> None:
+        self._inputs.setdefault(run_id, {})[key] = text
+
+    def _get_input(self, run_id: str, key: str) -> str | None:
+        return self._inputs.get(run_id, {}).get(key)
 
     def _put(self, run_id: str, node_id: str, data: bytes, schema: type[BaseModel]) -> None:
         texts = self._data.get(run_id)
@@ -62,6 +70,7 @@ class _MemoryBase:
         return (schema or self._types[run_id][node_id]).model_validate_json(text)
 
     def _delete(self, run_id: str) -> None:
+        self._inputs.pop(run_id, None)
         self._data.pop(run_id, None)
         self._types.pop(run_id, None)
         self._logs.pop(run_id, None)
@@ -79,6 +88,13 @@ class _MemoryBase:
 
 class InMemoryStore(_MemoryBase):
     """Synchronous in-process store (the default)."""
+
+    def put_input(self, run_id: str, key: str, text: str) -> None:
+        """Keep the input (JSON text) a waiting run looks for under ``key``."""
+        self._put_input(run_id, key, text)
+
+    def get_input(self, run_id: str, key: str) -> str | None:
+        return self._get_input(run_id, key)
 
     def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         self._save(run_id, node_id, state)
@@ -111,6 +127,13 @@ class InMemoryStore(_MemoryBase):
 
 class AsyncInMemoryStore(_MemoryBase):
     """Asynchronous in-process store."""
+
+    async def put_input(self, run_id: str, key: str, text: str) -> None:
+        """Keep the input (JSON text) a waiting run looks for under ``key``."""
+        self._put_input(run_id, key, text)
+
+    async def get_input(self, run_id: str, key: str) -> str | None:
+        return self._get_input(run_id, key)
 
     async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         self._save(run_id, node_id, state)

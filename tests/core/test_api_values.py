@@ -152,17 +152,19 @@ def test_enums_print_their_names() -> None:
     """``str()`` and f-strings of RunStatus and FailureClass give the member name."""
     assert str(RunStatus.COMPLETED) == "COMPLETED"
     assert f"{RunStatus.PARTIAL}" == "PARTIAL"
-    assert [str(s) for s in RunStatus] == ["COMPLETED", "FAILED", "PARTIAL", "RESUMED"]
+    assert [str(s) for s in RunStatus] == ["COMPLETED", "FAILED", "PARTIAL", "RESUMED", "WAITING"]
     assert [str(c) for c in FailureClass] == ["RECOVERABLE", "TERMINAL", "AMBIGUOUS"]
     assert FailureClass("TERMINAL") is FailureClass.TERMINAL
 
 
 def test_trace_event_fields_and_step_id() -> None:
-    """TraceEvent has exactly the documented fields, in order, and step_id is node_id."""
+    """TraceEvent has the documented fields, in order, then ``coords`` (where in loops and
+    maps it ran, defaulted: code that builds events positionally keeps working), and
+    step_id is node_id."""
     names = [f.name for f in dataclasses.fields(TraceEvent)]
     assert names == [
         "node_id", "run_id", "attempt", "timestamp_utc", "input_state", "output_state",
-        "duration_ms", "failure", "failure_message",
+        "duration_ms", "failure", "failure_message", "coords",
     ]
     e = event("extract")
     assert e.step_id == "extract"

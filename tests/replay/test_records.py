@@ -54,7 +54,7 @@ def chain(n: int, script: dict[int, list[str]] | None = None) -> list[Any]:
         out = Other if "other" in plan else Num
         contract = NodeContract(node_id=f"n{i}", input_schema=Num, output_schema=out)
 
-        async def step(s: Num, _plan: list[str] = plan) -> Any:
+        async def step(s: Num, *, _plan: list[str] = plan) -> Any:
             todo = _plan.pop(0) if _plan and _plan[0] != "other" else "ok"
             if todo == "raise":
                 raise ConnectionError("flaky")

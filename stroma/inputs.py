@@ -1,0 +1,175 @@
+"""Sending a waiting run its input: ``send_input``.
+
+A run that reaches ``await_input(name, schema)`` with no input ends WAITING; its log says
+what it waits for (the wait's key, its schema and a digest of the state it asks about).
+``send_input`` checks a payload against that wait and keeps it in the run's store, where
+the run finds it when it is run again with the same run id (``interpret(plan, ...,
+store=store, config=RunConfig(run_id=...))``). Nothing is lost on a refusal: the run
+stays WAITING, the store unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from stroma import effects as fx
+from stroma.errors import StromaError, UnsafeSchemaRef
+from stroma.log import EffectLog, ResumeMarker
+from stroma.schemas import json_schema_problems, resolve_declared
+from stroma.trace import RunStatus
+
+__all__ = ("InputRefused", "pending_wait", "send_input")
+
+
+class InputRefused(StromaError, ValueError):
+    """``send_input`` refused a payload: the run waits for no such input, the payload does
+    not fit the wait's schema (the fields are named), or it was meant for another request
+    (its digest)."""
+
+
+def pending_wait(log: EffectLog) -> list[fx.AwaitInput]:
+    """The waits a run that ended WAITING is stopped at (none for any other run)."""
+    finish = log.finish
+    if finish is None or finish.status is not RunStatus.WAITING:
+        return []
+    waits: list[fx.AwaitInput] = []
+    for record in reversed(list(log.records)):
+        if isinstance(record, ResumeMarker):
+            break
+        effect, event = record
+        if isinstance(effect, fx.AwaitInput) and isinstance(event, fx.InputMissing):
+            waits.append(effect)
+            break
+        if isinstance(event, fx.ParallelReturned):
+            waits.extend(_child_waits(event))
+            break
+    return waits
+
+
+def _child_waits(event: fx.ParallelReturned) -> list[fx.AwaitInput]:
+    found: list[fx.AwaitInput] = []
+    for outcome in event.outcomes:
+        if isinstance(outcome, fx.PlanFinished) and outcome.status is RunStatus.WAITING:
+            found.extend(pending_wait(EffectLog(_header(), outcome.records)))
+    return found
+
+
+def _header() -> Any:
+    from stroma.log import LogHeader
+
+    return LogHeader(run_id="", plan="", seed=0, version="", started_at="")
+
+
+async def _read_log(store: Any, run_id: str) -> EffectLog | None:
+    read = getattr(store, "read_log", None)
+    if callable(read):
+        log = read(run_id)
+        if inspect.isawaitable(log):
+            log = await log
+        return log
+    get = getattr(store, "get_log", None)
+    return get(run_id) if callable(get) else None
+
+
+async def send_input(
+    store: Any,
+    run_id: str,
+    name: str,
+    payload: Any,
+    *,
+    digest: str | None = None,
+    schema: type[BaseModel] | None = None,
+) -> str:
+    """Send the input ``name`` (a model, a dict, or JSON text) to the run ``run_id``,
+    WAITING in ``store``; returns the key it was kept under.
+
+    The payload is checked against the wait's schema: the class itself when this process
+    knows it (the plan's module imported, or ``schema=``), else the JSON Schema the log
+    keeps. With ``digest=`` (from the run's wait: ``pending_wait(log)[0].digest``) a
+    payload meant for a state the run is no longer in is refused.
+    """
+    log = await _read_log(store, run_id)
+    if log is None:
+        raise InputRefused(f"send_input: the store has no run {run_id!r} (nothing was sent)")
+    waits = pending_wait(log)
+    if not waits:
+        status = log.finish.status if log.finish is not None else "running or crashed"
+        raise InputRefused(
+            f"send_input: run {run_id!r} is not waiting for input (it is {status}); an "
+            "input can only be sent to a run that stopped at an await_input step"
+        )
+    wait = next((w for w in waits if w.key == name), None)
+    if wait is None:
+        named = [w for w in waits if w.name == name]
+        wait = named[0] if len(named) == 1 else None
+    if wait is None:
+        keys = ", ".join(repr(w.key) for w in waits)
+        raise InputRefused(
+            f"send_input: run {run_id!r} waits for {keys}, not {name!r}: send one of those"
+        )
+    if digest is not None and digest != wait.digest:
+        raise InputRefused(
+            f"send_input: the input {wait.key!r} was meant for another request of run "
+            f"{run_id!r} (digest {digest!r}; the run now asks about {wait.digest!r}): the "
+            "state it was asked about changed; look at the run again and send a new one"
+        )
+    value = _as_value(payload)
+    _check(value, wait, schema)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    put = getattr(store, "put_input", None)
+    if not callable(put):
+        raise InputRefused(
+            f"send_input: {type(store).__name__} cannot keep inputs (it has no put_input): "
+            "use a store of stroma's, or give the input to interpret(..., inputs={...})"
+        )
+    result = put(run_id, wait.key, text)
+    if inspect.isawaitable(result):
+        await result
+    return wait.key
+
+
+def _as_value(payload: Any) -> Any:
+    if isinstance(payload, BaseModel):
+        return payload.model_dump(mode="json")
+    if isinstance(payload, str | bytes):
+        try:
+            return json.loads(payload)
+        except ValueError as e:
+            raise InputRefused(f"send_input: the payload is not JSON ({e})") from None
+    try:
+        json.dumps(payload)
+    except (TypeError, ValueError) as e:
+        raise InputRefused(f"send_input: the payload cannot be written as JSON ({e})") from None
+    return payload
+
+
+def _check(value: Any, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> None:
+    cls = schema
+    if cls is None:
+        try:
+            cls = resolve_declared(wait.schema, source="the wait's schema")
+        except UnsafeSchemaRef:
+            cls = None
+    if cls is not None:
+        try:
+            cls.model_validate(value)
+        except ValidationError as e:
+            fields = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or '(the payload)'}: {err['msg']}"
+                for err in e.errors(include_url=False)
+            )
+            raise InputRefused(
+                f"send_input: the input {wait.key!r} does not fit {cls.__name__}: {fields} "
+                "(nothing was sent; the run still waits)"
+            ) from None
+        return
+    problems = json_schema_problems(value, json.loads(wait.json_schema or "{}"))
+    if problems:
+        raise InputRefused(
+            f"send_input: the input {wait.key!r} does not fit its schema: "
+            f"{'; '.join(problems)} (nothing was sent; the run still waits)"
+        )
