@@ -6,7 +6,7 @@ survives a noisy machine better than an absolute time.
 
 from __future__ import annotations
 
-from benchmarks import fanout, filestore, machine, overhead, replay, stores, tracing
+from benchmarks import fanout, filestore, loop, machine, overhead, replay, stores, tracing
 
 
 def main() -> None:
@@ -16,6 +16,7 @@ def main() -> None:
         ("FileStore (ratio <= 1.5)", filestore.main),
         ("replay and memory", replay.main),
         ("fan-out (ratio <= 3)", fanout.main),
+        ("loops: per-iteration overhead (issue 12: ratio <= 2, flat)", loop.main),
         ("Redis and PostgreSQL stores (ratio <= 1.5)", stores.main),
         ("tracing on vs off (OpenTelemetry SDK, dropping exporter)", tracing.main),
     ):

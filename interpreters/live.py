@@ -78,6 +78,7 @@ def _utc_now() -> datetime:
 
 _now_utc = functools.partial(datetime.now, UTC)  # _utc_now, as one C-level call
 _tuple_new = tuple.__new__  # a NodeReturned made with every field, per node
+_TAKEN, _NOT_TAKEN = fx.BranchChosen(True), fx.BranchChosen(False)  # frozen: shared
 
 
 @attrs.frozen
@@ -332,11 +333,16 @@ class LivePerformer:
         )
 
     async def choose(self, eff: fx.ChooseBranch) -> fx.BranchChosen:
+        return self.choose_now(eff)
+
+    def choose_now(self, eff: fx.ChooseBranch) -> fx.BranchChosen:
+        """A branch predicate's or a loop's until's answer (a plain function: the loop
+        calls it without a coroutine)."""
         try:
             taken = _pure(self.predicates[eff.step_id], eff.state, eff.step_id)
         except Exception as exc:
             return fx.BranchChosen(False, error_info(exc))
-        return fx.BranchChosen(bool(taken))
+        return _TAKEN if taken else _NOT_TAKEN
 
     async def choose_route(self, eff: fx.ChooseRoute) -> fx.RouteChosen:
         try:

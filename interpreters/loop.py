@@ -224,6 +224,7 @@ async def _run_live(
     guarded = performer.guard is not None
     table = performer.table
     commit = performer.commit
+    choose = performer.choose_now
     commit_now = performer.commit_now  # (a synchronous store: no coroutine per commit)
     warn = performer.log.warning
     while True:
@@ -264,7 +265,8 @@ async def _run_live(
         else:
             if guarded and type(pending) is fx.FireHook:
                 performer.at = (state, pending)  # where to go on if the hook times out
-            event = await table[type(pending)](pending)
+            event = (choose(pending) if type(pending) is fx.ChooseBranch
+                     else await table[type(pending)](pending))
         before = state
         state, effects = advance(state, event)
         if type(event) is fx.NodeReturned:

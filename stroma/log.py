@@ -336,8 +336,12 @@ _ENCODE: dict[type, Callable[[Any], tuple[Any, ...]]] = {
     fx.Commit: _commit_atoms,
     fx.RecordAttempt: _attempt_atoms,
     fx.FireHook: _hook_atoms,
+    fx.ChooseBranch: lambda e: ("ChooseBranch", e.step_id),
+    fx.ChooseRoute: lambda e: ("ChooseRoute", e.step_id),
 }
 _NO_ERROR = ("HookFired", None)
+_TAKEN = ("BranchChosen", True, None)
+_NOT_TAKEN = ("BranchChosen", False, None)
 
 
 def encode_effect(effect: Any) -> tuple[Any, ...]:
@@ -441,6 +445,10 @@ def encode_event(event: Any) -> tuple[Any, ...]:
     if t is fx.HookFired:
         error = event.error
         return _NO_ERROR if error is None else ("HookFired", _error_atoms(error))
+    if t is fx.BranchChosen and event.error is None:  # a loop's until, a branch's choice
+        return _TAKEN if event.taken else _NOT_TAKEN
+    if t is fx.RouteChosen and event.error is None:
+        return ("RouteChosen", event.key, None)
     return _generic_atoms(event)
 
 

@@ -10,3 +10,13 @@ def test_the_fanout_benchmark_runs_and_reports_its_figures(capsys: object) -> No
     figures = fanout.main(["--children", "40", "--repeats", "1"])
     assert set(figures) == {"stroma_us", "bare_us", "ratio", "children", "max_concurrency"}
     assert figures["children"] == 40 and figures["ratio"] > 0
+
+
+def test_the_loop_benchmark_runs_every_configuration_to_the_end() -> None:
+    """``benchmarks.loop.measure`` runs each configuration's loop to its last iteration
+    (it asserts the final value itself) beside its floor, giving positive figures."""
+    from benchmarks import loop
+
+    for name, *_ in loop.CONFIGS:
+        ours, floor = loop.measure(name, 7, 1)
+        assert ours > 0 and floor > 0
