@@ -223,7 +223,13 @@ class ExecutionTrace:
         return self.events == other.events
 
     def __repr__(self) -> str:
-        n = len(self.events)
+        # (without folding a trace that was not read: asyncio shows a run's result in
+        # its task's repr, and a folded trace is most of a finished run's memory)
+        records = self._records
+        if records is not None:
+            n = len(records() if callable(records) else records)
+        else:
+            n = len(self._events)
         return f"ExecutionTrace(<{n} events>)"
 
 
