@@ -81,7 +81,7 @@ from stroma import effects as fx
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded, ExecutionBudget, FallbackPolicy, estimate_cost_usd
 from stroma.cost import fallback_for as _fallback_for
-from stroma.errors import StromaError
+from stroma.errors import PlanError, StromaError
 from stroma.failures import (
     FailureClass,
     FailurePolicy,
@@ -100,9 +100,10 @@ from stroma.plan import (
     ParallelStep,
     Plan,
     RouteTo,
+    WaitGroup,
     WaitStep,
 )
-from stroma.schemas import serialization_problem, state_json
+from stroma.schemas import _schema_ref, serialization_problem, state_json
 from stroma.trace import RunStatus
 
 __all__ = (
@@ -695,6 +696,11 @@ def input_key(name: str, coords: Coords) -> str:
 def _begin_wait(s: RunState, step: WaitStep) -> Out:
     """Look for the wait's input (``s`` is this transition's copy, finished in place)."""
     d = s.__dict__
+    if step.state_schema is None:  # a run that begins with its wait: check its state now
+        try:
+            WaitGroup(step.name, step.schema).checked(s.state_type)
+        except PlanError as e:
+            return _control_failed(s, str(e))
     ask = fx.AwaitInput(
         step.step_id, step.name, input_key(step.name, s.coords), s.attempt, step.schema_ref,
         hashlib.sha256(s.state_json).hexdigest()[:16], step.timeout_ms, step.json_schema,
@@ -721,7 +727,7 @@ def _on_input(s: RunState, ev: fx.InputReceived) -> Out:
     if isinstance(text, fx.ErrorInfo):
         return _failed(_answered(s, ev.at, 0, 0, 0.0), text)
     s = _next(s, s.phase, att, waiting_since=None)
-    return _succeeded(s, out, text, step.state_schema, ev.at, 0, 0, 0.0)
+    return _succeeded(s, out, text, type(out), ev.at, 0, 0, 0.0)
 
 
 def _on_input_missing(s: RunState, ev: fx.InputMissing) -> Out:
@@ -936,8 +942,8 @@ def _succeeded(
     attempt = s.attempt
     commit = _tuple_new(fx.Commit, (
         step.step_id, c.run_id, attempt, started_at, s.current.input_json,  # type: ignore[union-attr]
-        out_json, duration_ms, step.output_ref, out, s.coords,
-    ))
+        out_json, duration_ms, step.output_ref or _schema_ref(out_type), out, s.coords,
+    ))  # (no output_ref: a wait that begins the run, in whatever state it began)
     # _next, spelled out: this runs once per node.
     d = s.__dict__.copy()
     d["state"] = out

@@ -31,8 +31,8 @@ import hashlib
 import inspect
 import json
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
 
 import attrs
 from pydantic import BaseModel, create_model
@@ -43,6 +43,7 @@ from stroma.failures import FailureClass, FailurePolicy
 from stroma.schemas import _schema_ref, declare_schemas
 
 __all__ = (
+    "PlanLike",
     "CONTROL",
     "BranchGroup",
     "BranchStep",
@@ -541,7 +542,10 @@ class WaitStep:
     step_id: str
     name: str
     schema: type[BaseModel]
-    state_schema: type[BaseModel]
+    # None for a wait that begins a plan of its own (``seq(await_input(...), ...)``): the
+    # state is known, and checked, where that plan is put after another step; at the
+    # start of a whole run the machine checks the initial state instead.
+    state_schema: type[BaseModel] | None
     timeout_ms: int | None = None
     policies: PolicyTable = ()
     output_ref: str = attrs.field(init=False, eq=False, repr=False)
@@ -549,7 +553,8 @@ class WaitStep:
     json_schema: str = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "output_ref", _schema_ref(self.state_schema))
+        state = self.state_schema
+        object.__setattr__(self, "output_ref", "" if state is None else _schema_ref(state))
         object.__setattr__(self, "schema_ref", _schema_ref(self.schema))
         try:
             text = json.dumps(self.schema.model_json_schema(), sort_keys=True,
@@ -563,11 +568,11 @@ class WaitStep:
         return self.step_id
 
     @property
-    def input_schema(self) -> type[BaseModel]:
+    def input_schema(self) -> type[BaseModel] | None:
         return self.state_schema
 
     @property
-    def output_schema(self) -> type[BaseModel]:
+    def output_schema(self) -> type[BaseModel] | None:
         return self.state_schema
 
     def node_ids(self) -> tuple[str, ...]:
@@ -583,15 +588,18 @@ class WaitStep:
         return self.state_schema
 
     def collect_schemas(self, out: set[type[BaseModel]]) -> None:
-        out.update((self.schema, self.state_schema))
+        out.add(self.schema)
+        if self.state_schema is not None:
+            out.add(self.state_schema)
 
     def describe(self) -> Any:
+        state = self.state_schema
         return {"wait": self.step_id, "name": self.name,
                 "schema": _schema_fingerprint(self.schema),
-                "state": _schema_fingerprint(self.state_schema)}
+                "state": None if state is None else _schema_fingerprint(state)}
 
     def feeds(self) -> list[tuple[str, type[BaseModel]]]:
-        return [(self.step_id, self.state_schema)]
+        return [] if self.state_schema is None else [(self.step_id, self.state_schema)]
 
     def replaced(self, node_id: str, changes: dict[str, Any], found: list[bool]) -> WaitStep:
         if self.step_id == node_id:
@@ -603,7 +611,7 @@ class WaitStep:
         out.append(self)
 
     def after(self, prev: type[BaseModel] | None) -> type[BaseModel] | None:
-        return self.state_schema
+        return self.state_schema if self.state_schema is not None else prev
 
 
 Step = NodeStep | ParallelStep | BranchStep | MapStep | LoopStep | RouteStep | WaitStep
@@ -695,6 +703,11 @@ class _Combinable:
 
     def __rrshift__(self, other: Any) -> Plan:
         return seq(other, self)
+
+
+PlanLike = Union["Plan", Sequence[Any], _Combinable]
+"""What ``interpret``, ``replay`` and ``compile_plan`` take: a plan, a list of nodes and
+groups, or one group (``loop(...)``, ``parallel(...)``, ``await_input(...)``, ...)."""
 
 
 # How a group runs on its own (``await parallel(a, b)(state)``): the core never runs
@@ -876,11 +889,12 @@ class WaitGroup(_Combinable):
         self, registry: ContractRegistry | None, prev: type[BaseModel] | None
     ) -> list[Step]:
         state = self.input or prev
-        if state is None:
-            raise PlanError(
-                f"{self.step_id} is the first step, so stroma cannot tell which state holds "
-                f"its field {self.name!r}: pass await_input(..., input=YourState)"
-            )
+        if state is None:  # the first step of a plan: checked where the plan is placed
+            return [WaitStep(self.step_id, self.name, self.schema, None, self.timeout_ms)]
+        return [self.checked(state)]
+
+    def checked(self, state: type[BaseModel]) -> WaitStep:
+        """The wait's step, once the state it waits in is known (its field checked)."""
         info = state.model_fields.get(self.name)
         fix = (f"give {state.__name__} the field '{self.name}: {self.schema.__name__} | None "
                "= None'")
@@ -894,7 +908,7 @@ class WaitGroup(_Combinable):
                 f"{self.step_id}: field {self.name!r} of {state.__name__} is "
                 f"{info.annotation!r}, which does not take a {self.schema.__name__}: {fix}"
             )
-        return [WaitStep(self.step_id, self.name, self.schema, state, self.timeout_ms)]
+        return WaitStep(self.step_id, self.name, self.schema, state, self.timeout_ms)
 
 
 def _accepts(annotation: Any, schema: type[BaseModel]) -> bool:
@@ -1376,6 +1390,13 @@ def _compile_items(
             if new:
                 _check_feed(prev, new[0])
             checked = True
+            first = new[0] if new else None
+            if prev is not None and type(first) is WaitStep and first.state_schema is None:
+                # A plan that begins with a wait, placed after a step: now the state is
+                # known, check the wait's field and the steps after it against it.
+                wait = WaitGroup(first.name, first.schema, first.timeout_ms).checked(prev)
+                new = [attrs.evolve(wait, policies=first.policies), *new[1:]]
+                checked = False
         elif isinstance(item, NodeStep | ParallelStep | BranchStep | MapStep | LoopStep
                         | RouteStep | WaitStep):
             new = [item]

@@ -39,6 +39,7 @@ from stroma.plan import (
     ParallelGroup,
     ParallelStep,
     Plan,
+    PlanLike,
     compile_plan,
     parallel,
 )
@@ -287,7 +288,7 @@ def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
 
 
 async def interpret(
-    plan: Plan | Sequence[Any],
+    plan: PlanLike,
     initial_state: BaseModel,
     *,
     store: Any = None,
@@ -360,7 +361,7 @@ def _initial_state_error(value: object, schema: type[BaseModel] | None) -> str:
 
 
 async def replay(
-    plan: Plan | Sequence[Any], log: EffectLog | str | bytes | None
+    plan: PlanLike, log: EffectLog | str | bytes | None
 ) -> ExecutionResult:
     """Replay a recorded run: the same result, calling no node, classifier or hook.
 

@@ -1,0 +1,91 @@
+"""A plan that begins with ``await_input`` (``seq(await_input(...), step)``) is checked where
+it is placed: after a step, against that step's output; at the start of a run, against
+the initial state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from stroma import (
+    InMemoryStore,
+    PlanError,
+    RunConfig,
+    StromaRunner,
+    await_input,
+    interpret,
+    route,
+    send_input,
+    seq,
+)
+from stroma.trace import RunStatus
+
+
+class Approval(BaseModel):
+    ok: bool
+
+
+class Task(BaseModel):
+    next: str = "ship"
+    approval: Approval | None = None
+
+
+class NoField(BaseModel):
+    next: str = "ship"
+
+
+runner = StromaRunner.quick()
+
+
+@runner.node("pick", input=Task, output=Task)
+async def pick(t: Task) -> Task:
+    return t
+
+
+@runner.node("ship", input=Task, output=Task)
+async def ship(t: Task) -> Task:
+    return t.model_copy(update={"next": "shipped"})
+
+
+@runner.node("bare", input=NoField, output=NoField)
+async def bare(t: NoField) -> NoField:
+    return t
+
+
+def test_a_plan_beginning_with_a_wait_is_checked_against_the_step_before_it() -> None:
+    """Placed after a step whose output has no field for the input, the wait's plan is
+    refused naming the field and the fix."""
+    with pytest.raises(PlanError, match=r"no field 'approval'.*approval: Approval \| None"):
+        seq(bare, route(lambda s: s.next, {"ship": seq(await_input("approval", Approval),
+                                                       bare)}))
+
+
+@pytest.mark.anyio
+async def test_a_route_to_a_wait_ends_waiting_and_goes_on_with_the_input() -> None:
+    """A route whose arm begins with a wait stops the run WAITING; once the input is sent
+    the run goes on to the arm's next step with the input in the state."""
+    plan = seq(pick, route(lambda s: s.next, {"ship": seq(await_input("approval", Approval),
+                                                         ship)}))
+    store, config = InMemoryStore(), RunConfig(run_id="placed")
+    first = await interpret(plan, Task(), store=store, config=config)
+    assert first.status is RunStatus.WAITING
+    await send_input(store, "placed", "approval", {"ok": True})
+    done: Any = await interpret(plan, Task(), store=store, config=config)
+    assert done.status is RunStatus.RESUMED
+    assert done.final_state == Task(next="shipped", approval=Approval(ok=True))
+
+
+@pytest.mark.anyio
+async def test_a_run_beginning_with_a_wait_checks_its_initial_state() -> None:
+    """A whole plan that begins with a wait takes its state from the run: an initial
+    state with the field waits; one without it fails TERMINAL naming the fix."""
+    plan = seq(await_input("approval", Approval), ship)
+    waiting = await interpret(plan, Task())
+    assert waiting.status is RunStatus.WAITING
+    answered: Any = await interpret(plan, Task(), inputs={"approval": {"ok": False}})
+    assert answered.final_state.approval == Approval(ok=False)
+    wrong = await interpret(seq(await_input("approval", Approval), bare), NoField())
+    assert wrong.status is RunStatus.FAILED
+    assert "approval: Approval | None = None" in (wrong.stop_reason or "")
