@@ -97,7 +97,7 @@ class Collaborators:
     # Told of every record the run appends (``RunObserver``; OpenTelemetry is one), or None.
     observer: Any = None
     # Inputs for the run's waits, given to interpret (name or key -> payload).
-    inputs: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+    inputs: dict[str, Any] = attrs.field(factory=dict, eq=False)
 
 
 def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -188,7 +188,7 @@ class LivePerformer:
                 self.predicates[ins.step_id] = ins.loop.until
             elif isinstance(ins, RouteTo):
                 self.selectors[ins.step_id] = ins.route.selector
-        self.inputs: Mapping[str, Any] = world.inputs
+        self.inputs: dict[str, Any] = world.inputs
         self.prefilled: dict[int, tuple[Any, Any]] = dict(prefilled or {})
         self.durable_children = recorder.store is not None or recorder.keeps_partials
         self._running_children: dict[int, Any] = {}
@@ -358,9 +358,13 @@ class LivePerformer:
 
     async def await_input(self, eff: fx.AwaitInput) -> Any:
         """Look for a wait's input: given to ``interpret``, or sent to the store."""
-        payload = self.inputs.get(eff.key)
+        # An input given to interpret answers one wait: the one at its key, or (by its
+        # name) the first wait of that name the run meets; a later iteration's wait asks
+        # again, as it would have in a run of its own.
+        given = self.inputs
+        payload = given.pop(eff.key, None)
         if payload is None and eff.key != eff.name:
-            payload = self.inputs.get(eff.name)
+            payload = given.pop(eff.name, None)
         if payload is None:
             get = getattr(self.store, "get_input", None)
             if callable(get):
@@ -372,7 +376,11 @@ class LivePerformer:
         if isinstance(payload, BaseModel):
             payload = payload.model_dump(mode="json")
         elif isinstance(payload, bytes | str):
-            payload = json.loads(payload)
+            try:
+                payload = json.loads(payload)
+            except ValueError:  # not JSON text: the value itself (the machine checks it)
+                payload = payload.decode("utf-8", "replace") if isinstance(
+                    payload, bytes) else payload
         return fx.InputReceived(payload, self.now())
 
     # -- store

@@ -32,6 +32,11 @@ class Task(BaseModel):
     approval: Approval | None = None
 
 
+class Counted(BaseModel):
+    n: int = 0
+    approval: Approval | None = None
+
+
 class NoField(BaseModel):
     next: str = "ship"
 
@@ -89,3 +94,33 @@ async def test_a_run_beginning_with_a_wait_checks_its_initial_state() -> None:
     wrong = await interpret(seq(await_input("approval", Approval), bare), NoField())
     assert wrong.status is RunStatus.FAILED
     assert "approval: Approval | None = None" in (wrong.stop_reason or "")
+
+
+@pytest.mark.anyio
+async def test_an_input_given_to_interpret_answers_one_wait_of_a_loop() -> None:
+    """``inputs={name: payload}`` answers the first wait of that name; the next
+    iteration's wait asks again (the run ends WAITING there), instead of one approval
+    approving every later request."""
+    from stroma import loop
+
+    @runner.node("count", input=Counted, output=Counted)
+    async def count(c: Counted) -> Counted:
+        return c.model_copy(update={"n": c.n + 1, "approval": None})
+
+    plan = loop(seq(await_input("approval", Approval, input=Counted), count),
+                until=lambda c: c.n >= 3, max_iterations=5, name="asks")
+    result: Any = await interpret(plan, Counted(), inputs={"approval": {"ok": True}})
+    assert result.status is RunStatus.WAITING
+    assert result.final_state.n == 1
+    assert "approval@asks#2" in (result.stop_reason or "")
+
+
+@pytest.mark.anyio
+async def test_an_input_that_is_not_json_text_is_refused_by_the_wait_not_raised() -> None:
+    """A str given to interpret that is not JSON is checked as the value itself: it does
+    not fit the schema, so the run waits on and no raw JSON error escapes."""
+    plan = seq(pick, route(lambda s: s.next, {"ship": seq(await_input("approval", Approval),
+                                                         ship)}))
+    result = await interpret(plan, Task(), inputs={"approval": "yes please"})
+    assert result.status is RunStatus.WAITING
+    assert "does not fit Approval" in (result.stop_reason or "")
