@@ -8,6 +8,7 @@ of them.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,12 +71,20 @@ def check_lines(lines: Sequence[str], op: str, *, nul: bool = False) -> list[str
 
 
 def check_input_text(text: object, run_id: object, key: object, op: str) -> str:
-    """The text of an input to keep (``put_input``): a str that encodes as UTF-8."""
+    """The text of an input to keep (``put_input``): a str of JSON that encodes as UTF-8
+    (a waiting run reads it as JSON, so anything else could never be read)."""
     if not isinstance(text, str):
         raise TypeError(
             f"{op}: the input {key!r} of run {run_id!r} must be given as a str (its JSON "
             f"text), got {type(text).__name__}; pass json.dumps(payload), or use send_input"
         )
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise StoreError(
+            f"{op}: the input {key!r} of run {run_id!r} is not JSON text ({e}), and a "
+            "waiting run reads its input as JSON; pass json.dumps(payload), or use send_input"
+        ) from None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -745,8 +745,7 @@ class FileStore:
                         os.unlink(entry.path)
 
     def _get_input_sync(self, run: _Run, path: str) -> bytes | None:
-        if run.dir not in self._ready:
-            self._check_inside(run, INPUTS)
+        self._check_inside(run, INPUTS)  # (_prepare, which _ready stands for, never checks it)
         return _read(path)
 
     def _delete_sync(self, run: _Run) -> None:

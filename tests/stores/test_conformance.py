@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -625,11 +626,12 @@ async def test_delete_removes_the_inputs_of_that_run_only(
 async def test_arbitrary_input_keys_and_texts_round_trip(
     input_store: Any, run_prefix: str, keys: list[str], text: str
 ) -> None:
-    """Any key text (no NUL) and any text keep apart and read back exactly."""
+    """Any key text (no NUL) and any JSON text keep apart and read back exactly."""
+    texts = [json.dumps([n, text], ensure_ascii=False) for n in range(len(keys))]
     try:
-        for n, key in enumerate(keys):
-            await _call(input_store.put_input(run_prefix, key, f"{n}:{text}"))
-        for n, key in enumerate(keys):
-            assert await _call(input_store.get_input(run_prefix, key)) == f"{n}:{text}"
+        for key, value in zip(keys, texts, strict=True):
+            await _call(input_store.put_input(run_prefix, key, value))
+        for key, value in zip(keys, texts, strict=True):
+            assert await _call(input_store.get_input(run_prefix, key)) == value
     finally:
         await _call(input_store.delete(run_prefix))

@@ -364,8 +364,9 @@ async def test_deleting_a_waiting_run_forgets_its_inputs(workers: Workers) -> No
 
 
 async def test_misused_put_input_says_what_is_expected(workers: Workers) -> None:
-    """A text that is not a str is a TypeError naming the run and the key; on the durable
-    stores a key that is not a non-empty str is a StoreError saying what is allowed."""
+    """On the durable stores a text that is not a str is a TypeError naming the run and the
+    key, a text that is not JSON (a run could never read it) or does not encode as UTF-8 is
+    a StoreError saying so, and so is a key that is not a non-empty str; nothing is kept."""
     store = workers.make()
     if workers.kind.startswith("memory"):
         pytest.skip("the in-memory stores keep what they are given (they check nothing)")
@@ -378,7 +379,34 @@ async def test_misused_put_input_says_what_is_expected(workers: Workers) -> None
             await call(store.get_input("r", bad_key))
     with pytest.raises(StoreError, match="lone surrogate"):
         await call(store.put_input("r", "approval", '"\ud800"'))
+    for not_json in ("yes", "", '{"approved": tru', '"\x00"'):
+        with pytest.raises(StoreError, match=r"input 'approval' of run 'r' is not JSON text"):
+            await call(store.put_input("r", "approval", not_json))
     assert await call(store.get_input("r", "approval")) is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "interpreters/live.py await_input: json.loads of the stored text is unguarded, so an "
+    "input that is not JSON (damaged in the store, or put by a store that does not check) "
+    "leaves interpret as a raw json.JSONDecodeError instead of a stroma error or WAITING"))
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_stored_input_that_is_not_json_is_no_raw_error() -> None:
+    """A stored input that is not JSON never escapes interpret as a non-stroma exception:
+    the run stays WAITING (asking for a valid input) or a StromaError says what is wrong."""
+    from stroma.errors import StromaError
+
+    store = InMemoryStore()  # keeps what it is given, unchecked
+    calls: Counter[str] = Counter()
+    await interpret(approval_plan(calls), Doc(), store=store, config=RunConfig(run_id="bad"))
+    store.put_input("bad", "approval", "not json")
+    try:
+        result = await interpret(approval_plan(calls), Doc(), store=store,
+                                 config=RunConfig(run_id="bad"))
+    except StromaError:
+        pass
+    else:
+        assert result.status is RunStatus.WAITING
+    assert calls == Counter({"draft": 1, "review": 1})
 
 
 # ------------------------------------------------------------------------ FileStore
@@ -512,7 +540,7 @@ async def test_redis_input_errors_name_the_run_and_the_key(closed_port: int) -> 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_postgres_input_errors_name_the_run_and_the_key(closed_port: int) -> None:
     """A PostgreSQL server that cannot be reached makes put_input/get_input a StoreError
-    naming the operation, the run and the key; a NUL in the text is refused saying why."""
+    naming the operation, the run and the key."""
     from interpreters.stores.postgres import PostgresStore
 
     store = PostgresStore(f"postgresql://postgres@127.0.0.1:{closed_port}/test",
@@ -524,8 +552,6 @@ async def test_postgres_input_errors_name_the_run_and_the_key(closed_port: int) 
         with pytest.raises(StoreError) as get_info:
             await store.get_input("r", "approval@fan[2]")
         assert "get_input for run 'r', input 'approval@fan[2]'," in str(get_info.value)
-        with pytest.raises(StoreError, match=r"NUL character.*\\u0000"):
-            await store.put_input("r", "approval", '"\x00"')
     finally:
         await store.close()
 
