@@ -25,11 +25,12 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from interpreters.stores import _redis_base as _b
-from interpreters.stores._common import RunInfo, check_lines, run_info
+from interpreters.stores._common import RunInfo, check_input_text, check_lines, run_info
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._redis_base import (
     _CLAIM,
     _DELETE,
+    _PUT_INPUT,
     _RELEASE,
     _RENEW,
     _WRITE,
@@ -145,8 +146,11 @@ class RedisStore(_Base):
         if client is not None:
             await client.aclose()
 
-    async def _run(self, op: str, run_id: str | None, fn: _b._AsyncOp[_T]) -> _T:
-        """``fn(attempt)``, retried on transient errors; every failure becomes a StoreError.
+    async def _run(
+        self, op: str, run_id: str | None, fn: _b._AsyncOp[_T], key: str | None = None
+    ) -> _T:
+        """``fn(attempt)``, retried on transient errors; every failure becomes a StoreError
+        (naming the operation, the run and, for an input, its ``key``).
 
         The first attempt runs without tenacity (a store call is on every node's path);
         only a transient failure starts the retry loop, which replays that failure as its
@@ -158,7 +162,7 @@ class RedisStore(_Base):
             raise
         except Exception as exc:
             if not _is_transient(exc):
-                raise self._failure(op, run_id, exc) from exc
+                raise self._failure(op, run_id, exc, key) from exc
             first_failure = exc
 
         async def attempt_again(n: int) -> _T:
@@ -180,7 +184,7 @@ class RedisStore(_Base):
         except StromaError:
             raise
         except Exception as exc:
-            raise self._failure(op, run_id, exc) from exc
+            raise self._failure(op, run_id, exc, key) from exc
         raise AssertionError("unreachable: tenacity neither returned nor raised")
 
     async def _eval(self, script: _Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
@@ -267,7 +271,7 @@ class RedisStore(_Base):
         return await self._load(run_id, node_id, schema, "load_typed")
 
     async def delete(self, run_id: str) -> None:
-        """Remove the run's checkpoints and log (its lease stays with its holder)."""
+        """Remove the run's checkpoints, log and inputs (its lease stays with its holder)."""
         keys = self._keys(run_id, "delete")
         args = self._fence_args(run_id)
 
@@ -275,6 +279,50 @@ class RedisStore(_Base):
             return await self._eval(_DELETE, keys.write, args)
 
         self._written("delete", run_id, await self._run("delete", run_id, once))
+
+    # ----------------------------------------------------------------------- inputs
+
+    async def put_input(self, run_id: str, key: str, text: str) -> None:
+        """Keep ``text`` (the input's JSON text) as the input ``key`` of run ``run_id``; a
+        later put of the same key replaces it (the latest wins). Refreshes the TTL of the
+        run's keys.
+
+        Inputs are not part of the run's log, so a put is not fenced: it is allowed while a
+        worker (this store object or another) holds the run's lease. It is one script that
+        writes only the run's inputs hash (and the keys' expiry), so it never changes, or
+        damages, the log or the checkpoints. ``send_input`` is the checked way to send one.
+        """
+        op = f"{self._cls_name}.put_input"
+        keys = self._keys(run_id, "put_input")
+        field = _id_bytes("input key", key, op)
+        value = check_input_text(text, run_id, key, op).encode("utf-8")
+        args = (field, value, self._ttl_arg)
+
+        async def once(_: int) -> Any:
+            return await self._eval(_PUT_INPUT, keys.put_input, args)
+
+        await self._run("put_input", run_id, once, key)
+
+    async def get_input(self, run_id: str, key: str) -> str | None:
+        """The text last put as the input ``key`` of run ``run_id``, or None."""
+        op = f"{self._cls_name}.get_input"
+        keys = self._keys(run_id, "get_input")
+        field = _id_bytes("input key", key, op)
+
+        async def once(_: int) -> bytes | None:
+            raw: bytes | None = await self._redis().hget(keys.inputs, field)
+            return raw
+
+        raw = await self._run("get_input", run_id, once, key)
+        if raw is None:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LogCorrupted(
+                self._source(run_id, f"input {key!r}"),
+                "the input is not UTF-8 text (something else wrote it): send the input again",
+            ) from None
 
     # ------------------------------------------------------------------- effect log
 

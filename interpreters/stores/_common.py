@@ -8,6 +8,7 @@ of them.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = (
     "NO_LOG",
     "RUNNING_OR_CRASHED",
     "RunInfo",
+    "check_input_text",
     "check_lines",
     "check_state",
     "current_async_library",
@@ -66,6 +68,31 @@ def check_lines(lines: Sequence[str], op: str, *, nul: bool = False) -> list[str
                 "escapes these) without its trailing newline"
             )
     return out
+
+
+def check_input_text(text: object, run_id: object, key: object, op: str) -> str:
+    """The text of an input to keep (``put_input``): a str of JSON that encodes as UTF-8
+    (a waiting run reads it as JSON, so anything else could never be read)."""
+    if not isinstance(text, str):
+        raise TypeError(
+            f"{op}: the input {key!r} of run {run_id!r} must be given as a str (its JSON "
+            f"text), got {type(text).__name__}; pass json.dumps(payload), or use send_input"
+        )
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise StoreError(
+            f"{op}: the input {key!r} of run {run_id!r} is not JSON text ({e}), and a "
+            "waiting run reads its input as JSON; pass json.dumps(payload), or use send_input"
+        ) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError(
+            f"{op}: the input {key!r} of run {run_id!r} has a lone surrogate and does not "
+            "encode as UTF-8; pass JSON text (json.dumps escapes such characters)"
+        ) from None
+    return text
 
 
 def resolve(ref: object, source: str) -> type[BaseModel]:

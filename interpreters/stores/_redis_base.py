@@ -107,9 +107,10 @@ if ARGV[1] ~= '' then
   end
 end
 """
-# KEYS: log, tok, ckpt, fence, lease. ARGV: token, holder, append id, ttl s (or ''),
-# checkpoint node (or ''), checkpoint value, lines... One atomic write of a node's commit:
-# {1} written, {2} already written by an earlier attempt whose reply was lost.
+# KEYS: log, tok, ckpt, fence, lease, inputs. ARGV: token, holder, append id, ttl s (or
+# ''), checkpoint node (or ''), checkpoint value, lines... One atomic write of a node's
+# commit: {1} written, {2} already written by an earlier attempt whose reply was lost. The
+# TTL of every data key of the run is refreshed (the inputs' too).
 _WRITE = _Script(_FENCE + """
 local lines = #ARGV - 6
 if lines > 0 and redis.call('GET', KEYS[2]) == ARGV[3] then
@@ -125,14 +126,26 @@ if lines > 0 then
   redis.call('SET', KEYS[2], ARGV[3])
 end
 if ARGV[4] ~= '' then
-  for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[4]) end
+  for _, k in ipairs({1, 2, 3, 6}) do redis.call('EXPIRE', KEYS[k], ARGV[4]) end
 end
 return {1}
 """)
-# KEYS: log, tok, ckpt, fence, lease. ARGV: token, holder. Removes the run's data keys.
+# KEYS: log, tok, ckpt, fence, lease, inputs. ARGV: token, holder. Removes the run's data
+# keys (its inputs too).
 _DELETE = _Script(_FENCE + """
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[6])
 return {1}
+""")
+# KEYS: log, tok, ckpt, inputs. ARGV: input key, text, ttl s (or ''). Keeps an input sent
+# to the run. Not fenced (inputs are not part of the log, and anyone may send one while a
+# worker holds the run); it writes only the inputs hash, and refreshes the TTL of the run's
+# data keys, so a run that is sent its input does not expire before it is resumed.
+_PUT_INPUT = _Script("""
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+if ARGV[3] ~= '' then
+  for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ARGV[3]) end
+end
+return 1
 """)
 
 
@@ -284,7 +297,7 @@ def _text(value: Any) -> str:
 class _Keys:
     """The fixed set of keys of one run."""
 
-    __slots__ = ("ckpt", "fence", "lease", "log", "tok")
+    __slots__ = ("ckpt", "fence", "inputs", "lease", "log", "tok")
 
     def __init__(self, prefix: bytes, run: bytes) -> None:
         base = prefix + b":run:{" + str(len(run)).encode() + b":" + run + b"}:"
@@ -293,15 +306,22 @@ class _Keys:
         self.tok = base + b"tok"
         self.lease = base + b"lease"
         self.fence = base + b"fence"
+        self.inputs = base + b"inputs"
 
     @property
     def data(self) -> tuple[bytes, bytes, bytes]:
+        """The keys a run's checkpoints and log live in (its inputs are ``inputs``)."""
         return (self.ckpt, self.log, self.tok)
 
     @property
-    def write(self) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    def write(self) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
         """The keys of the write and delete scripts, in their order."""
-        return (self.log, self.tok, self.ckpt, self.fence, self.lease)
+        return (self.log, self.tok, self.ckpt, self.fence, self.lease, self.inputs)
+
+    @property
+    def put_input(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """The keys of the put-input script, in its order."""
+        return (self.log, self.tok, self.ckpt, self.inputs)
 
 
 class _Base:
@@ -400,8 +420,12 @@ class _Base:
             "retry": retry_cls(_NoBackoff(), 0),
         }
 
-    def _failure(self, op: str, run_id: str | None, exc: BaseException) -> StoreError:
+    def _failure(
+        self, op: str, run_id: str | None, exc: BaseException, key: str | None = None
+    ) -> StoreError:
         about = f"{self._cls_name}.{op}" + (f" for run {run_id!r}" if run_id is not None else "")
+        if key is not None:
+            about += f", input {key!r},"
         if _is_transient(exc):
             return StoreError(
                 f"{about} failed against {self._where} after {self.max_attempts} "

@@ -7,17 +7,21 @@ Layout under the store's folder ``path``::
     path/runs/<run>/checkpoints/<node>.json   checkpoints saved with ``save``:
                                               {"ns": ..., "schema": "mod:Qual", "node_id": ...,
                                                "data": ...}
+    path/runs/<run>/inputs/<key>.json         inputs sent to the run while it waits
+                                              (``put_input``): {"key": ..., "text": ...}
     path/runs/<run>/run.json                  {"run_id": ...}, only for hashed folder names
 
-**Names.** A run id or node id becomes a file name by percent-encoding (lower-case hex) every
+**Names.** A run id, node id or input key (``approval``, ``approval@agent#3``,
+``approval@fan[2]``) becomes a file name by percent-encoding (lower-case hex) every
 UTF-8 byte outside ``[a-z0-9_.-]``, and a leading ``.``: ``extract`` stays ``extract``,
 ``../x`` becomes ``%2e.%2fx``, ``Run-A`` becomes ``%52un-%41``. The encoding is reversible,
 never yields ``.``/``..``/a separator, and gives no upper-case letters, so two ids never
 share a folder even on a case-insensitive file system (macOS, Windows). A name longer than
 200 bytes is replaced by ``~`` and the SHA-256 of the id (the real id is kept in
-``run.json`` / the checkpoint's ``node_id``). Ids must be non-empty str without NUL that
-encode as UTF-8; anything else is a ``StoreError`` saying what is allowed. Run folders are
-also checked after resolving symlinks: nothing is ever read or written outside ``path``.
+``run.json`` / the checkpoint's ``node_id`` / the input's ``key``). Ids must be non-empty
+str without NUL that encode as UTF-8; anything else is a ``StoreError`` saying what is
+allowed. Run folders are also checked after resolving symlinks: nothing is ever read or
+written outside ``path``.
 
 **Durability.** ``save`` writes a checkpoint file atomically: a temp file ``~tmp.<random>``
 in the same folder, written with one ``os.write`` (no user-space buffer, so nothing to
@@ -32,6 +36,14 @@ torn last line, which ``read_log`` drops (the run's last whole record wins) and 
 ``append_log`` cuts off before appending; or a stale ``~tmp.*`` file, which is removed the
 next time this run is written.
 
+**Inputs.** ``put_input`` writes the input's file atomically and durably (temp file in the
+run's ``inputs`` folder, fsync, rename, folder fsync), so ``get_input`` reads the old text or
+the new one, whole. Inputs are not part of the log: a put for a run another process is
+running (``send_input`` while a worker holds the run) is allowed, touches only the
+``inputs`` folder (never the log, the checkpoints or their temp files) and so never damages
+the run. A temp file left by a put that crashed is removed by a later put once it is a
+minute old (a put in progress is done long before that).
+
 **Threads, aiofiles and trio.** Every blocking call (open, write, fsync, rename, read) runs
 in a worker thread, one thread hop per store operation: a node's whole commit (temp file,
 fsync, rename, folder fsync, log append, fsync) is a single hop, which keeps the per-node
@@ -43,7 +55,8 @@ cancellation: a commit that has started finishes before the cancellation is deli
 cancelled run never leaves a half-done commit racing the next one.
 
 One FileStore instance per folder and process is the supported use; two processes writing
-the same run id at once are not (hold a lease, or give each worker its own run ids).
+the same run id at once are not (hold a lease, or give each worker its own run ids), except
+for ``put_input`` (see Inputs).
 """
 
 from __future__ import annotations
@@ -73,6 +86,7 @@ from interpreters.stores._common import (
     NO_LOG,
     RUNNING_OR_CRASHED,
     RunInfo,
+    check_input_text,
     run_info,
 )
 from interpreters.stores._common import check_state as _check_state
@@ -84,6 +98,7 @@ from stroma.schemas import _schema_ref, declare_schema, state_json
 __all__ = (
     "CHECKPOINTS",
     "DAMAGED",
+    "INPUTS",
     "LOG_NAME",
     "MAX_NAME_BYTES",
     "NO_LOG",
@@ -99,6 +114,9 @@ MAX_NAME_BYTES = 200
 LOG_NAME = "log.jsonl"
 RUN_INFO_NAME = "run.json"
 CHECKPOINTS = "checkpoints"
+INPUTS = "inputs"
+# A temp file in a run's inputs folder this old was left by a put that crashed.
+_STALE_INPUT_TMP_SECONDS = 60.0
 _TMP_PREFIX = "~tmp."
 _TRASH_PREFIX = "~del."
 
@@ -331,6 +349,34 @@ def _decode_checkpoint(
         ) from None
 
 
+def _decode_input(raw: bytes, key: str, source: str) -> str:
+    shape = 'a JSON object {"key": ..., "text": "..."}'
+    fix = "delete the file (the run waits for the input again) or send the input again"
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise LogCorrupted(
+            source, f"the input is not JSON ({e}); expected {shape}: {fix}"
+        ) from None
+    if (
+        not isinstance(envelope, dict)
+        or not isinstance(envelope.get("key"), str)
+        or not isinstance(envelope.get("text"), str)
+    ):
+        found = type(envelope).__name__
+        if isinstance(envelope, dict):
+            found = f"an object with keys {sorted(envelope)}"
+        raise LogCorrupted(source, f"expected {shape}, found {found}: {fix}")
+    if envelope["key"] != key:
+        raise LogCorrupted(
+            source,
+            f"the file holds the input {envelope['key']!r}, not {key!r}: the file was moved "
+            f"or altered; {fix}",
+        )
+    text: str = envelope["text"]
+    return text
+
+
 # --------------------------------------------------------------------------------- runs
 
 
@@ -375,8 +421,9 @@ class FileStore:
     """Checkpoints and effect logs in a folder: one sub-folder per run, crash-safe writes.
 
     Implements the async checkpoint store protocol (``save``, ``load``, ``delete``,
-    ``save_typed``, ``load_typed``) and ``LogStore`` (``append_log``, ``read_log``), and
-    lists its runs (``run_ids``, ``list_runs``). Works on asyncio and trio.
+    ``save_typed``, ``load_typed``) and ``LogStore`` (``append_log``, ``read_log``), keeps
+    the inputs sent to waiting runs (``put_input``, ``get_input``), and lists its runs
+    (``run_ids``, ``list_runs``). Works on asyncio and trio.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -417,14 +464,22 @@ class FileStore:
         name = _encode("node id", node_id, op)
         return _child(os.path.join(run.dir, CHECKPOINTS), name + ".json")
 
+    def _input_path(self, run: _Run, key: object, op: str) -> str:
+        name = _encode("input key", key, op)
+        return _child(os.path.join(run.dir, INPUTS), name + ".json")
+
     def _lock(self, run: _Run) -> threading.Lock:
         lock = self._locks.get(run.dir)
         if lock is None:
             lock = self._locks.setdefault(run.dir, threading.Lock())
         return lock
 
-    def _fail(self, op: str, run_id: str | None, e: OSError) -> StoreError:
+    def _fail(
+        self, op: str, run_id: str | None, e: OSError, key: str | None = None
+    ) -> StoreError:
         what = f"FileStore.{op}" + ("" if run_id is None else f" for run {run_id!r}")
+        if key is not None:
+            what += f", input {key!r},"
         return StoreError(
             f"{what} in {self.path}: {e.strerror or e} ({e.filename or self.path}); check "
             "that the folder exists, is readable and writable, and has free space"
@@ -432,12 +487,12 @@ class FileStore:
 
     # ---------------------------------------------------------------- sync internals
 
-    def _check_inside(self, run: _Run) -> None:
+    def _check_inside(self, run: _Run, sub: str = CHECKPOINTS) -> None:
         """Refuse a run folder that symlinks lead out of the store (files are O_NOFOLLOW)."""
         if self._real_runs is None:
             self._real_runs = os.path.join(os.path.realpath(self.path), "runs")
-        folder = os.path.join(run.dir, CHECKPOINTS)
-        expected = os.path.join(self._real_runs, os.path.basename(run.dir), CHECKPOINTS)
+        folder = os.path.join(run.dir, sub)
+        expected = os.path.join(self._real_runs, os.path.basename(run.dir), sub)
         real = os.path.realpath(folder)
         if real != expected:
             raise StoreError(
@@ -643,6 +698,56 @@ class FileStore:
                 self._log_ok.add(run.dir)
             return log
 
+    def _put_input_sync(self, run: _Run, path: str, data: bytes) -> None:
+        """Write an input's file atomically, creating (durably) only what the put needs.
+
+        Unlike ``_prepare`` it never removes the temp files of the run's checkpoints: another
+        process may be running the run and writing one right now.
+        """
+        with self._lock(run):
+            folder = os.path.dirname(path)
+            self._check_inside(run, INPUTS)  # before creating anything, and again after
+            if not os.path.isdir(folder):
+                created_root = not os.path.isdir(self._runs)
+                created_run = not os.path.isdir(run.dir)
+                os.makedirs(folder, exist_ok=True)
+                if created_root:
+                    _fsync_dir(os.path.dirname(self.path))
+                    _fsync_dir(self.path)
+                if created_run:
+                    _fsync_dir(self._runs)
+                _fsync_dir(run.dir)
+                self._check_inside(run, INPUTS)
+            if run.hashed:
+                info_path = os.path.join(run.dir, RUN_INFO_NAME)
+                raw = _read(info_path)
+                if raw is None:
+                    _write_atomic(run.dir, info_path, json.dumps({"run_id": run.run_id}).encode())
+                elif self._stored_run_id(raw) != run.run_id:
+                    raise StoreError(
+                        f"FileStore.put_input: the folder {run.dir} belongs to run "
+                        f"{self._stored_run_id(raw)!r}, not {run.run_id!r} (a hash collision, "
+                        f"or an altered {RUN_INFO_NAME}); use another run id or fix the file"
+                    )
+            _write_atomic(folder, path, data)
+            self._remove_stale_input_temps(folder)
+
+    @staticmethod
+    def _remove_stale_input_temps(folder: str) -> None:
+        """Remove the temp files of puts that crashed (old enough not to be in progress)."""
+        before = time.time() - _STALE_INPUT_TMP_SECONDS
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(_TMP_PREFIX):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < before:
+                        os.unlink(entry.path)
+
+    def _get_input_sync(self, run: _Run, path: str) -> bytes | None:
+        self._check_inside(run, INPUTS)  # (_prepare, which _ready stands for, never checks it)
+        return _read(path)
+
     def _delete_sync(self, run: _Run) -> None:
         with self._lock(run):
             self._ready.discard(run.dir)
@@ -746,12 +851,46 @@ class FileStore:
         return await self._load(run_id, node_id, schema, "load_typed")
 
     async def delete(self, run_id: str) -> None:
-        """Remove the run's folder (checkpoints and log); other runs are untouched."""
+        """Remove the run's folder (checkpoints, log and inputs); other runs are untouched."""
         run = self._run(run_id, "FileStore.delete")
         try:
             await _in_thread_shielded(self._delete_sync, run)
         except OSError as e:
             raise self._fail("delete", run_id, e) from e
+
+    # ---------------------------------------------------------------------- inputs
+
+    async def put_input(self, run_id: str, key: str, text: str) -> None:
+        """Keep ``text`` (the input's JSON text) as the input ``key`` of run ``run_id``,
+        atomically and durably; a later put of the same key replaces it (the latest wins).
+
+        Inputs are not part of the run's log, so a put is allowed while a worker (this
+        process or another) runs the run and holds its lease: it writes only the run's
+        ``inputs`` folder and never touches the log or the checkpoints, which it therefore
+        never damages. ``send_input`` is the checked way to send one.
+        """
+        op = "FileStore.put_input"
+        run = self._run(run_id, op)
+        path = self._input_path(run, key, op)
+        text = check_input_text(text, run_id, key, op)
+        data = json.dumps({"key": key, "text": text}, ensure_ascii=False).encode("utf-8")
+        try:
+            await _in_thread_shielded(self._put_input_sync, run, path, data)
+        except OSError as e:
+            raise self._fail("put_input", run_id, e, key) from e
+
+    async def get_input(self, run_id: str, key: str) -> str | None:
+        """The text last put as the input ``key`` of run ``run_id``, or None."""
+        op = "FileStore.get_input"
+        run = self._run(run_id, op)
+        path = self._input_path(run, key, op)
+        try:
+            raw = await _in_thread(self._get_input_sync, run, path)
+        except OSError as e:
+            raise self._fail("get_input", run_id, e, key) from e
+        if raw is None:
+            return None
+        return _decode_input(raw, key, path)
 
     # ------------------------------------------------------------------ effect log
 

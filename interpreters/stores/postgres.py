@@ -10,6 +10,7 @@ Tables (``{prefix}`` is ``table_prefix``, in ``schema``), created on first use o
     {prefix}_checkpoints (run_id, node_id, schema_ref, state, updated_at)  PK (run_id, node_id)
     {prefix}_log         (run_id, seq, line, append_id)                     PK (run_id, seq)
     {prefix}_leases      (run_id, holder, expires_at, fence)                PK (run_id)
+    {prefix}_inputs      (run_id, key, payload, updated_at)                 PK (run_id, key)
 
 and the sequence ``{prefix}_lease_fence`` (owned by the leases table, dropped with it) that
 gives each claim its fencing token. ``state`` is the model's JSON text (text, not jsonb: it
@@ -17,8 +18,15 @@ reads back byte for byte and may hold ``\\u0000``). ``append_log`` writes the lo
 the checkpoint in one transaction, under a per-run advisory lock, with ``seq`` continuing
 from the run's current maximum; readers only ever see whole transactions. A retried append
 is applied once (its ``append_id`` is checked before writing again). ``delete`` removes the
-run's checkpoints and log and an expired lease row; a live lease stays with its holder and
-ends when the holder exits or dies.
+run's checkpoints, log and inputs and an expired lease row; a live lease stays with its
+holder and ends when the holder exits or dies.
+
+``{prefix}_inputs`` holds the inputs sent to waiting runs (``put_input``: the JSON text by
+the wait's key, an upsert, the latest wins). Setup creates it with ``IF NOT EXISTS`` like
+the others, so a database made by an earlier version gets it the first time a store of
+this version connects, nothing else changed. A put is not fenced: inputs are not part of
+the log, and a run may be sent its input while a worker holds it; the put writes only its
+own row of the inputs table, so it never changes the log or the checkpoints.
 
 **Under faults.**
 
@@ -62,7 +70,13 @@ from tenacity import (
     wait_random,
 )
 
-from interpreters.stores._common import RunInfo, check_lines, require_asyncio, run_info
+from interpreters.stores._common import (
+    RunInfo,
+    check_input_text,
+    check_lines,
+    require_asyncio,
+    run_info,
+)
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
@@ -288,6 +302,7 @@ class PostgresStore:
         self.checkpoints_table = f"{s}.{_quote(table_prefix + '_checkpoints')}"
         self.log_table = f"{s}.{_quote(table_prefix + '_log')}"
         self.leases_table = f"{s}.{_quote(table_prefix + '_leases')}"
+        self.inputs_table = f"{s}.{_quote(table_prefix + '_inputs')}"
         self.fence_sequence = f"{s}.{_quote(table_prefix + '_lease_fence')}"
         self._pool: Any = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
@@ -312,12 +327,12 @@ class PostgresStore:
         await self.close()
 
     @property
-    def tables(self) -> tuple[str, str, str]:
-        """The qualified, quoted names of the checkpoint, log and lease tables."""
-        return (self.checkpoints_table, self.log_table, self.leases_table)
+    def tables(self) -> tuple[str, str, str, str]:
+        """The qualified, quoted names of the checkpoint, log, lease and input tables."""
+        return (self.checkpoints_table, self.log_table, self.leases_table, self.inputs_table)
 
     def _sql(self) -> None:
-        c, lg, ls = self.tables
+        c, lg, ls, inp = self.tables
         self._q_upsert = (
             f"INSERT INTO {c} (run_id, node_id, schema_ref, state, updated_at) "
             "VALUES ($1, $2, $3, $4, now()) ON CONFLICT (run_id, node_id) DO UPDATE SET "
@@ -333,6 +348,12 @@ class PostgresStore:
         )
         self._q_applied = f"SELECT EXISTS (SELECT 1 FROM {lg} WHERE run_id = $1 AND append_id = $2)"
         self._q_read = f"SELECT line FROM {lg} WHERE run_id = $1 ORDER BY seq"
+        self._q_put_input = (
+            f"INSERT INTO {inp} (run_id, key, payload, updated_at) VALUES ($1, $2, $3, now()) "
+            "ON CONFLICT (run_id, key) DO UPDATE SET payload = EXCLUDED.payload, "
+            "updated_at = EXCLUDED.updated_at"
+        )
+        self._q_get_input = f"SELECT payload FROM {inp} WHERE run_id = $1 AND key = $2"
         # Claims if free (or expired), ours by name, or the takeover's ($4); every claim
         # takes the next fencing token.
         self._q_claim = (
@@ -378,6 +399,10 @@ class PostgresStore:
             # Tables made before leases were fenced get the column.
             f"ALTER TABLE {ls} ADD COLUMN IF NOT EXISTS fence bigint NOT NULL DEFAULT 0",
             f"CREATE SEQUENCE IF NOT EXISTS {self.fence_sequence} OWNED BY {ls}.fence",
+            # Added with await_input: databases made before get it on their next setup.
+            f"CREATE TABLE IF NOT EXISTS {inp} (run_id text NOT NULL, key text NOT NULL, "
+            "payload text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (run_id, key))",
         ]
         if self.schema != "public":
             self._q_setup.insert(0, f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)}")
@@ -385,8 +410,12 @@ class PostgresStore:
     def _source(self, run_id: str, what: str) -> str:
         return f"PostgresStore at {self._where}, run {run_id!r}, {what}"
 
-    def _failure(self, op: str, run_id: str | None, exc: BaseException) -> StoreError:
+    def _failure(
+        self, op: str, run_id: str | None, exc: BaseException, key: str | None = None
+    ) -> StoreError:
         about = f"PostgresStore.{op}" + (f" for run {run_id!r}" if run_id is not None else "")
+        if key is not None:
+            about += f", input {key!r},"
         if _is_transient(exc):
             return StoreError(
                 f"{about} failed against {self._where} after {self.max_attempts} "
@@ -471,8 +500,15 @@ class PostgresStore:
         elif pool is not None:
             await pool.close()
 
-    async def _run(self, op: str, run_id: str | None, fn: Callable[[int], Awaitable[_T]]) -> _T:
-        """``fn(attempt)``, retried on transient errors; every failure becomes a StoreError.
+    async def _run(
+        self,
+        op: str,
+        run_id: str | None,
+        fn: Callable[[int], Awaitable[_T]],
+        key: str | None = None,
+    ) -> _T:
+        """``fn(attempt)``, retried on transient errors; every failure becomes a StoreError
+        (naming the operation, the run and, for an input, its ``key``).
 
         The first attempt runs without tenacity (a store call is on every node's path);
         only a transient failure starts the retry loop, which replays that failure as its
@@ -484,7 +520,7 @@ class PostgresStore:
             raise
         except Exception as exc:
             if not _is_transient(exc):
-                raise self._failure(op, run_id, exc) from exc
+                raise self._failure(op, run_id, exc, key) from exc
             first_failure = exc
 
         async def attempt_again(n: int) -> _T:
@@ -507,7 +543,7 @@ class PostgresStore:
         except StromaError:
             raise
         except Exception as exc:
-            raise self._failure(op, run_id, exc) from exc
+            raise self._failure(op, run_id, exc, key) from exc
         raise AssertionError("unreachable: tenacity neither returned nor raised")
 
     async def _check_fence(
@@ -592,21 +628,59 @@ class PostgresStore:
         return await self._load(run_id, node_id, schema, "load_typed")
 
     async def delete(self, run_id: str) -> None:
-        """Remove the run's checkpoints, log and expired lease row (a live lease stays)."""
+        """Remove the run's checkpoints, log, inputs and expired lease row (a live lease
+        stays)."""
         run_id = _id_text("run id", run_id, "PostgresStore.delete")
-        c, lg, ls = self.tables
+        c, lg, ls, inp = self.tables
 
         async def once(_: int) -> None:
             async with self._conn() as conn, conn.transaction():
                 await self._check_fence(conn, "delete", run_id)
                 await conn.execute(f"DELETE FROM {c} WHERE run_id = $1", run_id)
                 await conn.execute(f"DELETE FROM {lg} WHERE run_id = $1", run_id)
+                await conn.execute(f"DELETE FROM {inp} WHERE run_id = $1", run_id)
                 if run_id not in self._fences:  # a lease held here stays with this store
                     await conn.execute(
                         f"DELETE FROM {ls} WHERE run_id = $1 AND expires_at <= now()", run_id
                     )
 
         await self._run("delete", run_id, once)
+
+    # ----------------------------------------------------------------------- inputs
+
+    async def put_input(self, run_id: str, key: str, text: str) -> None:
+        """Keep ``text`` (the input's JSON text) as the input ``key`` of run ``run_id``; a
+        later put of the same key replaces it (the latest wins).
+
+        Inputs are not part of the run's log, so a put is not fenced: it is allowed while a
+        worker (this store object or another) holds the run's lease. It is one statement
+        on the run's row of the inputs table, outside the log's advisory lock, so it never
+        changes, or damages, the log or the checkpoints. ``send_input`` is the checked way
+        to send one.
+        """
+        op = "PostgresStore.put_input"
+        run_id = _id_text("run id", run_id, op)
+        key = _id_text("input key", key, op)
+        text = check_input_text(text, run_id, key, op)  # JSON: no NUL outside an escape
+
+        async def once(_: int) -> None:
+            async with self._conn() as conn:
+                await conn.execute(self._q_put_input, run_id, key, text)
+
+        await self._run("put_input", run_id, once, key)
+
+    async def get_input(self, run_id: str, key: str) -> str | None:
+        """The text last put as the input ``key`` of run ``run_id``, or None."""
+        op = "PostgresStore.get_input"
+        run_id = _id_text("run id", run_id, op)
+        key = _id_text("input key", key, op)
+
+        async def once(_: int) -> str | None:
+            async with self._conn() as conn:
+                value: str | None = await conn.fetchval(self._q_get_input, run_id, key)
+            return value
+
+        return await self._run("get_input", run_id, once, key)
 
     # ------------------------------------------------------------------- effect log
 
@@ -661,7 +735,7 @@ class PostgresStore:
 
     async def run_ids(self) -> list[str]:
         """The ids of the runs that have checkpoints or a log, sorted."""
-        c, lg, _ = self.tables
+        c, lg, _, _ = self.tables
 
         async def once(_: int) -> list[str]:
             async with self._conn() as conn:

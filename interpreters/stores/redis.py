@@ -11,6 +11,7 @@ Key layout (all of one run's keys share one prefix, and one Redis Cluster hash s
     {prefix}:run:{<n>:<run id>}:ckpt    hash   node id -> {"schema": "mod:Qual", "data": {...}}
     {prefix}:run:{<n>:<run id>}:log     list   the effect log, one JSON line per item
     {prefix}:run:{<n>:<run id>}:tok     string id of the last append (makes retries idempotent)
+    {prefix}:run:{<n>:<run id>}:inputs  hash   input key -> the input's JSON text (put_input)
     {prefix}:run:{<n>:<run id>}:lease   string the holder of the run's lease (own expiry)
     {prefix}:run:{<n>:<run id>}:fence   hash   n: the run's claim counter (the fencing token
                                                of the latest claim), holder: who got it
@@ -18,8 +19,11 @@ Key layout (all of one run's keys share one prefix, and one Redis Cluster hash s
 ``<n>`` is the byte length of the UTF-8 run id, so the encoding is injective: no run's keys
 are ever another run's keys (run ``a`` vs ``a:b`` vs ``a}:ckpt``), and ``delete`` removes a
 fixed set of keys instead of matching a pattern. Every write refreshes the TTL of all of the
-run's data keys. Each write (``append_log``, ``save``, ``delete``) is one Lua script
-(EVALSHA): the log lines, the checkpoint and the append id land together or not at all.
+run's data keys (ckpt, log, tok, inputs). Each write (``append_log``, ``save``, ``delete``,
+``put_input``) is one Lua script (EVALSHA): the log lines, the checkpoint and the append id
+land together or not at all. ``put_input`` is the one write that is not fenced: inputs are
+not part of the log, and anyone may send a waiting (or running) run its input; it writes
+only the ``inputs`` hash.
 The lease and fence keys are not part of ``delete``: they belong to the lease's holder and
 expire on their own.
 

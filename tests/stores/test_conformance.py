@@ -9,8 +9,10 @@ also run the log properties.
 from __future__ import annotations
 
 import enum
+import inspect
+import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -477,3 +479,159 @@ async def test_concurrent_appends_on_different_runs(log_store: Any, run_prefix: 
         read = await log_store.read_log(run)
         assert read is not None and read.lines() == sample_log(run).lines()
         await log_store.delete(run)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+INPUT_STORES = (
+    "memory",
+    "memory-async",
+    "file",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("sync-redis", marks=pytest.mark.redis),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+)
+
+# Keys as waits make them (a wait in a loop, in a map_each item, both), and keys that try
+# to escape a folder, a Redis key or a file name, or to collide with each other.
+HOSTILE_KEYS = (
+    "approval",
+    "approval@agent#3",
+    "approval@fan[2]",
+    "approval@agent#3/fan[2]",
+    "approval@agent#13",
+    "Approval",
+    "../../etc/passwd",
+    "..",
+    ".",
+    "a/b\\c",
+    "}:ckpt",
+    "{x}",
+    "*?[",
+    "%2e",
+    "a b\tc",
+    "caf\u00e9 \u4e2d \U0001f600",
+    "k" * 300,
+    "k" * 301,
+)
+
+
+async def _call(result: Any) -> Any:
+    """The value of a store call, sync or async."""
+    return await result if inspect.isawaitable(result) else result
+
+
+@pytest.fixture
+def sync_redis_store(redis_url: str, unique_name: Callable[[str], str]) -> Iterator[Any]:
+    """A SyncRedisStore under a key prefix of its own, emptied and closed afterwards."""
+    import redis
+
+    from interpreters.stores.redis import SyncRedisStore
+
+    prefix = unique_name("stroma-inputs")
+    sync_store = SyncRedisStore(redis_url, key_prefix=prefix)
+    try:
+        yield sync_store
+    finally:
+        sync_store.close()
+        client = redis.Redis.from_url(redis_url)
+        try:
+            for key in client.scan_iter(match=prefix.encode() + b":*", count=1000):
+                client.delete(key)
+        finally:
+            client.close()
+
+
+@pytest.fixture(params=INPUT_STORES)
+def input_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Each built-in store that keeps inputs, sync and async, fresh for one test."""
+    from stroma.checkpoint import InMemoryStore
+
+    kind = request.param
+    if kind == "memory":
+        return InMemoryStore()
+    if kind == "memory-async":
+        return AsyncInMemoryStore()
+    if kind == "file":
+        from interpreters.stores.file import FileStore
+
+        return FileStore(tmp_path / "store")
+    fixture = {"redis": "redis_store", "sync-redis": "sync_redis_store",
+               "postgres": "postgres_store"}[kind]
+    return request.getfixturevalue(fixture)
+
+
+async def test_input_round_trips(input_store: Any, run_prefix: str) -> None:
+    """A put input reads back as the same text, byte for byte."""
+    text = '{"approved":true,"note":"caf\u00e9 \u4e2d \U0001f600 \\"q\\" \\\\ \\n"}'
+    await _call(input_store.put_input(run_prefix, "approval", text))
+    assert await _call(input_store.get_input(run_prefix, "approval")) == text
+
+
+async def test_input_put_again_replaces_it(input_store: Any, run_prefix: str) -> None:
+    """Putting the same key again replaces the input: the latest put wins."""
+    for n in range(3):
+        await _call(input_store.put_input(run_prefix, "approval", f'{{"n":{n}}}'))
+    assert await _call(input_store.get_input(run_prefix, "approval")) == '{"n":2}'
+
+
+async def test_unknown_input_is_none(input_store: Any, run_prefix: str) -> None:
+    """An input never put, of a run never written or of another run, reads back as None."""
+    assert await _call(input_store.get_input(run_prefix, "approval")) is None
+    await _call(input_store.put_input(run_prefix, "approval", "true"))
+    assert await _call(input_store.get_input(run_prefix, "approval@agent#1")) is None
+    assert await _call(input_store.get_input(run_prefix + "-other", "approval")) is None
+    assert await _call(input_store.get_input(run_prefix + ":b", "approval")) is None
+
+
+async def test_hostile_input_keys_are_kept_apart(input_store: Any, run_prefix: str) -> None:
+    """Every key (loop/map coordinates, separators, dots, case, globs, long) is its own
+    input: each reads back its own text, and deleting the run removes every one."""
+    for n, key in enumerate(HOSTILE_KEYS):
+        await _call(input_store.put_input(run_prefix, key, f'{{"key":{n}}}'))
+    for n, key in enumerate(HOSTILE_KEYS):
+        assert await _call(input_store.get_input(run_prefix, key)) == f'{{"key":{n}}}', key
+    await _call(input_store.delete(run_prefix))
+    for key in HOSTILE_KEYS:
+        assert await _call(input_store.get_input(run_prefix, key)) is None, key
+
+
+async def test_delete_removes_the_inputs_of_that_run_only(
+    input_store: Any, run_prefix: str
+) -> None:
+    """Deleting a run removes its inputs (with its checkpoints); runs whose ids extend it
+    keep theirs, and the run id can be sent inputs again afterwards."""
+    others = [run_prefix + ":b", run_prefix + "b", run_prefix + "}:inputs", run_prefix + "/x"]
+    for run in [run_prefix, *others]:
+        await _call(input_store.put_input(run, "approval@agent#1", '"yes"'))
+        await _call(input_store.save(run, "n", SAMPLES["enum-datetime"]))
+    await _call(input_store.delete(run_prefix))
+    assert await _call(input_store.get_input(run_prefix, "approval@agent#1")) is None
+    assert await _call(input_store.load(run_prefix, "n")) is None
+    for run in others:
+        assert await _call(input_store.get_input(run, "approval@agent#1")) == '"yes"'
+    await _call(input_store.put_input(run_prefix, "approval@agent#1", '"again"'))
+    assert await _call(input_store.get_input(run_prefix, "approval@agent#1")) == '"again"'
+    for run in [run_prefix, *others]:
+        await _call(input_store.delete(run))
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(keys=st.lists(id_text, min_size=1, max_size=4, unique=True), text=st.text(
+    alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=60))
+async def test_arbitrary_input_keys_and_texts_round_trip(
+    input_store: Any, run_prefix: str, keys: list[str], text: str
+) -> None:
+    """Any key text (no NUL) and any JSON text keep apart and read back exactly."""
+    texts = [json.dumps([n, text], ensure_ascii=False) for n in range(len(keys))]
+    try:
+        for key, value in zip(keys, texts, strict=True):
+            await _call(input_store.put_input(run_prefix, key, value))
+        for key, value in zip(keys, texts, strict=True):
+            assert await _call(input_store.get_input(run_prefix, key)) == value
+    finally:
+        await _call(input_store.delete(run_prefix))

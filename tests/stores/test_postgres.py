@@ -40,7 +40,7 @@ async def raw(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def count_rows(raw: asyncpg.Connection, store: PostgresStore, run_id: str) -> list[int]:
-    """How many rows the run has in the checkpoint, log and lease tables."""
+    """How many rows the run has in the checkpoint, log, lease and input tables."""
     return [
         await raw.fetchval(f"SELECT count(*) FROM {table} WHERE run_id = $1", run_id)
         for table in store.tables
@@ -59,7 +59,7 @@ async def log_rows(raw: asyncpg.Connection, store: PostgresStore, run_id: str) -
 async def test_tables_are_created_on_first_use(
     postgres_dsn: str, raw: asyncpg.Connection, unique_name: Callable[[str], str]
 ) -> None:
-    """The first operation creates the three tables; no setup call is needed."""
+    """The first operation creates the four tables; no setup call is needed."""
     store = PostgresStore(postgres_dsn, table_prefix=unique_name("t"))
     try:
         for table in store.tables:
@@ -104,6 +104,7 @@ async def test_tables_live_in_the_configured_schema(
         )
         assert sorted(t["table_name"] for t in tables) == [
             "stroma_checkpoints",
+            "stroma_inputs",
             "stroma_leases",
             "stroma_log",
         ]
@@ -124,15 +125,17 @@ async def test_delete_removes_exactly_the_runs_rows(
     """delete removes the run's rows in every table and no row of look-alike runs."""
     for run in TRICKY_RUNS:
         await postgres_store.append_log(run, LINES, ("n", STATE))
+        await postgres_store.put_input(run, "approval", "true")
     await raw.execute(
         f"INSERT INTO {postgres_store.leases_table} VALUES ('a', 'gone', now() - interval '1 s')"
     )
-    assert await count_rows(raw, postgres_store, "a") == [1, 3, 1]
+    assert await count_rows(raw, postgres_store, "a") == [1, 3, 1, 1]
     await postgres_store.delete("a")
-    assert await count_rows(raw, postgres_store, "a") == [0, 0, 0]
+    assert await count_rows(raw, postgres_store, "a") == [0, 0, 0, 0]
     for run in TRICKY_RUNS[1:]:
-        assert await count_rows(raw, postgres_store, run) == [1, 3, 0]
+        assert await count_rows(raw, postgres_store, run) == [1, 3, 0, 1]
         assert await postgres_store.load(run, "n") == STATE
+        assert await postgres_store.get_input(run, "approval") == "true"
 
 
 async def test_delete_leaves_a_live_lease_to_its_holder(postgres_store: PostgresStore) -> None:
@@ -360,7 +363,7 @@ async def test_released_lease_can_be_taken_again(
     """Leaving the context deletes the lease row, so another worker can claim the run."""
     async with postgres_store.lease("r", "worker-a"):
         pass
-    assert await count_rows(raw, postgres_store, "r") == [0, 0, 0]
+    assert await count_rows(raw, postgres_store, "r") == [0, 0, 0, 0]
     async with postgres_store.lease("r", "worker-b"):
         pass
 
