@@ -322,7 +322,8 @@ def calculate(expression: str) -> float:
 
     def value(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return float(node.value)
+            if not isinstance(node.value, bool):  # True + 1 is not arithmetic on numbers
+                return float(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return float(_OPS[type(node.op)](value(node.left), value(node.right)))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
@@ -356,7 +357,7 @@ async def think(s: AgentState, ctx: dict[str, Any]) -> tuple[AgentState, int, in
 
 
 @agent_node("search")
-async def search(s: AgentState, ctx: dict[str, Any]) -> AgentState:
+async def search(s: AgentState) -> AgentState:
     """Flights whose details hold every word of the query."""
     _record_call(f"tool search#{len(s.steps)}")
     words = str(s.steps[-1].args.get("query", "")).lower().split()
@@ -368,10 +369,15 @@ async def search(s: AgentState, ctx: dict[str, Any]) -> AgentState:
 
 
 @agent_node("calculator")
-async def calculator(s: AgentState, ctx: dict[str, Any]) -> AgentState:
-    """The value of an arithmetic expression, to two decimals."""
+async def calculator(s: AgentState) -> AgentState:
+    """The value of an arithmetic expression, to two decimals. A bad expression is an
+    observation for the model to correct, not a failure of the run."""
     _record_call(f"tool calculator#{len(s.steps)}")
-    return observed(s, f"{calculate(str(s.steps[-1].args.get('expression', ''))):.2f}")
+    try:
+        value = calculate(str(s.steps[-1].args.get("expression", "")))
+    except (ArithmeticError, SyntaxError, ValueError) as e:
+        return observed(s, f"error: {e}")
+    return observed(s, f"{value:.2f}")
 
 
 @agent_node("book_flight")
@@ -571,7 +577,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an agent, or go on with one (--run-id)")
     run.add_argument("--run-id", help="the run to go on with (default: a new run)")
-    run.add_argument("--question", default=QUESTION)
+    run.add_argument("--question", default=QUESTION,
+                     help="what to ask (a new run's; a resumed run keeps its log's question, "
+                          "budget and fallback)")
     run.add_argument("--model", choices=sorted(LLMS), default="scripted",
                      help="the LLM client (default: scripted, no network)")
     run.add_argument("--latency", type=float, default=0.5,
@@ -589,7 +597,8 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("run_id")
     for command in (run, approve, rep):
         command.add_argument("--store", default=STORE, help=f"a FileStore folder ({STORE})")
-        command.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+        command.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
+                             help="the event loop (stroma runs on both)")
     return p
 
 
