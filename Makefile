@@ -36,7 +36,7 @@ test: $(STAMP)
 # The package under the project's mypy settings, then user code under --strict: the
 # README's python blocks (extracted to files) and the demo.
 lint: $(STAMP)
-	$(BIN)/ruff check stroma interpreters tests benchmarks
+	$(BIN)/ruff check stroma interpreters tests benchmarks examples
 	$(BIN)/mypy stroma interpreters
 	$(BIN)/python -m tests.api.readme_examples $(TYPED)
 	$(BIN)/mypy --strict --follow-imports=silent $(TYPED)/*.py stroma/demo.py \

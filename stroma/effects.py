@@ -402,7 +402,9 @@ class AwaitInput:
     name: str
     key: str
     attempt: int
-    schema: str
+    # Left out of comparisons, like a Commit's: it names the class by its module, which
+    # is ``__main__`` in a run started as a script (the plan's fingerprint covers it).
+    schema: str = attrs.field(eq=False)
     digest: str
     timeout_ms: int | None = None
     json_schema: str = attrs.field(default="", repr=False)

@@ -26,7 +26,6 @@ import pytest
 from stroma import (
     FileStore,
     InMemoryStore,
-    NondeterminismError,
     RunStatus,
     estimate_cost_usd,
     interpret,
@@ -41,11 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 AGENT = ROOT / "examples" / "agent.py"
 THIRD = (("loop", "agent", 3),)  # where the booking is asked for: iteration 3 of the loop
 
-# Approving needs a store that keeps inputs; FileStore gets put_input with the inputs branch.
-needs_file_inputs = pytest.mark.xfail(
-    not hasattr(FileStore, "put_input"), strict=True,
-    reason="FileStore.put_input lands with the inputs branch (send_input needs it)",
-)
 
 
 def _load_agent() -> ModuleType:
@@ -157,7 +151,6 @@ def _final(log: EffectLog) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@needs_file_inputs
 def test_a_run_waits_for_approval_and_books_once_approved(
     tmp_path: Path, anyio_backend: str
 ) -> None:
@@ -203,7 +196,6 @@ def test_a_run_waits_for_approval_and_books_once_approved(
 
 
 @pytest.mark.slow
-@needs_file_inputs
 def test_a_declined_booking_books_nothing(tmp_path: Path, anyio_backend: str) -> None:
     """approve --no sends a refusal: book_flight never calls the airline, nothing is in the
     ledger, and the model's answer says the flight was not booked."""
@@ -277,7 +269,6 @@ def test_sigkill_inside_the_loop_resumes_without_calling_committed_nodes(
 
 
 @pytest.mark.slow
-@needs_file_inputs
 def test_sigkill_after_the_charge_books_once(tmp_path: Path, anyio_backend: str) -> None:
     """Killed after the airline charged and before book_flight's checkpoint, the resumed
     run calls book_flight again with the same idempotency key: the airline finds the key
@@ -487,10 +478,6 @@ def test_the_scripted_model_is_a_function_of_the_chat() -> None:
     assert a.input_tokens == sum(len(m["content"]) for m in chat) // 4
 
 
-@pytest.mark.xfail(strict=True, raises=NondeterminismError, reason=(
-    "stroma/effects.py AwaitInput compares its schema reference, which names the module: "
-    "a run from a script records __main__:Approval, and replaying that log with the same "
-    "plan imported diverges (Commit ignores the same difference on purpose)"))
 @pytest.mark.anyio
 async def test_a_log_recorded_by_a_script_replays_with_the_imported_plan(
     anyio_backend: str, tmp_path: Path
