@@ -8,6 +8,8 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # package about index folders it does not have).
 PIP := $(BIN)/python -m pip --disable-pip-version-check -qq
 TYPED := build/typed-examples
+# Quiet when run from another make too (no "Entering directory" lines).
+MAKEFLAGS += --no-print-directory
 
 .PHONY: install demo test lint bench clean
 

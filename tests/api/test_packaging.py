@@ -9,6 +9,7 @@ part of ``make test``.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -49,9 +50,11 @@ def _fresh_checkout(folder: Path) -> Path:
 
 
 def _make(checkout: Path, target: str) -> subprocess.CompletedProcess[str]:
+    # As from a user's shell: not a sub-make of the ``make test`` that runs this suite.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
     return subprocess.run(
         ["make", target, f"PY={sys.executable}"], cwd=checkout, capture_output=True,
-        text=True, timeout=600,
+        text=True, timeout=600, env=env,
     )
 
 
