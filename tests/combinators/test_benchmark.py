@@ -20,3 +20,13 @@ def test_the_loop_benchmark_runs_every_configuration_to_the_end() -> None:
     for name, *_ in loop.CONFIGS:
         ours, floor = loop.measure(name, 7, 1)
         assert ours > 0 and floor > 0
+
+
+def test_the_import_benchmark_times_each_program_in_a_fresh_interpreter() -> None:
+    """``benchmarks.imports.main`` times ``import stroma`` and its two baselines, each in
+    fresh processes, and returns positive figures for all three."""
+    from benchmarks import imports
+
+    figures = imports.main(["1"])
+    assert set(figures) == set(imports.PROGRAMS)
+    assert all(ms > 0 for ms in figures.values())

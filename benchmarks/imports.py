@@ -1,0 +1,56 @@
+"""How long ``import stroma`` takes in a fresh interpreter, against ``import pydantic``
+(with one model defined: what any pydantic user pays) and against stroma's own runtime
+dependencies (pydantic, attrs and anyio imported, one model defined).
+
+Each figure is the median of several fresh ``python -c`` processes, timed inside the
+process (``perf_counter`` around the import), so interpreter start-up is left out.
+Target: ``import stroma`` <= 1.5x ``import pydantic``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+_TIMED = "import time; t0 = time.perf_counter(); {body}; print(time.perf_counter() - t0)"
+
+PROGRAMS = {
+    "import stroma": "import stroma",
+    "import pydantic + one model": (
+        "import pydantic; exec('class M(pydantic.BaseModel):\\n    x: int')"
+    ),
+    "its dependencies + one model": (
+        "import pydantic, attrs, anyio; exec('class M(pydantic.BaseModel):\\n    x: int')"
+    ),
+}
+
+
+def time_import(body: str, repeats: int) -> float:
+    """Median milliseconds to run ``body`` first thing in a fresh interpreter."""
+    times = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _TIMED.format(body=body)], capture_output=True,
+            text=True, check=True,
+        ).stdout
+        times.append(float(out) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    repeats = int(argv[0]) if argv else 9
+    ms = {name: time_import(body, repeats) for name, body in PROGRAMS.items()}
+    pydantic_ms = ms["import pydantic + one model"]
+    print(f"{'what':<30} {'ms':>8} {'ratio':>6}")
+    for name, value in ms.items():
+        print(f"{name:<30} {value:>8.1f} {value / pydantic_ms:>6.2f}")
+    print(f"import stroma / its dependencies: "
+          f"{ms['import stroma'] / ms['its dependencies + one model']:.2f}")
+    print(f"import stroma / import pydantic: {ms['import stroma'] / pydantic_ms:.2f} "
+          "(target <= 1.5)")
+    return ms
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
