@@ -21,7 +21,7 @@ from stroma import (
     stroma_node,
 )
 from stroma.runner import RunConfig, interpret
-from tests.replay.pipelines import SCENARIOS, Called, Num, record
+from tests.replay.pipelines import SCENARIOS, V1_SCENARIOS, Called, Num, record
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 EXPECTED = {
@@ -30,7 +30,34 @@ EXPECTED = {
     "terminal": RunStatus.FAILED,
     "budget": RunStatus.PARTIAL,
     "hook_errors": RunStatus.COMPLETED,
+    "loop": RunStatus.COMPLETED,
+    "route": RunStatus.COMPLETED,
+    "wait": RunStatus.RESUMED,
 }
+# Every golden log: format version 1 (recorded by stroma 0.2, never rewritten) and the
+# current version 2 (``python -m tests.golden.make_golden``).
+GOLDEN_LOGS = [
+    *(pytest.param(1, name, id=f"v1-{name}") for name in V1_SCENARIOS),
+    *(pytest.param(2, name, id=f"v2-{name}") for name in sorted(SCENARIOS)),
+]
+
+
+def golden(version: int, name: str) -> str:
+    return (GOLDEN / f"v{version}" / f"{name}.jsonl").read_text(encoding="utf-8")
+
+
+def test_the_golden_folders_hold_one_log_per_scenario_of_their_version() -> None:
+    """v1/ holds the five 0.2 logs, each in format 1; v2/ one log per scenario, in format
+    2: a scenario without its golden log (or a stray file) is seen."""
+    assert sorted(p.stem for p in (GOLDEN / "v1").glob("*.jsonl")) == sorted(V1_SCENARIOS)
+    assert sorted(p.stem for p in (GOLDEN / "v2").glob("*.jsonl")) == sorted(SCENARIOS)
+    assert not list(GOLDEN.glob("*.jsonl"))
+    for version in (1, 2):
+        for path in (GOLDEN / f"v{version}").glob("*.jsonl"):
+            header = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+            assert header["stroma_log"] == version, path
+            assert EffectLog.from_jsonl(path.read_text(encoding="utf-8")).header.format == \
+                version
 
 
 def forbidden_plan(name: str) -> list[Any]:
@@ -38,19 +65,19 @@ def forbidden_plan(name: str) -> list[Any]:
     return build(False)
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_golden_log_round_trips_exactly(name: str) -> None:
+@pytest.mark.parametrize(("version", "name"), GOLDEN_LOGS)
+def test_golden_log_round_trips_exactly(version: int, name: str) -> None:
     """A checked-in log parses and serializes back to the very same text."""
-    text = (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8")
+    text = golden(version, name)
     assert EffectLog.from_jsonl(text).to_jsonl() == text
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-async def test_golden_log_replays_without_calling_anything(name: str) -> None:
-    """Replaying a golden log against nodes that raise if called gives the recorded run."""
-    text = (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8")
-    log = EffectLog.from_jsonl(text)
+@pytest.mark.parametrize(("version", "name"), GOLDEN_LOGS)
+async def test_golden_log_replays_without_calling_anything(version: int, name: str) -> None:
+    """Replaying a golden log against nodes (and loop predicates and route selectors) that
+    raise if called gives the recorded run."""
+    log = EffectLog.from_jsonl(golden(version, name))
     result = await replay(forbidden_plan(name), log)
     assert result.status is EXPECTED[name]
     assert result.trace == log.trace()
@@ -59,6 +86,52 @@ async def test_golden_log_replays_without_calling_anything(name: str) -> None:
     assert result.total_tokens == finish.total_tokens
     assert result.total_cost_usd == finish.total_cost_usd
     assert result.final_state.model_dump(mode="json") == finish.final_state
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", V1_SCENARIOS)
+async def test_a_cut_v1_log_resumes_live_in_version_2(name: str) -> None:
+    """A version 1 log cut after its first checkpoint (a crash) resumes on a store with
+    the live nodes: the node it has is not run again, the run ends as the whole v1 log
+    did, its text keeps the v1 lines exactly as read and goes on in version 2, and the
+    whole replays calling nothing."""
+    from stroma import InMemoryStore
+
+    text = golden(1, name)
+    whole = EffectLog.from_jsonl(text)
+    lines = text.splitlines(keepends=True)
+    cut = 1 + next(k for k, line in enumerate(lines) if '"t":"SaveCheckpoint"' in line)
+    log = EffectLog.from_jsonl("".join(lines[:cut]))
+    first = json.loads(lines[cut - 1])["effect"]["node_id"]
+    store = InMemoryStore()
+    store.attach_log(log.header.run_id, log)
+    build, config = SCENARIOS[name]
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    resumed = await interpret(build(True), Num(value=1), store=store, sleep=no_sleep,
+                              config=config().model_copy(update={"seed": whole.header.seed}))
+    finish = whole.finish
+    assert finish is not None
+    assert resumed.final_state.model_dump(mode="json") == finish.final_state
+    assert resumed.total_tokens == finish.total_tokens
+    expected = RunStatus.RESUMED if EXPECTED[name] is RunStatus.COMPLETED else EXPECTED[name]
+    assert resumed.status is expected
+    out = resumed.log.to_jsonl()
+    assert out.startswith("".join(lines[:cut]))
+    assert '"resumed":' in out.splitlines()[cut]
+    assert EffectLog.from_jsonl(out).to_jsonl() == out
+    assert await replay(forbidden_plan(name), EffectLog.from_jsonl(out)) == resumed
+    assert [e.node_id for e in resumed.trace].count(first) == [
+        e.node_id for e in whole.trace()].count(first)  # recorded, not run again
+    from stroma.log import ResumeMarker
+
+    records = list(resumed.log.records)
+    at = next(k for k, r in enumerate(records) if isinstance(r, ResumeMarker))
+    called = [r[0].node_id for r in records[at + 1:]
+              if type(r[0]).__name__ in ("CallNode", "CallParallel")]
+    assert called and first not in called
 
 
 @pytest.mark.anyio
@@ -102,14 +175,15 @@ async def test_replay_of_a_real_timeout_is_equal() -> None:
 
 
 def _mutated(name: str, fn: Any) -> EffectLog:
-    lines = (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = golden(1, name).splitlines()
     objs = [json.loads(line) for line in lines]
     fn(objs)
     return EffectLog.from_jsonl("".join(json.dumps(o) + "\n" for o in objs))
 
 
 @pytest.mark.anyio
-async def test_renamed_node_is_named_in_the_error() -> None:
+@pytest.mark.parametrize("version", [1, 2])
+async def test_renamed_node_is_named_in_the_error(version: int) -> None:
     """Renaming a node makes replay stop at the first record, naming both effects."""
     from tests.replay.pipelines import _node
 
@@ -117,7 +191,7 @@ async def test_renamed_node_is_named_in_the_error() -> None:
         raise Called
 
     plan = [_node("flaky_v2", Num, Num, False, body), *forbidden_plan("retries")[1:]]
-    log = EffectLog.from_jsonl((GOLDEN / "retries.jsonl").read_text(encoding="utf-8"))
+    log = EffectLog.from_jsonl(golden(version, "retries"))
     with pytest.raises(NondeterminismError) as info:
         await replay(plan, log)
     assert info.value.index == 0
@@ -146,7 +220,7 @@ async def test_changed_plan_is_nondeterminism(change: str) -> None:
         plan = base[::-1]
     else:
         plan = [base[0], _node("double", Num, Left, False, body)]
-    log = EffectLog.from_jsonl((GOLDEN / "retries.jsonl").read_text(encoding="utf-8"))
+    log = EffectLog.from_jsonl(golden(1, "retries"))
     with pytest.raises(NondeterminismError) as info:
         await replay(plan, log)
     assert "record" in str(info.value)
@@ -168,9 +242,10 @@ async def test_altered_log_is_nondeterminism() -> None:
 
 
 @pytest.mark.anyio
-async def test_unfinished_log_cannot_be_replayed_only_resumed() -> None:
+@pytest.mark.parametrize("version", [1, 2])
+async def test_unfinished_log_cannot_be_replayed_only_resumed(version: int) -> None:
     """A log cut short by a crash replays its prefix, then says to resume instead."""
-    text = (GOLDEN / "retries.jsonl").read_text(encoding="utf-8")
+    text = golden(version, "retries")
     cut = "".join(text.splitlines(keepends=True)[:5])
     with pytest.raises(StromaError, match="resume"):
         await replay(forbidden_plan("retries"), EffectLog.from_jsonl(cut))
