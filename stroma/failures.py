@@ -81,12 +81,38 @@ def default_policy_map() -> dict[FailureClass, FailurePolicy]:
     }
 
 
+class Located:
+    """Where a call ran, read from its ``coords`` (outermost first: ``("loop", loop id,
+    iteration)`` for each loop and ``("item", map step id, item index)`` for each
+    map_each around it; ``()`` at the top). Shared by ``NodeContext`` and ``TraceEvent``."""
+
+    __slots__ = ()
+    coords: tuple[tuple[str, str, int], ...]
+
+    @property
+    def iteration(self) -> int | None:
+        """The iteration of the innermost loop the call ran in (1-based), or None."""
+        return next((n for kind, _, n in reversed(self.coords) if kind == "loop"), None)
+
+    @property
+    def item(self) -> int | None:
+        """The item index of the innermost map_each the call ran in, or None."""
+        return next((n for kind, _, n in reversed(self.coords) if kind == "item"), None)
+
+    @property
+    def where(self) -> str:
+        """The coordinates as text: ``agent#3/map_each(fetch, ...)[7]``; "" at the top."""
+        return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
+                        for kind, step, n in self.coords)
+
+
 @dataclass(frozen=True, slots=True)
-class NodeContext:
+class NodeContext(Located):
     """What a classifier knows about the failed attempt (``attempt`` is 1-based).
 
     ``idempotency_key`` is the key of the logical call (the same for every retry and
-    resume of it); ``coords`` where it ran (see ``TraceEvent.coords``).
+    resume of it); ``coords`` where it ran, also as ``iteration``, ``item`` and ``where``
+    (see ``Located``).
     """
 
     node_id: str

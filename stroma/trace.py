@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from stroma.failures import FailureClass
+from stroma.failures import FailureClass, Located
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -42,7 +42,7 @@ class RunStatus(StrEnum):
 
 
 @dataclass(slots=True)
-class TraceEvent:
+class TraceEvent(Located):
     """One attempt of one node.
 
     ``output_state`` is None when the attempt failed (``failure`` is set) or was cancelled
@@ -66,22 +66,6 @@ class TraceEvent:
     def step_id(self) -> str:
         """Alias of ``node_id``."""
         return self.node_id
-
-    @property
-    def iteration(self) -> int | None:
-        """The iteration of the innermost loop the attempt ran in (1-based), or None."""
-        return next((n for kind, _, n in reversed(self.coords) if kind == "loop"), None)
-
-    @property
-    def item(self) -> int | None:
-        """The item index of the innermost map_each the attempt ran in, or None."""
-        return next((n for kind, _, n in reversed(self.coords) if kind == "item"), None)
-
-    @property
-    def where(self) -> str:
-        """The coordinates as text: ``agent#3/map_each(fetch, ...)[7]``; "" at the top."""
-        return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
-                        for kind, step, n in self.coords)
 
     @property
     def outcome(self) -> str:

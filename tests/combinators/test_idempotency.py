@@ -202,3 +202,14 @@ async def test_a_call_cut_short_by_a_crash_gets_its_key_again_on_resume(
     assert len(set(book_keys)) == 1
     assert ledger == {book_keys[0]: 1}
     assert resumed.final_state.tool == "booking 1"  # type: ignore[attr-defined]
+
+
+def test_node_context_reads_its_coordinates_as_trace_events_do() -> None:
+    """``NodeContext`` has the ``iteration``, ``item`` and ``where`` that ``TraceEvent``
+    has, read from the same coordinates (innermost loop and map item)."""
+    from stroma.failures import NodeContext
+
+    ctx = NodeContext("tool", 2, "run-1", "key", (("loop", "agent", 3), ("item", "fan", 7)))
+    assert (ctx.iteration, ctx.item, ctx.where) == (3, 7, "agent#3/fan[7]")
+    top = NodeContext("tool", 1, "run-1")
+    assert (top.iteration, top.item, top.where) == (None, None, "")
