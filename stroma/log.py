@@ -759,19 +759,29 @@ def encode_record(index: int, item: Any) -> list[str]:
 class _Bad(Exception):
     """A field of a line is missing or malformed (raised with the field's path)."""
 
-    def __init__(self, path: str, problem: str) -> None:
+    def __init__(self, path: Any, problem: str) -> None:
+        path = _path(path)
         super().__init__(path, problem)
         self.path = path
         self.problem = problem
 
 
-def _field(obj: dict[str, Any], key: str, path: str) -> Any:
+def _path(path: Any) -> str:
+    """A field's path as text: ``path`` itself, or a ``(parent, field)`` pair joined."""
+    if type(path) is tuple:
+        parent, key = path
+        return f"{parent}.{key}" if parent else key
+    return path
+
+
+def _field(obj: dict[str, Any], key: str, path: Any) -> Any:
     if key not in obj:
+        path = _path(path)
         raise _Bad(f"{path}.{key}" if path else key, "missing")
     return obj[key]
 
 
-def _read_datetime(value: Any, path: str) -> datetime:
+def _read_datetime(value: Any, path: Any) -> datetime:
     if type(value) is not str:
         raise _Bad(path, f"expected an ISO 8601 time, found {_shown(value)}")
     try:
@@ -793,96 +803,159 @@ def _is_int(value: Any) -> bool:
 
 
 def _read(kind: str, value: Any, path: str, run_id: str) -> Any:
-    if kind == _S:
-        if type(value) is not str:
-            raise _Bad(path, f"expected a string, found {_shown(value)}")
-        return value
-    if kind == _OS:
-        return None if value is None else _read(_S, value, path, run_id)
-    if kind == _I:
-        if not _is_int(value) or value < 0:
-            raise _Bad(path, f"expected a non-negative integer, found {_shown(value)}")
-        return value
-    if kind == _OI:
-        return None if value is None else _read(_I, value, path, run_id)
-    if kind == _F:
-        if type(value) not in (int, float):
-            raise _Bad(path, f"expected a number, found {_shown(value)}")
-        return float(value)
-    if kind == _B:
-        if type(value) is not bool:
-            raise _Bad(path, f"expected true or false, found {_shown(value)}")
-        return value
-    if kind == _DT:
-        return _read_datetime(value, path)
-    if kind == _ODT:
-        return None if value is None else _read_datetime(value, path)
-    if kind == _ST:
-        if not isinstance(value, dict):
-            raise _Bad(path, f"expected a state (a JSON object), found {_shown(value)}")
-        return _json_text(value)
-    if kind == _OST:
-        return None if value is None else _read(_ST, value, path, run_id)
-    if kind == _OUTPUT:
-        return (_json_text(value), None)
-    if kind in (_ER, _OER):
-        if value is None and kind == _OER:
-            return None
-        if not isinstance(value, dict):
-            raise _Bad(path, f"expected an error {{\"type_names\": [...], \"message\": "
-                             f"...}}, found {_shown(value)}")
-        names = _field(value, "type_names", path)
-        if not isinstance(names, list) or not all(type(n) is str for n in names):
-            raise _Bad(f"{path}.type_names", f"expected a list of class names, found "
-                                             f"{_shown(names)}")
-        return ("ErrorInfo", tuple(names), _read(_S, _field(value, "message", path),
-                                                 f"{path}.message", run_id))
-    if kind in (_CL, _OCL):
-        if value is None and kind == _OCL:
-            return None
-        if value not in FailureClass.__members__:
-            raise _Bad(path, f"expected a failure class ({', '.join(FailureClass)}), found "
-                             f"{_shown(value)}")
-        return value
-    if kind == _STATUS:
-        if value not in RunStatus.__members__:
-            raise _Bad(path, f"expected a run status ({', '.join(RunStatus)}), found "
-                             f"{_shown(value)}")
-        return value
-    if kind == _INTS:
-        if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
-            raise _Bad(path, f"expected a list of non-negative integers, found "
-                             f"{_shown(value)}")
-        return tuple(value)
-    if kind == _ANSWERS:
-        if not isinstance(value, list) or not all(v is None or type(v) is str for v in value):
-            raise _Bad(path, f"expected a list of answers, found {_shown(value)}")
-        return tuple(value)
-    if kind == _COORDS:
-        if not isinstance(value, list) or not all(
-            isinstance(c, list) and len(c) == 3 and c[0] in ("loop", "item")
-            and type(c[1]) is str and _is_int(c[2]) and c[2] >= 0 for c in value
-        ):
-            raise _Bad(path, f"expected a list of [kind, step id, n], found {_shown(value)}")
-        return tuple(tuple(c) for c in value)
-    if kind == _CALLS:
-        if not isinstance(value, list):
-            raise _Bad(path, f"expected a list of calls, found {_shown(value)}")
-        return tuple(_read_obj(v, f"{path}[{k}]", run_id, _CHILD_EFFECTS)
-                     for k, v in enumerate(value))
-    if kind == _OUTCOMES:
-        if not isinstance(value, list):
-            raise _Bad(path, f"expected a list of outcomes, found {_shown(value)}")
-        return tuple(_read_obj(v, f"{path}[{k}]", run_id, _OUTCOME_EVENTS)
-                     for k, v in enumerate(value))
-    if kind == _RECORDS:
-        if not isinstance(value, list):
-            raise _Bad(path, f"expected a list of records, found {_shown(value)}")
-        return tuple(_read_pair(v, f"{path}[{k}]", run_id) for k, v in enumerate(value))
-    raise AssertionError(kind)  # pragma: no cover
+    """A field of a line read as its kind says, checked (``_Bad`` with its path if not)."""
+    return _READERS[kind](value, path, run_id)
 
 
-def _read_pair(value: Any, path: str, run_id: str) -> Any:
+def _read_str(value: Any, path: Any, run_id: str) -> Any:
+    if type(value) is not str:
+        raise _Bad(path, f"expected a string, found {_shown(value)}")
+    return value
+
+
+def _read_opt_str(value: Any, path: Any, run_id: str) -> Any:
+    return None if value is None else _read_str(value, path, run_id)
+
+
+def _read_int(value: Any, path: Any, run_id: str) -> Any:
+    if type(value) is not int or value < 0:
+        raise _Bad(path, f"expected a non-negative integer, found {_shown(value)}")
+    return value
+
+
+def _read_opt_int(value: Any, path: Any, run_id: str) -> Any:
+    return None if value is None else _read_int(value, path, run_id)
+
+
+def _read_float(value: Any, path: Any, run_id: str) -> Any:
+    if type(value) not in (int, float):
+        raise _Bad(path, f"expected a number, found {_shown(value)}")
+    return float(value)
+
+
+def _read_bool(value: Any, path: Any, run_id: str) -> Any:
+    if type(value) is not bool:
+        raise _Bad(path, f"expected true or false, found {_shown(value)}")
+    return value
+
+
+def _read_dt(value: Any, path: Any, run_id: str) -> Any:
+    return _read_datetime(value, path)
+
+
+def _read_opt_dt(value: Any, path: Any, run_id: str) -> Any:
+    return None if value is None else _read_datetime(value, path)
+
+
+def _read_state(value: Any, path: Any, run_id: str) -> Any:
+    if type(value) is not dict and not isinstance(value, dict):
+        raise _Bad(path, f"expected a state (a JSON object), found {_shown(value)}")
+    return _json_text(value)
+
+
+def _read_opt_state(value: Any, path: Any, run_id: str) -> Any:
+    return None if value is None else _read_state(value, path, run_id)
+
+
+def _read_output(value: Any, path: Any, run_id: str) -> Any:
+    return (_json_text(value), None)
+
+
+def _read_error(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, dict):
+        raise _Bad(path, f"expected an error {{\"type_names\": [...], \"message\": "
+                         f"...}}, found {_shown(value)}")
+    names = _field(value, "type_names", path)
+    if not isinstance(names, list) or not all(type(n) is str for n in names):
+        raise _Bad((path, "type_names"), f"expected a list of class names, found "
+                                         f"{_shown(names)}")
+    return ("ErrorInfo", tuple(names), _read_str(_field(value, "message", path),
+                                                 (_path(path), "message"), run_id))
+
+
+def _read_opt_error(value: Any, path: Any, run_id: str) -> Any:
+    return None if value is None else _read_error(value, path, run_id)
+
+
+def _read_class(value: Any, path: Any, run_id: str) -> Any:
+    if value not in FailureClass.__members__:
+        raise _Bad(path, f"expected a failure class ({', '.join(FailureClass)}), found "
+                         f"{_shown(value)}")
+    return value
+
+
+def _read_opt_class(value: Any, path: Any, run_id: str) -> Any:
+    return None if value is None else _read_class(value, path, run_id)
+
+
+def _read_status(value: Any, path: Any, run_id: str) -> Any:
+    if value not in RunStatus.__members__:
+        raise _Bad(path, f"expected a run status ({', '.join(RunStatus)}), found "
+                         f"{_shown(value)}")
+    return value
+
+
+def _read_ints(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
+        raise _Bad(path, f"expected a list of non-negative integers, found {_shown(value)}")
+    return tuple(value)
+
+
+def _read_answers(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, list) or not all(v is None or type(v) is str for v in value):
+        raise _Bad(path, f"expected a list of answers, found {_shown(value)}")
+    return tuple(value)
+
+
+def _read_coords(value: Any, path: Any, run_id: str) -> Any:
+    if value == []:  # at the top of the plan: the common case
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(c, list) and len(c) == 3 and c[0] in ("loop", "item")
+        and type(c[1]) is str and _is_int(c[2]) and c[2] >= 0 for c in value
+    ):
+        raise _Bad(path, f"expected a list of [kind, step id, n], found {_shown(value)}")
+    return tuple(tuple(c) for c in value)
+
+
+def _read_calls(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, list):
+        raise _Bad(path, f"expected a list of calls, found {_shown(value)}")
+    return tuple(_read_obj(v, f"{_path(path)}[{k}]", run_id, _CHILD_EFFECTS)
+                 for k, v in enumerate(value))
+
+
+def _read_outcomes(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, list):
+        raise _Bad(path, f"expected a list of outcomes, found {_shown(value)}")
+    return tuple(_read_obj(v, f"{_path(path)}[{k}]", run_id, _OUTCOME_EVENTS)
+                 for k, v in enumerate(value))
+
+
+def _read_records(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, list):
+        raise _Bad(path, f"expected a list of records, found {_shown(value)}")
+    return tuple(_read_pair(v, f"{_path(path)}[{k}]", run_id) for k, v in enumerate(value))
+
+
+# How each kind of field is read from a line: one function per kind.
+_READERS: dict[str, Callable[[Any, Any, str], Any]] = {
+    _S: _read_str, _OS: _read_opt_str, _I: _read_int, _OI: _read_opt_int,
+    _F: _read_float, _B: _read_bool, _DT: _read_dt, _ODT: _read_opt_dt,
+    _ST: _read_state, _OST: _read_opt_state, _OUTPUT: _read_output,
+    _ER: _read_error, _OER: _read_opt_error, _CL: _read_class, _OCL: _read_opt_class,
+    _STATUS: _read_status, _INTS: _read_ints, _ANSWERS: _read_answers,
+    _COORDS: _read_coords, _CALLS: _read_calls, _OUTCOMES: _read_outcomes,
+    _RECORDS: _read_records,
+}
+# Each class's fields with their kinds and readers, in the order of ``_SPEC``.
+_READ_SPEC: dict[str, tuple[tuple[str, str, Callable[[Any, Any, str], Any]], ...]] = {
+    name: tuple((f, kind, _READERS[kind]) for f, kind in fields)
+    for name, fields in _SPEC.items()
+}
+
+
+def _read_pair(value: Any, path: Any, run_id: str) -> Any:
     if isinstance(value, dict) and "resumed" in value:
         return ResumeMarker(_read(_S, value["resumed"], f"{path}.resumed", run_id))
     if not isinstance(value, list) or len(value) != 2:
@@ -906,7 +979,7 @@ def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tu
             raise _Bad(f"{path}.event", f"expected a trace event, found {_shown(value)}")
         path = f"{path}.event"
     atoms: list[Any] = [name]
-    for f, kind in _SPEC[name]:
+    for f, kind, reader in _READ_SPEC[name]:
         if f not in value:
             if kind in (_RECORDS, _CALLS, _OUTCOMES, _COORDS) or (f, name) in _V1_ABSENT:
                 # A group's calls and outcomes are on the child lines that follow it.
@@ -914,7 +987,8 @@ def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tu
                     _RECORDS, _CALLS, _OUTCOMES, _COORDS) else None))
                 continue
             raise _Bad(f"{path}.{f}", "missing")
-        atoms.append(_read(kind, value[f], f"{path}.{f}", run_id))
+        # (the field's path as a pair, made text only for an error)
+        atoms.append(reader(value[f], (path, f), run_id))
     if name == "NodeReturned" and "valid" in value:
         valid = _read(_S, value["valid"], f"{path}.valid", run_id)
         k = _POS["NodeReturned"]["output"]

@@ -375,7 +375,7 @@ async def replay(
             raise LogCorrupted(
                 "replay(plan, log)",
                 f"log must be an EffectLog or the JSON-lines text of one (its first line is "
-                f"the {{\"stroma_log\": 1, ...}} header), got the text {text[:60]!r}: pass "
+                f"the {{\"stroma_log\": 2, ...}} header), got the text {text[:60]!r}: pass "
                 "result.log, log.to_jsonl(), or await store.read_log(run_id); if this is a "
                 "file path, read it first: Path(path).read_text()",
             )
