@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         live, reps = speed(n, busy=busy)
         print(f"  {what}: live {live:.2f}")
         for source, rep in reps.items():
-            print(f"    replay from {source:<16} {rep:>7.2f}: {live / rep:>5.1f}x faster")
+            ratio = live / rep
+            how = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+            print(f"    replay from {source:<16} {rep:>7.2f}: {how}")
         figures[what] = {"live_us": live, **{s: live / r for s, r in reps.items()}}
     mem = memory()
     print("memory of a run per node: peak while running; kept by the finished run (result "

@@ -30,3 +30,14 @@ def test_the_import_benchmark_times_each_program_in_a_fresh_interpreter() -> Non
     figures = imports.main(["1"])
     assert set(figures) == set(imports.PROGRAMS)
     assert all(ms > 0 for ms in figures.values())
+
+
+def test_the_replay_benchmark_replays_from_every_source() -> None:
+    """``benchmarks.replay.speed`` runs a chain live (with retries, a budget and hooks, the
+    run checked to its end) and replays it from memory, text and a FileStore, each giving
+    the live result (asserted inside), with a positive time for every source."""
+    from benchmarks import replay
+
+    live, replays = replay.speed(30, 1, busy=True)
+    assert live > 0 and set(replays) == set(replay.SOURCES)
+    assert all(us > 0 for us in replays.values())
