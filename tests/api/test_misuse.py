@@ -405,7 +405,7 @@ async def test_replay_with_text_that_is_not_a_log(anyio_backend: str, log: Any) 
     msg = str(info.value)
     assert isinstance(info.value, StromaError)
     assert msg.startswith("replay(plan, log): log must be an EffectLog or the JSON-lines text")
-    assert '{"stroma_log": 1, ...}' in msg
+    assert '{"stroma_log": 2, ...}' in msg
     text = log.decode() if isinstance(log, bytes) else log
     assert repr(text) in msg
     assert "result.log" in msg and "Path(path).read_text()" in msg
