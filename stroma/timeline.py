@@ -96,7 +96,7 @@ DAMAGED = "damaged"
 
 _MAP_ID = re.compile(r"^map_each\(.*, over=(\w+), into=(\w+)\)$")
 
-Coords = tuple[tuple[str, str, int], ...]
+_Coords = tuple[tuple[str, str, int], ...]
 
 
 def where_label(coords: Sequence[Sequence[Any]]) -> str:
@@ -121,7 +121,7 @@ def _where(coords: Sequence[Sequence[Any]]) -> str:
                     for kind, step, n in coords)
 
 
-def _coords(value: Any) -> Coords:
+def _coords(value: Any) -> _Coords:
     return tuple((str(k), str(step), int(n)) for k, step, n in (value or ()))
 
 
@@ -231,7 +231,7 @@ class Row:
     item_index: int | None = None
     bars: tuple[Bar, ...] = ()
     gaps: tuple[Gap, ...] = ()
-    coords: Coords = ()
+    coords: _Coords = ()
 
     @property
     def iteration(self) -> int | None:
@@ -421,7 +421,7 @@ class _RowBuild:
 
     def __init__(self, key: str, label: str, step_id: str, kind: str, depth: int,
                  parent: str | None, child_index: int | None, item_index: int | None,
-                 coords: Coords = ()) -> None:
+                 coords: _Coords = ()) -> None:
         self.key, self.label, self.step_id, self.kind = key, label, step_id, kind
         self.depth, self.parent = depth, parent
         self.child_index, self.item_index = child_index, item_index
@@ -430,12 +430,12 @@ class _RowBuild:
         self.gaps: list[dict[str, Any]] = []
 
 
-def _key(step_id: str, coords: Coords) -> str:
+def _key(step_id: str, coords: _Coords) -> str:
     """A row's key: its step, and where it ran (a step has a row per loop iteration)."""
     return f"{step_id}@{_where(coords)}" if coords else step_id
 
 
-def _label(step_id: str, coords: Coords, context: Coords) -> str:
+def _label(step_id: str, coords: _Coords, context: _Coords) -> str:
     """A row's label: its step, and where it ran beyond its scope's own coordinates."""
     rel = coords[len(context):] if coords[:len(context)] == context else coords
     return f"{step_id} {where_label(rel)}" if rel else step_id
@@ -451,7 +451,7 @@ class _Reader:
 
     def row(self, key: str, label: str, step_id: str, kind: str, depth: int,
             parent: str | None, child_index: int | None = None,
-            item_index: int | None = None, coords: Coords = ()) -> _RowBuild:
+            item_index: int | None = None, coords: _Coords = ()) -> _RowBuild:
         row = self.rows.get(key)
         if row is None:
             row = _RowBuild(key, label, step_id, kind, depth, parent, child_index, item_index,
@@ -475,7 +475,7 @@ class _Reader:
 
     def walk(self, records: Iterable[Any], *, prefix: str, parent: str | None, depth: int,
              group_attempt: int | None, solo: tuple[str, str, int | None, int | None] | None,
-             state: Any, context: Coords = ()) -> tuple[Any, dict[str, Any] | None, Any]:
+             state: Any, context: _Coords = ()) -> tuple[Any, dict[str, Any] | None, Any]:
         """Read records into rows; returns (the Finish or None, the last bar, the state).
         ``context`` is the scope's own coordinates (a sub-plan child's, in a loop or map)."""
         pending: tuple[Any, Any] | None = None
@@ -484,7 +484,7 @@ class _Reader:
         hooks: dict[tuple[str, int], list[str]] = {}
         made: list[dict[str, Any]] = []  # the bars of this scope's own steps
         finish: Any = None
-        coords: Coords = ()  # the coordinates of the last step record
+        coords: _Coords = ()  # the coordinates of the last step record
         loops: set[str] = set()  # the loops seen in them: a ChooseBranch of one is its until
         placing: list[list[Any]] = []  # route marks waiting for the step they went on with
         waiting: dict[str, dict[str, Any]] = {}  # a wait's row key -> its waiting bar
@@ -496,7 +496,7 @@ class _Reader:
                 return self.clock
             return _end(last[1]["start"], last[1]["duration_ms"])
 
-        def placed(row_key: str, where: Coords) -> None:
+        def placed(row_key: str, where: _Coords) -> None:
             for mark in placing:
                 mark[1] = f"{mark[1]} {where_label(where)}".rstrip() + mark.pop()
                 mark[3], mark[4] = row_key, _where(where)
@@ -610,7 +610,7 @@ class _Reader:
     def attempt(self, ra: Any, pending: tuple[Any, Any] | None,
                 branch: tuple[str, str] | None, *, prefix: str, parent: str | None, depth: int,
                 group_attempt: int | None,
-                solo: tuple[str, str, int | None, int | None] | None, context: Coords = (),
+                solo: tuple[str, str, int | None, int | None] | None, context: _Coords = (),
                 ) -> tuple[_RowBuild, dict[str, Any]]:
         event = ra.event  # the states as JSON
         step_id = event.node_id
@@ -730,7 +730,7 @@ class _Reader:
 
     def sub_plan(self, group_row: _RowBuild, key: str, j: int, item: int | None, call: Any,
                  outcome: Any, *, depth: int, child_input: Any, group_attempt: int,
-                 coords: Coords = ()) -> Usage:
+                 coords: _Coords = ()) -> Usage:
         records = list(outcome.records)
         steps: list[str] = []
         nested = False
@@ -837,7 +837,7 @@ class _Reader:
                  called=True)
 
 
-def _child_label(name: str, item: int | None, group: Coords) -> str:
+def _child_label(name: str, item: int | None, group: _Coords) -> str:
     """A fan-out child's label: ``fetch [item 2]`` at the top, ``fetch @agent#3 item 2``
     in iteration 3 of the loop ``agent``."""
     if not group:
