@@ -7,8 +7,9 @@ than drawn over the previous attempt of its row), the backoff sleeps between att
 dashed lines, the moments the run was resumed, and a legend. A step in a loop has a row
 per iteration (``think @agent#3``); a loop's ``until`` answers are thin dotted lines across
 the rows, a route's choice a diamond on the row of the step it chose, a wait for input a
-circle on the wait's row (and a ``waiting`` bar, as long as the run waited), each with a
-``<title>`` saying what it was (``class="marker mark-route"``, ``mark-wait``, ...).
+circle on the wait's row (each just left of its moment, clear of the bars), and a
+``waiting`` bar lasts as long as the run waited; each mark has a ``<title>`` saying what
+it was (``class="marker mark-route"``, ``mark-until``, ``mark-wait``, ``mark-input``).
 Hovering a bar shows its attempt, outcome, duration, failure message and usage (an SVG
 ``<title>``). The picture
 needs no external resource (no fonts, scripts or images), so it can go into a bug report
@@ -149,7 +150,8 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
     out.append(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
     # Header: the run and its totals.
     colour = COLOURS.get(OK if tl.status in ("COMPLETED", "RESUMED") else (
-        UNFINISHED if not tl.finished else "TERMINAL"), "#333333")
+        UNFINISHED if not tl.finished else WAITING if tl.status == "WAITING" else "TERMINAL"),
+        "#333333")
     out.append(
         f'<text x="12" y="24" font-size="15" font-weight="600" fill="#222">run '
         f'{escape(tl.run_id)} <tspan fill="{colour}">{escape(tl.status)}</tspan></text>'
@@ -230,7 +232,8 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
             if i < 0:
                 continue
             mid = _TOP + i * ROW_HEIGHT + ROW_HEIGHT / 2
-            out.append(_ROW_MARKS[mark.kind](x, mid, escape(mark.kind + ": " + mark.label)))
+            # Just before the moment, so it never covers the bar that starts there.
+            out.append(_ROW_MARKS[mark.kind](x - 6, mid, escape(mark.kind + ": " + mark.label)))
             continue
         out.append(
             f'<line class="mark" x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" y2="{_TOP + rows_h}" '

@@ -166,6 +166,9 @@ def test_show_svg_draws_a_row_per_iteration_with_markers(store: Path, tmp_path: 
     assert kinds == [("polygon", "mark-route"), ("line", "mark-until"),
                      ("polygon", "mark-route"), ("line", "mark-until"),
                      ("polygon", "mark-route"), ("circle", "mark-wait")]
+    header = next(t for t in root.iter(f"{SVG}text") if (t.text or "").startswith("run "))
+    (status,) = header.iter(f"{SVG}tspan")
+    assert (status.text, status.get("fill")) == ("WAITING", "#00838f")  # not an error's red
     legend = "".join(t.text or "" for g in root.iter(f"{SVG}g") if g.get("class") == "legend"
                      for t in g.iter(f"{SVG}text"))
     assert "waiting" in legend
