@@ -52,15 +52,23 @@ from stroma.otel import (
     CHILD_INDEX,
     COST,
     COST_USD,
+    DIGEST,
     ERROR_TYPE,
     FAILURE_CLASS,
     FAILURE_MESSAGE,
     HOOK,
     HOOK_FAILED_EVENT,
+    INPUT_EVENT,
+    INPUT_KEY,
+    INPUT_NAME,
     INPUT_TOKENS,
+    ITEM,
     ITEM_INDEX,
+    ITERATION,
     KIND,
     LATENCY_MS,
+    LOOP_DONE,
+    LOOP_EVENT,
     MESSAGE,
     MODEL,
     NODE_ATTEMPTS,
@@ -69,6 +77,8 @@ from stroma.otel import (
     OUTCOME,
     OUTPUT_TOKENS,
     REPLAYED,
+    ROUTE_EVENT,
+    ROUTE_KEY,
     RUN_ID,
     RUN_SPAN,
     SCOPE,
@@ -78,9 +88,11 @@ from stroma.otel import (
     TOKEN_TYPE,
     TOKENS,
     TOTAL_TOKENS,
+    WAIT_EVENT,
+    WHERE,
     Tracing,
 )
-from stroma.plan import MapStep, ParallelStep
+from stroma.plan import LoopStart, MapStep, ParallelStep
 from stroma.trace import RunStatus
 
 __all__ = ("RunTracer",)
@@ -229,8 +241,8 @@ def _telemetry(tracing: Tracing) -> _Telemetry:
 class _Attempt:
     """An attempt whose span is not made yet: what its records said so far."""
 
-    __slots__ = ("call", "duration_ms", "event", "failure", "hooks", "kind", "message",
-                 "node_id", "number", "start", "succeeded")
+    __slots__ = ("call", "coords", "duration_ms", "event", "failure", "hooks", "kind",
+                 "message", "node_id", "number", "start", "succeeded")
 
     def __init__(
         self, kind: str, node_id: str, number: int, start: datetime, duration_ms: int,
@@ -247,6 +259,22 @@ class _Attempt:
         self.failure: Any = None
         self.message: str | None = None
         self.succeeded = False
+        self.coords: tuple[tuple[str, str, int], ...] = getattr(call, "coords", None) or ()
+
+
+def _where(coords: Any) -> dict[str, Any]:
+    """An attempt's place in loops and maps as attributes (none at the top)."""
+    if not coords:
+        return {}
+    attributes: dict[str, Any] = {WHERE: "/".join(
+        f"{step}#{n}" if kind == "loop" else f"{step}[{n}]" for kind, step, n in coords)}
+    iteration = next((n for kind, _, n in reversed(coords) if kind == "loop"), None)
+    item = next((n for kind, _, n in reversed(coords) if kind == "item"), None)
+    if iteration is not None:
+        attributes[ITERATION] = iteration
+    if item is not None:
+        attributes[ITEM] = item
+    return attributes
 
 
 def _usage(call: Any, event: Any) -> tuple[dict[str, Any], str | None, int, int, float] | None:
@@ -288,12 +316,15 @@ def _finished(attributes: dict[str, Any], status: RunStatus, tokens: int, cost: 
         attributes[STOP_REASON] = reason
     if status in _DONE:
         return _OK
+    if status is RunStatus.WAITING:  # not an error: it goes on once its input is sent
+        return Status(StatusCode.UNSET)
     return Status(StatusCode.ERROR, reason or status.value)
 
 
 # ---------------------------------------------------------------------------- scopes
 
-_TIMED = frozenset({fx.Sleep, fx.ChooseBranch, fx.LoadCheckpoint})  # records without a time
+# Records without a time of their own.
+_TIMED = frozenset({fx.Sleep, fx.ChooseBranch, fx.ChooseRoute, fx.LoadCheckpoint})
 
 
 class _Scope:
@@ -331,6 +362,9 @@ class _Scope:
         # can be later than its parent's start plus its parent's duration).
         self.latest = 0
         self._groups: dict[str, Any] | None = None
+        self._loops: set[str] | None = None
+        self.coords: tuple[tuple[str, str, int], ...] = ()  # the last step record's
+        self.routes: list[tuple[dict[str, Any], datetime | None]] = []  # to place
 
     # -- the RunObserver protocol
 
@@ -429,6 +463,7 @@ class _Scope:
 
     def _on_call(self, eff: fx.CallNode, ev: Any, now: datetime | None) -> None:
         self._close()
+        self._placed(eff.coords)
         self.current = _Attempt("node", eff.node_id, eff.attempt, ev.started_at,
                                 ev.duration_ms, eff, ev, self._take_start_hooks())
 
@@ -439,7 +474,10 @@ class _Scope:
                                 ev.duration_ms, eff, ev, self._take_start_hooks())
 
     def _on_commit(self, eff: fx.Commit, ev: None, now: datetime | None) -> None:
+        self._placed(eff.coords)
         att = self._mine(eff.node_id, eff.attempt)
+        if att is not None and eff.coords:
+            att.coords = eff.coords
         if att is None:
             self._close()
             return
@@ -449,6 +487,7 @@ class _Scope:
 
     def _on_record_attempt(self, eff: fx.RecordAttempt, ev: None,
                            now: datetime | None) -> None:
+        self._placed(eff.coords)
         att = self._mine(eff.node_id, eff.attempt)
         if att is None or att.succeeded or att.failure is not None:
             self._close()
@@ -464,6 +503,8 @@ class _Scope:
             att = _Attempt(kind, eff.node_id, eff.attempt, eff.timestamp_utc,
                            eff.duration_ms, hooks=self._take_start_hooks())
             self.current = att
+        if eff.coords:
+            att.coords = eff.coords
         att.failure = eff.failure
         att.message = eff.failure_message
         if att.kind == "branch" or "failure" not in self.hooks:
@@ -501,11 +542,66 @@ class _Scope:
     def _on_branch(self, eff: fx.ChooseBranch, ev: fx.BranchChosen,
                    now: datetime | None) -> None:
         self._close()
+        if ev.error is None and eff.step_id in self._loop_ids():
+            # A loop's until, asked after the iteration the last step record was in.
+            n = next((n for kind, step, n in self.coords
+                      if kind == "loop" and step == eff.step_id), None)
+            done: dict[str, Any] = {NODE_ID: eff.step_id, LOOP_DONE: ev.taken}
+            if n is not None:
+                at = self.coords[:next(i for i, c in enumerate(self.coords)
+                                       if c[1] == eff.step_id) + 1]
+                done.update(_where(at))
+            self._event(LOOP_EVENT, done, now)
+            return
         attributes: dict[str, Any] = {NODE_ID: eff.step_id, BRANCH_TAKEN: ev.taken}
         if ev.error is not None:
             attributes[MESSAGE] = ev.error.short
             self.failed_branch = eff.step_id
         self._event(BRANCH_EVENT, attributes, now)
+
+    def _on_route(self, eff: fx.ChooseRoute, ev: fx.RouteChosen, now: datetime | None) -> None:
+        """A route's choice: an event once the step it chose shows where it is."""
+        self._close()
+        attributes: dict[str, Any] = {NODE_ID: eff.step_id}
+        if ev.key is not None:
+            attributes[ROUTE_KEY] = ev.key
+        if ev.error is not None:
+            attributes[MESSAGE] = ev.error.short
+            self.failed_branch = eff.step_id
+        self.routes.append((attributes, now))
+
+    def _on_wait(self, eff: fx.AwaitInput, ev: Any, now: datetime | None) -> None:
+        """An await_input: ``stroma.input`` when the input was there, ``stroma.wait`` when
+        it was not (the run ends WAITING)."""
+        self._close()
+        self._placed(eff.coords)
+        attributes: dict[str, Any] = {NODE_ID: eff.step_id, INPUT_NAME: eff.name,
+                                      INPUT_KEY: eff.key, DIGEST: eff.digest,
+                                      **_where(eff.coords)}
+        if eff.timeout_ms is not None:
+            attributes[TIMEOUT_MS] = eff.timeout_ms
+        name = INPUT_EVENT if type(ev) is fx.InputReceived else WAIT_EVENT
+        self._event(name, attributes, getattr(ev, "at", None))
+
+    def _placed(self, coords: Any) -> None:
+        """The step after a route's choice began: the choice's events, with its place."""
+        if coords:
+            self.coords = coords
+            if self._loops is not None:
+                self._loops.update(step for kind, step, _ in coords if kind == "loop")
+        if not self.routes:
+            return
+        routes, self.routes = self.routes, []
+        for attributes, at in routes:
+            self._event(ROUTE_EVENT, {**attributes, **_where(coords)}, at)
+
+    def _loop_ids(self) -> set[str]:
+        """The loops of the scope's plan, and those its records' coordinates named."""
+        if self._loops is None:
+            program = getattr(self.plan, "program", ())
+            self._loops = {ins.step_id for ins in program if isinstance(ins, LoopStart)}
+            self._loops.update(step for kind, step, _ in self.coords if kind == "loop")
+        return self._loops
 
     def _on_load(self, eff: fx.LoadCheckpoint, ev: fx.CheckpointLoaded,
                  now: datetime | None) -> None:
@@ -515,6 +611,7 @@ class _Scope:
 
     def _on_finish(self, eff: fx.Finish, ev: None, now: datetime | None) -> None:
         self._close()
+        self._placed(())
         self.finish = eff
 
     def _on_other(self, eff: Any, ev: Any, now: datetime | None) -> None:
@@ -528,7 +625,7 @@ class _Scope:
         end = start + att.duration_ms * 1_000_000
         call, ev = att.call, att.event
         attributes: dict[str, Any] = {RUN_ID: self.run_id, NODE_ID: att.node_id,
-                                      ATTEMPT: att.number}
+                                      ATTEMPT: att.number, **_where(att.coords)}
         if call is not None and call.timeout_ms is not None:
             attributes[TIMEOUT_MS] = call.timeout_ms
         usage = _usage(call, ev) if type(ev) is fx.NodeReturned else None
@@ -572,7 +669,7 @@ class _Scope:
         start = _ns(att.start)
         end = start + att.duration_ms * 1_000_000
         attributes: dict[str, Any] = {RUN_ID: self.run_id, NODE_ID: eff.step_id,
-                                      ATTEMPT: att.number}
+                                      ATTEMPT: att.number, **_where(att.coords)}
         if eff.timeout_ms is not None:
             attributes[TIMEOUT_MS] = eff.timeout_ms
         if att.succeeded:
@@ -593,7 +690,7 @@ class _Scope:
             index = eff.indices[k] if k < len(eff.indices) else k
             error, child_end = self._child_span(
                 ctx, eff, ev, index, call, child_outcome, group,
-                att.failure if index == first_failed else None, first_failed,
+                att.failure if index == first_failed else None, first_failed, att.coords,
             )
             end = max(end, child_end)
             if index == first_failed:
@@ -617,6 +714,7 @@ class _Scope:
     def _child_span(
         self, parent: Any, eff: fx.CallParallel, ev: fx.ParallelReturned, index: int,
         call: Any, outcome: Any, group: Any, failure: Any, first_failed: int | None,
+        coords: Any = (),
     ) -> tuple[fx.ErrorInfo | None, int]:
         """One child's span under its group's: a node attempt, or a plan child with its
         nodes' spans beneath it. Returns why the child failed (None: it did not) and when
@@ -647,6 +745,7 @@ class _Scope:
             attributes[NODE_ID] = call.node_id
             attributes[ATTEMPT] = call.attempt
             attributes[where] = index
+            attributes.update(_where(call.coords))
             if call.timeout_ms is not None:
                 attributes[TIMEOUT_MS] = call.timeout_ms
             if type(outcome) is fx.NodeReturned:
@@ -658,6 +757,8 @@ class _Scope:
             attributes[CHILD_ID] = call.child_id
             attributes[ATTEMPT] = call.attempt
             attributes[where] = index
+            attributes.update(_where((*coords, ("item", eff.step_id, index))
+                                     if eff.kind == "map" else coords))
             scope = self.children.pop(id(call), None)
             if scope is None:  # finished in an earlier session: read from its records
                 scope = _Scope(self.tel, self.run_id, self.hooks, self.clock,
@@ -758,6 +859,8 @@ _HANDLERS: dict[type, Callable[[_Scope, Any, Any, datetime | None], None]] = {
     fx.FireHook: _Scope._on_hook,
     fx.Sleep: _Scope._on_sleep,
     fx.ChooseBranch: _Scope._on_branch,
+    fx.ChooseRoute: _Scope._on_route,
+    fx.AwaitInput: _Scope._on_wait,
     fx.LoadCheckpoint: _Scope._on_load,
     fx.Finish: _Scope._on_finish,
     fx.ClassifyFailure: _Scope._on_other,

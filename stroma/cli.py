@@ -1,4 +1,4 @@
-"""Command line: ``python -m stroma demo | runs | show | replay | ui``.
+"""Command line: ``python -m stroma demo | runs | show | replay | send-input | ui``.
 
 STORE is a FileStore folder, a Redis URL (``redis://host:6379/0``, ``rediss://...``; add
 ``?key_prefix=NAME`` for a store made with another ``key_prefix``) or a PostgreSQL DSN
@@ -8,7 +8,13 @@ STORE is a FileStore folder, a Redis URL (``redis://host:6379/0``, ``rediss://..
     python -m stroma runs STORE [--status S] [--json]       the runs, their status and totals
     python -m stroma show STORE RUN_ID [--json] [--svg F]   a run's attempts, fan-out children too
     python -m stroma replay STORE RUN_ID --plan mod:attr    OK, or the first divergence (exit 1)
+    python -m stroma send-input STORE RUN_ID NAME JSON      answer a WAITING run's await_input
     python -m stroma ui STORE [--port N] [--plan mod:attr]  a local, read-only web UI
+
+A WAITING run (stopped at an ``await_input`` step) shows in ``runs`` with what it waits
+for; ``send-input`` checks the payload (JSON text, ``@file`` or ``-`` for stdin) against
+the wait's schema and keeps it in the store (a bad one is refused, naming the fields, and
+nothing is written); running the plan again with the run id goes on from the wait.
 
 Every error is one line on stderr, ``stroma: error: ...`` naming the problem and the fix,
 with exit status 2 (a replay that diverges prints ``DIVERGED: ...`` and exits 1).
@@ -32,11 +38,13 @@ import anyio
 
 from stroma.demo import run_demo
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
+from stroma.inputs import InputRefused, pending_wait, send_input
 from stroma.log import EffectLog
 from stroma.runner import replay
 from stroma.timeline import (
     RunSummary,
     Timeline,
+    Wait,
     damaged_summary,
     no_log_summary,
     summary,
@@ -53,9 +61,12 @@ __all__ = (
     "load_plan",
     "main",
     "open_store",
+    "read_payload",
     "read_run",
     "replay_check",
     "run_summaries",
+    "send_input_command",
+    "store_expression",
 )
 
 DEFAULT_UI_PORT = 8765
@@ -276,15 +287,25 @@ async def replay_check(plan: Any, log: EffectLog) -> tuple[bool, str]:
 # ----------------------------------------------------------------------- commands
 
 
+def _waits_for(waits: Sequence[Wait]) -> str:
+    """What a run waits for, short: ``approval@agent#3 (digest 7f70d632)``."""
+    return ", ".join(f"{w.key} (digest {w.short_digest})" for w in waits)
+
+
 def format_runs(runs: Sequence[RunSummary]) -> str:
-    """A fixed-width table of runs."""
-    header = ("run id", "status", "started", "duration_ms", "attempts", "failed", "tokens",
-              "cost_usd")
+    """A fixed-width table of runs (with a ``waiting for`` column when a run waits)."""
+    header: tuple[str, ...] = ("run id", "status", "started", "duration_ms", "attempts",
+                               "failed", "tokens", "cost_usd")
+    waiting = any(s.waiting_for for s in runs)
+    if waiting:
+        header = (*header, "waiting for")
     rows = [header]
     for s in runs:
-        rows.append((s.run_id, s.status, s.started or "",
-                     "" if s.duration_ms is None else str(s.duration_ms), str(s.attempts),
-                     str(s.failures), str(s.tokens), f"{s.cost_usd:.6f}"))
+        row: tuple[str, ...] = (
+            s.run_id, s.status, s.started or "",
+            "" if s.duration_ms is None else str(s.duration_ms), str(s.attempts),
+            str(s.failures), str(s.tokens), f"{s.cost_usd:.6f}")
+        rows.append((*row, _waits_for(s.waiting_for)) if waiting else row)
     return _table(rows, right={3, 4, 5, 6, 7}) + "".join(
         f"\n  {s.run_id}: {s.problem}" for s in runs if s.problem)
 
@@ -303,16 +324,26 @@ def _table(rows: Sequence[Sequence[str]], right: set[int]) -> str:
 _MESSAGE_WIDTH = 60
 
 
-def format_timeline(tl: Timeline) -> str:
-    """A run's facts, then one line per attempt: the run's steps and, indented beneath
-    their group, the fan-out children."""
+_CHOICES = ("route", "until", "wait", "input")
+
+
+def format_timeline(tl: Timeline, spec: str | None = None) -> str:
+    """A run's facts, then one line per attempt: the run's steps (a row per loop iteration,
+    ``think @agent#3``) and, indented beneath their group, the fan-out children. A loop's
+    ``until`` answers, route choices and waits are listed in order before the table; a
+    WAITING run ends with what it waits for and the ``send-input`` command (for the store
+    ``spec``) that answers it."""
     lines = [f"run {tl.run_id}: {tl.status}",
              f"started {tl.started}; {tl.duration_ms} ms wall clock, {tl.latency_ms} ms in "
              f"nodes; {tl.attempts} attempt(s), {tl.failures} failed; {tl.tokens} tokens, "
              f"${tl.cost_usd:.6f}"]
     if tl.stop_reason:
         lines.append(f"reason: {tl.stop_reason}")
-    lines.extend(f"{m.kind} {m.label}" for m in tl.marks if m.kind != "branch")
+    for m in tl.marks:
+        if m.kind in _CHOICES:
+            lines.append(f"{m.kind + ':':7} {m.label}")
+        elif m.kind != "branch":
+            lines.append(f"{m.kind} {m.label}")
     header = ("step", "attempt", "group", "outcome", "at_ms", "duration_ms", "backoff_ms",
               "tokens", "cost_usd", "model", "message")
     rows: list[tuple[str, ...]] = [header]
@@ -335,7 +366,23 @@ def format_timeline(tl: Timeline) -> str:
             ))
     lines.append("")
     lines.append(_table(rows, right={1, 2, 4, 5, 6, 7, 8}))
+    if tl.waits:
+        lines.append("")
+        for w in tl.waits:
+            at = f" @{w.where}" if w.where else ""
+            lines.append(f"WAITING for {w.key} ({w.schema}) at {w.step_id}{at}, digest "
+                         f"{w.digest}")
+        w = tl.waits[0]
+        lines.append(f"send it: python -m stroma send-input {_quote(describe_store(spec))} "
+                     f"{_quote(tl.run_id)} {_quote(w.key)} 'JSON' --digest {w.digest}"
+                     if spec is not None else "send it with stroma.send_input(...)")
     return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
@@ -378,7 +425,7 @@ async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
     if as_json:
         print(json.dumps(tl.to_json(), indent=2, allow_nan=True, default=str))
     elif svg is None:
-        print(format_timeline(tl))
+        print(format_timeline(tl, spec))
 
 
 async def _replay(spec: str, run_id: str, plan_ref: str) -> int:
@@ -393,6 +440,76 @@ async def _replay(spec: str, run_id: str, plan_ref: str) -> int:
         print(text)
         return 0 if ok else 1
     raise CliError(f"cannot replay run {run_id!r}: {text}")
+
+
+def read_payload(text: str) -> Any:
+    """The JSON value a ``send-input`` argument gives: JSON text, ``@FILE`` (the file's
+    text) or ``-`` (standard input); a CliError naming where the JSON is wrong."""
+    where = "the JSON argument"
+    if text == "-":
+        where, text = "standard input", sys.stdin.read()
+    elif text.startswith("@"):
+        path = text[1:]
+        where = f"the file {path!r}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise CliError(f"send-input: cannot read {where} ({e.strerror or e}); pass @FILE "
+                           "naming a JSON file, '-' for standard input, or the JSON itself"
+                           ) from None
+        except UnicodeDecodeError as e:
+            raise CliError(f"send-input: {where} is not UTF-8 text ({e.reason}); save it "
+                           "as UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        shown = text.strip()
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise CliError(f"send-input: {where} is not JSON ({e}): got {shown!r}; pass a JSON "
+                       "value, e.g. '{\"approved\": true}' (quoted for your shell), @FILE or -"
+                       ) from None
+
+
+def store_expression(spec: str) -> str:
+    """Python that opens the store a STORE argument names (a password shown as ***)."""
+    shown = describe_store(spec)
+    scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    if scheme in ("redis", "rediss", "unix"):
+        url, options = _split_options(shown, ("key_prefix",))
+        prefix = options.get("key_prefix")
+        return f"RedisStore({url!r}" + (f", key_prefix={prefix!r})" if prefix else ")")
+    if scheme in ("postgresql", "postgres"):
+        dsn, options = _split_options(shown, ("table_prefix", "schema"))
+        extra = "".join(f", {k}={v!r}" for k, v in options.items() if v)
+        return f"PostgresStore({dsn!r}{extra})"
+    return f"FileStore({spec!r})"
+
+
+async def send_input_command(spec: str, run_id: str, name: str, payload: Any,
+                             digest: str | None) -> str:
+    """Send ``payload`` to the run's wait ``name`` (checked, then kept in the store);
+    returns what to print: what was sent, and how to resume the run."""
+    async with open_store(spec) as store:
+        log = await read_run(store, spec, run_id)
+        try:
+            key = await send_input(store, run_id, name, payload, digest=digest)
+        except InputRefused as e:
+            raise CliError(str(e)) from None
+    wait = next((w for w in pending_wait(log) if w.key == key), None)
+    what = f" ({wait.schema.rsplit(':', 1)[-1]})" if wait is not None else ""
+    sent = json.dumps(payload, ensure_ascii=False, separators=(", ", ": "))
+    return (f"sent {key}{what} to run {run_id!r} in {describe_store(spec)}: {sent}\n"
+            f"the run still shows WAITING until it runs again; resume it by running its plan "
+            f"with the same run id on this store:\n"
+            f"  await interpret(plan, state, store={store_expression(spec)}, "
+            f"config=RunConfig(run_id={run_id!r}))")
+
+
+async def _send_input(spec: str, run_id: str, name: str, text: str,
+                      digest: str | None) -> None:
+    payload = read_payload(text)
+    print(await send_input_command(spec, run_id, name, payload, digest))
 
 
 async def _ui(spec: str, port: int, plan_ref: str | None) -> None:
@@ -432,10 +549,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("--status", action="append", default=[], metavar="S",
                    help="only runs with this status (COMPLETED, FAILED, PARTIAL, RESUMED, "
-                   "running/crashed, damaged, ...); repeat for several")
+                   "WAITING, running/crashed, damaged, ...); repeat for several")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of runs (run_id, status, started, duration_ms, "
-                   "tokens, cost_usd, attempts, failures, stop_reason, problem)")
+                   "tokens, cost_usd, attempts, failures, stop_reason, problem, waiting_for)")
     p = sub.add_parser("show", help="print a stored run's attempts, fan-out children too")
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("run_id", metavar="RUN_ID")
@@ -448,6 +565,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--plan", required=True, metavar="MODULE:ATTR",
                    help="module:attribute of the plan (or node list, or a function giving one)")
+    p = sub.add_parser(
+        "send-input", help="send a WAITING run the input its await_input step waits for",
+        description="Check JSON against the wait's schema and keep it in the store; run the "
+        "plan again with the same run id to go on from the wait. A payload that does not "
+        "fit is refused (exit 2), naming the fields, and nothing is written.")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("name", metavar="NAME",
+                   help="the input's name (approval) or key (approval@agent#3), as `runs` "
+                   "shows it")
+    p.add_argument("payload", metavar="JSON",
+                   help="the input: JSON text, @FILE for a file's, or - for standard input")
+    p.add_argument("--digest", metavar="D",
+                   help="refuse the input unless the run still asks about this state (the "
+                   "digest `runs` and `show` print)")
     p = sub.add_parser("ui", help="serve a local, read-only web UI of a store's runs")
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("--port", type=int, default=DEFAULT_UI_PORT,
@@ -468,6 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "show":
             anyio.run(_show, args.store, args.run_id, args.json, args.svg)
+            return 0
+        if args.command == "send-input":
+            anyio.run(_send_input, args.store, args.run_id, args.name, args.payload,
+                      args.digest)
             return 0
         if args.command == "ui":
             if not 0 <= args.port <= 65535:

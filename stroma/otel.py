@@ -21,7 +21,13 @@ told of the run; it decides nothing, and what it raises changes nothing):
   beneath it;
 * span events on the run's span (or a plan child's): ``stroma.backoff`` (the wait before a
   retry), ``stroma.budget_stop`` (a step not started because a budget was spent),
-  ``stroma.branch`` (a branch's choice) and ``stroma.checkpoint_loaded`` (a resume);
+  ``stroma.branch`` (a branch's choice), ``stroma.checkpoint_loaded`` (a resume),
+  ``stroma.route`` (the key a route's selector chose), ``stroma.loop`` (a loop's ``until``
+  answer after an iteration), ``stroma.wait`` (an await_input found no input: the run ends
+  WAITING, its span's ``stroma.status``) and ``stroma.input`` (the input was there);
+* an attempt in a loop or a map_each carries ``stroma.iteration`` (of the innermost loop),
+  ``stroma.item`` (of the innermost map_each) and ``stroma.where`` (all its coordinates,
+  as ``TraceEvent.where`` writes them: ``agent#3/map_each(...)[2]``);
 * metrics: ``stroma.node.duration`` (histogram, seconds), ``stroma.node.attempts``
   (counter, by node, outcome and failure class), ``stroma.tokens`` (counter, by
   ``gen_ai.token.type``) and ``stroma.cost`` (counter, USD).
@@ -52,15 +58,23 @@ __all__ = (
     "CHILD_INDEX",
     "COST",
     "COST_USD",
+    "DIGEST",
     "ERROR_TYPE",
     "FAILURE_CLASS",
     "FAILURE_MESSAGE",
     "HOOK",
     "HOOK_FAILED_EVENT",
+    "INPUT_EVENT",
+    "INPUT_KEY",
+    "INPUT_NAME",
     "INPUT_TOKENS",
+    "ITEM",
     "ITEM_INDEX",
+    "ITERATION",
     "KIND",
     "LATENCY_MS",
+    "LOOP_DONE",
+    "LOOP_EVENT",
     "MESSAGE",
     "MODEL",
     "NODE_ATTEMPTS",
@@ -69,6 +83,8 @@ __all__ = (
     "OUTCOME",
     "OUTPUT_TOKENS",
     "REPLAYED",
+    "ROUTE_EVENT",
+    "ROUTE_KEY",
     "RUN_ID",
     "RUN_SPAN",
     "SCOPE",
@@ -78,6 +94,8 @@ __all__ = (
     "TOKENS",
     "TOKEN_TYPE",
     "TOTAL_TOKENS",
+    "WAIT_EVENT",
+    "WHERE",
     "Tracing",
     "tracing_of",
 )
@@ -109,6 +127,14 @@ STATUS = "stroma.status"  # a run's (or plan child's) RunStatus
 TOTAL_TOKENS = "stroma.total_tokens"
 LATENCY_MS = "stroma.latency_ms"
 STOP_REASON = "stroma.stop_reason"
+ITERATION = "stroma.iteration"  # the innermost loop's iteration (1-based), in a loop
+ITEM = "stroma.item"  # the innermost map_each's item, in a map_each
+WHERE = "stroma.where"  # every loop iteration and map item around it: "agent#3/m[2]"
+ROUTE_KEY = "stroma.route_key"  # the key a route's selector chose
+LOOP_DONE = "stroma.loop_done"  # a loop's until answer: True ends the loop
+INPUT_NAME = "stroma.input_name"  # an await_input's name ("approval")
+INPUT_KEY = "stroma.input_key"  # where its input is kept ("approval@agent#3")
+DIGEST = "stroma.digest"  # the digest of the state a wait asks about
 REPLAYED = "stroma.replayed"  # the run had finished before: its result came from its log
 
 # -- span events and their attributes
@@ -122,6 +148,10 @@ BRANCH_EVENT = "stroma.branch"
 BRANCH_TAKEN = "stroma.branch_taken"
 CHECKPOINT_LOADED_EVENT = "stroma.checkpoint_loaded"
 CHECKPOINT_FOUND = "stroma.checkpoint_found"
+ROUTE_EVENT = "stroma.route"
+LOOP_EVENT = "stroma.loop"
+WAIT_EVENT = "stroma.wait"
+INPUT_EVENT = "stroma.input"
 
 # -- metrics and their attributes (besides NODE_ID, OUTCOME, FAILURE_CLASS and MODEL)
 NODE_DURATION = "stroma.node.duration"

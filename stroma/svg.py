@@ -4,8 +4,14 @@
 and totals, a time axis, one row per step and fan-out child (indented under its group),
 one bar per attempt coloured by its outcome (at least 3 px wide, and nudged right rather
 than drawn over the previous attempt of its row), the backoff sleeps between attempts as
-dashed lines, the moments the run was resumed, and a legend. Hovering a bar shows its
-attempt, outcome, duration, failure message and usage (an SVG ``<title>``). The picture
+dashed lines, the moments the run was resumed, and a legend. A step in a loop has a row
+per iteration (``think @agent#3``); a loop's ``until`` answers are thin dotted lines across
+the rows, a route's choice a diamond on the row of the step it chose, a wait for input a
+circle on the wait's row (each just left of its moment, clear of the bars), and a
+``waiting`` bar lasts as long as the run waited; each mark has a ``<title>`` saying what
+it was (``class="marker mark-route"``, ``mark-until``, ``mark-wait``, ``mark-input``).
+Hovering a bar shows its attempt, outcome, duration, failure message and usage (an SVG
+``<title>``). The picture
 needs no external resource (no fonts, scripts or images), so it can go into a bug report
 or a CI artifact as it is; ``python -m stroma show STORE RUN_ID --svg run.svg`` writes
 one, and the web UI embeds the same drawing (``standalone=False``) and makes its bars
@@ -19,6 +25,7 @@ timeline), so tests and scripts can read the picture back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from html import escape
 
 from stroma.timeline import (
@@ -27,6 +34,7 @@ from stroma.timeline import (
     OK,
     OUTCOMES,
     UNFINISHED,
+    WAITING,
     Bar,
     Row,
     Timeline,
@@ -42,6 +50,7 @@ COLOURS: dict[str, str] = {
     CANCELLED: "#9e9e9e",
     BUDGET_STOP: "#6a1b9a",
     UNFINISHED: "#1565c0",
+    WAITING: "#00838f",
 }
 """The fill of a bar for each outcome."""
 
@@ -97,6 +106,27 @@ def _bar_title(row: Row, bar: Bar) -> str:
     return "\n".join(lines)
 
 
+def _diamond(x: float, y: float, title: str) -> str:
+    points = f"{_f(x)},{_f(y - 6)} {_f(x + 5)},{_f(y)} {_f(x)},{_f(y + 6)} {_f(x - 5)},{_f(y)}"
+    return (f'<polygon class="marker mark-route" points="{points}" fill="#5e35b1" '
+            f'stroke="#ffffff"><title>{title}</title></polygon>')
+
+
+def _circle(kind: str, fill: str) -> Callable[[float, float, str], str]:
+    def draw(x: float, y: float, title: str) -> str:
+        return (f'<circle class="marker mark-{kind}" cx="{_f(x)}" cy="{_f(y)}" r="5" '
+                f'fill="{fill}" stroke="#ffffff"><title>{title}</title></circle>')
+
+    return draw
+
+
+_ROW_MARKS: dict[str, Callable[[float, float, str], str]] = {
+    "route": _diamond,
+    "wait": _circle("wait", "#00838f"),
+    "input": _circle("input", "#2e7d32"),
+}
+
+
 def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) -> str:
     """The timeline as SVG text; ``standalone`` adds the XML declaration (for a file)."""
     plot_x = _LABEL_WIDTH + 10
@@ -120,7 +150,8 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
     out.append(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
     # Header: the run and its totals.
     colour = COLOURS.get(OK if tl.status in ("COMPLETED", "RESUMED") else (
-        UNFINISHED if not tl.finished else "TERMINAL"), "#333333")
+        UNFINISHED if not tl.finished else WAITING if tl.status == "WAITING" else "TERMINAL"),
+        "#333333")
     out.append(
         f'<text x="12" y="24" font-size="15" font-weight="600" fill="#222">run '
         f'{escape(tl.run_id)} <tspan fill="{colour}">{escape(tl.status)}</tspan></text>'
@@ -182,11 +213,28 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
                 f'data-index="{i}:{j}"><title>{escape(_bar_title(row, bar))}</title></rect>'
             )
         out.append("</g>")
-    # Marks: where the run was resumed or restarted.
+    # Marks: where the run was resumed or restarted; a loop's until answers; and, on their
+    # rows, route choices and waits.
+    row_of = {row.key: i for i, row in enumerate(tl.rows)}
     for mark in tl.marks:
         if mark.kind == "branch" or mark.offset_ms is None:
             continue
         x = plot_x + mark.offset_ms * scale
+        if mark.kind == "until":
+            out.append(
+                f'<line class="marker mark-until" x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" '
+                f'y2="{_TOP + rows_h}" stroke="#78909c" stroke-dasharray="1 3">'
+                f"<title>{escape(mark.label)}</title></line>"
+            )
+            continue
+        if mark.kind in _ROW_MARKS:
+            i = row_of.get(mark.row or "", -1)
+            if i < 0:
+                continue
+            mid = _TOP + i * ROW_HEIGHT + ROW_HEIGHT / 2
+            # Just before the moment, so it never covers the bar that starts there.
+            out.append(_ROW_MARKS[mark.kind](x - 6, mid, escape(mark.kind + ": " + mark.label)))
+            continue
         out.append(
             f'<line class="mark" x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" y2="{_TOP + rows_h}" '
             f'stroke="#1565c0" stroke-dasharray="6 3"><title>{escape(mark.kind)} '
@@ -196,7 +244,10 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
     # Legend.
     x = 12.0
     out.append('<g class="legend">')
+    used = {b.outcome for r in tl.rows for b in r.bars}
     for outcome in OUTCOMES:
+        if outcome == WAITING and WAITING not in used:
+            continue  # only runs that waited have waits
         out.append(f'<rect x="{_f(x)}" y="{legend_y}" width="12" height="12" rx="2" '
                    f'fill="{COLOURS[outcome]}"/>')
         out.append(f'<text x="{_f(x + 16)}" y="{legend_y + 10}" fill="#444">'

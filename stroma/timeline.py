@@ -50,6 +50,7 @@ from stroma import effects as fx
 from stroma.cost import estimate_cost_usd
 from stroma.errors import LogCorrupted
 from stroma.failures import builtin_class_for_names
+from stroma.inputs import pending_wait
 from stroma.log import EffectLog, ResumeMarker
 from stroma.trace import RunStatus
 
@@ -63,6 +64,7 @@ __all__ = (
     "OUTCOMES",
     "RUNNING_OR_CRASHED",
     "UNFINISHED",
+    "WAITING",
     "Bar",
     "Gap",
     "Mark",
@@ -70,10 +72,12 @@ __all__ = (
     "RunSummary",
     "Timeline",
     "Usage",
+    "Wait",
     "damaged_summary",
     "no_log_summary",
     "summary",
     "timeline",
+    "where_label",
 )
 
 # Outcomes of an attempt, besides the failure classes' names.
@@ -81,8 +85,9 @@ OK = "ok"
 CANCELLED = "cancelled"
 BUDGET_STOP = "budget stop"
 UNFINISHED = "unfinished"
+WAITING = "waiting"  # an await_input step that found no input (the run ended WAITING)
 FAILURE_OUTCOMES = ("RECOVERABLE", "AMBIGUOUS", "TERMINAL")
-OUTCOMES = (OK, *FAILURE_OUTCOMES, CANCELLED, BUDGET_STOP, UNFINISHED)
+OUTCOMES = (OK, *FAILURE_OUTCOMES, CANCELLED, BUDGET_STOP, UNFINISHED, WAITING)
 
 # Run statuses besides those of a finished run (RunStatus values).
 RUNNING_OR_CRASHED = "running/crashed"
@@ -90,6 +95,34 @@ NO_LOG = "no log"
 DAMAGED = "damaged"
 
 _MAP_ID = re.compile(r"^map_each\(.*, over=(\w+), into=(\w+)\)$")
+
+_Coords = tuple[tuple[str, str, int], ...]
+
+
+def where_label(coords: Sequence[Sequence[Any]]) -> str:
+    """Coordinates as a row's label shows them: ``@agent#3`` for iteration 3 of the loop
+    ``agent``, ``@agent#3 item 2`` for item 2 of a map_each in it, ``@outer#1/inner#2`` for
+    nested loops; "" for none."""
+    text = ""
+    after_loop = False
+    for kind, step, n in coords:
+        if kind == "loop":
+            text += ("/" if after_loop else (" @" if text else "@")) + f"{step}#{n}"
+            after_loop = True
+        else:
+            text += (" " if text else "") + f"item {n}"
+            after_loop = False
+    return text
+
+
+def _where(coords: Sequence[Sequence[Any]]) -> str:
+    """Coordinates as ``TraceEvent.where`` writes them (``agent#3/map_each(...)[2]``)."""
+    return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
+                    for kind, step, n in coords)
+
+
+def _coords(value: Any) -> _Coords:
+    return tuple((str(k), str(step), int(n)) for k, step, n in (value or ()))
 
 
 # ------------------------------------------------------------------------ the values
@@ -198,27 +231,78 @@ class Row:
     item_index: int | None = None
     bars: tuple[Bar, ...] = ()
     gaps: tuple[Gap, ...] = ()
+    coords: _Coords = ()
+
+    @property
+    def iteration(self) -> int | None:
+        """The iteration of the innermost loop the row's step ran in (1-based), or None."""
+        return next((n for kind, _, n in reversed(self.coords) if kind == "loop"), None)
+
+    @property
+    def item(self) -> int | None:
+        """The item of the innermost map_each the row's step ran in, or None."""
+        return next((n for kind, _, n in reversed(self.coords) if kind == "item"), None)
+
+    @property
+    def where(self) -> str:
+        """Where the row's step ran, as ``TraceEvent.where`` says it; "" at the top."""
+        return _where(self.coords)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key, "label": self.label, "step_id": self.step_id, "kind": self.kind,
             "depth": self.depth, "parent": self.parent, "child_index": self.child_index,
-            "item_index": self.item_index, "bars": [b.to_json() for b in self.bars],
+            "item_index": self.item_index, "iteration": self.iteration, "item": self.item,
+            "where": self.where, "coords": [list(c) for c in self.coords],
+            "bars": [b.to_json() for b in self.bars],
             "gaps": [g.to_json() for g in self.gaps],
         }
 
 
 @attrs.frozen
 class Mark:
-    """A moment of the run: ``resumed`` (after a crash) or ``restarted`` (``resume_from``),
-    ``label`` saying when; or ``branch``, ``label`` saying which arm was taken."""
+    """A moment of the run: ``resumed`` (after a crash or a wait) or ``restarted``
+    (``resume_from``), ``label`` saying when; ``branch``, ``label`` saying which arm was
+    taken; ``route`` (the key a route's selector chose), ``until`` (a loop's answer after
+    an iteration), ``wait`` (an await_input step found no input: the run stopped) and
+    ``input`` (the input was there). ``row`` is the key of the row it belongs to (the
+    wait's row; for a route, the row of the step it went on with), ``where`` its
+    coordinates as ``TraceEvent.where`` says them."""
 
     kind: str
     label: str
     offset_ms: float | None
+    row: str | None = None
+    where: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "label": self.label, "offset_ms": self.offset_ms}
+        return {"kind": self.kind, "label": self.label, "offset_ms": self.offset_ms,
+                "row": self.row, "where": self.where}
+
+
+@attrs.frozen
+class Wait:
+    """What a WAITING run waits for: the input ``key`` (its ``name`` with the coordinates
+    of a wait in a loop or map, e.g. ``approval@agent#3``), the ``schema``'s class name, the
+    ``digest`` of the state it asks about (``send_input(..., digest=)``), the wait's step
+    and where it is."""
+
+    name: str
+    key: str
+    schema: str
+    digest: str
+    step_id: str
+    where: str = ""
+    timeout_ms: int | None = None
+
+    @property
+    def short_digest(self) -> str:
+        return self.digest[:8]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "schema": self.schema,
+                "digest": self.digest, "step_id": self.step_id, "where": self.where,
+                "timeout_ms": self.timeout_ms}
 
 
 @attrs.frozen
@@ -238,11 +322,13 @@ class Timeline:
     plan: str
     rows: tuple[Row, ...]
     marks: tuple[Mark, ...] = ()
+    waits: tuple[Wait, ...] = ()
 
     @property
     def attempts(self) -> int:
-        """The attempts of the run's own steps (fan-out children not counted)."""
-        return sum(len(r.bars) for r in self.rows if r.depth == 0)
+        """The attempts of the run's own steps (fan-out children and waits not counted)."""
+        return sum(1 for r in self.rows if r.depth == 0 for b in r.bars
+                   if b.outcome != WAITING)
 
     @property
     def failures(self) -> int:
@@ -266,6 +352,7 @@ class Timeline:
             "stop_reason": self.stop_reason, "plan": self.plan,
             "attempts": self.attempts, "failures": self.failures,
             "marks": [m.to_json() for m in self.marks],
+            "waiting_for": [w.to_json() for w in self.waits],
             "rows": [r.to_json() for r in self.rows],
         }
 
@@ -284,6 +371,7 @@ class RunSummary:
     failures: int = 0
     stop_reason: str | None = None
     problem: str | None = None
+    waiting_for: tuple[Wait, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -291,13 +379,15 @@ class RunSummary:
             "duration_ms": self.duration_ms, "tokens": self.tokens, "cost_usd": self.cost_usd,
             "attempts": self.attempts, "failures": self.failures,
             "stop_reason": self.stop_reason, "problem": self.problem,
+            "waiting_for": [w.to_json() for w in self.waiting_for],
         }
 
 
 def summary(tl: Timeline) -> RunSummary:
     """The run-list line of a timeline."""
     return RunSummary(tl.run_id, tl.status, tl.started, tl.duration_ms, tl.tokens,
-                      tl.cost_usd, tl.attempts, tl.failures, tl.stop_reason)
+                      tl.cost_usd, tl.attempts, tl.failures, tl.stop_reason,
+                      waiting_for=tl.waits)
 
 
 def damaged_summary(run_id: str, problem: str) -> RunSummary:
@@ -326,31 +416,46 @@ def _end(start: datetime, duration_ms: float) -> datetime:
 
 
 class _RowBuild:
-    __slots__ = ("bars", "child_index", "depth", "gaps", "item_index", "key", "kind", "label",
-                 "parent", "step_id")
+    __slots__ = ("bars", "child_index", "coords", "depth", "gaps", "item_index", "key", "kind",
+                 "label", "parent", "step_id")
 
     def __init__(self, key: str, label: str, step_id: str, kind: str, depth: int,
-                 parent: str | None, child_index: int | None, item_index: int | None) -> None:
+                 parent: str | None, child_index: int | None, item_index: int | None,
+                 coords: _Coords = ()) -> None:
         self.key, self.label, self.step_id, self.kind = key, label, step_id, kind
         self.depth, self.parent = depth, parent
         self.child_index, self.item_index = child_index, item_index
+        self.coords = coords
         self.bars: list[dict[str, Any]] = []
         self.gaps: list[dict[str, Any]] = []
+
+
+def _key(step_id: str, coords: _Coords) -> str:
+    """A row's key: its step, and where it ran (a step has a row per loop iteration)."""
+    return f"{step_id}@{_where(coords)}" if coords else step_id
+
+
+def _label(step_id: str, coords: _Coords, context: _Coords) -> str:
+    """A row's label: its step, and where it ran beyond its scope's own coordinates."""
+    rel = coords[len(context):] if coords[:len(context)] == context else coords
+    return f"{step_id} {where_label(rel)}" if rel else step_id
 
 
 class _Reader:
     def __init__(self, log: EffectLog) -> None:
         self.log = log
         self.rows: dict[str, _RowBuild] = {}
-        self.marks: list[tuple[str, str, datetime | None]] = []
+        # (kind, label, at, row, where); a route's row and where wait for the next step
+        self.marks: list[list[Any]] = []
         self.clock: datetime | None = None  # the end of the last thing seen
 
     def row(self, key: str, label: str, step_id: str, kind: str, depth: int,
             parent: str | None, child_index: int | None = None,
-            item_index: int | None = None) -> _RowBuild:
+            item_index: int | None = None, coords: _Coords = ()) -> _RowBuild:
         row = self.rows.get(key)
         if row is None:
-            row = _RowBuild(key, label, step_id, kind, depth, parent, child_index, item_index)
+            row = _RowBuild(key, label, step_id, kind, depth, parent, child_index, item_index,
+                            coords)
             self.rows[key] = row
         elif kind != "node" and row.kind == "node":
             row.kind = kind
@@ -370,19 +475,38 @@ class _Reader:
 
     def walk(self, records: Iterable[Any], *, prefix: str, parent: str | None, depth: int,
              group_attempt: int | None, solo: tuple[str, str, int | None, int | None] | None,
-             state: Any) -> tuple[Any, dict[str, Any] | None, Any]:
-        """Read records into rows; returns (the Finish or None, the last bar, the state)."""
+             state: Any, context: _Coords = ()) -> tuple[Any, dict[str, Any] | None, Any]:
+        """Read records into rows; returns (the Finish or None, the last bar, the state).
+        ``context`` is the scope's own coordinates (a sub-plan child's, in a loop or map)."""
         pending: tuple[Any, Any] | None = None
-        branch: str | None = None
+        branch: tuple[str, str] | None = None  # (step id, "branch" or "route") just asked
         last: tuple[_RowBuild, dict[str, Any]] | None = None
         hooks: dict[tuple[str, int], list[str]] = {}
         made: list[dict[str, Any]] = []  # the bars of this scope's own steps
         finish: Any = None
+        coords: _Coords = ()  # the coordinates of the last step record
+        loops: set[str] = set()  # the loops seen in them: a ChooseBranch of one is its until
+        placing: list[list[Any]] = []  # route marks waiting for the step they went on with
+        waiting: dict[str, dict[str, Any]] = {}  # a wait's row key -> its waiting bar
+        top = depth == 0
+
+        def moment() -> datetime | None:
+            """When the scope's last step ended (a backoff recorded, not waited, aside)."""
+            if last is None:
+                return self.clock
+            return _end(last[1]["start"], last[1]["duration_ms"])
+
+        def placed(row_key: str, where: _Coords) -> None:
+            for mark in placing:
+                mark[1] = f"{mark[1]} {where_label(where)}".rstrip() + mark.pop()
+                mark[3], mark[4] = row_key, _where(where)
+            placing.clear()
+
         for rec in records:
             if isinstance(rec, ResumeMarker):
-                if depth == 0:
-                    self.marks.append(("restarted" if rec.restart is not None else "resumed",
-                                       f"at {rec.at}", _parse(rec.at)))
+                if top:
+                    self.marks.append(["restarted" if rec.restart is not None else "resumed",
+                                       f"at {rec.at}", _parse(rec.at), None, ""])
                 pending = None
                 continue
             effect, event = rec
@@ -390,12 +514,45 @@ class _Reader:
             if kind is fx.CallNode or kind is fx.CallParallel:
                 pending = (effect, event)
             elif kind is fx.RecordAttempt or kind is fx.Commit:
+                coords = _coords(effect.coords)
+                loops.update(step for k, step, _ in coords if k == "loop")
                 row, bar = self.attempt(effect, pending, branch, prefix=prefix, parent=parent,
-                                        depth=depth, group_attempt=group_attempt, solo=solo)
+                                        depth=depth, group_attempt=group_attempt, solo=solo,
+                                        context=context)
+                placed(row.key, coords)
                 if bar["outcome"] == OK:
                     state = bar["output_state"]
                 made.append(bar)
                 last = (row, bar)
+                pending, branch = None, None
+            elif kind is fx.AwaitInput:
+                coords = _coords(effect.coords)
+                loops.update(step for k, step, _ in coords if k == "loop")
+                step_id = effect.step_id
+                key = prefix + _key(step_id, coords)
+                row = self.row(key, _label(step_id, coords, context), step_id, "wait", depth,
+                               parent, coords=coords)
+                placed(row.key, coords)
+                here = f"{step_id} {where_label(coords)}".rstrip()
+                schema = str(effect.schema).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+                if isinstance(event, fx.InputMissing):
+                    text = (f"waiting for {effect.key} ({schema}), digest "
+                            f"{effect.digest[:8]}")
+                    waiting[key] = self.bar(
+                        row, attempt=effect.attempt, start=event.at, duration_ms=0,
+                        outcome=WAITING, message=text, input_state=state, output_state=None,
+                        group_attempt=group_attempt, node_id=step_id, called=False)
+                    if top:
+                        self.marks.append(["wait", f"{here}: {text}", event.at, key,
+                                           _where(coords)])
+                elif isinstance(event, fx.InputReceived):
+                    waited = waiting.pop(key, None)
+                    if waited is not None:  # the wait lasted until the input was read
+                        waited["duration_ms"] = max(0, int(
+                            (event.at - waited["start"]).total_seconds() * 1000))
+                    if top:
+                        self.marks.append(["input", f"{here}: {effect.key} received",
+                                           event.at, key, _where(coords)])
                 pending, branch = None, None
             elif kind is fx.Sleep:
                 if last is not None:
@@ -414,12 +571,30 @@ class _Reader:
                         f"on_node_{effect.kind}: {event.error.short}"
                     )
             elif kind is fx.ChooseBranch:
-                branch = effect.step_id
-                if isinstance(event, fx.BranchChosen) and event.error is None and depth == 0:
+                sid = effect.step_id
+                branch = (sid, "branch")
+                ok = isinstance(event, fx.BranchChosen) and event.error is None
+                if ok and top and sid in loops:  # a loop's until, after an iteration
+                    n = next((n for k, step, n in coords if k == "loop" and step == sid), 0)
+                    at = coords[:next(i for i, c in enumerate(coords) if c[1] == sid) + 1] if (
+                        n) else ()
+                    then = "yes, the loop ends" if event.taken else f"no, on to #{n + 1}"
+                    self.marks.append(["until", f"{sid}#{n}: {then}", moment(), None,
+                                       _where(at)])
+                elif ok and top:
                     arm = "then" if event.taken else "otherwise"
-                    self.marks.append(("branch", f"{effect.step_id}: {arm}", self.clock))
+                    self.marks.append(["branch", f"{sid}: {arm}", self.clock, None, ""])
+            elif kind is fx.ChooseRoute:
+                branch = (effect.step_id, "route")
+                if isinstance(event, fx.RouteChosen) and event.error is None and top:
+                    mark = ["route", effect.step_id, moment(), None, "",
+                            f": {event.key}"]
+                    self.marks.append(mark)
+                    placing.append(mark)
             elif kind is fx.Finish:
                 finish = effect
+        for mark in placing:  # the run ended before a route's step began
+            mark[1] += mark.pop()
         # Hook errors belong to the attempt they fired for.
         for bar in made if hooks else ():
             found = hooks.get((bar["node_id"], bar["attempt"]))
@@ -432,26 +607,32 @@ class _Reader:
                 bar["outcome"] = BUDGET_STOP
         return finish, (last[1] if last else None), state
 
-    def attempt(self, ra: Any, pending: tuple[Any, Any] | None, branch: str | None, *,
-                prefix: str, parent: str | None, depth: int, group_attempt: int | None,
-                solo: tuple[str, str, int | None, int | None] | None,
+    def attempt(self, ra: Any, pending: tuple[Any, Any] | None,
+                branch: tuple[str, str] | None, *, prefix: str, parent: str | None, depth: int,
+                group_attempt: int | None,
+                solo: tuple[str, str, int | None, int | None] | None, context: _Coords = (),
                 ) -> tuple[_RowBuild, dict[str, Any]]:
         event = ra.event  # the states as JSON
         step_id = event.node_id
+        coords = _coords(event.coords)
         call, answer = pending if pending is not None else (None, None)
         if call is not None and getattr(call, "node_id", getattr(call, "step_id", None)) != step_id:
             call, answer = None, None
         if isinstance(call, fx.CallParallel):
             kind = "map" if call.kind == "map" else "parallel"
-        elif call is None and branch == step_id:
-            kind = "branch"
+        elif call is None and branch is not None and branch[0] == step_id:
+            kind = branch[1]
+        elif call is None and step_id.startswith("await_input("):
+            kind = "wait"
         else:
             kind = "node"
         if solo is not None:
             key, label, child_index, item_index = solo
-            row = self.row(key, label, step_id, "child", depth, parent, child_index, item_index)
+            row = self.row(key, label, step_id, "child", depth, parent, child_index, item_index,
+                           coords)
         else:
-            row = self.row(prefix + step_id, step_id, step_id, kind, depth, parent)
+            row = self.row(prefix + _key(step_id, coords), _label(step_id, coords, context),
+                           step_id, kind, depth, parent, coords=coords)
         if event.failure is not None:
             outcome = str(event.failure)
         elif event.output_state is None:
@@ -515,12 +696,14 @@ class _Reader:
               child_input: Any, group_failure: Any, depth: int, group_attempt: int) -> Usage:
         key = f"{group_row.key}[{j}]"
         item = j if is_map else None
+        coords = group_row.coords + ((("item", group_row.step_id, j),) if is_map else ())
         if isinstance(call, fx.RunPlan) and isinstance(outcome, fx.PlanFinished):
             return self.sub_plan(group_row, key, j, item, call, outcome, depth=depth,
-                                 child_input=child_input, group_attempt=group_attempt)
+                                 child_input=child_input, group_attempt=group_attempt,
+                                 coords=coords)
         node_id = str(getattr(call, "node_id", None) or getattr(call, "child_id", f"child {j}"))
-        label = f"{node_id} [item {j}]" if is_map else node_id
-        row = self.row(key, label, node_id, "child", depth + 1, group_row.key, j, item)
+        label = _child_label(node_id, j if is_map else None, group_row.coords)
+        row = self.row(key, label, node_id, "child", depth + 1, group_row.key, j, item, coords)
         usage = Usage()
         message = None
         output = None
@@ -546,7 +729,8 @@ class _Reader:
         return usage
 
     def sub_plan(self, group_row: _RowBuild, key: str, j: int, item: int | None, call: Any,
-                 outcome: Any, *, depth: int, child_input: Any, group_attempt: int) -> Usage:
+                 outcome: Any, *, depth: int, child_input: Any, group_attempt: int,
+                 coords: _Coords = ()) -> Usage:
         records = list(outcome.records)
         steps: list[str] = []
         nested = False
@@ -561,15 +745,16 @@ class _Reader:
             elif isinstance(eff, fx.CallParallel | fx.ChooseBranch):
                 nested = True
         name = steps[0] if len(steps) == 1 else f"seq({', '.join(steps)})"
-        label = f"{name} [item {j}]" if item is not None else name
+        label = _child_label(name, item, group_row.coords)
         usage = Usage(int(outcome.total_tokens), 0, None, float(outcome.total_cost_usd))
         if len(steps) == 1 and not nested:
             # One node: the child's row is that node's, with its own attempts and backoffs.
             self.walk(records, prefix=key + "/", parent=group_row.key, depth=depth + 1,
                       group_attempt=group_attempt, solo=(key, label, j, item),
-                      state=child_input)
+                      state=child_input, context=coords)
             return self._summed(key, group_attempt) or usage
-        row = self.row(key, label, call.child_id, "plan", depth + 1, group_row.key, j, item)
+        row = self.row(key, label, call.child_id, "plan", depth + 1, group_row.key, j, item,
+                       coords)
         if outcome.status in (RunStatus.COMPLETED, RunStatus.RESUMED):
             result, message = OK, None
         else:
@@ -582,7 +767,7 @@ class _Reader:
                  output_state=_json(outcome.output) if result == OK else None, usage=usage,
                  group_attempt=group_attempt, node_id=call.child_id, called=True)
         self.walk(records, prefix=key + "/", parent=key, depth=depth + 2,
-                  group_attempt=group_attempt, solo=None, state=child_input)
+                  group_attempt=group_attempt, solo=None, state=child_input, context=coords)
         return usage
 
     def _summed(self, key: str, group_attempt: int) -> Usage:
@@ -597,12 +782,22 @@ class _Reader:
     def _unknown_group(self, pending: dict[int, tuple[Any, Any]], state: Any) -> _RowBuild:
         """The row of a fan-out in flight whose group record was never written."""
         calls = [c for c, _ in pending.values()]
+        # A node child's coordinates are its group's, and its item in a map_each.
+        where = next((_coords(c.coords) for c in calls if getattr(c, "coords", ())), ())
+        if where and where[-1][0] == "item":
+            where = where[:-1]
         for c in calls:  # a sub-plan child's id is its group's id and its index
             child_id = getattr(c, "child_id", None)
             if isinstance(child_id, str) and child_id.endswith("]") and "[" in child_id:
                 step_id = child_id[: child_id.rindex("[")]
                 kind = "map" if _map_over(step_id) else "parallel"
                 return self.row(step_id, step_id, step_id, kind, 0, None)
+        for c in calls:  # a map_each's node children carry its id in their coordinates
+            inner = _coords(getattr(c, "coords", ()))
+            if inner and inner[-1][0] == "item":
+                step_id = inner[-1][1]
+                return self.row(_key(step_id, where), _label(step_id, where, ()), step_id,
+                                "map", 0, None, coords=where)
         names = sorted({str(getattr(c, "node_id", "?")) for c in calls})
         if len(names) == 1 and len(calls) > 1:  # one node for every child: a map_each
             return self.row("(in flight)", f"map_each({names[0]}) in flight",
@@ -640,6 +835,14 @@ class _Reader:
                  message=f"in flight when the log ends: {done} child(ren) had finished",
                  input_state=state, output_state=None, usage=usage, node_id=group.step_id,
                  called=True)
+
+
+def _child_label(name: str, item: int | None, group: _Coords) -> str:
+    """A fan-out child's label: ``fetch [item 2]`` at the top, ``fetch @agent#3 item 2``
+    in iteration 3 of the loop ``agent``."""
+    if not group:
+        return f"{name} [item {item}]" if item is not None else name
+    return f"{name} {where_label(group)}" + (f" item {item}" if item is not None else "")
 
 
 def _usage(call: Any, answer: fx.NodeReturned) -> Usage:
@@ -726,29 +929,41 @@ def _timeline(log: EffectLog) -> Timeline:
             for g in r.gaps
         )
         rows.append(Row(r.key, r.label, r.step_id, r.kind, r.depth, r.parent, r.child_index,
-                        r.item_index, bars, gaps))
+                        r.item_index, bars, gaps, r.coords))
     ordered = _tree_order(rows)
     top_usage = Usage()
     latency = 0
     for done in ordered:
         if done.depth == 0:
             for bar in done.bars:
+                if bar.outcome == WAITING:
+                    continue
                 top_usage = top_usage + bar.usage
                 latency += bar.duration_ms
     duration = 0
     if t0 is not None and reader.clock is not None:
         duration = max(0, round((reader.clock - t0).total_seconds() * 1000))
-    marks = tuple(Mark(kind, label, _ms(at, t0) if (at and t0) else None)
-                  for kind, label, at in reader.marks)
+    marks = tuple(Mark(kind, label, _ms(at, t0) if (at and t0) else None, row, where)
+                  for kind, label, at, row, where in reader.marks)
     if finish is not None:
         return Timeline(
             header.run_id, str(finish.status), True, header.started_at, started_at, duration,
             int(finish.total_latency_ms), int(finish.total_tokens),
             float(finish.total_cost_usd), finish.reason, header.plan, tuple(ordered), marks,
+            _waits(log),
         )
     return Timeline(
         header.run_id, RUNNING_OR_CRASHED, False, header.started_at, started_at, duration,
         latency, top_usage.tokens, top_usage.cost_usd, None, header.plan, tuple(ordered), marks,
+    )
+
+
+def _waits(log: EffectLog) -> tuple[Wait, ...]:
+    """What a WAITING run waits for (the waits ``send_input`` answers)."""
+    return tuple(
+        Wait(w.name, w.key, str(w.schema).rsplit(":", 1)[-1].rsplit(".", 1)[-1], w.digest,
+             w.step_id, _where(_coords(w.coords)), w.timeout_ms)
+        for w in pending_wait(log)
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from stroma.svg import timeline_svg
-from stroma.timeline import RUNNING_OR_CRASHED, RunSummary, Timeline
+from stroma.timeline import RUNNING_OR_CRASHED, RunSummary, Timeline, Wait
 
 __all__ = ("STATUS_ORDER", "error_page", "run_page", "run_url", "runs_page", "svg_url")
 
@@ -99,8 +99,9 @@ def runs_page(store: str, runs: Sequence[RunSummary], selected: Sequence[str] = 
     rows = []
     for s in shown:
         problem = (f'<div class="problem">{escape(s.problem)}</div>' if s.problem else "")
-        reason = (f'<div class="reason">{escape(s.stop_reason)}</div>'
-                  if s.stop_reason else "")
+        reason = (_waits_html(s.waiting_for) if s.waiting_for else
+                  f'<div class="reason">{escape(s.stop_reason)}</div>' if s.stop_reason
+                  else "")
         rows.append(
             f'<tr data-run="{escape(s.run_id)}" data-status="{escape(s.status)}">'
             f'<td class="mono"><a href="{escape(run_url(s.run_id))}">{escape(s.run_id)}</a>'
@@ -123,6 +124,19 @@ def runs_page(store: str, runs: Sequence[RunSummary], selected: Sequence[str] = 
             f'<nav class="filters" aria-label="filter by status">status: {"".join(chips)}</nav>'
             f"{table}")
     return _page("runs", store, body)
+
+
+def _waits_html(waits: Sequence[Wait]) -> str:
+    """What a WAITING run waits for: each input's key and its digest, short."""
+    return "".join(
+        f'<div class="waits" data-wait="{escape(w.key)}">waits for <span class="mono">'
+        f'{escape(w.key)}</span> ({escape(w.schema)}) <span class="mono" title="'
+        f'{escape(w.digest)}">digest {escape(w.short_digest)}</span></div>'
+        for w in waits
+    )
+
+
+_CHOICES = ("route", "until", "wait", "input")
 
 
 def _safe(value: Any) -> Any:
@@ -154,8 +168,23 @@ def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
     ]
     if tl.stop_reason:
         facts.append(("stop reason", f'<span class="reason">{escape(tl.stop_reason)}</span>'))
-    facts.extend((m.kind, escape(m.label)) for m in tl.marks)
+    facts.extend((m.kind, escape(m.label)) for m in tl.marks if m.kind not in _CHOICES)
+    for w in tl.waits:
+        where = f" @{w.where}" if w.where else ""
+        facts.append(("waiting for", (
+            f'<span class="waits" data-wait="{escape(w.key)}"><span class="mono">'
+            f"{escape(w.key)}</span> ({escape(w.schema)}) at {escape(w.step_id + where)}, "
+            f'digest <span class="mono">{escape(w.digest)}</span>; send it with '
+            f'<code>python -m stroma send-input {escape(store)} {escape(tl.run_id)} '
+            f"'{escape(w.key)}' JSON --digest {escape(w.digest)}</code></span>")))
     facts_html = "".join(f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in facts)
+    choices = [m for m in tl.marks if m.kind in _CHOICES]
+    choices_html = (
+        '<h2>Choices and waits</h2><ol class="choices" id="choices">' + "".join(
+            f'<li data-kind="{escape(m.kind)}" data-row="{escape(m.row or "")}">'
+            f'<span class="status s-mark-{escape(m.kind)}">{escape(m.kind)}</span> '
+            f"{escape(m.label)}</li>" for m in choices) + "</ol>"
+        if choices else "")
     attempts = []
     for i, row in enumerate(tl.rows):
         for j, bar in enumerate(row.bars):
@@ -179,9 +208,12 @@ def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
         f'<h1>run <span class="mono">{escape(tl.run_id)}</span> {_badge(tl.status)}</h1>'
         f'<dl class="facts" id="facts">{facts_html}</dl>'
         f'<h2>Replay</h2><p id="replay" class="replay-{kind}">{escape(replay_text)}</p>'
-        '<h2>Timeline</h2><p class="empty">One row per step and fan-out child, one bar per '
-        "attempt coloured by its outcome, dashed lines for backoffs. Hover a bar for its "
-        "summary; click it for its input and output state and usage.</p>"
+        f"{choices_html}"
+        '<h2>Timeline</h2><p class="empty">One row per step and fan-out child (and per loop '
+        "iteration: <span class=\"mono\">think @agent#3</span>), one bar per attempt "
+        "coloured by its outcome, dashed lines for backoffs; diamonds for route choices, "
+        "circles for waits, dotted lines for a loop's until answers. Hover a bar or a mark "
+        "for its summary; click a bar for its input and output state and usage.</p>"
         f'<div class="svg-wrap" id="timeline">{timeline_svg(tl, standalone=False)}</div>'
         f'<p class="links"><a href="{escape(svg_url(tl.run_id))}" download>download SVG</a>'
         f'<a href="/api/runs/{escape(quote(tl.run_id, safe=""))}">timeline JSON</a></p>'

@@ -42,6 +42,7 @@ from stroma.otel import (
     HOOK,
     HOOK_FAILED_EVENT,
     INPUT_TOKENS,
+    ITEM,
     ITEM_INDEX,
     LATENCY_MS,
     MESSAGE,
@@ -54,6 +55,7 @@ from stroma.otel import (
     STOP_REASON,
     TIMEOUT_MS,
     TOTAL_TOKENS,
+    WHERE,
     Tracing,
 )
 from tests.otel.telemetry import Telemetry, node
@@ -318,7 +320,7 @@ async def test_a_map_each_attempt_has_a_span_per_item(
     def item(index: int, attempt: int) -> dict[str, Any]:
         return node("stroma node double", "OK", {
             RUN_ID: run_id, NODE_ID: "double", ATTEMPT: attempt, ITEM_INDEX: index,
-            OUTCOME: "succeeded",
+            ITEM: index, WHERE: f"{step}[{index}]", OUTCOME: "succeeded",
         })
 
     assert telemetry.tree() == [node("stroma run", "OK", ran(result, telemetry), [], [
@@ -330,7 +332,8 @@ async def test_a_map_each_attempt_has_a_span_per_item(
             item(0, 1),
             node("stroma node double", "ERROR: item 20 broke", {
                 RUN_ID: run_id, NODE_ID: "double", ATTEMPT: 1, ITEM_INDEX: 1,
-                FAILURE_CLASS: "AMBIGUOUS", FAILURE_MESSAGE: "item 20 broke",
+                ITEM: 1, WHERE: f"{step}[1]", FAILURE_CLASS: "AMBIGUOUS",
+                FAILURE_MESSAGE: "item 20 broke",
                 ERROR_TYPE: "RuntimeError", OUTCOME: "failed",
             }, [("exception", {"exception.type": "RuntimeError",
                                "exception.message": "item 20 broke"})]),
@@ -376,8 +379,9 @@ async def test_a_plan_child_has_its_nodes_attempts_beneath_it(
     assert [type(o) for o in finished] == [fx.PlanFinished, fx.PlanFinished]
     cost = estimate_cost_usd("gpt-4o-mini", 7, 0)
 
-    def attempt(node_id: str, number: int, **more: Any) -> dict[str, Any]:
-        attributes = {RUN_ID: run_id, NODE_ID: node_id, ATTEMPT: number}
+    def attempt(node_id: str, number: int, index: int, **more: Any) -> dict[str, Any]:
+        attributes = {RUN_ID: run_id, NODE_ID: node_id, ATTEMPT: number, ITEM: index,
+                      WHERE: f"{step}[{index}]"}
         if node_id == "second":
             attributes.update({INPUT_TOKENS: 7, OUTPUT_TOKENS: 0, COST_USD: cost,
                                MODEL: "gpt-4o-mini"})
@@ -388,7 +392,8 @@ async def test_a_plan_child_has_its_nodes_attempts_beneath_it(
         outcome = finished[index]
         return node(f"stroma child {step}[{index}]", "OK", {
             RUN_ID: run_id, CHILD_ID: f"{step}[{index}]", ATTEMPT: 1, ITEM_INDEX: index,
-            OUTCOME: "succeeded", STATUS: "COMPLETED", TOTAL_TOKENS: 7, COST_USD: cost,
+            ITEM: index, WHERE: f"{step}[{index}]", OUTCOME: "succeeded", STATUS: "COMPLETED",
+            TOTAL_TOKENS: 7, COST_USD: cost,
             LATENCY_MS: outcome.total_latency_ms,
         }, [], children)
 
@@ -396,16 +401,17 @@ async def test_a_plan_child_has_its_nodes_attempts_beneath_it(
         node(f"stroma map {step}", "OK", {
             RUN_ID: run_id, NODE_ID: step, ATTEMPT: 1, OUTCOME: "succeeded",
         }, [], [
-            plan_child(0, [attempt("first", 1), attempt("second", 1)]),
+            plan_child(0, [attempt("first", 1, 0), attempt("second", 1, 0)]),
             plan_child(1, [
-                attempt("first", 1),
+                attempt("first", 1, 1),
                 node("stroma node second", "ERROR: second dropped", {
-                    RUN_ID: run_id, NODE_ID: "second", ATTEMPT: 1,
-                    FAILURE_CLASS: "AMBIGUOUS", FAILURE_MESSAGE: "second dropped",
+                    RUN_ID: run_id, NODE_ID: "second", ATTEMPT: 1, ITEM: 1,
+                    WHERE: f"{step}[1]", FAILURE_CLASS: "AMBIGUOUS",
+                    FAILURE_MESSAGE: "second dropped",
                     ERROR_TYPE: "ConnectionError", OUTCOME: "failed",
                 }, [("exception", {"exception.type": "ConnectionError",
                                    "exception.message": "second dropped"})]),
-                attempt("second", 2),
+                attempt("second", 2, 1),
             ]),
         ]),
     ])]

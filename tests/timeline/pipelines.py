@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from stroma import NodeContract, stroma_node
 from stroma.failures import FailureClass, FailurePolicy
-from stroma.plan import map_each, parallel, seq
+from stroma.plan import await_input, loop, map_each, parallel, route, seq
 from stroma.runner import NodeHooks, RunConfig, interpret
 from stroma.trace import ExecutionResult
 
@@ -311,3 +311,89 @@ async def crashed_fan_out(store: Any, run_id: str = "crashed") -> list[str]:
 RETRIES_PLAN = retries_plan()
 MAP_PLAN = map_plan()
 PARALLEL_PLAN = parallel_plan()
+
+
+# ------------------------------------------------------------- an agent: loop, route, wait
+
+
+class Approval(BaseModel):
+    ok: bool
+    by: str = ""
+
+
+class Query(BaseModel):
+    item: str
+
+
+class Hit(BaseModel):
+    hit: str
+
+
+class Agent(BaseModel):
+    todo: list[str]
+    done: list[str] = []
+    tool: str = ""
+    queries: list[str] = []
+    hits: list[Hit] = []
+    approval: Approval | None = None
+
+
+AGENT_LOOP = "agent"
+AGENT_MAP = "map_each(lookup, over=queries, into=hits)"
+AGENT_WAIT = "await_input(approval)"
+AGENT_KEY = "approval@agent#3"  # the wait is in iteration 3
+
+
+def agent_plan() -> Any:
+    """A loop of think and a route to a tool: iteration 1 works (work fails once, then
+    succeeds), iteration 2 searches (a map_each of two lookups), iteration 3 waits for an
+    approval and ships; the loop's until is true once it has shipped."""
+    seen = {"work": 0}
+
+    @node("think", Agent, Agent)
+    async def think(s: Agent) -> Any:
+        tool = "work" if s.todo else ("search" if not s.hits else "ship")
+        return s.model_copy(update={"tool": tool, "queries": ["x", "y"]}), 10, 5, "gpt-4o"
+
+    @node("work", Agent, Agent)
+    async def work(s: Agent) -> Any:
+        seen["work"] += 1
+        if seen["work"] == 1:
+            raise ConnectionError("tool reset")
+        return s.model_copy(update={"todo": s.todo[1:], "done": [*s.done, s.todo[0]]})
+
+    @node("lookup", Query, Hit)
+    async def lookup(s: Query) -> Any:
+        return {"hit": s.item.upper()}
+
+    @node("ship", Agent, Agent)
+    async def ship(s: Agent) -> Any:
+        ok = s.approval is not None and s.approval.ok
+        return s.model_copy(update={"done": [*s.done, "shipped" if ok else "refused"]})
+
+    return seq(loop(
+        seq(think, route(lambda s: s.tool, {
+            "work": work,
+            "search": map_each(lookup, over="queries", into="hits"),
+            "ship": seq(await_input("approval", Approval), ship),
+        }, name="pick")),
+        until=lambda s: bool(s.done) and s.done[-1] in ("shipped", "refused"),
+        max_iterations=5, name=AGENT_LOOP,
+    )).with_retry("work", {FailureClass.AMBIGUOUS: FailurePolicy(max_retries=2,
+                                                                 backoff_seconds=0.5)})
+
+
+AGENT_START = Agent(todo=["a"])
+
+
+async def agent_run(store: Any, run_id: str = "agent") -> ExecutionResult:
+    """The agent up to its wait: the run ends WAITING for AGENT_KEY."""
+    return await run(agent_plan(), AGENT_START, store, run_id, seed=5)
+
+
+async def agent_resumed(store: Any, run_id: str = "agent") -> ExecutionResult:
+    """The WAITING agent run again with the same run id (after its input was sent)."""
+    return await run(agent_plan(), AGENT_START, store, run_id, seed=5)
+
+
+AGENT_PLAN = agent_plan()

@@ -38,8 +38,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
 @pytest.fixture(scope="session")
 def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A FileStore with a map_each whose item retries, a parallel group whose child
-    failed (cancelling its sibling), a run with retries, a terminal failure and a run that
-    crashed inside a fan-out."""
+    failed (cancelling its sibling), a run with retries, a terminal failure, a run that
+    crashed inside a fan-out and an agent (a loop with a route) WAITING for an approval."""
     path = tmp_path_factory.mktemp("uistore")
 
     async def record() -> None:
@@ -49,6 +49,7 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         await P.retries_run(fs)
         await P.terminal_run(fs)
         await P.crashed_fan_out(fs)
+        await P.agent_run(fs)
 
     run_in_thread(record)
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tests.timeline import pipelines as P
 from tests.ui.conftest import snapshot
 
 MAP = "map_each(fetch, over=urls, into=pages)"
@@ -29,8 +30,8 @@ def test_run_list_shows_every_run_and_filters_by_status(
     rows = page.eval_on_selector_all(
         "#runs tbody tr", "els => els.map(e => [e.dataset.run, e.dataset.status])")
     assert sorted(map(tuple, rows)) == [
-        ("crashed", "running/crashed"), ("map", "COMPLETED"), ("parallel", "COMPLETED"),
-        ("retries", "COMPLETED"), ("terminal", "FAILED")]
+        ("agent", "WAITING"), ("crashed", "running/crashed"), ("map", "COMPLETED"),
+        ("parallel", "COMPLETED"), ("retries", "COMPLETED"), ("terminal", "FAILED")]
     page.screenshot(path=str(screenshots / "runs.png"), full_page=True)
     page.click('.filters a[data-status="FAILED"]')
     page.wait_for_url("**/?status=FAILED")
@@ -109,9 +110,74 @@ def test_browsing_never_writes_to_the_store(page: Any, ui_url: str, ui_store: Pa
     """Opening every page of the UI leaves every file of the store as it was."""
     before = snapshot(ui_store)
     page.goto(ui_url)
-    for run_id in ("map", "parallel", "retries", "terminal", "crashed"):
+    for run_id in ("map", "parallel", "retries", "terminal", "crashed", "agent"):
         page.goto(ui_url + "runs/" + run_id)
         page.goto(ui_url + "svg/" + run_id)
         page.goto(ui_url + "api/runs/" + run_id)
     page.goto(ui_url + "api/runs")
     assert snapshot(ui_store) == before
+
+
+AGENT_MAP = f"{P.AGENT_MAP}@agent#2"
+AGENT_WAIT = f"{P.AGENT_WAIT}@agent#3"
+
+
+def test_a_waiting_run_has_a_badge_and_its_own_filter(
+    page: Any, ui_url: str, screenshots: Path,
+) -> None:
+    """The agent run shows WAITING with what it waits for (the input's key and digest);
+    the WAITING filter leaves only it."""
+    page.goto(ui_url)
+    row = page.locator('#runs tr[data-run="agent"]')
+    assert row.locator(".status").inner_text() == "WAITING"
+    waits = row.locator(".waits").inner_text()
+    assert waits.startswith(f"waits for {P.AGENT_KEY} (Approval) digest ")
+    page.click('.filters a[data-status="WAITING"]')
+    page.wait_for_url("**/?status=WAITING")
+    shown = page.eval_on_selector_all("#runs tbody tr", "els => els.map(e => e.dataset.run)")
+    assert shown == ["agent"]
+    colour = page.eval_on_selector('#runs tr[data-run="agent"] .status',
+                                   "e => getComputedStyle(e).backgroundColor")
+    assert colour == "rgb(0, 131, 143)"  # the waiting colour, not the crashed runs' blue
+    page.screenshot(path=str(screenshots / "runs-waiting.png"), full_page=True)
+
+
+def test_a_loop_run_has_rows_per_iteration_and_marks_for_choices(
+    page: Any, ui_url: str, ui_store: Path, screenshots: Path,
+) -> None:
+    """The agent's timeline has a row per step and iteration (the map's items beneath its
+    row of iteration 2), a waiting bar on the wait's row, a diamond per route choice on the
+    row it chose, dotted lines for the until answers; the choices are listed, and the facts
+    say what the run waits for and how to send it."""
+    page.goto(ui_url + "runs/agent")
+    page.wait_for_selector("#timeline svg")
+    assert bars(page) == [
+        ("think@agent#1", "1", "ok"), ("work@agent#1", "1", "AMBIGUOUS"),
+        ("work@agent#1", "2", "ok"), ("think@agent#2", "1", "ok"), (AGENT_MAP, "1", "ok"),
+        (f"{AGENT_MAP}[0]", "1", "ok"), (f"{AGENT_MAP}[1]", "1", "ok"),
+        ("think@agent#3", "1", "ok"), (AGENT_WAIT, "1", "waiting")]
+    labels = page.eval_on_selector_all("#timeline svg .row .label",
+                                       "els => els.map(e => e.lastChild.textContent)")
+    assert labels[:3] == ["think @agent#1", "work @agent#1", "think @agent#2"]
+    assert labels[4:6] == ["lookup @agent#2 item 0", "lookup @agent#2 item 1"]
+    diamonds = page.eval_on_selector_all(
+        "#timeline svg polygon.mark-route", "els => els.map(e => e.textContent)")
+    assert diamonds == ["route: pick @agent#1: work", "route: pick @agent#2: search",
+                        "route: pick @agent#3: ship"]
+    assert page.locator("#timeline svg line.mark-until").count() == 2
+    assert page.locator("#timeline svg circle.mark-wait").count() == 1
+    choices = page.eval_on_selector_all(
+        "#choices li", "els => els.map(e => [e.dataset.kind, e.dataset.row])")
+    assert [tuple(c) for c in choices] == [
+        ("route", "work@agent#1"), ("until", ""), ("route", AGENT_MAP), ("until", ""),
+        ("route", AGENT_WAIT), ("wait", AGENT_WAIT)]
+    facts = page.inner_text("#facts")
+    assert f"{P.AGENT_KEY} (Approval) at {P.AGENT_WAIT} @agent#3" in facts
+    assert f"python -m stroma send-input {ui_store} agent '{P.AGENT_KEY}' JSON --digest" in facts
+    page.locator(f'#timeline svg rect.bar[data-row="{AGENT_WAIT}"]').click()
+    assert page.inner_text("#detail-title") == f"{P.AGENT_WAIT} @agent#3 · attempt 1"
+    assert page.inner_text("#detail-outcome") == "waiting"
+    assert P.AGENT_KEY in page.inner_text("#detail-message")
+    assert json.loads(page.inner_text("#detail-input"))["hits"] == [{"hit": "X"},
+                                                                    {"hit": "Y"}]
+    page.screenshot(path=str(screenshots / "run-agent.png"), full_page=True)

@@ -1,0 +1,136 @@
+"""The timeline of an agent run (a loop of think and a route to a tool, a map_each in one
+iteration, an await_input in another): a row per step per iteration, the route choices,
+the loop's until answers and the wait as marks, and what a WAITING run waits for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from interpreters.stores.file import FileStore
+from stroma import send_input
+from stroma.timeline import OK, WAITING, Timeline, summary, timeline, where_label
+from tests.timeline import pipelines as P
+
+pytestmark = pytest.mark.anyio
+
+MAP = f"{P.AGENT_MAP}@agent#2"
+WAIT = f"{P.AGENT_WAIT}@agent#3"
+
+
+async def stored(store: FileStore, run_id: str = "agent") -> Timeline:
+    log = await store.read_log(run_id)
+    assert log is not None
+    return timeline(log)
+
+
+async def waiting(tmp_path: Path) -> tuple[FileStore, Timeline]:
+    store = FileStore(tmp_path)
+    result = await P.agent_run(store)
+    assert result.status.value == "WAITING"
+    return store, await stored(store)
+
+
+async def test_a_step_has_a_row_per_iteration_in_the_order_they_ran(tmp_path: Path) -> None:
+    """think runs once per iteration: three rows, each with its iteration; the retried
+    work is one row of two bars in iteration 1; the map's items sit under the map's row
+    of iteration 2."""
+    _, tl = await waiting(tmp_path)
+    assert [(r.key, r.depth) for r in tl.rows] == [
+        ("think@agent#1", 0), ("work@agent#1", 0), ("think@agent#2", 0), (MAP, 0),
+        (f"{MAP}[0]", 1), (f"{MAP}[1]", 1), ("think@agent#3", 0), (WAIT, 0)]
+    assert [r.label for r in tl.rows] == [
+        "think @agent#1", "work @agent#1", "think @agent#2", f"{P.AGENT_MAP} @agent#2",
+        "lookup @agent#2 item 0", "lookup @agent#2 item 1", "think @agent#3",
+        f"{P.AGENT_WAIT} @agent#3"]
+    assert [r.iteration for r in tl.rows] == [1, 1, 2, 2, 2, 2, 3, 3]
+    assert [b.outcome for b in tl.row("work@agent#1").bars] == ["AMBIGUOUS", OK]
+    assert len(tl.row("work@agent#1").gaps) == 1
+    item = tl.row(f"{MAP}[1]")
+    assert (item.item, item.item_index, item.kind) == (1, 1, "child")
+    assert item.where == f"agent#2/{P.AGENT_MAP}[1]"
+    assert item.bars[0].output_state == {"hit": "Y"}
+    assert tl.row(MAP).kind == "map" and tl.row(WAIT).kind == "wait"
+
+
+async def test_route_choices_until_answers_and_the_wait_are_marks(tmp_path: Path) -> None:
+    """Each route's key, each until answer and the wait are marks in the order they
+    happened; a route's mark is on the row of the step it went on with."""
+    _, tl = await waiting(tmp_path)
+    marks = [(m.kind, m.label, m.row, m.where) for m in tl.marks]
+    assert marks == [
+        ("route", "pick @agent#1: work", "work@agent#1", "agent#1"),
+        ("until", "agent#1: no, on to #2", None, "agent#1"),
+        ("route", "pick @agent#2: search", MAP, "agent#2"),
+        ("until", "agent#2: no, on to #3", None, "agent#2"),
+        ("route", "pick @agent#3: ship", WAIT, "agent#3"),
+        ("wait", f"{P.AGENT_WAIT} @agent#3: waiting for {P.AGENT_KEY} (Approval), digest "
+                 f"{tl.waits[0].short_digest}", WAIT, "agent#3"),
+    ]
+    offsets = [m.offset_ms for m in tl.marks]
+    assert all(o is not None for o in offsets)
+
+
+async def test_a_waiting_run_says_what_it_waits_for(tmp_path: Path) -> None:
+    """A WAITING run's timeline names the wait (key, schema, digest, step, where), its
+    wait's row has a waiting bar that is not counted as an attempt, and its run-list line
+    carries the same wait."""
+    store, tl = await waiting(tmp_path)
+    log = await store.read_log("agent")
+    assert log is not None
+    assert tl.status == "WAITING" and tl.finished
+    (wait,) = tl.waits
+    assert (wait.name, wait.key, wait.schema, wait.step_id, wait.where) == (
+        "approval", P.AGENT_KEY, "Approval", P.AGENT_WAIT, "agent#3")
+    assert len(wait.digest) == 16 and wait.short_digest == wait.digest[:8]
+    bar = tl.row(WAIT).bars[0]
+    assert bar.outcome == WAITING and not bar.failed and bar.output_state is None
+    assert P.AGENT_KEY in (bar.message or "")
+    assert tl.attempts == 6 and tl.failures == 1  # 3 think, 2 work, 1 map; no wait
+    line = summary(tl)
+    assert line.waiting_for == (wait,)
+    assert line.to_json()["waiting_for"] == [wait.to_json()]
+    data = json.loads(json.dumps(tl.to_json()))
+    assert data["waiting_for"] == [{
+        "name": "approval", "key": P.AGENT_KEY, "schema": "Approval", "digest": wait.digest,
+        "step_id": P.AGENT_WAIT, "where": "agent#3", "timeout_ms": None}]
+    row = next(r for r in data["rows"] if r["key"] == "think@agent#2")
+    assert (row["iteration"], row["item"], row["where"], row["coords"]) == (
+        2, None, "agent#2", [["loop", "agent", 2]])
+    assert {m["kind"] for m in data["marks"]} == {"route", "until", "wait"}
+
+
+async def test_a_resumed_wait_shows_the_wait_then_the_input(tmp_path: Path) -> None:
+    """Once the input is sent and the run goes on, the wait's row has the waiting bar
+    (lasting until the input was read) and the ok bar; the marks say the input came and
+    the loop ended; the run waits for nothing any more."""
+    store, _ = await waiting(tmp_path)
+    await send_input(store, "agent", "approval", {"ok": True, "by": "ann"})
+    result = await P.agent_resumed(store)
+    assert result.status.value == "RESUMED"
+    assert result.final_state.done == ["a", "shipped"]
+    tl = await stored(store)
+    assert tl.waits == () and tl.status == "RESUMED"
+    wait_row = tl.row(WAIT)
+    assert [b.outcome for b in wait_row.bars] == [WAITING, OK]
+    waited, answered = wait_row.bars
+    assert waited.end_ms == pytest.approx(answered.offset_ms, abs=1.0)
+    assert answered.output_state["approval"] == {"ok": True, "by": "ann"}
+    assert tl.row("ship@agent#3").bars[0].outcome == OK
+    kinds = [m.kind for m in tl.marks]
+    assert kinds[-4:] == ["wait", "resumed", "input", "until"]
+    assert tl.marks[-2].label == f"{P.AGENT_WAIT} @agent#3: {P.AGENT_KEY} received"
+    assert tl.marks[-1].label == "agent#3: yes, the loop ends"
+    assert tl.attempts == 8  # the 6 before, the wait's answer and ship
+
+
+def test_where_labels() -> None:
+    """Coordinates as labels: loops as @name#n (nested ones joined by /), items as
+    'item j'."""
+    assert where_label(()) == ""
+    assert where_label((("loop", "agent", 3),)) == "@agent#3"
+    assert where_label((("loop", "agent", 3), ("item", "m", 2))) == "@agent#3 item 2"
+    assert where_label((("loop", "outer", 1), ("loop", "inner", 2))) == "@outer#1/inner#2"
+    assert where_label((("item", "m", 0), ("loop", "l", 4))) == "item 0 @l#4"
