@@ -72,3 +72,29 @@ async def test_a_key_both_children_returned_goes_to_the_later_child() -> None:
 
     result = await runner.run([parallel(first, second)], In())
     assert (result.final_state.result, result.final_state.other) == (2, 1)  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("store", [None, "memory"])
+async def test_a_child_returning_a_model_merges_the_same_live_and_replayed(
+    anyio_backend: str, store: str | None
+) -> None:
+    """parallel(a, m) where m returns a model (Out(other=6): 'result' left at its default)
+    merges a's 10 and m's 6 live, and its replay (from the log and from its text) merges
+    the same: the log keeps what the child set, not the model's defaults."""
+    from stroma import InMemoryStore, RunConfig, replay
+
+    runner, a, _ = _runner_and_nodes()
+
+    @runner.node("m", input=In, output=Out)
+    async def m(s: In) -> Out:
+        return Out(other=6)
+
+    plan = seq(parallel(a, m))
+    kept = InMemoryStore() if store else None
+    result = await interpret(plan, In(), store=kept, config=RunConfig(run_id="model-child"))
+    assert (result.final_state.result, result.final_state.other) == (10, 6)  # type: ignore[attr-defined]
+    assert result.log is not None
+    for log in (result.log, result.log.to_jsonl()):
+        again = await replay(plan, log)
+        assert again == result and again.final_state == result.final_state
