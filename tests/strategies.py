@@ -542,7 +542,13 @@ class AgentBuilder:
     test can cancel the run there.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, calm_groups: bool = False) -> None:
+        # calm_groups: nodes inside a parallel group or a map_each never fail. Which of two
+        # failing children fails a group's attempt first (and so which retry policy is
+        # spent) depends on the order the children were scheduled in, which trio
+        # randomizes: two live runs of such a plan need not be alike (its replay is).
+        self.calm_groups = calm_groups
+        self._groups = 0  # how many groups the node being built is inside
         self.calls: Counter[str] = Counter()
         self.called: list[tuple[str, str]] = []
         self.replaying = False
@@ -563,6 +569,8 @@ class AgentBuilder:
 
     def node(self, spec: tuple[Any, ...]) -> Any:
         _, add, n_items, fail_times, fail_kind = spec
+        if self.calm_groups and self._groups:
+            fail_times = 0
         node_id = self._id("n")
         self.node_ids.append(node_id)
 
@@ -610,11 +618,16 @@ class AgentBuilder:
             # Each child that is not a node ends with one, so that what it adds to the
             # merge is its node's whole output (a wait's output is a model whose unset
             # fields depend on whether the child was resumed: see test_merge).
+            self._groups += 1
             children = [self.build(s) if s[0] == "node" else [self.build(s), self.tail()]
                         for s in spec[1]]
+            self._groups -= 1
             return parallel(*children, max_concurrency=spec[2])
         if kind == "map":
-            return map_each(self.build(spec[1]), over="items", into=self._id("outs"),
+            self._groups += 1
+            body = self.build(spec[1])
+            self._groups -= 1
+            return map_each(body, over="items", into=self._id("outs"),
                             max_concurrency=spec[2], input=AgentState)
         if kind == "loop":
             _, body, mod, most = spec
