@@ -368,11 +368,15 @@ class LivePerformer:
         """Look for a wait's input: given to ``interpret``, or sent to the store."""
         # An input given to interpret answers one wait: the one at its key, or (by its
         # name) the first wait of that name the run meets; a later iteration's wait asks
-        # again, as it would have in a run of its own.
+        # again, as it would have in a run of its own. It stays at its key, as an input
+        # sent to the store does: the same wait asked again (its group retried, its
+        # sub-plan child run again from its start) gets it again.
         given = self.inputs
-        payload = given.pop(eff.key, None)
+        payload = given.get(eff.key)
         if payload is None and eff.key != eff.name:
             payload = given.pop(eff.name, None)
+            if payload is not None:
+                given[eff.key] = payload
         if payload is None:
             get = getattr(self.store, "get_input", None)
             if callable(get):
