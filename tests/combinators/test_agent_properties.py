@@ -1,5 +1,6 @@
 """Properties of random agent plans: loops, routes and waits nested in seq, parallel groups
-and map_each (``tests.strategies.agent_specs``), run live on an in-memory store.
+and map_each (``tests.strategies.agent_specs``), run live on an in-memory store (and on a
+FileStore for the cancel-and-resume property).
 
 Nodes fail their first calls of a logical call (by its idempotency key) and write the key
 they were given into their output (and error messages), so the trace ties each attempt to
@@ -199,12 +200,6 @@ async def answered_run(specs: list[Any], rounds: int, *, hooks: bool,
 
 
 # ------------------------------------------------------------------------ what a log says
-
-
-def full_trace(result: ExecutionResult) -> list[TraceEvent]:
-    """Every attempt of the run, over all its sessions (a resumed run's trace is its own
-    session's; a replay of the whole log folds them all)."""
-    return list(result.trace)
 
 
 def _as_dict(state: Any) -> dict[str, Any]:
