@@ -256,6 +256,7 @@ class LivePerformer:
                 await self.recorder.flush_partial(index, call, done[1])
         limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
         group = eff.group
+        merged = eff.kind == "parallel"
         failed = [any(o is not None and child_fails(group, eff.calls[k], o)
                       for k, o in enumerate(outcomes))]
         try:
@@ -265,10 +266,10 @@ class LivePerformer:
                     if limiter is not None:
                         async with limiter:
                             began[k] = (self.now(), self.timer())
-                            outcome = await self.call_child(k, call)
+                            outcome = await self.call_child(k, call, merged)
                     else:
                         began[k] = (self.now(), self.timer())
-                        outcome = await self.call_child(k, call)
+                        outcome = await self.call_child(k, call, merged)
                     outcomes[k] = outcome
                     if child_fails(group, call, outcome):
                         failed[0] = True
@@ -301,9 +302,16 @@ class LivePerformer:
         self._running_children.clear()
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
 
-    async def call_child(self, k: int, call: Any) -> Any:
+    async def call_child(self, k: int, call: Any, merged: bool = False) -> Any:
         if type(call) is fx.CallNode:
-            return await self.call_node(call)
+            outcome = await self.call_node(call)
+            if merged and type(outcome) is fx.NodeReturned and isinstance(outcome.output,
+                                                                          BaseModel):
+                # A parallel child adds the fields it set, not its model's defaults: the
+                # log keeps just those (as a sub-plan child's output does), so a replay
+                # or a resume merges what this run merged.
+                outcome = outcome._replace(output=outcome.output.model_dump(exclude_unset=True))
+            return outcome
         return await self.run_plan(k, call)
 
     async def run_plan(self, k: int, call: fx.RunPlan) -> fx.PlanFinished:
@@ -360,11 +368,15 @@ class LivePerformer:
         """Look for a wait's input: given to ``interpret``, or sent to the store."""
         # An input given to interpret answers one wait: the one at its key, or (by its
         # name) the first wait of that name the run meets; a later iteration's wait asks
-        # again, as it would have in a run of its own.
+        # again, as it would have in a run of its own. It stays at its key, as an input
+        # sent to the store does: the same wait asked again (its group retried, its
+        # sub-plan child run again from its start) gets it again.
         given = self.inputs
-        payload = given.pop(eff.key, None)
+        payload = given.get(eff.key)
         if payload is None and eff.key != eff.name:
             payload = given.pop(eff.name, None)
+            if payload is not None:
+                given[eff.key] = payload
         if payload is None:
             get = getattr(self.store, "get_input", None)
             if callable(get):

@@ -690,6 +690,8 @@ CONTROL = (Choose, Jump, LoopStart, LoopEnd, RouteTo)
 def _item_id(item: Any) -> str:
     if isinstance(item, Plan):
         return "seq(" + ", ".join(item.step_ids()) + ")"
+    if isinstance(item, list | tuple):  # a sequence of steps, named as seq names it
+        return "seq(" + ", ".join(_item_id(i) for i in item) + ")"
     marker = node_marker(item)
     if marker is not None:
         return marker.node_id

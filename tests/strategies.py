@@ -10,7 +10,9 @@ the tests drive ``advance`` synchronously with no event loop and no node ever ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,12 +25,32 @@ from stroma.contracts import NodeContract
 from stroma.cost import KNOWN_MODELS, FallbackPolicy
 from stroma.failures import FailureClass, FailurePolicy, default_policy_map
 from stroma.machine import MachineConfig, error_info
-from stroma.plan import ParallelStep, Plan, Step, compile_plan, parallel
+from stroma.plan import (
+    ParallelStep,
+    Plan,
+    Step,
+    await_input,
+    compile_plan,
+    loop,
+    map_each,
+    parallel,
+    route,
+    seq,
+)
 from stroma.runner import stroma_node
 
 __all__ = (
+    "AGENT_FAIL_KINDS",
     "CHECKPOINT",
+    "KEY_MARK",
+    "ROUTE_KEYS",
     "STARTED_AT",
+    "WAIT_FIELDS",
+    "AgentBuilder",
+    "AgentState",
+    "Approval",
+    "Called",
+    "Leaf",
     "BadOutput",
     "CustomError",
     "Fail",
@@ -39,9 +61,13 @@ __all__ = (
     "ScriptedWorld",
     "Strict",
     "Tagged",
+    "agent_node_specs",
+    "agent_specs",
     "configs",
+    "count_waits",
     "node_output",
     "outcomes",
+    "payload_for",
     "plans",
     "policy_for",
     "retry_bound",
@@ -403,3 +429,229 @@ class ScriptedWorld:
     def load(self, eff: fx.LoadCheckpoint) -> fx.CheckpointLoaded:
         state = eff.schema.model_validate(CHECKPOINT) if self.scenario.has_checkpoint else None
         return fx.CheckpointLoaded(eff.node_id, state)
+
+
+# ---------------------------------------------------------------- agent plans, run live
+#
+# Specs for random plans with loops, routes and waits nested in seq, parallel groups and
+# map_each, turned into real plans of counting nodes by ``AgentBuilder`` (run live with
+# ``interpret``, unlike the scripted scenarios above). A spec is a tree of tuples:
+#
+#   ("node", add, n_items, fail_times, fail_kind)     fail_kind: timeout | value | contract
+#   ("wait", typed)                                   await_input of the next wait field
+#                                                     (typed: with input=AgentState)
+#   ("seq", [spec, ...]) | ("par", [spec, ...], limit) | ("map", body, limit)
+#   ("loop", body, mod, max_iterations)               until: tick % mod == 0 (mod 0: never)
+#   ("route", [arm, ...], default)                    selector: f"k{tick % 3}"; default a
+#                                                     spec or None (unknown key: TERMINAL)
+#
+# Every node adds one to the counter field ``tick``, which loops and routes decide on, and
+# writes the idempotency key it was given into ``key`` (and into its error messages), so
+# the trace ties every attempt to its key.
+
+
+class Approval(BaseModel):
+    """What a wait receives."""
+
+    ok: bool
+    n: int = 0
+
+
+WAIT_FIELDS = ("w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7")
+
+
+class Leaf(BaseModel):
+    """A list item, which a map_each's body gets; it has the wait fields too, so a body can
+    wait."""
+
+    value: int = 0
+    tick: int = 0
+    w0: Approval | None = None
+    w1: Approval | None = None
+    w2: Approval | None = None
+    w3: Approval | None = None
+    w4: Approval | None = None
+    w5: Approval | None = None
+    w6: Approval | None = None
+    w7: Approval | None = None
+
+
+class AgentState(Leaf):
+    """The state of an agent plan: ``tick`` counts the nodes that ran on the way to it,
+    ``key`` is the idempotency key of the last of them."""
+
+    key: str = ""
+    items: list[Leaf] = []
+
+
+ROUTE_KEYS = ("k0", "k1", "k2")
+AGENT_FAIL_KINDS = ("timeout", "value", "contract")
+KEY_MARK = "key="
+
+
+def agent_node_specs(failures: bool = True) -> st.SearchStrategy[tuple[Any, ...]]:
+    fails = st.sampled_from([0, 0, 0, 0, 1, 2]) if failures else st.just(0)
+    kinds = st.sampled_from(("timeout", "value", "timeout", "value", "contract"))
+    return st.tuples(st.just("node"), st.integers(-2, 4), st.integers(0, 3), fails, kinds)
+
+
+def _agent_extend(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    lists = st.lists(children, min_size=1, max_size=3)
+    limits = st.sampled_from([None, 1, 2])
+    return st.one_of(
+        st.tuples(st.just("seq"), lists),
+        st.tuples(st.just("par"), lists, limits),
+        st.tuples(st.just("map"), children, limits),
+        st.tuples(st.just("loop"), children, st.integers(0, 3), st.integers(1, 3)),
+        st.tuples(st.just("route"), lists, st.one_of(st.none(), children)),
+    )
+
+
+def agent_specs(
+    *, failures: bool = True, waits: bool = True, max_leaves: int = 7
+) -> st.SearchStrategy[list[Any]]:
+    """A list of 2..4 spec trees (a plan's top-level steps); at most ``len(WAIT_FIELDS)``
+    waits in all (a plan has a field per wait)."""
+    leaves: st.SearchStrategy[Any] = agent_node_specs(failures)
+    if waits:
+        leaves = st.one_of(leaves, leaves, st.tuples(st.just("wait"), st.booleans()))
+    tree = st.recursive(leaves, _agent_extend, max_leaves=max_leaves)
+    return st.lists(tree, min_size=2, max_size=4).filter(
+        lambda specs: count_waits(specs) <= len(WAIT_FIELDS))
+
+
+def count_waits(spec: Any) -> int:
+    if isinstance(spec, list):
+        return sum(count_waits(s) for s in spec)
+    if spec[0] == "wait":
+        return 1
+    return sum(count_waits(s) for s in spec[1:] if isinstance(s, tuple | list))
+
+
+class Called(AssertionError):
+    """A node ran when it must not (during a replay)."""
+
+
+class AgentBuilder:
+    """Turns agent specs into a plan of counting nodes.
+
+    ``calls`` counts the calls of each logical call (by its idempotency key): a node fails
+    its first ``fail_times`` calls of a key, so its outcomes follow its attempts, not how
+    often it ran before a crash. ``called`` lists every call as (node id, key);
+    ``tripwire``, when set, is awaited as a node call starts (before it is counted), so a
+    test can cancel the run there.
+    """
+
+    def __init__(self, *, calm_groups: bool = False) -> None:
+        # calm_groups: nodes inside a parallel group or a map_each never fail. Which of two
+        # failing children fails a group's attempt first (and so which retry policy is
+        # spent) depends on the order the children were scheduled in, which trio
+        # randomizes: two live runs of such a plan need not be alike (its replay is).
+        self.calm_groups = calm_groups
+        self._groups = 0  # how many groups the node being built is inside
+        self.calls: Counter[str] = Counter()
+        self.called: list[tuple[str, str]] = []
+        self.replaying = False
+        self.tripwire: Callable[[], Awaitable[None]] | None = None
+        self.count = 0
+        self.waits = 0
+        self.node_ids: list[str] = []
+        self.loops: dict[str, int] = {}  # loop id -> max_iterations
+
+    def _id(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def plan(self, specs: list[Any]) -> Plan:
+        """The specs' plan, after a first node that makes two items (so a group first in
+        the plan has a state to check its waits against, and a map_each has items)."""
+        return seq(self.node(("node", 0, 2, 0, "value")), *(self.build(s) for s in specs))
+
+    def node(self, spec: tuple[Any, ...]) -> Any:
+        _, add, n_items, fail_times, fail_kind = spec
+        if self.calm_groups and self._groups:
+            fail_times = 0
+        node_id = self._id("n")
+        self.node_ids.append(node_id)
+
+        async def fn(s: AgentState, ctx: dict[str, Any]) -> Any:
+            if self.replaying:
+                raise Called(f"{node_id} ran during replay")
+            if self.tripwire is not None:
+                await self.tripwire()
+            key = ctx["_stroma_idempotency_key"]
+            self.calls[key] += 1
+            self.called.append((node_id, key))
+            if self.calls[key] <= fail_times:
+                if fail_kind == "timeout":
+                    raise TimeoutError(f"{node_id} timed out ({KEY_MARK}{key})")
+                if fail_kind == "value":
+                    raise ValueError(f"{node_id} is unsure ({KEY_MARK}{key})")
+                return {"value": "not an int", "key": key}  # a contract violation: TERMINAL
+            value = s.value + add
+            items = [{"value": value + j, "tick": s.tick + j} for j in range(n_items)]
+            # Every field, as a dict: a parallel child merges what it returned, and a
+            # model's unset fields are not kept alike after a resume (see test_merge).
+            return {**s.model_dump(), "value": value, "tick": s.tick + 1, "key": key,
+                    "items": items}
+
+        fn.__name__ = fn.__qualname__ = node_id
+        return stroma_node(node_id, NodeContract(
+            node_id=node_id, input_schema=AgentState, output_schema=AgentState))(fn)
+
+    def tail(self) -> Any:
+        return self.node(("node", 1, 1, 0, "value"))
+
+    def build(self, spec: tuple[Any, ...]) -> Any:
+        kind = spec[0]
+        if kind == "node":
+            return self.node(spec)
+        if kind == "wait":
+            name = WAIT_FIELDS[self.waits % len(WAIT_FIELDS)]
+            self.waits += 1
+            return await_input(name, Approval, input=AgentState if spec[1] else None)
+        if kind == "seq":
+            # A list, compiled where it is placed (seq(...) compiles at once, and a group
+            # of waits first in it has no state to be checked against yet).
+            return [self.build(s) for s in spec[1]]
+        if kind == "par":
+            # Each child that is not a node ends with one, so that what it adds to the
+            # merge is its node's whole output (a wait's output is a model whose unset
+            # fields depend on whether the child was resumed: see test_merge).
+            self._groups += 1
+            children = [self.build(s) if s[0] == "node" else [self.build(s), self.tail()]
+                        for s in spec[1]]
+            self._groups -= 1
+            return parallel(*children, max_concurrency=spec[2])
+        if kind == "map":
+            self._groups += 1
+            body = self.build(spec[1])
+            self._groups -= 1
+            return map_each(body, over="items", into=self._id("outs"),
+                            max_concurrency=spec[2], input=AgentState)
+        if kind == "loop":
+            _, body, mod, most = spec
+            loop_id = self._id("L")
+            self.loops[loop_id] = most
+            return loop(self.build(body), until=_until(mod), max_iterations=most, name=loop_id)
+        assert kind == "route"
+        _, arms, default = spec
+        routes = {ROUTE_KEYS[i]: self.build(arm) for i, arm in enumerate(arms)}
+        return route(_select, routes, default=None if default is None else self.build(default),
+                     name=self._id("R"))
+
+
+def _until(mod: int) -> Callable[[Any], bool]:
+    def until(s: Any) -> bool:
+        return mod != 0 and s.tick % mod == 0
+
+    return until
+
+
+def _select(s: Any) -> str:
+    return ROUTE_KEYS[s.tick % len(ROUTE_KEYS)]
+
+
+def payload_for(key: str) -> dict[str, Any]:
+    """The input a test sends to the wait at ``key``: a function of the key alone."""
+    return {"ok": True, "n": zlib.crc32(key.encode()) % 97}

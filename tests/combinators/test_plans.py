@@ -80,6 +80,26 @@ def test_plans_compare_and_hash_by_value() -> None:
     assert seq(n["inc"], n["dbl"]) != seq(n["dbl"], n["inc"])
 
 
+def test_a_group_of_a_list_of_steps_has_the_same_id_in_every_process() -> None:
+    """map_each and loop given a list of steps (a sequence, as anywhere else) name it by
+    its nodes' ids, as seq does, never by the function objects' addresses: built twice
+    from new functions, the plans are equal and keep their fingerprint, so another process
+    can resume or replay a run of it."""
+    from stroma import loop
+
+    def build(n: dict[str, Any]) -> tuple[Plan, Plan]:
+        return (seq(n["spread"], map_each([n["sq"]], over="items", into="outs", input=Items)),
+                seq(loop([n["inc"], n["dbl"]], until=lambda s: s.value > 9,
+                         max_iterations=3)))
+
+    (m1, l1), (m2, l2) = build(nodes()), build(nodes())
+    assert m1.step_ids()[1] == "map_each(seq(sq), over=items, into=outs)"
+    assert l1.step_ids() == ("loop(seq(inc, dbl))",)
+    for p1, p2 in ((m1, m2), (l1, l2)):
+        assert not any("0x" in step_id for step_id in p1.step_ids())
+        assert p1 == p2 and p1.fingerprint == p2.fingerprint
+
+
 def test_the_fingerprint_ignores_function_bodies() -> None:
     """A node whose body changed but whose id and contract did not keeps the fingerprint."""
     n = nodes()

@@ -124,3 +124,42 @@ async def test_an_input_that_is_not_json_text_is_refused_by_the_wait_not_raised(
     result = await interpret(plan, Task(), inputs={"approval": "yes please"})
     assert result.status is RunStatus.WAITING
     assert "does not fit Approval" in (result.stop_reason or "")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("given", ["approval", "approval@asks#1"])
+async def test_an_input_given_to_interpret_answers_its_wait_again_when_a_group_retries(
+    anyio_backend: str, given: str
+) -> None:
+    """parallel(flaky, loop(await_input(...))): on the group's first attempt the loop's
+    wait is answered and the loop runs out of iterations, but flaky failed first, so the
+    group runs again and the loop child from its start. The input given to interpret (by
+    its name or its key) answers that same wait again, as one sent to the store does: the
+    run ends PARTIAL (the loop ran out), not WAITING for an input it was given."""
+    from stroma import FailureClass, FailurePolicy, InMemoryStore, loop, parallel, send_input
+
+    calls: list[str] = []
+
+    @runner.node("flaky", input=Counted, output=Counted)
+    async def flaky(c: Counted) -> dict[str, int]:
+        calls.append("flaky")
+        if len(calls) == 1:
+            raise TimeoutError("flaky: once")
+        return {"n": 1}
+
+    asks = loop(await_input("approval", Approval, input=Counted), until=lambda c: False,
+                max_iterations=1, name="asks")
+    plan = seq(parallel(flaky, asks))
+    config = RunConfig(run_id="retried", policy_map={
+        FailureClass.RECOVERABLE: FailurePolicy(max_retries=1, backoff_seconds=0)})
+    direct = await interpret(plan, Counted(), config=config, inputs={given: {"ok": True}})
+    assert direct.status is RunStatus.PARTIAL, direct.stop_reason
+    assert "ran out of iterations" in (direct.stop_reason or "")
+
+    calls.clear()
+    store = InMemoryStore()
+    assert (await interpret(plan, Counted(), store=store, config=config)).status is (
+        RunStatus.WAITING)
+    await send_input(store, "retried", "approval@asks#1", {"ok": True})
+    sent = await interpret(plan, Counted(), store=store, config=config)
+    assert (sent.status, sent.stop_reason) == (RunStatus.PARTIAL, direct.stop_reason)
