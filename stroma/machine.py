@@ -1135,6 +1135,20 @@ def failed_child(group: Any, call: fx.CallParallel, event: fx.ParallelReturned) 
                  if problem is not None), None)
 
 
+def _changed(out: dict[str, Any], given: list[Any]) -> dict[str, Any]:
+    """A sub-plan child's part of the merge: the fields of its final state that its run
+    changed from the group's input. (Which fields a state counts as set is not kept
+    across a resume, where a state read back from JSON has them all set; which changed
+    is.) ``given`` holds the group's RunState until first needed, then its two dumps."""
+    if len(given) == 1:
+        model = _model(given[0])
+        given[:] = [model.model_dump(), model.model_dump(mode="json")]
+    base, text = given
+    # (the child's output is its state's JSON form: compare with the input's JSON form too)
+    return {k: v for k, v in out.items()
+            if k not in base or (base[k] != v and text[k] != v)}
+
+
 def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     step: Any = s.step
     att: Any = s.current
@@ -1160,6 +1174,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     error: fx.ErrorInfo | None = None
     final: RunStatus | None = None
     waiting: list[str] = []
+    given: list[Any] = [before]  # the group's input, dumped when first needed
     for index, out, problem, outcome in _judged(step, call, ev):
         if out is _WAITING:  # it goes on from its records when the group runs again
             child = call.calls[call.indices.index(index)]
@@ -1178,6 +1193,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             # A parallel child adds what it returned (never its schema's defaults, which
             # would overwrite an earlier child's value); a map item is the whole output.
             out = out.model_dump(exclude_unset=isinstance(step, ParallelStep))
+        elif isinstance(step, ParallelStep) and type(outcome) is fx.PlanFinished:
+            out = _changed(out, given)
         outputs[index] = out
     for k, outcome in enumerate(ev.outcomes):
         c = calls[k]
@@ -1208,7 +1225,10 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         base[step.into] = ordered
         merged: Any = base
     else:
-        merged = {}
+        # The group's input goes on where no child returned a field (never a default of
+        # the output schema over it); each child, in argument order, adds what it gave.
+        fields = step.output_schema.model_fields
+        merged = {k: v for k, v in _model(s).model_dump().items() if k in fields}
         for part in ordered:
             merged.update(part)
     out = _validate(step.step_id, "output", step.output_schema, merged)

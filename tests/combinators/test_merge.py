@@ -111,11 +111,6 @@ class Asked(BaseModel):
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(strict=True, reason=(
-    "a parallel child adds the fields its state has 'set' (pydantic's fields_set), which "
-    "the log does not keep: a child that goes on after a resume (here a wait sent its "
-    "input) starts from a state read back from JSON, where every field is set, so the "
-    "later wait's child also adds a=None over the earlier child's answer"))
 async def test_two_waits_in_a_group_answered_by_send_input_keep_both_answers(
     anyio_backend: str,
 ) -> None:
