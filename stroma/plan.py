@@ -745,8 +745,14 @@ class ParallelGroup(_Combinable):
         children = tuple(_sub(i, registry, prev) for i in self.items)
         schemas = tuple(c.output_of() for c in children)
         if any(s is None for s in schemas):
+            bad = [_item_id(c) for c, s in zip(children, schemas, strict=True) if s is None]
+            which = (f"{bad[0]} does not (it ends" if len(bad) == 1
+                     else f"{', '.join(bad)} do not (they end")
             raise PlanError(
-                f"{self.step_id}: every child must end in a step with one output schema"
+                f"{self.step_id}: every child must end in a step with one output schema, "
+                f"and {which} in a wait or branch whose state type is not known here): "
+                "put a node before the group, or give the wait its state "
+                "type, e.g. await_input('approval', Approval, input=MyState)"
             )
         return [ParallelStep(
             step_id=f"parallel({', '.join(_item_id(c) for c in children)})",
@@ -810,7 +816,11 @@ class MapGroup(_Combinable):
         body = _sub(self.body, registry, _item_schema(base, self.over))
         out_item = body.output_of()
         if out_item is None:
-            raise PlanError(f"{self.step_id}: the mapped step must have one output schema")
+            raise PlanError(
+                f"{self.step_id}: the mapped step must have one output schema, and "
+                f"{_item_id(body)} does not: end the body in a node, or give a wait its "
+                "state type, e.g. await_input('approval', Approval, input=Item)"
+            )
         return [MapStep(
             step_id=self.step_id, body=body, over=self.over, into=self.into,
             input_schema=base, output_schema=_mapped_schema(base, self.into, out_item),

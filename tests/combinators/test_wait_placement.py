@@ -163,3 +163,20 @@ async def test_an_input_given_to_interpret_answers_its_wait_again_when_a_group_r
     await send_input(store, "retried", "approval@asks#1", {"ok": True})
     sent = await interpret(plan, Counted(), store=store, config=config)
     assert (sent.status, sent.stop_reason) == (RunStatus.PARTIAL, direct.stop_reason)
+
+
+def test_a_group_of_untyped_waits_is_refused_naming_them_and_the_fix() -> None:
+    """parallel(await_input(...), await_input(...)) at the start of a plan has no state type
+    to check the waits against: the PlanError names both children and says what to do."""
+    from pydantic import BaseModel
+
+    from stroma import PlanError, await_input, parallel, seq
+
+    class Yes(BaseModel):
+        ok: bool
+
+    with pytest.raises(PlanError) as info:
+        seq(parallel(await_input("a", Yes), await_input("b", Yes)))
+    message = str(info.value)
+    assert "await_input(a)" in message and "await_input(b)" in message
+    assert "do not" in message and "input=MyState" in message
