@@ -26,6 +26,7 @@ __all__ = (
     "Classifier",
     "FailureClass",
     "FailurePolicy",
+    "Located",
     "NodeContext",
     "RetryBudget",
     "StepContext",
