@@ -262,14 +262,13 @@ class LivePerformer:
         try:
             async with anyio.create_task_group() as tg:
 
-                async def child(k: int, call: Any) -> None:
-                    if limiter is not None:
-                        async with limiter:
-                            began[k] = (self.now(), self.timer())
-                            outcome = await self.call_child(k, call, merged)
-                    else:
+                async def child(k: int, call: Any, token: object) -> None:
+                    try:
                         began[k] = (self.now(), self.timer())
                         outcome = await self.call_child(k, call, merged)
+                    finally:
+                        if limiter is not None:
+                            limiter.release_on_behalf_of(token)
                     outcomes[k] = outcome
                     if child_fails(group, call, outcome):
                         failed[0] = True
@@ -284,7 +283,12 @@ class LivePerformer:
                 if not failed[0]:
                     for k, call in enumerate(eff.calls):
                         if outcomes[k] is None:
-                            tg.start_soon(child, k, call)
+                            # A bounded group's children take their places in argument
+                            # order (on every backend: trio starts tasks in any order).
+                            token = object()
+                            if limiter is not None:
+                                await limiter.acquire_on_behalf_of(token)
+                            tg.start_soon(child, k, call, token)
         except BaseExceptionGroup as eg:
             raise single_error(eg) from None
         end = self.timer()
@@ -335,7 +339,8 @@ class LivePerformer:
         self._running_children.pop(k, None)
         finish: Any = recorder.log.finish
         return fx.PlanFinished(
-            result.status, result.final_state.model_dump(mode="json", exclude_unset=True),
+            # (its whole state: what it adds to a merge, the machine works out)
+            result.status, result.final_state.model_dump(mode="json"),
             result.total_tokens, result.total_cost_usd, finish.total_latency_ms,
             result.stop_reason, started, _ms(self.timer() - t0), recorder.log.records,
         )

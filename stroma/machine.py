@@ -69,6 +69,7 @@ decision needs one (a group's children, a branch, the end of the run, going live
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -76,6 +77,7 @@ from typing import Any, NamedTuple
 
 import attrs
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from stroma import effects as fx
 from stroma.contracts import ContractViolation
@@ -1135,18 +1137,37 @@ def failed_child(group: Any, call: fx.CallParallel, event: fx.ParallelReturned) 
                  if problem is not None), None)
 
 
-def _changed(out: dict[str, Any], given: list[Any]) -> dict[str, Any]:
+def _changed(
+    out: dict[str, Any], given: list[Any], schema: type[BaseModel] | None
+) -> dict[str, Any]:
     """A sub-plan child's part of the merge: the fields of its final state that its run
-    changed from the group's input. (Which fields a state counts as set is not kept
-    across a resume, where a state read back from JSON has them all set; which changed
-    is.) ``given`` holds the group's RunState until first needed, then its two dumps."""
+    changed from the group's input, less those holding their schema's default (never a
+    default over an earlier child's value). Which fields a state counts as set is not
+    kept across a resume (a state read back from JSON has them all set); these are.
+    ``given`` holds the group's RunState until first needed, then its two dumps."""
     if len(given) == 1:
         model = _model(given[0])
         given[:] = [model.model_dump(), model.model_dump(mode="json")]
     base, text = given
+    defaults = _json_defaults(schema) if schema is not None else {}
     # (the child's output is its state's JSON form: compare with the input's JSON form too)
     return {k: v for k, v in out.items()
-            if k not in base or (base[k] != v and text[k] != v)}
+            if (k not in base or (base[k] != v and text[k] != v))
+            and not (k in defaults and defaults[k] == v)}
+
+
+@functools.lru_cache(maxsize=256)
+def _json_defaults(schema: type[BaseModel]) -> dict[str, Any]:
+    """The JSON form of each default a schema's fields have (of a plan: made once)."""
+    found: dict[str, Any] = {}
+    for name, field in schema.model_fields.items():
+        if field.is_required():
+            continue
+        try:
+            found[name] = to_jsonable_python(field.get_default(call_default_factory=True))
+        except Exception:  # (a default JSON cannot hold: no field of a log equals it)
+            continue
+    return found
 
 
 def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
@@ -1194,7 +1215,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             # would overwrite an earlier child's value); a map item is the whole output.
             out = out.model_dump(exclude_unset=isinstance(step, ParallelStep))
         elif isinstance(step, ParallelStep) and type(outcome) is fx.PlanFinished:
-            out = _changed(out, given)
+            out = _changed(out, given, step.children[index].output_of())
         outputs[index] = out
     for k, outcome in enumerate(ev.outcomes):
         c = calls[k]

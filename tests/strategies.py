@@ -619,8 +619,7 @@ class AgentBuilder:
             # merge is its node's whole output (a wait's output is a model whose unset
             # fields depend on whether the child was resumed: see test_merge).
             self._groups += 1
-            children = [self.build(s) if s[0] == "node" else [self.build(s), self.tail()]
-                        for s in spec[1]]
+            children = [self.build(s) for s in spec[1]]
             self._groups -= 1
             return parallel(*children, max_concurrency=spec[2])
         if kind == "map":

@@ -387,7 +387,7 @@ async def test_idempotency_keys_are_one_per_logical_call(
 
 
 async def cancel_and_resume(
-    backend: str, specs: list[Any], rounds: int, hooks: bool, data: st.DataObject,
+    backend: str, specs: list[Any], rounds: int, hooks: bool, cut: int,
     folder: str | None = None,
 ) -> None:
     """Run the plan whole; run it again cancelled at a point drawn from those the whole run
@@ -399,7 +399,10 @@ async def cancel_and_resume(
     points = whole.tripwire.count
     if points == 0:
         return
-    at = data.draw(st.integers(0, points - 1), label="cancel at")
+    # (``cut`` is drawn before the test runs: a draw that overruns inside the event loop
+    # leaks hypothesis's StopTest from the loop's task)
+    at = cut % points
+    note(f"cancel at {at}")
     tally(f"status {expected.status}")
     world = World(specs, whole.answers, hooks=hooks, at=at, calm_groups=calm,
                   folder=None if folder is None else f"{folder}/cut")
@@ -444,26 +447,27 @@ async def cancel_and_resume(
 
 
 @SETTINGS
-@given(specs=agent_specs(), rounds=st.integers(0, 3), hooks=st.booleans(), data=st.data())
+@given(specs=agent_specs(), rounds=st.integers(0, 3), hooks=st.booleans(),
+       cut=st.integers(0, 10**6))
 async def test_a_run_cancelled_at_any_point_resumes_to_the_uninterrupted_result(
-    anyio_backend: str, specs: list[Any], rounds: int, hooks: bool, data: st.DataObject
+    anyio_backend: str, specs: list[Any], rounds: int, hooks: bool, cut: int
 ) -> None:
     """Cancelled at any point where it awaits the world (a node call, a hook, a sleep, a
     checkpoint write, an input look-up) and resumed with the same run id on its in-memory
     store, a run ends as the uninterrupted run did; no node whose success the log held is
     called again, and every call keeps the key of its logical call."""
-    await cancel_and_resume(anyio_backend, specs, rounds, hooks, data)
+    await cancel_and_resume(anyio_backend, specs, rounds, hooks, cut)
 
 
 @settings(SETTINGS, max_examples=12)
-@given(specs=agent_specs(), rounds=st.integers(0, 2), data=st.data())
+@given(specs=agent_specs(), rounds=st.integers(0, 2), cut=st.integers(0, 10**6))
 async def test_a_run_on_a_file_store_cancelled_at_any_point_resumes_alike(
-    anyio_backend: str, specs: list[Any], rounds: int, data: st.DataObject
+    anyio_backend: str, specs: list[Any], rounds: int, cut: int
 ) -> None:
     """The same on a FileStore, cancelled also inside its log appends: what was durable
     when it stopped is all the resumed run goes on from, and it ends alike."""
     with tempfile.TemporaryDirectory() as folder:
-        await cancel_and_resume(anyio_backend, specs, rounds, False, data, folder)
+        await cancel_and_resume(anyio_backend, specs, rounds, False, cut, folder)
 
 
 @SETTINGS
@@ -475,6 +479,9 @@ async def test_inputs_sent_to_a_waiting_run_end_it_as_inputs_given_up_front(
     it waits again), ends as the same plan run once with all those inputs given to
     interpret(inputs=...)."""
     calm = anyio_backend == "trio"  # (see AgentBuilder: two live runs are compared)
+    # Drawn up front: a draw that overruns inside the event loop leaks hypothesis's
+    # StopTest from the loop's task.
+    digests = iter(data.draw(st.lists(st.booleans(), min_size=8, max_size=8), label="digests"))
     world = World(specs, {}, hooks=False, calm_groups=calm)
     result = await world.run()
     sent: dict[str, Any] = {}
@@ -487,7 +494,7 @@ async def test_inputs_sent_to_a_waiting_run_end_it_as_inputs_given_up_front(
         for wait in waits:
             assert wait.key not in sent, "a wait that was sent its input waits again"
             payload = payload_for(wait.key)
-            use_digest = data.draw(st.booleans(), label="digest")
+            use_digest = next(digests, True)
             assert await send_input(world.store, RUN, wait.key, payload,
                                     digest=wait.digest if use_digest else None) == wait.key
             sent[wait.key] = payload

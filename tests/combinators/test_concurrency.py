@@ -364,3 +364,26 @@ async def test_with_retry_on_a_group_retries_the_group(anyio_backend: str) -> No
     assert result.status is RunStatus.COMPLETED
     assert script.calls == {"flaky": 3, "steady": 1}
     assert [e.attempt for e in result.trace] == [1, 2, 3]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_a_bounded_map_starts_its_items_in_order_on_every_backend(
+    anyio_backend: str, limit: int
+) -> None:
+    """With max_concurrency, items take their places in argument order (trio starts tasks
+    in any order; the group does not leave it to the scheduler), so with one place the
+    items run one after another from the first."""
+    started: list[int] = []
+
+    async def visit(i: Item) -> dict[str, int]:
+        started.append(i.item)
+        await anyio.sleep(0)
+        return {"out": i.item}
+
+    script = Script()
+    plan = seq(map_each(script.node("visit", Item, Out, visit), over="items", into="outs",
+                        input=Items, max_concurrency=limit))
+    result = await interpret(plan, Items(items=list(range(8))))
+    assert result.status is RunStatus.COMPLETED
+    assert started == list(range(8))
