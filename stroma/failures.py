@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -37,6 +38,7 @@ __all__ = (
     "default_policy_map",
     "exception_type_names",
     "resolve_policy",
+    "where_text",
 )
 
 
@@ -103,8 +105,14 @@ class Located:
     @property
     def where(self) -> str:
         """The coordinates as text: ``agent#3/map_each(fetch, ...)[7]``; "" at the top."""
-        return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
-                        for kind, step, n in self.coords)
+        return where_text(self.coords)
+
+
+def where_text(coords: Sequence[Sequence[Any]]) -> str:
+    """Coordinates as text (``agent#3/map_each(fetch, ...)[7]``): loops as ``id#n``, map
+    items as ``id[n]``, outermost first; "" for none."""
+    return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
+                    for kind, step, n in coords)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from pydantic_core import to_jsonable_python
 from stroma import effects as fx
 from stroma.cost import estimate_cost_usd
 from stroma.errors import LogCorrupted
-from stroma.failures import builtin_class_for_names
+from stroma.failures import Located, builtin_class_for_names, where_text
 from stroma.inputs import pending_wait
 from stroma.log import EffectLog, ResumeMarker
 from stroma.trace import RunStatus
@@ -115,10 +115,7 @@ def where_label(coords: Sequence[Sequence[Any]]) -> str:
     return text
 
 
-def _where(coords: Sequence[Sequence[Any]]) -> str:
-    """Coordinates as ``TraceEvent.where`` writes them (``agent#3/map_each(...)[2]``)."""
-    return "/".join(f"{step}#{n}" if kind == "loop" else f"{step}[{n}]"
-                    for kind, step, n in coords)
+_where = where_text  # coordinates as ``TraceEvent.where`` writes them
 
 
 def _coords(value: Any) -> _Coords:
@@ -213,7 +210,7 @@ class Gap:
 
 
 @attrs.frozen
-class Row:
+class Row(Located):
     """A step of the run, or a fan-out child, with its attempts.
 
     ``kind`` is ``node``, ``parallel``, ``map``, ``branch``, ``child`` (a fan-out child
@@ -232,21 +229,6 @@ class Row:
     bars: tuple[Bar, ...] = ()
     gaps: tuple[Gap, ...] = ()
     coords: _Coords = ()
-
-    @property
-    def iteration(self) -> int | None:
-        """The iteration of the innermost loop the row's step ran in (1-based), or None."""
-        return next((n for kind, _, n in reversed(self.coords) if kind == "loop"), None)
-
-    @property
-    def item(self) -> int | None:
-        """The item of the innermost map_each the row's step ran in, or None."""
-        return next((n for kind, _, n in reversed(self.coords) if kind == "item"), None)
-
-    @property
-    def where(self) -> str:
-        """Where the row's step ran, as ``TraceEvent.where`` says it; "" at the top."""
-        return _where(self.coords)
 
     def to_json(self) -> dict[str, Any]:
         return {
