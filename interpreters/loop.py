@@ -11,7 +11,7 @@ and then goes on here after the machine's ``Resumed``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -346,9 +346,10 @@ def _unwritable_children(
             None if near is None else attrs.evolve(event, outcomes=tuple(near)))
 
 
-def resume_marker(records: RecordList) -> ResumeMarker:
-    """A marker for where this session goes on live, appended to ``records``."""
-    marker = ResumeMarker(datetime.now(UTC).astimezone().isoformat())
+def resume_marker(records: RecordList, at: datetime) -> ResumeMarker:
+    """A marker for where this session goes on live (at ``at``, by the run's clock: a
+    virtual one under simulate), appended to ``records``."""
+    marker = ResumeMarker(at.isoformat())
     records.append(marker)
     return marker
 
@@ -372,6 +373,6 @@ async def run(
         done = replay_records(state, effects, records)
         if done.finish is not None and done.finish.status is not RunStatus.WAITING:
             return result_of(done.finish, recorder)
-        marker = resume_marker(records)
+        marker = resume_marker(records, performer.now())
         state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))
     return await run_live(state, effects, recorder, performer)

@@ -282,7 +282,7 @@ async def _session(
                                 session_start=first)
             # Fan-out children that finished before the crash.
             prefilled = existing.pending_children()
-            marker = resume_marker(existing.records)
+            marker = resume_marker(existing.records, machine.started_at)
             state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))
         elif existing is not None:
             # The API's resume_from on a run that has a log: a new session in the same log.

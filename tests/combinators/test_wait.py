@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +469,24 @@ async def test_a_wait_in_a_loop_asks_again_each_iteration(anyio_backend: str) ->
     waits = done.trace.events_for("await_input(approval)")
     assert [(e.iteration, (e.output_state or {})["approval"]["by"]) for e in waits] == [
         (1, "one"), (2, "two")]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_resume_is_marked_at_the_runs_own_clock(anyio_backend: str) -> None:
+    """Resumed under simulate, the log's resume marker has the virtual clock's time (not
+    the machine's wall clock), so a simulated run's log reads the same on every machine."""
+    from stroma.log import ResumeMarker
+
+    nodes = Nodes()
+    clock, store = VirtualClock(), InMemoryStore()
+    config = RunConfig(run_id="marked")
+    plan = approval_plan(nodes)
+    assert (await simulate(plan, Agent(), store=store, clock=clock, config=config)).status \
+        is RunStatus.WAITING
+    await send_input(store, "marked", "approval", {"ok": True})
+    clock.advance(60)
+    done = await simulate(plan, Agent(), store=store, clock=clock, config=config)
+    assert done.status is RunStatus.RESUMED and done.log is not None
+    markers = [r for r in done.log.records if isinstance(r, ResumeMarker)]
+    assert markers and all(
+        datetime.fromisoformat(m.at) == clock.now() for m in markers)
