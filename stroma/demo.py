@@ -18,10 +18,10 @@ from pathlib import Path
 import anyio
 from pydantic import BaseModel
 
-from interpreters.stores.file import FileStore
+# The demo is a user of stroma: it goes through the facade, as a user's script does.
+from stroma import FileStore, RunConfig, StromaRunner, interpret, parallel, replay
 from stroma.cost import ExecutionBudget
 from stroma.failures import FailureClass, FailurePolicy, NodeContext
-from stroma.runner import RunConfig, StromaRunner, interpret, parallel, replay
 from stroma.trace import format_trace_table
 
 __all__ = (
