@@ -516,21 +516,26 @@ class FileStore:
             _fsync_dir(run.dir)
         self._check_inside(run)
         if run.hashed:
-            info_path = os.path.join(run.dir, RUN_INFO_NAME)
-            raw = _read(info_path)
-            if raw is None:
-                _write_atomic(run.dir, info_path, json.dumps({"run_id": run.run_id}).encode())
-            elif self._stored_run_id(raw) != run.run_id:
-                raise StoreError(
-                    f"FileStore: the folder {run.dir} belongs to run "
-                    f"{self._stored_run_id(raw)!r}, not {run.run_id!r} (a hash collision, or "
-                    f"an altered {RUN_INFO_NAME}); use another run id or fix the file"
-                )
+            self._own_folder(run, "FileStore")
         for name in os.listdir(checkpoints):  # temp files of a process that crashed
             if name.startswith(_TMP_PREFIX):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(checkpoints, name))
         self._ready.add(run.dir)
+
+    def _own_folder(self, run: _Run, op: str) -> None:
+        """A hashed run id's folder says whose it is: claimed for ``run`` if new, and a
+        folder another run claimed (a hash collision, an altered file) refused."""
+        info_path = os.path.join(run.dir, RUN_INFO_NAME)
+        raw = _read(info_path)
+        if raw is None:
+            _write_atomic(run.dir, info_path, json.dumps({"run_id": run.run_id}).encode())
+        elif self._stored_run_id(raw) != run.run_id:
+            raise StoreError(
+                f"{op}: the folder {run.dir} belongs to run {self._stored_run_id(raw)!r}, "
+                f"not {run.run_id!r} (a hash collision, or an altered {RUN_INFO_NAME}); use "
+                "another run id or fix the file"
+            )
 
     @staticmethod
     def _stored_run_id(raw: bytes) -> str | None:
@@ -719,16 +724,7 @@ class FileStore:
                 _fsync_dir(run.dir)
                 self._check_inside(run, INPUTS)
             if run.hashed:
-                info_path = os.path.join(run.dir, RUN_INFO_NAME)
-                raw = _read(info_path)
-                if raw is None:
-                    _write_atomic(run.dir, info_path, json.dumps({"run_id": run.run_id}).encode())
-                elif self._stored_run_id(raw) != run.run_id:
-                    raise StoreError(
-                        f"FileStore.put_input: the folder {run.dir} belongs to run "
-                        f"{self._stored_run_id(raw)!r}, not {run.run_id!r} (a hash collision, "
-                        f"or an altered {RUN_INFO_NAME}); use another run id or fix the file"
-                    )
+                self._own_folder(run, "FileStore.put_input")
             _write_atomic(folder, path, data)
             self._remove_stale_input_temps(folder)
 
