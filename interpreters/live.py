@@ -287,7 +287,10 @@ class LivePerformer:
                             # order (on every backend: trio starts tasks in any order).
                             token = object()
                             if limiter is not None:
-                                await limiter.acquire_on_behalf_of(token)
+                                try:  # (no trip through the scheduler while places are free)
+                                    limiter.acquire_on_behalf_of_nowait(token)
+                                except anyio.WouldBlock:
+                                    await limiter.acquire_on_behalf_of(token)
                             tg.start_soon(child, k, call, token)
         except BaseExceptionGroup as eg:
             raise single_error(eg) from None
