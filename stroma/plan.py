@@ -764,7 +764,7 @@ class ParallelGroup(_Combinable):
 
 @attrs.frozen
 class BranchGroup(_Combinable):
-    predicate: Callable[[Any], Any] = attrs.field(eq=False)
+    predicate: Callable[[Any], Any]
     then: Any
     otherwise: Any
     name: str | None = None
@@ -831,7 +831,7 @@ class MapGroup(_Combinable):
 @attrs.frozen
 class LoopGroup(_Combinable):
     body: Any
-    until: Callable[[Any], Any] = attrs.field(eq=False)
+    until: Callable[[Any], Any]
     max_iterations: int
     name: str | None = None
 
@@ -862,7 +862,7 @@ class LoopGroup(_Combinable):
 
 @attrs.frozen
 class RouteGroup(_Combinable):
-    selector: Callable[[Any], Any] = attrs.field(eq=False)
+    selector: Callable[[Any], Any]
     routes: tuple[tuple[str, Any], ...]
     default: Any = None
     name: str | None = None

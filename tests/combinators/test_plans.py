@@ -246,3 +246,26 @@ def test_building_a_bad_combinator_fails_at_once() -> None:
         map_each(n["sq"], over="not a name", into="outs")
     with pytest.raises(PlanError, match="callable"):
         branch(42, then=n["inc"])  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_the_runner_never_reuses_a_plan_whose_functions_differ(anyio_backend: str) -> None:
+    """The runner keeps the plans it compiled, by the list it was given: two lists alike
+    but for a branch's predicate, a loop's until or a route's selector are two plans, each
+    running its own function (the second list is not answered with the first's plan)."""
+    from stroma import loop, route
+
+    n = nodes()
+    runner = StromaRunner.quick()
+
+    async def ran(*items: Any) -> int:
+        result = await runner.run(list(items), Num(value=3))
+        return result.final_state.value  # type: ignore[no-any-return]
+
+    assert await ran(branch(lambda s: s.value > 0, then=n["dbl"], otherwise=n["inc"])) == 6
+    assert await ran(branch(lambda s: s.value < 0, then=n["dbl"], otherwise=n["inc"])) == 4
+    assert await ran(loop(n["inc"], until=lambda s: s.value >= 5, max_iterations=9)) == 5
+    assert await ran(loop(n["inc"], until=lambda s: s.value >= 8, max_iterations=9)) == 8
+    routes = {"up": n["inc"], "twice": n["dbl"]}
+    assert await ran(route(lambda s: "up", routes)) == 4
+    assert await ran(route(lambda s: "twice", routes)) == 6
