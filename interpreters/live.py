@@ -10,11 +10,13 @@ happened. Each effect type is performed by one entry of ``LivePerformer.table``.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import inspect
 import json
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from time import perf_counter
@@ -79,6 +81,7 @@ def _utc_now() -> datetime:
 _now_utc = functools.partial(datetime.now, UTC)  # _utc_now, as one C-level call
 _tuple_new = tuple.__new__  # a NodeReturned made with every field, per node
 _TAKEN, _NOT_TAKEN = fx.BranchChosen(True), fx.BranchChosen(False)  # frozen: shared
+_HOOK_RAN = fx.HookFired()
 
 
 @attrs.frozen
@@ -164,11 +167,15 @@ class LivePerformer:
                     save_sync(rid, eff.node_id, eff.state)
             self.commit_now = commit_now
         self.hooks = world.hooks
+        # Each kind's hook function, looked up once (None where the hooks have none).
+        self.hook_fns: dict[str, Any] = {
+            kind: None if world.hooks is None else getattr(world.hooks, f"on_node_{kind}", None)
+            for kind in ("start", "success", "failure")
+        }
         # Hooks are bounded by one watchdog per run (see HookGuard), when there are hooks.
         self.guard: HookGuard | None = None
-        if hook_timeout_ms is not None and world.hooks is not None and any(
-            getattr(world.hooks, f"on_node_{kind}", None) is not None
-            for kind in ("start", "success", "failure")
+        if hook_timeout_ms is not None and any(
+            fn is not None for fn in self.hook_fns.values()
         ):
             self.guard = HookGuard(hook_timeout_ms)
         self.classifiers = tuple(world.classifiers)
@@ -428,12 +435,9 @@ class LivePerformer:
     # -- hooks, classifiers, sleep
 
     async def fire_hook(self, eff: fx.FireHook) -> fx.HookFired:
-        hooks = self.hooks
-        fn = None
-        if hooks is not None:
-            fn = getattr(hooks, f"on_node_{eff.kind}", None)
+        fn = self.hook_fns[eff.kind]
         if fn is None:
-            return fx.HookFired()
+            return _HOOK_RAN
         try:
             if eff.kind == "start":
                 # The hook gets its own copy: the state is also the log's record.
@@ -456,7 +460,7 @@ class LivePerformer:
                 eff.kind, eff.node_id, eff.attempt, exc,
             )
             return fx.HookFired(error_info(exc))
-        return fx.HookFired()
+        return _HOOK_RAN
 
     def hook_timed_out(self, eff: fx.FireHook) -> fx.HookFired:
         """The answer to a hook the guard cancelled at its deadline."""
@@ -519,9 +523,11 @@ class HookGuard:
     quarter of its timeout later.
     """
 
-    __slots__ = ("deadline", "fired", "poll", "scope")
+    __slots__ = ("clock", "deadline", "fired", "poll", "scope")
 
     def __init__(self, timeout_ms: int) -> None:
+        # anyio.current_time, looked up for the running backend once (made in a run).
+        self.clock: Callable[[], float] = _backend_clock()
         self.poll = max(timeout_ms / 4000, 0.001)
         self.deadline: float | None = None
         self.fired = False
@@ -531,7 +537,7 @@ class HookGuard:
         while True:
             await anyio.sleep(self.poll)
             deadline = self.deadline
-            if deadline is not None and anyio.current_time() >= deadline:
+            if deadline is not None and self.clock() >= deadline:
                 self.fired = True
                 self.deadline = None
                 assert self.scope is not None
@@ -539,7 +545,7 @@ class HookGuard:
 
     async def bounded(self, call: Any, timeout_ms: int) -> None:
         """Await a hook's coroutine; HookTimedOut when the watchdog cancelled it."""
-        self.deadline = anyio.current_time() + timeout_ms / 1000
+        self.deadline = self.clock() + timeout_ms / 1000
         try:
             await call
         except anyio.get_cancelled_exc_class():
@@ -550,6 +556,23 @@ class HookGuard:
             self.deadline = None
         if self.fired:  # the hook swallowed its cancellation: leave the cancelled scope
             raise HookTimedOut
+
+
+def _backend_clock() -> Callable[[], float]:
+    """The running backend's clock, as ``anyio.current_time`` reads it (which looks the
+    backend up on every call)."""
+    try:
+        return asyncio.get_running_loop().time  # (what anyio's asyncio backend reads)
+    except RuntimeError:  # not on asyncio
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.current_time()
+            return trio.current_time
+        except RuntimeError:  # not on trio either
+            pass
+    return anyio.current_time  # (made outside a run: looked up on every call)
 
 
 def _pure(fn: Callable[[Any], Any], state: Any, step_id: str) -> Any:

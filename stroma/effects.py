@@ -236,8 +236,7 @@ class ClassifyFailure:
     coords: tuple[tuple[str, str, int], ...] = ()
 
 
-@attrs.frozen
-class FireHook:
+class FireHook(NamedTuple):
     """Call a user hook: ``kind`` is "start", "success" or "failure"; cancelled after
     ``timeout_ms`` (a hook that hangs must not hang the run)."""
 
@@ -245,13 +244,23 @@ class FireHook:
     node_id: str
     attempt: int
     # The state's JSON text (start, success), compared by JSON value.
-    state: Any = attrs.field(
-        default=None, eq=attrs.cmp_using(eq=_same_state, require_same_type=False)
-    )
+    state: Any = None
     tokens: int = 0
     failure: FailureClass | None = None
     error: ErrorInfo | None = None
     timeout_ms: int | None = None
+
+    # A named tuple (two per node in a run with hooks), compared and hashed with its
+    # state by JSON value.
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is FireHook and self[:3] == other[:3]
+                and self[4:] == other[4:] and _same_state(self.state, other.state))
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash((self[:3], self[4:]))
 
 
 @attrs.frozen

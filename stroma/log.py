@@ -325,6 +325,8 @@ def _attempt_atoms(e: fx.RecordAttempt) -> tuple[Any, ...]:
 
 def _hook_atoms(e: fx.FireHook) -> tuple[Any, ...]:
     state, error, failure = e.state, e.error, e.failure
+    if failure is None and error is None and type(state) is bytes:  # start, success
+        return ("FireHook", *e)  # (the fields are the atoms, in their order)
     return ("FireHook", e.kind, e.node_id, e.attempt,
             None if state is None else _state_bytes(state), e.tokens,
             None if failure is None else failure.value,
