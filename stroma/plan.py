@@ -180,6 +180,9 @@ class NodeStep:
     def nodes(self) -> Iterable[NodeStep]:
         yield self
 
+    def walk(self) -> Iterable[Step]:
+        yield self
+
     def input_of(self) -> type[BaseModel] | None:
         return self.input_schema
 
@@ -245,6 +248,11 @@ class ParallelStep:
         for child in self.children:
             yield from child.nodes()
 
+    def walk(self) -> Iterable[Step]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
     def input_of(self) -> type[BaseModel] | None:
         return self.children[0].input_of()
 
@@ -295,6 +303,11 @@ class BranchStep:
     def nodes(self) -> Iterable[NodeStep]:
         yield from self.then.nodes()
         yield from self.otherwise.nodes()
+
+    def walk(self) -> Iterable[Step]:
+        yield self
+        yield from self.then.walk()
+        yield from self.otherwise.walk()
 
     def input_of(self) -> type[BaseModel] | None:
         return self.then.input_schema or self.otherwise.input_schema
@@ -369,6 +382,10 @@ class MapStep:
     def nodes(self) -> Iterable[NodeStep]:
         yield from self.body.nodes()
 
+    def walk(self) -> Iterable[Step]:
+        yield self
+        yield from self.body.walk()
+
     def input_of(self) -> type[BaseModel] | None:
         return self.input_schema
 
@@ -419,6 +436,10 @@ class LoopStep:
 
     def nodes(self) -> Iterable[NodeStep]:
         yield from self.body.nodes()
+
+    def walk(self) -> Iterable[Step]:
+        yield self
+        yield from self.body.walk()
 
     def input_of(self) -> type[BaseModel] | None:
         return self.body.input_schema
@@ -474,6 +495,11 @@ class RouteStep:
     def nodes(self) -> Iterable[NodeStep]:
         for arm in self.arms():
             yield from arm.nodes()
+
+    def walk(self) -> Iterable[Step]:
+        yield self
+        for arm in self.arms():
+            yield from arm.walk()
 
     def input_of(self) -> type[BaseModel] | None:
         return next((a.input_schema for a in self.arms() if a.input_schema is not None), None)
@@ -580,6 +606,9 @@ class WaitStep:
 
     def nodes(self) -> Iterable[NodeStep]:
         return ()
+
+    def walk(self) -> Iterable[Step]:
+        yield self
 
     def input_of(self) -> type[BaseModel] | None:
         return self.state_schema
@@ -1251,6 +1280,11 @@ class Plan(_Combinable):
         """Every NodeStep of the plan, nested ones included."""
         for s in self.steps:
             yield from s.nodes()
+
+    def walk(self) -> Iterable[Step]:
+        """Every step of the plan, nested ones included (a group before its children)."""
+        for s in self.steps:
+            yield from s.walk()
 
     @property
     def input_schema(self) -> type[BaseModel] | None:

@@ -29,6 +29,7 @@ from stroma.contracts import ContractRegistry, ContractViolation, NodeContract
 from stroma.cost import ExecutionBudget, FallbackPolicy
 from stroma.errors import ChildFailed, ChildFailedTerminally, LogCorrupted, PlanError
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
+from stroma.inputs import InputRefused
 from stroma.log import EffectLog
 from stroma.machine import DEFAULT_HOOK_TIMEOUT_MS, MachineConfig, failed_child
 from stroma.otel import Tracing, tracing_of
@@ -40,6 +41,7 @@ from stroma.plan import (
     ParallelStep,
     Plan,
     PlanLike,
+    WaitStep,
     compile_plan,
     parallel,
 )
@@ -307,6 +309,8 @@ async def interpret(
     config = config if config is not None else RunConfig()
     if not isinstance(initial_state, BaseModel):
         raise TypeError(_initial_state_error(initial_state, compiled.input_schema))
+    if inputs:
+        _check_inputs(inputs, compiled)
     if manager is None:
         manager = CheckpointManager(store if store is not None else InMemoryStore())
     explicit = "run_id" in config.model_fields_set
@@ -325,6 +329,22 @@ async def interpret(
     world = attrs.evolve(world, observer=tracer)
     return await tracer.around(run_session(compiled, initial_state, machine=machine,
                                            explicit_run_id=explicit, world=world))
+
+
+def _check_inputs(inputs: Mapping[str, Any], plan: Plan) -> None:
+    """Each of interpret's ``inputs`` is for a wait of the plan: by its name, or by a
+    wait's key (``approval@agent#3``, as a WAITING run's stop reason names it)."""
+    names = sorted({s.name for s in plan.walk() if isinstance(s, WaitStep)})
+    for key in inputs:
+        if not isinstance(key, str) or key.split("@", 1)[0] not in names:
+            there = (f"its waits are {', '.join(map(repr, names))}" if names
+                     else "it has no await_input step")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputRefused(
+                f"interpret(inputs=...): {key!r} is not the name of a wait in this plan; "
+                f"{there}{hint}. Nothing was run"
+            )
 
 
 def _traced(config: RunConfig, machine: MachineConfig, world: Collaborators, plan: Plan) -> Any:

@@ -33,6 +33,7 @@ from stroma import (
     NodeContract,
     PlanError,
     RunConfig,
+    StromaError,
     await_input,
     interpret,
     loop,
@@ -426,6 +427,25 @@ async def test_an_input_given_to_interpret_that_does_not_fit_keeps_the_run_waiti
                            inputs={"approval": {"ok": True}})
     assert good.status is RunStatus.RESUMED
     assert dict(nodes.calls) == {"draft": 1, "review": 1, "publish": 1}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_an_input_for_no_wait_of_the_plan_is_refused_before_anything_runs(
+    anyio_backend: str,
+) -> None:
+    """``inputs=`` with a name no wait of the plan has (a typo) is refused, naming the
+    waits there are and the closest one, before any node runs; a wait's key (its name,
+    ``@`` and where it is) is taken."""
+    nodes = Nodes()
+    with pytest.raises(InputRefused) as caught:
+        await interpret(approval_plan(nodes), Agent(), inputs={"aproval": {"ok": True}})
+    assert "'aproval' is not the name of a wait" in str(caught.value)
+    assert "its waits are 'approval'" in str(caught.value)
+    assert "did you mean 'approval'?" in str(caught.value)
+    assert isinstance(caught.value, StromaError)
+    assert dict(nodes.calls) == {}
+    keyed = await interpret(approval_plan(nodes), Agent(), inputs={"approval@x#1": {"ok": True}})
+    assert keyed.status is RunStatus.WAITING  # (a key of no wait this run meets: it waits)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
