@@ -139,7 +139,11 @@ def _as_value(payload: Any) -> Any:
         try:
             return json.loads(payload)
         except ValueError as e:
-            raise InputRefused(f"send_input: the payload is not JSON ({e})") from None
+            raise InputRefused(
+                f"send_input: the payload {payload[:80]!r} is {type(payload).__name__}, read as "
+                f"JSON text, and it is not JSON ({e}): pass the value itself (a dict or a "
+                "model), or its JSON text (a string value is '\"text\"'); nothing was sent"
+            ) from None
     try:
         json.dumps(payload)
     except (TypeError, ValueError) as e:

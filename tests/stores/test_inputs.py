@@ -229,6 +229,9 @@ async def test_a_waiting_run_is_sent_its_input_and_resumed(workers: Workers) -> 
         await send_input(store, "doc-1", "approval", {"approved": True, "by": "ada"},
                          digest="0" * 16)
     await unchanged()
+    with pytest.raises(InputRefused, match=r"'yes' is str, read as JSON text, and it is not"):
+        await send_input(store, "doc-1", "approval", "yes")
+    await unchanged()
 
     key = await send_input(store, "doc-1", "approval", Approval(approved=True, by="ada"),
                            digest=wait.digest)
