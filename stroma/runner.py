@@ -289,6 +289,19 @@ def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
     )
 
 
+def run_config_of(config: Any, where: str) -> RunConfig:
+    """``config=``: a RunConfig, or None for the defaults."""
+    if config is None:
+        return RunConfig()
+    if isinstance(config, RunConfig):
+        return config
+    fix = "RunConfig(**config)" if isinstance(config, Mapping) else "RunConfig(...)"
+    raise TypeError(
+        f"{where}(config=...): expected a RunConfig, got {config!r:.80} (a "
+        f"{type(config).__name__}): pass {fix}"
+    )
+
+
 async def interpret(
     plan: PlanLike,
     initial_state: BaseModel,
@@ -306,7 +319,7 @@ async def interpret(
     that log (finished nodes are not run again) or, if it finished, returns its result.
     """
     compiled = compile_plan(plan, registry)
-    config = config if config is not None else RunConfig()
+    config = run_config_of(config, "interpret")
     if not isinstance(initial_state, BaseModel):
         raise TypeError(_initial_state_error(initial_state, compiled.input_schema))
     if inputs:
@@ -530,7 +543,7 @@ class StromaRunner:
     ) -> None:
         self.registry = registry if registry is not None else ContractRegistry()
         self.checkpoint_manager = checkpoint_manager or CheckpointManager(InMemoryStore())
-        self.config = config if config is not None else RunConfig()
+        self.config = run_config_of(config, "StromaRunner")
         self._plans: dict[Any, Plan] = {}
 
     def compile(self, nodes: Plan | Sequence[Any] | ParallelGroup) -> Plan:

@@ -274,6 +274,26 @@ def test_quick_with_an_unknown_field_is_a_type_error_listing_the_fields() -> Non
     assert "node_timeouts" in msg and "resume_from" in msg
 
 
+@pytest.mark.anyio
+async def test_a_config_that_is_not_a_run_config_says_how_to_make_one(
+    anyio_backend: str,
+) -> None:
+    """``config={"run_id": ...}`` (a dict where a RunConfig goes) is a TypeError naming
+    the argument, what it got and the fix, for interpret, simulate and StromaRunner."""
+    from interpreters.simulate import simulate
+
+    _, inc = runner_with_node()
+    for call in (lambda: interpret([inc], Num(value=1), config={"run_id": "r"}),
+                 lambda: simulate([inc], Num(value=1), config={"run_id": "r"})):
+        with pytest.raises(TypeError) as info:
+            await call()  # type: ignore[arg-type]
+        assert "(config=...): expected a RunConfig, got {'run_id': 'r'} (a dict)" in str(
+            info.value)
+        assert "pass RunConfig(**config)" in str(info.value)
+    with pytest.raises(TypeError, match=r"StromaRunner\(config=\.\.\.\): expected a RunConfig"):
+        StromaRunner(config="fast")  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------- initial state
 
 
