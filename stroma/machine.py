@@ -205,6 +205,9 @@ class MachineConfig:
     per_node: dict[str, dict[FailureClass, FailurePolicy]] = attrs.field(
         init=False, eq=False, repr=False
     )
+    # The least share of the cost limit at which a fallback can apply (None: none can):
+    # below it ``fallback_for`` answers None, so it is not asked.
+    fallback_pct: float | None = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         budgeted = not (self.max_tokens is None and self.max_cost_usd is None
@@ -217,6 +220,10 @@ class MachineConfig:
         object.__setattr__(self, "per_node", {
             k: _policies(v) for k, v in self.node_policies.items()
         })
+        pcts = [f.at_budget_pct for f in self.fallbacks if self.declared_model is None
+                or f.preferred_model == self.declared_model]
+        object.__setattr__(self, "fallback_pct", min(pcts) if pcts and self.max_cost_usd
+                           is not None else None)
 
     def to_json(self) -> dict[str, Any]:
         """The decision-making part of the config, for the log header."""
@@ -501,7 +508,11 @@ def _exceeded(s: RunState, node_id: str) -> BudgetExceeded | None:
 
 def _fallback_model(s: RunState) -> str | None:
     c = s.config
-    if not c.fallbacks or c.max_cost_usd is None:
+    pct = c.fallback_pct
+    if pct is None:
+        return None
+    limit = c.max_cost_usd
+    if limit and s.cost_usd / limit < pct:  # (fallback_for's own test, for every policy)
         return None
     fb = _fallback_for(s.cost_usd, c.budget, c.fallbacks, c.declared_model)
     return fb.fallback_model if fb is not None else None

@@ -727,3 +727,38 @@ def test_normalize_node_return_leaves_other_values_alone(value: object) -> None:
     """Anything that is not a documented form comes back unchanged, with no usage."""
     got = normalize_node_return(value)
     assert got[0] is value and got[1:] == (0, 0, None)
+
+
+class _Spend(BaseModel):
+    value: int = 0
+
+
+@given(
+    policies=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.floats(0, 1)), max_size=3),
+    limit=st.one_of(st.none(), st.just(0.0), st.floats(0.001, 100)),
+    declared=st.sampled_from([None, "a", "b", "c"]),
+    spend=st.floats(0, 200),
+)
+def test_the_machine_falls_back_exactly_when_fallback_for_says_so(
+    policies: list[tuple[str, float]], limit: float | None, declared: str | None,
+    spend: float,
+) -> None:
+    """The model the machine gives a call is ``fallback_for``'s answer at the run's spend,
+    whatever the policies, the cost limit and the declared model (the machine asks it only
+    when the spend reaches the least threshold, which must never change the answer)."""
+    from stroma import stroma_node
+    from stroma.machine import MachineConfig, _fallback_model, _next, start
+    from stroma.plan import compile_plan
+
+    async def f(s: _Spend) -> _Spend:
+        return s
+
+    node = stroma_node("f", NodeContract(node_id="f", input_schema=_Spend,
+                                         output_schema=_Spend))(f)
+    fallbacks = tuple(FallbackPolicy(p, f"{p}-mini", at_budget_pct=pct) for p, pct in policies)
+    config = MachineConfig(run_id="r", seed=1, started_at=datetime(2026, 1, 1, tzinfo=UTC),
+                           max_cost_usd=limit, fallbacks=fallbacks, declared_model=declared)
+    state, _ = start(compile_plan([node]), _Spend(), config)
+    state = _next(state, state.phase, state.current, cost_usd=spend)
+    expected = fallback_for(spend, config.budget, fallbacks, declared)
+    assert _fallback_model(state) == (None if expected is None else expected.fallback_model)
