@@ -40,7 +40,7 @@ from interpreters.stores.memory import InMemoryStore
 from stroma.checkpoint import CheckpointManager
 from stroma.contracts import ContractRegistry
 from stroma.plan import Plan, compile_plan
-from stroma.runner import RunConfig, _traced, machine_config, run_config_of
+from stroma.runner import RunConfig, _run_config_of, _traced, machine_config
 from stroma.schemas import declare_schemas
 from stroma.trace import ExecutionResult
 
@@ -121,7 +121,7 @@ async def simulate(
         )
     clock = clock if clock is not None else VirtualClock(start)
     compiled = compile_plan(plan_or_nodes, registry)
-    config = run_config_of(config, "simulate")
+    config = _run_config_of(config, "simulate")
     if not isinstance(initial_state, BaseModel):
         raise TypeError(
             f"initial_state must be a pydantic BaseModel instance (got "

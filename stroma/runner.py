@@ -289,7 +289,7 @@ def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
     )
 
 
-def run_config_of(config: Any, where: str) -> RunConfig:
+def _run_config_of(config: Any, where: str) -> RunConfig:
     """``config=``: a RunConfig, or None for the defaults."""
     if config is None:
         return RunConfig()
@@ -319,7 +319,7 @@ async def interpret(
     that log (finished nodes are not run again) or, if it finished, returns its result.
     """
     compiled = compile_plan(plan, registry)
-    config = run_config_of(config, "interpret")
+    config = _run_config_of(config, "interpret")
     if not isinstance(initial_state, BaseModel):
         raise TypeError(_initial_state_error(initial_state, compiled.input_schema))
     if inputs:
@@ -543,7 +543,7 @@ class StromaRunner:
     ) -> None:
         self.registry = registry if registry is not None else ContractRegistry()
         self.checkpoint_manager = checkpoint_manager or CheckpointManager(InMemoryStore())
-        self.config = run_config_of(config, "StromaRunner")
+        self.config = _run_config_of(config, "StromaRunner")
         self._plans: dict[Any, Plan] = {}
 
     def compile(self, nodes: Plan | Sequence[Any] | ParallelGroup) -> Plan:
