@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from interpreters.live import Collaborators, LivePerformer, single_error
+from interpreters.live import Collaborators, LivePerformer, RunLogger, _log, single_error
 from interpreters.loop import Recorder, result_of, resume_marker, run_live
 from interpreters.replay import Replayed, replay_records
 from stroma import effects as fx
@@ -270,6 +270,7 @@ async def _session(
         prefilled: dict[int, tuple[Any, Any]] | None = None
         if existing is not None and machine.resume_from is None:
             _check_plan(plan, existing, f"run {run_id!r}")
+            _warn_if_other_initial_state(existing, initial_state, run_id)
             finish = existing.finish
             if finish is not None and finish.status is not RunStatus.WAITING:
                 return await replay_log(plan, existing)
@@ -316,6 +317,34 @@ async def _session(
                                   prefilled=prefilled,
                                   hook_timeout_ms=state.config.hook_timeout_ms)
         return await run_live(state, effects, recorder, performer)
+
+
+def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) -> None:
+    """A run id named again with another initial state than its log recorded: the run
+    goes on from (or returns) what its log holds, so say that the state given is not
+    used (the same run id is the way to resume; a new run needs a new id)."""
+    config = log.header.config
+    for record in reversed(log.records):
+        if type(record) is ResumeMarker and record.restart is not None:
+            config = record.restart  # (a later session started over: its state counts)
+            break
+    recorded = (config.get("initial") or {}).get("state")
+    if not isinstance(recorded, dict):
+        return
+    try:
+        now = given.model_dump(mode="json")
+    except Exception:  # (a state that cannot be written: the run says so when it starts)
+        return
+    changed = sorted(k for k in recorded.keys() | now.keys()
+                     if k in now and recorded.get(k, now[k]) != now[k])
+    if changed:
+        fields = ", ".join(map(repr, changed[:5])) + (", ..." if len(changed) > 5 else "")
+        RunLogger(_log, {"run_id": run_id}).warning(
+            "this run id is in the store with another initial state (%s %s): the run goes "
+            "on from its log, with the state it recorded, and the state given is not "
+            "used; a new run needs a new run id", f"field{'s' if len(changed) > 1 else ''}",
+            fields + (" differ" if len(changed) > 1 else " differs"),
+        )
 
 
 def new_seed() -> int:

@@ -738,6 +738,27 @@ async def test_a_finished_run_id_run_again_returns_its_record(anyio_backend: str
     assert second.trace.diff(first.trace) == []
 
 
+async def test_a_run_id_named_again_with_another_initial_state_says_it_is_not_used(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same run id with another initial state goes on from (here: returns) what its
+    log holds, and a warning names the fields that differ and says the state given is not
+    used; the same state again warns of nothing."""
+    caplog.set_level(logging.WARNING, logger="stroma")
+    runner = StromaRunner.quick(run_id="named-twice")
+    calls: list[str] = []
+    nodes = [add_one(runner, "a", calls)]
+    first = await runner.run(nodes, Num(value=1))
+    await runner.run(nodes, Num(value=1))
+    assert not [r for r in caplog.records if "another initial state" in r.getMessage()]
+    second = await runner.run(nodes, Num(value=10))
+    assert calls == ["a"] and second.final_state == first.final_state == Num(value=2)
+    [warning] = [r for r in caplog.records if "another initial state" in r.getMessage()]
+    assert "field 'value' differs" in warning.getMessage()
+    assert "the state given is not used; a new run needs a new run id" in warning.getMessage()
+    assert getattr(warning, "run_id", None) == "named-twice"
+
+
 # ------------------------------------------------------------------------- budgets
 
 
