@@ -233,12 +233,14 @@ def _log_store(store: Any) -> Any:
 
 async def run_session(
     plan: Plan,
-    initial_state: BaseModel,
+    initial_state: BaseModel | None,
     *,
     machine: MachineConfig,
     explicit_run_id: bool,
     world: Collaborators,
 ) -> ExecutionResult:
+    """Run a plan: a new run from ``initial_state``, or (a run id the store holds) the
+    run going on from its log, for which ``initial_state`` may be None."""
     try:
         return await _session(plan, initial_state, machine, explicit_run_id, world)
     except BaseExceptionGroup as eg:
@@ -247,7 +249,7 @@ async def run_session(
 
 async def _session(
     plan: Plan,
-    initial_state: BaseModel,
+    initial_state: BaseModel | None,
     machine: MachineConfig,
     explicit_run_id: bool,
     world: Collaborators,
@@ -270,7 +272,8 @@ async def _session(
         prefilled: dict[int, tuple[Any, Any]] | None = None
         if existing is not None and machine.resume_from is None:
             _check_plan(plan, existing, f"run {run_id!r}")
-            _warn_if_other_initial_state(existing, initial_state, run_id)
+            if initial_state is not None:
+                _warn_if_other_initial_state(existing, initial_state, run_id)
             finish = existing.finish
             if finish is not None and finish.status is not RunStatus.WAITING:
                 return await replay_log(plan, existing)
@@ -285,6 +288,8 @@ async def _session(
             prefilled = existing.pending_children()
             marker = resume_marker(existing.records, machine.started_at)
             state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))
+        elif initial_state is None:
+            raise TypeError(_no_initial_state(run_id, existing is None, plan))
         elif existing is not None:
             # The API's resume_from on a run that has a log: a new session in the same log.
             state, effects = start(plan, initial_state, machine)
@@ -317,6 +322,15 @@ async def _session(
                                   prefilled=prefilled,
                                   hook_timeout_ms=state.config.hook_timeout_ms)
         return await run_live(state, effects, recorder, performer)
+
+
+def _no_initial_state(run_id: str, absent: bool, plan: Plan) -> str:
+    schema = plan.input_schema
+    name = schema.__name__ if schema is not None else "YourInput"
+    why = (f"the store has no run {run_id!r} to go on from" if absent else
+           "resume_from starts a new session of the run from the initial state given")
+    return (f"interpret(plan, config=RunConfig(run_id={run_id!r})) without an initial "
+            f"state: {why}; pass one, e.g. interpret(plan, {name}(...), ...)")
 
 
 def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) -> None:

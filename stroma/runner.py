@@ -304,7 +304,7 @@ def _run_config_of(config: Any, where: str) -> RunConfig:
 
 async def interpret(
     plan: PlanLike,
-    initial_state: BaseModel,
+    initial_state: BaseModel | None = None,
     *,
     store: Any = None,
     config: RunConfig | None = None,
@@ -316,19 +316,28 @@ async def interpret(
     """Run a plan (or a list of nodes) live and return its result and effect log.
 
     With an explicit ``config.run_id`` whose log is in the store, the run resumes from
-    that log (finished nodes are not run again) or, if it finished, returns its result.
+    that log (finished nodes are not run again) or, if it finished, returns its result;
+    such a run needs no ``initial_state`` (its log holds the one it started from).
     """
     compiled = compile_plan(plan, registry)
     config = _run_config_of(config, "interpret")
-    if not isinstance(initial_state, BaseModel):
+    explicit = "run_id" in config.model_fields_set
+    if initial_state is None:
+        if not explicit:
+            raise TypeError(
+                "interpret(plan): initial_state is required to start a run, e.g. "
+                f"interpret(plan, {_input_name(compiled)}(...)); without one, interpret "
+                "goes on with a run the store holds, named by config=RunConfig(run_id=...)"
+            )
+    elif not isinstance(initial_state, BaseModel):
         raise TypeError(_initial_state_error(initial_state, compiled.input_schema))
     if inputs:
         _check_inputs(inputs, compiled)
     if manager is None:
         manager = CheckpointManager(store if store is not None else InMemoryStore())
-    explicit = "run_id" in config.model_fields_set
     run_id = config.run_id if explicit else str(uuid.uuid4())
-    declare_schemas((type(initial_state),))
+    if initial_state is not None:
+        declare_schemas((type(initial_state),))
     world = Collaborators(
         manager, hooks=config.hooks, classifiers=tuple(config.classifiers),
         context=config.context, sleep=sleep if sleep is not None else anyio.sleep,

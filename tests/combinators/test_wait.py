@@ -430,6 +430,33 @@ async def test_an_input_given_to_interpret_that_does_not_fit_keeps_the_run_waiti
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_waiting_run_goes_on_without_its_initial_state_given_again(
+    anyio_backend: str,
+) -> None:
+    """``interpret(plan, store=..., config=RunConfig(run_id=...))``, no initial state, goes
+    on with the run the store holds (its log has the state it started from), re-running
+    nothing; with no run of that id, or no run id at all, it is a TypeError that says to
+    pass the initial state."""
+    nodes = Nodes()
+    store, config = InMemoryStore(), RunConfig(run_id="w-no-state")
+    first = await interpret(approval_plan(nodes), Agent(), store=store, config=config)
+    assert first.status is RunStatus.WAITING
+    await send_input(store, "w-no-state", "approval", {"ok": True, "by": "ed"})
+    done = await interpret(approval_plan(nodes), store=store, config=config)
+    assert done.status is RunStatus.RESUMED
+    assert done.final_state.approval == Approval(ok=True, by="ed")  # type: ignore[attr-defined]
+    assert dict(nodes.calls) == {"draft": 1, "review": 1, "publish": 1}
+    again = await interpret(approval_plan(nodes), store=store, config=config)
+    assert again == done and dict(nodes.calls)["publish"] == 1
+    with pytest.raises(TypeError, match=r"the store has no run 'other' to go on from; pass "
+                                        r"one, e.g. interpret\(plan, Agent\(\.\.\.\)"):
+        await interpret(approval_plan(nodes), store=store, config=RunConfig(run_id="other"))
+    with pytest.raises(TypeError, match=r"initial_state is required to start a run"):
+        await interpret(approval_plan(nodes), store=store)
+    assert dict(nodes.calls) == {"draft": 1, "review": 1, "publish": 1}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_an_input_for_no_wait_of_the_plan_is_refused_before_anything_runs(
     anyio_backend: str,
 ) -> None:
