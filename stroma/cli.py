@@ -16,6 +16,9 @@ for; ``send-input`` checks the payload (JSON text, ``@file`` or ``-`` for stdin)
 the wait's schema and keeps it in the store (a bad one is refused, naming the fields, and
 nothing is written); running the plan again with the run id goes on from the wait.
 
+``--plan`` names a plan as ``package.module:attribute`` (importable from here) or as
+``path/to/file.py:attribute``.
+
 Every error is one line on stderr, ``stroma: error: ...`` naming the problem and the fix,
 with exit status 2 (a replay that diverges prints ``DIVERGED: ...`` and exits 1).
 """
@@ -230,18 +233,22 @@ def damaged_hint(e: LogCorrupted) -> str:
 
 
 def load_plan(ref: str) -> Any:
-    """The plan ``module:attribute`` names (a Plan, a list of nodes, or a function of no
-    arguments returning one), compiled; a CliError saying what is wrong otherwise."""
+    """The plan ``module:attribute`` (or ``path/to/file.py:attribute``) names (a Plan, a
+    list of nodes, or a function of no arguments returning one), compiled; a CliError
+    saying what is wrong otherwise."""
     from stroma.plan import NODE_ATTR, compile_plan
 
-    if ":" not in ref or not all(ref.split(":", 1)):
-        raise CliError(f"--plan {ref!r}: expected 'package.module:attribute', e.g. "
-                       "--plan myapp.pipeline:plan")
-    module_name, attr = ref.split(":", 1)
+    if ":" not in ref or not all(ref.rsplit(":", 1)):
+        raise CliError(f"--plan {ref!r}: expected 'package.module:attribute' or "
+                       "'path/to/file.py:attribute', e.g. --plan myapp.pipeline:plan")
+    module_name, attr = ref.rsplit(":", 1)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: modules beside you import
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = (_import_file(ref, module_name) if module_name.endswith(".py")
+                    else importlib.import_module(module_name))
+    except CliError:
+        raise
     except ImportError as e:
         raise CliError(f"--plan {ref!r} does not import: {_one_line(str(e))}; run from the "
                        "folder the module is in, or add it to PYTHONPATH") from None
@@ -268,6 +275,38 @@ def load_plan(ref: str) -> Any:
         raise CliError(f"--plan {ref!r} is a {type(obj).__name__}, not a plan: "
                        f"{_one_line(str(e))}; name a Plan, a list of nodes, or a function "
                        "returning one") from None
+
+
+def _import_file(ref: str, path: str) -> Any:
+    """A plan's file imported as the module its name makes (``agent.py``: ``agent``),
+    with its folder on the path for the modules beside it, as ``python path`` runs it."""
+    import importlib.util
+
+    file = os.path.abspath(path)
+    if not os.path.isfile(file):
+        raise CliError(f"--plan {ref!r}: there is no file {path!r} (from {os.getcwd()})")
+    name = os.path.splitext(os.path.basename(file))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if os.path.abspath(getattr(loaded, "__file__", None) or "") == file:
+            return loaded
+        raise CliError(f"--plan {ref!r}: a module named {name!r} is imported already (from "
+                       f"{getattr(loaded, '__file__', None) or 'built in'}); rename the file, "
+                       "or name it as package.module:attribute")
+    folder = os.path.dirname(file)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise CliError(f"--plan {ref!r}: {path!r} is not a Python file that imports")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 async def replay_check(plan: Any, log: EffectLog) -> tuple[bool, str]:
@@ -564,7 +603,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--plan", required=True, metavar="MODULE:ATTR",
-                   help="module:attribute of the plan (or node list, or a function giving one)")
+                   help="module:attribute (or path/to/file.py:attribute) of the plan (or "
+                   "node list, or a function giving one)")
     p = sub.add_parser(
         "send-input", help="send a WAITING run the input its await_input step waits for",
         description="Check JSON against the wait's schema and keep it in the store; run the "

@@ -164,6 +164,23 @@ def test_replay_ok_and_divergence(store: Path) -> None:
     assert len(bad.stdout.strip().splitlines()) == 1
 
 
+def test_replay_takes_a_plan_by_its_file_path(store: Path, tmp_path: Path) -> None:
+    """`--plan path/to/file.py:attribute` imports the file (its folder on the path, for
+    the modules beside it), as `python path/to/file.py` would run it; a path with no file
+    is one line naming it."""
+    folder = tmp_path / "app"
+    folder.mkdir()
+    (folder / "helpers_for_plan.py").write_text(
+        "from tests.timeline.pipelines import MAP_PLAN as PLAN\n")
+    (folder / "my_pipeline.py").write_text("from helpers_for_plan import PLAN\n")
+    ok = cli("replay", str(store), "map", "--plan", f"{folder / 'my_pipeline.py'}:PLAN")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stderr
+    missing = cli("replay", str(store), "map", "--plan", "nowhere/pipeline.py:PLAN")
+    assert missing.returncode == 2
+    assert "there is no file 'nowhere/pipeline.py'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_show_after_a_sigkill_inside_a_fan_out(tmp_path: Path) -> None:
     """A process SIGKILLed inside a map_each leaves a run that `show` lists as
