@@ -828,10 +828,14 @@ def _child_label(name: str, item: int | None, group: _Coords) -> str:
 
 
 def _usage(call: Any, answer: fx.NodeReturned) -> Usage:
-    model = getattr(call, "model", None) or answer.model
+    """What an answer used; the model is the one that priced its tokens (the fallback the
+    call was given, else the one the node reported), or the one the node reported when it
+    used none: a call given a fallback it did not use (a tool) shows no model."""
     tin, tout = int(answer.input_tokens), int(answer.output_tokens)
-    cost = estimate_cost_usd(model, tin, tout) if tin or tout else 0.0
-    return Usage(tin, tout, model, cost)
+    if not (tin or tout):
+        return Usage(0, 0, answer.model, 0.0)
+    model = getattr(call, "model", None) or answer.model
+    return Usage(tin, tout, model, estimate_cost_usd(model, tin, tout))
 
 
 def _map_over(step_id: str) -> str | None:

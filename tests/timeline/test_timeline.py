@@ -75,6 +75,42 @@ async def test_usage_per_attempt_is_priced_from_its_model(tmp_path: Path) -> Non
     assert tl.cost_usd == pytest.approx(result.total_cost_usd)
 
 
+async def test_a_fallback_model_shows_on_the_attempts_it_priced_only(tmp_path: Path) -> None:
+    """With a model fallback in force every call is given the fallback model; the
+    timeline names it for the attempt whose tokens it priced, and no model for a step
+    that used none (a tool that ignores the model)."""
+    from pydantic import BaseModel
+
+    from stroma import FallbackPolicy, RunConfig, StromaRunner, interpret
+    from stroma.cost import ExecutionBudget
+
+    class Q(BaseModel):
+        text: str = ""
+
+    runner = StromaRunner.quick()
+
+    @runner.node("think", input=Q, output=Q)
+    async def think(q: Q, ctx: dict[str, object]) -> tuple[dict[str, str], int, int, None]:
+        return {"text": f"asked {ctx.get('_stroma_model')}"}, 100, 20, None
+
+    @runner.node("tool", input=Q, output=Q)
+    async def tool(q: Q) -> Q:
+        return q
+
+    store = FileStore(tmp_path)
+    config = RunConfig(run_id="fell-back", context={"model": "gpt-4o"},
+                       budget=ExecutionBudget(max_cost_usd=1.0),
+                       model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini",
+                                                       at_budget_pct=0.0)])
+    result = await interpret([think, tool], Q(), store=store, config=config)
+    assert result.final_state.text == "asked gpt-4o-mini"  # type: ignore[attr-defined]
+    tl = await stored(store, "fell-back")
+    thought = tl.row("think").bars[0].usage
+    assert (thought.tokens, thought.model) == (120, "gpt-4o-mini")
+    assert thought.cost_usd == pytest.approx(estimate_cost_usd("gpt-4o-mini", 100, 20))
+    assert tl.row("tool").bars[0].usage.model is None
+
+
 async def test_a_timeout_is_a_recoverable_bar_naming_the_timeout(tmp_path: Path) -> None:
     """A node cancelled by its timeout is a RECOVERABLE bar saying it timed out, lasting
     at least the timeout; the retry that returns is the next bar."""
