@@ -232,9 +232,9 @@ async def _run_live(
         for eff in effects:
             t = type(eff)
             if t is fx.Commit:
-                items.append((("Commit", eff.node_id, eff.run_id, eff.attempt,
-                               eff.timestamp_utc, eff.input_state, eff.output_state,
-                               eff.duration_ms, eff.schema, eff.coords), None))
+                items.append(("Commit", eff.node_id, eff.run_id, eff.attempt,
+                              eff.timestamp_utc, eff.input_state, eff.output_state,
+                              eff.duration_ms, eff.schema, eff.coords))
                 if commit_now is not None:
                     commit_now(eff)
                 else:
@@ -242,14 +242,14 @@ async def _run_live(
                 if told is not None:
                     told(eff, None)
             elif t is fx.RecordAttempt:
-                items.append((encode_effect(eff), None))
+                items.append(encode_effect(eff))
                 if eff.failure is not None:
                     warn("node %r attempt %d failed (%s): %s", eff.node_id, eff.attempt,
                          eff.failure, eff.failure_message)
                 if told is not None:
                     told(eff, None)
             elif t is fx.Finish:
-                items.append((encode_effect(eff), None))
+                items.append(encode_effect(eff))
                 await recorder.flush()
                 if told is not None:
                     told(eff, None)
@@ -283,10 +283,8 @@ async def _run_live(
                         before, (state, effects), event._replace(output=error), _near(event),
                     )
                     atoms = returned_atoms(event, None)
-            items.append((
-                ("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
-                 pending.model, pending.coords), atoms,
-            ))
+            items.append(("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
+                          pending.model, pending.coords, *atoms))
         else:
             atoms = encode_event(event)
             if type(event) is fx.ParallelReturned:
@@ -295,7 +293,7 @@ async def _run_live(
                     event, (state, effects) = _recordable(
                         before, (state, effects), *marked)
                     atoms = encode_event(event)
-            items.append((encode_effect(pending), atoms))
+            items.append(encode_effect(pending) + atoms)
         if told is not None:
             told(pending, event)
 

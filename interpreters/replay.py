@@ -20,7 +20,15 @@ import attrs
 
 from stroma import effects as fx
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
-from stroma.log import RecordList, ResumeMarker, decode_effect, decode_event, encode_effect
+from stroma.log import (
+    RecordList,
+    ResumeMarker,
+    decode_effect,
+    decode_event,
+    encode_effect,
+    record_effect,
+    record_event,
+)
 from stroma.machine import RunState, UnexpectedEvent, advance, start
 from stroma.trace import RunStatus
 
@@ -74,19 +82,21 @@ def _diverged(index: int, recorded: Any, new: Any) -> NondeterminismError:
     return NondeterminismError(index, describe(recorded), describe(new), _difference(recorded, new))
 
 
-def _same(effect: Any, atoms: tuple[Any, ...]) -> bool:
-    """Whether an emitted effect is the recorded one: by atoms first (C-level tuple
-    equality), then by value (a format 1 record, states written differently)."""
+def _same(effect: Any, item: tuple[Any, ...]) -> bool:
+    """Whether an emitted effect is the recorded one (``item``: the record, its effect's
+    atoms first): by atoms first (C-level tuple equality), then by value (a format 1
+    record, states written differently)."""
     t = type(effect)
     if t is fx.CallNode:
-        if atoms[1:5] == effect[:4] and atoms[5] == effect[5] and atoms[0] == "CallNode":
+        if item[1:5] == effect[:4] and item[5] == effect[5] and item[0] == "CallNode":
             return True
     elif t is fx.Commit:
-        if atoms[1:9] == effect[:8] and atoms[9] == effect[9] and atoms[0] == "Commit":
+        if item[1:9] == effect[:8] and item[9] == effect[9] and item[0] == "Commit":
             return True
-    elif encode_effect(effect) == atoms:
+    atoms = record_effect(item)
+    if t is not fx.CallNode and t is not fx.Commit and encode_effect(effect) == atoms:
         return True
-    if type(effect) is fx.Finish:
+    if t is fx.Finish:
         if atoms[0] != "Finish":
             return False
         recorded = decode_effect(atoms)
@@ -169,14 +179,13 @@ def replay_records(
                     raise damaged(i - 1 + offset, e) from None
                 work = [*work[:k], *new]
                 continue
-            recorded, answer = item
             t = type(eff)
-            if not _same(eff, recorded):
-                raise _diverged(i + offset, decode_effect(recorded), eff)
+            if not _same(eff, item):
+                raise _diverged(i + offset, decode_effect(record_effect(item)), eff)
             i += 1
             k += 1
             if t is fx.Commit:
-                if i < n and type(items[i]) is not ResumeMarker and items[i][0][0] == (
+                if i < n and type(items[i]) is not ResumeMarker and items[i][0] == (
                     "SaveCheckpoint"
                 ):
                     i += 1  # a format 1 log's separate checkpoint record: covered
@@ -184,7 +193,7 @@ def replay_records(
             if t is fx.RecordAttempt:
                 continue
             if t is fx.Finish:
-                status = RunStatus(recorded[1])  # as recorded (see _same)
+                status = RunStatus(item[1])  # as recorded (see _same)
                 if status is RunStatus.WAITING and i < n and type(items[i]) is ResumeMarker:
                     # The run waited for input and a later session went on from there.
                     marker = items[i]
@@ -193,6 +202,7 @@ def replay_records(
                     k = 0
                     continue
                 return Replayed(state, (), i, attrs.evolve(eff, status=status))
+            answer = record_event(item)
             if answer is None:
                 # stroma records an effect only with its answer (a crash loses the whole
                 # record), so this log was altered or written by something else. Going

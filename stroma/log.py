@@ -95,6 +95,8 @@ __all__ = (
     "encode_partial",
     "encode_record",
     "is_attempt",
+    "record_effect",
+    "record_event",
     "returned_atoms",
     "trace_of",
     "unwritable",
@@ -219,6 +221,9 @@ _CLASSES["SaveCheckpoint"] = SavedCheckpoint
 _CLASSES["CheckpointSaved"] = None  # a format 1 answer: nothing to decode it into
 _CHILD_EFFECTS = frozenset({"CallNode", "RunPlan"})
 _OUTCOME_EVENTS = frozenset({"NodeReturned", "NodeRaised", "NodeCancelled", "PlanFinished"})
+# How many atoms each effect has (its name and its fields): where its event's begin in a
+# record (see record_effect).
+_EFFECT_LEN: dict[str, int] = {name: 1 + len(_SPEC[name]) for name in _EFFECTS}
 # Where a class's fields are in its atoms (1-based: item 0 is the class name).
 _POS: dict[str, dict[str, int]] = {
     name: {f: k + 1 for k, (f, _) in enumerate(spec)} for name, spec in _SPEC.items()
@@ -290,13 +295,32 @@ def _atom(kind: str, value: Any) -> Any:
 
 
 def _record_atoms(record: Any) -> Any:
-    """A record (decoded, or already atoms) as atoms."""
+    """A record (decoded, its atoms as a pair, or already one flat tuple) as one flat
+    tuple of atoms: its effect's, then its event's (see ``record_effect``)."""
     if isinstance(record, ResumeMarker):
         return record
-    eff, ev = record
-    if type(eff) is tuple:
+    if type(record[0]) is str:
         return record
-    return (encode_effect(eff), None if ev is None else encode_event(ev))
+    eff, ev = record
+    if type(eff) is not tuple:
+        eff, ev = encode_effect(eff), None if ev is None else encode_event(ev)
+    return eff if ev is None else eff + ev
+
+
+def record_effect(item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A record's effect atoms. A record is one flat tuple: the effect's atoms (a fixed
+    number for each kind of effect), then its event's, if it has one. One tuple, not a
+    pair of them: the garbage collector untracks a tuple once the tuples in it are
+    untracked, and it looks at a young tuple before the tuples only that one refers to,
+    so a pair level kept most records tracked into the old generation, where a long
+    run's log made full collections come and walk it."""
+    return item[:_EFFECT_LEN[item[0]]]
+
+
+def record_event(item: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A record's event atoms, None for an effect that has no answer."""
+    k = _EFFECT_LEN[item[0]]
+    return item[k:] if len(item) > k else None
 
 
 def _generic_atoms(obj: Any) -> tuple[Any, ...]:
@@ -527,18 +551,16 @@ def decode_event(atoms: tuple[Any, ...] | None) -> Any:
 def _decode_item(item: Any) -> Record:
     if type(item) is ResumeMarker:
         return item
-    eff, ev = item[0], item[1]
-    return decode_effect(eff), decode_event(ev)
+    return decode_effect(record_effect(item)), decode_event(record_event(item))
 
 
 def trace_of(item: Any) -> TraceEvent:
     """The trace event of a record's atoms (a Commit or a RecordAttempt)."""
-    eff = item[0]
-    if eff[0] == "Commit":
-        _, node_id, run_id, attempt, at, inp, out, ms, _, coords = eff
+    if item[0] == "Commit":
+        _, node_id, run_id, attempt, at, inp, out, ms, _, coords = item[:10]
         return TraceEvent(node_id, run_id, attempt, at, _parse_json(inp), _parse_json(out), ms,
                           coords=coords)
-    _, node_id, run_id, attempt, at, inp, out, ms, failure, message, coords = eff
+    _, node_id, run_id, attempt, at, inp, out, ms, failure, message, coords = item[:11]
     return TraceEvent(
         node_id, run_id, attempt, at, _parse_json(inp),
         None if out is None else _parse_json(out), ms,
@@ -548,11 +570,12 @@ def trace_of(item: Any) -> TraceEvent:
 
 def is_attempt(item: Any) -> bool:
     """Whether a record's atoms are an attempt's account (a Commit or a RecordAttempt)."""
-    return type(item) is not ResumeMarker and item[0][0] in ("Commit", "RecordAttempt")
+    return type(item) is not ResumeMarker and item[0] in ("Commit", "RecordAttempt")
 
 
 class RecordList(MutableSequence[Record]):
-    """A log's records, in order: atoms in ``items``, read as decoded records.
+    """A log's records, in order: atoms in ``items`` (each record one flat tuple, its
+    effect's atoms then its event's: see ``record_effect``), read as decoded records.
 
     To everyone reading, this is a list of ``(effect, event)`` pairs and
     ``ResumeMarker``s. Interpreters append atoms (``append_atoms``); ``append`` takes a
@@ -582,7 +605,7 @@ class RecordList(MutableSequence[Record]):
             self.items.append(_record_atoms(record))
 
     def append_atoms(self, effect: tuple[Any, ...], event: tuple[Any, ...] | None) -> None:
-        self.items.append((effect, event))
+        self.items.append(effect if event is None else effect + event)
 
     def _find_markers(self) -> None:
         self.markers = [k for k, x in enumerate(self.items) if type(x) is ResumeMarker]
@@ -703,7 +726,10 @@ def _json_pair(item: Any) -> str:
     """A record inside a sub-plan's log: ``[effect, event]`` with groups inline."""
     if type(item) is ResumeMarker:
         return _dumps({"resumed": item.at})
-    return "[" + _json_atoms(item[0]) + "," + _json_atoms(item[1]) + "]"
+    if type(item[0]) is not str:
+        item = _record_atoms(item)
+    return ("[" + _json_atoms(record_effect(item)) + "," + _json_atoms(record_event(item))
+            + "]")
 
 
 def encode_header(header: LogHeader) -> str:
@@ -736,9 +762,9 @@ def encode_record(index: int, item: Any) -> list[str]:
         if item.restart is not None:
             obj["restart"] = item.restart
         return [json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=repr)]
-    if type(item[0]) is not tuple:
+    if type(item[0]) is not str:
         item = _record_atoms(item)
-    eff, ev = item[0], item[1]
+    eff, ev = record_effect(item), record_event(item)
     prefix = f'{{"i":{index},"effect":'
     if eff[0] == "CallParallel":
         calls = eff[_POS["CallParallel"]["calls"]]
@@ -964,7 +990,7 @@ def _read_pair(value: Any, path: Any, run_id: str) -> Any:
         raise _Bad(path, f"expected a record [effect, event], found {_shown(value)}")
     eff = _read_obj(value[0], f"{path}[0]", run_id, _EFFECTS)
     ev = None if value[1] is None else _read_obj(value[1], f"{path}[1]", run_id, _EVENTS)
-    return (eff, ev)
+    return eff if ev is None else eff + ev
 
 
 def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tuple[Any, ...]:
@@ -1163,25 +1189,24 @@ def _upgrade_v1(items: list[Any]) -> None:
         if type(item) is ResumeMarker:
             k += 1
             continue
-        eff, ev = item
+        eff, ev = record_effect(item), record_event(item)
         if eff[0] == "RecordAttempt" and eff[8] is None and eff[6] is not None:
             nxt = items[k + 1] if k + 1 < len(items) else None
             if nxt is None:
                 del items[k:]
                 return
-            if type(nxt) is not ResumeMarker and nxt[0][0] == "SaveCheckpoint" \
-                    and nxt[0][1] == eff[1]:
+            if type(nxt) is not ResumeMarker and nxt[0] == "SaveCheckpoint" \
+                    and nxt[1] == eff[1]:
                 _, node_id, run_id, attempt, at, inp, out, ms, _, _, _ = eff
                 # (no schema: format 1 named derived schemas by a counter of the process)
-                items[k] = (("Commit", node_id, run_id, attempt, at, inp, out, ms, None, ()),
-                            None)
+                items[k] = ("Commit", node_id, run_id, attempt, at, inp, out, ms, None, ())
         elif eff[0] == "CallParallel":
             calls = eff[3]
             if not eff[7]:
                 eff = (*eff[:7], tuple(range(len(calls))))
             if ev is not None and ev[0] == "ParallelReturned":
                 ev = (*ev[:3], tuple(_upgrade_outcome(o) for o in ev[3]), ev[4])
-            items[k] = (eff, ev)
+            items[k] = eff if ev is None else eff + ev
         k += 1
 
 
@@ -1244,8 +1269,8 @@ class EffectLog:
     def finish(self) -> fx.Finish | None:
         """The Finish record of a run that ended, else None (a run cut short)."""
         items = self.records.items
-        if items and type(items[-1]) is not ResumeMarker and items[-1][0][0] == "Finish":
-            finish: fx.Finish = decode_effect(items[-1][0])
+        if items and type(items[-1]) is not ResumeMarker and items[-1][0] == "Finish":
+            finish: fx.Finish = decode_effect(record_effect(items[-1]))
             return finish
         return None
 
@@ -1258,8 +1283,8 @@ class EffectLog:
 
     def completed_nodes(self) -> list[str]:
         """Ids of the steps whose checkpoint was committed, in order."""
-        return [x[0][1] for x in self.records.items
-                if type(x) is not ResumeMarker and x[0][0] == "Commit"]
+        return [x[1] for x in self.records.items
+                if type(x) is not ResumeMarker and x[0] == "Commit"]
 
     # -- text
 
@@ -1389,12 +1414,12 @@ class EffectLog:
                             raise _Bad("event", "a group's answer must be a ParallelReturned "
                                                 "with an outcome per child")
                         event = (*event[:3], tuple(outcomes), *event[4:])
-                    items.append((effect, event))
+                    items.append(effect if event is None else effect + event)
                     if v1:
                         records.texts[index] = used
                     line_no = j
                     continue
-                items.append((effect, event))
+                items.append(effect if event is None else effect + event)
                 if v1:
                     records.texts[index] = used
             except _Bad as bad:

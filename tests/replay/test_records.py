@@ -157,9 +157,9 @@ async def test_a_tampered_record_is_named_by_its_index() -> None:
     """A record changed in the log is reported at its exact index, with the field."""
     result = await interpret(chain(20), Num(value=0))
     items = result.log.records.items
-    call, answer = items[14]  # node n7's call
-    assert call[:3] == ("CallNode", "n7", 1)
-    items[14] = ((*call[:2], 2, *call[3:]), answer)  # attempt 2, where the machine makes 1
+    record = items[14]  # node n7's call, with its answer (one flat tuple of atoms)
+    assert record[:3] == ("CallNode", "n7", 1)
+    items[14] = (*record[:2], 2, *record[3:])  # attempt 2, where the machine makes 1
     with pytest.raises(NondeterminismError) as caught:
         await replay(chain(20), result.log)
     assert caught.value.index == 14
@@ -226,6 +226,39 @@ async def test_a_long_run_keeps_no_tracked_object_per_node() -> None:
     kept = len(gc.get_objects()) - before
     assert result.status is RunStatus.COMPLETED and len(result.log.records) == 2 * n + 1
     assert kept / n < 0.5, f"{kept / n:.2f} tracked objects kept per node"
+
+
+@pytest.mark.anyio
+async def test_each_record_is_one_flat_tuple_of_atoms() -> None:
+    """A record is one tuple: its effect's atoms (the effect's name first, a fixed count
+    of them), then its event's; atoms are strings, numbers, times, JSON bytes and tuples
+    of atoms, nothing live (no model, no exception): one tuple the collector soon stops
+    tracking, not a pair of tuples that stays tracked while its parts are. A loop's
+    records (with their coordinates) read back as the decoded records."""
+    from datetime import datetime
+
+    from stroma import loop
+    from stroma.log import decode_effect, decode_event, record_effect, record_event
+
+    def atoms_only(value: Any) -> bool:
+        if type(value) is tuple:
+            return all(atoms_only(v) for v in value)
+        return value is None or type(value) in (str, int, float, bool, bytes, datetime)
+
+    plan = compile_plan([loop(chain(2), until=lambda s: s.value >= 6, max_iterations=5,
+                              name="L")])
+    result = await interpret(plan, Num(value=0))
+    assert result.status is RunStatus.COMPLETED
+    items = result.log.records.items
+    assert {type(item[0]) for item in items} == {str}
+    assert all(atoms_only(item) for item in items)
+    for item, (effect, event) in zip(items, result.log.records, strict=True):
+        assert decode_effect(record_effect(item)) == effect
+        answer = record_event(item)
+        assert (None if answer is None else decode_event(answer)) == event
+        assert item == record_effect(item) + (answer or ())
+    commits = [item for item in items if item[0] == "Commit"]
+    assert [c[9] for c in commits][:3] == [(("loop", "L", 1),)] * 2 + [(("loop", "L", 2),)]
 
 
 class Reading(BaseModel):
