@@ -841,18 +841,10 @@ def _read_str(value: Any, path: Any, run_id: str) -> Any:
     return value
 
 
-def _read_opt_str(value: Any, path: Any, run_id: str) -> Any:
-    return None if value is None else _read_str(value, path, run_id)
-
-
 def _read_int(value: Any, path: Any, run_id: str) -> Any:
     if type(value) is not int or value < 0:
         raise _Bad(path, f"expected a non-negative integer, found {_shown(value)}")
     return value
-
-
-def _read_opt_int(value: Any, path: Any, run_id: str) -> Any:
-    return None if value is None else _read_int(value, path, run_id)
 
 
 def _read_float(value: Any, path: Any, run_id: str) -> Any:
@@ -871,18 +863,10 @@ def _read_dt(value: Any, path: Any, run_id: str) -> Any:
     return _read_datetime(value, path)
 
 
-def _read_opt_dt(value: Any, path: Any, run_id: str) -> Any:
-    return None if value is None else _read_datetime(value, path)
-
-
 def _read_state(value: Any, path: Any, run_id: str) -> Any:
     if type(value) is not dict and not isinstance(value, dict):
         raise _Bad(path, f"expected a state (a JSON object), found {_shown(value)}")
     return _json_text(value)
-
-
-def _read_opt_state(value: Any, path: Any, run_id: str) -> Any:
-    return None if value is None else _read_state(value, path, run_id)
 
 
 def _read_output(value: Any, path: Any, run_id: str) -> Any:
@@ -901,19 +885,11 @@ def _read_error(value: Any, path: Any, run_id: str) -> Any:
                                                  (_path(path), "message"), run_id))
 
 
-def _read_opt_error(value: Any, path: Any, run_id: str) -> Any:
-    return None if value is None else _read_error(value, path, run_id)
-
-
 def _read_class(value: Any, path: Any, run_id: str) -> Any:
     if value not in FailureClass.__members__:
         raise _Bad(path, f"expected a failure class ({', '.join(FailureClass)}), found "
                          f"{_shown(value)}")
     return value
-
-
-def _read_opt_class(value: Any, path: Any, run_id: str) -> Any:
-    return None if value is None else _read_class(value, path, run_id)
 
 
 def _read_status(value: Any, path: Any, run_id: str) -> Any:
@@ -966,12 +942,22 @@ def _read_records(value: Any, path: Any, run_id: str) -> Any:
     return tuple(_read_pair(v, f"{_path(path)}[{k}]", run_id) for k, v in enumerate(value))
 
 
+def _optional(read: Callable[[Any, Any, str], Any]) -> Callable[[Any, Any, str], Any]:
+    """The reader of a field that may also be null: None, else what ``read`` reads."""
+
+    def read_optional(value: Any, path: Any, run_id: str) -> Any:
+        return None if value is None else read(value, path, run_id)
+
+    return read_optional
+
+
 # How each kind of field is read from a line: one function per kind.
 _READERS: dict[str, Callable[[Any, Any, str], Any]] = {
-    _S: _read_str, _OS: _read_opt_str, _I: _read_int, _OI: _read_opt_int,
-    _F: _read_float, _B: _read_bool, _DT: _read_dt, _ODT: _read_opt_dt,
-    _ST: _read_state, _OST: _read_opt_state, _OUTPUT: _read_output,
-    _ER: _read_error, _OER: _read_opt_error, _CL: _read_class, _OCL: _read_opt_class,
+    _S: _read_str, _OS: _optional(_read_str), _I: _read_int, _OI: _optional(_read_int),
+    _F: _read_float, _B: _read_bool, _DT: _read_dt, _ODT: _optional(_read_dt),
+    _ST: _read_state, _OST: _optional(_read_state), _OUTPUT: _read_output,
+    _ER: _read_error, _OER: _optional(_read_error), _CL: _read_class,
+    _OCL: _optional(_read_class),
     _STATUS: _read_status, _INTS: _read_ints, _ANSWERS: _read_answers,
     _COORDS: _read_coords, _CALLS: _read_calls, _OUTCOMES: _read_outcomes,
     _RECORDS: _read_records,
