@@ -49,7 +49,10 @@ from tests.faults.damaged import (
 pytestmark = pytest.mark.anyio
 
 NAMES = sorted(SPECS)
-FUZZ = settings(max_examples=300, deadline=None,
+# No example database: the corpus is recorded afresh in each session (its times and
+# durations, so its lines' lengths, differ), and an example saved from another session's
+# corpus draws differently (hypothesis then fails it as a flaky strategy).
+FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 
