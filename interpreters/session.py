@@ -120,23 +120,34 @@ def _machine_config(header: LogHeader, data: dict[str, Any], seed: int, at: str,
     return config
 
 
+def _last_restart(log: EffectLog) -> tuple[int, ResumeMarker] | None:
+    """The log's latest ``resume_from`` restart record and its index, if it has one (the
+    session the run is in began there; else at the header)."""
+    records = log.records
+    for k in reversed(records.markers):
+        marker = records.items[k]
+        if isinstance(marker, ResumeMarker) and marker.restart is not None:
+            return k, marker
+    return None
+
+
 def _last_session(
     plan: Plan, log: EffectLog, source: str
 ) -> tuple[Any, list[Any], int]:
     """Where replaying a log starts: the machine's first state and effects for the log's
     last session (the run, or its latest ``resume_from`` restart), and the index of the
     session's first record."""
-    records = log.records
-    for k in reversed(records.markers):
-        marker = records.items[k]
-        if isinstance(marker, ResumeMarker) and marker.restart is not None:
-            data = marker.restart
-            seed = data.get("seed", log.header.seed)
-            if type(seed) is not int:
-                raise LogCorrupted(source, f"record {k}: the restart's seed is {seed!r}")
-            cfg = _machine_config(log.header, data, seed, marker.at, source)
-            state, effects = start(plan, initial_from(plan, data, source), cfg)
-            return state, effects, k + 1
+    restart = _last_restart(log)
+    if restart is not None:
+        k, marker = restart
+        data = marker.restart
+        assert data is not None
+        seed = data.get("seed", log.header.seed)
+        if type(seed) is not int:
+            raise LogCorrupted(source, f"record {k}: the restart's seed is {seed!r}")
+        cfg = _machine_config(log.header, data, seed, marker.at, source)
+        state, effects = start(plan, initial_from(plan, data, source), cfg)
+        return state, effects, k + 1
     cfg = _machine_config(log.header, log.header.config, log.header.seed,
                           log.header.started_at, source)
     state, effects = start(plan, initial_from(plan, log.header.config, source), cfg)
@@ -146,13 +157,11 @@ def _last_session(
 def _recorded_plan(log: EffectLog) -> str | None:
     """The fingerprint of the plan that recorded the log's last session (None for a restart
     record written before restarts kept it)."""
-    records = log.records
-    for k in reversed(records.markers):
-        marker = records.items[k]
-        if isinstance(marker, ResumeMarker) and marker.restart is not None:
-            plan = marker.restart.get("plan")
-            return plan if isinstance(plan, str) else None
-    return log.header.plan
+    restart = _last_restart(log)
+    if restart is None:
+        return log.header.plan
+    plan = (restart[1].restart or {}).get("plan")
+    return plan if isinstance(plan, str) else None
 
 
 def _check_plan(plan: Plan, log: EffectLog, what: str) -> None:
@@ -337,11 +346,8 @@ def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) 
     """A run id named again with another initial state than its log recorded: the run
     goes on from (or returns) what its log holds, so say that the state given is not
     used (the same run id is the way to resume; a new run needs a new id)."""
-    config = log.header.config
-    for record in reversed(log.records):
-        if type(record) is ResumeMarker and record.restart is not None:
-            config = record.restart  # (a later session started over: its state counts)
-            break
+    restart = _last_restart(log)  # (a later session started over: its state counts)
+    config = log.header.config if restart is None else restart[1].restart or {}
     recorded = (config.get("initial") or {}).get("state")
     if not isinstance(recorded, dict):
         return

@@ -37,7 +37,9 @@ def pending_wait(log: EffectLog) -> list[fx.AwaitInput]:
     if finish is None or finish.status is not RunStatus.WAITING:
         return []
     waits: list[fx.AwaitInput] = []
-    for record in reversed(list(log.records)):
+    records = log.records
+    for k in range(len(records) - 1, -1, -1):  # (decoding only the records walked)
+        record = records[k]
         if isinstance(record, ResumeMarker):
             break
         effect, event = record
