@@ -10,7 +10,6 @@ happened. Each effect type is performed by one entry of ``LivePerformer.table``.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import functools
 import inspect
@@ -560,11 +559,14 @@ class HookGuard:
 
 def _backend_clock() -> Callable[[], float]:
     """The running backend's clock, as ``anyio.current_time`` reads it (which looks the
-    backend up on every call)."""
-    try:
-        return asyncio.get_running_loop().time  # (what anyio's asyncio backend reads)
-    except RuntimeError:  # not on asyncio
-        pass
+    backend up on every call). A backend that runs has been imported by anyio, so its
+    module is looked up, not imported: ``import stroma`` does not load asyncio."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        try:
+            return asyncio.get_running_loop().time  # (what anyio's asyncio backend reads)
+        except RuntimeError:  # not on asyncio
+            pass
     trio = sys.modules.get("trio")
     if trio is not None:
         try:

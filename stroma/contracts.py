@@ -32,7 +32,7 @@ _MAX_LISTED_ERRORS = 5
 class NodeContract(BaseModel):
     """The input and output schemas of one node."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, defer_build=True)
 
     node_id: str
     input_schema: type[BaseModel]

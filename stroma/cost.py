@@ -58,7 +58,7 @@ _DIMENSIONS = ("tokens", "cost", "latency")
 class ExecutionBudget(BaseModel):
     """Limits on a run's cumulative totals; None means no limit on that dimension."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     max_tokens_total: int | None = Field(default=None, ge=0)
     max_cost_usd: float | None = Field(default=None, ge=0.0)

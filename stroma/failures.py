@@ -53,7 +53,7 @@ class FailureClass(StrEnum):
 class FailurePolicy(BaseModel):
     """How often to retry a failure class, and the backoff ceiling before each retry."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     max_retries: int = Field(default=3, ge=0)
     backoff_seconds: float = Field(default=1.0, ge=0.0)

@@ -171,7 +171,7 @@ class UnvalidatedOutput(BaseModel):
     model of the type it returned, or of its input's type when the output fits it, and
     this model otherwise."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     @model_validator(mode="before")
     @classmethod

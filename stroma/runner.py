@@ -7,7 +7,6 @@ or a Plan) is compiled to an immutable plan, the run's settings become a
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import math
@@ -64,6 +63,14 @@ __all__ = (
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _close_matches(word: str, possibilities: list[str], n: int) -> list[str]:
+    """``difflib.get_close_matches``, imported when a misspelt name is to be explained
+    (difflib is not worth its import time on every ``import stroma``)."""
+    import difflib
+
+    return difflib.get_close_matches(word, possibilities, n=n)
+
+
 def _is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004
@@ -116,7 +123,9 @@ StepHooks = NodeHooks
 class RunConfig(BaseModel):
     """Everything about one run except the pipeline and its input."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, validate_assignment=False)
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True, validate_assignment=False, defer_build=True
+    )
 
     run_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     budget: ExecutionBudget | None = None
@@ -143,7 +152,7 @@ class RunConfig(BaseModel):
             unknown = [k for k in data if k not in cls.model_fields]
             if unknown:
                 name = str(unknown[0])
-                close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+                close = _close_matches(name, list(cls.model_fields), n=1)
                 fix = f"did you mean {close[0]!r}?" if close else "remove it"
                 raise TypeError(
                     f"RunConfig got an unknown field {name!r} ({fix}); its fields are "
@@ -361,7 +370,7 @@ def _check_inputs(inputs: Mapping[str, Any], plan: Plan) -> None:
         if not isinstance(key, str) or key.split("@", 1)[0] not in names:
             there = (f"its waits are {', '.join(map(repr, names))}" if names
                      else "it has no await_input step")
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = _close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InputRefused(
                 f"interpret(inputs=...): {key!r} is not the name of a wait in this plan; "
