@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-import attrs
 from pydantic import BaseModel
 
 from interpreters.live import HookTimedOut
@@ -340,8 +339,8 @@ def _unwritable_children(
             near[k] = outcome._replace(output=value)
     if not changed:
         return None
-    return (attrs.evolve(event, outcomes=tuple(marked)),
-            None if near is None else attrs.evolve(event, outcomes=tuple(near)))
+    return (event._replace(outcomes=tuple(marked)),
+            None if near is None else event._replace(outcomes=tuple(near)))
 
 
 def resume_marker(records: RecordList, at: datetime) -> ResumeMarker:

@@ -14,9 +14,7 @@ recorded, for the live loop to perform after a ``Resumed``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 from stroma import effects as fx
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
@@ -31,14 +29,15 @@ from stroma.log import (
 )
 from stroma.machine import RunState, UnexpectedEvent, advance, start
 from stroma.trace import RunStatus
+from stroma.values import named_value
 
 __all__ = ("Replayed", "damaged", "describe", "replay_records")
 
 _OWN = (fx.Commit, fx.RecordAttempt)  # the machine's own records: no answer to feed back
 
 
-@attrs.frozen
-class Replayed:
+@named_value()
+class Replayed(NamedTuple):
     """Where a replay stopped: the machine's state, the effects of its last step that the
     log did not record (``pending``, empty after a Finish), how many records were read,
     and the Finish (None when the records ran out first)."""
@@ -66,9 +65,7 @@ def _difference(recorded: Any, new: Any) -> str:
     if type(recorded) is not type(new):
         return f"a {type(new).__name__} where the log has a {type(recorded).__name__}"
     parts = []
-    names = getattr(type(new), "_fields", None) or [
-        f.name for f in attrs.fields(type(new)) if f.eq
-    ]
+    names = getattr(type(new), "_compared", None) or type(new)._fields
     for name in names:
         if name in _LIVE:  # (live values, never compared)
             continue
@@ -201,7 +198,7 @@ def replay_records(
                     state, work = advance(state, fx.Resumed(marker.at, ()))
                     k = 0
                     continue
-                return Replayed(state, (), i, attrs.evolve(eff, status=status))
+                return Replayed(state, (), i, eff._replace(status=status))
             answer = record_event(item)
             if answer is None:
                 # stroma records an effect only with its answer (a crash loses the whole

@@ -1,7 +1,8 @@
 """Effects (what the machine asks for) and events (what the world answered).
 
-All of them are frozen, slotted attrs values compared by value, so a replayed effect can
-be checked against the recorded one with ``==``. Effects are commands, events are
+All of them are named tuples (immutable, and the cheapest values to make) compared by
+value and by kind, so a replayed effect can be checked against the recorded one with
+``==`` (and never equals a plain tuple or a value of another kind). Effects are commands, events are
 past-tense facts; each effect that reaches the world is answered by exactly one event:
 
 =================  ===========================================================
@@ -30,7 +31,7 @@ States travel as their JSON text (``bytes``, as ``stroma.schemas.state_json`` ma
 it is what a checkpoint stores and what the log keeps, and a value the garbage collector
 never has to walk. Fields marked ``eq=False`` carry live objects (validated models, the
 exception) that an interpreter needs but a log does not hold; they never take part in
-comparisons.
+comparisons (``stroma.values.named_value`` makes them so).
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import json
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import attrs
 from pydantic import BaseModel
 
 from stroma import errors
 from stroma.failures import FailureClass
 from stroma.trace import RunStatus, TraceEvent
+from stroma.values import named_value
 
 __all__ = (
     "AwaitInput",
@@ -101,13 +102,13 @@ def _same_state(a: Any, b: Any) -> bool:
     return bool(as_json_value(a) == as_json_value(b))
 
 
-@attrs.frozen
-class ErrorInfo:
+@named_value(live=("exc",), unshown=("exc",))
+class ErrorInfo(NamedTuple):
     """An exception as data: its type's MRO names (for classification) and message."""
 
     type_names: tuple[str, ...]
     message: str
-    exc: BaseException | None = attrs.field(default=None, eq=False, repr=False)
+    exc: BaseException | None = None
 
     @property
     def type_name(self) -> str:
@@ -182,8 +183,8 @@ class CallNode(NamedTuple):
                 f"timeout_ms={self.timeout_ms!r}, model={self.model!r}{where})")
 
 
-@attrs.frozen
-class CallParallel:
+@named_value(live=("group",), unshown=("group",))
+class CallParallel(NamedTuple):
     """Run a group's children concurrently on their inputs.
 
     ``calls`` are the children still to run (a retry or a resume of the group leaves out
@@ -200,34 +201,37 @@ class CallParallel:
     timeout_ms: int | None = None
     kind: str = "parallel"  # or "map": one call per item of a list field
     indices: tuple[int, ...] = ()
-    group: Any = attrs.field(default=None, eq=False, repr=False)  # the group's step
+    group: Any = None  # the group's step
 
 
-@attrs.frozen
-class RunPlan:
+_RUN_PLAN_LIVE = ("plan", "input", "config", "records")  # (the child's live values)
+
+
+@named_value(live=_RUN_PLAN_LIVE, unshown=_RUN_PLAN_LIVE)
+class RunPlan(NamedTuple):
     """Run a whole sub-plan (a fan-out child that is more than one node) to its end."""
 
     child_id: str
     attempt: int
     plan_fingerprint: str
-    plan: Any = attrs.field(default=None, eq=False, repr=False)
-    input: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
-    config: Any = attrs.field(default=None, eq=False, repr=False)
+    plan: Any = None
+    input: BaseModel | None = None
+    config: Any = None
     # The child's records from an earlier, unfinished try (a group retried or resumed): the
     # child goes on from them instead of starting again.
-    records: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
+    records: tuple[Any, ...] = ()
 
 
-@attrs.frozen
-class ChooseBranch:
+@named_value(live=("state",), unshown=("state",))
+class ChooseBranch(NamedTuple):
     """Ask a branch's predicate which arm to take, given the current state."""
 
     step_id: str
-    state: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
+    state: BaseModel | None = None
 
 
-@attrs.frozen
-class ClassifyFailure:
+@named_value()
+class ClassifyFailure(NamedTuple):
     """Run the user's classifiers on a failed attempt, in order, until one answers."""
 
     node_id: str
@@ -263,8 +267,8 @@ class FireHook(NamedTuple):
         return hash((self[:3], self[4:]))
 
 
-@attrs.frozen
-class Sleep:
+@named_value()
+class Sleep(NamedTuple):
     """Back off before a retry."""
 
     seconds: float
@@ -330,8 +334,8 @@ class Commit(NamedTuple):
         )
 
 
-@attrs.frozen(eq=False)
-class RecordAttempt:
+@named_value(eq=False, unshown=("input_state", "output_state"))
+class RecordAttempt(NamedTuple):
     """The machine's account of an attempt that did not succeed (failed, cancelled, or
     not started because a budget was spent); the trace is made of these and Commits.
 
@@ -342,16 +346,16 @@ class RecordAttempt:
     run_id: str
     attempt: int
     timestamp_utc: datetime
-    input_state: Any = attrs.field(repr=False)
-    output_state: Any = attrs.field(repr=False)
+    input_state: Any
+    output_state: Any
     duration_ms: int
     failure: FailureClass | None = None
     failure_message: str | None = None
     coords: tuple[tuple[str, str, int], ...] = ()
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not RecordAttempt:
-            return NotImplemented
+        if type(other) is not RecordAttempt:
+            return False
         assert isinstance(other, RecordAttempt)
         return (
             self.coords == other.coords
@@ -367,10 +371,10 @@ class RecordAttempt:
         )
 
     def __ne__(self, other: object) -> bool:
-        eq = self.__eq__(other)
-        return eq if eq is NotImplemented else not eq
+        return not self.__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]  # states may be unhashable dicts
+    def __hash__(self) -> int:  # (states may be dicts: a record is not hashed)
+        raise TypeError("unhashable type: 'RecordAttempt'")
 
     @classmethod
     def of(cls, event: TraceEvent) -> RecordAttempt:
@@ -391,16 +395,16 @@ class RecordAttempt:
         )
 
 
-@attrs.frozen
-class ChooseRoute:
+@named_value(live=("state",), unshown=("state",))
+class ChooseRoute(NamedTuple):
     """Ask a route's selector which route to take, given the current state."""
 
     step_id: str
-    state: BaseModel | None = attrs.field(default=None, eq=False, repr=False)
+    state: BaseModel | None = None
 
 
-@attrs.frozen
-class AwaitInput:
+@named_value(live=("schema",), unshown=("json_schema",))
+class AwaitInput(NamedTuple):
     """Look for the input an ``await_input`` step waits for (sent with ``send_input``, or
     given to ``interpret``). ``key`` is where it is looked up (the name, with the
     coordinates of a wait inside a loop or map); ``schema`` its schema reference and
@@ -413,27 +417,27 @@ class AwaitInput:
     attempt: int
     # Left out of comparisons, like a Commit's: it names the class by its module, which
     # is ``__main__`` in a run started as a script (the plan's fingerprint covers it).
-    schema: str = attrs.field(eq=False)
+    schema: str
     digest: str
     timeout_ms: int | None = None
-    json_schema: str = attrs.field(default="", repr=False)
+    json_schema: str = ""
     coords: tuple[tuple[str, str, int], ...] = ()
 
 
-@attrs.frozen
-class LoadCheckpoint:
+@named_value(live=("schema",), unshown=("schema",))
+class LoadCheckpoint(NamedTuple):
     """Load the checkpoint a resumed run starts from."""
 
     node_id: str
-    schema: type[BaseModel] | None = attrs.field(default=None, eq=False, repr=False)
+    schema: type[BaseModel] | None = None
 
 
-@attrs.frozen
-class Finish:
+@named_value(live=("final_state",), unshown=("final_state",))
+class Finish(NamedTuple):
     """The run is over."""
 
     status: RunStatus
-    final_state: BaseModel = attrs.field(eq=False, repr=False)
+    final_state: BaseModel
     total_tokens: int
     total_cost_usd: float
     total_latency_ms: int
@@ -482,8 +486,8 @@ class NodeReturned(NamedTuple):
         return hash(self[1:])
 
 
-@attrs.frozen
-class NodeRaised:
+@named_value()
+class NodeRaised(NamedTuple):
     """A node raised (a timeout is a raise of TimeoutError)."""
 
     error: ErrorInfo
@@ -491,37 +495,37 @@ class NodeRaised:
     duration_ms: int
 
 
-@attrs.frozen
-class NodeCancelled:
+@named_value(live=("records",), unshown=("records",))
+class NodeCancelled(NamedTuple):
     """A group's child was cancelled (a sibling failed, or the group's deadline passed)
     before it finished. ``records``: a sub-plan child's log up to then, so that a retry
     of the group goes on from there instead of starting the child again."""
 
     started_at: datetime
     duration_ms: int
-    records: Any = attrs.field(default=(), eq=False, repr=False)
+    records: Any = ()
 
 
-@attrs.frozen
-class PlanFinished:
+@named_value(live=("output", "records"), unshown=("records",))
+class PlanFinished(NamedTuple):
     """A sub-plan ran to its end: its status, output and totals, and its own log records
     (a ``stroma.log.RecordList``: read as decoded records).
 
     ``output`` is the JSON value of the fields its steps set (what it returned)."""
 
     status: RunStatus
-    output: Any = attrs.field(eq=False)
+    output: Any
     total_tokens: int = 0
     total_cost_usd: float = 0.0
     total_latency_ms: int = 0
     reason: str | None = None
     started_at: datetime | None = None
     duration_ms: int = 0
-    records: Any = attrs.field(default=(), eq=False, repr=False)
+    records: Any = ()
 
 
-@attrs.frozen
-class ParallelReturned:
+@named_value()
+class ParallelReturned(NamedTuple):
     """Every child of a CallParallel has an outcome, in ``calls`` order;
     ``deadline_passed`` says the group's timeout expired before they all finished."""
 
@@ -531,16 +535,16 @@ class ParallelReturned:
     deadline_passed: bool = False
 
 
-@attrs.frozen
-class BranchChosen:
+@named_value()
+class BranchChosen(NamedTuple):
     """The predicate's answer (``error`` set when it raised)."""
 
     taken: bool
     error: ErrorInfo | None = None
 
 
-@attrs.frozen
-class RouteChosen:
+@named_value()
+class RouteChosen(NamedTuple):
     """The selector's answer: the route's key (``error`` set when the selector raised or
     gave something that is not a string)."""
 
@@ -548,23 +552,33 @@ class RouteChosen:
     error: ErrorInfo | None = None
 
 
-@attrs.frozen
-class InputReceived:
+@named_value(eq=False)
+class InputReceived(NamedTuple):
     """The input a wait looked for is there: its payload (a JSON value), received ``at``."""
 
-    payload: Any = attrs.field(eq=attrs.cmp_using(eq=_same_state, require_same_type=False))
+    payload: Any
     at: datetime
 
+    def __eq__(self, other: object) -> bool:  # (the payload by its JSON value)
+        return (type(other) is InputReceived and self.at == other.at
+                and _same_state(self.payload, other.payload))
 
-@attrs.frozen
-class InputMissing:
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self.at)
+
+
+@named_value()
+class InputMissing(NamedTuple):
     """The input a wait looked for is not there yet (looked for ``at``)."""
 
     at: datetime
 
 
-@attrs.frozen
-class FailureClassified:
+@named_value()
+class FailureClassified(NamedTuple):
     """What the user's classifiers answered, in order, up to the first that answered.
 
     Each answer is a FailureClass, None (the classifier deferred) or a string saying why
@@ -583,29 +597,29 @@ class FailureClassified:
         return None
 
 
-@attrs.frozen
-class HookFired:
+@named_value()
+class HookFired(NamedTuple):
     """A hook ran; ``error`` is set when it raised or timed out (the run goes on)."""
 
     error: ErrorInfo | None = None
 
 
-@attrs.frozen
-class Slept:
+@named_value()
+class Slept(NamedTuple):
     seconds: float
 
 
-@attrs.frozen
-class CheckpointLoaded:
+@named_value(live=("state",), unshown=("state",))
+class CheckpointLoaded(NamedTuple):
     """The checkpoint a resumed run starts from (None: the store has none); replayed from
     a log, its JSON value."""
 
     node_id: str
-    state: Any = attrs.field(default=None, eq=False, repr=False)
+    state: Any = None
 
 
-@attrs.frozen
-class Resumed:
+@named_value(live=("pending",))
+class Resumed(NamedTuple):
     """The recorded part of a run ends here and the live part begins (``at``, ISO 8601).
 
     ``pending`` are the effects of the machine's last step that the log had not recorded:
@@ -614,7 +628,7 @@ class Resumed:
     """
 
     at: str
-    pending: tuple[Any, ...] = attrs.field(default=(), eq=False)
+    pending: tuple[Any, ...] = ()
 
 
 Event = (

@@ -68,7 +68,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from pydantic_core import from_json, to_json
@@ -77,6 +77,7 @@ from stroma import effects as fx
 from stroma.errors import LogCorrupted
 from stroma.failures import FailureClass
 from stroma.trace import ExecutionTrace, RunStatus, TraceEvent
+from stroma.values import named_value
 
 __all__ = (
     "FORMAT_VERSION",
@@ -117,8 +118,8 @@ class LogHeader:
     format: int = FORMAT_VERSION
 
 
-@attrs.frozen
-class ResumeMarker:
+@named_value(live=("restart",))
+class ResumeMarker(NamedTuple):
     """Where a crashed run was picked up again and went on live (a ``Resumed`` event).
 
     ``restart`` is set when the run was restarted with ``resume_from`` (API resume): it
@@ -126,11 +127,11 @@ class ResumeMarker:
     """
 
     at: str
-    restart: dict[str, Any] | None = attrs.field(default=None, eq=False)
+    restart: dict[str, Any] | None = None
 
 
-@attrs.frozen
-class SavedCheckpoint:
+@named_value()
+class SavedCheckpoint(NamedTuple):
     """A format 1 log's checkpoint record (its own record after the attempt's): in format
     2 the ``Commit`` before it covers it, and replay passes over it."""
 

@@ -107,6 +107,7 @@ from stroma.plan import (
 )
 from stroma.schemas import _schema_ref, serialization_problem, state_json
 from stroma.trace import RunStatus
+from stroma.values import named_value
 
 __all__ = (
     "DEFAULT_HOOK_TIMEOUT_MS",
@@ -328,16 +329,16 @@ class Attempt(NamedTuple):
     final: RunStatus | None = None  # a group child that ended the group: how it ended
 
 
-@attrs.frozen
-class GroupProgress:
+@named_value()
+class GroupProgress(NamedTuple):
     """What a group's earlier attempts achieved: outputs of the children that succeeded
     (by index) and the logs of sub-plan children that were cancelled midway."""
 
-    outputs: dict[int, Any] = attrs.field(factory=dict)
-    records: dict[int, tuple[tuple[Any, ...], MachineConfig]] = attrs.field(factory=dict)
+    outputs: dict[int, Any]
+    records: dict[int, tuple[tuple[Any, ...], MachineConfig]]
 
 
-_NO_PROGRESS = GroupProgress()
+_NO_PROGRESS = GroupProgress({}, {})
 # Named tuples (Attempt, CallNode, Commit) made without their Python-level __new__, with
 # every field given: what the hot path makes once per node.
 _tuple_new = tuple.__new__
@@ -837,7 +838,7 @@ def _begin_step(s: RunState) -> Out:
         if s.state is None:
             d["state"] = _model(s)
         built = _group_call(s, step, model)
-        if not isinstance(built, tuple):
+        if isinstance(built, ContractViolation | fx.ErrorInfo):
             return _input_broken(s, step, built)
         call, input_json = built
     d["current"] = _tuple_new(Attempt, (input_json, call, None, 0, 0, None, None, None))
@@ -1378,11 +1379,11 @@ def _on_resumed(s: RunState, ev: fx.Resumed) -> Out:
         t = type(eff)
         if t is fx.Finish:
             status = RunStatus.RESUMED if eff.status is RunStatus.COMPLETED else eff.status
-            eff = attrs.evolve(eff, status=status, final_state=_model(s))
+            eff = eff._replace(status=status, final_state=_model(s))
         elif t is fx.CallNode and eff.input is None:
             eff = eff._replace(input=s.state)
         elif t is fx.ChooseBranch and eff.state is None:
-            eff = attrs.evolve(eff, state=s.state)
+            eff = eff._replace(state=s.state)
         elif t is fx.Commit and eff.state is None:
             state = s.state if eff.output_state is s.state_json else (
                 s.plan.schema_for(eff.schema).model_validate_json(eff.output_state)

@@ -32,7 +32,7 @@ import inspect
 import json
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import attrs
 from pydantic import BaseModel, create_model
@@ -41,6 +41,7 @@ from stroma.contracts import ContractRegistry, NodeContract
 from stroma.errors import PlanError
 from stroma.failures import FailureClass, FailurePolicy
 from stroma.schemas import _schema_ref, declare_schemas
+from stroma.values import named_value
 
 __all__ = (
     "PlanLike",
@@ -87,12 +88,12 @@ STEP_ATTR = "__stroma_step__"
 PolicyTable = tuple[tuple[FailureClass, int, float], ...]
 
 
-@attrs.frozen
-class NodeMarker:
+@named_value(live=("contract",))
+class NodeMarker(NamedTuple):
     """What ``@runner.node`` / ``stroma_node`` attach to a node function."""
 
     node_id: str
-    contract: NodeContract | None = attrs.field(default=None, eq=False)
+    contract: NodeContract | None = None
 
 
 def node_marker(fn: object) -> NodeMarker | None:
@@ -646,8 +647,8 @@ class WaitStep:
 Step = NodeStep | ParallelStep | BranchStep | MapStep | LoopStep | RouteStep | WaitStep
 
 
-@attrs.frozen
-class Choose:
+@named_value()
+class Choose(NamedTuple):
     """Program instruction: ask the branch's predicate; on False jump to ``otherwise_pc``."""
 
     branch: BranchStep
@@ -658,16 +659,16 @@ class Choose:
         return self.branch.step_id
 
 
-@attrs.frozen
-class Jump:
+@named_value()
+class Jump(NamedTuple):
     """Program instruction: go on at ``target`` (the end of a branch's ``then`` arm)."""
 
     target: int
     step_id: str = ""
 
 
-@attrs.frozen
-class LoopStart:
+@named_value()
+class LoopStart(NamedTuple):
     """Program instruction: enter a loop (its iteration 1); ``end_pc`` is past its end."""
 
     loop: LoopStep
@@ -678,8 +679,8 @@ class LoopStart:
         return self.loop.step_id
 
 
-@attrs.frozen
-class LoopEnd:
+@named_value()
+class LoopEnd(NamedTuple):
     """Program instruction: an iteration ended: ask ``until``; go back to ``body_pc`` for
     the next iteration, or on past the loop."""
 
@@ -691,8 +692,8 @@ class LoopEnd:
         return self.loop.step_id
 
 
-@attrs.frozen
-class RouteTo:
+@named_value()
+class RouteTo(NamedTuple):
     """Program instruction: ask the route's selector and go on at the chosen route."""
 
     route: RouteStep
