@@ -29,7 +29,7 @@ from interpreters.loop import Recorder, result_of, resume_marker, run_live
 from interpreters.replay import Replayed, replay_records
 from stroma import effects as fx
 from stroma._version import __version__
-from stroma.errors import LogCorrupted, NondeterminismError, StromaError
+from stroma.errors import LogCorrupted, NondeterminismError, StromaError, StromaTypeError
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
@@ -298,7 +298,7 @@ async def _session(
             marker = resume_marker(existing.records, machine.started_at)
             state, effects = advance(done.state, fx.Resumed(marker.at, done.pending))
         elif initial_state is None:
-            raise TypeError(_no_initial_state(run_id, existing is None, plan))
+            raise StromaTypeError(_no_initial_state(run_id, existing is None, plan))
         elif existing is not None:
             # The API's resume_from on a run that has a log: a new session in the same log.
             state, effects = start(plan, initial_state, machine)

@@ -39,6 +39,7 @@ from interpreters.session import run_session
 from interpreters.stores.memory import InMemoryStore
 from stroma.checkpoint import CheckpointManager
 from stroma.contracts import ContractRegistry
+from stroma.errors import StromaTypeError, StromaValueError
 from stroma.plan import Plan, compile_plan
 from stroma.runner import RunConfig, _run_config_of, _traced, machine_config
 from stroma.schemas import declare_schemas
@@ -61,7 +62,7 @@ class VirtualClock:
     def __init__(self, start: datetime | None = None) -> None:
         start = DEFAULT_START if start is None else start
         if start.tzinfo is None:
-            raise ValueError(
+            raise StromaValueError(
                 f"VirtualClock(start={start!r}) needs an aware datetime: "
                 "e.g. datetime(2024, 1, 1, tzinfo=UTC)"
             )
@@ -81,7 +82,7 @@ class VirtualClock:
     def advance(self, seconds: float) -> None:
         """Move virtual time forward by ``seconds`` (a node 'taking' that long)."""
         if not seconds >= 0:
-            raise ValueError(f"VirtualClock.advance({seconds!r}): time only moves forward")
+            raise StromaValueError(f"VirtualClock.advance({seconds!r}): time only moves forward")
         self.elapsed += seconds
 
     async def sleep(self, seconds: float) -> None:
@@ -115,7 +116,7 @@ async def simulate(
     to let nodes move it (not both). ``store`` defaults to a fresh InMemoryStore.
     """
     if clock is not None and start is not None:
-        raise ValueError(
+        raise StromaValueError(
             "simulate(start=..., clock=...): give one of them; the clock already has a "
             "start (VirtualClock(start=...))"
         )
@@ -123,7 +124,7 @@ async def simulate(
     compiled = compile_plan(plan_or_nodes, registry)
     config = _run_config_of(config, "simulate")
     if not isinstance(initial_state, BaseModel):
-        raise TypeError(
+        raise StromaTypeError(
             f"initial_state must be a pydantic BaseModel instance (got "
             f"{type(initial_state).__name__}): e.g. Input(value=1)"
         )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
+from stroma.errors import StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import _resolve_schema, _schema_ref, declare_schema
 
@@ -104,13 +105,13 @@ class CheckpointManager:
         if store is None:
             store = InMemoryStore()
         if isinstance(store, type):
-            raise TypeError(
+            raise StromaTypeError(
                 f"CheckpointManager() got the class {store.__qualname__}, not a store: pass "
                 f"an instance, e.g. CheckpointManager({store.__name__}())"
             )
         missing = [m for m in ("save", "load", "delete") if not callable(getattr(store, m, None))]
         if missing:
-            raise TypeError(
+            raise StromaTypeError(
                 f"CheckpointManager() needs a checkpoint store, got {store!r:.80} (a "
                 f"{type(store).__name__}), which lacks {', '.join(missing)}. A store has "
                 "save(run_id, node_id, state), load(run_id, node_id) and delete(run_id), "
@@ -131,7 +132,7 @@ class CheckpointManager:
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
         if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-            raise TypeError(
+            raise StromaTypeError(
                 f"CheckpointManager.resume(run_id, node_id, schema): schema must be the "
                 f"pydantic BaseModel class of the checkpointed state, got {schema!r:.80} "
                 f"(a {type(schema).__name__}): e.g. resume(run_id, {node_id!r}, MyState)"

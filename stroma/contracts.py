@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from stroma.errors import StromaError
+from stroma.errors import StromaError, StromaKeyError, StromaTypeError, StromaValueError
 
 __all__ = (
     "BoundaryValidator",
@@ -47,7 +47,7 @@ class NodeContract(BaseModel):
             f"the class {value.__qualname__}" if isinstance(value, type)
             else f"{value!r} (an instance of {type(value).__name__})"
         )
-        raise ValueError(
+        raise StromaValueError(
             f"{info.field_name} must be a pydantic BaseModel subclass, got {found}; "
             "pass the model class itself, e.g. input_schema=MyInput"
         )
@@ -111,7 +111,7 @@ class BoundaryValidator:
         elif direction == "output":
             schema = contract.output_schema
         else:
-            raise ValueError(f"direction must be 'input' or 'output', got {direction!r}")
+            raise StromaValueError(f"direction must be 'input' or 'output', got {direction!r}")
         if isinstance(raw, schema):
             return raw
         data: object
@@ -150,7 +150,7 @@ class ContractRegistry:
     def register(self, contract: NodeContract) -> None:
         """Add a contract, replacing any earlier one with the same node id."""
         if not isinstance(contract, NodeContract):
-            raise TypeError(
+            raise StromaTypeError(
                 f"register() expects a NodeContract, got {type(contract).__name__}; build "
                 "one with NodeContract(node_id=..., input_schema=..., output_schema=...)"
             )
@@ -162,7 +162,7 @@ class ContractRegistry:
             return self._contracts[node_id]
         except KeyError:
             known = ", ".join(repr(k) for k in self._contracts) or "none"
-            raise KeyError(
+            raise StromaKeyError(
                 f"no contract registered for node {node_id!r} (registered: {known}); "
                 "register one with registry.register(NodeContract(...)) or @runner.node(...)"
             ) from None

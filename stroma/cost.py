@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from stroma.errors import StromaError
+from stroma.errors import StromaError, StromaValueError
 
 __all__ = (
     "KNOWN_MODELS",
@@ -68,7 +68,7 @@ class ExecutionBudget(BaseModel):
     @classmethod
     def _not_negative(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            raise ValueError(
+            raise StromaValueError(
                 f"ExecutionBudget.{info.field_name} must be >= 0, got {value!r}: it is a "
                 f"limit on the run's cumulative total; use None for no limit"
             )
@@ -238,7 +238,7 @@ class FallbackPolicy:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.at_budget_pct <= 1.0:
-            raise ValueError(
+            raise StromaValueError(
                 f"FallbackPolicy.at_budget_pct must be a fraction in [0, 1], got "
                 f"{self.at_budget_pct!r}; write 0.8 for 80% of max_cost_usd"
             )

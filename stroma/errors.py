@@ -15,12 +15,39 @@ __all__ = (
     "StateNotSerializable",
     "StoreError",
     "StromaError",
+    "StromaImportError",
+    "StromaKeyError",
+    "StromaTypeError",
+    "StromaValueError",
     "UnsafeSchemaRef",
 )
 
 
 class StromaError(Exception):
     """Base class of every error stroma raises on its own account."""
+
+
+class StromaTypeError(StromaError, TypeError):
+    """An argument of the wrong kind (a class where an instance goes, a sync function where
+    an async one goes). A TypeError too, so code that catches TypeError keeps working."""
+
+
+class StromaValueError(StromaError, ValueError):
+    """An argument of the right kind with a value that cannot be (a negative limit, a
+    malformed URL). A ValueError too, so code that catches ValueError keeps working."""
+
+
+class StromaKeyError(StromaError, KeyError):
+    """A lookup by a name that is not there (a node id without a contract, a timeline
+    row); the message lists the names there are. A KeyError too."""
+
+    def __str__(self) -> str:  # the message as written, not quoted as a KeyError's key
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class StromaImportError(StromaError, ImportError):
+    """An optional dependency a store needs is not installed; the message names the
+    extra to install. An ImportError too."""
 
 
 class PlanError(StromaError, TypeError, ValueError):

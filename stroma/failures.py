@@ -21,7 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded
-from stroma.errors import ChildFailed, ChildFailedTerminally, StateNotSerializable
+from stroma.errors import (
+    ChildFailed,
+    ChildFailedTerminally,
+    StateNotSerializable,
+    StromaTypeError,
+    StromaValueError,
+)
 
 __all__ = (
     "Classifier",
@@ -67,7 +73,7 @@ class FailurePolicy(BaseModel):
                 "attempt, 3 allows four)" if info.field_name == "max_retries"
                 else "the ceiling of the jittered delay before each retry, in seconds"
             )
-            raise ValueError(
+            raise StromaValueError(
                 f"FailurePolicy.{info.field_name} must be >= 0, got {value!r}: it is {what}; "
                 f"use FailurePolicy({info.field_name}=0) for "
                 f"{'no retries' if info.field_name == 'max_retries' else 'no delay'}"
@@ -184,7 +190,7 @@ def check_verdict(classifier: object, answer: object, node_id: str) -> FailureCl
     if isinstance(answer, str) and answer in FailureClass.__members__:
         return FailureClass(answer)
     name = getattr(classifier, "__qualname__", None) or repr(classifier)
-    raise TypeError(
+    raise StromaTypeError(
         f"classifier {name} returned {answer!r} (a {type(answer).__name__}) for "
         f"node {node_id!r}; a classifier must return a FailureClass or None "
         "(None defers to the next classifier)"

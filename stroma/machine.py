@@ -83,7 +83,7 @@ from stroma import effects as fx
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded, ExecutionBudget, FallbackPolicy, estimate_cost_usd
 from stroma.cost import fallback_for as _fallback_for
-from stroma.errors import PlanError, StromaError
+from stroma.errors import PlanError, StromaError, StromaTypeError
 from stroma.failures import (
     FailureClass,
     FailurePolicy,
@@ -561,7 +561,7 @@ def _timed_out(node_id: str, timeout_ms: int, duration_ms: int) -> fx.ErrorInfo:
 def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
     """The first state of a run and its first effects."""
     if not isinstance(initial_state, BaseModel):
-        raise TypeError(
+        raise StromaTypeError(
             "initial_state must be a pydantic BaseModel instance (got "
             f"{type(initial_state).__name__}): wrap it, e.g. Input(**data)"
         )

@@ -22,7 +22,7 @@ from interpreters.session import run_session
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.cost import CostTracker, NodeUsage, normalize_node_return
-from stroma.errors import PlanError
+from stroma.errors import PlanError, StromaTypeError
 from stroma.failures import RetryBudget
 from stroma.plan import NODE_ATTR, STEP_ATTR, NodeMarker, compile_plan
 from stroma.runner import RunConfig, _is_async_callable, _traced, machine_config
@@ -92,7 +92,7 @@ async def execute_step(
         contract = ctx.registry.get(step_id)
     if not isinstance(input_state, BaseModel):
         example = contract.input_schema.__name__ if contract is not None else "YourInput"
-        raise TypeError(
+        raise StromaTypeError(
             f"execute_step({step_id!r}, ...): input_state must be a pydantic BaseModel "
             f"instance, got {input_state!r:.80} (a {type(input_state).__name__}): e.g. "
             f"{example}(...)"

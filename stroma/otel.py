@@ -45,6 +45,8 @@ from typing import Any
 
 import attrs
 
+from stroma.errors import StromaTypeError
+
 __all__ = (
     "ATTEMPT",
     "BACKOFF_EVENT",
@@ -171,7 +173,7 @@ def _provider(kind: str, method: str, example: str) -> Any:
                      if callable(getattr(value, has, None))), None)
         fix = (f"that is {made}, not a provider: pass the provider it came from"
                if made is not None else f"e.g. {attribute.name}={example}")
-        raise TypeError(
+        raise StromaTypeError(
             f"{attribute.name} must be an OpenTelemetry {kind} (an object with {method}()) "
             f"or None for the global one, got {value!r:.80} (a {type(value).__name__}): "
             f"{fix}"
@@ -213,7 +215,7 @@ def tracing_of(value: Any, where: str = "RunConfig.tracing") -> Tracing | None:
         return _GLOBAL
     if isinstance(value, Tracing):
         return value
-    raise TypeError(
+    raise StromaTypeError(
         f"{where} must be True (the global OpenTelemetry providers), False (no tracing) or "
         f"a stroma.otel.Tracing, got {value!r:.80} (a {type(value).__name__}): e.g. "
         "tracing=True, or tracing=Tracing(tracer_provider=provider)"

@@ -26,7 +26,15 @@ from stroma import effects as fx
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, ContractViolation, NodeContract
 from stroma.cost import ExecutionBudget, FallbackPolicy
-from stroma.errors import ChildFailed, ChildFailedTerminally, LogCorrupted, PlanError
+from stroma.errors import (
+    ChildFailed,
+    ChildFailedTerminally,
+    LogCorrupted,
+    PlanError,
+    StromaImportError,
+    StromaTypeError,
+    StromaValueError,
+)
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.inputs import InputRefused
 from stroma.log import EffectLog
@@ -104,7 +112,7 @@ class NodeHooks:
             what = "a lambda, which cannot be async" if label.endswith("<lambda>") else (
                 f"{label}, which is not"
             )
-            raise TypeError(
+            raise StromaTypeError(
                 f"NodeHooks.{name} must be an async function, got {what}: define it with "
                 f"'async def {fn_name}{_HOOK_SIGNATURES[name]}: ...' and pass that"
             )
@@ -154,7 +162,7 @@ class RunConfig(BaseModel):
                 name = str(unknown[0])
                 close = _close_matches(name, list(cls.model_fields), n=1)
                 fix = f"did you mean {close[0]!r}?" if close else "remove it"
-                raise TypeError(
+                raise StromaTypeError(
                     f"RunConfig got an unknown field {name!r} ({fix}); its fields are "
                     f"{', '.join(cls.model_fields)}"
                 )
@@ -164,7 +172,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _context(cls, value: Any) -> Any:
         if not isinstance(value, dict):
-            raise TypeError(
+            raise StromaTypeError(
                 f"RunConfig.context must be a dict (got {value!r:.80}, a "
                 f"{type(value).__name__}): pass a dict of shared resources, e.g. "
                 "context={'http': client, 'model': 'gpt-4o'}"
@@ -184,7 +192,7 @@ class RunConfig(BaseModel):
             hint = "NodeHooks(**your_dict)" if isinstance(value, Mapping) else (
                 "NodeHooks(on_node_start=..., on_node_success=..., on_node_failure=...)"
             )
-            raise TypeError(
+            raise StromaTypeError(
                 f"RunConfig.hooks must be a NodeHooks or None (got {value!r:.80}, a "
                 f"{type(value).__name__}): pass hooks={hint}"
             )
@@ -197,19 +205,19 @@ class RunConfig(BaseModel):
             name = getattr(value, "__qualname__", None) or repr(value)
             short = getattr(value, "__name__", "")
             short = short if short.isidentifier() else "my_classifier"
-            raise TypeError(
+            raise StromaTypeError(
                 f"classifiers must be a list of classifiers, got the single callable {name}: "
                 f"wrap it in a list, e.g. classifiers=[{short}]"
             )
         if value is not None and not isinstance(value, Iterable):
-            raise TypeError(
+            raise StromaTypeError(
                 f"classifiers must be a list of functions (exc, NodeContext) -> "
                 f"FailureClass | None, got {value!r} (a {type(value).__name__})"
             )
         value = list(value or [])
         for i, c in enumerate(value):
             if not callable(c):
-                raise TypeError(
+                raise StromaTypeError(
                     f"classifiers[{i}] is {c!r:.80} (a {type(c).__name__}), which is not "
                     "callable: a classifier is a function (exc, NodeContext) -> "
                     "FailureClass | None; pass the function itself, e.g. "
@@ -222,7 +230,7 @@ class RunConfig(BaseModel):
     def _timeouts(cls, value: dict[str, float]) -> dict[str, float]:
         for node_id, ms in value.items():
             if not (math.isfinite(ms) and ms > 0):
-                raise ValueError(
+                raise StromaValueError(
                     f"node_timeouts[{node_id!r}] must be a number of milliseconds > 0, got "
                     f"{ms!r}: e.g. node_timeouts={{{node_id!r}: 30_000}} for 30 s; leave the "
                     "node out for no timeout"
@@ -233,7 +241,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _hook_timeout(cls, value: int | None) -> int | None:
         if value is not None and value <= 0:
-            raise ValueError(
+            raise StromaValueError(
                 f"hook_timeout_ms must be a number of milliseconds > 0, or None for hooks "
                 f"without a bound, got {value!r}: e.g. hook_timeout_ms=5_000 for 5 s"
             )
@@ -245,7 +253,7 @@ class RunConfig(BaseModel):
         if isinstance(value, Mapping):
             for node_id, policies in value.items():
                 if isinstance(policies, FailurePolicy):
-                    raise TypeError(
+                    raise StromaTypeError(
                         f"node_policies[{node_id!r}] must map failure classes to policies, "
                         f"got the single policy {policies!r}: write "
                         f"node_policies={{{node_id!r}: {{FailureClass.RECOVERABLE: "
@@ -259,7 +267,7 @@ class RunConfig(BaseModel):
         value = list(value or [])
         for f in value:
             if not isinstance(f, FallbackPolicy):
-                raise TypeError(
+                raise StromaTypeError(
                     f"model_fallbacks takes FallbackPolicy values (got {f!r}): "
                     "FallbackPolicy('gpt-4o', 'gpt-4o-mini', at_budget_pct=0.8)"
                 )
@@ -305,7 +313,7 @@ def _run_config_of(config: Any, where: str) -> RunConfig:
     if isinstance(config, RunConfig):
         return config
     fix = "RunConfig(**config)" if isinstance(config, Mapping) else "RunConfig(...)"
-    raise TypeError(
+    raise StromaTypeError(
         f"{where}(config=...): expected a RunConfig, got {config!r:.80} (a "
         f"{type(config).__name__}): pass {fix}"
     )
@@ -333,13 +341,13 @@ async def interpret(
     explicit = "run_id" in config.model_fields_set
     if initial_state is None:
         if not explicit:
-            raise TypeError(
+            raise StromaTypeError(
                 "interpret(plan): initial_state is required to start a run, e.g. "
                 f"interpret(plan, {_input_name(compiled)}(...)); without one, interpret "
                 "goes on with a run the store holds, named by config=RunConfig(run_id=...)"
             )
     elif not isinstance(initial_state, BaseModel):
-        raise TypeError(_initial_state_error(initial_state, compiled.input_schema))
+        raise StromaTypeError(_initial_state_error(initial_state, compiled.input_schema))
     if inputs:
         _check_inputs(inputs, compiled)
     if manager is None:
@@ -432,7 +440,7 @@ async def replay(
             )
         log = EffectLog.from_jsonl(log, source="replay(plan, log)")
     elif not isinstance(log, EffectLog):
-        raise TypeError(
+        raise StromaTypeError(
             f"replay(plan, log): log must be an EffectLog or the JSON-lines text of one, "
             f"got {log!r:.80} (a {type(log).__name__}): pass result.log, log.to_jsonl(), "
             "or await store.read_log(run_id)"
@@ -455,13 +463,13 @@ async def _run_group_alone(
     step = plan.steps[0]
     assert isinstance(step, ParallelStep)
     if not isinstance(state, BaseModel):
-        raise TypeError(
+        raise StromaTypeError(
             f"await {step.step_id}(state): state must be a pydantic BaseModel instance, "
             f"got {state!r:.80} (a {type(state).__name__}): pass the children's input model, "
             f"e.g. {_input_name(plan)}(...)"
         )
     if context is not None and not isinstance(context, dict):
-        raise TypeError(
+        raise StromaTypeError(
             f"await {step.step_id}(state, context): context must be a dict (got "
             f"{context!r:.80}, a {type(context).__name__}): the children that take a context "
             "get it, e.g. {'http': client}"
@@ -595,7 +603,7 @@ class StromaRunner:
         """A runner with an in-memory store (or ``store``) and the given settings."""
         unknown = sorted(set(fields) - set(RunConfig.model_fields))
         if unknown:
-            raise TypeError(
+            raise StromaTypeError(
                 f"StromaRunner.quick() got unexpected keyword argument(s) "
                 f"{', '.join(map(repr, unknown))}: it takes store, budget, policy_map, "
                 f"classifiers, hooks and the RunConfig fields "
@@ -623,7 +631,7 @@ class StromaRunner:
         try:
             import redis  # noqa: F401  (the optional extra: say how to install it)
         except ImportError as e:
-            raise ImportError(
+            raise StromaImportError(
                 "redis is required for StromaRunner.with_redis() (a RedisStore), but the "
                 "'redis' package is not installed: pip install 'stroma[redis]'"
             ) from e
@@ -647,7 +655,7 @@ class StromaRunner:
             if isinstance(value, int | float) and not isinstance(value, bool) and not (
                 value >= 0  # (False for NaN too)
             ):
-                raise ValueError(
+                raise StromaValueError(
                     f"with_budget({arg}={value!r}): the limit must be a number of {unit} "
                     f">= 0, or None for no limit on it: e.g. with_budget({arg}="
                     f"{'0.50' if arg == 'cost_usd' else '10_000'})"

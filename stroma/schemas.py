@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stroma.errors import UnsafeSchemaRef
+from stroma.errors import StromaTypeError, StromaValueError, UnsafeSchemaRef
 
 __all__ = (
     "_resolve_schema",
@@ -49,13 +49,13 @@ def _resolve_schema(ref: str) -> type[BaseModel]:
     should use ``resolve_declared`` instead.
     """
     if not isinstance(ref, str) or ":" not in ref:
-        raise ValueError(f"schema reference {ref!r} must look like 'package.module:QualName'")
+        raise StromaValueError(f"schema reference {ref!r} must look like 'package.module:QualName'")
     module_name, qualname = ref.split(":", 1)
     obj: object = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
-        raise TypeError(
+        raise StromaTypeError(
             f"resolved schema is not a BaseModel: the schema reference {ref!r} names "
             f"{obj!r}, which is not a pydantic BaseModel class; a reference must name the "
             "model class of the stored state ('package.module:QualName')"

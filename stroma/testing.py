@@ -38,6 +38,7 @@ import attrs
 from pydantic import BaseModel
 
 from stroma import effects as fx
+from stroma.errors import StromaValueError
 from stroma.failures import FailureClass
 from stroma.machine import Phase, RunState, UnexpectedEvent, advance, error_info
 
@@ -224,7 +225,7 @@ def perform_sequence(
     if skip_records:
         for k, (expected, _) in enumerate(sequence):
             if _expects_record(expected):
-                raise ValueError(
+                raise StromaValueError(
                     f"sequence entry {k} expects {describe_effect(expected)} but "
                     "skip_records=True passes over every Commit and RecordAttempt: drop the "
                     "entry "

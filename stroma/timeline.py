@@ -48,7 +48,7 @@ from pydantic_core import to_jsonable_python
 
 from stroma import effects as fx
 from stroma.cost import estimate_cost_usd
-from stroma.errors import LogCorrupted
+from stroma.errors import LogCorrupted, StromaKeyError, StromaTypeError
 from stroma.failures import Located, builtin_class_for_names, where_text
 from stroma.inputs import pending_wait
 from stroma.log import EffectLog, ResumeMarker
@@ -322,7 +322,7 @@ class Timeline:
         for r in self.rows:
             if r.key == key:
                 return r
-        raise KeyError(f"no row {key!r} in the timeline of {self.run_id!r}; rows: "
+        raise StromaKeyError(f"no row {key!r} in the timeline of {self.run_id!r}; rows: "
                        f"{', '.join(r.key for r in self.rows)}")
 
     def to_json(self) -> dict[str, Any]:
@@ -875,8 +875,9 @@ def _ms(t: datetime, t0: datetime) -> float:
 def timeline(log: EffectLog) -> Timeline:
     """The timeline of a run, from its effect log (see the module's docstring)."""
     if not isinstance(log, EffectLog):
-        raise TypeError(f"timeline(log): log must be an EffectLog (got {type(log).__name__}): "
-                        "pass result.log or await store.read_log(run_id)")
+        raise StromaTypeError(f"timeline(log): log must be an EffectLog (got "
+                              f"{type(log).__name__}): pass result.log or await "
+                              "store.read_log(run_id)")
     try:
         return _timeline(log)
     except LogCorrupted:

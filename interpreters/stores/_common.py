@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from stroma.errors import LogCorrupted, StoreError
+from stroma.errors import LogCorrupted, StoreError, StromaTypeError
 from stroma.schemas import resolve_declared
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ DAMAGED = "damaged"
 
 def check_state(state: object, node_id: object, op: str) -> BaseModel:
     if not isinstance(state, BaseModel):
-        raise TypeError(
+        raise StromaTypeError(
             f"{op}: the checkpoint state for node {node_id!r} must be a pydantic BaseModel "
             f"instance, got {type(state).__name__}; save the node's output model"
         )
@@ -54,11 +54,12 @@ def check_state(state: object, node_id: object, op: str) -> BaseModel:
 def check_lines(lines: Sequence[str], op: str, *, nul: bool = False) -> list[str]:
     """The log lines to append: each a str holding one JSON line (and no NUL if ``nul``)."""
     if isinstance(lines, str | bytes):
-        raise TypeError(f"{op}: lines must be a sequence of str (one JSON line each), got a str")
+        raise StromaTypeError(
+            f"{op}: lines must be a sequence of str (one JSON line each), got a str")
     out = list(lines)
     for n, line in enumerate(out):
         if not isinstance(line, str):
-            raise TypeError(
+            raise StromaTypeError(
                 f"{op}: line {n} must be a str (one JSON line), got {type(line).__name__}"
             )
         if "\n" in line or "\r" in line or (nul and "\x00" in line):
@@ -74,7 +75,7 @@ def check_input_text(text: object, run_id: object, key: object, op: str) -> str:
     """The text of an input to keep (``put_input``): a str of JSON that encodes as UTF-8
     (a waiting run reads it as JSON, so anything else could never be read)."""
     if not isinstance(text, str):
-        raise TypeError(
+        raise StromaTypeError(
             f"{op}: the input {key!r} of run {run_id!r} must be given as a str (its JSON "
             f"text), got {type(text).__name__}; pass json.dumps(payload), or use send_input"
         )

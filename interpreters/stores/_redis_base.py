@@ -24,7 +24,7 @@ from tenacity.wait import wait_base
 from interpreters.stores._common import require_asyncio
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
-from stroma.errors import LogCorrupted, StoreError
+from stroma.errors import LogCorrupted, StoreError, StromaImportError, StromaValueError
 from stroma.schemas import _schema_ref, declare_schema, state_json
 
 try:
@@ -154,7 +154,7 @@ return 1
 
 def _require_redis(cls_name: str) -> None:
     if _redis is None:
-        raise ImportError(
+        raise StromaImportError(
             f"redis is required for {cls_name}, and it is not installed: "
             "pip install 'stroma[redis]'"
         )
@@ -344,14 +344,14 @@ class _Base:
         _require_redis(self._cls_name)
         name = self._cls_name
         if not isinstance(redis_url, str) or not redis_url:
-            raise ValueError(
+            raise StromaValueError(
                 f"{name}: redis_url must be a URL like 'redis://localhost:6379/0', "
                 f"got {redis_url!r}"
             )
         if ttl_seconds is not None and (
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
         ):
-            raise ValueError(
+            raise StromaValueError(
                 f"{name}: ttl_seconds must be a positive int (seconds) or None for no expiry, "
                 f"got {ttl_seconds!r}"
             )
@@ -361,19 +361,20 @@ class _Base:
             or "{" in key_prefix
             or "}" in key_prefix
         ):
-            raise ValueError(
+            raise StromaValueError(
                 f"{name}: key_prefix must be a non-empty str without '{{' or '}}' (they mark "
                 f"Redis Cluster hash tags), got {key_prefix!r}"
             )
         if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 10:
-            raise ValueError(
+            raise StromaValueError(
                 f"{name}: lease_ms must be an int of at least 10 (milliseconds), got {lease_ms!r}"
             )
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ValueError(f"{name}: max_attempts must be an int >= 1, got {max_attempts!r}")
+            raise StromaValueError(
+                f"{name}: max_attempts must be an int >= 1, got {max_attempts!r}")
         for setting, value in (("socket_timeout", socket_timeout), ("pool_timeout", pool_timeout)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(
+                raise StromaValueError(
                     f"{name}: {setting} must be a positive number of seconds, got {value!r}"
                 )
         if (
@@ -381,7 +382,7 @@ class _Base:
             or not isinstance(max_connections, int)
             or max_connections < 1
         ):
-            raise ValueError(
+            raise StromaValueError(
                 f"{name}: max_connections must be an int >= 1, got {max_connections!r}"
             )
         self.redis_url = redis_url

@@ -91,7 +91,7 @@ from interpreters.stores._common import (
 )
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
-from stroma.errors import LogCorrupted, StoreError
+from stroma.errors import LogCorrupted, StoreError, StromaTypeError, StromaValueError
 from stroma.log import EffectLog
 from stroma.schemas import _schema_ref, declare_schema, state_json
 
@@ -430,12 +430,12 @@ class FileStore:
         try:
             root = os.fspath(path)
         except TypeError:
-            raise TypeError(
+            raise StromaTypeError(
                 f"FileStore(path): path must be a str or os.PathLike naming a folder, got "
                 f"{path!r} (a {type(path).__name__})"
             ) from None
         if not isinstance(root, str) or not root or "\x00" in root:
-            raise ValueError(
+            raise StromaValueError(
                 f"FileStore(path): path must be a non-empty folder path without NUL, "
                 f"got {path!r}"
             )
@@ -901,14 +901,14 @@ class FileStore:
         op = "FileStore.append_log"
         run = self._run(run_id, op)
         if isinstance(lines, str | bytes):
-            raise TypeError(f"{op}: lines must be a sequence of str (one JSON line each), got "
-                            f"a {type(lines).__name__}")
+            raise StromaTypeError(f"{op}: lines must be a sequence of str (one JSON line each), "
+                                  f"got a {type(lines).__name__}")
         lines = list(lines)
         data = b""
         if lines:
             bad = next((n for n, x in enumerate(lines) if not isinstance(x, str)), None)
             if bad is not None:
-                raise TypeError(f"{op}: line {bad} must be a str (one JSON line), got "
+                raise StromaTypeError(f"{op}: line {bad} must be a str (one JSON line), got "
                                 f"{type(lines[bad]).__name__}")
             try:
                 data = ("\n".join(lines) + "\n").encode("utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from stroma.errors import StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import state_json
 
@@ -23,7 +24,7 @@ def _require_model_type(method: str, schema: object) -> None:
             f"the class {schema.__qualname__}" if isinstance(schema, type)
             else f"{schema!r:.80} (a {type(schema).__name__})"
         )
-        raise TypeError(
+        raise StromaTypeError(
             f"{method}(run_id, node_id, state, schema): schema must be a BaseModel type, got "
             f"{found}: pass the pydantic model class of the state, e.g. type(state)"
         )
@@ -57,7 +58,7 @@ class _MemoryBase:
 
     def _save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         if not isinstance(state, BaseModel):
-            raise TypeError(
+            raise StromaTypeError(
                 f"checkpoint state for node {node_id!r} must be a pydantic BaseModel, "
                 f"got {type(state).__name__}"
             )

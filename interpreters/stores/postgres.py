@@ -80,7 +80,7 @@ from interpreters.stores._common import (
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
-from stroma.errors import LogCorrupted, StoreError, StromaError
+from stroma.errors import LogCorrupted, StoreError, StromaError, StromaImportError, StromaValueError
 from stroma.schemas import _schema_ref, declare_schema, state_json
 
 if TYPE_CHECKING:
@@ -234,14 +234,14 @@ class PostgresStore:
         application_name: str = "stroma",
     ) -> None:
         if _asyncpg is None:
-            raise ImportError(_INSTALL_HINT)
+            raise StromaImportError(_INSTALL_HINT)
         if not isinstance(dsn, str) or not dsn:
-            raise ValueError(
+            raise StromaValueError(
                 "PostgresStore: dsn must be a connection string like "
                 f"'postgresql://user@localhost:5432/db', got {dsn!r}"
             )
         if not isinstance(schema, str) or not _IDENT.match(schema) or len(schema) > 63:
-            raise ValueError(
+            raise StromaValueError(
                 "PostgresStore: schema must be a plain SQL identifier (letters, digits, "
                 f"underscores; at most 63 characters), got {schema!r}"
             )
@@ -250,7 +250,7 @@ class PostgresStore:
             or not _IDENT.match(table_prefix)
             or len(table_prefix) > 40
         ):
-            raise ValueError(
+            raise StromaValueError(
                 "PostgresStore: table_prefix must be a plain SQL identifier (letters, digits, "
                 f"underscores; at most 40 characters), got {table_prefix!r}"
             )
@@ -259,12 +259,12 @@ class PostgresStore:
             or not isinstance(lease_seconds, int | float)
             or not lease_seconds > 0.01
         ):
-            raise ValueError(
+            raise StromaValueError(
                 f"PostgresStore: lease_seconds must be a number of seconds above 0.01, "
                 f"got {lease_seconds!r}"
             )
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ValueError(
+            raise StromaValueError(
                 f"PostgresStore: max_attempts must be an int >= 1, got {max_attempts!r}"
             )
         if (
@@ -272,19 +272,19 @@ class PostgresStore:
             or not isinstance(max_connections, int)
             or max_connections < 1
         ):
-            raise ValueError(
+            raise StromaValueError(
                 f"PostgresStore: max_connections must be an int >= 1, got {max_connections!r}"
             )
         for setting, value in (
             ("pool_timeout", pool_timeout), ("command_timeout", command_timeout)
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(
+                raise StromaValueError(
                     f"PostgresStore: {setting} must be a positive number of seconds, "
                     f"got {value!r}"
                 )
         if not isinstance(application_name, str) or not application_name:
-            raise ValueError(
+            raise StromaValueError(
                 "PostgresStore: application_name must be a non-empty str (it names the "
                 f"store's connections in pg_stat_activity), got {application_name!r}"
             )

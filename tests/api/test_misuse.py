@@ -450,3 +450,46 @@ async def test_replay_accepts_a_real_log_as_text(anyio_backend: str) -> None:
     assert isinstance(result.log, EffectLog)
     replayed = await replay([inc], result.log.to_jsonl())
     assert replayed.final_state == result.final_state == Num(value=2)
+
+
+# ------------------------------------------------------------------ the error classes
+
+
+def _misuses() -> list[tuple[str, Any, type[Exception]]]:
+    from interpreters.simulate import VirtualClock
+    from stroma import ContractRegistry, FallbackPolicy, FileStore, RedisStore
+    from stroma.schemas import _resolve_schema
+
+    def node_hooks_sync() -> Any:
+        return NodeHooks(on_node_start=lambda run_id, node_id, state: None)  # type: ignore[arg-type]
+
+    return [
+        ("FileStore(123)", lambda: FileStore(123), TypeError),  # type: ignore[arg-type]
+        ("FileStore('')", lambda: FileStore(""), ValueError),
+        ("StromaRunner.quick(foo=1)", lambda: StromaRunner.quick(foo=1), TypeError),
+        ("RunConfig(bogus=1)", lambda: RunConfig(bogus=1), TypeError),
+        ("NodeHooks(sync)", node_hooks_sync, TypeError),
+        ("ContractRegistry().get('x')", lambda: ContractRegistry().get("x"), KeyError),
+        ("FallbackPolicy(at_budget_pct=3)",
+         lambda: FallbackPolicy("a", "b", at_budget_pct=3), ValueError),
+        ("RedisStore(ttl_seconds=0)",
+         lambda: RedisStore("redis://127.0.0.1:6379/0", ttl_seconds=0), ValueError),
+        ("CheckpointManager(InMemoryStore)",
+         lambda: CheckpointManager(InMemoryStore), TypeError),  # type: ignore[arg-type]
+        ("_resolve_schema('nocolon')", lambda: _resolve_schema("nocolon"), ValueError),
+        ("VirtualClock().advance(-1)", lambda: VirtualClock().advance(-1), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("what,misuse,kind", _misuses(), ids=[m[0] for m in _misuses()])
+def test_a_misused_argument_is_a_stroma_error_and_the_builtin_kind_it_was(
+    what: str, misuse: Any, kind: type[Exception]
+) -> None:
+    """Only stroma's own errors leave the library: a wrong argument is a StromaError, and
+    still the TypeError, ValueError or KeyError that code written for 0.3 catches; its
+    message is the message as written (a KeyError's is not quoted)."""
+    with pytest.raises(StromaError) as info:
+        misuse()
+    assert isinstance(info.value, kind), (what, type(info.value).__mro__)
+    text = str(info.value)
+    assert text and not text.startswith(("'", '"')), text
