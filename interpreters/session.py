@@ -321,16 +321,22 @@ async def _session(
             )
             state, effects = start(plan, initial_state, machine)
             recorder = Recorder(EffectLog(header, RecordList()), log_store, flushed=-1)
-        if (
-            explicit_run_id  # only a run someone can name again can be resumed from it
-            and log_store is None and callable(getattr(store, "attach_log", None))
-        ):
+        # An in-memory store keeps the log by reference: at once for a run id given (it
+        # can be named again at any point, a crash included), and for a generated one
+        # when the run ends WAITING (the id in its result is how send_input and the run
+        # that goes on name it). Other runs with a generated id keep no log.
+        attach = log_store is None and callable(getattr(store, "attach_log", None))
+        if attach and explicit_run_id:
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True
+            attach = False
         performer = LivePerformer(plan, run_id=run_id, world=world, recorder=recorder,
                                   prefilled=prefilled,
                                   hook_timeout_ms=state.config.hook_timeout_ms)
-        return await run_live(state, effects, recorder, performer)
+        result = await run_live(state, effects, recorder, performer)
+        if attach and result.status is RunStatus.WAITING:
+            store.attach_log(run_id, recorder.log)
+        return result
 
 
 def _no_initial_state(run_id: str, absent: bool, plan: Plan) -> str:

@@ -457,6 +457,26 @@ async def test_a_waiting_run_goes_on_without_its_initial_state_given_again(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("make_store", [InMemoryStore, AsyncInMemoryStore])
+async def test_a_waiting_run_with_a_generated_run_id_takes_its_input_on_a_memory_store(
+    anyio_backend: str, make_store: Callable[[], Any],
+) -> None:
+    """No run id given: the in-memory store keeps the log of a run that ends WAITING, so
+    the id in its result is enough to send the input and go on, re-running nothing."""
+    nodes = Nodes()
+    store = make_store()
+    first = await interpret(approval_plan(nodes), Agent(), store=store)
+    assert first.status is RunStatus.WAITING
+    assert first.run_id in await call(store.run_ids())
+    await send_input(store, first.run_id, "approval", {"ok": True, "by": "fay"})
+    done = await interpret(approval_plan(nodes), store=store,
+                           config=RunConfig(run_id=first.run_id))
+    assert done.status is RunStatus.RESUMED
+    assert done.final_state.approval == Approval(ok=True, by="fay")  # type: ignore[attr-defined]
+    assert dict(nodes.calls) == {"draft": 1, "review": 1, "publish": 1}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_an_input_for_no_wait_of_the_plan_is_refused_before_anything_runs(
     anyio_backend: str,
 ) -> None:
