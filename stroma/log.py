@@ -1049,48 +1049,53 @@ def _fast_coords(value: Any) -> Any:
         return None
 
 
+# The keys of each record as the writer makes them, in its order: a record that has
+# exactly these is unpacked at once (one comparison instead of a lookup per field).
+_RECORD_KEYS = ("i", "effect", "event")
+_CALL_NODE_KEYS = ("t", "node_id", "attempt", "timeout_ms", "model", "coords")
+_RETURNED_KEYS = ("t", "output", "valid", "started_at", "duration_ms", "input_tokens",
+                  "output_tokens", "model")
+_COMMIT_KEYS = ("t", "node_id", "run_id", "attempt", "timestamp_utc", "input_state",
+                "output_state", "duration_ms", "schema", "coords")
+
+
 def _fast_call_node(v: dict[str, Any]) -> tuple[Any, ...] | None:
-    coords = _fast_coords(v.get("coords"))
-    if len(v) != 6 or coords is None:
+    if tuple(v) != _CALL_NODE_KEYS:
         return None
-    node_id, attempt, timeout, model = v.get("node_id"), v.get("attempt"), \
-        v.get("timeout_ms"), v.get("model")
-    if (type(node_id) is str and type(attempt) is int and attempt >= 0
-            and (timeout is None or (type(timeout) is int and timeout >= 0))
-            and (model is None or type(model) is str) and "timeout_ms" in v
-            and "model" in v):
+    _, node_id, attempt, timeout, model, coords = v.values()
+    coords = () if coords == [] else _fast_coords(coords)
+    if (coords is not None and type(node_id) is str and type(attempt) is int
+            and attempt >= 0 and (timeout is None or (type(timeout) is int and timeout >= 0))
+            and (model is None or type(model) is str)):
         return ("CallNode", node_id, attempt, timeout, model, coords)
     return None
 
 
 def _fast_node_returned(v: dict[str, Any]) -> tuple[Any, ...] | None:
-    if len(v) != 8 or "output" not in v or "model" not in v:
+    if tuple(v) != _RETURNED_KEYS:
         return None
-    valid, duration, tin, tout, model = v.get("valid"), v.get("duration_ms"), \
-        v.get("input_tokens"), v.get("output_tokens"), v.get("model")
+    _, output, valid, started_at, duration, tin, tout, model = v.values()
     if not (type(valid) is str and type(duration) is int and duration >= 0
             and type(tin) is int and tin >= 0 and type(tout) is int and tout >= 0
             and (model is None or type(model) is str)):
         return None
-    at = _fast_time(v.get("started_at"))
+    at = _fast_time(started_at)
     if at is None:
         return None
-    return ("NodeReturned", (_json_text(v["output"]), valid), at, duration, tin, tout, model)
+    return ("NodeReturned", (_json_text(output), valid), at, duration, tin, tout, model)
 
 
 def _fast_commit(v: dict[str, Any]) -> tuple[Any, ...] | None:
-    coords = _fast_coords(v.get("coords"))
-    if len(v) != 10 or coords is None or "schema" not in v:
+    if tuple(v) != _COMMIT_KEYS:
         return None
-    node_id, run_id, attempt, duration, schema = v.get("node_id"), v.get("run_id"), \
-        v.get("attempt"), v.get("duration_ms"), v.get("schema")
-    given, out = v.get("input_state"), v.get("output_state")
-    if not (type(node_id) is str and type(run_id) is str and type(attempt) is int
-            and attempt >= 0 and type(duration) is int and duration >= 0
-            and (schema is None or type(schema) is str)
+    _, node_id, run_id, attempt, timestamp, given, out, duration, schema, coords = v.values()
+    coords = () if coords == [] else _fast_coords(coords)
+    if not (coords is not None and type(node_id) is str and type(run_id) is str
+            and type(attempt) is int and attempt >= 0 and type(duration) is int
+            and duration >= 0 and (schema is None or type(schema) is str)
             and type(given) is dict and type(out) is dict):
         return None
-    at = _fast_time(v.get("timestamp_utc"))
+    at = _fast_time(timestamp)
     if at is None:
         return None
     return ("Commit", node_id, run_id, attempt, at, _json_text(given), _json_text(out),
@@ -1326,10 +1331,36 @@ class EffectLog:
         line_no = 1
         while line_no < n:
             line = lines[line_no]
-            obj = _parse_line(line, source, line_no + 1, last=line_no == n - 1
-                              and not torn_tail)
-            if obj is None:  # torn last line
-                break
+            try:
+                obj = from_json(line)
+            except ValueError:  # deeper than the fast parser goes, a torn line, or damage
+                obj = _parse_line(line, source, line_no + 1, last=line_no == n - 1
+                                  and not torn_tail)
+                if obj is None:  # torn last line
+                    break
+            if type(obj) is not dict:
+                raise LogCorrupted(source, f"line {line_no + 1}: expected a JSON object, "
+                                           f"found {line[:80]!r}")
+            if tuple(obj) == _RECORD_KEYS and not v1:
+                # A record of a chain of successes as the writer makes it, read at once
+                # (anything else, or anything wrong with it: the field-by-field reader).
+                index, effect, event = obj.values()
+                if type(index) is int and index == len(items) and type(effect) is dict:
+                    kind = effect.get("t")
+                    atoms: Any = None
+                    if kind == "Commit":
+                        if event is None:
+                            atoms = _fast_commit(effect)
+                    elif (kind == "CallNode" and type(event) is dict
+                          and event.get("t") == "NodeReturned"):
+                        call = _fast_call_node(effect)
+                        returned = None if call is None else _fast_node_returned(event)
+                        if returned is not None:
+                            atoms = call + returned  # type: ignore[operator]
+                    if atoms is not None:
+                        items.append(atoms)
+                        line_no += 1
+                        continue
             try:
                 index = obj.get("i")
                 if not _is_int(index):
