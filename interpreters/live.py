@@ -307,10 +307,14 @@ class LivePerformer:
             if outcomes[k] is None:
                 b = began[k]
                 running = self._running_children.pop(k, None)
-                records: Any = () if running is None else running.log.records
+                records: Any = ()
+                partials: tuple[Any, ...] = ()
+                if running is not None:  # a sub-plan: its records, and its group's children
+                    records = running.log.records
+                    partials = running.finished_children()
                 outcomes[k] = (
-                    fx.NodeCancelled(started, 0, records) if b is None
-                    else fx.NodeCancelled(b[0], _ms(end - b[1]), records)
+                    fx.NodeCancelled(started, 0, records, partials) if b is None
+                    else fx.NodeCancelled(b[0], _ms(end - b[1]), records, partials)
                 )
         self._running_children.clear()
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
@@ -336,12 +340,14 @@ class LivePerformer:
         t0 = self.timer()
         recorder = Recorder.in_memory(self.run_id, call.plan_fingerprint, call.config.seed,
                                       started.isoformat())
+        recorder.keeps_partials = True  # (a group of its own that is cancelled keeps them)
         self._running_children[k] = recorder
         world = self.world
         if world.observer is not None:  # the child's records are told to its own observer
             world = attrs.evolve(world, observer=world.observer.child(call, started))
         performer = LivePerformer(call.plan, run_id=self.run_id, world=world,
-                                  recorder=recorder, hook_timeout_ms=call.config.hook_timeout_ms)
+                                  recorder=recorder, hook_timeout_ms=call.config.hook_timeout_ms,
+                                  prefilled={j: (c, o) for j, c, o in call.partials})
         assert call.input is not None
         result = await run(call.plan, call.input, call.config, recorder, performer,
                            prior=call.records)

@@ -95,6 +95,13 @@ class Recorder:
             raise
         self.flushed = len(self.log.records.items)
 
+    def finished_children(self) -> tuple[tuple[int, Any, Any], ...]:
+        """The children that finished of the group in flight at the end of the records,
+        as ``(child index, call, outcome)`` (none when no group is in flight)."""
+        n = len(self.log.records.items)
+        return tuple((j, call, outcome) for i, j, call, outcome in self.log.partials
+                     if i == n)
+
     async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
         """A fan-out child finished: make it durable before the group ends, so a crash
         inside the fan-out does not run it again."""

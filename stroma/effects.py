@@ -204,7 +204,7 @@ class CallParallel(NamedTuple):
     group: Any = None  # the group's step
 
 
-_RUN_PLAN_LIVE = ("plan", "input", "config", "records")  # (the child's live values)
+_RUN_PLAN_LIVE = ("plan", "input", "config", "records", "partials")  # (live values)
 
 
 @named_value(live=_RUN_PLAN_LIVE, unshown=_RUN_PLAN_LIVE)
@@ -218,8 +218,10 @@ class RunPlan(NamedTuple):
     input: BaseModel | None = None
     config: Any = None
     # The child's records from an earlier, unfinished try (a group retried or resumed): the
-    # child goes on from them instead of starting again.
+    # child goes on from them instead of starting again; and the children that finished of
+    # the group it was in when that try was cancelled (``NodeCancelled.partials``).
     records: tuple[Any, ...] = ()
+    partials: tuple[Any, ...] = ()
 
 
 @named_value(live=("state",), unshown=("state",))
@@ -495,15 +497,18 @@ class NodeRaised(NamedTuple):
     duration_ms: int
 
 
-@named_value(live=("records",), unshown=("records",))
+@named_value(live=("records", "partials"), unshown=("records", "partials"))
 class NodeCancelled(NamedTuple):
     """A group's child was cancelled (a sibling failed, or the group's deadline passed)
     before it finished. ``records``: a sub-plan child's log up to then, so that a retry
-    of the group goes on from there instead of starting the child again."""
+    of the group goes on from there instead of starting the child again; ``partials``:
+    if the sub-plan was inside a group of its own then, that group's children that had
+    finished, as ``(child index, call, outcome)``, so they are not called again."""
 
     started_at: datetime
     duration_ms: int
     records: Any = ()
+    partials: tuple[tuple[int, Any, Any], ...] = ()
 
 
 @named_value(live=("output", "records"), unshown=("records",))

@@ -156,6 +156,8 @@ _ER, _OER = "error", "opt_error"
 _CL, _OCL = "class", "opt_class"
 _STATUS = "status"
 _CALLS, _OUTCOMES, _RECORDS = "calls", "outcomes", "records"
+# A cancelled sub-plan's finished children of the group it was in: ((j, call, outcome), ...)
+_PARTIALS = "partials"
 _INTS, _ANSWERS = "ints", "answers"
 # NodeReturned.output: (JSON text, the schema ref if validated, or the error atoms of an
 # output that cannot be written as JSON, with the text null)
@@ -193,7 +195,8 @@ _SPEC: dict[str, tuple[tuple[str, str], ...]] = {
     "NodeReturned": (("output", _OUTPUT), ("started_at", _DT), ("duration_ms", _I),
                      ("input_tokens", _I), ("output_tokens", _I), ("model", _OS)),
     "NodeRaised": (("error", _ER), ("started_at", _DT), ("duration_ms", _I)),
-    "NodeCancelled": (("started_at", _DT), ("duration_ms", _I), ("records", _RECORDS)),
+    "NodeCancelled": (("started_at", _DT), ("duration_ms", _I), ("records", _RECORDS),
+                      ("partials", _PARTIALS)),
     "PlanFinished": (("status", _STATUS), ("output", _ST), ("total_tokens", _I),
                      ("total_cost_usd", _F), ("total_latency_ms", _I), ("reason", _OS),
                      ("started_at", _ODT), ("duration_ms", _I), ("records", _RECORDS)),
@@ -285,6 +288,9 @@ def _atom(kind: str, value: Any) -> Any:
         if isinstance(value, RecordList):
             return tuple(value.items)
         return tuple(_record_atoms(r) for r in value)
+    if kind == _PARTIALS:
+        return tuple((j, c if type(c) is tuple else encode_effect(c),
+                      o if type(o) is tuple else encode_event(o)) for j, c, o in value)
     if kind == _INTS:
         return tuple(value)
     if kind == _ANSWERS:
@@ -495,6 +501,8 @@ def _from_atom(kind: str, value: Any) -> Any:
         records.items = list(value)
         records.markers = [k for k, x in enumerate(value) if type(x) is ResumeMarker]
         return records
+    if kind == _PARTIALS:
+        return tuple((j, decode_effect(c), decode_event(o)) for j, c, o in value)
     if kind == _ANSWERS:
         return tuple(
             FailureClass(a) if a in FailureClass.__members__ else a for a in value
@@ -696,6 +704,9 @@ def _json_atom(kind: str, value: Any) -> str:
         return "[" + ",".join(_json_atoms(o) for o in value) + "]"
     if kind == _RECORDS:
         return "[" + ",".join(_json_pair(r) for r in value) + "]"
+    if kind == _PARTIALS:
+        return "[" + ",".join(f"[{j}," + _json_atoms(c) + "," + _json_atoms(o) + "]"
+                              for j, c, o in value) + "]"
     if kind == _OUTPUT:
         return _state_text(value[0])
     if kind == _F:
@@ -711,7 +722,7 @@ def _json_atoms(atoms: tuple[Any, ...] | None, skip: tuple[str, ...] = ()) -> st
     name = atoms[0]
     parts = ['{"t":"', name, '"']
     for (f, kind), value in zip(_SPEC[name], atoms[1:], strict=True):
-        if f in skip:
+        if f in skip or (kind == _PARTIALS and not value):  # (written when there are some)
             continue
         parts.append(',"' + f + '":' + _json_atom(kind, value))
         if kind == _OUTPUT and value[1] is not None:
@@ -943,6 +954,19 @@ def _read_records(value: Any, path: Any, run_id: str) -> Any:
     return tuple(_read_pair(v, f"{_path(path)}[{k}]", run_id) for k, v in enumerate(value))
 
 
+def _read_partials(value: Any, path: Any, run_id: str) -> Any:
+    if not isinstance(value, list):
+        raise _Bad(path, f"expected a list of finished children, found {_shown(value)}")
+    out = []
+    for k, v in enumerate(value):
+        where = f"{_path(path)}[{k}]"
+        if not (isinstance(v, list) and len(v) == 3 and _is_int(v[0]) and v[0] >= 0):
+            raise _Bad(where, f"expected [child index, call, outcome], found {_shown(v)}")
+        out.append((v[0], _read_obj(v[1], f"{where}[1]", run_id, _CHILD_EFFECTS),
+                    _read_obj(v[2], f"{where}[2]", run_id, _OUTCOME_EVENTS)))
+    return tuple(out)
+
+
 def _optional(read: Callable[[Any, Any, str], Any]) -> Callable[[Any, Any, str], Any]:
     """The reader of a field that may also be null: None, else what ``read`` reads."""
 
@@ -961,7 +985,7 @@ _READERS: dict[str, Callable[[Any, Any, str], Any]] = {
     _OCL: _optional(_read_class),
     _STATUS: _read_status, _INTS: _read_ints, _ANSWERS: _read_answers,
     _COORDS: _read_coords, _CALLS: _read_calls, _OUTCOMES: _read_outcomes,
-    _RECORDS: _read_records,
+    _RECORDS: _read_records, _PARTIALS: _read_partials,
 }
 # Each class's fields with their kinds and readers, in the order of ``_SPEC``.
 _READ_SPEC: dict[str, tuple[tuple[str, str, Callable[[Any, Any, str], Any]], ...]] = {
@@ -1001,10 +1025,11 @@ def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tu
     atoms: list[Any] = [name]
     for f, kind, reader in _READ_SPEC[name]:
         if f not in value:
-            if kind in (_RECORDS, _CALLS, _OUTCOMES, _COORDS) or (f, name) in _V1_ABSENT:
-                # A group's calls and outcomes are on the child lines that follow it.
-                atoms.append(_V1_DEFAULT.get((f, name), () if kind in (
-                    _RECORDS, _CALLS, _OUTCOMES, _COORDS) else None))
+            if kind in _ABSENT_EMPTY or (f, name) in _V1_ABSENT:
+                # A group's calls and outcomes are on the child lines that follow it; a
+                # cancelled child's partials are written when it has some.
+                atoms.append(_V1_DEFAULT.get((f, name), () if kind in _ABSENT_EMPTY
+                                             else None))
                 continue
             raise _Bad(f"{path}.{f}", "missing")
         # (the field's path as a pair, made text only for an error)
@@ -1107,6 +1132,9 @@ _FAST: dict[str, Callable[[dict[str, Any]], tuple[Any, ...] | None]] = {
     "Commit": _fast_commit,
 }
 
+
+# Kinds of field that read as empty when a line does not have them.
+_ABSENT_EMPTY = frozenset({_RECORDS, _CALLS, _OUTCOMES, _COORDS, _PARTIALS})
 
 # Fields a format 1 log does not have, and what they read as.
 _V1_ABSENT = {

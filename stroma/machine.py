@@ -332,10 +332,11 @@ class Attempt(NamedTuple):
 @named_value()
 class GroupProgress(NamedTuple):
     """What a group's earlier attempts achieved: outputs of the children that succeeded
-    (by index) and the logs of sub-plan children that were cancelled midway."""
+    (by index), and the logs of sub-plan children that were cancelled midway (or wait for
+    input) with their config and the finished children of the group they were in."""
 
     outputs: dict[int, Any]
-    records: dict[int, tuple[tuple[Any, ...], MachineConfig]]
+    records: dict[int, tuple[tuple[Any, ...], MachineConfig, tuple[Any, ...]]]
 
 
 _NO_PROGRESS = GroupProgress({}, {})
@@ -1030,8 +1031,9 @@ def _child_call(
         return cin
     prior = s.group.records.get(index)
     if prior is not None:  # cancelled on an earlier attempt: it goes on from its own log
-        records, config = prior
-        return fx.RunPlan(child_id, s.attempt, child.fingerprint, child, cin, config, records)
+        records, config, partials = prior
+        return fx.RunPlan(child_id, s.attempt, child.fingerprint, child, cin, config, records,
+                          partials)
     return fx.RunPlan(child_id, s.attempt, child.fingerprint, child, cin,
                       _child_config(s, index))
 
@@ -1212,7 +1214,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         if out is _WAITING:  # it goes on from its records when the group runs again
             child = call.calls[call.indices.index(index)]
             assert isinstance(child, fx.RunPlan)  # only a sub-plan waits
-            records[index] = (outcome.records, child.config)
+            records[index] = (outcome.records, child.config, ())
             waiting.append(outcome.reason or f"child {index} waits for input")
             continue
         if problem is not None:
@@ -1231,9 +1233,11 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         outputs[index] = out
     for k, outcome in enumerate(ev.outcomes):
         c = calls[k]
-        if type(outcome) is fx.NodeCancelled and outcome.records and type(c) is fx.RunPlan:
-            # A sub-plan child goes on from here on the group's next attempt.
-            records[call.indices[k]] = (outcome.records, c.config)
+        if (type(outcome) is fx.NodeCancelled and (outcome.records or outcome.partials)
+                and type(c) is fx.RunPlan):
+            # A sub-plan child goes on from here on the group's next attempt (and the
+            # children that finished of a group of its own are not called again).
+            records[call.indices[k]] = (outcome.records, c.config, outcome.partials)
     s = _next(s, s.phase, s.current, group=GroupProgress(outputs, records))
     if error is None and any(type(o) is fx.NodeCancelled for o in ev.outcomes):
         if ev.deadline_passed:

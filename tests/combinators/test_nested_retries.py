@@ -35,6 +35,7 @@ from stroma import (
     stroma_node,
 )
 from stroma.failures import default_policy_map
+from stroma.log import EffectLog
 from stroma.plan import MapStep, NodeStep, ParallelStep, Plan
 from stroma.runner import RunConfig, interpret
 
@@ -393,19 +394,15 @@ def exposed_nodes(plan: Plan) -> set[str]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a group inside a sub-plan child of a group: when a sibling's failure cancels that "
-    "child midway through its inner group, the inner group's attempt is not in the "
-    "child's records (sub-plan recorders keep no partials, and NodeCancelled carries none), "
-    "so on the outer group's retry the inner group runs from its start and calls again a "
-    "child that had succeeded"))
+@pytest.mark.parametrize("first_in_child", [True, False], ids=["after-a-node", "first"])
 async def test_a_group_inside_a_cancelled_sub_plan_child_keeps_its_children_s_successes(
-    anyio_backend: str,
+    anyio_backend: str, first_in_child: bool,
 ) -> None:
     """parallel(seq(first, parallel(fast, slow)), failing): `failing` fails once while the
     inner group runs (fast done, slow still running) and cancels the sub-plan child; on
     the outer group's retry the child goes on from its records: `first` is not called
-    again, and neither should `fast`, which had succeeded."""
+    again, and neither is `fast`, which had succeeded. Alike when the inner group is the
+    child's first step (the child has no records of its own yet)."""
     calls: Counter[str] = Counter()
 
     def node(node_id: str, body: Any) -> Any:
@@ -434,13 +431,23 @@ async def test_a_group_inside_a_cancelled_sub_plan_child_keeps_its_children_s_su
         return {"value": s.value + 3}
 
     inner = parallel(node("fast", quick), node("slow", slow))
-    plan = seq(parallel(seq(node("first", quick), inner), node("failing", failing)))
+    child = seq(node("first", quick), inner) if first_in_child else seq(inner, node(
+        "first", quick))
+    plan = seq(parallel(child, node("failing", failing)))
     result = await interpret(plan, St(value=1), config=RunConfig(policy_map={
         c: FailurePolicy(max_retries=1, backoff_seconds=0) for c in FailureClass}))
 
     assert result.status is RunStatus.COMPLETED
     assert calls["failing"] == 2 and calls["first"] == 1 and calls["slow"] == 2
     assert calls["fast"] == 1, calls
+    # The finished children of the cancelled child's own group are in the log (as the
+    # cancelled outcome's partials), so its text reads back the same and replays equal.
+    text = result.log.to_jsonl()
+    assert '"partials":[[0,{"t":"CallNode","node_id":"fast"' in text
+    assert EffectLog.from_jsonl(text).to_jsonl() == text
+    before = sum(calls.values())
+    replayed = await replay(plan, text)
+    assert replayed.final_state == result.final_state and sum(calls.values()) == before
 
 
 def _group_child_without_own(plan: Plan, node_id: str, own: dict[str, Any]) -> bool:
