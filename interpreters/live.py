@@ -158,7 +158,7 @@ class LivePerformer:
             save_text, save_sync, rid = self.save_text, self.save_sync, run_id
             if save_text is not None and not inspect.iscoroutinefunction(save_text):
                 def commit_now(eff: fx.Commit) -> None:
-                    save_text(rid, eff.node_id, eff.output_state, type(eff.state))
+                    save_text(rid, eff[0], eff[5], type(eff[8]))  # node_id, output, state
             else:
                 assert save_sync is not None
 
@@ -213,30 +213,30 @@ class LivePerformer:
     # -- nodes
 
     async def call_node(self, eff: fx.CallNode) -> Any:
-        node = self.nodes[eff.node_id]
+        node_id, _, timeout_ms, model, given, coords = eff  # (unpacked: the hot path)
+        node = self.nodes[node_id]
         ctx = self.context
         if node.takes_context:
-            if eff.model is not None:
-                ctx["_stroma_model"] = eff.model
+            if model is not None:
+                ctx["_stroma_model"] = model
             elif "_stroma_model" in ctx:
                 del ctx["_stroma_model"]
             # (read it at the start of the node: the context is shared by the run's nodes)
-            ctx["_stroma_idempotency_key"] = idempotency_key(self.run_id, eff.node_id,
-                                                             eff.coords)
+            ctx["_stroma_idempotency_key"] = idempotency_key(self.run_id, node_id, coords)
         started = self.now()
         t0 = self.timer()
         fn = node.fn
         try:
-            if eff.timeout_ms is None:
-                raw = await (fn(eff.input, ctx) if node.takes_context else fn(eff.input))
+            if timeout_ms is None:
+                raw = await (fn(given, ctx) if node.takes_context else fn(given))
             else:
-                with anyio.move_on_after(eff.timeout_ms / 1000) as scope:
-                    raw = await (fn(eff.input, ctx) if node.takes_context else fn(eff.input))
+                with anyio.move_on_after(timeout_ms / 1000) as scope:
+                    raw = await (fn(given, ctx) if node.takes_context else fn(given))
                 # cancel_called, not cancelled_caught: a node that swallowed the
                 # cancellation and returned late has timed out all the same.
                 if scope.cancel_called:
                     raise TimeoutError(
-                        f"node {eff.node_id!r} timed out after {eff.timeout_ms} ms and was "
+                        f"node {node_id!r} timed out after {timeout_ms} ms and was "
                         "cancelled"
                     )
         except Exception as exc:

@@ -233,14 +233,17 @@ async def _run_live(
     choose = performer.choose_now
     commit_now = performer.commit_now  # (a synchronous store: no coroutine per commit)
     warn = performer.log.warning
+    # (the hot path unpacks named tuples: reading a field by name costs as much as
+    # unpacking them all)
+    Commit, NodeReturned, ChooseBranch = fx.Commit, fx.NodeReturned, fx.ChooseBranch
     while True:
         pending: Any = None
         for eff in effects:
             t = type(eff)
-            if t is fx.Commit:
-                items.append(("Commit", eff.node_id, eff.run_id, eff.attempt,
-                              eff.timestamp_utc, eff.input_state, eff.output_state,
-                              eff.duration_ms, eff.schema, eff.coords))
+            if t is Commit:
+                node_id, run_id, attempt, at, given, made, duration, schema, _, coords = eff
+                items.append(("Commit", node_id, run_id, attempt, at, given, made, duration,
+                              schema, coords))
                 if commit_now is not None:
                     commit_now(eff)
                 else:
@@ -271,16 +274,16 @@ async def _run_live(
         else:
             if guarded and type(pending) is fx.FireHook:
                 performer.at = (state, pending)  # where to go on if the hook times out
-            event = (choose(pending) if type(pending) is fx.ChooseBranch
+            event = (choose(pending) if type(pending) is ChooseBranch
                      else await table[type(pending)](pending))
         before = state
         state, effects = advance(state, event)
-        if type(event) is fx.NodeReturned:
+        if type(event) is NodeReturned:
             head = effects[0] if effects else None
-            if type(head) is fx.Commit:  # the output kept its contract: the Commit's text
-                atoms: Any = ("NodeReturned", (head.output_state, head.schema),
-                              event.started_at, event.duration_ms, event.input_tokens,
-                              event.output_tokens, event.model)
+            if type(head) is Commit:  # the output kept its contract: the Commit's text
+                _, started, duration, tin, tout, used = event
+                atoms: Any = ("NodeReturned", (head[5], head[7]), started, duration, tin,
+                              tout, used)  # (the Commit's output_state and schema)
             else:
                 atoms = returned_atoms(event, None)
                 error = unwritable(atoms)
@@ -289,8 +292,8 @@ async def _run_live(
                         before, (state, effects), event._replace(output=error), _near(event),
                     )
                     atoms = returned_atoms(event, None)
-            items.append(("CallNode", pending.node_id, pending.attempt, pending.timeout_ms,
-                          pending.model, pending.coords, *atoms))
+            node_id, attempt, timeout, model, _, coords = pending
+            items.append(("CallNode", node_id, attempt, timeout, model, coords, *atoms))
         else:
             atoms = encode_event(event)
             if type(event) is fx.ParallelReturned:

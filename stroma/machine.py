@@ -893,22 +893,23 @@ def _answered(
 
 def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     step: Any = s.plan.program[s.pos]
-    call = s.current.call  # type: ignore[union-attr]
-    duration = ev.duration_ms
-    if ev.input_tokens or ev.output_tokens:
-        tokens, cost = _price(call.model, ev)
+    call = s.current[1]  # type: ignore[index]  # (Attempt.call; by index: the hot path)
+    # (unpacked: reading a named tuple's fields by name costs as much as unpacking them)
+    output, started_at, duration, tin, tout, _ = ev
+    _, _, timeout, model, _, _ = call
+    if tin or tout:
+        tokens, cost = _price(model, ev)
     else:
         tokens, cost = 0, 0.0
-    output = ev.output
     problem: Any = None
-    if call.timeout_ms is not None and duration > call.timeout_ms:
-        problem = _timed_out(step.node_id, call.timeout_ms, duration)
+    if timeout is not None and duration > timeout:
+        problem = _timed_out(step.node_id, timeout, duration)
     elif type(output) is fx.ErrorInfo:  # the output cannot be written as JSON (the log says)
         problem = output
     elif type(output) is fx.Validated:
         # Replayed: the log says the output kept this node's contract, and the plan's
         # fingerprint (checked before any record is replayed) says the contract is the same.
-        return _succeeded(s, None, output.json, step.output_schema, ev.started_at, duration,
+        return _succeeded(s, None, output[0], step.output_schema, started_at, duration,
                           tokens, cost)
     else:
         schema = step.output_schema
@@ -929,9 +930,9 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
             except Exception:
                 text = _json(out)
             if type(text) is bytes:
-                return _succeeded(s, out, text, schema, ev.started_at, duration, tokens, cost)
+                return _succeeded(s, out, text, schema, started_at, duration, tokens, cost)
             problem = text
-    return _failed(_answered(s, ev.started_at, duration, tokens, cost), problem)
+    return _failed(_answered(s, started_at, duration, tokens, cost), problem)
 
 
 def _succeeded(
@@ -956,9 +957,9 @@ def _succeeded(
             return _failed(s, error_info(BudgetExceeded(*hit, step.step_id)))
     attempt = s.attempt
     commit = _tuple_new(fx.Commit, (
-        step.step_id, c.run_id, attempt, started_at, s.current.input_json,  # type: ignore[union-attr]
+        step.step_id, c.run_id, attempt, started_at, s.current[0],  # type: ignore[index]
         out_json, duration_ms, step.output_ref or _schema_ref(out_type), out, s.coords,
-    ))  # (no output_ref: a wait that begins the run, in whatever state it began)
+    ))  # (Attempt.input_json; no output_ref: a wait that begins the run, in any state)
     # _next, spelled out: this runs once per node.
     d = s.__dict__.copy()
     d["state"] = out

@@ -211,7 +211,9 @@ class ExecutionTrace:
         # its task's repr, and a folded trace is most of a finished run's memory)
         records = self._records
         if records is not None:
-            n = len(records() if callable(records) else records)
+            if callable(records):  # (found once: asyncio asks for it twice as a run ends)
+                records = self._records = records()
+            n = len(records)
         else:
             n = len(self._events)
         return f"ExecutionTrace(<{n} events>)"
