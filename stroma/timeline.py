@@ -323,7 +323,7 @@ class Timeline:
             if r.key == key:
                 return r
         raise StromaKeyError(f"no row {key!r} in the timeline of {self.run_id!r}; rows: "
-                       f"{', '.join(r.key for r in self.rows)}")
+                             f"{', '.join(r.key for r in self.rows)}")
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape (``python -m stroma show STORE RUN --json``)."""

@@ -909,7 +909,7 @@ class FileStore:
             bad = next((n for n, x in enumerate(lines) if not isinstance(x, str)), None)
             if bad is not None:
                 raise StromaTypeError(f"{op}: line {bad} must be a str (one JSON line), got "
-                                f"{type(lines[bad]).__name__}")
+                                      f"{type(lines[bad]).__name__}")
             try:
                 data = ("\n".join(lines) + "\n").encode("utf-8")
             except UnicodeEncodeError as e:
