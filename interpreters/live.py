@@ -154,6 +154,9 @@ class LivePerformer:
         # A commit a synchronous store takes at once (no coroutine): what the loop calls
         # instead of ``commit`` when there is one.
         self.commit_now: Callable[[fx.Commit], None] | None = None
+        # A sub-plan child's run: (the run's recorder, the child's index, its call, when
+        # it started), set by run_plan when the run keeps its children's progress.
+        self.parent: tuple[Any, int, fx.RunPlan, datetime] | None = None
         if not self.durable and not manager.is_async:
             save_text, save_sync, rid = self.save_text, self.save_sync, run_id
             if save_text is not None and not inspect.iscoroutinefunction(save_text):
@@ -255,11 +258,17 @@ class LivePerformer:
         began: list[tuple[datetime, float] | None] = [None] * n
         # Children that finished before a crash (their outcomes are in the log): not again.
         prefilled, self.prefilled = self.prefilled, {}
+        resumed: dict[int, Any] = {}  # sub-plan children going on from durable records
         for k, (index, call) in enumerate(zip(eff.indices, eff.calls, strict=True)):
             done = prefilled.get(index)
-            if done is not None and done[0] == call and type(done[1]) is not fx.NodeCancelled:
+            if done is None or done[0] != call:
+                continue
+            if type(done[1]) is not fx.NodeCancelled:
                 outcomes[k] = done[1]
                 await self.recorder.flush_partial(index, call, done[1])
+            elif type(call) is fx.RunPlan and done[1].records:
+                # A sub-plan child that was running: it goes on from its durable records.
+                resumed[k] = done[1].records
         limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
         group = eff.group
         merged = eff.kind == "parallel"
@@ -271,7 +280,8 @@ class LivePerformer:
                 async def child(k: int, call: Any, token: object) -> None:
                     try:
                         began[k] = (self.now(), self.timer())
-                        outcome = await self.call_child(k, call, merged)
+                        outcome = await self.call_child(k, call, merged, eff.indices[k],
+                                                        resumed.get(k))
                     finally:
                         if limiter is not None:
                             limiter.release_on_behalf_of(token)
@@ -319,7 +329,8 @@ class LivePerformer:
         self._running_children.clear()
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
 
-    async def call_child(self, k: int, call: Any, merged: bool = False) -> Any:
+    async def call_child(self, k: int, call: Any, merged: bool = False,
+                         index: int | None = None, prior: Any = None) -> Any:
         if type(call) is fx.CallNode:
             outcome = await self.call_node(call)
             if merged and type(outcome) is fx.NodeReturned and isinstance(outcome.output,
@@ -329,11 +340,13 @@ class LivePerformer:
                 # or a resume merges what this run merged.
                 outcome = outcome._replace(output=outcome.output.model_dump(exclude_unset=True))
             return outcome
-        return await self.run_plan(k, call)
+        return await self.run_plan(k, call, index, prior)
 
-    async def run_plan(self, k: int, call: fx.RunPlan) -> fx.PlanFinished:
+    async def run_plan(self, k: int, call: fx.RunPlan, index: int | None = None,
+                       prior: Any = None) -> fx.PlanFinished:
         """Run a fan-out child's sub-plan to its end, with its own (embedded) log; a child
-        cancelled on an earlier attempt goes on from its records."""
+        cancelled on an earlier attempt goes on from its records, and one that was running
+        when the run stopped from the ``prior`` records the run's log kept of it."""
         from interpreters.loop import Recorder, run
 
         started = self.now()
@@ -348,9 +361,13 @@ class LivePerformer:
         performer = LivePerformer(call.plan, run_id=self.run_id, world=world,
                                   recorder=recorder, hook_timeout_ms=call.config.hook_timeout_ms,
                                   prefilled={j: (c, o) for j, c, o in call.partials})
+        if self.durable_children and index is not None:
+            # Each commit of the child goes into this run's log as it happens.
+            performer.parent = (self.recorder, index, call, started)
+            performer.commit_now = None  # (every commit goes through commit)
         assert call.input is not None
         result = await run(call.plan, call.input, call.config, recorder, performer,
-                           prior=call.records)
+                           prior=call.records if prior is None else prior)
         self._running_children.pop(k, None)
         finish: Any = recorder.log.finish
         return fx.PlanFinished(
@@ -424,7 +441,16 @@ class LivePerformer:
         if self.durable:
             # The log up to and including this record goes into the checkpoint's commit.
             await self.recorder.flush((eff.node_id, state))
-        elif self.save_text is not None:
+            return
+        if self.parent is not None:
+            # A fan-out child that is a sub-plan: its records so far go into the run's
+            # log (as the group's progress) with the checkpoint, in one append.
+            recorder, index, call, started = self.parent
+            with anyio.CancelScope(shield=True):
+                if await recorder.flush_progress(index, call, started, self.recorder.log.records,
+                                                 (eff.node_id, state)):
+                    return
+        if self.save_text is not None:
             result = self.save_text(self.run_id, eff.node_id, eff.output_state, type(state))
             if result is not None:
                 await result

@@ -26,13 +26,17 @@ from stroma.log import (
     LogHeader,
     RecordList,
     ResumeMarker,
+    add_partial,
+    add_progress,
     approximate_output,
     encode_effect,
     encode_event,
     encode_header,
     encode_partial,
+    encode_progress,
     encode_record,
     is_attempt,
+    progress_of,
     returned_atoms,
     trace_of,
     unwritable,
@@ -96,11 +100,44 @@ class Recorder:
         self.flushed = len(self.log.records.items)
 
     def finished_children(self) -> tuple[tuple[int, Any, Any], ...]:
-        """The children that finished of the group in flight at the end of the records,
-        as ``(child index, call, outcome)`` (none when no group is in flight)."""
-        n = len(self.log.records.items)
-        return tuple((j, call, outcome) for i, j, call, outcome in self.log.partials
-                     if i == n)
+        """The children of the group in flight at the end of the records that finished
+        (or, sub-plans, kept progress: a NodeCancelled with their records so far), as
+        ``(child index, call, outcome)`` (none when no group is in flight)."""
+        return tuple((j, call, outcome)
+                     for j, (call, outcome) in sorted(self.log.pending_children().items()))
+
+    async def flush_progress(self, child: int, call: Any, at: Any, records: Any,
+                             checkpoint: tuple[str, BaseModel] | None) -> bool:
+        """A fan-out child that is a sub-plan committed a node: its records not yet kept
+        here made durable in this log (as progress lines of the group in flight), in one
+        append with the node's checkpoint, so a crash does not run them again. False when
+        this recorder keeps nothing (the caller then saves the checkpoint itself)."""
+        if self.store is None and not self.keeps_partials:
+            return False
+        index = len(self.log.records.items)
+        progress = self.log.progress
+        start = progress_of(progress, index, child)
+        new = list(enumerate(records.items[start:], start))
+        if self.store is None:
+            for n, record in new:
+                add_progress(progress, index, child, call, at, n, record)
+            return False  # (kept in memory: the checkpoint is the caller's to save)
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            begin = self.flushed
+            lines = self._pending_lines()
+            lines.extend(encode_progress(index, child, call, at, n, record)
+                         for n, record in new)
+            try:
+                await self.store.append_log(self.run_id, lines, checkpoint)
+            except BaseException:
+                self.flushed = begin
+                raise
+            self.flushed = len(self.log.records.items)
+            for n, record in new:
+                add_progress(progress, index, child, call, at, n, record)
+        return True
 
     async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
         """A fan-out child finished: make it durable before the group ends, so a crash
@@ -109,7 +146,7 @@ class Recorder:
         entry = (index, child, call, outcome)
         if self.store is None:
             if self.keeps_partials:
-                self.log.partials.append(entry)
+                add_partial(self.log.partials, self.log.progress, entry)
             return
         # Children finish concurrently: one append at a time, so the header and any
         # pending records are written once, and first.
@@ -125,7 +162,7 @@ class Recorder:
                 self.flushed = start
                 raise
             self.flushed = len(self.log.records.items)
-            self.log.partials.append(entry)
+            add_partial(self.log.partials, self.log.progress, entry)
 
 
 def result_of(finish: fx.Finish, recorder: Recorder) -> ExecutionResult:

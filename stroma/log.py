@@ -83,10 +83,13 @@ __all__ = (
     "FORMAT_VERSION",
     "EffectLog",
     "LogHeader",
+    "Progress",
     "Record",
     "RecordList",
     "ResumeMarker",
     "SavedCheckpoint",
+    "add_partial",
+    "add_progress",
     "approximate_output",
     "decode_effect",
     "decode_event",
@@ -94,8 +97,11 @@ __all__ = (
     "encode_event",
     "encode_header",
     "encode_partial",
+    "encode_progress",
     "encode_record",
     "is_attempt",
+    "partial_lines",
+    "progress_of",
     "record_effect",
     "record_event",
     "returned_atoms",
@@ -759,6 +765,58 @@ def encode_header(header: LogHeader) -> str:
     )
 
 
+def encode_progress(index: int, child: int, call: Any, at: datetime, n: int,
+                    record: Any) -> str:
+    """Record ``n`` of a fan-out child that is a sub-plan, made durable while the child
+    runs: ``{"i":k,"partial":j,"progress":n,"at":...,"effect":call,"record":[...]}``."""
+    call_atoms = call if type(call) is tuple else encode_effect(call)
+    return (f'{{"i":{index},"partial":{child},"progress":{n},"at":"{at.isoformat()}",'
+            '"effect":' + _json_atoms(call_atoms) + ',"record":' + _json_pair(record) + "}")
+
+
+def partial_lines(index: int, child: int, call: Any, outcome: Any) -> list[str]:
+    """The lines of a fan-out child's entry in a log's partials: a child that finished
+    (one line), or a sub-plan still running (its ``NodeCancelled``: one line a record)."""
+    if type(outcome) is fx.NodeCancelled:
+        return [encode_progress(index, child, call, outcome.started_at, n, record)
+                for n, record in enumerate(outcome.records.items)]
+    return [encode_partial(index, child, call, outcome)]
+
+
+Progress = dict[tuple[int, int], tuple[int, int, Any, Any]]
+
+
+def add_partial(partials: list[tuple[int, int, Any, Any]], progress: Progress,
+                entry: tuple[int, int, Any, Any]) -> None:
+    """Add a fan-out child that finished to ``partials``, in place of the progress of its
+    run in ``progress`` (if it is a sub-plan that kept some)."""
+    progress.pop((entry[0], entry[1]), None)
+    partials.append(entry)
+
+
+def progress_of(progress: Progress, index: int, child: int) -> int:
+    """How many records ``progress`` holds of the running sub-plan child ``child`` of the
+    group at record ``index`` (0 when none)."""
+    entry = progress.get((index, child))
+    return 0 if entry is None else len(entry[3].records)
+
+
+def add_progress(progress: Progress, index: int, child: int, call: Any, at: datetime, n: int,
+                 record: Any) -> None:
+    """Add record ``n`` (atoms or a ResumeMarker) of a running sub-plan child to its entry
+    in ``progress``: ``(index, child, call, NodeCancelled)`` with the child's records so
+    far, moved last (where its newest line is); a new entry when ``n`` is 0."""
+    key = (index, child)
+    entry = progress.pop(key, None)
+    if entry is None or n == 0:  # (a child that started again starts anew)
+        entry = (index, child, call, fx.NodeCancelled(at, 0, RecordList()))
+    progress[key] = entry
+    records = entry[3].records
+    if n != len(records):
+        raise _Bad("progress", f"expected record {len(records)} of the child, found {n}")
+    records.append(record)
+
+
 def encode_partial(index: int, child: int, call: Any, outcome: Any) -> str:
     """A fan-out child that finished before its group: ``{"i":k,"partial":j,...}``."""
     call_atoms = call if type(call) is tuple else encode_effect(call)
@@ -1244,7 +1302,7 @@ def _upgrade_outcome(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
 class EffectLog:
     """A run's log in memory: the header and the records, in order."""
 
-    __slots__ = ("_records", "header", "partials")
+    __slots__ = ("_records", "header", "partials", "progress")
 
     def __init__(self, header: LogHeader, records: Iterable[Record] = ()) -> None:
         self.header = header
@@ -1252,6 +1310,9 @@ class EffectLog:
         # Fan-out children that finished before their group did, as
         # (record index of the group, child index, call, outcome).
         self.partials: list[tuple[int, int, Any, Any]] = []
+        # Fan-out children that are sub-plans, still running, by (group index, child
+        # index): (the same, call, a NodeCancelled holding the child's records so far).
+        self.progress: Progress = {}
 
     @property
     def records(self) -> RecordList:
@@ -1265,7 +1326,10 @@ class EffectLog:
         """Children of the group in flight when the log ends (a crash inside a fan-out),
         by child index: (call, outcome)."""
         k = len(self.records)
-        return {j: (call, outcome) for i, j, call, outcome in self.partials if i == k}
+        running = {j: (call, outcome) for i, j, call, outcome in self.progress.values()
+                   if i == k}
+        return running | {j: (call, outcome) for i, j, call, outcome in self.partials
+                          if i == k}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -1319,6 +1383,9 @@ class EffectLog:
         # the children of a group still in flight (a crash inside a fan-out) are written.
         n = len(self.records)
         out.extend(encode_partial(*q) for q in self.partials if q[0] >= n)
+        for q in self.progress.values():
+            if q[0] >= n:
+                out.extend(partial_lines(*q))
         return out
 
     def to_jsonl(self) -> str:
@@ -1355,6 +1422,7 @@ class EffectLog:
         records = RecordList()
         items = records.items
         partials: list[tuple[int, int, Any, Any]] = []
+        progress: Progress = {}
         n = len(lines)
         line_no = 1
         while line_no < n:
@@ -1393,9 +1461,20 @@ class EffectLog:
                 index = obj.get("i")
                 if not _is_int(index):
                     raise _Bad("i", f"expected the record's index, found {_shown(index)}")
+                if "partial" in obj and index == len(items) and "progress" in obj:
+                    # A record of a sub-plan child still running (see encode_progress).
+                    child = _read(_I, obj["partial"], "partial", run_id)
+                    position = _read(_I, obj["progress"], "progress", run_id)
+                    call = decode_effect(_read_obj(_field(obj, "effect", ""), "effect",
+                                                   run_id, _CHILD_EFFECTS))
+                    record = _read_pair(_field(obj, "record", ""), "record", run_id)
+                    at = _read_dt(_field(obj, "at", ""), "at", run_id)
+                    add_progress(progress, index, child, call, at, position, record)
+                    line_no += 1
+                    continue
                 if "partial" in obj and index == len(items):
                     child = _read(_I, obj["partial"], "partial", run_id)
-                    partials.append((
+                    add_partial(partials, progress, (
                         index, child,
                         decode_effect(_read_obj(_field(obj, "effect", ""), "effect", run_id,
                                                 _CHILD_EFFECTS)),
@@ -1486,4 +1565,5 @@ class EffectLog:
                 del records.texts[k]
         log = cls(header, records)
         log.partials = partials
+        log.progress = progress
         return log

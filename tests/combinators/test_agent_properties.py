@@ -236,7 +236,8 @@ def _message_key(error: fx.ErrorInfo) -> str | None:
 
 def walk_calls(log: EffectLog, nodes: set[str]) -> tuple[set[str], Counter[str]]:
     """What the log holds of the node calls: the keys of those whose success it keeps
-    (Commits, finished group children, the commits inside sub-plan children it keeps), and
+    (Commits, finished group children, the commits inside sub-plan children it keeps,
+    running ones included), and
     how many answered attempts of each key it keeps (each outcome names its key)."""
     committed: set[str] = set()
     answered: Counter[str] = Counter()
@@ -267,7 +268,9 @@ def walk_calls(log: EffectLog, nodes: set[str]) -> tuple[set[str], Counter[str]]
                     outcome(o, True)
 
     records(log.records)
-    for index, _, _, o in log.partials:
+    # The group in flight: its children that finished, and the progress of those that
+    # are sub-plans still running (their commits are durable as they happen).
+    for index, _, _, o in [*log.partials, *log.progress.values()]:
         if index >= len(log.records.items):  # (else its group's record holds it)
             outcome(o, True)
     return committed, answered

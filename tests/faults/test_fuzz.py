@@ -290,7 +290,10 @@ def header_started_at_x(text: str) -> str:
 
 def record_duration_ms_x(text: str) -> str:
     lines = text.splitlines()
-    k = next(i for i, line in enumerate(lines) if '"duration_ms":' in line and i > 0)
+    # (a record's or a finished child's own field: not one inside the record a
+    # "progress" line holds of a running sub-plan child)
+    k = next(i for i, line in enumerate(lines)
+             if '"duration_ms":' in line and i > 0 and '"progress":' not in line)
     obj = json.loads(lines[k])
     holder = obj["event"] if isinstance(obj.get("event"), dict) and (
         "duration_ms" in obj["event"]) else obj["effect"]
