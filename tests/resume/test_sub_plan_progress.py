@@ -1,12 +1,14 @@
 """A fan-out child that is a sub-plan keeps its progress in the run's log as it runs: each
 of its commits is appended (with the checkpoint) as a ``"progress"`` line of the group in
 flight, so a crash while the child runs resumes it from there, and the steps it had
-committed are not called again. On a FileStore, and on the in-memory store with an
-explicit run id; both async backends."""
+committed are not called again. On FileStore, RedisStore, PostgresStore and the
+in-memory store with an explicit run id; both async backends (the Redis and PostgreSQL
+clients: asyncio)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,16 @@ from stroma.errors import LogCorrupted
 from stroma.log import EffectLog
 from stroma.runner import RunConfig, interpret
 from stroma.trace import RunStatus
+from tests.services import (
+    POSTGRES_DSN,
+    REDIS_URL,
+    START_POSTGRES,
+    START_REDIS,
+    drop_postgres_tables,
+    drop_redis_prefix,
+    require,
+    unique,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -71,20 +83,78 @@ async def cut_at_b(world: World, store: Any, config: RunConfig) -> None:
         tg.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-@pytest.mark.parametrize("kind", ["file", "memory"])
+CASES = [("file", "asyncio"), ("file", "trio"), ("memory", "asyncio"), ("memory", "trio"),
+         ("redis", "asyncio"), ("postgres", "asyncio")]
+
+
+@pytest.fixture(params=CASES, ids=["-".join(c) for c in CASES])
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(case: tuple[str, str]) -> str:
+    return case[1]
+
+
+@pytest.fixture
+async def stores(case: tuple[str, str], tmp_path: Path) -> AsyncIterator[Callable[[], Any]]:
+    """``stores()``: a store object on one shared place (a new object each time, as
+    another process would make; the in-memory store: the same object)."""
+    kind = case[0]
+    made: list[Any] = []
+    if kind == "memory":
+        memory = InMemoryStore()
+        yield lambda: memory
+    elif kind == "file":
+        yield lambda: FileStore(tmp_path / "store")
+    elif kind == "redis":
+        from interpreters.stores.redis import RedisStore
+
+        url = require("Redis", REDIS_URL, 6379, START_REDIS)
+        prefix = unique("stroma-progress")
+
+        def make_redis() -> Any:
+            made.append(RedisStore(url, key_prefix=prefix))
+            return made[-1]
+
+        try:
+            yield make_redis
+        finally:
+            for store in made:
+                await store.close()
+            await drop_redis_prefix(url, prefix)
+    else:
+        from interpreters.stores.postgres import PostgresStore
+
+        dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+        prefix = unique("sp")
+
+        def make_pg() -> Any:
+            made.append(PostgresStore(dsn, table_prefix=prefix))
+            return made[-1]
+
+        try:
+            yield make_pg
+        finally:
+            for store in made:
+                await store.close()
+            await drop_postgres_tables(dsn, PostgresStore(dsn, table_prefix=prefix).tables)
+
+
+async def read_log(store: Any, run_id: str) -> Any:
+    read = getattr(store, "read_log", None)
+    return await read(run_id) if read is not None else store.get_log(run_id)
+
+
 async def test_a_crash_inside_a_sub_plan_child_does_not_run_its_committed_steps_again(
-    anyio_backend: str, kind: str, tmp_path: Path,
+    stores: Callable[[], Any],
 ) -> None:
     """Cut while ``b`` runs: ``a`` had committed inside the child, ``side`` had finished
     beside it. The resumed run calls ``b`` (in flight) and ``c``, and neither ``a`` nor
     ``side`` nor ``first`` again; it ends as an uninterrupted run does, and its log
     replays to the same result calling nothing."""
-    memory = InMemoryStore()
-
-    def store() -> Any:
-        return FileStore(tmp_path / "store") if kind == "file" else memory
-
+    store = stores
     config = RunConfig(run_id="sub-plan-progress")
     world = World()
     await cut_at_b(world, store(), config)
@@ -101,17 +171,16 @@ async def test_a_crash_inside_a_sub_plan_child_does_not_run_its_committed_steps_
     assert resumed.final_state == expected.final_state
     assert resumed.final_state.model_dump() == {"value": 4, "side": 1}
 
-    log = (await store().read_log(config.run_id) if kind == "file"
-           else store().get_log(config.run_id))
+    log = await read_log(store(), config.run_id)
     assert log is not None
     before = sum(world.calls.values())
     again = await replay(world.plan(), log.to_jsonl())
     assert again.final_state == resumed.final_state and sum(world.calls.values()) == before
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("case", [("file", "asyncio")], ids=["file-asyncio"])
 async def test_a_log_cut_inside_a_sub_plan_child_reads_back_its_progress_and_names_damage(
-    anyio_backend: str, tmp_path: Path,
+    tmp_path: Path,
 ) -> None:
     """The log of a run cut inside the child holds the child's records as progress lines:
     they read back into the group's pending children (the child's records so far) and
