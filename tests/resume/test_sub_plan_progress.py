@@ -8,7 +8,7 @@ clients: asyncio)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,6 @@ from stroma.errors import LogCorrupted
 from stroma.log import EffectLog
 from stroma.runner import RunConfig, interpret
 from stroma.trace import RunStatus
-from tests.services import (
-    POSTGRES_DSN,
-    REDIS_URL,
-    START_POSTGRES,
-    START_REDIS,
-    drop_postgres_tables,
-    drop_redis_prefix,
-    require,
-    unique,
-)
 
 pytestmark = pytest.mark.anyio
 
@@ -98,48 +88,19 @@ def anyio_backend(case: tuple[str, str]) -> str:
 
 
 @pytest.fixture
-async def stores(case: tuple[str, str], tmp_path: Path) -> AsyncIterator[Callable[[], Any]]:
+def stores(case: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+           ) -> Callable[[], Any]:
     """``stores()``: a store object on one shared place (a new object each time, as
-    another process would make; the in-memory store: the same object)."""
+    another process would make; the in-memory store: the same object). Redis and
+    PostgreSQL: this folder's ``redis_stores`` and ``postgres_stores``."""
     kind = case[0]
-    made: list[Any] = []
     if kind == "memory":
         memory = InMemoryStore()
-        yield lambda: memory
-    elif kind == "file":
-        yield lambda: FileStore(tmp_path / "store")
-    elif kind == "redis":
-        from interpreters.stores.redis import RedisStore
-
-        url = require("Redis", REDIS_URL, 6379, START_REDIS)
-        prefix = unique("stroma-progress")
-
-        def make_redis() -> Any:
-            made.append(RedisStore(url, key_prefix=prefix))
-            return made[-1]
-
-        try:
-            yield make_redis
-        finally:
-            for store in made:
-                await store.close()
-            await drop_redis_prefix(url, prefix)
-    else:
-        from interpreters.stores.postgres import PostgresStore
-
-        dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
-        prefix = unique("sp")
-
-        def make_pg() -> Any:
-            made.append(PostgresStore(dsn, table_prefix=prefix))
-            return made[-1]
-
-        try:
-            yield make_pg
-        finally:
-            for store in made:
-                await store.close()
-            await drop_postgres_tables(dsn, PostgresStore(dsn, table_prefix=prefix).tables)
+        return lambda: memory
+    if kind == "file":
+        return lambda: FileStore(tmp_path / "store")
+    made: Callable[[], Any] = request.getfixturevalue(f"{kind}_stores")
+    return made
 
 
 async def read_log(store: Any, run_id: str) -> Any:
