@@ -86,12 +86,15 @@ class Recorder:
             lines.extend(encode_record(i, items[i]))
         return lines
 
-    async def flush(self, checkpoint: tuple[str, BaseModel] | None = None) -> None:
-        """Make every record so far durable, with ``checkpoint`` in the same commit."""
+    async def flush(self, checkpoint: tuple[str, BaseModel] | None = None,
+                    extra: Sequence[str] = ()) -> None:
+        """Make every record so far durable, with ``checkpoint`` (and the ``extra`` lines
+        of a fan-out child, after the records) in the same commit."""
         if self.store is None:
             return
         start = self.flushed
         lines = self._pending_lines()
+        lines.extend(extra)
         try:
             await self.store.append_log(self.run_id, lines, checkpoint)
         except BaseException:
@@ -122,21 +125,10 @@ class Recorder:
             for n, record in new:
                 add_progress(progress, index, child, call, at, n, record)
             return False  # (kept in memory: the checkpoint is the caller's to save)
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        async with self._lock:
-            begin = self.flushed
-            lines = self._pending_lines()
-            lines.extend(encode_progress(index, child, call, at, n, record)
-                         for n, record in new)
-            try:
-                await self.store.append_log(self.run_id, lines, checkpoint)
-            except BaseException:
-                self.flushed = begin
-                raise
-            self.flushed = len(self.log.records.items)
-            for n, record in new:
-                add_progress(progress, index, child, call, at, n, record)
+        await self._flush_child([encode_progress(index, child, call, at, n, record)
+                                 for n, record in new], checkpoint)
+        for n, record in new:
+            add_progress(progress, index, child, call, at, n, record)
         return True
 
     async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
@@ -148,21 +140,17 @@ class Recorder:
             if self.keeps_partials:
                 add_partial(self.log.partials, self.log.progress, entry)
             return
-        # Children finish concurrently: one append at a time, so the header and any
-        # pending records are written once, and first.
+        await self._flush_child([encode_partial(*entry)], None)
+        add_partial(self.log.partials, self.log.progress, entry)
+
+    async def _flush_child(self, lines: list[str],
+                           checkpoint: tuple[str, BaseModel] | None) -> None:
+        """A fan-out child's lines made durable. Children run concurrently: one append
+        at a time, so the header and any pending records are written once, and first."""
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
-            start = self.flushed
-            lines = self._pending_lines()
-            lines.append(encode_partial(*entry))
-            try:
-                await self.store.append_log(self.run_id, lines, None)
-            except BaseException:
-                self.flushed = start
-                raise
-            self.flushed = len(self.log.records.items)
-            add_partial(self.log.partials, self.log.progress, entry)
+            await self.flush(checkpoint, lines)
 
 
 def result_of(finish: fx.Finish, recorder: Recorder) -> ExecutionResult:
