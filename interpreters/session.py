@@ -354,7 +354,8 @@ def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) 
     used (the same run id is the way to resume; a new run needs a new id)."""
     restart = _last_restart(log)  # (a later session started over: its state counts)
     config = log.header.config if restart is None else restart[1].restart or {}
-    recorded = (config.get("initial") or {}).get("state")
+    initial = config.get("initial")  # (the log's to check when it is replayed: not here)
+    recorded = initial.get("state") if isinstance(initial, dict) else None
     if not isinstance(recorded, dict):
         return
     try:

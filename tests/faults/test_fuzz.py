@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +54,7 @@ NAMES = sorted(SPECS)
 # No example database: the corpus is recorded afresh in each session (its times and
 # durations, so its lines' lengths, differ), and an example saved from another session's
 # corpus draws differently (hypothesis then fails it as a flaky strategy).
+SEEDS = st.integers(0, 2**32 - 1)
 FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -133,16 +136,18 @@ async def read_and_resume_on_file_store(recorded: Recorded, raw: bytes, root: Pa
 # -------------------------------------------------------------------- the damage
 
 
-@st.composite
-def damaged_lines(draw: st.DrawFn, lines: list[str], raw: bool = False) -> str:
-    """One to three damages to the lines of a log (fields, then whole lines)."""
+def damaged_lines(rng: random.Random, lines: list[str], raw: bool = False) -> str:
+    """One to three damages to the lines of a log (fields, then whole lines), chosen by
+    ``rng``. (Hypothesis draws only the seed: drawing the damage itself, from strategies
+    that depend on the log's content, made hypothesis fail now and then with a
+    FlakyStrategyDefinition it could not explain.)"""
     lines = list(lines)
     newline = True
-    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
         if not lines:
             break
-        k = draw(st.integers(0, len(lines) - 1))
-        if draw(st.integers(0, 3)) > 0:  # a field, most of the time
+        k = rng.randrange(len(lines))
+        if rng.randint(0, 3) > 0:  # a field, most of the time
             try:
                 obj = json.loads(lines[k])
             except ValueError:
@@ -150,29 +155,30 @@ def damaged_lines(draw: st.DrawFn, lines: list[str], raw: bool = False) -> str:
             every = paths(obj)
             if not every:
                 continue
-            path = draw(st.sampled_from(every))
-            how = draw(st.sampled_from((*HOWS, "same_type", "same_type", "same_type")))
+            path = rng.choice(every)
+            how = rng.choice((*HOWS, "same_type", "same_type", "same_type"))
             if how == "same_type":  # a value of its own type, but another one
-                replacement = draw(same_type(_value_at(obj, path)))
+                replacement = same_type(rng, _value_at(obj, path))
                 how = "replace"
             else:
-                replacement = draw(st.one_of(
-                    st.sampled_from(REPLACEMENTS), st.integers(), st.floats(allow_nan=True),
-                    st.text(max_size=8), st.lists(st.integers(), max_size=3),
+                replacement = rng.choice((
+                    rng.choice(REPLACEMENTS), rng.randint(-(2**70), 2**70),
+                    rng.choice((rng.uniform(-1e9, 1e9), math.nan, math.inf, -0.0)),
+                    _text(rng, 8), [rng.randint(-9, 9) for _ in range(rng.randint(0, 3))],
                 ))
             lines[k] = dumps(mutate(obj, path, how, replacement))
             continue
-        damage = draw(st.sampled_from(LINE_DAMAGE + (("bad_utf8",) if raw else ())))
+        damage = rng.choice(LINE_DAMAGE + (("bad_utf8",) if raw else ()))
         if damage == "truncate":
-            lines[k] = lines[k][: draw(st.integers(0, max(0, len(lines[k]) - 1)))]
+            lines[k] = lines[k][: rng.randint(0, max(0, len(lines[k]) - 1))]
         elif damage == "duplicate":
-            lines.insert(draw(st.integers(0, len(lines))), lines[k])
+            lines.insert(rng.randint(0, len(lines)), lines[k])
         elif damage == "drop":
             del lines[k]
         elif damage == "swap" and k + 1 < len(lines):
             lines[k], lines[k + 1] = lines[k + 1], lines[k]
         elif damage == "move":
-            lines.insert(draw(st.integers(0, len(lines) - 1)), lines.pop(k))
+            lines.insert(rng.randint(0, len(lines) - 1), lines.pop(k))
         elif damage in ("blank", "null", "list", "not_json", "bad_utf8"):
             junk = {"blank": "", "null": "null", "list": "[1,2]",
                     "not_json": '{"i": 3, "effect": {"t": ', "bad_utf8": "\udcff\udcfe"}
@@ -186,6 +192,11 @@ def damaged_lines(draw: st.DrawFn, lines: list[str], raw: bool = False) -> str:
 
 TIMES = ("2026-11-23T16:00:00+00:00", "2026-11-23T16:00:00", "9999-12-31T23:59:59+00:00",
          "0001-01-01T00:00:00+00:00", "2026-11-23", "16:00", "2026-11-23T16:00:00+25:00")
+_LETTERS = "ab0 \"\\{}[]:,.\n\t\u0000é😀"
+
+
+def _text(rng: random.Random, most: int) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(0, most)))
 
 
 def _value_at(obj: Any, path: tuple[Any, ...]) -> Any:
@@ -194,26 +205,25 @@ def _value_at(obj: Any, path: tuple[Any, ...]) -> Any:
     return obj
 
 
-def same_type(value: Any) -> st.SearchStrategy[Any]:
+def same_type(rng: random.Random, value: Any) -> Any:
     """Another value of the type of ``value``: a number for a number, text for text, a
     list or object with an item dropped, reordered or repeated."""
     if isinstance(value, bool):
-        return st.just(not value)
+        return not value
     if isinstance(value, int):
-        return st.one_of(st.integers(-3, 3), st.integers(), st.sampled_from(
-            [value + 1, value - 1, 2**63, 2**64 + 1, 10**30, -(10**30)]))
+        return rng.choice((rng.randint(-3, 3), rng.randint(-(2**64), 2**64), value + 1,
+                           value - 1, 2**63, 2**64 + 1, 10**30, -(10**30)))
     if isinstance(value, float):
-        return st.floats(allow_nan=True, allow_infinity=True)
+        return rng.choice((rng.uniform(-1e12, 1e12), math.nan, math.inf, -math.inf, -0.0))
     if isinstance(value, str):
-        return st.one_of(st.text(max_size=6), st.sampled_from(TIMES),
-                         st.sampled_from([value + "x", value[:-1], value.upper(), ""]))
+        return rng.choice((_text(rng, 6), rng.choice(TIMES), value + "x", value[:-1],
+                           value.upper(), ""))
     if isinstance(value, list):
-        return st.sampled_from([value[:-1], value[::-1], value + value[:1], []])
+        return rng.choice((value[:-1], value[::-1], value + value[:1], []))
     if isinstance(value, dict) and value:
-        keys = sorted(value)
-        return st.sampled_from(keys).map(
-            lambda drop: {k: v for k, v in value.items() if k != drop})
-    return st.sampled_from(REPLACEMENTS)
+        drop = rng.choice(sorted(value))
+        return {k: v for k, v in value.items() if k != drop}
+    return rng.choice(REPLACEMENTS)
 
 
 def encode(text: str) -> bytes:
@@ -224,34 +234,31 @@ def encode(text: str) -> bytes:
 # ------------------------------------------------------------------------ the tests
 
 
-# The two fuzz tests below draw their damage before they start an event loop (and then
-# run the check in one, on the case's backend): a draw that overruns hypothesis's buffer
-# inside a running loop leaks its StopTest from the loop's task and breaks hypothesis.
+# The fuzz tests below are plain functions that run their check in an event loop of the
+# case's backend, and draw only a log and a seed for the damage (see damaged_lines).
 
 
 @FUZZ
-@given(data=st.data())
+@given(name=st.sampled_from(NAMES), seed=SEEDS)
 def test_damaged_logs_read_replay_and_resume_to_stroma_errors_only(
-    anyio_backend: str, corpus: dict[str, Recorded], data: st.DataObject
+    anyio_backend: str, corpus: dict[str, Recorded], name: str, seed: int
 ) -> None:
     """Any damage to a real log's text: from_jsonl, the trace, replay and a resume on the
     memory store either work or raise a StromaError, nothing else."""
-    name = data.draw(st.sampled_from(NAMES))
-    text = data.draw(damaged_lines(corpus[name].text.splitlines()))
+    text = damaged_lines(random.Random(seed), corpus[name].text.splitlines())
     anyio.run(read_replay_resume_in_memory, name, text, backend=anyio_backend)
 
 
 @settings(FUZZ, max_examples=100)
-@given(data=st.data())
+@given(name=st.sampled_from(NAMES), seed=SEEDS)
 def test_damaged_log_files_read_and_resume_to_stroma_errors_only(
-    anyio_backend: str, corpus: dict[str, Recorded], data: st.DataObject, tmp_path: Path
+    anyio_backend: str, corpus: dict[str, Recorded], name: str, seed: int, tmp_path: Path
 ) -> None:
     """Any damage to a run's log.jsonl (checkpoint lines and invalid UTF-8 included):
     FileStore.read_log and a resume with interpret either work or raise a StromaError."""
-    name = data.draw(st.sampled_from(NAMES))
     recorded = corpus[name]
     lines = recorded.raw.decode("utf-8").splitlines()
-    raw = encode(data.draw(damaged_lines(lines, raw=True)))
+    raw = encode(damaged_lines(random.Random(seed), lines, raw=True))
     anyio.run(read_and_resume_on_file_store, recorded, raw, tmp_path, backend=anyio_backend)
 
 
@@ -309,6 +316,20 @@ def record_duration_ms_x(text: str) -> str:
 
 EXAMPLES = {"header started_at x": header_started_at_x,
             "record duration_ms x": record_duration_ms_x}
+
+
+@pytest.mark.parametrize("initial", ["x", 3, ["state"]])
+async def test_a_header_whose_initial_state_is_not_an_object_gives_stroma_errors_only(
+    anyio_backend: str, corpus: dict[str, Recorded], initial: Any
+) -> None:
+    """A header whose config says ``"initial": "x"``: reading, replaying and resuming
+    the run with an initial state given (which compares it with the recorded one) work
+    or raise a StromaError; found by the fuzz test as an AttributeError."""
+    lines = corpus["retries"].text.splitlines()
+    header = json.loads(lines[0])
+    header["config"]["initial"] = initial
+    text = "\n".join([dumps(header), *lines[1:]]) + "\n"
+    await read_replay_resume_in_memory("retries", text)
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
@@ -370,17 +391,16 @@ PLANS = {"retries": "tests.timeline.pipelines:RETRIES_PLAN"}
 
 
 @settings(FUZZ, max_examples=40)
-@given(data=st.data())
+@given(name=st.sampled_from(NAMES), seed=SEEDS)
 def test_show_and_replay_on_damaged_runs_never_print_a_traceback(
-    corpus: dict[str, Recorded], data: st.DataObject, tmp_path: Path
+    corpus: dict[str, Recorded], name: str, seed: int, tmp_path: Path
 ) -> None:
     """`show` and `replay` on a run whose log.jsonl is damaged: a result, or one line
     `stroma: error: ...` with exit status 2 (DIVERGED with 1 for replay), never a
     traceback or an 'unexpected' error."""
-    name = data.draw(st.sampled_from(NAMES))
     recorded = corpus[name]
-    raw = encode(data.draw(damaged_lines(recorded.raw.decode("utf-8").splitlines(),
-                                         raw=True)))
+    raw = encode(damaged_lines(random.Random(seed), recorded.raw.decode("utf-8").splitlines(),
+                               raw=True))
     folder = tmp_path / uuid.uuid4().hex
     copy_run(recorded, folder, raw)
     check_cli(*run_cli("show", str(folder), name), must_fail=False)
