@@ -430,6 +430,9 @@ class _Reader:
         # (kind, label, at, row, where); a route's row and where wait for the next step
         self.marks: list[list[Any]] = []
         self.clock: datetime | None = None  # the end of the last thing seen
+        # Reading the group in flight when the log ends (a cancelled child there is a
+        # sub-plan still running, its commits kept as the group's progress).
+        self.at_end = False
 
     def row(self, key: str, label: str, step_id: str, kind: str, depth: int,
             parent: str | None, child_index: int | None = None,
@@ -698,6 +701,10 @@ class _Reader:
                 outcome.error.type_names)
             result = str(cls)
             message = outcome.error.message or outcome.error.type_name.rsplit(".", 1)[-1]
+        elif isinstance(outcome, fx.NodeCancelled) and self.at_end:
+            result = UNFINISHED
+            commits = sum(1 for e, _ in outcome.records if isinstance(e, fx.Commit))
+            message = f"running when the log ends: {commits} commit(s) kept"
         elif isinstance(outcome, fx.NodeCancelled):
             result = CANCELLED
             message = "cancelled: a sibling failed first (or the group's deadline passed)"
@@ -808,13 +815,19 @@ class _Reader:
         started = [o.started_at for o in outcomes if o is not None]
         ends = [_end(o.started_at, o.duration_ms) for o in outcomes if o is not None]
         start = min(started)
+        self.at_end = True
         usage = self.children(group, calls, outcomes, group=None, input_state=state,
                               failure=None, depth=0, attempt=attempt)
-        done = sum(1 for o in outcomes if o is not None)
+        self.at_end = False
+        running = sum(1 for o in outcomes if isinstance(o, fx.NodeCancelled))
+        done = sum(1 for o in outcomes if o is not None) - running
+        message = f"in flight when the log ends: {done} child(ren) had finished"
+        if running:
+            message += f", {running} still running"
         self.bar(group, attempt=attempt, start=start,
                  duration_ms=int((max(ends) - start).total_seconds() * 1000),
                  outcome=UNFINISHED,
-                 message=f"in flight when the log ends: {done} child(ren) had finished",
+                 message=message,
                  input_state=state, output_state=None, usage=usage, node_id=group.step_id,
                  called=True)
 

@@ -21,6 +21,7 @@ from stroma import InMemoryStore, NodeContract, parallel, replay, seq, stroma_no
 from stroma.errors import LogCorrupted
 from stroma.log import EffectLog
 from stroma.runner import RunConfig, interpret
+from stroma.timeline import timeline
 from stroma.trace import RunStatus
 
 pytestmark = pytest.mark.anyio
@@ -160,6 +161,13 @@ async def test_a_log_cut_inside_a_sub_plan_child_reads_back_its_progress_and_nam
     assert progress.records[1][0].node_id == "a"
     text = log.to_jsonl()
     assert EffectLog.from_jsonl(text).to_jsonl() == text
+    # `show` tells the child still running (and what it kept) from one that finished.
+    bars = {row.key: [(b.outcome, b.message) for b in row.bars] for row in timeline(log).rows}
+    group = "parallel(seq(a, b, c), side)"
+    assert bars[group] == [("unfinished", "in flight when the log ends: 1 child(ren) had "
+                                          "finished, 1 still running")]
+    assert bars[f"{group}[0]"] == [("unfinished", "running when the log ends: 1 commit(s) "
+                                                  "kept")]
 
     path = tmp_path / "store" / "runs" / "cut" / LOG_NAME
     lines = [line for line in text.split("\n") if line]
