@@ -14,9 +14,11 @@ __all__ = (
     "RunLocked",
     "StateNotSerializable",
     "StoreError",
+    "StromaAttributeError",
     "StromaError",
     "StromaImportError",
     "StromaKeyError",
+    "StromaModuleNotFoundError",
     "StromaTypeError",
     "StromaValueError",
     "UnsafeSchemaRef",
@@ -48,6 +50,16 @@ class StromaKeyError(StromaError, KeyError):
 class StromaImportError(StromaError, ImportError):
     """An optional dependency a store needs is not installed; the message names the
     extra to install. An ImportError too."""
+
+
+class StromaModuleNotFoundError(StromaImportError, ModuleNotFoundError):
+    """A schema reference names a module that cannot be imported. A ModuleNotFoundError
+    (and an ImportError) too, as the earlier library raised."""
+
+
+class StromaAttributeError(StromaError, AttributeError):
+    """A schema reference names a class its module does not have. An AttributeError too,
+    as the earlier library raised."""
 
 
 class PlanError(StromaError, TypeError, ValueError):

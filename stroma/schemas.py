@@ -18,7 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stroma.errors import StromaTypeError, StromaValueError, UnsafeSchemaRef
+from stroma.errors import (
+    StromaAttributeError,
+    StromaImportError,
+    StromaModuleNotFoundError,
+    StromaTypeError,
+    StromaValueError,
+    UnsafeSchemaRef,
+)
 
 __all__ = (
     "_resolve_schema",
@@ -51,9 +58,27 @@ def _resolve_schema(ref: str) -> type[BaseModel]:
     if not isinstance(ref, str) or ":" not in ref:
         raise StromaValueError(f"schema reference {ref!r} must look like 'package.module:QualName'")
     module_name, qualname = ref.split(":", 1)
-    obj: object = importlib.import_module(module_name)
+    fix = ("a reference must name the model class of the stored state "
+           "('package.module:QualName'), importable in this process")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise StromaModuleNotFoundError(
+            f"schema reference {ref!r}: module {module_name!r} cannot be imported ({exc}); "
+            f"{fix}", name=exc.name,
+        ) from exc
+    except ImportError as exc:
+        raise StromaImportError(
+            f"schema reference {ref!r}: importing module {module_name!r} failed ({exc}); "
+            f"{fix}", name=exc.name,
+        ) from exc
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise StromaAttributeError(
+                f"schema reference {ref!r}: {obj!r} has no attribute {part!r}; {fix}"
+            ) from exc
     if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
         raise StromaTypeError(
             f"resolved schema is not a BaseModel: the schema reference {ref!r} names "

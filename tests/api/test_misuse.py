@@ -493,3 +493,27 @@ def test_a_misused_argument_is_a_stroma_error_and_the_builtin_kind_it_was(
     assert isinstance(info.value, kind), (what, type(info.value).__mro__)
     text = str(info.value)
     assert text and not text.startswith(("'", '"')), text
+
+
+@pytest.mark.parametrize(
+    ("ref", "builtin", "named"),
+    [
+        ("no_such_module_for_stroma:Num", ModuleNotFoundError, "no_such_module_for_stroma"),
+        (f"{__name__}:NoSuchModel", AttributeError, "NoSuchModel"),
+        (f"{__name__}:Num.Missing", AttributeError, "Missing"),
+    ],
+)
+def test_resolve_schema_of_a_reference_that_names_nothing(
+    ref: str, builtin: type[Exception], named: str
+) -> None:
+    """``_resolve_schema`` (which custom stores call) of a reference naming a module or a
+    class that is not there is a StromaError, still the built-in error the earlier library
+    raised, and names the reference, the missing part and the form a reference takes."""
+    from stroma.checkpoint import _resolve_schema
+
+    with pytest.raises(builtin) as info:
+        _resolve_schema(ref)
+    msg = str(info.value)
+    assert isinstance(info.value, StromaError)
+    assert repr(ref) in msg and repr(named) in msg
+    assert "package.module:QualName" in msg
