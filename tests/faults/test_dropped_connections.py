@@ -63,8 +63,11 @@ async def test_backends_terminated_at_every_node_are_retried(
 
     async def during(i: int) -> None:
         killed.append(await terminate(killer, app))
+        # (the run lasts a few lease renewals: a 1 s lease renews every third of a second;
+        # a shorter lease could lapse under a loaded machine's reconnects)
+        await anyio.sleep(0.05)
 
-    async with PostgresStore(postgres_dsn, table_prefix=postgres_prefix, lease_seconds=0.3,
+    async with PostgresStore(postgres_dsn, table_prefix=postgres_prefix, lease_seconds=1.0,
                              application_name=app, max_attempts=8) as store:
         result = await interpret(pipeline(12, during=during), Acc(value=0), store=store,
                                  config=RunConfig(run_id="terminated"))
