@@ -10,6 +10,7 @@ Layout under the store's folder ``path``::
     path/runs/<run>/inputs/<key>.json         inputs sent to the run while it waits
                                               (``put_input``): {"key": ..., "text": ...}
     path/runs/<run>/run.json                  {"run_id": ...}, only for hashed folder names
+    path/leases/<run>.lock                    the run's lease (flock), naming its holder
 
 **Names.** A run id, node id or input key (``approval``, ``approval@agent#3``,
 ``approval@fan[2]``) becomes a file name by percent-encoding (lower-case hex) every
@@ -54,9 +55,24 @@ any other backend the hop is ``anyio.to_thread.run_sync``. Writes are shielded f
 cancellation: a commit that has started finishes before the cancellation is delivered, so a
 cancelled run never leaves a half-done commit racing the next one.
 
-One FileStore instance per folder and process is the supported use; two processes writing
-the same run id at once are not (hold a lease, or give each worker its own run ids), except
-for ``put_input`` (see Inputs).
+**Leases.** ``lease(run_id, holder)`` claims a run for one worker session, as the Redis and
+PostgreSQL stores do (``interpret`` holds it while the run goes on): an exclusive
+``flock`` on ``path/leases/<run>.lock``, a file that holds the holder's name. A second session
+of the run, in this process or another one on the same machine, gets ``RunLocked`` naming
+the holder. The kernel releases the lock when the holder's process dies (a crash, SIGKILL),
+so a crashed run can be resumed at once, with no expiry to wait for; and the lock cannot
+lapse while its holder lives (a paused holder keeps it), so there is nothing to fence. A lock
+file is removed with its run by ``delete``, unless a session holds it then (the lease stays
+with its holder, as in the other stores). A claim checks, once it holds the lock, that the
+file it locked is still the one at that path, so a removal racing a claim never gives two
+sessions the run. ``flock`` is local to a machine: over a network file system (NFS, SMB)
+it may not exclude a worker on another machine, and on Windows (no ``fcntl``) ``lease`` does
+not exclude anything; give each worker its own run ids there. A process that forks while
+it holds a lease shares the lock with its child (the lock file is opened close-on-exec, so
+``subprocess`` children do not).
+
+Apart from ``put_input`` (see Inputs), a run is written by the session holding its lease;
+one FileStore instance per folder and process is the intended use.
 """
 
 from __future__ import annotations
@@ -65,6 +81,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -72,7 +89,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote_to_bytes
 
@@ -91,7 +108,13 @@ from interpreters.stores._common import (
 )
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
-from stroma.errors import LogCorrupted, StoreError, StromaTypeError, StromaValueError
+from stroma.errors import (
+    LogCorrupted,
+    RunLocked,
+    StoreError,
+    StromaTypeError,
+    StromaValueError,
+)
 from stroma.log import EffectLog
 from stroma.schemas import _schema_ref, declare_schema, state_json
 
@@ -99,6 +122,7 @@ __all__ = (
     "CHECKPOINTS",
     "DAMAGED",
     "INPUTS",
+    "LEASES",
     "LOG_NAME",
     "MAX_NAME_BYTES",
     "NO_LOG",
@@ -109,12 +133,14 @@ __all__ = (
 )
 
 _T = TypeVar("_T")
+_log = logging.getLogger("stroma.stores")
 
 MAX_NAME_BYTES = 200
 LOG_NAME = "log.jsonl"
 RUN_INFO_NAME = "run.json"
 CHECKPOINTS = "checkpoints"
 INPUTS = "inputs"
+LEASES = "leases"
 # A temp file in a run's inputs folder this old was left by a put that crashed.
 _STALE_INPUT_TMP_SECONDS = 60.0
 _TMP_PREFIX = "~tmp."
@@ -135,6 +161,7 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted in the store is 
 _WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
 _READ = os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
+_LOCK_FILE = os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
 
 
 # ------------------------------------------------------------------------------ names
@@ -193,8 +220,12 @@ def _child(parent: str, name: str) -> str:
 
 # ------------------------------------------------------------------------- blocking I/O
 
-if sys.platform == "darwin":  # pragma: no cover - macOS only
+try:
     import fcntl
+except ImportError:  # pragma: no cover - Windows: leases exclude nothing there
+    fcntl = None  # type: ignore[assignment]
+
+if sys.platform == "darwin":  # pragma: no cover - macOS only
 
     def _fsync(fd: int) -> None:
         # fsync on macOS does not flush the drive's cache; F_FULLFSYNC does.
@@ -450,6 +481,8 @@ class FileStore:
         # next append.
         self._cut: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
+        # run folder -> the lock files' descriptors of this instance's sessions holding it
+        self._held: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return f"FileStore({self.path!r})"
@@ -467,6 +500,9 @@ class FileStore:
     def _input_path(self, run: _Run, key: object, op: str) -> str:
         name = _encode("input key", key, op)
         return _child(os.path.join(run.dir, INPUTS), name + ".json")
+
+    def _lease_path(self, run: _Run) -> str:
+        return _child(os.path.join(self.path, LEASES), os.path.basename(run.dir) + ".lock")
 
     def _lock(self, run: _Run) -> threading.Lock:
         lock = self._locks.get(run.dir)
@@ -744,7 +780,110 @@ class FileStore:
         self._check_inside(run, INPUTS)  # (_prepare, which _ready stands for, never checks it)
         return _read(path)
 
+    # ------------------------------------------------------------------- leases
+
+    def _check_leases_folder(self) -> str:
+        folder = os.path.join(self.path, LEASES)
+        expected = os.path.join(os.path.realpath(self.path), LEASES)
+        real = os.path.realpath(folder)
+        if real != expected:
+            raise StoreError(
+                f"FileStore: the leases folder {folder} resolves to {real}, not {expected}: "
+                f"a symlink was planted in the store's folder {self.path}. Remove it."
+            )
+        return folder
+
+    def _claim_sync(self, run: _Run, holder: str) -> int:
+        """The lock file's descriptor, locked for ``holder``; RunLocked if another holds it."""
+        folder = self._check_leases_folder()
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            self._check_leases_folder()
+        path = self._lease_path(run)
+        while True:
+            fd = os.open(path, _LOCK_FILE, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    other = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                    raise RunLocked(run.run_id, other or "another session") from None
+                mine = os.fstat(fd)
+                try:
+                    now = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    now = None
+                if now is None or (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
+                    os.close(fd)  # removed (or replaced) since it was opened: claim anew
+                    continue
+                os.ftruncate(fd, 0)
+                _write_all(fd, holder.encode("utf-8", "replace"))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+            self._held.setdefault(run.dir, []).append(fd)
+            return fd
+
+    def _release_sync(self, run: _Run, fd: int) -> None:
+        held = self._held.get(run.dir, [])
+        if fd in held:
+            held.remove(fd)
+        if not held:
+            self._held.pop(run.dir, None)
+        try:
+            os.ftruncate(fd, 0)  # no holder named any more
+        finally:
+            os.close(fd)  # (releases the lock)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, run_id: str, holder: str) -> AsyncIterator[None]:
+        """Hold run ``run_id`` for one session (``holder`` names it): ``RunLocked`` if another
+        session, in this process or another one, holds it. Released on the way out; the
+        kernel releases it if the process dies."""
+        run = self._run(run_id, "FileStore.lease")
+        if not isinstance(holder, str):
+            raise StromaTypeError(
+                f"FileStore.lease(run_id, holder): holder must be a str naming the worker "
+                f"session, got {holder!r:.80} (a {type(holder).__name__})"
+            )
+        if fcntl is None:  # pragma: no cover - Windows
+            yield
+            return
+        try:
+            fd = await _in_thread_shielded(self._claim_sync, run, holder)
+        except OSError as e:
+            raise self._fail("lease", run_id, e) from e
+        try:
+            yield
+        finally:
+            try:
+                await _in_thread_shielded(self._release_sync, run, fd)
+            except OSError as e:
+                _log.warning("FileStore.lease: releasing run %r failed: %s (the lock is "
+                             "released with the descriptor)", run_id, e)
+
+    def _remove_lease_file(self, run: _Run) -> None:
+        """Remove the run's lock file unless a session (of any process) holds it."""
+        if fcntl is None or self._held.get(run.dir):
+            return
+        path = self._lease_path(run)
+        try:
+            fd = os.open(path, os.O_RDWR | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # held: the lease stays with its holder
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # (a claim that opened it finds it gone and claims anew)
+        finally:
+            os.close(fd)
+
     def _delete_sync(self, run: _Run) -> None:
+        self._remove_lease_file(run)
         with self._lock(run):
             self._ready.discard(run.dir)
             self._log_ok.discard(run.dir)

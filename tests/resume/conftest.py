@@ -81,3 +81,11 @@ async def postgres_stores(postgres_dsn: str) -> AsyncIterator[Callable[[], Any]]
             await store.close()
         if made:
             await drop_postgres_tables(postgres_dsn, made[0].tables)
+
+
+@pytest.fixture
+def file_stores(tmp_path: Any) -> Callable[[], Any]:
+    """``make()`` gives a new FileStore (a worker of its own) on one shared folder."""
+    from interpreters.stores.file import FileStore
+
+    return lambda: FileStore(tmp_path / "runs")

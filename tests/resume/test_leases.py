@@ -1,4 +1,5 @@
-"""Leases through ``interpret``: one worker per run id on RedisStore and PostgresStore."""
+"""Leases through ``interpret``: one worker per run id on RedisStore, PostgresStore and
+FileStore."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["redis", "postgres"])
+@pytest.fixture(params=["redis", "postgres", "file"])
 def make_store(request: pytest.FixtureRequest) -> Callable[[], Any]:
-    """New store instances (one per worker) on one Redis key prefix or PostgreSQL tables."""
+    """New store instances (one per worker) on one Redis key prefix, PostgreSQL tables or
+    FileStore folder."""
     return request.getfixturevalue(f"{request.param}_stores")
 
 

@@ -1,0 +1,147 @@
+"""FileStore leases: an exclusive flock per run, released with its holder's process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from interpreters.stores.file import LEASES, FileStore
+from stroma.errors import RunLocked, StromaTypeError
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Num(BaseModel):
+    value: int
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """FileStore runs on both backends (its blocking calls in a worker thread)."""
+    return str(request.param)
+
+
+def lock_files(path: Path) -> list[str]:
+    folder = path / LEASES
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+@pytest.mark.parametrize("same_instance", [True, False], ids=["same store", "other store"])
+async def test_a_second_session_gets_run_locked_naming_the_holder(
+    anyio_backend: str, tmp_path: Path, same_instance: bool
+) -> None:
+    """While one session holds a run, another (of the same FileStore or another one on the
+    folder) gets RunLocked naming the run and the holder; other runs are not locked."""
+    store = FileStore(tmp_path)
+    other = store if same_instance else FileStore(tmp_path)
+    async with store.lease("r", "worker-a"):
+        with pytest.raises(RunLocked) as caught:
+            async with other.lease("r", "worker-b"):
+                raise AssertionError("two sessions hold run 'r'")
+        assert caught.value.run_id == "r" and caught.value.holder == "worker-a"
+        assert "'r'" in str(caught.value) and "worker-a" in str(caught.value)
+        async with other.lease("s", "worker-b"):
+            pass
+
+
+async def test_a_released_lease_can_be_taken_again(anyio_backend: str, tmp_path: Path) -> None:
+    """Once a session ends its lease, the next claim gets the run; the lock file no longer
+    names the old holder."""
+    store = FileStore(tmp_path)
+    async with store.lease("r", "worker-a"):
+        (name,) = lock_files(tmp_path)
+        assert (tmp_path / LEASES / name).read_text() == "worker-a"
+    assert (tmp_path / LEASES / name).read_text() == ""
+    async with FileStore(tmp_path).lease("r", "worker-b"):
+        assert (tmp_path / LEASES / name).read_text() == "worker-b"
+
+
+async def test_an_error_or_a_cancellation_in_the_body_releases_the_lease(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """The body's exception goes through unchanged and a cancellation from outside is
+    honoured; both release the run."""
+    store = FileStore(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        async with store.lease("r", "worker-a"):
+            1 / 0  # noqa: B018
+    with anyio.move_on_after(0.05) as scope:
+        async with store.lease("r", "worker-b"):
+            await anyio.sleep(30)
+    assert scope.cancelled_caught
+    async with store.lease("r", "worker-c"):
+        pass
+
+
+async def test_delete_leaves_a_live_lease_to_its_holder_and_removes_an_idle_one(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Deleting a run's data while a session holds its lease does not hand the run to
+    another session; deleting a run nobody holds removes its lock file too."""
+    store = FileStore(tmp_path)
+    async with store.lease("r", "worker-a"):
+        await store.save("r", "n", Num(value=1))
+        await FileStore(tmp_path).delete("r")
+        with pytest.raises(RunLocked):
+            async with FileStore(tmp_path).lease("r", "worker-b"):
+                pass
+        assert await store.load("r", "n") is None
+    assert lock_files(tmp_path) != []
+    await store.delete("r")
+    assert lock_files(tmp_path) == []
+    async with FileStore(tmp_path).lease("r", "worker-b"):
+        pass
+
+
+async def test_a_holder_that_is_not_a_string_is_refused(anyio_backend: str, tmp_path: Path) -> None:
+    with pytest.raises(StromaTypeError, match="holder must be a str"):
+        async with FileStore(tmp_path).lease("r", 7):  # type: ignore[arg-type]
+            pass
+    assert lock_files(tmp_path) == []
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time, anyio
+    from interpreters.stores.file import FileStore
+
+    async def main() -> None:
+        async with FileStore(sys.argv[1]).lease("r", "process-holder"):
+            print("HELD", flush=True)
+            time.sleep(120)
+
+    anyio.run(main)
+""")
+
+
+def test_a_lease_held_by_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
+    """Another process holding the run: RunLocked naming it. Once that process is killed
+    (SIGKILL, so nothing of its own releases anything), the kernel has released the lock:
+    the next claim gets the run at once, with no expiry to wait for."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], cwd=ROOT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "HELD"
+
+        async def claim() -> None:
+            async with FileStore(tmp_path).lease("r", "this-process"):
+                pass
+
+        with pytest.raises(RunLocked) as caught:
+            anyio.run(claim)
+        assert caught.value.holder == "process-holder"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    anyio.run(claim)
