@@ -56,20 +56,24 @@ cancellation: a commit that has started finishes before the cancellation is deli
 cancelled run never leaves a half-done commit racing the next one.
 
 **Leases.** ``lease(run_id, holder)`` claims a run for one worker session, as the Redis and
-PostgreSQL stores do (``interpret`` holds it while the run goes on): an exclusive
-``flock`` on ``path/leases/<run>.lock``, a file that holds the holder's name. A second session
-of the run, in this process or another one on the same machine, gets ``RunLocked`` naming
-the holder. The kernel releases the lock when the holder's process dies (a crash, SIGKILL),
-so a crashed run can be resumed at once, with no expiry to wait for; and the lock cannot
-lapse while its holder lives (a paused holder keeps it), so there is nothing to fence. A lock
-file is removed with its run by ``delete``, unless a session holds it then (the lease stays
-with its holder, as in the other stores). A claim checks, once it holds the lock, that the
-file it locked is still the one at that path, so a removal racing a claim never gives two
-sessions the run. ``flock`` is local to a machine: over a network file system (NFS, SMB)
-it may not exclude a worker on another machine, and on Windows (no ``fcntl``) ``lease`` does
-not exclude anything; give each worker its own run ids there. A process that forks while
-it holds a lease shares the lock with its child (the lock file is opened close-on-exec, so
-``subprocess`` children do not).
+PostgreSQL stores do (``interpret`` holds it while the run goes on): an exclusive ``flock``
+on ``path/leases/<run>.lock``, a file that holds the holder's name. A second session of the
+run, in this process or another one on the same machine, gets ``RunLocked`` naming the
+holder. The kernel releases the lock when the holder's process dies (a crash, SIGKILL), so
+a crashed run can be resumed at once, with no expiry to wait for; and the lock cannot lapse
+while its holder lives (a paused holder keeps it), so there is nothing to fence. A lock file
+is removed with its run by ``delete``, unless a session holds it then (the lease stays with
+its holder, as in the other stores). A claim checks, once it holds the lock, that the file
+it locked is still the one at that path, so a removal racing a claim never gives two
+sessions the run. A process that may only read the store's folder (someone else's store)
+locks a lock file a writer made through a read-only descriptor, and where there is none
+goes on without one: it cannot write the run, so it has nothing to exclude.
+
+``flock`` is local to a machine: over a network file system (NFS, SMB) it may not exclude
+a worker on another machine, and on Windows (no ``fcntl``) ``lease`` excludes nothing; give
+each worker its own run ids there. A process that forks while it holds a lease shares the
+lock with its child (the lock file is opened close-on-exec, so ``subprocess`` children do
+not).
 
 Apart from ``put_input`` (see Inputs), a run is written by the session holding its lease;
 one FileStore instance per folder and process is the intended use.
@@ -79,6 +83,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -162,6 +167,8 @@ _WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
 _READ = os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
 _LOCK_FILE = os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
+# What opening a file for writing in a folder this process may only read fails with.
+_READ_ONLY = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 # ------------------------------------------------------------------------------ names
@@ -794,14 +801,31 @@ class FileStore:
         return folder
 
     def _claim_sync(self, run: _Run, holder: str) -> int:
-        """The lock file's descriptor, locked for ``holder``; RunLocked if another holds it."""
+        """The lock file's descriptor, locked for ``holder``; RunLocked if another holds it.
+
+        -1 when this process cannot make the lock file (a read-only store folder): it cannot
+        write the run either, so there is nothing to exclude; it can still read it.
+        """
         folder = self._check_leases_folder()
         if not os.path.isdir(folder):
-            os.makedirs(folder, exist_ok=True)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                if e.errno in _READ_ONLY:
+                    return -1
+                raise
             self._check_leases_folder()
         path = self._lease_path(run)
         while True:
-            fd = os.open(path, _LOCK_FILE, 0o644)
+            try:
+                fd = os.open(path, _LOCK_FILE, 0o644)
+            except OSError as e:
+                if e.errno not in _READ_ONLY:
+                    raise
+                try:  # a lock file made by a writer: a read-only descriptor locks it too
+                    fd = os.open(path, _READ)
+                except FileNotFoundError:
+                    return -1
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -816,8 +840,9 @@ class FileStore:
                 if now is None or (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
                     os.close(fd)  # removed (or replaced) since it was opened: claim anew
                     continue
-                os.ftruncate(fd, 0)
-                _write_all(fd, holder.encode("utf-8", "replace"))
+                with contextlib.suppress(OSError):  # (the name is for messages only)
+                    os.ftruncate(fd, 0)
+                    _write_all(fd, holder.encode("utf-8", "replace"))
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -826,13 +851,16 @@ class FileStore:
             return fd
 
     def _release_sync(self, run: _Run, fd: int) -> None:
+        if fd < 0:
+            return
         held = self._held.get(run.dir, [])
         if fd in held:
             held.remove(fd)
         if not held:
             self._held.pop(run.dir, None)
         try:
-            os.ftruncate(fd, 0)  # no holder named any more
+            with contextlib.suppress(OSError):  # (a read-only descriptor)
+                os.ftruncate(fd, 0)  # no holder named any more
         finally:
             os.close(fd)  # (releases the lock)
 

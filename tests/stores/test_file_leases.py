@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -145,3 +147,49 @@ def test_a_lease_held_by_a_killed_process_is_free_at_once(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     anyio.run(claim)
+
+
+def read_only_leases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Opening for writing, or making, anything under the store's leases folder fails as on
+    a folder this process may only read (root ignores file modes, so it is simulated)."""
+    real_open, real_makedirs = os.open, os.makedirs
+    leases = str(tmp_path / LEASES)
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(leases) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def makedirs(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).startswith(leases):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+
+
+@pytest.mark.parametrize("lock_file_made", [False, True], ids=["no lock file", "lock file"])
+async def test_a_store_folder_this_process_may_only_read(
+    anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock_file_made: bool
+) -> None:
+    """A process that cannot write the leases folder (a reader of someone else's store) can
+    still claim a run to read it: with no lock file there is none to take (it cannot write
+    the run either); a lock file a writer made is locked through a read-only descriptor,
+    so a writer holding the run still excludes it."""
+    if lock_file_made:
+        async with FileStore(tmp_path).lease("r", "writer"):
+            pass
+    read_only_leases(monkeypatch, tmp_path)
+    async with FileStore(tmp_path).lease("r", "reader"):
+        pass
+    if lock_file_made:
+        monkeypatch.undo()
+        async with FileStore(tmp_path).lease("r", "writer"):
+            read_only_leases(monkeypatch, tmp_path)
+            with pytest.raises(RunLocked) as caught:
+                async with FileStore(tmp_path).lease("r", "reader"):
+                    pass
+            assert caught.value.holder == "writer"
+    else:
+        assert lock_files(tmp_path) == []
