@@ -576,7 +576,9 @@ class StromaRunner:
         """The immutable plan for ``nodes`` (cached: a pipeline compiles once per runner)."""
         if isinstance(nodes, Plan):
             return nodes
-        items = [nodes] if isinstance(nodes, ParallelGroup) else nodes
+        items: Any = [nodes] if isinstance(nodes, ParallelGroup) else nodes
+        if isinstance(items, Iterable) and not isinstance(items, list | tuple | str | bytes):
+            items = list(items)  # (a generator is read once: for the key and the plan)
         try:
             key: Any = (self.registry.version, tuple(items))
             plan = self._plans.get(key)

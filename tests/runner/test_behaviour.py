@@ -1227,3 +1227,22 @@ async def test_a_classifier_may_answer_with_the_class_name(anyio_backend: str) -
 
     assert result.status is RunStatus.FAILED
     assert calls == [1]
+
+
+async def test_a_pipeline_given_as_a_generator_runs_every_node_once(anyio_backend: str) -> None:
+    """``runner.run`` of a generator or an iterator (read once) runs the nodes it yields, in
+    order, as a list of them does; so does ``interpret``."""
+    runner = StromaRunner.quick()
+    calls: list[str] = []
+    a, b = add_one(runner, "a", calls), add_one(runner, "b", calls)
+
+    # (the generator first: the runner caches the plan of a pipeline it compiled)
+    generated = await runner.run((node for node in [a, b]), Num(value=1))
+    iterated = await interpret(iter([a, b]), Num(value=1), registry=runner.registry)
+    listed = await runner.run([a, b], Num(value=1))
+
+    for result in (generated, iterated):
+        assert result.status is RunStatus.COMPLETED
+        assert result.final_state == listed.final_state == Num(value=3)
+        assert [e.node_id for e in result.trace] == ["a", "b"]
+    assert calls == ["a", "b"] * 3
