@@ -423,7 +423,15 @@ def _validate(
         return schema.model_validate(raw)
     except ValidationError as e:
         shown = raw if isinstance(raw, dict) else {"value": repr(raw)}
-        return ContractViolation(node_id, direction, shown, e.errors(include_url=False))
+        errors: list[Any] = e.errors(include_url=False)
+        if (direction == "output" and type(raw) is tuple and raw
+                and isinstance(raw[0], dict | BaseModel)):
+            errors = [{"type": "usage_form", "loc": (), "input": repr(raw), "msg": (
+                f"the node returned a tuple of {len(raw)} that is not a way to report usage: "
+                "return the output alone, (output, tokens), (output, input_tokens, model) "
+                "or (output, input_tokens, output_tokens, model), with token counts that "
+                "are ints >= 0 and the model's name a str")}]
+        return ContractViolation(node_id, direction, shown, errors)
 
 
 def _model(s: RunState) -> BaseModel:

@@ -7,13 +7,15 @@ or a Plan) is compiled to an immutable plan, the run's settings become a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
@@ -544,7 +546,11 @@ def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[
         )
 
     def mark(fn: _F) -> _F:
-        setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
+        try:
+            setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
+        except AttributeError:  # a bound method, or an object without a __dict__
+            fn = _carrier(fn)
+            setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
         # The earlier library's marker attributes, which adapters and users' code read.
         setattr(fn, "_stroma_node_id", node_id)  # noqa: B010
         setattr(fn, "_stroma_contract", contract)  # noqa: B010
@@ -556,6 +562,25 @@ def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[
 
 
 stroma_step = stroma_node
+
+
+def _carrier(fn: _F) -> _F:
+    """A function calling ``fn`` that can carry the node's marks, for a callable that cannot
+    (a bound method, an object with ``__slots__``): async if ``fn`` is, with its signature."""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)):  # noqa: B004
+        async def call_async(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **kwargs)
+
+        node: Callable[..., Any] = call_async
+    else:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        node = call
+    with contextlib.suppress(AttributeError, TypeError):
+        functools.update_wrapper(node, fn)
+    return cast(_F, node)
 
 
 class StromaRunner:

@@ -517,3 +517,23 @@ def test_resolve_schema_of_a_reference_that_names_nothing(
     assert isinstance(info.value, StromaError)
     assert repr(ref) in msg and repr(named) in msg
     assert "package.module:QualName" in msg
+
+
+@pytest.mark.parametrize(
+    "returned", [({"value": 1}, "gpt-4o"), ({"value": 1}, -5), ({"value": 1}, 2, 3)], ids=repr)
+async def test_a_node_returning_a_tuple_that_is_no_usage_form_is_told_the_forms(
+    anyio_backend: str, returned: Any
+) -> None:
+    """A node returning a tuple that reports usage wrongly fails its output contract with a
+    message that says so and lists the forms, not only that the output is no dict."""
+    runner = StromaRunner.quick()
+
+    @runner.node("llm", input=Num, output=Num)
+    async def llm(state: Num) -> Any:
+        return returned
+
+    result = await runner.run([llm], Num(value=0))
+    message = result.trace.failures()[0].failure_message or ""
+    assert message.startswith("Contract violation for 'llm' (output): (root): the node "
+                              f"returned a tuple of {len(returned)}")
+    assert "(output, tokens), (output, input_tokens, model)" in message

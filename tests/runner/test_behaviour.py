@@ -1246,3 +1246,35 @@ async def test_a_pipeline_given_as_a_generator_runs_every_node_once(anyio_backen
         assert result.final_state == listed.final_state == Num(value=3)
         assert [e.node_id for e in result.trace] == ["a", "b"]
     assert calls == ["a", "b"] * 3
+
+
+class _Tool:
+    """A tool with an async method taking the context, and slots (no ``__dict__``)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    async def add(self, state: Num, ctx: dict[str, Any]) -> dict[str, int]:
+        return {"value": state.value + self.step + ctx["bonus"]}
+
+    async def __call__(self, state: Num) -> dict[str, int]:
+        return {"value": state.value * self.step}
+
+
+async def test_a_bound_method_or_a_slotted_callable_can_be_a_node(anyio_backend: str) -> None:
+    """``stroma_node`` / ``runner.node`` on a callable that cannot carry attributes (a bound
+    method, an object with ``__slots__``) mark a function calling it, with its signature:
+    it runs as a node, and gets the context when it takes one."""
+    runner = StromaRunner.quick(context={"bonus": 100})
+    tool = _Tool(3)
+    add = runner.node("add", input=Num, output=Num)(tool.add)
+    times = runner.node("times", input=Num, output=Num)(tool)
+    assert add._stroma_node_id == "add" and times._stroma_node_id == "times"
+
+    result = await runner.run([add, times], Num(value=1))
+
+    assert result.status is RunStatus.COMPLETED
+    assert result.final_state == Num(value=(1 + 3 + 100) * 3)
+    assert [e.node_id for e in result.trace] == ["add", "times"]
