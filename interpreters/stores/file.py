@@ -61,13 +61,15 @@ on ``path/leases/<run>.lock``, a file that holds the holder's name. A second ses
 run, in this process or another one on the same machine, gets ``RunLocked`` naming the
 holder. The kernel releases the lock when the holder's process dies (a crash, SIGKILL), so
 a crashed run can be resumed at once, with no expiry to wait for; and the lock cannot lapse
-while its holder lives (a paused holder keeps it), so there is nothing to fence. A lock file
-is removed with its run by ``delete``, unless a session holds it then (the lease stays with
-its holder, as in the other stores). A claim checks, once it holds the lock, that the file
-it locked is still the one at that path, so a removal racing a claim never gives two
-sessions the run. A process that may only read the store's folder (someone else's store)
-locks a lock file a writer made through a read-only descriptor, and where there is none
-goes on without one: it cannot write the run, so it has nothing to exclude.
+while its holder lives (a paused holder keeps it). What is fenced is the lock file itself:
+a write of a run leased by this instance is refused (``StoreError``, nothing written) if the
+file was removed or replaced since, as another session could hold the run through a new
+one. A lock file is removed with its run by ``delete``, unless a session holds it then (the
+lease stays with its holder, as in the other stores). A claim checks, once it holds the
+lock, that the file it locked is still the one at that path, so a removal racing a claim
+never gives two sessions the run. A process that may only read the store's folder (someone
+else's store) locks a lock file a writer made through a read-only descriptor, and where
+there is none goes on without one: it cannot write the run, so it has nothing to exclude.
 
 ``flock`` is local to a machine: over a network file system (NFS, SMB) it may not exclude
 a worker on another machine, and on Windows (no ``fcntl``) ``lease`` excludes nothing; give
@@ -613,6 +615,7 @@ class FileStore:
 
     def _save_sync(self, run: _Run, folder: str, path: str, data: bytes) -> None:
         with self._lock(run):
+            self._fence(run, "save")
             self._prepare(run)
             _write_atomic(folder, path, data)
 
@@ -662,6 +665,7 @@ class FileStore:
         self, run: _Run, data: bytes, header: bool, checkpoint: tuple[str, bytes] | None
     ) -> None:
         with self._lock(run):
+            self._fence(run, "append_log")
             self._prepare(run)
             if not data:
                 if checkpoint is not None:
@@ -849,6 +853,26 @@ class FileStore:
                 raise
             self._held.setdefault(run.dir, []).append(fd)
             return fd
+
+    def _fence(self, run: _Run, op: str) -> None:
+        """A write of a run this instance holds the lease of: refused if the lock file was
+        removed or replaced since (another session could hold the run through a new one)."""
+        held = self._held.get(run.dir)
+        if not held:
+            return  # (writes of a run not leased here are not fenced, as in the other stores)
+        mine = os.fstat(held[-1])
+        try:
+            now = os.stat(self._lease_path(run), follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
+            raise StoreError(
+                f"FileStore.{op} for run {run.run_id!r} was refused: its lease file "
+                f"{self._lease_path(run)} was removed or replaced while this session held "
+                "the run (by hand, or by a program cleaning the store's folder), so another "
+                "worker may be running it now; nothing was written. Let that worker finish, "
+                "or resume the run with the same run id once no other worker runs it."
+            )
 
     def _release_sync(self, run: _Run, fd: int) -> None:
         if fd < 0:

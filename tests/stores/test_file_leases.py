@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from interpreters.stores.file import LEASES, FileStore
-from stroma.errors import RunLocked, StromaTypeError
+from stroma.errors import RunLocked, StoreError, StromaTypeError
 
 pytestmark = pytest.mark.anyio
 
@@ -193,3 +193,45 @@ async def test_a_store_folder_this_process_may_only_read(
             assert caught.value.holder == "writer"
     else:
         assert lock_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_write_after_the_lock_file_was_removed_is_refused(
+    anyio_backend: str, tmp_path: Path, how: str
+) -> None:
+    """The lock file of a held run removed (or replaced) from outside: another session could
+    now claim the run through a new file, so the holder's next commit and save are refused
+    with a StoreError saying why, and the log keeps only what was written before."""
+    store = FileStore(tmp_path)
+    header, line = await _log_lines("r")
+    async with store.lease("r", "worker-a"):
+        await store.append_log("r", [header, line])
+        (name,) = lock_files(tmp_path)
+        lock = tmp_path / LEASES / name
+        lock.unlink()
+        if how == "replaced":
+            lock.write_text("someone else")
+        async with FileStore(tmp_path).lease("r", "worker-b"):  # now possible
+            for write in (store.append_log("r", [line], ("n", Num(value=2))),
+                          store.save("r", "n", Num(value=3))):
+                with pytest.raises(StoreError) as caught:
+                    await write
+                assert "lease file" in str(caught.value) and "'r'" in str(caught.value)
+    log = await FileStore(tmp_path).read_log("r")
+    assert log is not None and len(log.records) == 1
+    assert await FileStore(tmp_path).load("r", "n") is None
+
+
+async def _log_lines(run_id: str) -> tuple[str, str]:
+    """A log's header line and one record line (a real run's, on an in-memory store)."""
+    from stroma import InMemoryStore, StromaRunner
+
+    runner = StromaRunner.quick(store=InMemoryStore(), run_id=run_id)
+
+    @runner.node("n", input=Num, output=Num)
+    async def node(state: Num) -> dict[str, int]:
+        return {"value": state.value + 1}
+
+    result = await runner.run([node], Num(value=0))
+    header, first, *_ = result.log.lines()  # type: ignore[union-attr]
+    return header, first
