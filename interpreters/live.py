@@ -266,9 +266,10 @@ class LivePerformer:
             if type(done[1]) is not fx.NodeCancelled:
                 outcomes[k] = done[1]
                 await self.recorder.flush_partial(index, call, done[1])
-            elif type(call) is fx.RunPlan and done[1].records:
-                # A sub-plan child that was running: it goes on from its durable records.
-                resumed[k] = done[1].records
+            elif type(call) is fx.RunPlan and (done[1].records or done[1].partials):
+                # A sub-plan child that was running: it goes on from its durable records
+                # (and the children of its own group in flight that it kept).
+                resumed[k] = done[1]
         limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
         group = eff.group
         merged = eff.kind == "parallel"
@@ -330,7 +331,8 @@ class LivePerformer:
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
 
     async def call_child(self, k: int, call: Any, merged: bool = False,
-                         index: int | None = None, prior: Any = None) -> Any:
+                         index: int | None = None,
+                         prior: fx.NodeCancelled | None = None) -> Any:
         if type(call) is fx.CallNode:
             outcome = await self.call_node(call)
             if merged and type(outcome) is fx.NodeReturned and isinstance(outcome.output,
@@ -343,10 +345,11 @@ class LivePerformer:
         return await self.run_plan(k, call, index, prior)
 
     async def run_plan(self, k: int, call: fx.RunPlan, index: int | None = None,
-                       prior: Any = None) -> fx.PlanFinished:
+                       prior: fx.NodeCancelled | None = None) -> fx.PlanFinished:
         """Run a fan-out child's sub-plan to its end, with its own (embedded) log; a child
         cancelled on an earlier attempt goes on from its records, and one that was running
-        when the run stopped from the ``prior`` records the run's log kept of it."""
+        when the run stopped from what the run's log kept of it (``prior``: its records,
+        and the children of its own group in flight that had finished or kept progress)."""
         from interpreters.loop import Recorder, run
 
         started = self.now()
@@ -358,16 +361,22 @@ class LivePerformer:
         world = self.world
         if world.observer is not None:  # the child's records are told to its own observer
             world = attrs.evolve(world, observer=world.observer.child(call, started))
+        records, partials = call.records, call.partials
+        if prior is not None:  # (what the log kept of this try is newer than the call's)
+            records = prior.records
+            partials = prior.partials or partials
         performer = LivePerformer(call.plan, run_id=self.run_id, world=world,
                                   recorder=recorder, hook_timeout_ms=call.config.hook_timeout_ms,
-                                  prefilled={j: (c, o) for j, c, o in call.partials})
+                                  prefilled={j: (c, o) for j, c, o in partials})
         if self.durable_children and index is not None:
-            # Each commit of the child goes into this run's log as it happens.
+            # Each commit of the child goes into this run's log as it happens, and so does
+            # what sub-plans inside the child do (through the child's recorder's ``up``).
             performer.parent = (self.recorder, index, call, started)
             performer.commit_now = None  # (every commit goes through commit)
+            recorder.up = (self.recorder, index, call, started)
         assert call.input is not None
         result = await run(call.plan, call.input, call.config, recorder, performer,
-                           prior=call.records if prior is None else prior)
+                           prior=records)
         self._running_children.pop(k, None)
         finish: Any = recorder.log.finish
         return fx.PlanFinished(

@@ -24,16 +24,18 @@ from stroma.errors import StromaError
 from stroma.log import (
     EffectLog,
     LogHeader,
+    PathStep,
+    Payload,
     RecordList,
     ResumeMarker,
+    add_child_line,
     add_partial,
-    add_progress,
     approximate_output,
+    encode_child_line,
     encode_effect,
     encode_event,
     encode_header,
     encode_partial,
-    encode_progress,
     encode_record,
     is_attempt,
     progress_of,
@@ -52,7 +54,7 @@ class Recorder:
     """The run's EffectLog, and how much of it a durable LogStore already holds."""
 
     __slots__ = ("_lock", "flushed", "keeps_partials", "log", "run_id", "session_start",
-                 "store")
+                 "store", "up")
 
     def __init__(
         self, log: EffectLog, store: Any | None, *, flushed: int | None = None,
@@ -68,6 +70,10 @@ class Recorder:
         # Where this session's records start (the trace is the session's attempts).
         self.session_start = session_start
         self._lock: anyio.Lock | None = None  # serializes fan-out children's appends
+        # A sub-plan child's recorder: the recorder of the run above it, the child's index
+        # in its group, its call and when it started; what the child keeps is kept there
+        # too (durably, by the first recorder up that has a store).
+        self.up: tuple[Recorder, int, Any, datetime] | None = None
 
     @classmethod
     def in_memory(cls, run_id: str, plan: str, seed: int, started_at: str) -> Recorder:
@@ -110,26 +116,54 @@ class Recorder:
                      for j, (call, outcome) in sorted(self.log.pending_children().items()))
 
     async def flush_progress(self, child: int, call: Any, at: Any, records: Any,
-                             checkpoint: tuple[str, BaseModel] | None) -> bool:
+                             checkpoint: tuple[str, BaseModel] | None,
+                             below: Sequence[tuple[tuple[PathStep, ...], Payload]] = (),
+                             ) -> bool:
         """A fan-out child that is a sub-plan committed a node: its records not yet kept
         here made durable in this log (as progress lines of the group in flight), in one
-        append with the node's checkpoint, so a crash does not run them again. False when
-        this recorder keeps nothing (the caller then saves the checkpoint itself)."""
-        if self.store is None and not self.keeps_partials:
+        append with the node's checkpoint, so a crash does not run them again. ``below``:
+        what a sub-plan running inside the child did (a record, or a child of its own group
+        that finished), as the paths and payloads of child lines, made durable with it.
+
+        A recorder with no store of its own (a sub-plan child's) that has ``up`` passes
+        it all on to the run above it. False when nothing was made durable (the caller then
+        saves the checkpoint itself)."""
+        if self.store is None and not self.keeps_partials and self.up is None:
             return False
-        index = len(self.log.records.items)
-        progress = self.log.progress
-        start = progress_of(progress, index, child)
-        new = list(enumerate(records.items[start:], start))
         if self.store is None:
-            for n, record in new:
-                add_progress(progress, index, child, call, at, n, record)
-            return False  # (kept in memory: the checkpoint is the caller's to save)
-        await self._flush_child([encode_progress(index, child, call, at, n, record)
-                                 for n, record in new], checkpoint)
-        for n, record in new:
-            add_progress(progress, index, child, call, at, n, record)
-        return True
+            return await self._keep_progress(child, call, at, records, checkpoint, below)
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:  # (what is new is worked out once the appends before are in)
+            return await self._keep_progress(child, call, at, records, checkpoint, below)
+
+    async def _keep_progress(self, child: int, call: Any, at: Any, records: Any,
+                             checkpoint: tuple[str, BaseModel] | None,
+                             below: Sequence[tuple[tuple[PathStep, ...], Payload]],
+                             ) -> bool:
+        log = self.log
+        index = len(log.records.items)
+        start = progress_of(log.progress, index, child)
+        payloads: list[tuple[tuple[PathStep, ...], Payload]] = [
+            ((), ("progress", n, record))
+            for n, record in enumerate(records.items[start:], start)]
+        payloads.extend(below)
+        if not payloads:
+            return False
+        kept = False
+        if self.store is not None:
+            await self.flush(checkpoint, [encode_child_line(index, child, call, at, path, p)
+                                          for path, p in payloads])
+            kept = True
+        elif self.up is not None:
+            parent, k, parent_call, parent_at = self.up
+            kept = await parent.flush_progress(
+                k, parent_call, parent_at, log.records, checkpoint,
+                [(((index, child, at, call), *path), p) for path, p in payloads])
+        for path, p in payloads:
+            add_child_line(log.progress, log.partials, log.nested, index, child, call, at,
+                           path, p)
+        return kept
 
     async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
         """A fan-out child finished: make it durable before the group ends, so a crash
@@ -137,11 +171,16 @@ class Recorder:
         index = len(self.log.records.items)
         entry = (index, child, call, outcome)
         if self.store is None:
-            if self.keeps_partials:
-                add_partial(self.log.partials, self.log.progress, entry)
+            if self.up is not None:  # a sub-plan child's group: kept in the run above
+                parent, k, parent_call, parent_at = self.up
+                await parent.flush_progress(
+                    k, parent_call, parent_at, self.log.records, None,
+                    [(((index, child, None, call),), ("event", outcome))])
+            if self.keeps_partials or self.up is not None:
+                add_partial(self.log.partials, self.log.progress, entry, self.log.nested)
             return
         await self._flush_child([encode_partial(*entry)], None)
-        add_partial(self.log.partials, self.log.progress, entry)
+        add_partial(self.log.partials, self.log.progress, entry, self.log.nested)
 
     async def _flush_child(self, lines: list[str],
                            checkpoint: tuple[str, BaseModel] | None) -> None:

@@ -66,7 +66,7 @@ source, the line, the field and the problem.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -83,16 +83,21 @@ __all__ = (
     "FORMAT_VERSION",
     "EffectLog",
     "LogHeader",
+    "Nested",
+    "PathStep",
+    "Payload",
     "Progress",
     "Record",
     "RecordList",
     "ResumeMarker",
     "SavedCheckpoint",
+    "add_child_line",
     "add_partial",
     "add_progress",
     "approximate_output",
     "decode_effect",
     "decode_event",
+    "encode_child_line",
     "encode_effect",
     "encode_event",
     "encode_header",
@@ -122,6 +127,10 @@ class LogHeader:
     started_at: str
     config: dict[str, Any] = attrs.field(factory=dict, eq=False)
     format: int = FORMAT_VERSION
+
+
+# The header of a running sub-plan child's log kept inside another's (``EffectLog.nested``).
+_INNER_HEADER = LogHeader(run_id="", plan="", seed=0, version="", started_at="")
 
 
 @named_value(live=("restart",))
@@ -784,13 +793,100 @@ def partial_lines(index: int, child: int, call: Any, outcome: Any) -> list[str]:
 
 
 Progress = dict[tuple[int, int], tuple[int, int, Any, Any]]
+# What runs inside a running sub-plan child, by (group index, child index): the child's own
+# log (its records are those of its progress entry) with its group in flight's children.
+Nested = dict[tuple[int, int], "EffectLog"]
+# A step down from a running sub-plan child to a sub-plan running inside it: the index of
+# the child's group in flight, the index of the child in it, when it started (None for one
+# that finished: the line then holds its outcome) and its call.
+PathStep = tuple[int, int, datetime | None, Any]
+# What a child line says of the child at the end of its path: ("progress", n, record) or
+# ("event", outcome).
+Payload = tuple[Any, ...]
+
+
+def add_child_line(progress: Progress, partials: list[tuple[int, int, Any, Any]],
+                   nested: Nested, index: int, child: int, call: Any, at: datetime | None,
+                   path: Sequence[PathStep], payload: Payload) -> None:
+    """Add what a line says of a running fan-out child ``child`` of the group at record
+    ``index`` (its call ``call``, started ``at``), or, with a ``path``, of a sub-plan
+    running inside it: a record of it (``("progress", n, record)``), or its outcome, as
+    it finished (``("event", outcome)``)."""
+    if not path:
+        if payload[0] == "progress":
+            if at is None:
+                raise _Bad("path", "a running child's step needs the time it started")
+            add_progress(progress, index, child, call, at, payload[1], payload[2], nested)
+        else:
+            add_partial(partials, progress, (index, child, call, payload[1]), nested)
+        return
+    key = (index, child)
+    entry = progress.get(key)
+    if entry is None:  # (its group in flight is its first step: no record of its own yet)
+        if at is None:
+            raise _Bad("at", "a running child needs the time it started")
+        entry = progress[key] = (index, child, call, fx.NodeCancelled(at, 0, RecordList()))
+    sub = nested.get(key)
+    if sub is None or sub.records is not entry[3].records:
+        sub = nested[key] = EffectLog(_INNER_HEADER, entry[3].records)
+    m, j, inner_at, inner_call = path[0]
+    add_child_line(sub.progress, sub.partials, sub.nested, m, j, inner_call, inner_at,
+                   path[1:], payload)
+
+
+def encode_child_line(index: int, child: int, call: Any, at: datetime | None,
+                      path: Sequence[PathStep], payload: Payload) -> str:
+    """The line of ``add_child_line``'s arguments: a progress line or a partial line, or
+    with a path ``{"i":k,"partial":j,"at":...,"effect":call,"path":[[m,j2,at,call2],...],
+    "progress":n,"record":[...]}`` (or ``...,"event":outcome}``)."""
+    if not path:
+        if payload[0] == "progress":
+            assert at is not None
+            return encode_progress(index, child, call, at, payload[1], payload[2])
+        return encode_partial(index, child, call, payload[1])
+    call_atoms = call if type(call) is tuple else encode_effect(call)
+    steps = ",".join(
+        f"[{m},{j},{'null' if a is None else _dumps(a.isoformat())},"
+        + _json_atoms(c if type(c) is tuple else encode_effect(c)) + "]"
+        for m, j, a, c in path
+    )
+    head = (f'{{"i":{index},"partial":{child},"at":'
+            f'{"null" if at is None else _dumps(at.isoformat())},"effect":'
+            + _json_atoms(call_atoms) + ',"path":[' + steps + "]")
+    if payload[0] == "progress":
+        return head + f',"progress":{payload[1]},"record":' + _json_pair(payload[2]) + "}"
+    outcome = payload[1]
+    return (head + ',"event":'
+            + _json_atoms(outcome if type(outcome) is tuple else encode_event(outcome)) + "}")
+
+
+def _child_payloads(log: EffectLog) -> Iterator[tuple[tuple[PathStep, ...], Payload]]:
+    """What ``log`` (a running sub-plan child's) holds of its group in flight, as the
+    paths and payloads of child lines (so ``lines`` writes it back as it was read)."""
+    n = len(log.records)
+    for i, j, call, outcome in log.partials:
+        if i >= n:
+            yield ((i, j, None, call),), ("event", outcome)
+    for i, j, call, outcome in log.progress.values():
+        if i >= n:
+            for k, record in enumerate(outcome.records.items):
+                yield ((i, j, outcome.started_at, call),), ("progress", k, record)
+    for (i, j), sub in log.nested.items():
+        entry = log.progress.get((i, j))
+        if i >= n and entry is not None and sub.records is entry[3].records:
+            step = (i, j, entry[3].started_at, entry[2])
+            for path, payload in _child_payloads(sub):
+                yield (step, *path), payload
 
 
 def add_partial(partials: list[tuple[int, int, Any, Any]], progress: Progress,
-                entry: tuple[int, int, Any, Any]) -> None:
+                entry: tuple[int, int, Any, Any], nested: Nested | None = None) -> None:
     """Add a fan-out child that finished to ``partials``, in place of the progress of its
-    run in ``progress`` (if it is a sub-plan that kept some)."""
+    run in ``progress`` (if it is a sub-plan that kept some) and of what ran inside it
+    (``nested``)."""
     progress.pop((entry[0], entry[1]), None)
+    if nested is not None:
+        nested.pop((entry[0], entry[1]), None)
     partials.append(entry)
 
 
@@ -802,14 +898,17 @@ def progress_of(progress: Progress, index: int, child: int) -> int:
 
 
 def add_progress(progress: Progress, index: int, child: int, call: Any, at: datetime, n: int,
-                 record: Any) -> None:
+                 record: Any, nested: Nested | None = None) -> None:
     """Add record ``n`` (atoms or a ResumeMarker) of a running sub-plan child to its entry
     in ``progress``: ``(index, child, call, NodeCancelled)`` with the child's records so
-    far, moved last (where its newest line is); a new entry when ``n`` is 0."""
+    far, moved last (where its newest line is); a new entry when ``n`` is 0 (and what ran
+    inside the child before, in ``nested``, is forgotten)."""
     key = (index, child)
     entry = progress.pop(key, None)
     if entry is None or n == 0:  # (a child that started again starts anew)
         entry = (index, child, call, fx.NodeCancelled(at, 0, RecordList()))
+        if nested is not None:
+            nested.pop(key, None)
     progress[key] = entry
     records = entry[3].records
     if n != len(records):
@@ -1062,6 +1161,25 @@ def _read_pair(value: Any, path: Any, run_id: str) -> Any:
     return eff if ev is None else eff + ev
 
 
+def _read_path(value: Any, run_id: str) -> tuple[PathStep, ...]:
+    """A child line's ``path``: ``[[group index, child index, started at or null, call],
+    ...]``, at least one step."""
+    if not isinstance(value, list) or not value:
+        raise _Bad("path", f"expected a list of steps, found {_shown(value)}")
+    steps: list[PathStep] = []
+    for k, step in enumerate(value):
+        where = f"path[{k}]"
+        if not isinstance(step, list) or len(step) != 4:
+            raise _Bad(where, f"expected [group, child, started_at, effect], found "
+                              f"{_shown(step)}")
+        m = _read(_I, step[0], f"{where}[0]", run_id)
+        j = _read(_I, step[1], f"{where}[1]", run_id)
+        at = None if step[2] is None else _read_dt(step[2], f"{where}[2]", run_id)
+        call = decode_effect(_read_obj(step[3], f"{where}[3]", run_id, _CHILD_EFFECTS))
+        steps.append((m, j, at, call))
+    return tuple(steps)
+
+
 def _read_obj(value: Any, path: str, run_id: str, allowed: frozenset[str]) -> tuple[Any, ...]:
     """An effect or event written as a JSON object, read and checked into its atoms."""
     if not isinstance(value, dict):
@@ -1302,7 +1420,7 @@ def _upgrade_outcome(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
 class EffectLog:
     """A run's log in memory: the header and the records, in order."""
 
-    __slots__ = ("_records", "header", "partials", "progress")
+    __slots__ = ("_records", "header", "nested", "partials", "progress")
 
     def __init__(self, header: LogHeader, records: Iterable[Record] = ()) -> None:
         self.header = header
@@ -1313,6 +1431,8 @@ class EffectLog:
         # Fan-out children that are sub-plans, still running, by (group index, child
         # index): (the same, call, a NodeCancelled holding the child's records so far).
         self.progress: Progress = {}
+        # What runs inside those children (their own groups in flight), by the same key.
+        self.nested: Nested = {}
 
     @property
     def records(self) -> RecordList:
@@ -1326,10 +1446,22 @@ class EffectLog:
         """Children of the group in flight when the log ends (a crash inside a fan-out),
         by child index: (call, outcome)."""
         k = len(self.records)
-        running = {j: (call, outcome) for i, j, call, outcome in self.progress.values()
-                   if i == k}
+        running = {j: (call, self._with_inner(i, j, outcome))
+                   for i, j, call, outcome in self.progress.values() if i == k}
         return running | {j: (call, outcome) for i, j, call, outcome in self.partials
                           if i == k}
+
+    def _with_inner(self, i: int, j: int, outcome: fx.NodeCancelled) -> fx.NodeCancelled:
+        """A running sub-plan child's outcome with the children of its own group in flight
+        (``partials``), so a resumed child does not run them again either."""
+        sub = self.nested.get((i, j))
+        if sub is None or sub.records is not outcome.records:
+            return outcome
+        inner = sub.pending_children()
+        if not inner:
+            return outcome
+        return outcome._replace(partials=tuple(
+            (child, call, done) for child, (call, done) in sorted(inner.items())))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -1386,6 +1518,11 @@ class EffectLog:
         for q in self.progress.values():
             if q[0] >= n:
                 out.extend(partial_lines(*q))
+        for (i, j), sub in self.nested.items():
+            entry = self.progress.get((i, j))
+            if i >= n and entry is not None and sub.records is entry[3].records:
+                out.extend(encode_child_line(i, j, entry[2], entry[3].started_at, path, payload)
+                           for path, payload in _child_payloads(sub))
         return out
 
     def to_jsonl(self) -> str:
@@ -1423,6 +1560,7 @@ class EffectLog:
         items = records.items
         partials: list[tuple[int, int, Any, Any]] = []
         progress: Progress = {}
+        nested: Nested = {}
         n = len(lines)
         line_no = 1
         while line_no < n:
@@ -1461,6 +1599,25 @@ class EffectLog:
                 index = obj.get("i")
                 if not _is_int(index):
                     raise _Bad("i", f"expected the record's index, found {_shown(index)}")
+                if "partial" in obj and index == len(items) and "path" in obj:
+                    # A step of a sub-plan running inside a running sub-plan child.
+                    child = _read(_I, obj["partial"], "partial", run_id)
+                    call = decode_effect(_read_obj(_field(obj, "effect", ""), "effect",
+                                                   run_id, _CHILD_EFFECTS))
+                    raw_at = _field(obj, "at", "")
+                    top_at = None if raw_at is None else _read_dt(raw_at, "at", run_id)
+                    path = _read_path(obj["path"], run_id)
+                    payload: Payload
+                    if "progress" in obj:
+                        payload = ("progress", _read(_I, obj["progress"], "progress", run_id),
+                                   _read_pair(_field(obj, "record", ""), "record", run_id))
+                    else:
+                        payload = ("event", decode_event(_read_obj(
+                            _field(obj, "event", ""), "event", run_id, _OUTCOME_EVENTS)))
+                    add_child_line(progress, partials, nested, index, child, call, top_at,
+                                   path, payload)
+                    line_no += 1
+                    continue
                 if "partial" in obj and index == len(items) and "progress" in obj:
                     # A record of a sub-plan child still running (see encode_progress).
                     child = _read(_I, obj["partial"], "partial", run_id)
@@ -1469,7 +1626,7 @@ class EffectLog:
                                                    run_id, _CHILD_EFFECTS))
                     record = _read_pair(_field(obj, "record", ""), "record", run_id)
                     at = _read_dt(_field(obj, "at", ""), "at", run_id)
-                    add_progress(progress, index, child, call, at, position, record)
+                    add_progress(progress, index, child, call, at, position, record, nested)
                     line_no += 1
                     continue
                 if "partial" in obj and index == len(items):
@@ -1480,7 +1637,7 @@ class EffectLog:
                                                 _CHILD_EFFECTS)),
                         decode_event(_read_obj(_field(obj, "event", ""), "event", run_id,
                                                _OUTCOME_EVENTS)),
-                    ))
+                    ), nested)
                     line_no += 1
                     continue
                 if index != len(items):
@@ -1566,4 +1723,5 @@ class EffectLog:
         log = cls(header, records)
         log.partials = partials
         log.progress = progress
+        log.nested = nested
         return log
