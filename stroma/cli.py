@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import attrs
 
 from stroma.demo import run_demo
 from stroma.errors import LogCorrupted, NondeterminismError, StromaError
@@ -45,6 +46,7 @@ from stroma.inputs import InputRefused, pending_wait, send_input
 from stroma.log import EffectLog
 from stroma.runner import replay
 from stroma.timeline import (
+    RUNNING_OR_CRASHED,
     RunSummary,
     Timeline,
     Wait,
@@ -215,12 +217,29 @@ async def run_summaries(store: Any) -> list[RunSummary]:
             if log is None:
                 found.append(no_log_summary(run_id))
                 continue
-            found.append(summary(timeline(log)))
+            line = summary(timeline(log))
+            if line.status == RUNNING_OR_CRASHED:
+                line = attrs.evolve(line, held_by=await _lease_holder(store, run_id))
+            found.append(line)
         except LogCorrupted as e:
             found.append(damaged_summary(run_id, _one_line(str(e))))
     found.sort(key=lambda s: s.run_id)
     found.sort(key=lambda s: s.started or "", reverse=True)
     return found
+
+
+async def _lease_holder(store: Any, run_id: str) -> str | None:
+    """Who runs ``run_id`` now, if the store leases runs (None: nobody, or it cannot say)."""
+    ask = getattr(store, "lease_holder", None)
+    if not callable(ask):
+        return None
+    try:
+        holder = ask(run_id)
+        if inspect.isawaitable(holder):
+            holder = await holder
+    except Exception:  # the column is a hint: a store that cannot say leaves it blank
+        return None
+    return holder if isinstance(holder, str) else None
 
 
 def damaged_hint(e: LogCorrupted) -> str:
@@ -336,15 +355,22 @@ def format_runs(runs: Sequence[RunSummary]) -> str:
     header: tuple[str, ...] = ("run id", "status", "started", "duration_ms", "attempts",
                                "failed", "tokens", "cost_usd")
     waiting = any(s.waiting_for for s in runs)
+    held = any(s.held_by for s in runs)
     if waiting:
         header = (*header, "waiting for")
+    if held:
+        header = (*header, "running in")
     rows = [header]
     for s in runs:
         row: tuple[str, ...] = (
             s.run_id, s.status, s.started or "",
             "" if s.duration_ms is None else str(s.duration_ms), str(s.attempts),
             str(s.failures), str(s.tokens), f"{s.cost_usd:.6f}")
-        rows.append((*row, _waits_for(s.waiting_for)) if waiting else row)
+        if waiting:
+            row = (*row, _waits_for(s.waiting_for))
+        if held:
+            row = (*row, s.held_by or "")
+        rows.append(row)
     return _table(rows, right={3, 4, 5, 6, 7}) + "".join(
         f"\n  {s.run_id}: {s.problem}" for s in runs if s.problem)
 

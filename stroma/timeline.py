@@ -354,6 +354,9 @@ class RunSummary:
     stop_reason: str | None = None
     problem: str | None = None
     waiting_for: tuple[Wait, ...] = ()
+    # Of a run that has not ended: the worker holding its lease (running it now), if the
+    # store leases runs and someone does; None for a run whose worker is gone (crashed).
+    held_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -362,6 +365,7 @@ class RunSummary:
             "attempts": self.attempts, "failures": self.failures,
             "stop_reason": self.stop_reason, "problem": self.problem,
             "waiting_for": [w.to_json() for w in self.waiting_for],
+            "held_by": self.held_by,
         }
 
 

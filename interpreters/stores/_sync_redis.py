@@ -276,6 +276,19 @@ class SyncRedisStore(_Base):
                 "the input is not UTF-8 text (something else wrote it): send the input again",
             ) from None
 
+    def lease_holder(self, run_id: str) -> str | None:
+        """The holder of run ``run_id``'s lease (a worker running it now), or None: nobody
+        holds it (the run ended, waits, was never run here, or its worker died and the lease
+        expired)."""
+        keys = self._keys(run_id, "lease_holder")
+
+        def once(_: int) -> bytes | None:
+            raw: bytes | None = self._redis().get(keys.lease)
+            return raw
+
+        raw = self._run("lease_holder", run_id, once)
+        return None if raw is None else raw.decode("utf-8", "replace")
+
     # ------------------------------------------------------------------- effect log
 
     def append_log(

@@ -247,6 +247,20 @@ else:
     _fsync = os.fsync
 
 
+def _flock_or_wait(fd: int, kind: int) -> None:
+    """``flock(fd, kind)`` without blocking (BlockingIOError if another holds the file),
+    except for a moment while the file names no holder: a lock taken by ``lease_holder``
+    looking (shared, for microseconds) or by a claim that has not written its name yet."""
+    for attempt in range(50):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == 49 or os.pread(fd, 1, 0):  # a holder that says who it is
+                raise
+            time.sleep(0.002)
+
+
 def _fsync_dir(path: str) -> None:
     """Make a folder's entries (a rename, a new file) durable."""
     if os.name == "nt":  # pragma: no cover - folders cannot be opened (or fsync'd) on Windows
@@ -832,7 +846,7 @@ class FileStore:
                     return -1
             try:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _flock_or_wait(fd, fcntl.LOCK_EX)
                 except BlockingIOError:
                     other = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
                     raise RunLocked(run.run_id, other or "another session") from None
@@ -887,6 +901,33 @@ class FileStore:
                 os.ftruncate(fd, 0)  # no holder named any more
         finally:
             os.close(fd)  # (releases the lock)
+
+    def _holder_sync(self, run: _Run) -> str | None:
+        try:
+            fd = os.open(self._lease_path(run), _READ)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            try:
+                _flock_or_wait(fd, fcntl.LOCK_SH)
+            except BlockingIOError:  # held (exclusively): by whom, the file says
+                return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    async def lease_holder(self, run_id: str) -> str | None:
+        """The holder of run ``run_id``'s lease (a session running it now, in this process
+        or another one), or None: nobody holds it (the run ended, waits, was never run, or
+        its process died)."""
+        run = self._run(run_id, "FileStore.lease_holder")
+        if fcntl is None:  # pragma: no cover - Windows
+            return None
+        try:
+            return await _in_thread(self._holder_sync, run)
+        except OSError as e:
+            raise self._fail("lease_holder", run_id, e) from e
 
     @contextlib.asynccontextmanager
     async def lease(self, run_id: str, holder: str) -> AsyncIterator[None]:

@@ -682,6 +682,20 @@ class PostgresStore:
 
         return await self._run("get_input", run_id, once, key)
 
+    async def lease_holder(self, run_id: str) -> str | None:
+        """The holder of run ``run_id``'s lease (a worker running it now), or None: nobody
+        holds it (the run ended, waits, was never run here, or its worker died and the lease
+        expired)."""
+        run_id = _id_text("run id", run_id, "PostgresStore.lease_holder")
+        query = f"SELECT holder FROM {self.leases_table} WHERE run_id = $1 AND expires_at > now()"
+
+        async def once(_: int) -> str | None:
+            async with self._conn() as conn:
+                value: str | None = await conn.fetchval(query, run_id)
+            return value
+
+        return await self._run("lease_holder", run_id, once)
+
     # ------------------------------------------------------------------- effect log
 
     async def append_log(

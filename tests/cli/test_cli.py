@@ -78,7 +78,8 @@ def test_runs_json_and_status_filter(store: Path) -> None:
     assert runs["map"]["tokens"] == 360 and runs["map"]["status"] == "COMPLETED"
     assert set(runs["map"]) == {"run_id", "status", "started", "duration_ms", "tokens",
                                 "cost_usd", "attempts", "failures", "stop_reason", "problem",
-                                "waiting_for"}
+                                "waiting_for", "held_by"}
+    assert runs["crashed"]["held_by"] is None  # nobody runs it: its worker is gone
     failed = json.loads(cli("runs", str(store), "--json", "--status", "FAILED").stdout)
     assert [r["run_id"] for r in failed] == ["golden-terminal"]
 

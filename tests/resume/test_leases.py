@@ -109,3 +109,38 @@ async def test_a_cancelled_worker_releases_the_run_and_another_resumes_it(
     assert result.status is RunStatus.RESUMED and result.final_state == Num(value=23)
     assert not second.called & finished
     assert second.calls[gate_at] == 1
+
+
+async def test_runs_tells_a_run_in_progress_from_one_whose_worker_is_gone(
+    make_store: Callable[[], Any],
+) -> None:
+    """While a worker runs a run, the store's ``lease_holder`` names it and ``runs``
+    (``run_summaries`` / ``format_runs``) shows the run unfinished and where it runs; once
+    that worker is gone (cancelled mid-run, as a crash stops it) the run is unfinished
+    with nobody running it, which is what a run to resume looks like."""
+    from stroma.cli import format_runs, run_summaries
+
+    run_id = f"shown-{os.getpid()}"
+    entered, gate = anyio.Event(), anyio.Event()  # the gate is never opened
+    first = Pipeline(gate=gate, entered=entered, gate_at="e")
+    store = make_store()
+    async with anyio.create_task_group() as tg:
+        async def run() -> None:
+            await interpret(first.nodes(), Num(value=1), store=store, config=config(run_id))
+
+        tg.start_soon(run)
+        with anyio.fail_after(30):
+            await entered.wait()
+        holder = await make_store().lease_holder(run_id)
+        assert holder is not None and f":{os.getpid()}:" in holder
+        (line,) = [s for s in await run_summaries(make_store()) if s.run_id == run_id]
+        assert line.status == "running/crashed" and line.held_by == holder
+        table = format_runs([line])
+        assert "running in" in table.splitlines()[0] and holder in table
+        assert line.to_json()["held_by"] == holder
+        tg.cancel_scope.cancel()
+
+    assert await make_store().lease_holder(run_id) is None
+    (line,) = [s for s in await run_summaries(make_store()) if s.run_id == run_id]
+    assert line.status == "running/crashed" and line.held_by is None
+    assert "running in" not in format_runs([line])

@@ -126,7 +126,8 @@ HOLDER = textwrap.dedent("""
 
 
 def test_a_lease_held_by_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
-    """Another process holding the run: RunLocked naming it. Once that process is killed
+    """Another process holding the run: RunLocked naming it (and ``lease_holder`` says
+    who). Once that process is killed
     (SIGKILL, so nothing of its own releases anything), the kernel has released the lock:
     the next claim gets the run at once, with no expiry to wait for."""
     proc = subprocess.Popen(
@@ -143,9 +144,12 @@ def test_a_lease_held_by_a_killed_process_is_free_at_once(tmp_path: Path) -> Non
         with pytest.raises(RunLocked) as caught:
             anyio.run(claim)
         assert caught.value.holder == "process-holder"
+        assert anyio.run(FileStore(tmp_path).lease_holder, "r") == "process-holder"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
+    # (the killed process's name is still in the file; nobody holds the lock)
+    assert anyio.run(FileStore(tmp_path).lease_holder, "r") is None
     anyio.run(claim)
 
 
@@ -235,3 +239,25 @@ async def _log_lines(run_id: str) -> tuple[str, str]:
     result = await runner.run([node], Num(value=0))
     header, first, *_ = result.log.lines()  # type: ignore[union-attr]
     return header, first
+
+
+async def test_lease_holder_names_the_session_holding_a_run(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """``lease_holder`` of a run nobody ever ran, of one held, and of one released; looking
+    never keeps a claim out (a claim waits out the moment a look holds the file)."""
+    store = FileStore(tmp_path)
+    assert await store.lease_holder("r") is None
+    async with store.lease("r", "worker-a"):
+        assert await FileStore(tmp_path).lease_holder("r") == "worker-a"
+    assert await store.lease_holder("r") is None
+
+    async def look() -> None:
+        for _ in range(200):
+            await store.lease_holder("r")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(look)
+        for _ in range(50):
+            async with FileStore(tmp_path).lease("r", "worker-b"):
+                await anyio.sleep(0)
