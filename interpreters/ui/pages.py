@@ -101,7 +101,8 @@ def runs_page(store: str, runs: Sequence[RunSummary], selected: Sequence[str] = 
         problem = (f'<div class="problem">{escape(s.problem)}</div>' if s.problem else "")
         reason = (_waits_html(s.waiting_for) if s.waiting_for else
                   f'<div class="reason">{escape(s.stop_reason)}</div>' if s.stop_reason
-                  else "")
+                  else f'<div class="reason held">running in {escape(s.held_by)}</div>'
+                  if s.held_by else "")
         rows.append(
             f'<tr data-run="{escape(s.run_id)}" data-status="{escape(s.status)}">'
             f'<td class="mono"><a href="{escape(run_url(s.run_id))}">{escape(s.run_id)}</a>'

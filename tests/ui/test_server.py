@@ -3,12 +3,18 @@ same pages over a Redis store."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import httpx
 import pytest
 
+from stroma import FileStore
 from tests.services import REDIS_URL, START_REDIS, drop_redis_prefix, require, unique
 from tests.timeline import pipelines as P
 from tests.ui.conftest import run_in_thread, serving
@@ -82,3 +88,37 @@ def test_the_ui_over_a_redis_store(redis_spec: str) -> None:
         data = httpx.get(url + "api/runs/map").json()
         assert [[b["outcome"] for b in r["bars"]] for r in data["rows"]] == [
             ["ok"], ["ok"], ["AMBIGUOUS", "AMBIGUOUS", "ok"], ["ok"]]
+
+
+def test_the_runs_page_names_the_worker_running_an_unfinished_run(
+    ui_store: Path, tmp_path: Path,
+) -> None:
+    """A run that has not ended shows who runs it while a worker holds its lease, and no
+    worker once it is released (the worker is gone: the run crashed)."""
+    store = tmp_path / "store"
+    shutil.copytree(ui_store, store)
+    held = threading.Event()
+    release = threading.Event()
+
+    async def hold() -> None:
+        async with FileStore(store).lease("crashed", "host-a:4242:worker"):
+            held.set()
+            await anyio.to_thread.run_sync(release.wait)
+
+    worker = threading.Thread(target=run_in_thread, args=(hold,))
+    worker.start()
+    try:
+        assert held.wait(30)
+        with serving(str(store)) as url:
+            page = httpx.get(url).text
+            listed = {r["run_id"]: r for r in httpx.get(url + "api/runs").json()}
+            release.set()
+            worker.join(30)
+            after = {r["run_id"]: r for r in httpx.get(url + "api/runs").json()}
+    finally:
+        release.set()
+        worker.join(30)
+    assert "running in host-a:4242:worker" in page
+    assert listed["crashed"]["held_by"] == "host-a:4242:worker"
+    assert listed["map"]["held_by"] is None  # a finished run is held by nobody
+    assert after["crashed"]["held_by"] is None
