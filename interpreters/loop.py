@@ -306,12 +306,21 @@ async def _run_live(
             t = type(eff)
             if t is Commit:
                 node_id, run_id, attempt, at, given, made, duration, schema, _, coords = eff
-                items.append(("Commit", node_id, run_id, attempt, at, given, made, duration,
-                              schema, coords))
-                if commit_now is not None:
-                    commit_now(eff)
-                else:
-                    await commit(eff)
+                record = ("Commit", node_id, run_id, attempt, at, given, made, duration,
+                          schema, coords)
+                items.append(record)
+                try:
+                    if commit_now is not None:
+                        commit_now(eff)
+                    else:
+                        await commit(eff)
+                except BaseException:
+                    # Not committed: the record goes too (a store that keeps the log by
+                    # reference would otherwise hold a Commit whose checkpoint it never
+                    # saved); on resume the machine commits the recorded output again.
+                    if items and items[-1] is record:
+                        items.pop()
+                    raise
                 if told is not None:
                     told(eff, None)
             elif t is fx.RecordAttempt:
