@@ -1548,9 +1548,17 @@ class EffectLog:
 
     @classmethod
     def from_lines(
-        cls, lines: list[str], source: str = "<effect log>", torn_tail: str = ""
+        cls, lines: list[str], source: str = "<effect log>", torn_tail: str = "",
+        *, whole: bool = False,
     ) -> EffectLog:
-        """Parse lines (without newlines); a torn last line is dropped, other damage raises."""
+        """Parse lines (without newlines); a torn last line is dropped, other damage raises.
+
+        ``whole``: the store writes each append whole (a Redis list, a table), so no line
+        can be torn by a crash: a damaged last line (or a group cut short) is damage too,
+        raised, never dropped (a resumed run would write after it, and the log could not
+        be read again)."""
+        if whole:
+            torn_tail = "(none: every line was written whole)"
         if not lines:
             raise LogCorrupted(source, "the log is empty: it has no header line")
         header = _parse_header(lines[0], source)
@@ -1689,6 +1697,12 @@ class EffectLog:
                         used.append(lines[j])
                         j += 1
                     if len(calls) < count:
+                        if whole:
+                            raise LogCorrupted(
+                                source, f"line {line_no + 1}: the parallel group has "
+                                f"{len(calls)} of its {count} child lines, and this store "
+                                "writes each append whole: the log was altered; restore it, "
+                                "or delete the run and start it again")
                         break  # the group was cut short by a crash: a torn tail
                     effect = (*effect[:3], tuple(calls), *effect[4:])
                     if event is not None:

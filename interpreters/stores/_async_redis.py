@@ -375,7 +375,7 @@ class RedisStore(_Base):
             lines = [line.decode("utf-8") for line in raw]
         except UnicodeDecodeError:
             raise LogCorrupted(source, "a log line is not UTF-8 text") from None
-        return EffectLog.from_lines(lines, source=source)
+        return EffectLog.from_lines(lines, source=source, whole=True)
 
     # ---------------------------------------------------------------------- runs
 

@@ -745,7 +745,8 @@ class PostgresStore:
         lines = await self._run("read_log", run_id, once)
         if not lines:
             return None
-        return EffectLog.from_lines(lines, source=self._source(run_id, "effect log"))
+        return EffectLog.from_lines(lines, source=self._source(run_id, "effect log"),
+                                    whole=True)  # (each append is one transaction)
 
     async def run_ids(self) -> list[str]:
         """The ids of the runs that have checkpoints or a log, sorted."""

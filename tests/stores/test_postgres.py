@@ -439,3 +439,37 @@ async def test_dead_holders_lease_expires(
                 except RunLocked as exc:
                     assert exc.holder == "child"
                     await anyio.sleep(0.05)
+
+
+async def test_a_damaged_last_log_row_is_log_corrupted_and_nothing_is_written_after_it(
+    postgres_store: PostgresStore, raw: asyncpg.Connection
+) -> None:
+    """Each append is one transaction, so a damaged last row is no torn tail of a crash:
+    reading the log says it is damaged, and a resume refuses before writing (were it
+    dropped, the resumed run would append after it and the log could not be read again)."""
+    from stroma import StromaRunner
+    from stroma.runner import RunConfig, interpret
+
+    runner = StromaRunner.quick()
+
+    class N(BaseModel):
+        v: int
+
+    def make(i: int) -> Any:
+        @runner.node(f"s{i}", input=N, output=N)
+        async def step(s: N) -> dict[str, int]:
+            return {"v": s.v + 1}
+        return step
+
+    nodes = [make(i) for i in range(3)]
+    await interpret(nodes, N(v=0), store=postgres_store, config=RunConfig(run_id="r"))
+    table = postgres_store.log_table
+    await raw.execute(
+        f"UPDATE {table} SET line = $1 WHERE run_id = 'r' AND seq = "
+        f"(SELECT max(seq) FROM {table} WHERE run_id = 'r')", '{"i":5,"effect":{"t":"Comm')
+    rows = await raw.fetchval(f"SELECT count(*) FROM {table} WHERE run_id = 'r'")
+    with pytest.raises(LogCorrupted, match="not JSON"):
+        await postgres_store.read_log("r")
+    with pytest.raises(LogCorrupted, match="not JSON"):
+        await interpret(nodes, N(v=0), store=postgres_store, config=RunConfig(run_id="r"))
+    assert await raw.fetchval(f"SELECT count(*) FROM {table} WHERE run_id = 'r'") == rows

@@ -441,3 +441,36 @@ def test_sync_store_round_trips_and_deletes(
     finally:
         store.delete("r")
         store.close()
+
+
+async def test_a_damaged_last_log_item_is_log_corrupted_and_nothing_is_written_after_it(
+    redis_store: RedisStore, raw: aioredis.Redis
+) -> None:
+    """Redis appends a batch of lines whole, so a damaged last item is no torn tail of a
+    crash: reading the log says it is damaged, and a resume refuses before writing (were it
+    dropped, the resumed run would append after it and the log could not be read again)."""
+    from stroma import StromaRunner
+    from stroma.runner import RunConfig, interpret
+
+    runner = StromaRunner.quick()
+
+    class N(BaseModel):
+        v: int
+
+    def make(i: int) -> Any:
+        @runner.node(f"s{i}", input=N, output=N)
+        async def step(s: N) -> dict[str, int]:
+            return {"v": s.v + 1}
+        return step
+
+    nodes = [make(i) for i in range(3)]
+    await interpret(nodes, N(v=0), store=redis_store, config=RunConfig(run_id="r"))
+    key = run_keys(redis_store, "r").log
+    await raw.rpop(key)
+    await raw.rpush(key, b'{"i":5,"effect":{"t":"Comm')
+    items = await raw.llen(key)
+    with pytest.raises(LogCorrupted, match="not JSON"):
+        await redis_store.read_log("r")
+    with pytest.raises(LogCorrupted, match="not JSON"):
+        await interpret(nodes, N(v=0), store=redis_store, config=RunConfig(run_id="r"))
+    assert await raw.llen(key) == items  # nothing appended after the damage
