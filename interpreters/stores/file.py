@@ -93,6 +93,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -167,8 +168,11 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted in the store is refused
 _WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
-_READ = os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
-_LOCK_FILE = os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW
+# (O_NONBLOCK: opening a FIFO planted in the store returns at once, to be refused as no
+# regular file, instead of waiting for a writer for ever; it changes nothing for files.)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_READ = os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK
+_LOCK_FILE = os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK
 # What opening a file for writing in a folder this process may only read fails with.
 _READ_ONLY = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
@@ -301,8 +305,21 @@ def _read(path: str) -> bytes | None:
         fd = os.open(path, _READ)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    try:
+        _regular(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
     with open(fd, "rb") as f:
         return f.read()
+
+
+def _regular(fd: int, path: str) -> None:
+    """Refuse what is no regular file where the store keeps one (a folder, a FIFO or a
+    device planted there): an OSError naming the path (a StoreError once reported)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a folder, FIFO or device is where "
+                                    "the store keeps a file: remove it)", path)
 
 
 def _call(fn: Callable[..., _T], *args: Any) -> _T:
@@ -540,7 +557,8 @@ class FileStore:
         if key is not None:
             what += f", input {key!r},"
         return StoreError(
-            f"{what} in {self.path}: {e.strerror or e} ({e.filename or self.path}); check "
+            f"{what} in {self.path}: {e.strerror or e} "
+            f"({e.filename if isinstance(e.filename, str) else self.path}); check "
             "that the folder exists, is readable and writable, and has free space"
         )
 
@@ -845,6 +863,7 @@ class FileStore:
                 except FileNotFoundError:
                     return -1
             try:
+                _regular(fd, path)
                 try:
                     _flock_or_wait(fd, fcntl.LOCK_EX)
                 except BlockingIOError:
@@ -908,6 +927,7 @@ class FileStore:
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
+            _regular(fd, self._lease_path(run))
             try:
                 _flock_or_wait(fd, fcntl.LOCK_SH)
             except BlockingIOError:  # held (exclusively): by whom, the file says

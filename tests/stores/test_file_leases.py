@@ -261,3 +261,36 @@ async def test_lease_holder_names_the_session_holding_a_run(
         for _ in range(50):
             async with FileStore(tmp_path).lease("r", "worker-b"):
                 await anyio.sleep(0)
+
+
+async def test_a_fifo_where_a_lock_file_goes_is_a_store_error_not_a_hang(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A FIFO planted where a run's lock file goes: asking who holds the run, or claiming
+    it, is a StoreError naming the path (opening a FIFO would wait for a writer for ever)."""
+    store = FileStore(tmp_path)
+    async with store.lease("other", "worker-a"):
+        pass  # (the leases folder exists)
+    os.mkfifo(tmp_path / LEASES / "r.lock")
+    with anyio.fail_after(10), pytest.raises(StoreError, match="not a regular file") as caught:
+        await store.lease_holder("r")
+    assert str(tmp_path / LEASES / "r.lock") in str(caught.value)
+    with anyio.fail_after(10), pytest.raises(StoreError, match="not a regular file"):
+        async with store.lease("r", "worker-b"):
+            pass
+
+
+async def test_a_folder_where_the_log_goes_is_named_by_its_path(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    store = FileStore(tmp_path)
+    await store.save("r", "n", BaseModelState(v=1))
+    log = next((tmp_path / "runs").iterdir()) / "log.jsonl"
+    log.mkdir()
+    with pytest.raises(StoreError) as caught:
+        await store.read_log("r")
+    assert str(log) in str(caught.value)
+
+
+class BaseModelState(BaseModel):
+    v: int
