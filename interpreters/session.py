@@ -17,19 +17,28 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import warnings
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from interpreters.live import Collaborators, LivePerformer, RunLogger, _log, single_error
 from interpreters.loop import Recorder, result_of, resume_marker, run_live
 from interpreters.replay import Replayed, replay_records
 from stroma import effects as fx
 from stroma._version import __version__
-from stroma.errors import LogCorrupted, NondeterminismError, StromaError, StromaTypeError
+from stroma.errors import (
+    LogCorrupted,
+    NondeterminismError,
+    StateNotSerializable,
+    StromaError,
+    StromaTypeError,
+    StromaWarning,
+)
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
@@ -59,10 +68,17 @@ def session_config(machine: MachineConfig, initial_state: BaseModel) -> dict[str
     """What a log header (or restart record) keeps of a session: the machine's config
     and the initial state."""
     data = machine.to_json()
-    data["initial"] = {
-        "schema": _schema_ref(type(initial_state)),
-        "state": initial_state.model_dump(mode="json"),
-    }
+    try:
+        state = initial_state.model_dump(mode="json")
+    except (PydanticSerializationError, ValueError, TypeError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StateNotSerializable(
+            f"the initial state ({type(initial_state).__name__}) cannot be written as JSON, "
+            f"which the run's log keeps to resume and replay the run: {first[:200]}; give "
+            "its fields JSON types (str, numbers, lists, dicts, models), or a serializer "
+            "(pydantic's field_serializer). Nothing was run"
+        ) from None
+    data["initial"] = {"schema": _schema_ref(type(initial_state)), "state": state}
     return data
 
 
@@ -348,30 +364,47 @@ def _no_initial_state(run_id: str, absent: bool, plan: Plan) -> str:
             f"state: {why}; pass one, e.g. interpret(plan, {name}(...), ...)")
 
 
-def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) -> None:
-    """A run id named again with another initial state than its log recorded: the run
-    goes on from (or returns) what its log holds, so say that the state given is not
-    used (the same run id is the way to resume; a new run needs a new id)."""
+def _changed_fields(log: EffectLog, given: BaseModel) -> list[str]:
+    """The fields in which ``given`` differs from the initial state of the log's last
+    session ([] when they agree, or when either cannot be read: the run says so)."""
     restart = _last_restart(log)  # (a later session started over: its state counts)
     config = log.header.config if restart is None else restart[1].restart or {}
     initial = config.get("initial")  # (the log's to check when it is replayed: not here)
     recorded = initial.get("state") if isinstance(initial, dict) else None
     if not isinstance(recorded, dict):
-        return
+        return []
     try:
         now = given.model_dump(mode="json")
     except Exception:  # (a state that cannot be written: the run says so when it starts)
-        return
-    changed = sorted(k for k in recorded.keys() | now.keys()
-                     if k in now and recorded.get(k, now[k]) != now[k])
+        return []
+    return sorted(k for k in recorded.keys() | now.keys()
+                  if k in now and recorded.get(k, now[k]) != now[k])
+
+
+def _fields_text(changed: list[str]) -> str:
+    fields = ", ".join(map(repr, changed[:5])) + (", ..." if len(changed) > 5 else "")
+    return (f"field{'s' if len(changed) > 1 else ''} {fields}"
+            f"{' differ' if len(changed) > 1 else ' differs'}")
+
+
+def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) -> None:
+    """A run id named again with another initial state than its log recorded: the run
+    goes on from (or returns) what its log holds, so say that the state given is not
+    used (the same run id is the way to resume; a new run needs a new id). Logged, and a
+    StromaWarning, so that it is seen with no logging set up."""
+    changed = _changed_fields(log, given)
     if changed:
-        fields = ", ".join(map(repr, changed[:5])) + (", ..." if len(changed) > 5 else "")
-        RunLogger(_log, {"run_id": run_id}).warning(
-            "this run id is in the store with another initial state (%s %s): the run goes "
-            "on from its log, with the state it recorded, and the state given is not "
-            "used; a new run needs a new run id", f"field{'s' if len(changed) > 1 else ''}",
-            fields + (" differ" if len(changed) > 1 else " differs"),
+        finish = log.finish
+        ended = finish is not None and finish.status is not RunStatus.WAITING
+        message = (
+            f"run {run_id!r} is in the store with another initial state "
+            f"({_fields_text(changed)}): the run "
+            f"{'returns its recorded result' if ended else 'goes on from its log'}, with "
+            "the state it recorded, and the state given is not used; a new run needs a new "
+            "run id (or leave run_id out: each run then gets a fresh one)"
         )
+        RunLogger(_log, {"run_id": run_id}).warning("%s", message)
+        warnings.warn(message, StromaWarning, stacklevel=2)
 
 
 def new_seed() -> int:

@@ -51,6 +51,7 @@ from stroma.errors import (
     RunLocked,
     StoreError,
     StromaError,
+    StromaWarning,
     UnsafeSchemaRef,
 )
 from stroma.failures import (
@@ -136,6 +137,7 @@ __all__ = (
     "StepViolation",
     "StoreError",
     "StromaError",
+    "StromaWarning",
     "StromaRunner",
     "StromaStep",
     "SyncRedisStore",

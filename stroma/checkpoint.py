@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
-from stroma.errors import StromaTypeError
+from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import _resolve_schema, _schema_ref, declare_schema
 
@@ -146,9 +146,20 @@ class CheckpointManager:
             result = await result
         if result is None or isinstance(result, schema):
             return result
-        if isinstance(result, BaseModel):
-            return schema.model_validate(result.model_dump())
-        return schema.model_validate(result)
+        try:
+            if isinstance(result, BaseModel):
+                return schema.model_validate(result.model_dump())
+            return schema.model_validate(result)
+        except ValidationError as e:
+            got = type(result).__name__
+            raise StoreError(
+                f"{type(self.store).__name__}, run {run_id!r}: the checkpoint of "
+                f"{node_id!r} it loaded (a {got}) is not a {schema.__name__} "
+                f"({e.error_count()} error(s), first: "
+                f"{'.'.join(map(str, e.errors()[0]['loc'])) or '(the state)'}: "
+                f"{e.errors()[0]['msg']}): the store returned another node's state or "
+                "altered data; check its load(), or resume from another node"
+            ) from None
 
     async def clear(self, run_id: str) -> None:
         result = self.store.delete(run_id)

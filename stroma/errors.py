@@ -21,12 +21,20 @@ __all__ = (
     "StromaModuleNotFoundError",
     "StromaTypeError",
     "StromaValueError",
+    "StromaWarning",
     "UnsafeSchemaRef",
 )
 
 
 class StromaError(Exception):
     """Base class of every error stroma raises on its own account."""
+
+
+class StromaWarning(StromaError, UserWarning):
+    """A use of stroma that runs but likely not as meant (a setting that applies to no
+    step, a state given that is not used); the message says what and the fix. A
+    StromaError too: with warnings turned into errors (``-W error``), what leaves the
+    library is still one of stroma's errors."""
 
 
 class StromaTypeError(StromaError, TypeError):

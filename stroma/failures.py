@@ -56,6 +56,11 @@ class FailureClass(StrEnum):
     AMBIGUOUS = "AMBIGUOUS"
 
 
+# The longest backoff ceiling a policy takes: a day (longer waits are better spent with
+# the run ended and resumed later; infinity would hang the run).
+_MAX_BACKOFF_SECONDS = 86_400
+
+
 class FailurePolicy(BaseModel):
     """How often to retry a failure class, and the backoff ceiling before each retry."""
 
@@ -77,6 +82,14 @@ class FailurePolicy(BaseModel):
                 f"FailurePolicy.{info.field_name} must be >= 0, got {value!r}: it is {what}; "
                 f"use FailurePolicy({info.field_name}=0) for "
                 f"{'no retries' if info.field_name == 'max_retries' else 'no delay'}"
+            )
+        if (info.field_name == "backoff_seconds" and isinstance(value, int | float)
+                and not isinstance(value, bool) and not value <= _MAX_BACKOFF_SECONDS):
+            raise StromaValueError(
+                f"FailurePolicy.backoff_seconds must be a number of seconds up to "
+                f"{_MAX_BACKOFF_SECONDS:,} (a day), got {value!r}: a retry would wait that "
+                "long (for ever, if infinite); use a delay of seconds or minutes, or let the "
+                "run fail and run it again later with its run id to resume it"
             )
         return value
 

@@ -25,7 +25,13 @@ from stroma.cost import CostTracker, NodeUsage, normalize_node_return
 from stroma.errors import PlanError, StromaTypeError
 from stroma.failures import RetryBudget
 from stroma.plan import NODE_ATTR, STEP_ATTR, NodeMarker, compile_plan
-from stroma.runner import RunConfig, _is_async_callable, _traced, machine_config
+from stroma.runner import (
+    RunConfig,
+    _is_async_callable,
+    _run_config_of,
+    _traced,
+    machine_config,
+)
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
 __all__ = ("ReliabilityContext", "StromaStep", "UnvalidatedOutput", "execute_step")
@@ -53,8 +59,22 @@ class ReliabilityContext:
         registry: ContractRegistry | None = None,
         checkpoint_manager: CheckpointManager | None = None,
     ) -> ReliabilityContext:
+        if registry is not None and not isinstance(registry, ContractRegistry):
+            raise StromaTypeError(
+                f"ReliabilityContext.for_run(registry=...): expected a ContractRegistry, got "
+                f"{registry!r:.80} (a {type(registry).__name__}); or leave it out for an "
+                "empty one"
+            )
+        if checkpoint_manager is not None and not isinstance(checkpoint_manager,
+                                                             CheckpointManager):
+            raise StromaTypeError(
+                "ReliabilityContext.for_run(checkpoint_manager=...): expected a "
+                f"CheckpointManager, got {checkpoint_manager!r:.80} (a "
+                f"{type(checkpoint_manager).__name__}): wrap a store in one, "
+                "CheckpointManager(store)"
+            )
         return cls(
-            config=config if config is not None else RunConfig(),
+            config=_run_config_of(config, "ReliabilityContext.for_run"),
             registry=registry if registry is not None else ContractRegistry(),
             checkpoint_manager=checkpoint_manager or CheckpointManager(InMemoryStore()),
         )
@@ -88,6 +108,8 @@ async def execute_step(
     context's budget together with earlier steps, and its attempts are appended to the
     context's trace.
     """
+    _check_step(step_id, contract, "execute_step")
+    _check_context(ctx, f"execute_step({step_id!r}, ...)")
     if contract is None and step_id in ctx.registry:
         contract = ctx.registry.get(step_id)
     if not isinstance(input_state, BaseModel):
@@ -206,6 +228,28 @@ def _as_model(
     return output
 
 
+def _check_step(step_id: Any, contract: Any, where: str) -> None:
+    if not isinstance(step_id, str) or not step_id:
+        raise StromaTypeError(
+            f"{where}(step_id={step_id!r}): the step id must be a non-empty string, e.g. "
+            f"{where}('summarize', ...)"
+        )
+    if contract is not None and not isinstance(contract, NodeContract):
+        raise StromaTypeError(
+            f"{where}({step_id!r}, contract=...): expected a NodeContract, got "
+            f"{contract!r:.80} (a {type(contract).__name__}): e.g. contract=NodeContract("
+            f"node_id={step_id!r}, input_schema=In, output_schema=Out)"
+        )
+
+
+def _check_context(ctx: Any, where: str) -> None:
+    if not isinstance(ctx, ReliabilityContext):
+        raise StromaTypeError(
+            f"{where}: expected a ReliabilityContext, got {ctx!r:.80} (a "
+            f"{type(ctx).__name__}): make one with ReliabilityContext.for_run(config)"
+        )
+
+
 def _takes_two(func: Callable[..., Any]) -> bool:
     from stroma.plan import _takes_context
 
@@ -216,6 +260,7 @@ class StromaStep:
     """Wraps callables so that calling them runs ``execute_step`` in a shared context."""
 
     def __init__(self, ctx: ReliabilityContext) -> None:
+        _check_context(ctx, "StromaStep(ctx)")
         self.ctx = ctx
 
     def wrap(
@@ -226,6 +271,12 @@ class StromaStep:
         ``_stroma_contract`` (the contract passed, else the one registered for the id when
         wrapping, else None: the step then runs unvalidated)."""
         ctx = self.ctx
+        _check_step(step_id, contract, "StromaStep.wrap")
+        if not callable(func):
+            raise StromaTypeError(
+                f"StromaStep.wrap({step_id!r}, func=...): expected an async function, got "
+                f"{func!r:.80}"
+            )
 
         @functools.wraps(func)
         async def wrapped(input_state: BaseModel) -> ExecutionResult:
@@ -249,6 +300,14 @@ class StromaStep:
         input: type[BaseModel] | None = None,
         output: type[BaseModel] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        _check_step(step_id, None, "StromaStep")
+        for what, schema in (("input", input), ("output", output)):
+            if schema is not None and not (isinstance(schema, type)
+                                           and issubclass(schema, BaseModel)):
+                raise StromaTypeError(
+                    f"StromaStep({step_id!r}, {what}=...): expected a pydantic BaseModel "
+                    f"class, got {schema!r:.80}: e.g. {what}=My{what.title()}"
+                )
         contract = None
         if input is not None and output is not None:
             contract = NodeContract(node_id=step_id, input_schema=input, output_schema=output)

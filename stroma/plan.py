@@ -30,8 +30,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, NamedTuple, Union
 
 import attrs
@@ -102,11 +103,23 @@ def node_marker(fn: object) -> NodeMarker | None:
 
 
 def _policy_table(policies: Mapping[Any, Any] | None) -> PolicyTable:
+    if policies is not None and not isinstance(policies, Mapping):
+        raise PlanError(
+            f"a retry policy table maps failure classes to policies, got {policies!r:.80} (a "
+            f"{type(policies).__name__}): e.g. {{FailureClass.RECOVERABLE: "
+            "FailurePolicy(max_retries=5, backoff_seconds=0.5)}"
+        )
     if not policies:
         return ()
     out = []
     for cls, pol in policies.items():
-        fc = FailureClass(cls)
+        try:
+            fc = FailureClass(cls)
+        except ValueError:
+            raise PlanError(
+                f"{cls!r} is not a failure class: the keys of a retry policy table are "
+                f"{', '.join(c.name for c in FailureClass)} (FailureClass.RECOVERABLE, ...)"
+            ) from None
         if isinstance(pol, Mapping):
             pol = FailurePolicy(**pol)
         if not isinstance(pol, FailurePolicy):
@@ -1040,9 +1053,38 @@ def await_input(
             f"await_input({name!r}, schema={schema!r}): expected a pydantic BaseModel class, "
             "the shape of the input, e.g. class Approval(BaseModel): approved: bool"
         )
-    if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or timeout_ms <= 0):
-        raise PlanError(f"await_input({name!r}, timeout_ms={timeout_ms!r}): expected ms > 0")
-    return WaitGroup(name, schema, None if timeout_ms is None else int(timeout_ms), input)
+    if input is not None:
+        _check_schema(f"await_input({name!r}, input=...)", input)
+    return WaitGroup(name, schema, _checked_ms(f"await_input({name!r}, timeout_ms=...)",
+                                               timeout_ms), input)
+
+
+# The longest timeout a step takes, in milliseconds (about 31 years: past it, the times
+# stroma works out would overflow a datetime).
+_MAX_TIMEOUT_MS = 10**12
+
+
+def _checked_ms(where: str, ms: Any) -> int | None:
+    """A timeout in whole milliseconds, or None; anything else is a PlanError naming
+    ``where``."""
+    if ms is None:
+        return None
+    if (isinstance(ms, bool) or not isinstance(ms, int | float) or not math.isfinite(ms)
+            or not 0 < ms <= _MAX_TIMEOUT_MS):
+        raise PlanError(
+            f"{where}: expected ms > 0, a number of milliseconds > 0 up to "
+            f"{_MAX_TIMEOUT_MS:,}, got {ms!r}: e.g. 30_000 for 30 s, or None for no timeout"
+        )
+    return max(1, round(ms))  # (whole milliseconds; a fraction of one is one)
+
+
+def _check_schema(where: str, schema: Any) -> None:
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise PlanError(
+            f"{where}: expected a pydantic BaseModel class (the state's schema), got "
+            f"{schema!r:.80}; e.g. input=MyState, or leave it out to take the previous "
+            "step's output schema"
+        )
 
 
 def _check_concurrency(where: str, value: int | None) -> None:
@@ -1108,6 +1150,8 @@ def map_each(
                 "into='results')"
             )
     _check_concurrency("map_each", max_concurrency)
+    if input is not None:
+        _check_schema(f"map_each(over={over!r}, input=...)", input)
     return MapGroup(step, over, into, max_concurrency, input)
 
 
@@ -1342,9 +1386,8 @@ class Plan(_Combinable):
 
     def with_timeout(self, node_id: str, ms: int | None) -> Plan:
         """A new plan in which the step ``node_id`` times out after ``ms`` milliseconds."""
-        if ms is not None and (not isinstance(ms, int | float) or ms <= 0):
-            raise PlanError(f"with_timeout({node_id!r}, {ms!r}): expected milliseconds > 0")
-        return self._replace(node_id, "with_timeout", timeout_ms=None if ms is None else int(ms))
+        timeout_ms = _checked_ms(f"with_timeout({node_id!r}, {ms!r})", ms)
+        return self._replace(node_id, "with_timeout", timeout_ms=timeout_ms)
 
     def with_retry(self, node_id: str, policy_map: Mapping[Any, Any]) -> Plan:
         """A new plan in which the step ``node_id`` retries by ``policy_map`` (class -> policy)."""
@@ -1383,18 +1426,40 @@ def _compile_node(fn: Any, registry: ContractRegistry | None) -> NodeStep:
             f"registry.register(NodeContract(node_id={marker.node_id!r}, input_schema=..., "
             "output_schema=...)) or decorate it with @runner.node(..., input=..., output=...)"
         )
+    takes_context = _takes_context(fn)
+    _check_signature(fn, marker.node_id, name, takes_context)
     step = NodeStep(
         node_id=marker.node_id,
         fn=fn,
         input_schema=contract.input_schema,
         output_schema=contract.output_schema,
-        takes_context=_takes_context(fn),
+        takes_context=takes_context,
     )
     try:
         setattr(fn, STEP_ATTR, (contract, step))
     except (AttributeError, TypeError):
         pass  # a callable that takes no attributes: compile it again next time
     return step
+
+
+def _check_signature(fn: Any, node_id: str, name: str, takes_context: bool) -> None:
+    """A node is called with the state, and the context when it takes two parameters:
+    a function that cannot be called so is refused when the plan is built (at run time it
+    would be a TypeError, retried as any failure)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # (no signature to read: the call says)
+    try:
+        signature.bind(*(("state", "ctx") if takes_context else ("state",)))
+    except TypeError as e:
+        raise PlanError(
+            f"node {node_id!r} ({name}) cannot be called with the state"
+            f"{' and the context' if takes_context else ''}: its signature is "
+            f"{name.rsplit('.', 1)[-1]}{signature} ({e}); a node takes the state, and "
+            "optionally the run's context: async def step(state: In) or async def "
+            "step(state: In, ctx: dict)"
+        ) from None
 
 
 def _sub(item: Any, registry: ContractRegistry | None, prev: type[BaseModel] | None) -> Any:
@@ -1475,6 +1540,12 @@ def compile_plan(items: Any, registry: ContractRegistry | None = None) -> Plan:
     """A validated Plan from a Plan, a step, or a list of node functions and groups."""
     if isinstance(items, Plan):
         return items  # plans are validated when they are built
+    if isinstance(items, Set | Mapping):
+        raise PlanError(
+            f"a pipeline is an ordered list of steps, got a {type(items).__name__}: its "
+            "order is not defined (a set's can change from one process to the next, which "
+            "would break resume and replay); pass a list, e.g. [fetch, summarize]"
+        )
     if isinstance(items, str | bytes) or not isinstance(items, Iterable):
         steps = _compile_items([items], registry)
     else:

@@ -13,13 +13,15 @@ import inspect
 import logging
 import math
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 import stroma.plan as _plan_module
 from interpreters.live import Collaborators
@@ -36,6 +38,7 @@ from stroma.errors import (
     StromaImportError,
     StromaTypeError,
     StromaValueError,
+    StromaWarning,
 )
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.inputs import InputRefused
@@ -154,6 +157,11 @@ class RunConfig(BaseModel):
     # OpenTelemetry (stroma.otel): True for the global providers, or a Tracing. Not a
     # decision of the run: it is in neither the MachineConfig nor the log's header.
     tracing: bool | Tracing = False
+    # Whether a run took this config's default run id; the box is shared with the
+    # config's copies (model_copy keeps it). The first run made with a config whose
+    # run_id was not given runs under that id (as RunConfig().run_id says); later ones get
+    # fresh ids, so no two runs share one.
+    _default_id_taken: list[bool] = PrivateAttr(default_factory=lambda: [False])
 
     @model_validator(mode="before")
     @classmethod
@@ -266,6 +274,14 @@ class RunConfig(BaseModel):
     @field_validator("model_fallbacks", mode="plain")
     @classmethod
     def _fallbacks(cls, value: Any) -> Any:
+        if isinstance(value, FallbackPolicy):
+            value = [value]  # (one policy: the list of it)
+        elif value is not None and not isinstance(value, Iterable):
+            raise StromaTypeError(
+                f"model_fallbacks must be a list of FallbackPolicy values, got {value!r:.80} "
+                f"(a {type(value).__name__}): e.g. model_fallbacks=[FallbackPolicy("
+                "'gpt-4o', 'gpt-4o-mini', at_budget_pct=0.8)]"
+            )
         value = list(value or [])
         for f in value:
             if not isinstance(f, FallbackPolicy):
@@ -350,11 +366,13 @@ async def interpret(
             )
     elif not isinstance(initial_state, BaseModel):
         raise StromaTypeError(_initial_state_error(initial_state, compiled.input_schema))
-    if inputs:
+    if inputs is not None:
         _check_inputs(inputs, compiled)
+    if config.node_timeouts or config.node_policies:
+        _warn_of_unknown_steps(config, compiled)
     if manager is None:
         manager = CheckpointManager(store if store is not None else InMemoryStore())
-    run_id = config.run_id if explicit else str(uuid.uuid4())
+    run_id = config.run_id if explicit else _default_run_id(config)
     if initial_state is not None:
         declare_schemas((type(initial_state),))
     world = Collaborators(
@@ -372,10 +390,46 @@ async def interpret(
                                            explicit_run_id=explicit, world=world))
 
 
+def _warn_of_unknown_steps(config: RunConfig, plan: Plan) -> None:
+    """A node timeout or policy whose id is no step of the plan but close to one that has
+    none (``fetch_page`` for ``fetch``) is likely misspelt, leaving the node without the
+    timeout meant for it: warn, naming both. (Ids far from every step are taken for steps
+    of another plan: a config can be shared by several.)"""
+    ids = {s.step_id for s in plan.walk()}
+    for what, table in (("node_timeouts", config.node_timeouts),
+                        ("node_policies", config.node_policies)):
+        for key in table:
+            if key in ids:
+                continue
+            close = _close_matches(key, sorted(i for i in ids if i not in table), n=1)
+            if close:
+                warnings.warn(
+                    f"RunConfig.{what} names {key!r}, which is no step of this plan, so it "
+                    f"applies to nothing; did you mean {close[0]!r}? (no {what} entry "
+                    "names it)", StromaWarning, stacklevel=3,
+                )
+
+
+def _default_run_id(config: RunConfig) -> str:
+    """The id of a run whose config names none: the config's own default the first time,
+    a fresh one after (a runner running twice shares nothing)."""
+    taken = config._default_id_taken
+    if taken[0]:
+        return str(uuid.uuid4())
+    taken[0] = True
+    return config.run_id
+
+
 def _check_inputs(inputs: Mapping[str, Any], plan: Plan) -> None:
     """Each of interpret's ``inputs`` is for a wait of the plan: by its name, or by a
     wait's key (``approval@agent#3``, as a WAITING run's stop reason names it)."""
     names = sorted({s.name for s in plan.walk() if isinstance(s, WaitStep)})
+    if not isinstance(inputs, Mapping):
+        raise InputRefused(
+            f"interpret(inputs=...) must map each wait's name to its payload, got "
+            f"{inputs!r:.80} (a {type(inputs).__name__}): e.g. inputs={{'approval': "
+            "{'approved': True}}. Nothing was run"
+        )
     for key in inputs:
         if not isinstance(key, str) or key.split("@", 1)[0] not in names:
             there = (f"its waits are {', '.join(map(repr, names))}" if names
@@ -544,8 +598,20 @@ def stroma_node(node_id: str, contract: NodeContract | None = None) -> Callable[
             f"stroma_node(node_id={node_id!r}): the node id must be a non-empty string, "
             "e.g. stroma_node('fetch', NodeContract(node_id='fetch', ...))"
         )
+    if contract is not None and not isinstance(contract, NodeContract):
+        raise PlanError(
+            f"stroma_node({node_id!r}, contract={contract!r}): the contract must be a "
+            f"NodeContract, got a {type(contract).__name__}; e.g. stroma_node({node_id!r}, "
+            f"NodeContract(node_id={node_id!r}, input_schema=In, output_schema=Out)), or "
+            "declare the schemas with runner.node(node_id, input=In, output=Out)"
+        )
 
     def mark(fn: _F) -> _F:
+        if not callable(fn):
+            raise PlanError(
+                f"stroma_node({node_id!r}) marks a function, got {fn!r}: put "
+                f"@stroma_node({node_id!r}) above an async def"
+            )
         try:
             setattr(fn, NODE_ATTR, NodeMarker(node_id, contract))
         except AttributeError:  # a bound method, or an object without a __dict__
@@ -602,7 +668,9 @@ class StromaRunner:
         if isinstance(nodes, Plan):
             return nodes
         items: Any = [nodes] if isinstance(nodes, ParallelGroup) else nodes
-        if isinstance(items, Iterable) and not isinstance(items, list | tuple | str | bytes):
+        if isinstance(items, Iterable) and not isinstance(
+            items, list | tuple | str | bytes | AbstractSet | Mapping
+        ):  # (a set or a mapping is refused by compile_plan: no order)
             items = list(items)  # (a generator is read once: for the key and the plan)
         try:
             key: Any = (self.registry.version, tuple(items))

@@ -9,9 +9,9 @@ the machine already made (what a run commits through), ``save`` a model.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from stroma.errors import StromaTypeError
+from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import state_json
 
@@ -68,7 +68,17 @@ class _MemoryBase:
         text = self._data.get(run_id, {}).get(node_id)
         if text is None:
             return None
-        return (schema or self._types[run_id][node_id]).model_validate_json(text)
+        cls = schema or self._types[run_id][node_id]
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:  # (asked for as another schema than it was saved as)
+            saved = self._types[run_id][node_id]
+            raise StoreError(
+                f"the in-memory store, run {run_id!r}, checkpoint {node_id!r}: it holds a "
+                f"{saved.__name__}, which does not validate as {cls.__name__} "
+                f"({e.error_count()} error(s): {_first_error(e)}); load it as "
+                f"{saved.__name__}"
+            ) from None
 
     def _delete(self, run_id: str) -> None:
         self._inputs.pop(run_id, None)
@@ -160,3 +170,9 @@ class AsyncInMemoryStore(_MemoryBase):
     ) -> BaseModel | None:
         _require_model_type("AsyncInMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
+
+
+def _first_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(the state)"
+    return f"{where}: {first.get('msg', '')}"

@@ -29,13 +29,20 @@ from stroma import (
     RunConfig,
     RunStatus,
     StromaRunner,
+    StromaWarning,
+    await_input,
     parallel,
+    seq,
     stroma_node,
 )
 from stroma import effects as fx
 from stroma.runner import interpret
 
 pytestmark = pytest.mark.anyio
+
+
+class Approval(BaseModel):
+    approved: bool
 
 
 class Num(BaseModel):
@@ -751,12 +758,40 @@ async def test_a_run_id_named_again_with_another_initial_state_says_it_is_not_us
     first = await runner.run(nodes, Num(value=1))
     await runner.run(nodes, Num(value=1))
     assert not [r for r in caplog.records if "another initial state" in r.getMessage()]
-    second = await runner.run(nodes, Num(value=10))
+    with pytest.warns(StromaWarning, match="returns its recorded result"):
+        second = await runner.run(nodes, Num(value=10))
     assert calls == ["a"] and second.final_state == first.final_state == Num(value=2)
     [warning] = [r for r in caplog.records if "another initial state" in r.getMessage()]
     assert "field 'value' differs" in warning.getMessage()
     assert "the state given is not used; a new run needs a new run id" in warning.getMessage()
     assert getattr(warning, "run_id", None) == "named-twice"
+
+
+async def test_a_run_id_not_finished_named_with_another_initial_state_warns(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run id that has not finished (here: WAITING) named again with another initial
+    state goes on from its log with the state it recorded; a warning (logged, and a
+    StromaWarning) names the fields that differ and says the state given is not used."""
+    caplog.set_level(logging.WARNING, logger="stroma")
+
+    class Ask(BaseModel):
+        value: int
+        ok: Approval | None = None
+
+    runner = StromaRunner.quick(run_id="waits")
+    plan = seq(await_input("ok", Approval, input=Ask))
+    store = runner.checkpoint_manager.store
+    waiting = await interpret(plan, Ask(value=1), store=store, config=RunConfig(run_id="waits"))
+    assert waiting.status is RunStatus.WAITING
+    with pytest.warns(StromaWarning, match="field 'value' differs.*goes on from its log"):
+        done = await interpret(plan, Ask(value=7), store=store,
+                               config=RunConfig(run_id="waits"),
+                               inputs={"ok": {"approved": True}})
+    assert done.final_state == Ask(value=1, ok=Approval(approved=True))
+    [warning] = [r for r in caplog.records if "another initial state" in r.getMessage()]
+    assert "the state given is not used; a new run needs a new run id" in warning.getMessage()
+    assert getattr(warning, "run_id", None) == "waits"
 
 
 # ------------------------------------------------------------------------- budgets

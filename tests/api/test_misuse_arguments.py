@@ -1,0 +1,229 @@
+"""Wrong arguments to the less-used entry points (step options, middleware, stores'
+typed loads, configs): each is a stroma error naming the argument, what was expected and
+the fix, before anything runs; and settings that would apply to nothing are warned of."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from stroma import (
+    CheckpointManager,
+    ContractRegistry,
+    FailureClass,
+    FailurePolicy,
+    InMemoryStore,
+    ReliabilityContext,
+    RunConfig,
+    StromaRunner,
+    StromaStep,
+    StromaWarning,
+    await_input,
+    execute_step,
+    interpret,
+    map_each,
+    seq,
+    stroma_node,
+)
+from stroma.errors import PlanError, StoreError, StromaError, StromaTypeError
+
+pytestmark = pytest.mark.anyio
+
+
+class A(BaseModel):
+    x: int
+
+
+class B(BaseModel):
+    y: int
+
+
+RUNNER = StromaRunner.quick()
+
+
+@RUNNER.node("a", input=A, output=A)
+async def a(state: A) -> dict[str, int]:
+    return {"x": state.x + 1}
+
+
+async def plain(state: A) -> dict[str, int]:
+    return {"x": 1}
+
+
+@pytest.mark.parametrize(
+    ("make", "names"),
+    [
+        (lambda: stroma_node("x", contract="c"), ["contract", "NodeContract"]),
+        (lambda: stroma_node("x", contract=A), ["contract", "NodeContract", "runner.node"]),
+        (lambda: stroma_node("x")(5), ["stroma_node('x')", "async def"]),
+        (lambda: map_each(a, over="items", into="out", input=5), ["input", "BaseModel"]),
+        (lambda: await_input("ok", B, input=5), ["input", "BaseModel"]),
+        (lambda: await_input("ok", B, timeout_ms=math.inf), ["timeout_ms", "milliseconds"]),
+        (lambda: await_input("ok", B, timeout_ms=True), ["timeout_ms", "milliseconds"]),
+        (lambda: seq(a).with_timeout("a", math.inf), ["with_timeout('a'", "milliseconds"]),
+        (lambda: seq(a).with_timeout("a", 1e300), ["with_timeout('a'", "milliseconds"]),
+        (lambda: seq(a).with_retry("a", 5), ["failure classes", "FailurePolicy"]),
+        (lambda: seq(a).with_retry("a", {"BAD": FailurePolicy()}),
+         ["'BAD' is not a failure class", "RECOVERABLE"]),
+        (lambda: RUNNER.compile({a}), ["ordered list", "set", "pass a list"]),
+        (lambda: seq(*{a: 1}) and RUNNER.compile({a: 1}), ["ordered list", "dict"]),
+    ],
+)
+def test_a_bad_step_argument_is_a_plan_error_naming_it(make: Any, names: list[str]) -> None:
+    with pytest.raises(PlanError) as caught:
+        make()
+    for name in names:
+        assert name in str(caught.value)
+
+
+@pytest.mark.parametrize("backoff", [math.inf, 1e300, math.nan, 86_401])
+def test_a_backoff_that_would_hang_a_run_is_refused(backoff: float) -> None:
+    """An infinite (or absurd) backoff would make the first retry wait for ever."""
+    with pytest.raises(ValueError, match="backoff_seconds must be a number of seconds up to"):
+        FailurePolicy(backoff_seconds=backoff)
+    assert FailurePolicy(backoff_seconds=86_400).backoff_seconds == 86_400
+
+
+def test_a_fraction_of_a_millisecond_is_one_millisecond() -> None:
+    assert await_input("ok", B, timeout_ms=0.5).timeout_ms == 1
+    assert seq(a).with_timeout("a", 0.4).steps[0].timeout_ms == 1
+
+
+def test_model_fallbacks_and_inputs_of_the_wrong_kind_are_named() -> None:
+    with pytest.raises(StromaTypeError, match="model_fallbacks must be a list of FallbackPolicy"):
+        RunConfig(model_fallbacks=5)
+    with pytest.raises(StromaError, match=r"inputs=\.\.\.\) must map each wait's name"):
+        asyncio.run(interpret(seq(a), A(x=1), inputs=5))  # type: ignore[arg-type]
+
+
+async def test_execute_step_and_stroma_step_name_a_bad_argument() -> None:
+    ctx = ReliabilityContext.for_run(RunConfig(), ContractRegistry(),
+                                     CheckpointManager(InMemoryStore()))
+    cases: list[tuple[Any, str]] = [
+        (lambda: execute_step(5, plain, A(x=1), ctx), "step id must be a non-empty string"),
+        (lambda: execute_step("s", plain, A(x=1), None), "expected a ReliabilityContext"),
+        (lambda: execute_step("s", plain, A(x=1), ctx, contract=5), "expected a NodeContract"),
+    ]
+    for call, message in cases:
+        with pytest.raises(StromaTypeError, match=message):
+            await call()
+    with pytest.raises(StromaTypeError, match="expected a ReliabilityContext"):
+        StromaStep(5)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=r"input=\.\.\.\): expected a pydantic BaseModel"):
+        StromaStep(ctx)("s", input=int, output=A)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="expected a ContractRegistry"):
+        ReliabilityContext.for_run(RunConfig(), 5)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="expected a RunConfig"):
+        ReliabilityContext.for_run(5)  # type: ignore[arg-type]
+    # and the step still runs when the arguments are right
+    assert (await execute_step("s", plain, A(x=1), ctx)).final_state == A(x=1)
+
+
+def test_a_typed_load_as_another_schema_is_a_store_error_naming_both() -> None:
+    store = InMemoryStore()
+    store.save_typed("r", "n", A(x=1), A)
+    with pytest.raises(StoreError, match="holds a A, which does not validate as B") as caught:
+        store.load_typed("r", "n", B)
+    assert "load it as A" in str(caught.value)
+    assert store.load_typed("r", "n", A) == A(x=1)  # nothing changed
+
+
+async def test_a_custom_store_loading_another_state_on_resume_is_a_store_error() -> None:
+    """A store whose load returns a state of another schema: the resume says which store,
+    run and node, instead of a bare validation error."""
+
+    class Confused:
+        def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+            pass
+
+        def load(self, run_id: str, node_id: str) -> BaseModel | None:
+            return B(y=1)
+
+        def delete(self, run_id: str) -> None:
+            pass
+
+    with pytest.raises(StoreError, match=r"Confused, run 'r': the checkpoint of 'n'"):
+        await CheckpointManager(Confused()).resume("r", "n", A)
+
+
+async def test_a_node_timeout_or_policy_for_no_step_of_the_plan_is_warned_of() -> None:
+    """A misspelt id in node_timeouts would leave the node without its timeout: the run
+    warns, naming the id and the close one; ids of the plan, and ids far from all of them
+    (steps of another plan sharing the config), warn of nothing."""
+    runner = StromaRunner.quick()
+
+    @runner.node("fetch", input=A, output=A)
+    async def fetch(state: A) -> dict[str, int]:
+        return {"x": state.x}
+
+    config = RunConfig(node_timeouts={"fetch_page": 1_000},
+                       node_policies={"fetc": {FailureClass.AMBIGUOUS: FailurePolicy()}})
+    with pytest.warns(StromaWarning) as caught:
+        result = await interpret(seq(fetch), A(x=1), config=config)
+    assert result.final_state == A(x=1)
+    messages = [str(w.message) for w in caught]
+    assert any("node_timeouts names 'fetch_page'" in m and "did you mean 'fetch'?" in m
+               for m in messages)
+    assert any("node_policies names 'fetc'" in m for m in messages)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StromaWarning)
+        await interpret(seq(fetch), A(x=1), config=RunConfig(node_timeouts={"fetch": 1_000}))
+        await interpret(seq(fetch), A(x=1), config=RunConfig(
+            node_timeouts={"summarize": 1_000, "fetch": 60_000}))
+
+
+async def test_an_initial_state_that_cannot_be_json_is_state_not_serializable() -> None:
+    from pydantic import ConfigDict
+
+    from stroma.errors import StateNotSerializable
+
+    class Loose(BaseModel):
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        v: Any = None
+
+    runner = StromaRunner.quick()
+    calls: list[str] = []
+
+    @runner.node("n", input=Loose, output=Loose)
+    async def n(state: Loose) -> dict[str, Any]:
+        calls.append("n")
+        return {}
+
+    with pytest.raises(StateNotSerializable, match=r"the initial state \(Loose\) cannot be "
+                                                    "written as JSON"):
+        await interpret(seq(n), Loose(v=object()))
+    assert calls == []  # nothing ran
+
+
+@pytest.mark.parametrize("kind", ["none", "three", "keyword"])
+def test_a_node_that_cannot_be_called_with_the_state_is_refused_when_built(kind: str) -> None:
+    """Called with the state (and the context when it takes two), a node with another
+    signature would fail at run time with Python's TypeError, retried as any failure."""
+    runner = StromaRunner.quick()
+
+    async def none() -> dict[str, int]:
+        return {}
+
+    async def three(state: A, ctx: Any, extra: Any) -> dict[str, int]:
+        return {}
+
+    async def keyword(state: A, *, must: int) -> dict[str, int]:
+        return {}
+
+    fn = {"none": none, "three": three, "keyword": keyword}[kind]
+    node = runner.node("x", input=A, output=A)(fn)
+    with pytest.raises(PlanError, match=r"node 'x' \(.*\) cannot be called with the state"
+                       ) as caught:
+        runner.compile([node])
+    assert "async def step(state: In)" in str(caught.value)
+
+    async def fine(state: A, ctx: Any, extra: Any = None) -> dict[str, int]:
+        return {}
+
+    assert runner.compile([runner.node("y", input=A, output=A)(fine)]).program
