@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import inspect
 import json
@@ -46,6 +47,8 @@ from stroma.inputs import InputRefused, pending_wait, send_input
 from stroma.log import EffectLog
 from stroma.runner import replay
 from stroma.timeline import (
+    DAMAGED,
+    NO_LOG,
     RUNNING_OR_CRASHED,
     RunSummary,
     Timeline,
@@ -55,6 +58,7 @@ from stroma.timeline import (
     summary,
     timeline,
 )
+from stroma.trace import RunStatus
 
 __all__ = (
     "DEFAULT_UI_PORT",
@@ -454,6 +458,13 @@ async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
     async with open_store(spec) as store:
         runs = await run_summaries(store)
     if statuses:
+        known = [*(s.value for s in RunStatus), RUNNING_OR_CRASHED, NO_LOG, DAMAGED]
+        for status in statuses:
+            if status.lower() not in {k.lower() for k in known}:
+                close = difflib.get_close_matches(status.upper(), known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise CliError(f"--status {status}: no run has such a status; {hint}the "
+                               f"statuses are {', '.join(known)}")
         wanted = {s.lower() for s in statuses}
         runs = [s for s in runs if s.status.lower() in wanted]
     if as_json:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from stroma.errors import StromaError, StromaValueError
+from stroma.errors import StromaError, StromaTypeError, StromaValueError
 
 __all__ = (
     "KNOWN_MODELS",
@@ -49,6 +49,11 @@ def estimate_cost_usd(model: str | None, input_tokens: int, output_tokens: int =
     prices = KNOWN_MODELS.get(model) if model is not None else None
     if prices is None:
         return 0.0
+    if input_tokens < 0 or output_tokens < 0:
+        raise StromaValueError(
+            f"estimate_cost_usd({model!r}, {input_tokens!r}, {output_tokens!r}): token counts "
+            "must be >= 0 (the tokens a call used)"
+        )
     return (input_tokens * prices[0] + output_tokens * prices[1]) / 1_000_000
 
 
@@ -237,7 +242,16 @@ class FallbackPolicy:
     at_budget_pct: float = 0.80
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.at_budget_pct <= 1.0:
+        for name in ("preferred_model", "fallback_model"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise StromaTypeError(
+                    f"FallbackPolicy.{name} must be a model name (a non-empty string), got "
+                    f"{value!r}: e.g. FallbackPolicy('gpt-4o', 'gpt-4o-mini', "
+                    "at_budget_pct=0.8)"
+                )
+        pct = self.at_budget_pct
+        if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0.0 <= pct <= 1.0:
             raise StromaValueError(
                 f"FallbackPolicy.at_budget_pct must be a fraction in [0, 1], got "
                 f"{self.at_budget_pct!r}; write 0.8 for 80% of max_cost_usd"

@@ -74,7 +74,13 @@ async def _read_log(store: Any, run_id: str) -> EffectLog | None:
             log = await log
         return log
     get = getattr(store, "get_log", None)
-    return get(run_id) if callable(get) else None
+    if not callable(get):
+        raise InputRefused(
+            f"send_input(store={store!r:.80}): expected the store the run is in (a "
+            f"FileStore, RedisStore, PostgresStore or in-memory store), got a "
+            f"{type(store).__name__}, which holds no runs' logs (nothing was sent)"
+        )
+    return get(run_id)
 
 
 async def send_input(

@@ -1544,6 +1544,11 @@ class EffectLog:
         raw_lines = text.split("\n")
         complete = raw_lines[:-1]  # what precedes the last newline
         tail = raw_lines[-1]  # text after the last newline: a torn line, or ""
+        if not complete and tail.strip():
+            raise LogCorrupted(
+                source, f"the log has no whole line: its only line ({len(tail)} characters) "
+                "does not end with a newline, as a line cut off by a crash; every line of a "
+                "log ends with one (EffectLog.to_jsonl() and the stores write them so)")
         return cls.from_lines(complete, source=source, torn_tail=tail)
 
     @classmethod

@@ -1001,6 +1001,7 @@ def loop(
             f"loop(max_iterations={max_iterations!r}): expected a whole number >= 1, the "
             "most iterations the loop may run (e.g. max_iterations=10)"
         )
+    _check_name("loop", name)
     return LoopGroup(body, until, max_iterations, name)
 
 
@@ -1024,6 +1025,7 @@ def route(
     bad = [k for k in routes if not isinstance(k, str)]
     if bad:
         raise PlanError(f"route(routes=...): keys must be strings, got {bad[0]!r}")
+    _check_name("route", name)
     return RouteGroup(selector, tuple(routes.items()), default, name)
 
 
@@ -1078,6 +1080,14 @@ def _checked_ms(where: str, ms: Any) -> int | None:
     return max(1, round(ms))  # (whole milliseconds; a fraction of one is one)
 
 
+def _check_name(what: str, name: Any) -> None:
+    if name is not None and (not isinstance(name, str) or not name):
+        raise PlanError(
+            f"{what}(name={name!r}): a step's name is its id, a non-empty string, e.g. "
+            f"{what}(..., name='check_2'); or leave it out for one made from the function's"
+        )
+
+
 def _check_schema(where: str, schema: Any) -> None:
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
         raise PlanError(
@@ -1125,6 +1135,7 @@ def branch(
             "predicate is async; a predicate is a plain function of the state "
             "(define it with 'def')"
         )
+    _check_name("branch", name)
     return BranchGroup(predicate, then, otherwise, name)
 
 

@@ -247,6 +247,16 @@ class RunConfig(BaseModel):
                 )
         return value
 
+    @field_validator("run_id", mode="after")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not value.strip():
+            raise StromaValueError(
+                f"RunConfig.run_id must name the run, got {value!r}: e.g. "
+                "RunConfig(run_id='nightly-2026-12-03'), or leave it out for a fresh one"
+            )
+        return value
+
     @field_validator("hook_timeout_ms", mode="after")
     @classmethod
     def _hook_timeout(cls, value: int | None) -> int | None:

@@ -227,3 +227,45 @@ def test_a_node_that_cannot_be_called_with_the_state_is_refused_when_built(kind:
         return {}
 
     assert runner.compile([runner.node("y", input=A, output=A)(fine)]).program
+
+
+def test_small_gaps_are_named_too() -> None:
+    """A fallback without model names, a step name that is no string, an empty run id,
+    negative token counts: each refused, saying what was expected."""
+    from stroma import FallbackPolicy, branch, estimate_cost_usd, loop, route
+    from stroma.errors import StromaValueError
+
+    with pytest.raises(StromaTypeError, match="preferred_model must be a model name"):
+        StromaRunner.quick().with_model_fallback(5, to=None)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="fallback_model must be a model name"):
+        FallbackPolicy("gpt-4o", "")
+    with pytest.raises(StromaValueError, match="at_budget_pct must be a fraction"):
+        FallbackPolicy("gpt-4o", "gpt-4o-mini", "high")  # type: ignore[arg-type]
+    for make in (lambda: branch(lambda s: True, then=a, name=5),
+                 lambda: loop(a, until=lambda s: True, max_iterations=2, name=""),
+                 lambda: route(lambda s: "a", {"a": a}, name=7)):
+        with pytest.raises(PlanError, match=r"name=.*a step's name is its id"):
+            make()
+    with pytest.raises(ValueError, match=r"RunConfig\.run_id must name the run"):
+        RunConfig(run_id=" ")
+    with pytest.raises(StromaValueError, match="token counts must be >= 0"):
+        estimate_cost_usd("gpt-4o", -1_000_000)
+    assert estimate_cost_usd("gpt-4o", 1_000_000) > 0
+
+
+async def test_send_input_to_something_that_is_no_store_says_so() -> None:
+    from stroma import send_input
+    from stroma.inputs import InputRefused
+
+    with pytest.raises(InputRefused, match="expected the store the run is in"):
+        await send_input(5, "w", "ok", {"y": 1})
+
+
+def test_a_log_of_one_line_without_its_newline_says_so() -> None:
+    from stroma import EffectLog
+    from stroma.errors import LogCorrupted
+
+    text = asyncio.run(interpret(seq(a), A(x=1))).log.to_jsonl()
+    with pytest.raises(LogCorrupted, match="does not end with a newline"):
+        EffectLog.from_jsonl(text.splitlines()[0])
+    assert EffectLog.from_jsonl(text).finish is not None

@@ -82,6 +82,9 @@ def test_runs_json_and_status_filter(store: Path) -> None:
     assert runs["crashed"]["held_by"] is None  # nobody runs it: its worker is gone
     failed = json.loads(cli("runs", str(store), "--json", "--status", "FAILED").stdout)
     assert [r["run_id"] for r in failed] == ["golden-terminal"]
+    typo = cli("runs", str(store), "--status", "COMPLETE")
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert "did you mean COMPLETED?" in typo.stderr and "running/crashed" in typo.stderr
 
 
 def test_show_prints_the_attempts(store: Path) -> None:
