@@ -97,3 +97,56 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
         assert all(count <= 2 for count in total.values())
         anyio.run(_everything_reads_back, store, run_id)
     assert kills_landed >= TRIALS // 2
+
+
+def _start_nested(store: Path, run_id: str, effects: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.resume.nested_worker", str(store), run_id,
+         str(effects)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_map_within_a_map_then_resume(tmp_path: Path) -> None:
+    """Killed anywhere inside a map_each nested in another's item, a FileStore run resumes
+    to the uninterrupted result in another process, and only the one call in flight at
+    the kill runs again (every step is one at a time): the inner items that had committed
+    are not called again, nor the outer items that had finished."""
+    rng = random.Random(20261203)
+    ref = _start_nested(tmp_path / "ref", "ref", tmp_path / "ref.effects")
+    out, err = ref.communicate(timeout=120)
+    assert ref.returncode == 0, err
+    ref_status, ref_state = out.split(" ", 1)
+    assert ref_status == "COMPLETED"
+    calls = _lines(tmp_path / "ref.effects")
+    assert len(calls) == len(set(calls))  # one line per logical call, keys unique
+
+    kills_landed = 0
+    for trial in range(6):
+        store = tmp_path / f"store{trial}"
+        effects = tmp_path / f"effects{trial}"
+        run_id = f"nested-{trial}"
+        target = rng.randrange(2, len(calls) - 1)
+        proc = _start_nested(store, run_id, effects)
+        deadline = time.monotonic() + 60
+        while len(_lines(effects)) < target and proc.poll() is None:
+            assert time.monotonic() < deadline, "the worker made no progress"
+            time.sleep(0.001)
+        time.sleep(rng.random() * 0.003)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills_landed += 1
+        proc.communicate(timeout=30)
+
+        resumed = _start_nested(store, run_id, effects)
+        out, err = resumed.communicate(timeout=120)
+        assert resumed.returncode == 0, err
+        status, state = out.split(" ", 1)
+        assert status in ("RESUMED", "COMPLETED") and state == ref_state
+        ran = Counter(_lines(effects))
+        assert len(ran) == len(calls)  # as many logical calls (keys hold the run id)
+        again = sum(n - 1 for n in ran.values())
+        assert again <= 1, f"{again} calls ran again: {[k for k, n in ran.items() if n > 1]}"
+    assert kills_landed >= 3
