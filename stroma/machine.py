@@ -404,7 +404,12 @@ def _next(s: RunState, phase: Phase, current: Attempt | None, **changes: Any) ->
 def error_info(exc: BaseException) -> fx.ErrorInfo:
     """An exception as data, for interpreters building NodeRaised / HookFired events."""
     names = tuple(f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__)
-    return fx.ErrorInfo(names, str(exc), exc)
+    try:
+        message = str(exc)
+    except Exception as e:  # (an exception whose __str__ fails: its failure is the run's)
+        message = (f"<{type(exc).__name__}: its message could not be made: "
+                   f"{type(e).__name__}>")
+    return fx.ErrorInfo(names, message, exc)
 
 
 def _validate(
@@ -419,7 +424,9 @@ def _validate(
         if type(raw) is fx.Validated:
             return schema.model_validate_json(raw.json)
         if isinstance(raw, BaseModel):
-            return schema.model_validate(raw, from_attributes=True)
+            # As its JSON would give it (nested models as dicts where the schema takes Any):
+            # the state a run goes on with is the one its log gives a replay or a resume.
+            return schema.model_validate(raw.model_dump(), from_attributes=True)
         return schema.model_validate(raw)
     except ValidationError as e:
         shown = raw if isinstance(raw, dict) else {"value": repr(raw)}
@@ -1235,8 +1242,14 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         records.pop(index, None)
         if isinstance(out, BaseModel):
             # A parallel child adds what it returned (never its schema's defaults, which
-            # would overwrite an earlier child's value); a map item is the whole output.
-            out = out.model_dump(exclude_unset=isinstance(step, ParallelStep))
+            # would overwrite an earlier child's value), less what it passed on unchanged
+            # from the group's input (a model_copy of its input has every field of the
+            # input set once the input was read back from JSON, on a resume: those would
+            # overwrite an earlier child's change); a map item is the whole output.
+            if isinstance(step, ParallelStep):
+                out = _changed(out.model_dump(exclude_unset=True), given, None)
+            else:
+                out = out.model_dump()
         elif isinstance(step, ParallelStep) and type(outcome) is fx.PlanFinished:
             out = _changed(out, given, step.children[index].output_of())
         outputs[index] = out
