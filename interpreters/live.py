@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any, Protocol
@@ -37,11 +38,16 @@ __all__ = (
     "Collaborators",
     "HookGuard",
     "HookTimedOut",
+    "CURRENT_CALL",
     "LivePerformer",
     "RunLogger",
     "RunObserver",
     "single_error",
 )
+
+# The node call running in this task: (run id, node id, coords), set as each call starts.
+CURRENT_CALL: ContextVar[tuple[str, str, Any] | None] = ContextVar(
+    "stroma_current_call", default=None)
 
 _log = logging.getLogger("stroma")
 
@@ -219,12 +225,16 @@ class LivePerformer:
         node_id, _, timeout_ms, model, given, coords = eff  # (unpacked: the hot path)
         node = self.nodes[node_id]
         ctx = self.context
+        # The call this task runs, for current_idempotency_key() (a fan-out child runs in a
+        # task of its own, so each sees its own call, whatever its siblings do).
+        token = CURRENT_CALL.set((self.run_id, node_id, coords))
         if node.takes_context:
             if model is not None:
                 ctx["_stroma_model"] = model
             elif "_stroma_model" in ctx:
                 del ctx["_stroma_model"]
-            # (read it at the start of the node: the context is shared by the run's nodes)
+            # (the context is shared by the run's nodes: a fan-out child reads it before its
+            # first await, or asks current_idempotency_key())
             ctx["_stroma_idempotency_key"] = idempotency_key(self.run_id, node_id, coords)
         started = self.now()
         t0 = self.timer()
@@ -244,6 +254,8 @@ class LivePerformer:
                     )
         except Exception as exc:
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
+        finally:
+            CURRENT_CALL.reset(token)
         duration = int((self.timer() - t0) * 1000)
         if type(raw) is dict or isinstance(raw, BaseModel):  # no usage reported
             return _tuple_new(fx.NodeReturned, (raw, started, duration, 0, 0, None))
@@ -283,14 +295,20 @@ class LivePerformer:
                         began[k] = (self.now(), self.timer())
                         outcome = await self.call_child(k, call, merged, eff.indices[k],
                                                         resumed.get(k))
-                    finally:
+                    except BaseException:
                         if limiter is not None:
                             limiter.release_on_behalf_of(token)
+                        raise
                     outcomes[k] = outcome
-                    if child_fails(group, call, outcome):
+                    fails = child_fails(group, call, outcome)
+                    if fails:
                         failed[0] = True
                         tg.cancel_scope.cancel()
-                    elif self.durable_children:
+                    # (its place is given up once the group knows it failed: no child takes
+                    # it then)
+                    if limiter is not None:
+                        limiter.release_on_behalf_of(token)
+                    if not fails and self.durable_children:
                         # Durable as soon as it finishes: a crash now does not lose it.
                         with anyio.CancelScope(shield=True):
                             await self.recorder.flush_partial(eff.indices[k], call, outcome)
@@ -308,6 +326,9 @@ class LivePerformer:
                                     limiter.acquire_on_behalf_of_nowait(token)
                                 except anyio.WouldBlock:
                                     await limiter.acquire_on_behalf_of(token)
+                                if failed[0]:  # a child failed while this one waited
+                                    limiter.release_on_behalf_of(token)
+                                    break
                             tg.start_soon(child, k, call, token)
         except BaseExceptionGroup as eg:
             raise single_error(eg) from None

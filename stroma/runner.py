@@ -24,7 +24,7 @@ import attrs
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 import stroma.plan as _plan_module
-from interpreters.live import Collaborators
+from interpreters.live import CURRENT_CALL, Collaborators
 from interpreters.session import new_seed, replay_log, run_session, utcnow
 from stroma import effects as fx
 from stroma.checkpoint import CheckpointManager, InMemoryStore
@@ -35,6 +35,7 @@ from stroma.errors import (
     ChildFailedTerminally,
     LogCorrupted,
     PlanError,
+    StromaError,
     StromaImportError,
     StromaTypeError,
     StromaValueError,
@@ -43,7 +44,12 @@ from stroma.errors import (
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.inputs import InputRefused
 from stroma.log import EffectLog
-from stroma.machine import DEFAULT_HOOK_TIMEOUT_MS, MachineConfig, failed_child
+from stroma.machine import (
+    DEFAULT_HOOK_TIMEOUT_MS,
+    MachineConfig,
+    failed_child,
+    idempotency_key,
+)
 from stroma.otel import Tracing, tracing_of
 from stroma.plan import (
     NODE_ATTR,
@@ -65,6 +71,7 @@ __all__ = (
     "RunConfig",
     "StepHooks",
     "StromaRunner",
+    "current_idempotency_key",
     "interpret",
     "machine_config",
     "parallel",
@@ -483,6 +490,21 @@ def _initial_state_error(value: object, schema: type[BaseModel] | None) -> str:
         f"initial_state must be a pydantic BaseModel instance, got {value!r:.80} (a "
         f"{type(value).__name__}): {fix}"
     )
+
+
+def current_idempotency_key() -> str:
+    """The idempotency key of the node call running now (the same as its
+    ``ctx["_stroma_idempotency_key"]``): the same for every retry and resume of the call,
+    different for every other call. Unlike the context dict, which a fan-out's children
+    share, it is the calling node's own key at any point of its run, after an await too."""
+    call = CURRENT_CALL.get()
+    if call is None:
+        raise StromaError(
+            "current_idempotency_key() is asked outside a node call: call it in a node's "
+            "body while stroma runs it (a hook or a classifier has no call of its own; "
+            "NodeContext.idempotency_key names the call a classifier sees)"
+        )
+    return idempotency_key(*call)
 
 
 async def replay(
