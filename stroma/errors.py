@@ -116,9 +116,17 @@ class StoreError(StromaError):
 class RunLocked(StoreError):
     """Another worker holds the lease on this run id."""
 
-    def __init__(self, run_id: str, holder: str) -> None:
+    def __init__(self, run_id: str, holder: str, *, this_process: bool = False) -> None:
         self.run_id = run_id
         self.holder = holder
+        if this_process:  # (the holder's worker id is this process's)
+            super().__init__(
+                f"run {run_id!r} is locked by worker {holder!r}, a session of this very "
+                "process: one still running (do not run the same run twice at once), or one "
+                "cut off by an interrupt, which holds it until this process exits. Wait for "
+                "it, restart the process (or the notebook's kernel), or use another run id."
+            )
+            return
         super().__init__(
             f"run {run_id!r} is locked by worker {holder!r}: another process is executing "
             "it. Wait for it to finish (or for its lease to expire if it died), or use "

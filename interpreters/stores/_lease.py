@@ -35,7 +35,7 @@ import anyio
 
 from stroma.errors import RunLocked, StoreError
 
-__all__ = ("LeaseLost", "hold_lease", "new_holder", "worker_id")
+__all__ = ("LeaseLost", "hold_lease", "locked", "new_holder", "worker_id")
 
 _log = logging.getLogger("stroma.stores")
 
@@ -62,6 +62,12 @@ def worker_id() -> str:
 def new_holder() -> str:
     """A holder name for one lease session: this process's worker id and a fresh nonce."""
     return f"{worker_id()}/{secrets.token_hex(4)}"
+
+
+def locked(run_id: str, holder: str) -> RunLocked:
+    """The RunLocked for ``holder``, saying so when the holder is a session of this
+    process."""
+    return RunLocked(run_id, holder, this_process=_worker_of(holder) == worker_id())
 
 
 def _worker_of(holder: str) -> str | None:
@@ -148,7 +154,7 @@ async def hold_lease(
             raise
         if not ok:
             maybe_held = False
-            raise RunLocked(run_id, current)
+            raise locked(run_id, current)
         fences[run_id] = (holder, token)
         async with _renewed(store, run_id, lease_s, started, token, renew, is_transient):
             yield

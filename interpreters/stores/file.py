@@ -116,9 +116,9 @@ from interpreters.stores._common import (
 )
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
+from interpreters.stores._lease import locked
 from stroma.errors import (
     LogCorrupted,
-    RunLocked,
     StoreError,
     StromaTypeError,
     StromaValueError,
@@ -629,13 +629,26 @@ class FileStore:
             return None, 0
         source = os.path.join(run.dir, LOG_NAME)
         text = data
+        kept: list[int] | None = None  # the file's line number of each line read
         if _CKPT_LINE in data:  # the checkpoints committed with it are not effect records
             parts = data.split(b"\n")
             tail = parts.pop()  # after the last newline: b"", or a torn line
-            text = b"".join(x + b"\n" for x in parts if not x.startswith(_CKPT_LINE))
+            kept = [i + 1 for i, x in enumerate(parts) if not x.startswith(_CKPT_LINE)]
+            text = b"".join(parts[i - 1] + b"\n" for i in kept)
             if not tail.startswith(_CKPT_LINE):
                 text += tail
-        log = EffectLog.from_jsonl(text, source=source)
+                kept.append(len(parts) + 1)
+        try:
+            log = EffectLog.from_jsonl(text, source=source)
+        except LogCorrupted as e:
+            if kept is None:
+                raise
+            # Lines named as the file numbers them (its checkpoint lines counted).
+            def number(m: re.Match[str]) -> str:
+                n = int(m.group(1))
+                return f"line {kept[n - 1] if 0 < n <= len(kept) else n}"
+
+            raise LogCorrupted(e.source, re.sub(r"\bline (\d+)", number, e.problem)) from None
         if log.header.run_id != run.run_id:
             raise LogCorrupted(
                 source,
@@ -868,7 +881,7 @@ class FileStore:
                     _flock_or_wait(fd, fcntl.LOCK_EX)
                 except BlockingIOError:
                     other = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-                    raise RunLocked(run.run_id, other or "another session") from None
+                    raise locked(run.run_id, other or "another session") from None
                 mine = os.fstat(fd)
                 try:
                     now = os.stat(path, follow_symlinks=False)
