@@ -54,6 +54,7 @@ from stroma.timeline import (
     Timeline,
     Wait,
     damaged_summary,
+    json_safe,
     no_log_summary,
     summary,
     timeline,
@@ -70,6 +71,7 @@ __all__ = (
     "load_plan",
     "main",
     "open_store",
+    "printable",
     "read_payload",
     "read_run",
     "replay_check",
@@ -118,7 +120,11 @@ def describe_store(spec: str) -> str:
 
 
 def _make_store(spec: str) -> Any:
-    scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    try:
+        scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    except ValueError as e:
+        raise CliError(f"cannot read the store URL {spec.split('@')[-1]!r}: {e}; STORE is "
+                       f"{_STORE_FORMS}") from None
     try:
         if scheme in ("redis", "rediss", "unix"):
             from interpreters.stores.redis import RedisStore
@@ -244,6 +250,16 @@ async def _lease_holder(store: Any, run_id: str) -> str | None:
     except Exception:  # the column is a hint: a store that cannot say leaves it blank
         return None
     return holder if isinstance(holder, str) else None
+
+
+# Control characters a run's text may hold (an error message with terminal colour codes):
+# shown as escapes, never sent to the terminal as they are. Newlines and tabs stay.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F)}
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: control characters (but newline and tab) as ``\\xNN``."""
+    return text.translate(_CONTROLS)
 
 
 def damaged_hint(e: LogCorrupted) -> str:
@@ -445,6 +461,12 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
         lines.append(f"send it: python -m stroma send-input {_quote(describe_store(spec))} "
                      f"{_quote(tl.run_id)} {_quote(w.key)} 'JSON' --digest {w.digest}"
                      if spec is not None else "send it with stroma.send_input(...)")
+    elif tl.status == RUNNING_OR_CRASHED:
+        lines.append("")
+        lines.append("not finished: a worker runs it now, or it crashed (runs names the worker "
+                     "holding it); a crashed run resumes when its plan runs again with this run "
+                     "id on this store: interpret(plan, state, store=..., "
+                     f"config=RunConfig(run_id={tl.run_id!r}))")
     return "\n".join(lines)
 
 
@@ -472,7 +494,7 @@ async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
     elif not runs:
         print(f"no runs in {describe_store(spec)}" + (" with that status" if statuses else ""))
     else:
-        print(format_runs(runs))
+        print(printable(format_runs(runs)))
 
 
 async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
@@ -482,6 +504,9 @@ async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
             tl = timeline(log)
         except LogCorrupted as e:
             raise CliError(damaged_hint(e)) from None
+    if svg == "-" and as_json:
+        raise CliError("--json and --svg - would both write to standard output: pass one, "
+                       "or write the picture to a file (--svg run.svg)")
     if svg is not None:
         from stroma.svg import timeline_svg
 
@@ -499,9 +524,9 @@ async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
             bars = sum(len(r.bars) for r in tl.rows)
             print(f"wrote {svg}: {len(tl.rows)} rows, {bars} attempt bars ({tl.status})")
     if as_json:
-        print(json.dumps(tl.to_json(), indent=2, allow_nan=True, default=str))
+        print(json.dumps(json_safe(tl.to_json()), indent=2, allow_nan=False, default=str))
     elif svg is None:
-        print(format_timeline(tl, spec))
+        print(printable(format_timeline(tl, spec)))
 
 
 async def _replay(spec: str, run_id: str, plan_ref: str) -> int:

@@ -119,7 +119,13 @@ async def send_input(
         raise InputRefused(
             f"send_input: run {run_id!r} waits for {keys}, not {name!r}: send one of those"
         )
-    if digest is not None and digest != wait.digest:
+    if digest is not None and not isinstance(digest, str):
+        raise InputRefused(f"send_input(digest={digest!r}): expected the wait's digest as "
+                           "text, as runs shows it (nothing was sent)")
+    # (the digest as `runs` shows it, its first 8 characters or more, names it too)
+    if digest is not None and not (
+        digest == wait.digest or (len(digest) >= 8 and wait.digest.startswith(digest))
+    ):
         raise InputRefused(
             f"send_input: the input {wait.key!r} was meant for another request of run "
             f"{run_id!r} (digest {digest!r}; the run now asks about {wait.digest!r}): the "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from html import escape
+from html import escape as _html_escape
 
 from stroma.timeline import (
     BUDGET_STOP,
@@ -39,6 +39,17 @@ from stroma.timeline import (
     Row,
     Timeline,
 )
+
+# Characters XML 1.0 cannot hold at all (C0 controls but tab, newline and carriage
+# return): an error message with terminal colour codes would make the file unreadable.
+_NOT_XML = {c: "\N{REPLACEMENT CHARACTER}" for c in (*range(0x00, 0x09), 0x0B, 0x0C,
+                                                       *range(0x0E, 0x20))}
+
+
+def _escape(text: str) -> str:
+    """``text`` as SVG text or an attribute value: markup escaped, and the characters XML
+    cannot hold shown as U+FFFD."""
+    return _html_escape(text).translate(_NOT_XML)
 
 __all__ = ("COLOURS", "ROW_HEIGHT", "timeline_svg")
 
@@ -143,10 +154,10 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
         out.append('<?xml version="1.0" encoding="UTF-8"?>')
     out.append(
         f'<svg xmlns="http://www.w3.org/2000/svg" class="stroma-timeline" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}" font-family="{escape(_FONT)}" '
-        f'font-size="12" data-run="{escape(tl.run_id)}" data-status="{escape(tl.status)}">'
+        f'height="{height}" viewBox="0 0 {width} {height}" font-family="{_escape(_FONT)}" '
+        f'font-size="12" data-run="{_escape(tl.run_id)}" data-status="{_escape(tl.status)}">'
     )
-    out.append(f"<title>stroma run {escape(tl.run_id)}: {escape(tl.status)}</title>")
+    out.append(f"<title>stroma run {_escape(tl.run_id)}: {_escape(tl.status)}</title>")
     out.append(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
     # Header: the run and its totals.
     colour = COLOURS.get(OK if tl.status in ("COMPLETED", "RESUMED") else (
@@ -154,14 +165,14 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
         "#333333")
     out.append(
         f'<text x="12" y="24" font-size="15" font-weight="600" fill="#222">run '
-        f'{escape(tl.run_id)} <tspan fill="{colour}">{escape(tl.status)}</tspan></text>'
+        f'{_escape(tl.run_id)} <tspan fill="{colour}">{_escape(tl.status)}</tspan></text>'
     )
     facts = (f"{_duration(tl.duration_ms)} wall clock · {tl.attempts} attempt(s), "
              f"{tl.failures} failed · {tl.tokens} tokens · ${tl.cost_usd:.6f}")
-    out.append(f'<text x="12" y="44" fill="#555">{escape(facts)}</text>')
+    out.append(f'<text x="12" y="44" fill="#555">{_escape(facts)}</text>')
     if tl.stop_reason:
-        out.append(f'<text x="12" y="60" fill="#8a1c1c">{escape(_clip(tl.stop_reason, width - 24))}'
-                   "</text>")
+        reason = _escape(_clip(tl.stop_reason, width - 24))
+        out.append(f'<text x="12" y="60" fill="#8a1c1c">{reason}</text>')
     # The time axis.
     axis_y = _TOP - 8
     step = _step(span)
@@ -171,14 +182,14 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
         x = plot_x + k * step * scale
         out.append(f'<line x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" y2="{_TOP + rows_h}"/>')
         out.append(f'<text x="{_f(x)}" y="{axis_y - 4}" text-anchor="middle" stroke="none">'
-                   f"{escape(_duration(k * step))}</text>")
+                   f"{_escape(_duration(k * step))}</text>")
         k += 1
     out.append("</g>")
     # Rows: zebra background, label, gaps, bars.
     for i, row in enumerate(tl.rows):
         y = _TOP + i * ROW_HEIGHT
         mid = y + ROW_HEIGHT / 2
-        out.append(f'<g class="row" data-row="{escape(row.key)}" data-kind="{row.kind}" '
+        out.append(f'<g class="row" data-row="{_escape(row.key)}" data-kind="{row.kind}" '
                    f'data-depth="{row.depth}">')
         if i % 2 == 0:
             out.append(f'<rect x="0" y="{y}" width="{width}" height="{ROW_HEIGHT}" '
@@ -187,7 +198,7 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
         weight = ' font-weight="600"' if row.depth == 0 else ""
         label = _clip(row.label, _LABEL_WIDTH - indent)
         out.append(f'<text class="label" x="{indent}" y="{_f(mid + 4)}" fill="#222"{weight}>'
-                   f"<title>{escape(row.label)}</title>{escape(label)}</text>")
+                   f"<title>{_escape(row.label)}</title>{_escape(label)}</text>")
         for gap in row.gaps:
             x1 = plot_x + gap.offset_ms * scale
             x2 = plot_x + gap.end_ms * scale
@@ -195,7 +206,7 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
                 f'<line class="gap" x1="{_f(x1)}" y1="{_f(mid)}" x2="{_f(max(x2, x1 + 2))}" '
                 f'y2="{_f(mid)}" stroke="#888" stroke-width="2" stroke-dasharray="3 3">'
                 f"<title>backoff after attempt {gap.after_attempt}: "
-                f"{escape(_duration(gap.duration_ms))}</title></line>"
+                f"{_escape(_duration(gap.duration_ms))}</title></line>"
             )
         free_x = 0.0  # bars of a row never overlap: a quick retry is nudged right
         for j, bar in enumerate(row.bars):
@@ -208,9 +219,9 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
             out.append(
                 f'<rect class="bar outcome-{bar.outcome.replace(" ", "-")}" x="{_f(x)}" '
                 f'y="{_f(mid - _BAR_HEIGHT / 2)}" width="{_f(w)}" height="{_BAR_HEIGHT}" '
-                f'rx="2" fill="{fill}"{dash} data-row="{escape(row.key)}" '
-                f'data-attempt="{bar.attempt}" data-outcome="{escape(bar.outcome)}" '
-                f'data-index="{i}:{j}"><title>{escape(_bar_title(row, bar))}</title></rect>'
+                f'rx="2" fill="{fill}"{dash} data-row="{_escape(row.key)}" '
+                f'data-attempt="{bar.attempt}" data-outcome="{_escape(bar.outcome)}" '
+                f'data-index="{i}:{j}"><title>{_escape(_bar_title(row, bar))}</title></rect>'
             )
         out.append("</g>")
     # Marks: where the run was resumed or restarted; a loop's until answers; and, on their
@@ -224,7 +235,7 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
             out.append(
                 f'<line class="marker mark-until" x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" '
                 f'y2="{_TOP + rows_h}" stroke="#78909c" stroke-dasharray="1 3">'
-                f"<title>{escape(mark.label)}</title></line>"
+                f"<title>{_escape(mark.label)}</title></line>"
             )
             continue
         if mark.kind in _ROW_MARKS:
@@ -233,12 +244,12 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
                 continue
             mid = _TOP + i * ROW_HEIGHT + ROW_HEIGHT / 2
             # Just before the moment, so it never covers the bar that starts there.
-            out.append(_ROW_MARKS[mark.kind](x - 6, mid, escape(mark.kind + ": " + mark.label)))
+            out.append(_ROW_MARKS[mark.kind](x - 6, mid, _escape(mark.kind + ": " + mark.label)))
             continue
         out.append(
             f'<line class="mark" x1="{_f(x)}" y1="{axis_y}" x2="{_f(x)}" y2="{_TOP + rows_h}" '
-            f'stroke="#1565c0" stroke-dasharray="6 3"><title>{escape(mark.kind)} '
-            f"{escape(mark.label)}</title>"
+            f'stroke="#1565c0" stroke-dasharray="6 3"><title>{_escape(mark.kind)} '
+            f"{_escape(mark.label)}</title>"
             "</line>"
         )
     # Legend.
@@ -251,7 +262,7 @@ def timeline_svg(tl: Timeline, *, width: int = 1100, standalone: bool = True) ->
         out.append(f'<rect x="{_f(x)}" y="{legend_y}" width="12" height="12" rx="2" '
                    f'fill="{COLOURS[outcome]}"/>')
         out.append(f'<text x="{_f(x + 16)}" y="{legend_y + 10}" fill="#444">'
-                   f"{escape(outcome)}</text>")
+                   f"{_escape(outcome)}</text>")
         x += 16 + len(outcome) * _CHAR + 18
     out.append(f'<line x1="{_f(x)}" y1="{legend_y + 6}" x2="{_f(x + 24)}" y2="{legend_y + 6}" '
                'stroke="#888" stroke-width="2" stroke-dasharray="3 3"/>')

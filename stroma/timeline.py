@@ -37,6 +37,7 @@ A log whose records do not have the shapes this reader expects is a ``LogCorrupt
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -74,6 +75,7 @@ __all__ = (
     "Usage",
     "Wait",
     "damaged_summary",
+    "json_safe",
     "no_log_summary",
     "summary",
     "timeline",
@@ -478,6 +480,9 @@ class _Reader:
         placing: list[list[Any]] = []  # route marks waiting for the step they went on with
         waiting: dict[str, dict[str, Any]] = {}  # a wait's row key -> its waiting bar
         top = depth == 0
+        # Choices made inside a fan-out child are marked too, named by where the child is
+        # (its item of a map_each) when its own coordinates do not say it.
+        inside = "" if top or not context else f"{where_label(context)}: "
 
         def moment() -> datetime | None:
             """When the scope's last step ended (a backoff recorded, not waited, aside)."""
@@ -563,19 +568,20 @@ class _Reader:
                 sid = effect.step_id
                 branch = (sid, "branch")
                 ok = isinstance(event, fx.BranchChosen) and event.error is None
-                if ok and top and sid in loops:  # a loop's until, after an iteration
+                if ok and sid in loops:  # a loop's until, after an iteration
                     n = next((n for k, step, n in coords if k == "loop" and step == sid), 0)
                     at = coords[:next(i for i, c in enumerate(coords) if c[1] == sid) + 1] if (
                         n) else ()
                     then = "yes, the loop ends" if event.taken else f"no, on to #{n + 1}"
-                    self.marks.append(["until", f"{sid}#{n}: {then}", moment(), None,
-                                       _where(at)])
-                elif ok and top:
+                    self.marks.append(["until", f"{inside}{sid}#{n}: {then}", moment(),
+                                       None, _where(at)])
+                elif ok:
                     arm = "then" if event.taken else "otherwise"
-                    self.marks.append(["branch", f"{sid}: {arm}", self.clock, None, ""])
+                    self.marks.append(["branch", f"{inside}{sid}: {arm}", self.clock, None,
+                                       _where(context)])
             elif kind is fx.ChooseRoute:
                 branch = (effect.step_id, "route")
-                if isinstance(event, fx.RouteChosen) and event.error is None and top:
+                if isinstance(event, fx.RouteChosen) and event.error is None:
                     mark = ["route", effect.step_id, moment(), None, "",
                             f": {event.key}"]
                     self.marks.append(mark)
@@ -988,3 +994,16 @@ def _tree_order(rows: list[Row]) -> list[Row]:
     seen = {r.key for r in out}
     out.extend(r for r in rows if r.key not in seen)  # rows whose parent never showed up
     return out
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (a ``to_json()``) as strict JSON holds it, for scripts and browsers:
+    floats that are not finite (which a log keeps as Python writes them) become the text
+    ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, and keys become text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from interpreters.ui.pages import error_page, run_page, runs_page
 from stroma.errors import LogCorrupted, StromaError
-from stroma.timeline import Timeline, timeline
+from stroma.timeline import Timeline, json_safe, timeline
 
 __all__ = ("create_app", "serve")
 
@@ -94,7 +94,7 @@ def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None
         tl = await load(request.path_params["run_id"])
         if not isinstance(tl, Timeline):
             return JSONResponse({"error": tl[2]}, status_code=tl[0])
-        return Response(json.dumps(tl.to_json(), allow_nan=True, default=str),
+        return Response(json.dumps(json_safe(tl.to_json()), allow_nan=False, default=str),
                         media_type="application/json")
 
     async def failed(request: Request, exc: Exception) -> Response:

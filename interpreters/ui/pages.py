@@ -10,15 +10,13 @@ states and usage when its bar is clicked.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from html import escape
 from importlib import resources
-from typing import Any
 from urllib.parse import quote, urlencode
 
 from stroma.svg import timeline_svg
-from stroma.timeline import RUNNING_OR_CRASHED, RunSummary, Timeline, Wait
+from stroma.timeline import RUNNING_OR_CRASHED, RunSummary, Timeline, Wait, json_safe
 
 __all__ = ("STATUS_ORDER", "error_page", "run_page", "run_url", "runs_page", "svg_url")
 
@@ -140,17 +138,6 @@ def _waits_html(waits: Sequence[Wait]) -> str:
 _CHOICES = ("route", "until", "wait", "input")
 
 
-def _safe(value: Any) -> Any:
-    """JSON the browser can parse: non-finite floats (which the log keeps) become text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): _safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_safe(v) for v in value]
-    return value
-
-
 def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
     """A run: its facts, whether it replays clean, its timeline and its attempts.
 
@@ -201,8 +188,10 @@ def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
                 f'<td class="num">{f"${bar.usage.cost_usd:.6f}" if bar.usage.cost_usd else ""}'
                 f"</td><td>{escape(message)}</td></tr>"
             )
-    data = json.dumps(_safe(tl.to_json()), ensure_ascii=False, default=str)
-    data = data.replace("</", "<\\/").replace("<!--", "<\\!--")
+    data = json.dumps(json_safe(tl.to_json()), ensure_ascii=False, default=str)
+    # Inside <script>: every "<" as the JSON escape \u003c (no "</script>" or "<!--"
+    # can end or bend the script, and the text stays JSON).
+    data = data.replace("<", "\\u003c")
     body = (
         f'<p class="crumbs"><a href="/">runs</a> / <span class="mono">{escape(tl.run_id)}'
         f"</span></p>"

@@ -119,6 +119,8 @@ def test_show_lists_a_crashed_runs_finished_children(store: Path) -> None:
     done = [line for line in out.stdout.splitlines() if line.startswith("  fetch [item")]
     assert len(done) == P.CRASH_FINISHED and all(" ok " in line for line in done)
     assert "unfinished" in out.stdout
+    assert "a crashed run resumes when its plan runs again with this run id" in out.stdout
+    assert "RunConfig(run_id='crashed')" in out.stdout
 
 
 def test_show_json_is_the_timeline(store: Path) -> None:

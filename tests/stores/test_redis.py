@@ -449,21 +449,10 @@ async def test_a_damaged_last_log_item_is_log_corrupted_and_nothing_is_written_a
     """Redis appends a batch of lines whole, so a damaged last item is no torn tail of a
     crash: reading the log says it is damaged, and a resume refuses before writing (were it
     dropped, the resumed run would append after it and the log could not be read again)."""
-    from stroma import StromaRunner
     from stroma.runner import RunConfig, interpret
+    from tests.stores.chain import N, chain
 
-    runner = StromaRunner.quick()
-
-    class N(BaseModel):
-        v: int
-
-    def make(i: int) -> Any:
-        @runner.node(f"s{i}", input=N, output=N)
-        async def step(s: N) -> dict[str, int]:
-            return {"v": s.v + 1}
-        return step
-
-    nodes = [make(i) for i in range(3)]
+    nodes = chain()
     await interpret(nodes, N(v=0), store=redis_store, config=RunConfig(run_id="r"))
     key = run_keys(redis_store, "r").log
     await raw.rpop(key)

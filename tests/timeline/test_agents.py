@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from interpreters.stores.file import FileStore
 from stroma import send_input
@@ -134,3 +135,40 @@ def test_where_labels() -> None:
     assert where_label((("loop", "agent", 3), ("item", "m", 2))) == "@agent#3 item 2"
     assert where_label((("loop", "outer", 1), ("loop", "inner", 2))) == "@outer#1/inner#2"
     assert where_label((("item", "m", 0), ("loop", "l", 4))) == "item 0 @l#4"
+
+
+async def test_choices_made_inside_a_fan_out_child_are_marked(anyio_backend: str) -> None:
+    """A route's choice and a loop's until answer inside a map_each item are marked, as
+    they are at the top of a run, each named by the item it was made in."""
+    from stroma import StromaRunner, interpret, loop, map_each, route, seq
+
+    runner = StromaRunner.quick()
+
+    class Q(BaseModel):
+        item: int
+        k: int = 0
+
+    class T(BaseModel):
+        items: list[int] = [1, 2]
+        out: list[Q] = []
+
+    @runner.node("inc", input=Q, output=Q)
+    async def inc(q: Q) -> dict[str, int]:
+        return {"item": q.item, "k": q.k + 1}
+
+    @runner.node("odd", input=Q, output=Q)
+    async def odd(q: Q) -> dict[str, int]:
+        return {"item": q.item, "k": q.k}
+
+    @runner.node("even", input=Q, output=Q)
+    async def even(q: Q) -> dict[str, int]:
+        return {"item": q.item, "k": q.k}
+
+    body = loop(seq(inc, route(lambda q: "odd" if q.item % 2 else "even",
+                               {"odd": odd, "even": even}, name="pick")),
+                until=lambda q: q.k >= 2, max_iterations=5, name="inner")
+    result = await interpret(seq(map_each(body, over="items", into="out", input=T)), T())
+    labels = [m.label for m in timeline(result.log).marks]
+    assert "pick item 0 @inner#1: odd" in labels and "pick item 1 @inner#2: even" in labels
+    assert "item 0: inner#1: no, on to #2" in labels
+    assert "item 1: inner#2: yes, the loop ends" in labels
