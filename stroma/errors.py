@@ -123,8 +123,9 @@ class RunLocked(StoreError):
             super().__init__(
                 f"run {run_id!r} is locked by worker {holder!r}, a session of this very "
                 "process: one still running (do not run the same run twice at once), or one "
-                "cut off by an interrupt, which holds it until this process exits. Wait for "
-                "it, restart the process (or the notebook's kernel), or use another run id."
+                "cut off by an interrupt in an event loop still open (a notebook's), which "
+                "holds it until the process exits. Wait for it, restart the process (or the "
+                "notebook's kernel), or use another run id."
             )
             return
         super().__init__(

@@ -97,6 +97,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote_to_bytes
@@ -249,6 +250,46 @@ if sys.platform == "darwin":  # pragma: no cover - macOS only
 
 else:
     _fsync = os.fsync
+
+
+# The lock files this process holds, by path: (the descriptor, a weak reference to the
+# holding session's asyncio event loop or None, the FileStore's list the descriptor is in).
+_SESSIONS: dict[str, tuple[int, Any, list[int]]] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _session_loop() -> Any:
+    """A weak reference to the running asyncio event loop, or None (trio unwinds an
+    interrupted session itself)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return weakref.ref(loop)
+
+
+def _reclaim_abandoned(path: str) -> bool:
+    """Let go of the lock file at ``path`` if a session of this process holds it whose
+    event loop is closed: a KeyboardInterrupt (or SystemExit) raised in a node leaves
+    asyncio's loop at once, and the session's task, never run again, cannot release its
+    lease; nothing of that session runs any more, so nothing it could write needs the
+    lock. True if the lock was let go (the claim then tries again)."""
+    with _SESSIONS_LOCK:
+        entry = _SESSIONS.get(path)
+        if entry is None or entry[1] is None:
+            return False
+        fd, ref, held = entry
+        loop = ref()
+        if loop is not None and not loop.is_closed():
+            return False  # (its session may still be running)
+        del _SESSIONS[path]
+        if fd in held:
+            held.remove(fd)
+    with contextlib.suppress(OSError):
+        os.close(fd)  # (releases the lock)
+    _log.warning("FileStore: the lease of %s was held by a session of this process whose "
+                 "event loop is closed (an interrupt cut it off); it is released", path)
+    return True
 
 
 def _flock_or_wait(fd: int, kind: int) -> None:
@@ -849,8 +890,12 @@ class FileStore:
             )
         return folder
 
-    def _claim_sync(self, run: _Run, holder: str) -> int:
-        """The lock file's descriptor, locked for ``holder``; RunLocked if another holds it.
+    def _claim_sync(self, run: _Run, holder: str, loop: Any = None) -> int:
+        """The lock file's descriptor, locked for ``holder``; RunLocked if another holds it
+        (a session of this process whose event loop is gone, cut off by an interrupt that
+        left its asyncio loop before the session could end, does not: see
+        ``_reclaim_abandoned``). ``loop``: the claiming session's event loop (a weak
+        reference to it), or None.
 
         -1 when this process cannot make the lock file (a read-only store folder): it cannot
         write the run either, so there is nothing to exclude; it can still read it.
@@ -880,6 +925,9 @@ class FileStore:
                 try:
                     _flock_or_wait(fd, fcntl.LOCK_EX)
                 except BlockingIOError:
+                    if _reclaim_abandoned(os.path.realpath(path)):
+                        os.close(fd)  # an abandoned session of this process let it go
+                        continue
                     other = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
                     raise locked(run.run_id, other or "another session") from None
                 mine = os.fstat(fd)
@@ -897,7 +945,10 @@ class FileStore:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 raise
-            self._held.setdefault(run.dir, []).append(fd)
+            held = self._held.setdefault(run.dir, [])
+            held.append(fd)
+            with _SESSIONS_LOCK:
+                _SESSIONS[os.path.realpath(path)] = (fd, loop, held)
             return fd
 
     def _fence(self, run: _Run, op: str) -> None:
@@ -923,9 +974,14 @@ class FileStore:
     def _release_sync(self, run: _Run, fd: int) -> None:
         if fd < 0:
             return
+        path = os.path.realpath(self._lease_path(run))
+        with _SESSIONS_LOCK:
+            if _SESSIONS.get(path, (None,))[0] == fd:
+                del _SESSIONS[path]
         held = self._held.get(run.dir, [])
-        if fd in held:
-            held.remove(fd)
+        if fd not in held:
+            return  # let go already (_reclaim_abandoned): the number may be another file's
+        held.remove(fd)
         if not held:
             self._held.pop(run.dir, None)
         try:
@@ -977,7 +1033,7 @@ class FileStore:
             yield
             return
         try:
-            fd = await _in_thread_shielded(self._claim_sync, run, holder)
+            fd = await _in_thread_shielded(self._claim_sync, run, holder, _session_loop())
         except OSError as e:
             raise self._fail("lease", run_id, e) from e
         try:

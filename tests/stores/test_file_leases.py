@@ -294,3 +294,62 @@ async def test_a_folder_where_the_log_goes_is_named_by_its_path(
 
 class BaseModelState(BaseModel):
     v: int
+
+
+_INTERRUPTED = textwrap.dedent("""
+    import sys
+    import anyio
+    from pydantic import BaseModel
+    from stroma import FileStore, NodeContract, RunConfig, interpret, parallel, seq, stroma_node
+
+    class S(BaseModel):
+        n: int = 0
+
+    calls = {"n": 0}
+
+    def node(name):
+        async def call(s: S) -> S:
+            calls["n"] += 1
+            if calls["n"] == 3 and sys.argv[2] == "interrupt":
+                await anyio.sleep(0.03)
+                raise KeyboardInterrupt
+            await anyio.sleep(0.002)
+            return s.model_copy(update={"n": s.n + 1})
+        return stroma_node(name, NodeContract(node_id=name, input_schema=S, output_schema=S))(call)
+
+    plan = seq(node("a"), parallel(seq(node("b1"), node("b2")),
+                                   seq(parallel(node("c"), node("d"), node("e")))))
+    run = lambda store: anyio.run(lambda: interpret(plan, S(), store=store,
+                                                    config=RunConfig(run_id="r")))
+    try:
+        run(FileStore(sys.argv[1]))
+    except KeyboardInterrupt:
+        print("interrupted")
+    sys.argv[2] = "go on"
+    print(run(FileStore(sys.argv[1])).status.value)
+""")
+
+
+def test_a_session_an_interrupt_cut_off_in_this_process_lets_the_run_go(
+    tmp_path: Path,
+) -> None:
+    """A KeyboardInterrupt raised inside a nested group leaves asyncio's loop before the
+    session can release its lease; running the run again in the same process (a notebook,
+    a REPL) resumes it instead of finding it locked until the process exits."""
+    out = subprocess.run([sys.executable, "-c", _INTERRUPTED, str(tmp_path), "interrupt"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["interrupted", "RESUMED"], out.stderr[-2000:]
+
+
+async def test_run_locked_says_when_the_holder_is_this_process(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    from interpreters.stores._lease import new_holder
+
+    store = FileStore(tmp_path)
+    async with store.lease("r", new_holder()):
+        with pytest.raises(RunLocked, match="a session of this very process"):
+            async with FileStore(tmp_path).lease("r", new_holder()):
+                pass
