@@ -21,7 +21,15 @@ from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import stroma.plan as _plan_module
 from interpreters.live import CURRENT_CALL, Collaborators
@@ -427,6 +435,29 @@ def _warn_of_unknown_steps(config: RunConfig, plan: Plan) -> None:
                 )
 
 
+_T = TypeVar("_T")
+
+
+def _settings(where: str, make: Callable[[], _T]) -> _T:
+    """``make()`` (a RunConfig or a budget the runner builds from its arguments), a bad
+    value in it a StromaValueError naming the setting, what it got and what it takes
+    (pydantic's ValidationError is for the models a caller builds itself)."""
+    try:
+        return make()
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        original = (first.get("ctx") or {}).get("error")
+        if isinstance(original, StromaError):
+            raise original from None
+        setting = ".".join(str(p) for p in first.get("loc", ())) or "(the settings)"
+        raise StromaValueError(
+            f"{where}: {setting} {first.get('msg', 'is not valid')[:1].lower()}"
+            f"{first.get('msg', '')[1:]}, got {first.get('input')!r:.80}"
+            f"{f' (and {e.error_count() - 1} more)' if e.error_count() > 1 else ''}; see "
+            f"{e.title}'s fields for what each setting takes"
+        ) from None
+
+
 def _default_run_id(config: RunConfig) -> str:
     """The id of a run whose config names none: the config's own default the first time,
     a fresh one after (a runner running twice shares nothing)."""
@@ -736,10 +767,10 @@ class StromaRunner:
                 f"classifiers, hooks and the RunConfig fields "
                 f"({', '.join(RunConfig.model_fields)})"
             )
-        config = RunConfig(
+        config = _settings("StromaRunner.quick", lambda: RunConfig(
             budget=budget, policy_map=policy_map, classifiers=classifiers or [], hooks=hooks,
             **fields,
-        )
+        ))
         manager = CheckpointManager(store if store is not None else InMemoryStore())
         return cls(ContractRegistry(), manager, config)
 
@@ -749,7 +780,8 @@ class StromaRunner:
         # Keep what was set explicitly (an explicit run_id stays explicit).
         fields = {k: getattr(self.config, k) for k in self.config.model_fields_set}
         fields.update(changes)
-        self.config = RunConfig(**fields)
+        self.config = _settings(f"StromaRunner.with_{next(iter(changes), 'settings')}",
+                                lambda: RunConfig(**fields))
         return self
 
     def with_redis(self, url: str, ttl_seconds: int = 3600) -> StromaRunner:
@@ -787,9 +819,9 @@ class StromaRunner:
                     f">= 0, or None for no limit on it: e.g. with_budget({arg}="
                     f"{'0.50' if arg == 'cost_usd' else '10_000'})"
                 )
-        return self._update(budget=ExecutionBudget(
+        return self._update(budget=_settings("StromaRunner.with_budget", lambda: ExecutionBudget(
             max_tokens_total=tokens, max_cost_usd=cost_usd, max_latency_ms=latency_ms
-        ))
+        )))
 
     def with_model_fallback(
         self, model: str, *, to: str, at_budget_pct: float = 0.80

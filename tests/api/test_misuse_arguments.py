@@ -269,3 +269,29 @@ def test_a_log_of_one_line_without_its_newline_says_so() -> None:
     with pytest.raises(LogCorrupted, match="does not end with a newline"):
         EffectLog.from_jsonl(text.splitlines()[0])
     assert EffectLog.from_jsonl(text).finish is not None
+
+
+@pytest.mark.parametrize(
+    ("build", "names"),
+    [
+        (lambda: StromaRunner.quick().with_budget(tokens="10k"),  # type: ignore[arg-type]
+         ["with_budget", "max_tokens_total", "'10k'", "ExecutionBudget's fields"]),
+        (lambda: StromaRunner.quick().with_policy_map({"RETRYABLE": FailurePolicy()}),
+         ["with_policy_map", "'RECOVERABLE', 'TERMINAL' or 'AMBIGUOUS'", "'RETRYABLE'"]),
+        (lambda: StromaRunner.quick(budget=5), ["StromaRunner.quick", "budget", "5"]),
+        (lambda: StromaRunner.quick(run_id=5), ["StromaRunner.quick", "run_id", "string"]),
+        (lambda: StromaRunner.quick().with_node_timeouts({"a": -5}),
+         ["node_timeouts['a']", "milliseconds > 0"]),
+    ],
+)
+def test_a_bad_runner_setting_is_a_stroma_value_error_naming_it(
+    build: Any, names: list[str]
+) -> None:
+    """The runner builds its RunConfig (and budget) from its arguments: a bad one is a
+    StromaValueError (a ValueError, as pydantic's was) naming the setting and the value."""
+    from stroma.errors import StromaValueError
+
+    with pytest.raises(StromaValueError) as caught:
+        build()
+    for name in names:
+        assert name in str(caught.value)
