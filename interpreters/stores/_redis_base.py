@@ -431,7 +431,8 @@ class _Base:
             return StoreError(
                 f"{about} failed against {self._where} after {self.max_attempts} "
                 f"attempt{'s' if self.max_attempts != 1 else ''}: "
-                f"{type(exc).__name__}: {exc}. Is the Redis server running and reachable?"
+                f"{type(exc).__name__}: {str(exc).rstrip('.')}. Is the Redis server running "
+                "and reachable?"
             )
         return StoreError(
             f"{about} failed against {self._where}: {type(exc).__name__}: {exc} (a permanent "
