@@ -241,8 +241,8 @@ def _telemetry(tracing: Tracing) -> _Telemetry:
 class _Attempt:
     """An attempt whose span is not made yet: what its records said so far."""
 
-    __slots__ = ("call", "coords", "duration_ms", "event", "failure", "hooks", "kind",
-                 "message", "node_id", "number", "start", "succeeded")
+    __slots__ = ("call", "coords", "duration_ms", "error", "event", "failure", "hooks",
+                 "kind", "message", "node_id", "number", "start", "succeeded")
 
     def __init__(
         self, kind: str, node_id: str, number: int, start: datetime, duration_ms: int,
@@ -258,6 +258,8 @@ class _Attempt:
         self.hooks = hooks if hooks is not None else []
         self.failure: Any = None
         self.message: str | None = None
+        # The error the machine failed the attempt with (live runs; None when replayed).
+        self.error: fx.ErrorInfo | None = None
         self.succeeded = False
         self.coords: tuple[tuple[str, str, int], ...] = getattr(call, "coords", None) or ()
 
@@ -507,6 +509,7 @@ class _Scope:
             att.coords = eff.coords
         att.failure = eff.failure
         att.message = eff.failure_message
+        att.error = eff.error
         if att.kind == "branch" or "failure" not in self.hooks:
             self._close()
 
@@ -631,7 +634,9 @@ class _Scope:
         usage = _usage(call, ev) if type(ev) is fx.NodeReturned else None
         if usage is not None:
             attributes.update(usage[0])
-        error = ev.error if type(ev) is fx.NodeRaised else None
+        # (an output that broke its contract, came too late or cannot be stored: the
+        # machine's error, as the attempt's account carried it)
+        error = ev.error if type(ev) is fx.NodeRaised else att.error
         if att.succeeded:
             outcome = "succeeded"
         elif att.failure is not None:

@@ -57,7 +57,7 @@ def describe(effect: Any) -> str:
     return repr(effect)
 
 
-_LIVE = frozenset({"state", "input", "output", "schema"})
+_LIVE = frozenset({"state", "input", "output", "schema", "error"})
 
 
 def _difference(recorded: Any, new: Any) -> str:

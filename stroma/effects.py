@@ -354,6 +354,9 @@ class RecordAttempt(NamedTuple):
     failure: FailureClass | None = None
     failure_message: str | None = None
     coords: tuple[tuple[str, str, int], ...] = ()
+    # Live only, for observers (OpenTelemetry's error.type): the error the attempt failed
+    # with; neither recorded nor compared (a replayed record has None).
+    error: ErrorInfo | None = None
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not RecordAttempt:

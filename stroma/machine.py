@@ -1336,7 +1336,7 @@ def _classified(s: RunState, cls: FailureClass) -> Out:
     message = att.error.message or att.error.type_name.rsplit(".", 1)[-1]
     te = fx.RecordAttempt(
         step.step_id, s.config.run_id, s.attempt, att.started_at or _now(s), att.input_json,
-        None, att.duration_ms, cls, message, s.coords,
+        None, att.duration_ms, cls, message, s.coords, att.error,
     )
     s = _next(s, s.phase, att._replace(failure=cls))
     if "failure" in s.config.hooks:

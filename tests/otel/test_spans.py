@@ -569,3 +569,26 @@ async def test_a_group_that_times_out_cancels_its_children(
         ]),
     ])]
     assert_nested_in_time(telemetry)
+
+
+async def test_an_output_that_breaks_its_contract_names_its_error_type(
+    anyio_backend: str, telemetry: Telemetry
+) -> None:
+    """The attempt whose output broke its contract failed with the machine's
+    ContractViolation: its span says so in error.type and in its exception event, as an
+    attempt whose node raised does."""
+
+    @stroma_node("bad", contract("bad", Num, Num))
+    async def bad(state: Num) -> dict[str, str]:
+        return {"value": "not a number"}
+
+    result = await interpret(seq(bad), Num(value=1), config=traced(telemetry))
+    assert result.status is RunStatus.FAILED
+    [span] = [s for s in telemetry.exporter.get_finished_spans()
+              if s.name == "stroma node bad"]
+    assert span.attributes is not None
+    assert span.attributes[ERROR_TYPE] == "stroma.contracts.ContractViolation"
+    assert span.attributes[FAILURE_CLASS] == "TERMINAL"
+    [event] = [e for e in span.events if e.name == "exception"]
+    assert event.attributes is not None
+    assert event.attributes["exception.type"] == "stroma.contracts.ContractViolation"
