@@ -1077,14 +1077,15 @@ def _checked_ms(where: str, ms: Any) -> int | None:
             f"{where}: expected ms > 0, a number of milliseconds > 0 up to "
             f"{_MAX_TIMEOUT_MS:,}, got {ms!r}: e.g. 30_000 for 30 s, or None for no timeout"
         )
-    return max(1, round(ms))  # (whole milliseconds; a fraction of one is one)
+    return max(1, int(ms))  # (whole milliseconds, as before; a fraction of one is one)
 
 
 def _check_name(what: str, name: Any) -> None:
     if name is not None and (not isinstance(name, str) or not name):
         raise PlanError(
             f"{what}(name={name!r}): a step's name is its id, a non-empty string, e.g. "
-            f"{what}(..., name='check_2'); or leave it out for one made from the function's"
+            f"{what}(..., name='check_2'), or leave it out (its id is then made from the "
+            "function's name)"
         )
 
 
