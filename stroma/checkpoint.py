@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
-from stroma.schemas import _resolve_schema, _schema_ref, declare_schema
+from stroma.schemas import _resolve_schema, _schema_ref, declare_schema, first_error
 
 if TYPE_CHECKING:
     from interpreters.stores.redis import RedisStore, SyncRedisStore
@@ -155,9 +155,7 @@ class CheckpointManager:
             raise StoreError(
                 f"{type(self.store).__name__}, run {run_id!r}: the checkpoint of "
                 f"{node_id!r} it loaded (a {got}) is not a {schema.__name__} "
-                f"({e.error_count()} error(s), first: "
-                f"{'.'.join(map(str, e.errors()[0]['loc'])) or '(the state)'}: "
-                f"{e.errors()[0]['msg']}): the store returned another node's state or "
+                f"({first_error(e)}): the store returned another node's state or "
                 "altered data; check its load(), or resume from another node"
             ) from None
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from stroma.errors import (
     StromaAttributeError,
@@ -33,6 +33,7 @@ __all__ = (
     "declare_schema",
     "declare_schemas",
     "declared_schemas",
+    "first_error",
     "json_schema_problems",
     "resolve_declared",
     "serialization_problem",
@@ -42,6 +43,14 @@ __all__ = (
 _DECLARED: dict[str, type[BaseModel]] = {}
 # module:qualname, where a qualname may name a parametrized generic (Page[Item, int]).
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_<>][\w.<>\[\], ]*$")
+
+
+def first_error(e: ValidationError) -> str:
+    """A validation error in a line: how many errors, and the first one's place and
+    message (``2 error(s), first: x: Field required``)."""
+    first = e.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(the state)"
+    return f"{e.error_count()} error(s), first: {where}: {first.get('msg', '')}"
 
 
 def _schema_ref(cls: type) -> str:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
-from stroma.schemas import state_json
+from stroma.schemas import first_error, state_json
 
 __all__ = ("AsyncInMemoryStore", "InMemoryStore")
 
@@ -24,8 +24,10 @@ def _require_model_type(method: str, schema: object) -> None:
             f"the class {schema.__qualname__}" if isinstance(schema, type)
             else f"{schema!r:.80} (a {type(schema).__name__})"
         )
+        args = ("run_id, node_id, schema" if method.endswith("load_typed")
+                else "run_id, node_id, state, schema")
         raise StromaTypeError(
-            f"{method}(run_id, node_id, state, schema): schema must be a BaseModel type, got "
+            f"{method}({args}): schema must be a BaseModel type, got "
             f"{found}: pass the pydantic model class of the state, e.g. type(state)"
         )
 
@@ -76,7 +78,7 @@ class _MemoryBase:
             raise StoreError(
                 f"the in-memory store, run {run_id!r}, checkpoint {node_id!r}: it holds a "
                 f"{saved.__name__}, which does not validate as {cls.__name__} "
-                f"({e.error_count()} error(s): {_first_error(e)}); load it as "
+                f"({first_error(e)}); load it as "
                 f"{saved.__name__}"
             ) from None
 
@@ -171,8 +173,3 @@ class AsyncInMemoryStore(_MemoryBase):
         _require_model_type("AsyncInMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
 
-
-def _first_error(e: ValidationError) -> str:
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(the state)"
-    return f"{where}: {first.get('msg', '')}"
