@@ -31,7 +31,13 @@ from stroma import effects as fx
 from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
-from stroma.machine import child_fails, error_info, idempotency_key
+from stroma.machine import (
+    child_fails,
+    child_spend,
+    error_info,
+    group_budget_spent,
+    idempotency_key,
+)
 from stroma.plan import Choose, LoopEnd, NodeStep, Plan, RouteTo
 
 __all__ = (
@@ -287,6 +293,21 @@ class LivePerformer:
         merged = eff.kind == "parallel"
         failed = [any(o is not None and child_fails(group, eff.calls[k], o)
                       for k, o in enumerate(outcomes))]
+        # What the children that finished used, and whether that spent the run's budget
+        # (the machine says; then no more children start, and those running finish).
+        spent: list[Any] = [0, 0.0, False]
+
+        def count(call: Any, outcome: Any) -> None:
+            tokens, cost = child_spend(call, outcome)
+            spent[0] += tokens
+            spent[1] += cost
+            if not spent[2]:
+                spent[2] = group_budget_spent(eff, spent[0], spent[1]) is not None
+
+        if eff.allowance is not None:
+            for k, o in enumerate(outcomes):
+                if o is not None:
+                    count(eff.calls[k], o)
         try:
             async with anyio.create_task_group() as tg:
 
@@ -304,6 +325,8 @@ class LivePerformer:
                     if fails:
                         failed[0] = True
                         tg.cancel_scope.cancel()
+                    elif eff.allowance is not None:
+                        count(call, outcome)
                     # (its place is given up once the group knows it failed: no child takes
                     # it then)
                     if limiter is not None:
@@ -315,7 +338,7 @@ class LivePerformer:
 
                 if eff.timeout_ms is not None:
                     tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
-                if not failed[0]:
+                if not (failed[0] or spent[2]):
                     for k, call in enumerate(eff.calls):
                         if outcomes[k] is None:
                             # A bounded group's children take their places in argument
@@ -326,15 +349,20 @@ class LivePerformer:
                                     limiter.acquire_on_behalf_of_nowait(token)
                                 except anyio.WouldBlock:
                                     await limiter.acquire_on_behalf_of(token)
-                                if failed[0]:  # a child failed while this one waited
+                                if failed[0] or spent[2]:
+                                    # a child failed, or the budget was spent, while this
+                                    # one waited: it is not started
                                     limiter.release_on_behalf_of(token)
                                     break
                             tg.start_soon(child, k, call, token)
         except BaseExceptionGroup as eg:
             raise single_error(eg) from None
         end = self.timer()
-        # Nothing failed, yet some children did not finish: the group's deadline passed.
-        deadline_passed = eff.timeout_ms is not None and not failed[0] and None in outcomes
+        # Nothing failed, yet some children did not finish: the group's deadline passed
+        # (or the budget was spent, and those were not started: then only if the deadline
+        # cancelled the group all the same).
+        deadline_passed = (eff.timeout_ms is not None and not failed[0] and None in outcomes
+                           and (not spent[2] or tg.cancel_scope.cancel_called))
         for k in range(n):
             if outcomes[k] is None:
                 b = began[k]

@@ -147,7 +147,8 @@ class BudgetExceeded(StromaError):
         field = _LIMIT_FIELDS.get(dimension, dimension)
         super().__init__(
             f"{dimension} budget exceeded after node {node_id!r}: the run has used "
-            f"{_amount(dimension, actual)}, over the limit of {_amount(dimension, limit)}. "
+            f"{_amount(dimension, actual)}, "
+            f"{'over' if actual > limit else 'all of'} the limit of {_amount(dimension, limit)}. "
             f"Raise ExecutionBudget({field}=...) or make the pipeline use less."
         )
 

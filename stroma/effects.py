@@ -183,15 +183,18 @@ class CallNode(NamedTuple):
                 f"timeout_ms={self.timeout_ms!r}, model={self.model!r}{where})")
 
 
-@named_value(live=("group",), unshown=("group",))
+@named_value(live=("group", "allowance"), unshown=("group", "allowance"))
 class CallParallel(NamedTuple):
     """Run a group's children concurrently on their inputs.
 
     ``calls`` are the children still to run (a retry or a resume of the group leaves out
     those that already succeeded); ``indices`` says which child of the group each one is.
     The interpreter cancels the siblings once a child fails (``stroma.machine.child_fails``
-    says which outcomes are failures) and reports every child's outcome, in ``calls``
-    order.
+    says which outcomes are failures), starts no more children once those that finished
+    have spent the run's budget (``stroma.machine.group_budget_spent``, given
+    ``allowance``: the budget and the run's totals when the group began; None without a
+    budget), and reports every child's outcome, in ``calls`` order (one it did not
+    start as cancelled).
     """
 
     step_id: str
@@ -202,6 +205,7 @@ class CallParallel(NamedTuple):
     kind: str = "parallel"  # or "map": one call per item of a list field
     indices: tuple[int, ...] = ()
     group: Any = None  # the group's step
+    allowance: Any = None  # (budget, tokens, cost_usd, latency_ms) when the group began
 
 
 _RUN_PLAN_LIVE = ("plan", "input", "config", "records", "partials")  # (live values)

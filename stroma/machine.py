@@ -122,8 +122,10 @@ __all__ = (
     "UnexpectedEvent",
     "advance",
     "child_fails",
+    "child_spend",
     "error_info",
     "failed_child",
+    "group_budget_spent",
     "idempotency_key",
     "input_key",
     "start",
@@ -507,8 +509,10 @@ def _spent(s: RunState) -> str | None:
     """What budget is already used up (at or over its limit), described; else None."""
     budget = s.config.budget
     hit = budget.first_spent(s.tokens, s.cost_usd, s.latency_ms) if budget else None
-    if hit is None:
-        return None
+    return None if hit is None else _described(hit)
+
+
+def _described(hit: tuple[str, float, float]) -> str:
     dimension, limit, actual = hit
     if dimension == "cost":
         return f"cost ${actual:.6f} of ${limit:.6f}"
@@ -821,7 +825,10 @@ def _begin_step(s: RunState) -> Out:
     if c.budget is not None:
         spent = _spent(s)
         if spent is not None:
-            reason = f"budget spent ({spent}): {step.step_id!r} was not started"
+            done = len(s.group.outputs)  # (a group retried: its children that finished)
+            reason = (f"budget spent ({spent}): {step.step_id!r} was not started" if not done
+                      else f"budget spent ({spent}): {step.step_id!r} was not started again "
+                           f"({done} of its children had finished)")
             te = fx.RecordAttempt(
                 step.step_id, c.run_id, s.attempt, _now(s), s.state_json, None, 0,
                 FailureClass.RECOVERABLE, reason, s.coords,
@@ -1084,11 +1091,40 @@ def _group_call(
             return c
         calls.append(c)
         indices.append(j)
+    budget = s.config.budget
     call = fx.CallParallel(
         step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
         "map" if isinstance(step, MapStep) else "parallel", tuple(indices), step,
+        None if budget is None else (budget, s.tokens, s.cost_usd, s.latency_ms),
     )
     return call, s.state_json
+
+
+def child_spend(call: Any, outcome: Any) -> tuple[int, float]:
+    """The tokens and cost a fan-out child's outcome used, priced as the run prices them
+    (a node child by its model, a sub-plan child by its run's totals)."""
+    if type(outcome) is fx.NodeReturned:
+        return _price(call.model if type(call) is fx.CallNode else None, outcome)
+    if type(outcome) is fx.PlanFinished:
+        return outcome.total_tokens, outcome.total_cost_usd
+    return 0, 0.0
+
+
+def group_budget_spent(
+    call: fx.CallParallel, tokens: int, cost: float
+) -> tuple[str, float, float] | None:
+    """Whether the children of a group that finished, having used ``tokens`` and
+    ``cost``, spent the run's budget (at or over a limit: as a step, a child is not
+    started then): ``(dimension, limit, total)``, else None. The interpreter asks after
+    each child that finishes and starts no more children once it is spent; the machine
+    then fails the group's attempt (BudgetExceeded), with those children not started."""
+    allowance = call.allowance
+    if allowance is None:
+        return None
+    budget, run_tokens, run_cost, run_latency = allowance
+    hit: tuple[str, float, float] | None = budget.first_spent(
+        run_tokens + tokens, run_cost + cost, run_latency)
+    return hit
 
 
 def child_fails(group: Any, call: Any, outcome: Any) -> bool:
@@ -1211,11 +1247,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
         )
     tokens, cost = 0, 0.0
     for c, outcome in zip(calls, ev.outcomes, strict=True):
-        if type(outcome) is fx.NodeReturned:
-            t, k = _price(c.model if type(c) is fx.CallNode else None, outcome)
-            tokens, cost = tokens + t, cost + k
-        elif type(outcome) is fx.PlanFinished:
-            tokens, cost = tokens + outcome.total_tokens, cost + outcome.total_cost_usd
+        t, k = child_spend(c, outcome)
+        tokens, cost = tokens + t, cost + k
     before = s
     s = _answered(s, ev.started_at, ev.duration_ms, tokens, cost)
     # The first child (in argument order) that failed fails the attempt; the successes
@@ -1261,11 +1294,21 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             # children that finished of a group of its own are not called again).
             records[call.indices[k]] = (outcome.records, c.config, outcome.partials)
     s = _next(s, s.phase, s.current, group=GroupProgress(outputs, records))
-    if error is None and any(type(o) is fx.NodeCancelled for o in ev.outcomes):
+    cancelled = sum(type(o) is fx.NodeCancelled for o in ev.outcomes)
+    if error is None and cancelled:
+        hit = None if ev.deadline_passed else group_budget_spent(call, tokens, cost)
         if ev.deadline_passed:
             error = fx.ErrorInfo(
                 _TIMEOUT_NAMES,
                 f"{step.step_id!r} timed out after {call.timeout_ms} ms and was cancelled",
+            )
+        elif hit is not None:  # the children that finished spent the budget
+            exc = BudgetExceeded(*hit, step.step_id)
+            error = fx.ErrorInfo(
+                error_info(exc).type_names,
+                f"budget spent ({_described(hit)}) by the children of {step.step_id!r} "
+                f"that finished: {cancelled} of its children were not started",
+                exc,
             )
         else:
             error = fx.ErrorInfo(

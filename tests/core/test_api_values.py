@@ -619,6 +619,9 @@ def test_budget_exceeded_message() -> None:
     )
     assert "150 tokens" in str(BudgetExceeded("tokens", 100, 150, "n"))
     assert "max_latency_ms" in str(BudgetExceeded("latency", 10, 12, "n"))
+    # At the limit (spent, as when a group starts no more children): not "over" it.
+    assert "used 100 tokens, all of the limit of 100 tokens" in str(
+        BudgetExceeded("tokens", 100, 100, "n"))
 
 
 def test_cost_tracker_accumulates_running_totals() -> None:

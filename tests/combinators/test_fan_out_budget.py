@@ -1,0 +1,175 @@
+"""A budget inside a fan-out: once the children that finished have spent the run's budget,
+no more children are started (those running finish and are counted), the group's attempt
+fails with BudgetExceeded, and the run stops PARTIAL, as it does after a single node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from stroma import BudgetExceeded, FailureClass, FailurePolicy, NodeContext, RunStatus
+from stroma.cost import ExecutionBudget
+from stroma.plan import map_each, parallel, seq
+from stroma.runner import RunConfig, interpret, replay
+from tests.combinators.kit import Gauge, Item, Script
+
+pytestmark = pytest.mark.anyio
+
+ONCE = {c: FailurePolicy(max_retries=0, backoff_seconds=0.0) for c in FailureClass}
+
+
+class Summary(BaseModel):
+    item: int
+    words: int
+
+
+class Docs(BaseModel):
+    items: list[int]
+    summaries: list[Summary] = []
+
+
+def summarizer(script: Script, gauge: Gauge, tokens: int = 30, node_id: str = "summarize"
+               ) -> Any:
+    async def body(state: Item) -> tuple[dict[str, int], int]:
+        await gauge.hold()
+        return {"item": state.item, "words": state.item * 2}, tokens
+
+    return script.node(node_id, Item, Summary, body)
+
+
+def summaries(node: Any, concurrency: int | None = 2) -> Any:
+    return map_each(node, over="items", into="summaries", max_concurrency=concurrency,
+                    input=Docs)
+
+
+async def test_a_bounded_map_starts_no_child_once_the_budget_is_spent(
+        anyio_backend: str) -> None:
+    script, gauge = Script(), Gauge()
+    plan = [summaries(summarizer(script, gauge))]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=100), policy_map=ONCE)
+
+    result = await interpret(plan, Docs(items=list(range(20))), config=config)
+
+    called = script.calls["summarize"]
+    # 100 tokens are spent by the fourth child of 30; at most the two places of the group
+    # were taken when it was: four or five children ran, never the twenty.
+    assert 4 <= called <= 5
+    assert result.status is RunStatus.PARTIAL
+    assert result.total_tokens == 30 * called  # each child that ran is counted
+    failed = result.trace.failures()[0]
+    assert failed.failure is FailureClass.RECOVERABLE
+    assert f"{20 - called} of its children were not started" in (failed.failure_message or "")
+    assert "budget spent (tokens" in (result.stop_reason or "")
+    assert result.final_state == Docs(items=list(range(20)))  # the group did not finish
+
+
+async def test_the_children_running_when_the_budget_is_spent_finish(
+        anyio_backend: str) -> None:
+    script, gauge = Script(), Gauge()
+    finished: list[int] = []
+
+    async def body(state: Item) -> tuple[dict[str, int], int]:
+        await gauge.hold(checkpoints=3 + state.item)  # later items take longer
+        finished.append(state.item)
+        return {"item": state.item, "words": 1}, 60
+
+    plan = [summaries(script.node("summarize", Item, Summary, body), concurrency=3)]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=100), policy_map=ONCE)
+
+    result = await interpret(plan, Docs(items=list(range(10))), config=config)
+
+    assert result.status is RunStatus.PARTIAL
+    assert gauge.peak == 3
+    assert script.calls["summarize"] == len(finished) < 10  # none was cut off
+    assert result.total_tokens == 60 * len(finished)
+
+
+async def test_the_replay_of_a_group_stopped_by_its_budget_is_the_run_again(
+        anyio_backend: str) -> None:
+    script, gauge = Script(), Gauge()
+    plan = [summaries(summarizer(script, gauge))]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=100), policy_map=ONCE)
+    result = await interpret(plan, Docs(items=list(range(12))), config=config)
+    assert result.log is not None
+
+    script.replaying = True
+    again = await replay(plan, result.log.to_jsonl())
+
+    assert (again.status, again.final_state, again.total_tokens, again.stop_reason) == (
+        result.status, result.final_state, result.total_tokens, result.stop_reason)
+
+
+async def test_a_classifier_is_asked_about_the_budget_exceeded(anyio_backend: str) -> None:
+    """The group's failure is a BudgetExceeded like a node's: a classifier can make it
+    TERMINAL (the run FAILED), and it says which dimension was spent."""
+    script, gauge = Script(), Gauge()
+    seen: list[BaseException] = []
+
+    def budget_is_fatal(exc: Exception, ctx: NodeContext) -> FailureClass | None:
+        seen.append(exc)
+        return FailureClass.TERMINAL if isinstance(exc, BudgetExceeded) else None
+
+    plan = [summaries(summarizer(script, gauge))]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=50), policy_map=ONCE,
+                       classifiers=[budget_is_fatal])
+
+    result = await interpret(plan, Docs(items=list(range(8))), config=config)
+
+    assert result.status is RunStatus.FAILED
+    assert len(seen) == 1 and isinstance(seen[0], BudgetExceeded)
+    assert (seen[0].dimension, seen[0].limit) == ("tokens", 50)
+    assert script.calls["summarize"] < 8
+
+
+async def test_a_cost_budget_counts_sub_plan_children_by_their_totals(
+        anyio_backend: str) -> None:
+    script, gauge = Script(), Gauge()
+
+    async def draft(state: Item) -> tuple[dict[str, int], int, str]:
+        await gauge.hold()
+        return {"item": state.item}, 1_000, "gpt-4o"  # $0.0025 of input tokens
+
+    async def score(state: Item) -> dict[str, int]:
+        return {"item": state.item, "words": 3}
+
+    body = seq(script.node("draft", Item, Item, draft),
+               script.node("score", Item, Summary, score))
+    plan = [summaries(body)]
+    config = RunConfig(budget=ExecutionBudget(max_cost_usd=0.006), policy_map=ONCE)
+
+    result = await interpret(plan, Docs(items=list(range(10))), config=config)
+
+    assert result.status is RunStatus.PARTIAL
+    assert 3 <= script.calls["draft"] <= 4  # $0.0075 is spent by the third child
+    assert script.calls["draft"] == script.calls["score"]  # each child ran to its end
+    assert result.total_cost_usd == pytest.approx(0.0025 * script.calls["draft"])
+
+
+async def test_a_group_within_its_budget_runs_every_child(anyio_backend: str) -> None:
+    script, gauge = Script(), Gauge()
+    plan = [summaries(summarizer(script, gauge))]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=1_000), policy_map=ONCE)
+
+    result = await interpret(plan, Docs(items=list(range(10))), config=config)
+
+    assert result.status is RunStatus.COMPLETED
+    assert script.calls["summarize"] == 10
+    assert [s.item for s in result.final_state.summaries] == list(range(10))
+
+
+async def test_an_unbounded_group_starts_all_its_children_at_once(anyio_backend: str) -> None:
+    """Without max_concurrency every child starts before any finishes: all run, and the
+    budget stops the run after the group, as after a node."""
+    script, gauge = Script(), Gauge()
+    left = summarizer(script, gauge, node_id="left")
+    right = summarizer(script, gauge, node_id="right")
+    plan = [parallel(left, right), summarizer(script, gauge, node_id="after")]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=40), policy_map=ONCE)
+
+    result = await interpret(plan, Item(item=1), config=config)
+
+    assert result.status is RunStatus.PARTIAL
+    assert (script.calls["left"], script.calls["right"], script.calls["after"]) == (1, 1, 0)
+    assert result.total_tokens == 60
