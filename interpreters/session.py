@@ -39,7 +39,7 @@ from stroma.errors import (
     StromaTypeError,
     StromaWarning,
 )
-from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker
+from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker, encode_effect, encode_event
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
 from stroma.schemas import _schema_ref, resolve_declared
@@ -295,6 +295,7 @@ async def _session(
                 existing = store.get_log(run_id)
         source = f"the effect log of run {run_id!r}"
         prefilled: dict[int, tuple[Any, Any]] | None = None
+        performer: LivePerformer | None = None
         if existing is not None and machine.resume_from is None:
             _check_plan(plan, existing, f"run {run_id!r}")
             if initial_state is not None:
@@ -316,16 +317,33 @@ async def _session(
         elif initial_state is None:
             raise StromaTypeError(_no_initial_state(run_id, existing is None, plan))
         elif existing is not None:
-            # The API's resume_from on a run that has a log: a new session in the same log.
+            # The API's resume_from on a run that has a log: a new session in the same log,
+            # written once it has a step to run. A resume_from that names no step it can
+            # go on from, or whose checkpoint is not there, leaves the run as it was (a
+            # typo must not put a PARTIAL over a finished run, nor over a crashed one that
+            # a plain run would go on from): its PARTIAL result is not recorded.
             state, effects = start(plan, initial_state, machine)
             restart = session_config(machine, initial_state)
             restart["seed"] = machine.seed
             restart["plan"] = plan.fingerprint  # the session's plan, checked on resume
             records = existing.records
             flushed = len(records)
-            records.append(ResumeMarker(machine.started_at.isoformat(), restart))
             recorder = Recorder(existing, log_store, flushed=flushed,
-                                session_start=len(records))
+                                session_start=flushed + 1)
+            performer = LivePerformer(plan, run_id=run_id, world=world, recorder=recorder,
+                                      hook_timeout_ms=state.config.hook_timeout_ms)
+            loaded: Any = None
+            if effects and type(effects[0]) is fx.LoadCheckpoint:
+                load = effects[0]
+                event = await performer.table[fx.LoadCheckpoint](load)
+                loaded = encode_effect(load) + encode_event(event)
+                state, effects = advance(state, event)
+            marker = ResumeMarker(machine.started_at.isoformat(), restart)
+            if effects and type(effects[0]) is fx.Finish:
+                return _unrecorded(existing, marker, effects[0])
+            records.append(marker)
+            if loaded is not None:
+                records.append(loaded)
         else:
             header = LogHeader(
                 run_id=run_id,
@@ -346,13 +364,29 @@ async def _session(
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True
             attach = False
-        performer = LivePerformer(plan, run_id=run_id, world=world, recorder=recorder,
-                                  prefilled=prefilled,
-                                  hook_timeout_ms=state.config.hook_timeout_ms)
+        if performer is None:
+            performer = LivePerformer(plan, run_id=run_id, world=world, recorder=recorder,
+                                      prefilled=prefilled,
+                                      hook_timeout_ms=state.config.hook_timeout_ms)
         result = await run_live(state, effects, recorder, performer)
         if attach and result.status is RunStatus.WAITING:
             store.attach_log(run_id, recorder.log)
         return result
+
+
+def _unrecorded(existing: EffectLog, marker: ResumeMarker, finish: fx.Finish,
+                ) -> ExecutionResult:
+    """The result of a session that ran nothing, with a log of its own: a copy of the
+    run's with the session after it (what a replay of the result reads), never stored."""
+    records = RecordList()
+    for item in existing.records.items:
+        records.append(item)
+    records.append(marker)
+    session_start = len(records.items)
+    records.append(encode_effect(finish))
+    recorder = Recorder(EffectLog(existing.header, records), None,
+                        session_start=session_start)
+    return result_of(finish, recorder)
 
 
 def _no_initial_state(run_id: str, absent: bool, plan: Plan) -> str:

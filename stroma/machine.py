@@ -617,6 +617,22 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
         )
     k = next(i for i, ins in enumerate(plan.program)
              if ins.step_id == target and not isinstance(ins, CONTROL))
+    loop = next((ins.step_id for i, ins in enumerate(plan.program)
+                 if type(ins) is LoopStart and i < k < ins.end_pc), None)
+    if loop is not None:  # which iteration would it go on in? The run cannot say.
+        outside = [ins.step_id for i, ins in enumerate(plan.program)
+                   if not isinstance(ins, CONTROL) and not any(
+                       type(x) is LoopStart and j < i < x.end_pc
+                       for j, x in enumerate(plan.program))]
+        return _finish(
+            s, RunStatus.PARTIAL,
+            f"resume_from={target!r} is a step inside loop {loop!r}, which a run cannot "
+            f"resume from (there is no telling which iteration to go on in): resume from "
+            f"a step outside loops ({', '.join(map(repr, outside)) or 'the plan has none'}), "
+            f"or run "
+            f"again with the same run id and no resume_from to go on from where the run "
+            f"stopped; nothing was run",
+        )
     before = _unit_before(plan, k)
     if before is None:
         return _begin_step(_next(s, Phase.NEXT, None, pos=k, resumed=True))
@@ -825,10 +841,8 @@ def _begin_step(s: RunState) -> Out:
     if c.budget is not None:
         spent = _spent(s)
         if spent is not None:
-            done = len(s.group.outputs)  # (a group retried: its children that finished)
-            reason = (f"budget spent ({spent}): {step.step_id!r} was not started" if not done
-                      else f"budget spent ({spent}): {step.step_id!r} was not started again "
-                           f"({done} of its children had finished)")
+            # (the words are in logs: a replay of one compares them)
+            reason = f"budget spent ({spent}): {step.step_id!r} was not started"
             te = fx.RecordAttempt(
                 step.step_id, c.run_id, s.attempt, _now(s), s.state_json, None, 0,
                 FailureClass.RECOVERABLE, reason, s.coords,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,107 @@ async def test_a_restart_does_not_reuse_fan_out_children_of_the_crashed_session(
     assert result.status is RunStatus.RESUMED
     assert result.final_state == fresh.final_state == Num(value=47)
     assert pipeline.calls["left"] == 1 and pipeline.calls["right"] == 1
+
+
+# ------------------------------------------------- a resume_from that cannot go on
+
+
+@pytest.mark.parametrize("target", ["totl", "nope"])
+async def test_a_resume_from_naming_no_step_leaves_the_finished_run_as_it_was(
+    tmp_path: Path, target: str,
+) -> None:
+    """A typo in resume_from is PARTIAL (API.md), runs nothing and writes nothing: the
+    finished run's log is unchanged, and running it again returns its result."""
+    folder = tmp_path / "store"
+    baseline = await interpret(Pipeline().nodes(), Num(value=1), store=FileStore(folder),
+                               config=config(RUN))
+    log_path = folder / "runs" / RUN / LOG_NAME
+    before = log_path.read_bytes()
+
+    pipeline = Pipeline()
+    typo = await interpret(pipeline.nodes(), Num(value=1), store=FileStore(folder),
+                           config=config(RUN, resume_from=target))
+
+    assert typo.status is RunStatus.PARTIAL
+    assert f"resume_from={target!r} is not a step" in (typo.stop_reason or "")
+    assert not pipeline.calls
+    assert log_path.read_bytes() == before
+    assert typo.log is not None  # its own log replays to it
+    assert (await replay(Pipeline().nodes(), typo.log)).stop_reason == typo.stop_reason
+    again = await interpret(Pipeline().nodes(), Num(value=1), store=FileStore(folder),
+                            config=config(RUN))
+    assert (again.status, again.final_state) == (baseline.status, baseline.final_state)
+
+
+async def test_a_resume_from_without_its_checkpoint_leaves_a_crashed_run_to_go_on(
+) -> None:
+    """A run that crashed in ``b``, asked to resume from ``c``: ``b``'s checkpoint is not
+    there (PARTIAL, nothing run, nothing written), and a plain run then goes on from the
+    crash."""
+    from collections import Counter
+
+    from stroma import InMemoryStore, NodeContract, stroma_node
+
+    calls: Counter[str] = Counter()
+    crash = [True]
+
+    def node(node_id: str) -> Any:
+        async def fn(s: Num) -> dict[str, int]:
+            calls[node_id] += 1
+            if node_id == "b" and crash[0]:
+                crash[0] = False
+                raise KeyboardInterrupt  # the process is stopped mid-run
+            return {"value": s.value + 1}
+        return stroma_node(node_id, NodeContract(node_id=node_id, input_schema=Num,
+                                                 output_schema=Num))(fn)
+
+    plan = [node("a"), node("b"), node("c")]
+    store = InMemoryStore()
+    with pytest.raises(KeyboardInterrupt):
+        await interpret(plan, Num(value=1), store=store, config=config(RUN))
+    log = store.get_log(RUN)
+    assert log is not None and log.finish is None
+    length = len(log.records)
+
+    missing = await interpret(plan, Num(value=1), store=store,
+                              config=config(RUN, resume_from="c"))
+    assert missing.status is RunStatus.PARTIAL
+    assert "no checkpoint of 'b'" in (missing.stop_reason or "")
+    assert calls == {"a": 1, "b": 1}
+    assert len(log.records) == length
+
+    done = await interpret(plan, Num(value=1), store=store, config=config(RUN))
+    assert done.status is RunStatus.RESUMED
+    assert done.final_state == Num(value=4)
+    assert calls == {"a": 1, "b": 2, "c": 1}
+
+
+async def test_a_resume_from_inside_a_loop_is_partial_and_names_the_loop() -> None:
+    """A step inside a loop is no place to resume from (which iteration?): PARTIAL, with
+    the loop and the steps it can resume from named, nothing run; before, a ValueError
+    left the run unable to go on."""
+    from stroma import InMemoryStore, NodeContract, loop, stroma_node
+
+    def node(node_id: str) -> Any:
+        async def fn(s: Num) -> dict[str, int]:
+            return {"value": s.value + 1}
+        return stroma_node(node_id, NodeContract(node_id=node_id, input_schema=Num,
+                                                 output_schema=Num))(fn)
+
+    plan = [node("pre"), loop(node("step"), until=lambda s: s.value >= 4, max_iterations=5,
+                             name="L"), node("post")]
+    store = InMemoryStore()
+    first = await interpret(plan, Num(value=0), store=store, config=config(RUN))
+    assert first.status is RunStatus.COMPLETED
+
+    inside = await interpret(plan, Num(value=0), store=store,
+                             config=config(RUN, resume_from="step"))
+    assert inside.status is RunStatus.PARTIAL
+    reason = inside.stop_reason or ""
+    assert "'step' is a step inside loop 'L'" in reason
+    assert "('pre', 'post')" in reason
+    again = await interpret(plan, Num(value=0), store=store, config=config(RUN))
+    assert (again.status, again.final_state) == (first.status, first.final_state)
+    after = await interpret(plan, Num(value=0), store=store,
+                            config=config(RUN, resume_from="post"))
+    assert (after.status, after.final_state) == (RunStatus.RESUMED, first.final_state)
