@@ -328,6 +328,9 @@ async def _run_live(
                 if eff.failure is not None:
                     warn("node %r attempt %d failed (%s): %s", eff.node_id, eff.attempt,
                          eff.failure, eff.failure_message)
+                    # Durable before the retry: a crash during it resumes with this
+                    # failure counted (else each crash would give the node new retries).
+                    await recorder.flush()
                 if told is not None:
                     told(eff, None)
             elif t is fx.Finish:
