@@ -12,7 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from stroma.errors import StromaError, StromaKeyError, StromaTypeError, StromaValueError
+from stroma.errors import (
+    StromaError,
+    StromaKeyError,
+    StromaTypeError,
+    StromaValueError,
+    _validated_init,
+)
 
 __all__ = (
     "BoundaryValidator",
@@ -29,6 +35,7 @@ Direction = Literal["input", "output"]
 _MAX_LISTED_ERRORS = 5
 
 
+@_validated_init
 class NodeContract(BaseModel):
     """The input and output schemas of one node."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from stroma.errors import StromaError, StromaTypeError, StromaValueError
+from stroma.errors import StromaError, StromaTypeError, StromaValueError, _validated_init
 
 __all__ = (
     "KNOWN_MODELS",
@@ -60,6 +60,7 @@ def estimate_cost_usd(model: str | None, input_tokens: int, output_tokens: int =
 _DIMENSIONS = ("tokens", "cost", "latency")
 
 
+@_validated_init
 class ExecutionBudget(BaseModel):
     """Limits on a run's cumulative totals; None means no limit on that dimension."""
 
@@ -169,6 +170,17 @@ class CostTracker:
 
     def record(self, usage: NodeUsage) -> None:
         """Add one node's usage to its node's totals and to the run's."""
+        if not isinstance(usage, NodeUsage):
+            raise StromaTypeError(
+                f"CostTracker.record: expected a NodeUsage, got {usage!r:.80} (a "
+                f"{type(usage).__name__}): record(NodeUsage(node_id, tokens_used, cost_usd, "
+                "latency_ms))")
+        for name in ("tokens_used", "cost_usd", "latency_ms", "output_tokens"):
+            value = getattr(usage, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise StromaTypeError(
+                    f"CostTracker.record: NodeUsage.{name} must be a number, got "
+                    f"{value!r:.80} (a {type(value).__name__}) for node {usage.node_id!r}")
         self._tokens += usage.tokens_used
         self._cost += usage.cost_usd
         self._latency += usage.latency_ms

@@ -5,6 +5,8 @@ Messages name the thing, what was expected, what was found, and the fix.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 __all__ = (
     "ChildFailed",
     "ChildFailedTerminally",
@@ -20,6 +22,7 @@ __all__ = (
     "StromaKeyError",
     "StromaModuleNotFoundError",
     "StromaTypeError",
+    "StromaValidationError",
     "StromaValueError",
     "StromaWarning",
     "UnsafeSchemaRef",
@@ -45,6 +48,40 @@ class StromaTypeError(StromaError, TypeError):
 class StromaValueError(StromaError, ValueError):
     """An argument of the right kind with a value that cannot be (a negative limit, a
     malformed URL). A ValueError too, so code that catches ValueError keeps working."""
+
+
+class StromaValidationError(StromaValueError, ValidationError):
+    """A stroma settings model (RunConfig, FailurePolicy, ExecutionBudget, NodeContract)
+    given a value it cannot hold: pydantic's ValidationError, with its errors and
+    message, that is a StromaError too (code catching either keeps working)."""
+
+    @classmethod
+    def of(cls, error: ValidationError) -> ValueError:
+        """``error`` as one of these (a StromaValueError with its text, if pydantic cannot
+        make its errors again)."""
+        try:
+            made: ValueError = cls.from_exception_data(
+                error.title, error.errors(include_url=False))  # type: ignore[arg-type]
+        except Exception:
+            made = StromaValueError(str(error))
+        return made
+
+
+def _validated_init(model: type) -> type:
+    """Give a settings model an ``__init__`` whose ValidationError is a StromaError."""
+    base_init = model.__init__  # type: ignore[misc]
+
+    def __init__(self: object, /, **data: object) -> None:
+        try:
+            base_init(self, **data)
+        except ValidationError as e:
+            if isinstance(e, StromaError):
+                raise
+            raise StromaValidationError.of(e) from None
+
+    __init__.__doc__ = base_init.__doc__
+    model.__init__ = __init__  # type: ignore[misc]
+    return model
 
 
 class StromaKeyError(StromaError, KeyError):

@@ -27,6 +27,7 @@ from stroma.errors import (
     StateNotSerializable,
     StromaTypeError,
     StromaValueError,
+    _validated_init,
 )
 
 __all__ = (
@@ -61,6 +62,7 @@ class FailureClass(StrEnum):
 _MAX_BACKOFF_SECONDS = 86_400
 
 
+@_validated_init
 class FailurePolicy(BaseModel):
     """How often to retry a failure class, and the backoff ceiling before each retry."""
 

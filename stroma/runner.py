@@ -48,6 +48,7 @@ from stroma.errors import (
     StromaTypeError,
     StromaValueError,
     StromaWarning,
+    _validated_init,
 )
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
 from stroma.inputs import InputRefused
@@ -148,6 +149,7 @@ class NodeHooks:
 StepHooks = NodeHooks
 
 
+@_validated_init
 class RunConfig(BaseModel):
     """Everything about one run except the pipeline and its input."""
 
@@ -721,6 +723,20 @@ class StromaRunner:
         checkpoint_manager: CheckpointManager | None = None,
         config: RunConfig | None = None,
     ) -> None:
+        if registry is not None and not isinstance(registry, ContractRegistry):
+            raise StromaTypeError(
+                f"StromaRunner(registry, ...): registry must be a ContractRegistry, got "
+                f"{registry!r:.80} (a {type(registry).__name__}): pass ContractRegistry() "
+                "or None")
+        if checkpoint_manager is not None and not isinstance(checkpoint_manager,
+                                                             CheckpointManager):
+            store = (" (it is a store: pass CheckpointManager(store), or "
+                     "StromaRunner.quick(store=store))"
+                     if callable(getattr(checkpoint_manager, "save", None)) else "")
+            raise StromaTypeError(
+                f"StromaRunner(registry, checkpoint_manager, ...): checkpoint_manager must be "
+                f"a CheckpointManager, got {checkpoint_manager!r:.80} (a "
+                f"{type(checkpoint_manager).__name__}){store}")
         self.registry = registry if registry is not None else ContractRegistry()
         self.checkpoint_manager = checkpoint_manager or CheckpointManager(InMemoryStore())
         self.config = _run_config_of(config, "StromaRunner")

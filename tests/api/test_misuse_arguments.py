@@ -295,3 +295,48 @@ def test_a_bad_runner_setting_is_a_stroma_value_error_naming_it(
         build()
     for name in names:
         assert name in str(caught.value)
+
+
+# ----------------------------------------------- settings models built directly
+
+
+@pytest.mark.parametrize("build", [
+    lambda: RunConfig(budget=5),
+    lambda: RunConfig(run_id=5),
+    lambda: RunConfig(node_timeouts={"a": -1}),
+    lambda: FailurePolicy(max_retries=-1),
+    lambda: __import__("stroma").ExecutionBudget(max_tokens_total=-1),
+    lambda: __import__("stroma").NodeContract(node_id="a", input_schema=dict,
+                                              output_schema=A),
+], ids=["budget", "run_id", "timeout", "retries", "limit", "schema"])
+def test_a_settings_model_given_a_bad_value_raises_a_stroma_validation_error(
+        build: Any) -> None:
+    """Both a StromaError (what leaves the library) and pydantic's ValidationError (what
+    code written for 0.3.x catches), with pydantic's errors."""
+    from pydantic import ValidationError
+
+    from stroma.errors import StromaValidationError, StromaValueError
+
+    with pytest.raises(StromaValidationError) as caught:
+        build()
+    assert isinstance(caught.value, StromaValueError | ValidationError)
+    assert isinstance(caught.value, ValidationError) and caught.value.errors()
+    assert caught.value.error_count() >= 1
+
+
+def test_a_store_passed_as_the_checkpoint_manager_names_the_fix() -> None:
+    with pytest.raises(StromaTypeError, match=r"CheckpointManager\(store\)"):
+        StromaRunner(ContractRegistry(), InMemoryStore(), RunConfig())  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="registry must be a ContractRegistry"):
+        StromaRunner(InMemoryStore(), CheckpointManager(InMemoryStore()))  # type: ignore[arg-type]
+
+
+def test_cost_tracker_record_names_a_usage_that_is_no_number() -> None:
+    from stroma import CostTracker, NodeUsage
+
+    tracker = CostTracker()
+    with pytest.raises(StromaTypeError, match=r"NodeUsage\.tokens_used must be a number"):
+        tracker.record(NodeUsage("a", "x", 0, 0))  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="expected a NodeUsage"):
+        tracker.record({"node_id": "a"})  # type: ignore[arg-type]
+    assert tracker.total_tokens == 0  # nothing was added
