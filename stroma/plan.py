@@ -749,6 +749,19 @@ class _Combinable:
     def __rrshift__(self, other: Any) -> Plan:
         return seq(other, self)
 
+    # A group is a plan of one step too: ``loop(...).with_retry(...)`` is
+    # ``seq(loop(...)).with_retry(...)``. (Plan has its own.)
+
+    def with_timeout(self, node_id: str, ms: int | None) -> Plan:
+        """The plan of this group alone, in which the step ``node_id`` times out after
+        ``ms`` milliseconds."""
+        return seq(self).with_timeout(node_id, ms)
+
+    def with_retry(self, node_id: str, policy_map: Mapping[Any, Any]) -> Plan:
+        """The plan of this group alone, in which the step ``node_id`` retries by
+        ``policy_map`` (class -> policy)."""
+        return seq(self).with_retry(node_id, policy_map)
+
 
 PlanLike = Union["Plan", Sequence[Any], _Combinable]
 """What ``interpret``, ``replay`` and ``compile_plan`` take: a plan, a list of nodes and

@@ -551,3 +551,34 @@ async def test_a_run_cancelled_mid_loop_resumes_without_rerunning_earlier_iterat
     # and the finished run replays from its log, calling nothing
     second.nodes.replaying = True
     assert await replay(second.plan, resumed.log) == resumed
+
+
+async def test_a_group_takes_with_retry_and_with_timeout_as_a_plan_does() -> None:
+    """``loop(...).with_retry(...)`` is ``seq(loop(...)).with_retry(...)``: a group is a
+    plan of one step (before, an AttributeError)."""
+    seen: list[int] = []
+
+    class N(BaseModel):
+        n: int = 0
+
+    async def work(s: N) -> dict[str, int]:
+        seen.append(s.n)
+        if len(seen) == 2:
+            raise ConnectionError("flaky")
+        return {"n": s.n + 1}
+
+    node = stroma_node("work", NodeContract(node_id="work", input_schema=N,
+                                            output_schema=N))(work)
+    agent = loop(node, until=lambda s: s.n >= 3, max_iterations=5, name="agent")
+    plan = agent.with_retry(
+        "work", {"AMBIGUOUS": FailurePolicy(max_retries=1, backoff_seconds=0)},
+    ).with_timeout("work", 5_000)
+
+    result = await interpret(plan, N())
+
+    assert result.status is RunStatus.COMPLETED and result.final_state == N(n=3)
+    assert seen == [0, 1, 1, 2]  # the failed call in iteration 2 was retried
+    body = plan.steps[0].body.steps[0]  # type: ignore[attr-defined]
+    assert (body.timeout_ms, body.policies) == (5_000, ((FailureClass.AMBIGUOUS, 1, 0.0),))
+    with pytest.raises(PlanError, match="no step 'nope'"):
+        agent.with_timeout("nope", 10)
