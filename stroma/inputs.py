@@ -116,6 +116,13 @@ async def send_input(
         wait = named[0] if len(named) == 1 else None
     if wait is None:
         keys = ", ".join(repr(w.key) for w in waits)
+        if named:  # one wait in several places (the items of a map, say): which one?
+            raise InputRefused(
+                f"send_input: run {run_id!r} waits for {name!r} in {len(named)} places, "
+                f"each with its own key ({', '.join(repr(w.key) for w in named)}): send "
+                f"each input by its key, e.g. send_input(store, {run_id!r}, "
+                f"{named[0].key!r}, ...) (nothing was sent)"
+            )
         raise InputRefused(
             f"send_input: run {run_id!r} waits for {keys}, not {name!r}: send one of those"
         )

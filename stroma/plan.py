@@ -1272,7 +1272,17 @@ def _common_schema(a: type[BaseModel], b: type[BaseModel]) -> type[BaseModel]:
         cached = create_model(f"{a.__name__}_or_{b.__name__}", __module__=__name__, **fields)
         cached.__qualname__ = f"{cached.__name__}_{_tag('common', a, b)}"
         _MERGED[key] = cached
+        _PARTS[cached] = (*_parts(a), *(p for p in _parts(b) if p not in _parts(a)))
     return cached
+
+
+# The user's schemas a common schema stands for (the outputs of a branch's arms or of a
+# route's routes), for messages: a user cannot add a field to a schema stroma made.
+_PARTS: dict[type[BaseModel], tuple[type[BaseModel], ...]] = {}
+
+
+def _parts(schema: type[BaseModel]) -> tuple[type[BaseModel], ...]:
+    return _PARTS.get(schema, (schema,))
 
 
 def _after_branch(step: BranchStep, prev: type[BaseModel] | None) -> type[BaseModel] | None:
@@ -1505,6 +1515,18 @@ def _check_feed(prev: type[BaseModel] | None, step: Any) -> None:
     for step_id, schema in step.feeds():
         missing = [f for f in _required(schema) if f not in have]
         if missing:
+            parts = _parts(prev)
+            if len(parts) > 1:  # the arms or routes before it: what all of them output
+                names = (", ".join(p.__name__ for p in parts[:-1])
+                         + f" and {parts[-1].__name__}")
+                raise PlanError(
+                    f"step {step_id!r} needs {', '.join(map(repr, missing))} in its input "
+                    f"({schema.__name__}), but the branch arms or routes before it output "
+                    f"{names}, which have in common only the fields "
+                    f"{', '.join(sorted(have)) or '(none)'}: add the field to each of "
+                    f"{names}, give it a default in {schema.__name__}, or put a step in "
+                    "between that provides it"
+                )
             raise PlanError(
                 f"step {step_id!r} needs {', '.join(map(repr, missing))} in its input "
                 f"({schema.__name__}), but the step before it outputs {prev.__name__} "

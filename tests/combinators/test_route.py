@@ -149,6 +149,35 @@ def test_each_route_is_checked_against_the_state_at_build() -> None:
             route(lambda s: "search", {"search": nodes.node("search"), "odd": lookup}))
 
 
+def test_a_step_after_routes_with_other_outputs_is_told_of_the_routes_own_schemas() -> None:
+    """After routes that output different schemas, the next step gets what they have in
+    common; a field it needs that is not there is named with the routes' own schemas (a
+    user cannot add a field to the common schema stroma makes)."""
+    nodes = Nodes()
+
+    class Needs(BaseModel):
+        query: str
+
+    async def other(s: Agent) -> dict[str, str]:
+        return {"query": "q"}
+
+    async def need(s: Needs) -> Needs:
+        return s
+
+    to_other = stroma_node("to_other", NodeContract(
+        node_id="to_other", input_schema=Agent, output_schema=Other))(other)
+    needs = stroma_node("needs", NodeContract(
+        node_id="needs", input_schema=Needs, output_schema=Needs))(need)
+
+    with pytest.raises(PlanError) as caught:
+        seq(nodes.node("think"),
+            route(lambda s: "o", {"o": to_other, "a": nodes.node("act")}), needs)
+    message = str(caught.value)
+    assert "routes before it output Other and Agent" in message
+    assert "add the field to each of Other and Agent" in message
+    assert "_or_" not in message
+
+
 def test_the_default_route_is_checked_too() -> None:
     """A default whose step does not fit the state is refused like any route."""
     nodes = Nodes()

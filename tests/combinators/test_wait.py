@@ -12,6 +12,7 @@ run under ``interpreters.simulate`` with a ``VirtualClock`` that the test moves.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -557,3 +558,40 @@ async def test_a_resume_is_marked_at_the_runs_own_clock(anyio_backend: str) -> N
     markers = [r for r in done.log.records if isinstance(r, ResumeMarker)]
     assert markers and all(
         datetime.fromisoformat(m.at) == clock.now() for m in markers)
+
+
+async def test_a_name_that_waits_in_several_places_is_refused_naming_each_key() -> None:
+    """A wait inside a map_each waits once per item, each with its own key: the bare name
+    is ambiguous, and the error lists the keys to send by (nothing sent)."""
+
+    class Ok(BaseModel):
+        ok: bool
+
+    class Doc(BaseModel):
+        item: str
+        ok: Ok | None = None
+
+    class Docs(BaseModel):
+        items: list[Doc]
+        outs: list[Doc] = []
+
+    async def use(d: Doc) -> Doc:
+        return d
+
+    node = stroma.stroma_node("use", stroma.NodeContract(
+        node_id="use", input_schema=Doc, output_schema=Doc))(use)
+    plan = seq(stroma.map_each(seq(await_input("ok", Ok, input=Doc), node), over="items",
+                        into="outs", input=Docs))
+    store = InMemoryStore()
+    waiting = await interpret(plan, Docs(items=[Doc(item="a"), Doc(item="b")]), store=store,
+                              config=RunConfig(run_id="two-waits"))
+    assert waiting.status is RunStatus.WAITING
+
+    with pytest.raises(stroma.InputRefused) as caught:
+        await stroma.send_input(store, "two-waits", "ok", {"ok": True})
+    message = str(caught.value)
+    assert "waits for 'ok' in 2 places" in message
+    assert "[0]" in message and "[1]" in message and "nothing was sent" in message
+    key = re.search(r"e\.g\. send_input\(store, 'two-waits', '([^']+)'", message)
+    assert key is not None
+    await stroma.send_input(store, "two-waits", key[1], {"ok": True})  # the key is taken
