@@ -204,6 +204,11 @@ async def read_run(store: Any, spec: str, run_id: str) -> EffectLog:
     log: EffectLog | None = await store.read_log(run_id)
     if log is None:
         known = await _run_ids(store)
+        if run_id in known:  # the run is there, with no log to show (`runs`: "no log")
+            raise CliError(
+                f"run {run_id!r} in {describe_store(spec)} has no log: it never recorded "
+                "a step (it stopped before its first, or its log was emptied), so there is "
+                "nothing to show; running it again with its run id starts it")
         hint = (f" (runs there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})"
                 if known else " (the store has no runs)")
         raise CliError(f"no run {run_id!r} in {describe_store(spec)}{hint}: pass one of its "

@@ -135,6 +135,7 @@ __all__ = (
     "LOG_NAME",
     "MAX_NAME_BYTES",
     "NO_LOG",
+    "LogNotAFile",
     "RUNNING_OR_CRASHED",
     "RUN_INFO_NAME",
     "FileStore",
@@ -355,12 +356,22 @@ def _read(path: str) -> bytes | None:
         return f.read()
 
 
+class _NotAFile(OSError):
+    """Something that is no regular file where the store keeps one."""
+
+
+class LogNotAFile(LogCorrupted, StoreError):
+    """A run's log is a folder, FIFO or device: the run is damaged (``runs`` lists it so),
+    and the store cannot read it (a StoreError, as every failure of a store)."""
+
+
 def _regular(fd: int, path: str) -> None:
     """Refuse what is no regular file where the store keeps one (a folder, a FIFO or a
-    device planted there): an OSError naming the path (a StoreError once reported)."""
+    device planted there): an OSError naming the path (a StoreError once reported; a run
+    whose log is one reads as damaged)."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file (a folder, FIFO or device is where "
-                                    "the store keeps a file: remove it)", path)
+        raise _NotAFile(errno.EINVAL, "not a regular file (a folder, FIFO or device is "
+                                      "where the store keeps a file: remove it)", path)
 
 
 def _call(fn: Callable[..., _T], *args: Any) -> _T:
@@ -1269,6 +1280,8 @@ class FileStore:
         run = self._run(run_id, "FileStore.read_log")
         try:
             return await _in_thread(self._read_log_sync, run)
+        except _NotAFile as e:  # the run's log is not there to read: the run is damaged
+            raise LogNotAFile(str(e.filename), f"{e.strerror}") from None
         except OSError as e:
             raise self._fail("read_log", run_id, e) from e
 

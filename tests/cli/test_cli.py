@@ -214,3 +214,29 @@ def test_show_after_a_sigkill_inside_a_fan_out(tmp_path: Path) -> None:
     assert "running/crashed" in out.stdout.splitlines()[0]
     done = [line for line in out.stdout.splitlines() if line.startswith("  fetch [item")]
     assert len(done) == P.CRASH_FINISHED
+
+
+def test_a_run_whose_log_is_a_folder_is_one_damaged_row_and_the_rest_are_listed(
+        store: Path, tmp_path: Path) -> None:
+    """Something that is no file where a run's log belongs damages that run only: `runs`
+    lists it as damaged, naming the path, beside the others; `show` of a run whose log is
+    empty says it has no log (it is listed, as "no log")."""
+    import shutil
+
+    folder = tmp_path / "planted"
+    shutil.copytree(store, folder)
+    (folder / "runs" / "map" / "log.jsonl").unlink()
+    (folder / "runs" / "map" / "log.jsonl").mkdir()
+    (folder / "runs" / "golden-terminal" / "log.jsonl").write_bytes(b"")
+
+    out = cli("runs", str(folder))
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[2:] if line.strip()}
+    assert "damaged" in lines["map"] and "COMPLETED" in lines["golden-retries"]
+    assert "no log" in lines["golden-terminal"]
+    assert "not a regular file" in out.stdout
+
+    shown = cli("show", str(folder), "golden-terminal")
+    assert shown.returncode == 2
+    assert "run 'golden-terminal'" in shown.stderr and "has no log" in shown.stderr
+    assert "no run 'golden-terminal'" not in shown.stderr
