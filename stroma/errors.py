@@ -153,9 +153,19 @@ class StoreError(StromaError):
 class RunLocked(StoreError):
     """Another worker holds the lease on this run id."""
 
-    def __init__(self, run_id: str, holder: str, *, this_process: bool = False) -> None:
+    def __init__(self, run_id: str, holder: str, *, this_process: bool = False,
+                 holder_exited: bool = False) -> None:
         self.run_id = run_id
         self.holder = holder
+        if holder_exited:  # (a process of this host that is not running any more)
+            super().__init__(
+                f"run {run_id!r} is locked by worker {holder!r}, whose process on this host "
+                "has exited without letting go of it (it was killed, or lost its store's "
+                "connection on the way out): the lease lets go of the run when it expires "
+                "(the store's lease time after its last renewal). Run it again then, or use "
+                "another run id."
+            )
+            return
         if this_process:  # (the holder's worker id is this process's)
             super().__init__(
                 f"run {run_id!r} is locked by worker {holder!r}, a session of this very "

@@ -66,8 +66,24 @@ def new_holder() -> str:
 
 def locked(run_id: str, holder: str) -> RunLocked:
     """The RunLocked for ``holder``, saying so when the holder is a session of this
-    process."""
-    return RunLocked(run_id, holder, this_process=_worker_of(holder) == worker_id())
+    process, or a process of this host that has exited."""
+    return RunLocked(run_id, holder, this_process=_worker_of(holder) == worker_id(),
+                     holder_exited=_exited(holder))
+
+
+def _exited(holder: str) -> bool:
+    """Whether ``holder`` names a process of this host that is not running."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False  # it runs (as another user), or cannot be asked
+    return False
 
 
 def _worker_of(holder: str) -> str | None:

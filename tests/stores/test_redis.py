@@ -339,6 +339,26 @@ async def test_second_holder_gets_run_locked(redis_store: RedisStore) -> None:
     assert "'run-7'" in str(info.value) and "'worker-a'" in str(info.value)
 
 
+async def test_a_lease_held_by_a_process_that_exited_says_so(redis_store: RedisStore) -> None:
+    """A holder naming a process of this host that is gone (killed while the server was
+    unreachable, so it never let go): RunLocked says it exited and the lease will expire,
+    not that another process is executing the run."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    holder = f"{socket.gethostname()}:{gone.stdout.strip()}:0000abcd/0000beef"
+    async with redis_store.lease("run-dead", holder):
+        with pytest.raises(RunLocked) as info:
+            async with redis_store.lease("run-dead", "worker-b"):
+                pytest.fail("two holders at once")
+    assert "has exited without letting go" in str(info.value)
+    assert "another process is executing" not in str(info.value)
+    assert info.value.holder == holder and "when it expires" in str(info.value)
+
+
 async def test_released_lease_can_be_taken_again(
     redis_store: RedisStore, raw: aioredis.Redis
 ) -> None:
