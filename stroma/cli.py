@@ -167,7 +167,8 @@ async def _check_tables(store: Any, spec: str) -> None:
         conn = await asyncpg.connect(store.dsn, timeout=10)
     except Exception as e:
         raise CliError(
-            f"cannot read {describe_store(spec)}: {type(e).__name__}: {_one_line(str(e))}. "
+            f"cannot read {describe_store(spec)}: "
+            f"{': '.join(filter(None, (type(e).__name__, _one_line(str(e)))))}. "
             "Is the PostgreSQL server running and reachable?") from None
     try:
         found = [await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)

@@ -420,7 +420,8 @@ class PostgresStore:
             return StoreError(
                 f"{about} failed against {self._where} after {self.max_attempts} "
                 f"attempt{'s' if self.max_attempts != 1 else ''}: "
-                f"{type(exc).__name__}: {exc}. Is the PostgreSQL server running and reachable?"
+                f"{': '.join(filter(None, (type(exc).__name__, str(exc))))}. Is the "
+                "PostgreSQL server running and reachable?"
             )
         return StoreError(
             f"{about} failed against {self._where}: {type(exc).__name__}: {exc} (a permanent "
