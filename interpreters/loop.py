@@ -277,6 +277,17 @@ class _Told:
         _tell(self.performer, self.observer.record, effect, event)
 
 
+def tell_observer(performer: Any, effect: Any, event: Any, *, ended: bool = False) -> None:
+    """Tell the run's observer, if it has one, of a record performed outside the loop
+    (and, with ``ended``, that the run ended with it: ``effect`` is its Finish)."""
+    observer = performer.world.observer
+    if observer is None:
+        return
+    _tell(performer, observer.record, effect, event)
+    if ended:
+        _tell(performer, observer.ended, effect, None)
+
+
 def _tell(performer: Any, fn: Any, *args: Any) -> None:
     try:
         fn(*args)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from interpreters.live import Collaborators, LivePerformer, RunLogger, _log, single_error
-from interpreters.loop import Recorder, result_of, resume_marker, run_live
+from interpreters.loop import Recorder, result_of, resume_marker, run_live, tell_observer
 from interpreters.replay import Replayed, replay_records
 from stroma import effects as fx
 from stroma._version import __version__
@@ -337,9 +337,11 @@ async def _session(
                 load = effects[0]
                 event = await performer.table[fx.LoadCheckpoint](load)
                 loaded = encode_effect(load) + encode_event(event)
+                tell_observer(performer, load, event)
                 state, effects = advance(state, event)
             marker = ResumeMarker(machine.started_at.isoformat(), restart)
             if effects and type(effects[0]) is fx.Finish:
+                tell_observer(performer, effects[0], None, ended=True)
                 return _unrecorded(existing, marker, effects[0])
             records.append(marker)
             if loaded is not None:
