@@ -47,7 +47,7 @@ from stroma.machine import MachineConfig, Out, RunState, advance, start
 from stroma.plan import Plan
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
-__all__ = ("Recorder", "result_of", "resume_marker", "run", "run_live")
+__all__ = ("Recorder", "result_of", "resume_marker", "run", "run_live", "tell_observer")
 
 
 class Recorder:
