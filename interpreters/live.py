@@ -428,10 +428,13 @@ class LivePerformer:
                            prior=records)
         self._running_children.pop(k, None)
         finish: Any = recorder.log.finish
+        config = call.config  # (its totals start at the run's: what the child itself used)
         return fx.PlanFinished(
             # (its whole state: what it adds to a merge, the machine works out)
             result.status, result.final_state.model_dump(mode="json"),
-            result.total_tokens, result.total_cost_usd, finish.total_latency_ms,
+            result.total_tokens - config.base_tokens,
+            result.total_cost_usd - config.base_cost_usd,
+            finish.total_latency_ms - config.base_latency_ms,
             result.stop_reason, started, _ms(self.timer() - t0), recorder.log.records,
         )
 

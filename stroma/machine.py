@@ -1038,15 +1038,24 @@ def _child_coords(s: RunState, index: int) -> Coords:
 
 
 def _child_config(s: RunState, index: int) -> MachineConfig:
-    """A fan-out child's sub-plan runs with the run's policies, its own PRNG stream and no
-    budget of its own (the group's usage counts against the run's budget when it ends)."""
+    """A fan-out child's sub-plan runs with the run's policies, its own PRNG stream, and
+    the run's budget from the run's totals when the group began (so a loop inside a child
+    stops once the budget is spent, as it would outside; the child's own usage is what
+    its PlanFinished reports, and counts against the run's budget when it ends)."""
     c = s.config
     seed, _ = _draw((c.seed ^ (s.pos << 20) ^ (s.attempt << 40) ^ index) & _MASK)
+    budgeted = c.budget is not None
     return MachineConfig(
         run_id=c.run_id, seed=seed & ((1 << 63) - 1), started_at=_now(s),
+        max_tokens=c.max_tokens, max_cost_usd=c.max_cost_usd,
+        max_latency_ms=c.max_latency_ms,
         policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
         node_timeouts=c.node_timeouts, node_policies=c.node_policies,
-        hook_timeout_ms=c.hook_timeout_ms, coords=_child_coords(s, index),
+        hook_timeout_ms=c.hook_timeout_ms,
+        base_tokens=s.tokens if budgeted else 0,
+        base_cost_usd=s.cost_usd if budgeted else 0.0,
+        base_latency_ms=s.latency_ms if budgeted else 0,
+        coords=_child_coords(s, index),
     )
 
 

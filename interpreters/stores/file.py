@@ -334,7 +334,11 @@ def _write_atomic(folder: str, path: str, data: bytes) -> None:
             _fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError as e:  # (named by the file in the way, not the temp file)
+            raise IsADirectoryError(e.errno, "a folder is where the store keeps a file: "
+                                             "remove it", path) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

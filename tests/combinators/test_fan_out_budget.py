@@ -173,3 +173,41 @@ async def test_an_unbounded_group_starts_all_its_children_at_once(anyio_backend:
     assert result.status is RunStatus.PARTIAL
     assert (script.calls["left"], script.calls["right"], script.calls["after"]) == (1, 1, 0)
     assert result.total_tokens == 60
+
+
+async def test_a_loop_inside_a_sub_plan_child_stops_once_the_budget_is_spent(
+        anyio_backend: str) -> None:
+    """A child that is a whole plan runs with the run's budget from the run's totals when
+    the group began: its loop stops as a loop outside a group would, and the run stops
+    PARTIAL saying which child spent it; the child reports its own usage, counted once."""
+    from stroma import loop
+
+    script = Script()
+
+    class Work(BaseModel):
+        item: int
+        n: int = 0
+
+    class Batch(BaseModel):
+        items: list[int]
+        done: list[Work] = []
+
+    async def think(state: Work) -> tuple[dict[str, int], int]:
+        return {"item": state.item, "n": state.n + 1}, 30
+
+    agent = loop(script.node("think", Work, Work, think), until=lambda s: s.n >= 10,
+                 max_iterations=10, name="agent")
+    plan = [map_each(agent, over="items", into="done", max_concurrency=1, input=Batch)]
+    config = RunConfig(budget=ExecutionBudget(max_tokens_total=100), policy_map=ONCE)
+
+    result = await interpret(plan, Batch(items=[0, 1, 2]), config=config)
+
+    assert result.status is RunStatus.PARTIAL
+    assert script.calls["think"] == 4  # 120 tokens spend the 100: not the 10 iterations
+    assert result.total_tokens == 120
+    reason = result.stop_reason or ""
+    assert "[0] PARTIAL" in reason  # the child that spent it
+    assert "tokens budget exceeded after node 'think': the run has used 120 tokens" in reason
+    script.replaying = True
+    again = await replay(plan, result.log.to_jsonl())  # type: ignore[union-attr]
+    assert (again.status, again.total_tokens) == (result.status, result.total_tokens)

@@ -292,6 +292,19 @@ async def test_a_folder_where_the_log_goes_is_named_by_its_path(
     assert str(log) in str(caught.value)
 
 
+async def test_a_folder_where_a_checkpoint_goes_is_named_by_its_path(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    store = FileStore(tmp_path)
+    await store.save("r", "n", BaseModelState(v=1))
+    [checkpoint] = (next((tmp_path / "runs").iterdir()) / "checkpoints").iterdir()
+    checkpoint.unlink()
+    checkpoint.mkdir()
+    with pytest.raises(StoreError) as caught:
+        await store.save("r", "n", BaseModelState(v=2))
+    assert str(checkpoint) in str(caught.value) and "~tmp" not in str(caught.value)
+
+
 class BaseModelState(BaseModel):
     v: int
 
