@@ -317,6 +317,7 @@ class LivePerformer:
                         outcome = await self.call_child(k, call, merged, eff.indices[k],
                                                         resumed.get(k))
                     except BaseException:
+                        failed[0] = True  # (no child takes its place: the group is over)
                         if limiter is not None:
                             limiter.release_on_behalf_of(token)
                         raise
@@ -349,7 +350,7 @@ class LivePerformer:
                                     limiter.acquire_on_behalf_of_nowait(token)
                                 except anyio.WouldBlock:
                                     await limiter.acquire_on_behalf_of(token)
-                                if failed[0] or spent[2]:
+                                if failed[0] or spent[2] or tg.cancel_scope.cancel_called:
                                     # a child failed, or the budget was spent, while this
                                     # one waited: it is not started
                                     limiter.release_on_behalf_of(token)
@@ -519,6 +520,18 @@ class LivePerformer:
             self.save_sync(self.run_id, eff.node_id, state)
         else:
             await self.manager.checkpoint(self.run_id, eff.node_id, state)
+
+    async def keep_records(self) -> None:
+        """Make the records so far durable without a checkpoint (a failed attempt's,
+        before its retry): in the store's log, or, for a fan-out child that is a sub-plan,
+        as the group's progress in the run's log."""
+        if self.durable:
+            await self.recorder.flush()
+        elif self.parent is not None:
+            recorder, index, call, started = self.parent
+            with anyio.CancelScope(shield=True):
+                await recorder.flush_progress(index, call, started, self.recorder.log.records,
+                                              None)
 
     async def load_checkpoint(self, eff: fx.LoadCheckpoint) -> fx.CheckpointLoaded:
         state = await self.manager.resume(self.run_id, eff.node_id, eff.schema)

@@ -341,7 +341,7 @@ async def _run_live(
                          eff.failure, eff.failure_message)
                     # Durable before the retry: a crash during it resumes with this
                     # failure counted (else each crash would give the node new retries).
-                    await recorder.flush()
+                    await performer.keep_records()
                 if told is not None:
                     told(eff, None)
             elif t is fx.Finish:

@@ -211,3 +211,29 @@ async def test_a_loop_inside_a_sub_plan_child_stops_once_the_budget_is_spent(
     script.replaying = True
     again = await replay(plan, result.log.to_jsonl())  # type: ignore[union-attr]
     assert (again.status, again.total_tokens) == (result.status, result.total_tokens)
+
+
+class _Stopped(BaseException):
+    """A BaseException from a node (as KeyboardInterrupt is): the run stops at once."""
+
+
+async def test_no_child_starts_after_a_child_raised_a_base_exception(
+        anyio_backend: str) -> None:
+    """A bounded group whose running child raises (Ctrl-C, say) starts no more children,
+    on trio too (whose new task would run up to its first checkpoint)."""
+    script, gauge = Script(), Gauge()
+
+    async def stops(state: Item) -> dict[str, int]:
+        raise _Stopped
+
+    async def body(state: Item) -> dict[str, int]:
+        await gauge.hold()
+        return {"item": state.item}
+
+    plan = [parallel(script.node("stops", Item, Item, stops),
+                     script.node("after", Item, Item, body), max_concurrency=1)]
+
+    with pytest.raises(_Stopped):
+        await interpret(plan, Item(item=1), config=RunConfig(policy_map=ONCE))
+
+    assert script.calls == {"stops": 1}
