@@ -5,6 +5,9 @@ Messages name the thing, what was expected, what was found, and the fix.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from pydantic import ValidationError
 
 __all__ = (
@@ -68,19 +71,26 @@ class StromaValidationError(StromaValueError, ValidationError):
 
 
 def _validated_init(model: type) -> type:
-    """Give a settings model an ``__init__`` whose ValidationError is a StromaError."""
-    base_init = model.__init__  # type: ignore[misc]
+    """Make a settings model's ValidationError a StromaError: from its ``__init__`` and
+    from ``model_validate`` / ``model_validate_json``."""
 
-    def __init__(self: object, /, **data: object) -> None:
-        try:
-            base_init(self, **data)
-        except ValidationError as e:
-            if isinstance(e, StromaError):
-                raise
-            raise StromaValidationError.of(e) from None
+    def stroma_errors(fn: Any, name: str) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ValidationError as e:
+                if isinstance(e, StromaError):
+                    raise
+                raise StromaValidationError.of(e) from None
 
-    __init__.__doc__ = base_init.__doc__
-    model.__init__ = __init__  # type: ignore[misc]
+        call.__qualname__ = f"{model.__name__}.{name}"
+        return call
+
+    model.__init__ = stroma_errors(model.__init__, "__init__")  # type: ignore[misc]
+    for name in ("model_validate", "model_validate_json"):
+        method = getattr(model, name).__func__
+        setattr(model, name, classmethod(stroma_errors(method, name)))
     return model
 
 

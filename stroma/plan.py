@@ -1412,6 +1412,13 @@ class Plan(_Combinable):
     def _replace(self, node_id: str, what: str, **changes: Any) -> Plan:
         found: list[bool] = []
         plan = self.replaced(node_id, changes, found)
+        if not found and node_id in self.node_ids():  # a loop, route or branch by its name
+            inside = [i for i in self.node_ids() if i != node_id]
+            raise PlanError(
+                f"{what}: {node_id!r} is a loop, route or branch, which takes no retry "
+                f"policy or timeout of its own (it is not one attempt): name a step in it "
+                f"instead (the plan's other steps: {', '.join(map(repr, inside)) or 'none'})"
+            )
         if not found:
             raise PlanError(
                 f"{what}: no step {node_id!r} in this plan; its steps are "

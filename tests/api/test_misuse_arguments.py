@@ -324,6 +324,16 @@ def test_a_settings_model_given_a_bad_value_raises_a_stroma_validation_error(
     assert caught.value.error_count() >= 1
 
 
+def test_model_validate_of_a_settings_model_raises_the_same_stroma_error() -> None:
+    from stroma.errors import StromaValidationError
+
+    with pytest.raises(StromaValidationError):
+        FailurePolicy.model_validate({"max_retries": -1})
+    with pytest.raises(StromaValidationError):
+        RunConfig.model_validate_json('{"hook_timeout_ms": "soon"}')
+    assert RunConfig.model_validate({"run_id": "ok"}).run_id == "ok"  # (still a classmethod)
+
+
 def test_a_store_passed_as_the_checkpoint_manager_names_the_fix() -> None:
     with pytest.raises(StromaTypeError, match=r"CheckpointManager\(store\)"):
         StromaRunner(ContractRegistry(), InMemoryStore(), RunConfig())  # type: ignore[arg-type]

@@ -582,3 +582,6 @@ async def test_a_group_takes_with_retry_and_with_timeout_as_a_plan_does() -> Non
     assert (body.timeout_ms, body.policies) == (5_000, ((FailureClass.AMBIGUOUS, 1, 0.0),))
     with pytest.raises(PlanError, match="no step 'nope'"):
         agent.with_timeout("nope", 10)
+    with pytest.raises(PlanError, match=r"'agent' is a loop, route or branch, which takes no "
+                       r"retry policy or timeout of its own.*other steps: 'work'"):
+        agent.with_retry("agent", {"AMBIGUOUS": FailurePolicy(max_retries=1)})
