@@ -316,8 +316,9 @@ class LivePerformer:
                         began[k] = (self.now(), self.timer())
                         outcome = await self.call_child(k, call, merged, eff.indices[k],
                                                         resumed.get(k))
-                    except BaseException:
-                        failed[0] = True  # (no child takes its place: the group is over)
+                    except BaseException as exc:
+                        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                            failed[0] = True  # (Ctrl-C, say: no child takes its place)
                         if limiter is not None:
                             limiter.release_on_behalf_of(token)
                         raise
