@@ -505,14 +505,8 @@ class LivePerformer:
             # The log up to and including this record goes into the checkpoint's commit.
             await self.recorder.flush((eff.node_id, state))
             return
-        if self.parent is not None:
-            # A fan-out child that is a sub-plan: its records so far go into the run's
-            # log (as the group's progress) with the checkpoint, in one append.
-            recorder, index, call, started = self.parent
-            with anyio.CancelScope(shield=True):
-                if await recorder.flush_progress(index, call, started, self.recorder.log.records,
-                                                 (eff.node_id, state)):
-                    return
+        if self.parent is not None and await self._kept_as_progress((eff.node_id, state)):
+            return
         if self.save_text is not None:
             result = self.save_text(self.run_id, eff.node_id, eff.output_state, type(state))
             if result is not None:
@@ -529,10 +523,18 @@ class LivePerformer:
         if self.durable:
             await self.recorder.flush()
         elif self.parent is not None:
-            recorder, index, call, started = self.parent
-            with anyio.CancelScope(shield=True):
-                await recorder.flush_progress(index, call, started, self.recorder.log.records,
-                                              None)
+            await self._kept_as_progress(None)
+
+    async def _kept_as_progress(self, checkpoint: tuple[str, BaseModel] | None) -> bool:
+        """A fan-out child that is a sub-plan: its records so far go into the run's log
+        (as the group's progress), with ``checkpoint`` if given, in one append. False when
+        nothing was kept (the caller then saves the checkpoint itself)."""
+        assert self.parent is not None
+        recorder, index, call, started = self.parent
+        with anyio.CancelScope(shield=True):
+            kept: bool = await recorder.flush_progress(
+                index, call, started, self.recorder.log.records, checkpoint)
+        return kept
 
     async def load_checkpoint(self, eff: fx.LoadCheckpoint) -> fx.CheckpointLoaded:
         state = await self.manager.resume(self.run_id, eff.node_id, eff.schema)
