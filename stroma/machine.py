@@ -1038,9 +1038,10 @@ def _child_coords(s: RunState, index: int) -> Coords:
 
 
 def _child_config(s: RunState, index: int) -> MachineConfig:
-    """A fan-out child's sub-plan runs with the run's policies, its own PRNG stream, and
-    the run's budget from the run's totals when the group began (so a loop inside a child
-    stops once the budget is spent, as it would outside; the child's own usage is what
+    """A fan-out child's sub-plan runs with the run's policies and model fallbacks, its
+    own PRNG stream, and the run's budget from the run's totals when the group began (so a
+    loop inside a child stops once the budget is spent, and falls back to the cheaper
+    model past the threshold, as it would outside; the child's own usage is what
     its PlanFinished reports, and counts against the run's budget when it ends)."""
     c = s.config
     seed, _ = _draw((c.seed ^ (s.pos << 20) ^ (s.attempt << 40) ^ index) & _MASK)
@@ -1050,6 +1051,7 @@ def _child_config(s: RunState, index: int) -> MachineConfig:
         max_tokens=c.max_tokens, max_cost_usd=c.max_cost_usd,
         max_latency_ms=c.max_latency_ms,
         policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
+        fallbacks=c.fallbacks, declared_model=c.declared_model,
         node_timeouts=c.node_timeouts, node_policies=c.node_policies,
         hook_timeout_ms=c.hook_timeout_ms,
         base_tokens=s.tokens if budgeted else 0,

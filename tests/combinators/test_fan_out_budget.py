@@ -237,3 +237,52 @@ async def test_no_child_starts_after_a_child_raised_a_base_exception(
         await interpret(plan, Item(item=1), config=RunConfig(policy_map=ONCE))
 
     assert script.calls == {"stops": 1}
+
+
+async def test_a_sub_plan_child_falls_back_to_the_cheaper_model_as_the_run_does(
+        anyio_backend: str) -> None:
+    """Past the fallback threshold a node inside a loop inside a map gets the fallback
+    model, as a node child of the map and a node outside any group do, and is priced
+    with it; the replay of the run is the run again."""
+    from stroma import NodeContract, loop, stroma_node
+    from stroma.cost import FallbackPolicy, estimate_cost_usd
+
+    class Work(BaseModel):
+        item: int
+        n: int = 0
+        models: list[str | None] = []
+
+    class Batch(BaseModel):
+        items: list[int]
+        done: list[Work] = []
+
+    def node(node_id: str, inp: type[BaseModel], out: type[BaseModel], fn: Any) -> Any:
+        return stroma_node(node_id, NodeContract(node_id=node_id, input_schema=inp,
+                                                 output_schema=out))(fn)
+
+    async def spend(state: Batch, ctx: dict[str, Any]) -> tuple[dict[str, Any], int, int, str]:
+        return state.model_dump(), 100_000, 100_000, "gpt-4o"  # $1.25 of a $2.00 budget
+
+    async def think(state: Work, ctx: dict[str, Any]) -> tuple[dict[str, Any], int, str]:
+        used = ctx.get("_stroma_model")
+        return ({"item": state.item, "n": state.n + 1, "models": [*state.models, used]},
+                1_000, "gpt-4o")
+
+    agent = loop(node("think", Work, Work, think), until=lambda s: s.n >= 2,
+                 max_iterations=3, name="agent")
+    plan = [node("spend", Batch, Batch, spend),
+            map_each(agent, over="items", into="done", input=Batch)]
+    config = RunConfig(
+        budget=ExecutionBudget(max_cost_usd=2.0), context={},
+        model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini", at_budget_pct=0.5)])
+
+    result = await interpret(plan, Batch(items=[0, 1]), config=config)
+
+    assert result.status is RunStatus.COMPLETED
+    assert [w.models for w in result.final_state.done] == [["gpt-4o-mini"] * 2] * 2
+    priced = estimate_cost_usd("gpt-4o", 100_000, 100_000) + 4 * estimate_cost_usd(
+        "gpt-4o-mini", 1_000)
+    assert result.total_cost_usd == pytest.approx(priced)
+    again = await replay(plan, result.log.to_jsonl())  # type: ignore[union-attr]
+    assert (again.status, again.final_state) == (result.status, result.final_state)
+    assert again.total_cost_usd == pytest.approx(result.total_cost_usd)
