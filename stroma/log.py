@@ -453,12 +453,15 @@ def approximate_output(output: Any) -> Any | None:
     """An output JSON cannot hold exactly, as the JSON value nearest to it (an object as
     its repr, a field JSON has no form for as text), or None when there is none (nesting
     too deep). The live loop records it only where the machine decides the same on it as
-    on the output itself (a value the contract ignores), so replay decides the same."""
+    on the output itself (a value the contract ignores), so replay decides the same.
+    A value the log cannot write either (text with a lone surrogate) has none."""
     try:
-        return json.loads(json.dumps(output, separators=(",", ":"), ensure_ascii=False,
-                                     default=repr))
-    except (ValueError, TypeError, RecursionError):
+        value = json.loads(json.dumps(output, separators=(",", ":"), ensure_ascii=False,
+                                      default=repr))
+        to_json(value, inf_nan_mode="constants")
+    except (Exception, RecursionError):
         return None
+    return value
 
 
 def unwritable(atoms: tuple[Any, ...]) -> fx.ErrorInfo | None:

@@ -1,7 +1,8 @@
 """Outputs that cannot be stored (issue 10, item 3).
 
 A node whose output keeps its contract but cannot be written as JSON (a ``bytes`` field
-holding b"\\xff", which is not UTF-8; a list nested 3,000 deep) has run, and its effect has
+holding b"\\xff", which is not UTF-8; a list nested 3,000 deep; text with a lone
+surrogate) has run, and its effect has
 happened: the attempt is a failure (StateNotSerializable, TERMINAL, the message naming the
 field), recorded in the log like any other, and the log stays whole: its text reads back,
 replays to the same result, and a second ``interpret`` of the run id returns that result
@@ -59,6 +60,10 @@ class Tree(BaseModel):
     tree: list[Any]
 
 
+class Text(BaseModel):
+    text: str
+
+
 class Items(BaseModel):
     items: list[int]
 
@@ -83,6 +88,8 @@ BAD: dict[str, tuple[type[BaseModel], Callable[[], Any], str]] = {
     "bytes": (Blob, lambda: {"data": b"\xff"}, "data"),
     "bytes-model": (Blob, lambda: Blob(data=b"\xff"), "data"),
     "deep": (Tree, lambda: {"tree": nested(3000)}, "tree"),
+    # (text cut from UTF-16 data: Python's json writes it, the log's JSON does not)
+    "surrogate": (Text, lambda: {"text": "a\ud800b"}, "text"),
 }
 
 FAST = {c: FailurePolicy(max_retries=2, backoff_seconds=0) for c in FailureClass}
@@ -178,7 +185,7 @@ async def test_a_node_output_that_cannot_be_stored_is_a_recorded_terminal_failur
 
 
 @pytest.mark.parametrize("store_kind", ["memory", "file"])
-@pytest.mark.parametrize("bad", ["bytes", "deep"])
+@pytest.mark.parametrize("bad", ["bytes", "deep", "surrogate"])
 async def test_an_unstorable_output_inside_a_fan_out_fails_the_group(
     anyio_backend: str, store_kind: str, bad: str, tmp_path: Path
 ) -> None:
@@ -187,7 +194,7 @@ async def test_an_unstorable_output_inside_a_fan_out_fails_the_group(
     schema, output, field = BAD[bad]
     calls = Calls()
     item = calls.node("item", Item, schema,
-                      lambda i: output() if i.item == 2 else {"data": b"ok", "tree": []})
+                      lambda i: output() if i.item == 2 else {"data": b"ok", "tree": [], "text": "ok"})
     left = calls.node("left", Num, Left, lambda s: {"left": s.value})
     writer = calls.node("writer", Num, schema, lambda s: output())
     store = store_of(store_kind, tmp_path)
