@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, to_json
 
 from interpreters.live import Collaborators, LivePerformer, RunLogger, _log, single_error
 from interpreters.loop import Recorder, result_of, resume_marker, run_live, tell_observer
@@ -42,7 +42,7 @@ from stroma.errors import (
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker, encode_effect, encode_event
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
-from stroma.schemas import _schema_ref, resolve_declared
+from stroma.schemas import _schema_ref, read_state, resolve_declared
 from stroma.trace import ExecutionResult, RunStatus
 
 __all__ = (
@@ -100,8 +100,8 @@ def initial_from(plan: Plan, data: dict[str, Any], source: str) -> BaseModel:
             if first is None:
                 raise
             schema = first
-    try:
-        return schema.model_validate(init["state"])
+    try:  # (from its JSON form, as it was written: a strict tuple field reads a list)
+        return read_state(schema, to_json(init["state"], inf_nan_mode="constants"))
     except ValidationError as e:
         raise LogCorrupted(
             source, f"the recorded initial state does not fit {schema.__name__}: "

@@ -77,13 +77,13 @@ from typing import Any, NamedTuple
 
 import attrs
 from pydantic import BaseModel, ValidationError
-from pydantic_core import to_jsonable_python
+from pydantic_core import from_json, to_jsonable_python
 
 from stroma import effects as fx
 from stroma.contracts import ContractViolation
 from stroma.cost import BudgetExceeded, ExecutionBudget, FallbackPolicy, estimate_cost_usd
 from stroma.cost import fallback_for as _fallback_for
-from stroma.errors import PlanError, StromaError, StromaTypeError
+from stroma.errors import PlanError, StateNotSerializable, StromaError, StromaTypeError
 from stroma.failures import (
     FailureClass,
     FailurePolicy,
@@ -105,7 +105,15 @@ from stroma.plan import (
     WaitGroup,
     WaitStep,
 )
-from stroma.schemas import _schema_ref, serialization_problem, state_json
+from stroma.schemas import (
+    EXACT_SCHEMAS,
+    _schema_ref,
+    first_error,
+    read_state,
+    reads_back,
+    serialization_problem,
+    state_json,
+)
 from stroma.trace import RunStatus
 from stroma.values import named_value
 
@@ -424,7 +432,7 @@ def _validate(
             model: BaseModel = schema.__pydantic_validator__.validate_python(raw)
             return model
         if type(raw) is fx.Validated:
-            return schema.model_validate_json(raw.json)
+            return read_state(schema, raw.json)
         if isinstance(raw, BaseModel):
             # As its JSON would give it (nested models as dicts where the schema takes Any):
             # the state a run goes on with is the one its log gives a replay or a resume.
@@ -447,7 +455,7 @@ def _model(s: RunState) -> BaseModel:
     """The current state as a model (made from its JSON text the first time it is needed)."""
     if s.state is not None:
         return s.state
-    return s.state_type.model_validate_json(s.state_json)
+    return read_state(s.state_type, s.state_json)
 
 
 def _materialized(s: RunState) -> RunState:
@@ -562,6 +570,57 @@ def _json(state: BaseModel) -> bytes | fx.ErrorInfo:
     )
 
 
+_UNSTORABLE_NAMES = (
+    "stroma.errors.StateNotSerializable", "stroma.errors.StromaError", "builtins.Exception",
+    "builtins.BaseException", "builtins.object",
+)
+
+
+def read_back(what: str, schema: type[BaseModel], text: bytes) -> BaseModel | fx.ErrorInfo:
+    """An output of a schema whose JSON may not read back as itself (``reads_back``), as
+    its JSON reads back: the state a resume or a replay of the run goes on with, so the
+    live run goes on with it too. Or the error the attempt fails with, when the JSON does
+    not read back, or reads back as a state whose own JSON differs (a validator that
+    changes the value each time it runs, a serializer that writes what no field reads):
+    a resume or replay would then go on with another state than the run did."""
+    try:
+        back = read_state(schema, text)
+        again = state_json(back)
+    except (ValidationError, ValueError) as e:
+        first = str(e).splitlines()
+        detail = first_error(e) if isinstance(e, ValidationError) else first[0][:200]
+        return fx.ErrorInfo(_UNSTORABLE_NAMES, (
+            f"{what} is written as JSON that does not read back as "
+            f"{schema.__name__} ({detail}), so a resume or a replay could not go on from "
+            "it: make the schema read its own JSON (no computed fields with "
+            "extra='forbid', no strict types JSON has no form for, no nesting deeper than "
+            "JSON is read)"))
+    if again == text:
+        return back
+    return fx.ErrorInfo(_UNSTORABLE_NAMES, (
+        f"{what} does not read back as itself: its JSON reads back "
+        f"as a state whose JSON differs ({_first_difference(text, again)}), so a resume "
+        "or a replay would go on with another state than the run: make the schema's "
+        "validators and serializers agree (a validator that changes a value each time it "
+        "runs, or a serializer that writes what no field reads, does not)"))
+
+
+def _first_difference(text: bytes, again: bytes) -> str:
+    try:
+        a, b = from_json(text), from_json(again)
+    except ValueError:
+        a = b = None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if a.get(key, _ABSENT) != b.get(key, _ABSENT):
+                was = "absent" if key not in a else repr(a[key])[:60]
+                now = "absent" if key not in b else repr(b[key])[:60]
+                return f"field {key!r}: written {was}, read back and written again {now}"
+    return f"written {text[:60]!r}, read back and written again {again[:60]!r}"
+
+
+_ABSENT = object()
+
 _TIMEOUT_NAMES = ("builtins.TimeoutError", "builtins.OSError", "builtins.Exception",
                   "builtins.BaseException", "builtins.object")
 
@@ -588,6 +647,11 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
     text = _json(initial_state)
     if isinstance(text, fx.ErrorInfo):
         raise StromaError(f"initial_state: {text.message}")
+    if not reads_back(type(initial_state)):  # (the state a resume goes on with: see read_back)
+        back = read_back("the initial state", type(initial_state), text)
+        if isinstance(back, fx.ErrorInfo):
+            raise StateNotSerializable(f"{back.message}; nothing was run")
+        initial_state = back
     s = RunState(
         plan=plan,
         config=config,
@@ -966,7 +1030,14 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
             except Exception:
                 text = _json(out)
             if type(text) is bytes:
-                return _succeeded(s, out, text, schema, started_at, duration, tokens, cost)
+                if schema in EXACT_SCHEMAS or reads_back(schema):
+                    return _succeeded(s, out, text, schema, started_at, duration, tokens,
+                                      cost)
+                back = read_back(f"the output of node {step.node_id!r}", schema, text)
+                if not isinstance(back, fx.ErrorInfo):
+                    return _succeeded(s, back, text, schema, started_at, duration, tokens,
+                                      cost)
+                text = back
             problem = text
     return _failed(_answered(s, started_at, duration, tokens, cost), problem)
 
@@ -1480,7 +1551,7 @@ def _on_resumed(s: RunState, ev: fx.Resumed) -> Out:
             eff = eff._replace(state=s.state)
         elif t is fx.Commit and eff.state is None:
             state = s.state if eff.output_state is s.state_json else (
-                s.plan.schema_for(eff.schema).model_validate_json(eff.output_state)
+                read_state(s.plan.schema_for(eff.schema), eff.output_state)
             )
             eff = eff._replace(state=state)
         effects.append(eff)

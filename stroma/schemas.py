@@ -9,10 +9,16 @@ older, trusting resolver that custom backends may still call.
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 import importlib
 import json
 import math
 import re
+import types
+import typing
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +41,8 @@ __all__ = (
     "declared_schemas",
     "first_error",
     "json_schema_problems",
+    "read_state",
+    "reads_back",
     "resolve_declared",
     "serialization_problem",
     "state_json",
@@ -132,6 +140,114 @@ def state_json(state: BaseModel) -> bytes:
         if _has_nonfinite(dumped):
             return json.dumps(dumped, separators=(",", ":"), ensure_ascii=False).encode()
     return data
+
+
+def read_state(schema: type[BaseModel], data: bytes | str) -> BaseModel:
+    """A state from the JSON text ``state_json`` wrote: fields by name, as it writes them,
+    or by alias (a field whose alias the model validates by, without ``populate_by_name``,
+    reads back all the same)."""
+    model: BaseModel = schema.__pydantic_validator__.validate_json(
+        data, by_alias=True, by_name=True)
+    return model
+
+
+# Schemas whose JSON, as state_json writes it, reads back (read_state) as the same state.
+EXACT_SCHEMAS: set[type[BaseModel]] = set()
+_INEXACT: set[type[BaseModel]] = set()
+_SCALARS = frozenset((str, int, float, bool, type(None), bytes, datetime.datetime,
+                      datetime.date, datetime.time, datetime.timedelta, decimal.Decimal,
+                      uuid.UUID))
+# Scalars JSON writes as text: a union of two of them reads back as whichever comes first.
+_AS_TEXT = frozenset((str, bytes, datetime.datetime, datetime.date, datetime.time,
+                      datetime.timedelta, decimal.Decimal, uuid.UUID))
+_CONTAINERS = frozenset((list, set, frozenset, tuple, dict))
+# model_config settings that change nothing in a state's JSON or in how it reads back.
+_NEUTRAL_CONFIG = frozenset((
+    "title", "frozen", "extra", "populate_by_name", "validate_by_name", "validate_by_alias",
+    "protected_namespaces", "defer_build", "json_schema_extra", "use_attribute_docstrings",
+    "revalidate_instances", "validate_assignment", "str_strip_whitespace", "str_to_lower",
+    "str_to_upper", "str_min_length", "str_max_length", "alias_generator",
+    "loc_by_alias", "hide_input_in_errors", "json_schema_mode_override",
+    "regex_engine", "validation_error_cause", "coerce_numbers_to_str", "strict",
+    "cache_strings", "arbitrary_types_allowed", "from_attributes",
+))
+
+
+def reads_back(schema: type[BaseModel]) -> bool:
+    """Whether a state of ``schema`` is sure to read back from its JSON as itself.
+
+    Conservative, and worked out once per schema: no validators or serializers of the
+    user's (a validator that appends to a value would apply again on every read), no
+    excluded, computed or private fields, no extra fields kept, and only field types whose
+    JSON reads back as the same value (``Any``, a bare ``dict`` or a union of two types
+    written as text do not). A live run goes on with a state of any other schema as its
+    JSON reads back, which is what a resume or a replay of the run goes on with.
+    """
+    if schema in EXACT_SCHEMAS:
+        return True
+    if schema in _INEXACT:
+        return False
+    EXACT_SCHEMAS.add(schema)  # (while it is looked at: a model that refers to itself)
+    try:
+        exact = _exact_model(schema)
+    except Exception:  # (a schema this cannot look into: it is taken as inexact)
+        exact = False
+    if not exact:
+        EXACT_SCHEMAS.discard(schema)
+        _INEXACT.add(schema)
+    return exact
+
+
+def _exact_model(schema: type[BaseModel]) -> bool:
+    found = schema.__pydantic_decorators__
+    if (found.validators or found.field_validators or found.root_validators
+            or found.model_validators or found.field_serializers or found.model_serializers
+            or found.computed_fields or schema.__private_attributes__):
+        return False
+    config = schema.model_config
+    if config.get("extra") == "allow" or not _NEUTRAL_CONFIG.issuperset(config):
+        return False
+    for field in schema.model_fields.values():
+        if field.exclude or not _exact_metadata(field.metadata):
+            return False
+        if not _exact_type(field.annotation):
+            return False
+    return True
+
+
+def _exact_metadata(metadata: Iterable[Any]) -> bool:
+    """Constraints (``Gt``, ``MaxLen``) change nothing; validators and serializers do."""
+    return not any(type(m).__module__.startswith(("pydantic.functional", "pydantic.types"))
+                   and not type(m).__name__.endswith(("Strict", "Constraints"))
+                   for m in metadata)
+
+
+def _exact_type(tp: Any) -> bool:
+    if tp in _SCALARS:
+        return True
+    if isinstance(tp, type):
+        if issubclass(tp, enum.Enum):
+            return True
+        if issubclass(tp, BaseModel):
+            return reads_back(tp)
+        return False  # Any, object, an arbitrary type
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _exact_metadata(args[1:]) and _exact_type(args[0])
+    if origin is typing.Literal:
+        return all(type(a) in (str, int, bool, type(None)) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [a for a in args if a is not type(None)]
+        as_text = [a for a in members if a in _AS_TEXT or (
+            isinstance(a, type) and issubclass(a, enum.Enum))]
+        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+        return len(as_text) <= 1 and len(models) <= 1 and all(map(_exact_type, members))
+    if origin in _CONTAINERS and args:
+        if origin is dict and (args[0] not in _SCALARS or args[0] is bool):
+            return False
+        return all(a is Ellipsis or _exact_type(a) for a in args)
+    return False
 
 
 def _has_nonfinite(value: Any) -> bool:

@@ -25,7 +25,7 @@ from interpreters.stores._common import require_asyncio
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
 from stroma.errors import LogCorrupted, StoreError, StromaImportError, StromaValueError
-from stroma.schemas import _schema_ref, declare_schema, state_json
+from stroma.schemas import _schema_ref, declare_schema, read_state, state_json
 
 try:
     import redis as _redis
@@ -253,7 +253,7 @@ def _decode_checkpoint(raw: bytes, schema: type[BaseModel] | None, source: str) 
         raise LogCorrupted(source, 'the checkpoint is not a {"schema": ..., "data": ...} object')
     cls = schema if schema is not None else _resolve(envelope["schema"], source)
     try:
-        return cls.model_validate_json(json.dumps(envelope["data"]))
+        return read_state(cls, json.dumps(envelope["data"]))
     except (ValidationError, ValueError, RecursionError) as e:
         raise LogCorrupted(
             source, f"the checkpoint does not validate as {_schema_ref(cls)}: {e}"

@@ -125,7 +125,7 @@ from stroma.errors import (
     StromaValueError,
 )
 from stroma.log import EffectLog
-from stroma.schemas import _schema_ref, declare_schema, state_json
+from stroma.schemas import _schema_ref, declare_schema, read_state, state_json
 
 __all__ = (
     "CHECKPOINTS",
@@ -467,7 +467,7 @@ def _decode_checkpoint(
         )
     cls = schema if schema is not None else _resolve(envelope["schema"], source)
     try:
-        return cls.model_validate_json(json.dumps(envelope["data"]))
+        return read_state(cls, json.dumps(envelope["data"]))
     except (ValidationError, ValueError, RecursionError) as e:
         raise LogCorrupted(
             source,

@@ -81,7 +81,7 @@ from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
 from stroma.errors import LogCorrupted, StoreError, StromaError, StromaImportError, StromaValueError
-from stroma.schemas import _schema_ref, declare_schema, state_json
+from stroma.schemas import _schema_ref, declare_schema, read_state, state_json
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -613,7 +613,7 @@ class PostgresStore:
         source = self._source(run_id, f"checkpoint {node_id!r}")
         cls = schema if schema is not None else _resolve(row["schema_ref"], source)
         try:
-            return cls.model_validate_json(row["state"])
+            return read_state(cls, row["state"])
         except (ValidationError, ValueError, RecursionError) as e:
             raise LogCorrupted(
                 source, f"the checkpoint does not validate as {_schema_ref(cls)}: {e}"

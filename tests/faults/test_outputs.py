@@ -194,7 +194,8 @@ async def test_an_unstorable_output_inside_a_fan_out_fails_the_group(
     schema, output, field = BAD[bad]
     calls = Calls()
     item = calls.node("item", Item, schema,
-                      lambda i: output() if i.item == 2 else {"data": b"ok", "tree": [], "text": "ok"})
+                      lambda i: output() if i.item == 2
+                      else {"data": b"ok", "tree": [], "text": "ok"})
     left = calls.node("left", Num, Left, lambda s: {"left": s.value})
     writer = calls.node("writer", Num, schema, lambda s: output())
     store = store_of(store_kind, tmp_path)
