@@ -594,13 +594,14 @@ def store_expression(spec: str) -> str:
 
 
 async def send_input_command(spec: str, run_id: str, name: str, payload: Any,
-                             digest: str | None) -> str:
+                             digest: str | None, replace: bool = False) -> str:
     """Send ``payload`` to the run's wait ``name`` (checked, then kept in the store);
     returns what to print: what was sent, and how to resume the run."""
     async with open_store(spec) as store:
         log = await read_run(store, spec, run_id)
         try:
-            key = await send_input(store, run_id, name, payload, digest=digest)
+            key = await send_input(store, run_id, name, payload, digest=digest,
+                                   replace=replace)
         except InputRefused as e:
             raise CliError(str(e)) from None
     wait = next((w for w in pending_wait(log) if w.key == key), None)
@@ -614,9 +615,9 @@ async def send_input_command(spec: str, run_id: str, name: str, payload: Any,
 
 
 async def _send_input(spec: str, run_id: str, name: str, text: str,
-                      digest: str | None) -> None:
+                      digest: str | None, replace: bool) -> None:
     payload = read_payload(text)
-    print(await send_input_command(spec, run_id, name, payload, digest))
+    print(await send_input_command(spec, run_id, name, payload, digest, replace))
 
 
 async def _ui(spec: str, port: int, plan_ref: str | None) -> None:
@@ -688,6 +689,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--digest", metavar="D",
                    help="refuse the input unless the run still asks about this state (the "
                    "digest `runs` and `show` print)")
+    p.add_argument("--replace", action="store_true",
+                   help="take the place of an input sent earlier that the run has not "
+                   "taken yet (else it is refused)")
     p = sub.add_parser("ui", help="serve a local, read-only web UI of a store's runs")
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("--port", type=int, default=DEFAULT_UI_PORT,
@@ -711,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "send-input":
             anyio.run(_send_input, args.store, args.run_id, args.name, args.payload,
-                      args.digest)
+                      args.digest, args.replace)
             return 0
         if args.command == "ui":
             if not 0 <= args.port <= 65535:

@@ -15,11 +15,12 @@ import json
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError, to_json
 
 from stroma import effects as fx
 from stroma.errors import StromaError, UnsafeSchemaRef
 from stroma.log import EffectLog, ResumeMarker
-from stroma.schemas import json_schema_problems, resolve_declared
+from stroma.schemas import json_schema_problems, read_state, resolve_declared, state_json
 from stroma.trace import RunStatus
 
 __all__ = ("InputRefused", "pending_wait", "send_input")
@@ -43,7 +44,9 @@ def pending_wait(log: EffectLog) -> list[fx.AwaitInput]:
         if isinstance(record, ResumeMarker):
             break
         effect, event = record
-        if isinstance(effect, fx.AwaitInput) and isinstance(event, fx.InputMissing):
+        # (an input that was there but did not fit: the run waits on for a valid one)
+        if isinstance(effect, fx.AwaitInput) and isinstance(
+                event, fx.InputMissing | fx.InputReceived):
             waits.append(effect)
             break
         if isinstance(event, fx.ParallelReturned):
@@ -91,6 +94,7 @@ async def send_input(
     *,
     digest: str | None = None,
     schema: type[BaseModel] | None = None,
+    replace: bool = False,
 ) -> str:
     """Send the input ``name`` (a model, a dict, or JSON text) to the run ``run_id``,
     WAITING in ``store``; returns the key it was kept under.
@@ -98,7 +102,8 @@ async def send_input(
     The payload is checked against the wait's schema: the class itself when this process
     knows it (the plan's module imported, or ``schema=``), else the JSON Schema the log
     keeps. With ``digest=`` (from the run's wait: ``pending_wait(log)[0].digest``) a
-    payload meant for a state the run is no longer in is refused.
+    payload meant for a state the run is no longer in is refused. An input sent already
+    that the run has not taken yet is refused too, unless ``replace=True``.
     """
     log = await _read_log(store, run_id)
     if log is None:
@@ -130,6 +135,12 @@ async def send_input(
         raise InputRefused(f"send_input(digest={digest!r}): expected the wait's digest as "
                            "text, as runs shows it (nothing was sent)")
     # (the digest as `runs` shows it, its first 8 characters or more, names it too)
+    if digest is not None and digest != wait.digest and len(digest) < 8 and (
+            wait.digest.startswith(digest)):
+        raise InputRefused(
+            f"send_input(digest={digest!r}): give at least its first 8 characters "
+            f"({wait.digest[:8]!r} or more), so that it names one request (nothing was sent)"
+        )
     if digest is not None and not (
         digest == wait.digest or (len(digest) >= 8 and wait.digest.startswith(digest))
     ):
@@ -138,41 +149,82 @@ async def send_input(
             f"{run_id!r} (digest {digest!r}; the run now asks about {wait.digest!r}): the "
             "state it was asked about changed; look at the run again and send a new one"
         )
-    value = _as_value(payload)
-    _check(value, wait, schema)
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _as_text(payload)
+    _check(text, wait, schema)
     put = getattr(store, "put_input", None)
     if not callable(put):
         raise InputRefused(
             f"send_input: {type(store).__name__} cannot keep inputs (it has no put_input): "
             "use a store of stroma's, or give the input to interpret(..., inputs={...})"
         )
+    if not replace and _unanswered(log.records, wait.key):
+        sent = getattr(store, "get_input", None)
+        earlier = sent(run_id, wait.key) if callable(sent) else None
+        if inspect.isawaitable(earlier):
+            earlier = await earlier
+        if earlier is not None:
+            raise InputRefused(
+                f"send_input: an input {wait.key!r} was sent to run {run_id!r} already "
+                f"({str(earlier)[:80]}), and the run has not taken it yet: run the plan "
+                "again with the run id to take it, or send this one with replace=True "
+                "(--replace) to take its place (nothing was sent)"
+            )
     result = put(run_id, wait.key, text)
     if inspect.isawaitable(result):
         await result
     return wait.key
 
 
-def _as_value(payload: Any) -> Any:
+def _unanswered(records: Any, key: str) -> bool | None:
+    """Whether the run last found the wait's input missing (an input sent since then has
+    not been taken), rather than there and not fitting (it waits for another); None if
+    the records do not hold the wait (a group child's records are looked into)."""
+    for record in reversed(records):
+        if isinstance(record, ResumeMarker):
+            return None
+        effect, event = record
+        if isinstance(effect, fx.AwaitInput) and effect.key == key:
+            return isinstance(event, fx.InputMissing)
+        if isinstance(event, fx.ParallelReturned):
+            for outcome in event.outcomes:
+                if isinstance(outcome, fx.PlanFinished):
+                    found = _unanswered(outcome.records, key)
+                    if found is not None:
+                        return found
+            return None
+    return None
+
+
+def _as_text(payload: Any) -> str:
+    """The payload as the JSON text the store keeps (a model's fields by name, as a state
+    is written; datetimes, decimals and the like in a dict as JSON writes them)."""
     if isinstance(payload, BaseModel):
-        return payload.model_dump(mode="json")
+        try:
+            return state_json(payload).decode()
+        except (PydanticSerializationError, ValueError, UnicodeDecodeError) as e:
+            raise InputRefused(
+                f"send_input: the payload ({type(payload).__name__}) cannot be written as "
+                f"JSON ({e}); give its fields JSON types (nothing was sent)") from None
     if isinstance(payload, str | bytes):
         try:
-            return json.loads(payload)
+            json.loads(payload)
         except ValueError as e:
             raise InputRefused(
                 f"send_input: the payload {payload[:80]!r} is {type(payload).__name__}, read as "
                 f"JSON text, and it is not JSON ({e}): pass the value itself (a dict or a "
                 "model), or its JSON text (a string value is '\"text\"'); nothing was sent"
             ) from None
+        return payload.decode() if isinstance(payload, bytes) else payload
     try:
-        json.dumps(payload)
-    except (TypeError, ValueError) as e:
-        raise InputRefused(f"send_input: the payload cannot be written as JSON ({e})") from None
-    return payload
+        return to_json(payload, inf_nan_mode="constants").decode()
+    except (PydanticSerializationError, ValueError, UnicodeDecodeError) as e:
+        raise InputRefused(
+            f"send_input: the payload ({type(payload).__name__}) cannot be written as JSON "
+            f"({e}): send a dict of JSON values, a model, or JSON text (nothing was sent)"
+        ) from None
 
 
-def _check(value: Any, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> None:
+def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> None:
     cls = schema
     if cls is None:
         try:
@@ -181,7 +233,7 @@ def _check(value: Any, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> N
             cls = None
     if cls is not None:
         try:
-            cls.model_validate(value)
+            read_state(cls, text)  # (as the run will read it)
         except ValidationError as e:
             fields = "; ".join(
                 f"{'.'.join(map(str, err['loc'])) or '(the payload)'}: {err['msg']}"
@@ -192,7 +244,7 @@ def _check(value: Any, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> N
                 "(nothing was sent; the run still waits)"
             ) from None
         return
-    problems = json_schema_problems(value, json.loads(wait.json_schema or "{}"))
+    problems = json_schema_problems(json.loads(text), json.loads(wait.json_schema or "{}"))
     if problems:
         raise InputRefused(
             f"send_input: the input {wait.key!r} does not fit its schema: "

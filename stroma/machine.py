@@ -77,7 +77,7 @@ from typing import Any, NamedTuple
 
 import attrs
 from pydantic import BaseModel, ValidationError
-from pydantic_core import from_json, to_jsonable_python
+from pydantic_core import PydanticSerializationError, from_json, to_json, to_jsonable_python
 
 from stroma import effects as fx
 from stroma.contracts import ContractViolation
@@ -829,7 +829,7 @@ def _on_input(s: RunState, ev: fx.InputReceived) -> Out:
     """The input is there: the step's output is the state with the field set to it."""
     step: Any = s.step
     att: Any = s.current
-    payload = _validate(step.step_id, "input", step.schema, ev.payload)
+    payload = _read_input(step, ev.payload)
     if isinstance(payload, ContractViolation):
         # A payload that does not fit is not the step's failure: the run waits on for a
         # valid one (nothing is lost; send it again).
@@ -842,6 +842,21 @@ def _on_input(s: RunState, ev: fx.InputReceived) -> Out:
         return _failed(_answered(s, ev.at, 0, 0, 0.0), text)
     s = _next(s, s.phase, att, waiting_since=None)
     return _succeeded(s, out, text, type(out), ev.at, 0, 0, 0.0)
+
+
+def _read_input(step: WaitStep, raw: Any) -> BaseModel | ContractViolation:
+    """An input as its JSON reads (by field name or alias, JSON's forms: a list for a
+    tuple, text for a datetime), as a state is read back: the payload a replay reads
+    from the log is the one the run took."""
+    if isinstance(raw, BaseModel):
+        raw = raw.model_dump(mode="json")
+    try:
+        return read_state(step.schema, to_json(raw, inf_nan_mode="constants"))
+    except ValidationError as e:
+        shown = raw if isinstance(raw, dict) else {"value": repr(raw)}
+        return ContractViolation(step.step_id, "input", shown, e.errors(include_url=False))
+    except (PydanticSerializationError, ValueError):  # (no JSON form: Python's own check)
+        return _validate(step.step_id, "input", step.schema, raw)
 
 
 def _on_input_missing(s: RunState, ev: fx.InputMissing) -> Out:

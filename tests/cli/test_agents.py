@@ -199,13 +199,17 @@ def test_send_input_answers_the_wait_and_the_run_goes_on(fresh: Path) -> None:
 
 def test_send_input_reads_a_file_or_stdin_and_takes_the_key(fresh: Path) -> None:
     """@FILE reads the payload from a file, - from standard input; NAME may be the wait's
-    key as runs shows it."""
+    key as runs shows it; a second answer the run has not taken is refused but with
+    --replace."""
     payload = fresh / "approval.json"
     payload.write_text('{"ok": false}\n', encoding="utf-8")
     out = send(fresh, "agent", P.AGENT_KEY, f"@{payload}")
     assert out.returncode == 0, out.stderr
     assert json.loads(sent(fresh) or "null") == {"ok": False}
     out = send(fresh, "agent", "approval", "-", stdin='{"ok": true, "by": "bo"}')
+    assert out.returncode == 2 and "already" in out.stderr and "--replace" in out.stderr
+    assert json.loads(sent(fresh) or "null") == {"ok": False}  # (the first answer stays)
+    out = send(fresh, "agent", "approval", "-", "--replace", stdin='{"ok": true, "by": "bo"}')
     assert out.returncode == 0, out.stderr
     assert json.loads(sent(fresh) or "null") == {"ok": True, "by": "bo"}
 

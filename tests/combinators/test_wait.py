@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import stroma
 from interpreters.simulate import VirtualClock, simulate
@@ -595,3 +595,105 @@ async def test_a_name_that_waits_in_several_places_is_refused_naming_each_key() 
     key = re.search(r"e\.g\. send_input\(store, 'two-waits', '([^']+)'", message)
     assert key is not None
     await stroma.send_input(store, "two-waits", key[1], {"ok": True})  # the key is taken
+
+
+async def test_a_run_that_took_an_input_that_does_not_fit_is_sent_a_valid_one(
+    stores: Callable[[], Any],
+) -> None:
+    """A run that found an input that does not fit waits on for a valid one: send_input
+    takes it (it used to say the run was not waiting), and the run goes on with it."""
+    nodes = Nodes()
+    store = stores()
+    config = RunConfig(run_id="w-bad")
+    bad = await interpret(approval_plan(nodes), Agent(), store=store, config=config,
+                          inputs={"approval": {"by": "cy"}})
+    assert bad.status is RunStatus.WAITING and "does not fit" in (bad.stop_reason or "")
+    [wait] = pending_wait(await read_log(store, "w-bad"))
+    assert wait.key == "approval"
+
+    await send_input(store, "w-bad", "approval", {"ok": True, "by": "cy"},
+                     digest=wait.digest)
+    done = await interpret(approval_plan(nodes), Agent(), store=store, config=config)
+
+    assert done.status is RunStatus.RESUMED
+    assert done.final_state.approval == Approval(ok=True, by="cy")  # type: ignore[attr-defined]
+    assert dict(nodes.calls) == {"draft": 1, "review": 1, "publish": 1}
+
+
+async def test_an_input_sent_twice_before_the_run_takes_it_is_refused_unless_replaced(
+    stores: Callable[[], Any],
+) -> None:
+    """Two answers to one request (ann approves, bob declines): the second is refused
+    naming the first, the first stays; with replace=True the second takes its place."""
+    nodes = Nodes()
+    store = stores()
+    await interpret(approval_plan(nodes), Agent(), store=store,
+                    config=RunConfig(run_id="w-twice"))
+    await send_input(store, "w-twice", "approval", {"ok": True, "by": "ann"})
+
+    with pytest.raises(InputRefused, match=r"sent to run 'w-twice' already.*ann.*replace=True"):
+        await send_input(store, "w-twice", "approval", {"ok": False, "by": "bob"})
+    assert '"ann"' in await call(store.get_input("w-twice", "approval"))
+
+    await send_input(store, "w-twice", "approval", {"ok": False, "by": "bob"}, replace=True)
+    done = await interpret(approval_plan(nodes), Agent(), store=store,
+                           config=RunConfig(run_id="w-twice"))
+    assert done.final_state.approval == Approval(ok=False, by="bob")  # type: ignore[attr-defined]
+
+
+async def test_a_digest_of_fewer_than_8_characters_is_refused_asking_for_more(
+    stores: Callable[[], Any],
+) -> None:
+    nodes = Nodes()
+    store = stores()
+    await interpret(approval_plan(nodes), Agent(), store=store,
+                    config=RunConfig(run_id="w-short"))
+    [wait] = pending_wait(await read_log(store, "w-short"))
+
+    with pytest.raises(InputRefused, match=r"at least its first 8 characters") as caught:
+        await send_input(store, "w-short", "approval", {"ok": True}, digest=wait.digest[:4])
+
+    assert wait.digest[:8] in str(caught.value)
+    assert await call(store.get_input("w-short", "approval")) is None
+
+
+class Signed(BaseModel):
+    approved_by: str = Field(alias="approvedBy")  # (no populate_by_name)
+    at: datetime
+    window: tuple[int, int] = (0, 0)
+
+
+class Contract(BaseModel):
+    n: int = 0
+    signed: Signed | None = None
+
+
+@pytest.mark.parametrize("payload", [
+    Signed(approvedBy="ann", at=datetime(2026, 1, 2, 3, 4), window=(1, 2)),
+    {"approvedBy": "ann", "at": datetime(2026, 1, 2, 3, 4), "window": (1, 2)},
+    '{"approvedBy": "ann", "at": "2026-01-02T03:04:00", "window": [1, 2]}',
+], ids=["model", "dict", "text"])
+async def test_a_payload_is_taken_as_its_json_reads(
+    stores: Callable[[], Any], payload: Any,
+) -> None:
+    """A model with an aliased field, a dict holding a datetime and a tuple, and JSON text
+    all send the same input, which the run takes and a replay reads the same."""
+    nodes = Nodes()
+
+    async def count(state: Contract, ctx: dict[str, Any]) -> Contract:
+        return state.model_copy(update={"n": state.n + 1})
+
+    def plan() -> Any:
+        return seq(nodes.node("draft", count, schema=Contract), await_input("signed", Signed),
+                   nodes.node("file", count, schema=Contract))
+
+    store = stores()
+    await interpret(plan(), Contract(), store=store, config=RunConfig(run_id="w-sign"))
+    await send_input(store, "w-sign", "signed", payload)
+    done = await interpret(plan(), Contract(), store=store, config=RunConfig(run_id="w-sign"))
+
+    assert done.status is RunStatus.RESUMED, done.stop_reason
+    assert done.final_state == Contract(n=2, signed=Signed(
+        approvedBy="ann", at=datetime(2026, 1, 2, 3, 4), window=(1, 2)))
+    nodes.replaying = True
+    assert await replay(plan(), done.log) == done
