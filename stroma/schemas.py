@@ -19,7 +19,7 @@ import re
 import types
 import typing
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -281,10 +281,44 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 
 def json_schema_problems(value: Any, schema: dict[str, Any], where: str = "") -> list[str]:
     """What in ``value`` does not fit the JSON Schema ``schema`` (the subset pydantic
-    writes for plain models: types, properties, required, items, enum, const, anyOf and
-    $ref to $defs), each named by its field; [] when it fits. For checking a payload
-    against a schema whose class this process does not have."""
+    writes for plain models: types, properties, required, items, enum, const, anyOf,
+    $ref to $defs, bounds, lengths and patterns), each named by its field; [] when it
+    fits. For checking a payload against a schema whose class this process does not
+    have."""
     return _problems(value, schema, schema.get("$defs", {}), where)
+
+
+_BOUNDS: tuple[tuple[str, Callable[[Any, Any], bool], str], ...] = (
+    ("minimum", lambda v, b: v >= b, ">="), ("maximum", lambda v, b: v <= b, "<="),
+    ("exclusiveMinimum", lambda v, b: v > b, ">"), ("exclusiveMaximum", lambda v, b: v < b, "<"),
+)
+
+
+def _bounds(value: Any, schema: dict[str, Any], at: str) -> list[str]:
+    """Bounds, lengths and patterns (what Field(gt=, max_length=, pattern=) writes)."""
+    found: list[str] = []
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        for key, holds, word in _BOUNDS:
+            bound = schema.get(key)
+            if isinstance(bound, int | float) and not holds(value, bound):
+                found.append(f"{at}: expected a number {word} {bound}, got {value!r}")
+    sized = {str: ("minLength", "maxLength", "characters"), list: (
+        "minItems", "maxItems", "items")}.get(type(value))
+    if sized is not None:
+        low, high, unit = sized
+        if isinstance(schema.get(low), int) and len(value) < schema[low]:
+            found.append(f"{at}: expected at least {schema[low]} {unit}, got {len(value)}")
+        if isinstance(schema.get(high), int) and len(value) > schema[high]:
+            found.append(f"{at}: expected at most {schema[high]} {unit}, got {len(value)}")
+    pattern = schema.get("pattern")
+    if isinstance(value, str) and isinstance(pattern, str):
+        try:
+            matched = re.search(pattern, value) is not None
+        except re.error:
+            matched = True  # (a pattern Python's re does not read: the run checks it)
+        if not matched:
+            found.append(f"{at}: expected text matching {pattern!r}, got {value!r}")
+    return found
 
 
 def _problems(value: Any, schema: dict[str, Any], defs: dict[str, Any], where: str) -> list[str]:
@@ -305,7 +339,7 @@ def _problems(value: Any, schema: dict[str, Any], defs: dict[str, Any], where: s
             kind in ("integer", "number") and isinstance(value, bool))
         if not ok:
             return [f"{at}: expected {kind}, got {value!r}"]
-    found: list[str] = []
+    found = _bounds(value, schema, at)
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         for name in schema.get("required", []):
