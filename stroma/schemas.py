@@ -302,8 +302,9 @@ def _bounds(value: Any, schema: dict[str, Any], at: str) -> list[str]:
             bound = schema.get(key)
             if isinstance(bound, int | float) and not holds(value, bound):
                 found.append(f"{at}: expected a number {word} {bound}, got {value!r}")
-    sized = {str: ("minLength", "maxLength", "characters"), list: (
-        "minItems", "maxItems", "items")}.get(type(value))
+    sizes: dict[type, tuple[str, str, str]] = {
+        str: ("minLength", "maxLength", "characters"), list: ("minItems", "maxItems", "items")}
+    sized = sizes.get(type(value))
     if sized is not None:
         low, high, unit = sized
         if isinstance(schema.get(low), int) and len(value) < schema[low]:
