@@ -523,9 +523,14 @@ class _Reader:
                 coords = _coords(effect.coords)
                 loops.update(step for k, step, _ in coords if k == "loop")
                 step_id = effect.step_id
-                key = prefix + _key(step_id, coords)
-                row = self.row(key, _label(step_id, coords, context), step_id, "wait", depth,
-                               parent, coords=coords)
+                if solo is not None:  # a fan-out child that is this wait alone: its row
+                    key, label, child_index, item_index = solo
+                    row = self.row(key, label, step_id, "child", depth, parent, child_index,
+                                   item_index, coords)
+                else:
+                    key = prefix + _key(step_id, coords)
+                    row = self.row(key, _label(step_id, coords, context), step_id, "wait",
+                                   depth, parent, coords=coords)
                 placed(row.key, coords)
                 here = f"{step_id} {where_label(coords)}".rstrip()
                 schema = str(effect.schema).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
@@ -536,9 +541,8 @@ class _Reader:
                         row, attempt=effect.attempt, start=event.at, duration_ms=0,
                         outcome=WAITING, message=text, input_state=state, output_state=None,
                         group_attempt=group_attempt, node_id=step_id, called=False)
-                    if top:
-                        self.marks.append(["wait", f"{here}: {text}", event.at, key,
-                                           _where(coords)])
+                    self.marks.append(["wait", f"{here}: {text}", event.at, key,
+                                       _where(coords)])
                 elif isinstance(event, fx.InputReceived):
                     waited = waiting.pop(key, None)
                     if waited is not None:  # the wait lasted until the input was read
@@ -588,6 +592,16 @@ class _Reader:
                     placing.append(mark)
             elif kind is fx.Finish:
                 finish = effect
+                if (pending is not None and type(pending[0]) is fx.CallParallel
+                        and type(pending[1]) is fx.ParallelReturned):
+                    # A group whose children wait for input: the run ended at it, WAITING,
+                    # with no attempt recorded; its row shows the children and their waits.
+                    row, bar = self.waiting_group(pending, prefix=prefix, parent=parent,
+                                                  depth=depth, group_attempt=group_attempt,
+                                                  context=context, state=state)
+                    placed(row.key, row.coords)
+                    made.append(bar)
+                    last = (row, bar)
         for mark in placing:  # the run ended before a route's step began
             mark[1] += mark.pop()
         # Hook errors belong to the attempt they fired for.
@@ -649,6 +663,26 @@ class _Reader:
                 row, call.calls, answer.outcomes, group=call, input_state=event.input_state,
                 failure=event.failure, depth=depth,
             )
+        return row, bar
+
+    def waiting_group(self, pending: tuple[Any, Any], *, prefix: str, parent: str | None,
+                      depth: int, group_attempt: int | None, context: _Coords, state: Any,
+                      ) -> tuple[_RowBuild, dict[str, Any]]:
+        call, answer = pending
+        step_id = call.step_id
+        coords = _group_coords(step_id, call.calls)
+        kind = "map" if call.kind == "map" else "parallel"
+        row = self.row(prefix + _key(step_id, coords), _label(step_id, coords, context),
+                       step_id, kind, depth, parent, coords=coords)
+        waiting = [o for o in answer.outcomes
+                   if type(o) is fx.PlanFinished and o.status is RunStatus.WAITING]
+        bar = self.bar(
+            row, attempt=call.attempt, start=answer.started_at,
+            duration_ms=int(answer.duration_ms), outcome=WAITING,
+            message=f"{len(waiting)} of its children wait for input", input_state=state,
+            output_state=None, group_attempt=group_attempt, node_id=step_id, called=True)
+        bar["usage"] = self.children(row, call.calls, answer.outcomes, group=call,
+                                     input_state=state, failure=None, depth=depth)
         return row, bar
 
     def children(self, group_row: _RowBuild, calls: Sequence[Any], outcomes: Sequence[Any],
@@ -737,8 +771,8 @@ class _Reader:
             if isinstance(rec, ResumeMarker):
                 continue
             eff = rec[0]
-            if isinstance(eff, fx.RecordAttempt | fx.Commit):
-                sid = eff.node_id
+            if isinstance(eff, fx.RecordAttempt | fx.Commit | fx.AwaitInput):
+                sid = eff.step_id if isinstance(eff, fx.AwaitInput) else eff.node_id
                 if sid not in steps:
                     steps.append(sid)
             elif isinstance(eff, fx.CallParallel | fx.ChooseBranch):
@@ -756,6 +790,8 @@ class _Reader:
                        coords)
         if outcome.status in (RunStatus.COMPLETED, RunStatus.RESUMED):
             result, message = OK, None
+        elif outcome.status is RunStatus.WAITING:
+            result, message = WAITING, outcome.reason
         else:
             result = "TERMINAL" if outcome.status is RunStatus.FAILED else _last_failure(records)
             message = outcome.reason
@@ -840,6 +876,20 @@ class _Reader:
                  message=message,
                  input_state=state, output_state=None, usage=usage, node_id=group.step_id,
                  called=True)
+
+
+def _group_coords(step_id: str, calls: Sequence[Any]) -> _Coords:
+    """Where a group is, from its children's coordinates (a map item's end in its item)."""
+    for c in calls:
+        inner = getattr(c, "coords", None)
+        if inner is None:
+            inner = getattr(getattr(c, "config", None), "coords", None)
+        where = _coords(inner or ())
+        if where and where[-1][0] == "item" and where[-1][1] == step_id:
+            where = where[:-1]
+        if inner is not None:
+            return where
+    return ()
 
 
 def _child_label(name: str, item: int | None, group: _Coords) -> str:

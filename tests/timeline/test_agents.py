@@ -172,3 +172,45 @@ async def test_choices_made_inside_a_fan_out_child_are_marked(anyio_backend: str
     assert "pick item 0 @inner#1: odd" in labels and "pick item 1 @inner#2: even" in labels
     assert "item 0: inner#1: no, on to #2" in labels
     assert "item 1: inner#2: yes, the loop ends" in labels
+
+
+async def test_a_run_waiting_inside_a_map_shows_the_group_its_items_and_their_waits(
+        anyio_backend: str) -> None:
+    """A map_each whose items each wait for input: the run ends WAITING at the group (no
+    attempt recorded), and the timeline still has the group's row, waiting, with a row
+    per item, each waiting, and a wait mark per item."""
+    from stroma import StromaRunner, await_input, interpret, map_each, seq
+
+    runner = StromaRunner.quick()
+
+    class Review(BaseModel):
+        ok: bool
+
+    class Doc(BaseModel):
+        item: int
+        review: Review | None = None
+
+    class Batch(BaseModel):
+        items: list[Doc] = [Doc(item=1), Doc(item=2), Doc(item=3)]
+        out: list[Doc] = []
+
+    @runner.node("start", input=Batch, output=Batch)
+    async def start(b: Batch) -> Batch:
+        return b
+
+    plan = seq(start, map_each(await_input("review", Review), over="items", into="out",
+                               input=Batch))
+    result = await interpret(plan, Batch())
+
+    assert result.status.value == "WAITING"
+    tl = timeline(result.log)
+    group = next(r for r in tl.rows if r.kind == "map")
+    assert [b.outcome for b in group.bars] == [WAITING]
+    assert group.bars[0].message == "3 of its children wait for input"
+    items = [r for r in tl.rows if r.parent == group.key]
+    assert [r.label for r in items] == [
+        "await_input(review) [item 0]", "await_input(review) [item 1]",
+        "await_input(review) [item 2]"]
+    assert all([b.outcome for b in r.bars] == [WAITING] for r in items)
+    assert [m.kind for m in tl.marks].count("wait") == 3
+    assert len(tl.waits) == 3
