@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from pydantic_core import from_json
 
 from stroma import effects as fx
+from stroma.checkpoint import awaitable_from_sync
 from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
@@ -171,14 +172,20 @@ class LivePerformer:
         self.parent: tuple[Any, int, fx.RunPlan, datetime] | None = None
         if not self.durable and not manager.is_async:
             save_text, save_sync, rid = self.save_text, self.save_sync, run_id
+            store = manager.store
             if save_text is not None and not inspect.iscoroutinefunction(save_text):
                 def commit_now(eff: fx.Commit) -> None:
-                    save_text(rid, eff[0], eff[5], type(eff[8]))  # node_id, output, state
+                    # (node_id, output, state)
+                    result = save_text(rid, eff[0], eff[5], type(eff[8]))
+                    if result is not None:
+                        _sync_saved(store, result, rid, eff[0], "save_state_json")
             else:
                 assert save_sync is not None
 
                 def commit_now(eff: fx.Commit) -> None:
-                    save_sync(rid, eff.node_id, eff.state)
+                    result = save_sync(rid, eff.node_id, eff.state)
+                    if result is not None:  # (a coroutine: the save was not done)
+                        _sync_saved(store, result, rid, eff.node_id)
             self.commit_now = commit_now
         self.hooks = world.hooks
         # Each kind's hook function, looked up once (None where the hooks have none).
@@ -512,7 +519,9 @@ class LivePerformer:
             if result is not None:
                 await result
         elif self.save_sync is not None:
-            self.save_sync(self.run_id, eff.node_id, state)
+            result = self.save_sync(self.run_id, eff.node_id, state)
+            if result is not None:
+                _sync_saved(self.store, result, self.run_id, eff.node_id)
         else:
             await self.manager.checkpoint(self.run_id, eff.node_id, state)
 
@@ -684,6 +693,14 @@ def _backend_clock() -> Callable[[], float]:
         except RuntimeError:  # not on trio either
             pass
     return anyio.current_time  # (made outside a run: looked up on every call)
+
+
+def _sync_saved(store: Any, result: Any, run_id: str, node_id: str,
+                method: str = "save") -> None:
+    """A synchronous store's ``save`` returned something: an awaitable is an error (it
+    was never awaited, so nothing was saved); anything else is ignored."""
+    if inspect.isawaitable(result):
+        raise awaitable_from_sync(store, method, result, run_id, node_id)
 
 
 def _pure(fn: Callable[[Any], Any], state: Any, step_id: str) -> Any:

@@ -38,6 +38,8 @@ __all__ = (
     "SyncRedisStore",
     "_resolve_schema",
     "_schema_ref",
+    "awaitable_from_sync",
+    "is_async_callable",
     "is_async_store",
 )
 
@@ -95,7 +97,50 @@ class LeaseStore(Protocol):
 
 
 def is_async_store(store: object) -> bool:
-    return inspect.iscoroutinefunction(getattr(store, "save", None))
+    """Whether the store's ``save`` is asynchronous: an ``async def``, one under a
+    decorator that keeps ``__wrapped__`` (``functools.wraps``), or an object whose
+    ``__call__`` is one."""
+    return is_async_callable(getattr(store, "save", None))
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine, as far as can be told without calling it:
+    a coroutine function (a partial of one too), a function wrapping one with
+    ``functools.wraps``, or an object whose ``__call__`` is one of those."""
+    if fn is None:
+        return False
+    if inspect.iscoroutinefunction(fn):
+        return True
+    try:
+        unwrapped = inspect.unwrap(fn)  # type: ignore[arg-type]
+    except ValueError:  # (a cycle of __wrapped__)
+        unwrapped = fn
+    if unwrapped is not fn and inspect.iscoroutinefunction(unwrapped):
+        return True
+    if callable(fn) and not (inspect.isroutine(fn) or isinstance(fn, type)):
+        call = type(fn).__call__
+        return call is not fn and is_async_callable(call)
+    return False
+
+
+def awaitable_from_sync(store: object, method: str, result: object, run_id: str,
+                        node_id: str | None = None) -> StoreError:
+    """The error for a store method that was taken as synchronous (it is no coroutine
+    function) and returned an awaitable all the same: the awaitable is closed (never
+    awaited: what it would have done is not done) and the error says so, and the fix."""
+    close = getattr(result, "close", None)
+    if callable(close):
+        close()
+    node = f", node {node_id!r}" if node_id is not None else ""
+    return StoreError(
+        f"{type(store).__name__}.{method}(), run {run_id!r}{node}, returned an awaitable "
+        f"(a {type(result).__name__}), but the store was taken as synchronous: its "
+        f"{method} is not an async def (a decorator without functools.wraps hides one, or "
+        f"{method} is an object whose __call__ returns an awaitable), so nothing was "
+        f"awaited and the {method} did not happen. Make {method} an async def method of "
+        "the store, or decorate it with functools.wraps so that the async function "
+        "shows (or return None from a synchronous one)"
+    )
 
 
 class CheckpointManager:

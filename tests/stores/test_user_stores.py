@@ -1,0 +1,171 @@
+"""A user's own store (save/load/delete, no log), as the README's "Stores" section defines
+one: what stroma calls on it and what it makes of what the store does.
+
+Each case runs on asyncio and on trio (the stores here are plain Python).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from stroma import CheckpointManager, RunStatus, StromaRunner, seq
+from stroma.checkpoint import is_async_store
+from stroma.errors import StoreError
+from stroma.runner import RunConfig, interpret
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The stores here are plain Python: asyncio and trio both."""
+    return str(request.param)
+
+
+class S(BaseModel):
+    n: int
+
+
+runner = StromaRunner.quick()
+
+
+@runner.node("a", input=S, output=S)
+async def a(s: S) -> S:
+    return S(n=s.n + 1)
+
+
+@runner.node("b", input=S, output=S)
+async def b(s: S) -> S:
+    return S(n=s.n + 10)
+
+
+PLAN = seq(a, b)
+
+
+def plain(fn: Any) -> Any:
+    """A user's decorator that hides what it wraps (no functools.wraps)."""
+
+    def wrapper(*args: Any) -> Any:
+        return fn(*args)
+
+    return wrapper
+
+
+def wrapped(fn: Any) -> Any:
+    """A user's decorator that keeps ``__wrapped__`` (functools.wraps), sync on the outside."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        return fn(*args)
+
+    return wrapper
+
+
+class WrapsStore:
+    """async save/load/delete under a functools.wraps decorator."""
+
+    def __init__(self) -> None:
+        self.d: dict[tuple[str, str], BaseModel] = {}
+
+    @wrapped
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.d[run_id, node_id] = state
+
+    @wrapped
+    async def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return self.d.get((run_id, node_id))
+
+    @wrapped
+    async def delete(self, run_id: str) -> None:
+        pass
+
+
+class AsyncWriter:
+    """A client object whose ``__call__`` is async: the store's ``save``."""
+
+    def __init__(self) -> None:
+        self.d: dict[tuple[str, str], BaseModel] = {}
+
+    async def __call__(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.d[run_id, node_id] = state
+
+
+class ClientStore:
+    def __init__(self) -> None:
+        self.save = AsyncWriter()
+        self.d = self.save.d
+
+    async def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return self.d.get((run_id, node_id))
+
+    async def delete(self, run_id: str) -> None:
+        pass
+
+
+class HiddenStore:
+    """async save under a decorator that hides it: it looks synchronous."""
+
+    def __init__(self) -> None:
+        self.d: dict[tuple[str, str], BaseModel] = {}
+
+    @plain
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.d[run_id, node_id] = state
+
+    def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return self.d.get((run_id, node_id))
+
+    def delete(self, run_id: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("make", [WrapsStore, ClientStore], ids=["wraps", "async-call"])
+async def test_a_save_that_is_async_under_a_wrapper_or_a_call_is_awaited(
+    anyio_backend: str, make: Any
+) -> None:
+    """A save that is an async def under functools.wraps, or an object with an async
+    __call__, is taken as async: every checkpoint is saved, and resume_from finds them."""
+    store = make()
+    assert is_async_store(store) and CheckpointManager(store).is_async
+    result = await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    assert result.status is RunStatus.COMPLETED
+    assert store.d == {("r", "a"): S(n=1), ("r", "b"): S(n=11)}
+    again = await interpret(PLAN, S(n=0), store=store,
+                            config=RunConfig(run_id="r", resume_from="b"))
+    assert again.status is RunStatus.RESUMED and again.final_state == S(n=11)
+
+
+async def test_a_sync_looking_save_returning_a_coroutine_is_a_store_error(
+    anyio_backend: str,
+) -> None:
+    """A save that looks synchronous and returns a coroutine: never silently dropped, but
+    a StoreError naming the store, the method, the run, the node and the fix; the
+    coroutine is closed (no "never awaited" warning under -W error)."""
+    store = HiddenStore()
+    assert not is_async_store(store)
+    with pytest.raises(StoreError) as caught:
+        await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    message = str(caught.value)
+    assert "HiddenStore.save()" in message and "'r'" in message and "'a'" in message
+    assert "async def" in message and "functools.wraps" in message
+    assert store.d == {}
+
+
+async def test_a_coroutine_from_a_sync_save_in_a_fan_out_child_is_a_store_error(
+    anyio_backend: str,
+) -> None:
+    """The same inside a sub-plan child of a map_each, whose commits go through the
+    performer's async commit: a StoreError too, not a checkpoint lost."""
+    from stroma import map_each
+
+    class Items(BaseModel):
+        items: list[S]
+
+    plan = map_each(seq(a, b), over="items", into="outs", input=Items)
+    with pytest.raises(StoreError, match=r"HiddenStore\.save\(\).*returned an awaitable"):
+        await interpret(plan, Items(items=[S(n=1)]), store=HiddenStore(),
+                        config=RunConfig(run_id="m"))
