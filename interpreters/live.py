@@ -162,7 +162,7 @@ class LivePerformer:
         self.durable = recorder.store is not None
         # How a commit's checkpoint is saved when the store holds no log: the JSON text
         # the machine made (a store that takes it), a synchronous save, or an awaited one.
-        self.save_text = getattr(manager.store, "save_state_json", None)
+        self.save_text = manager.save_json  # (None for a store whose save is overridden)
         self.save_sync = None if manager.is_async else manager.store.save
         # A commit a synchronous store takes at once (no coroutine): what the loop calls
         # instead of ``commit`` when there is one.

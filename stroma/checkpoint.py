@@ -143,6 +143,18 @@ def awaitable_from_sync(store: object, method: str, result: object, run_id: str,
     )
 
 
+def _stroma_own(store: object, name: str) -> bool:
+    """Whether the store's method ``name`` is one of stroma's built-in stores' own: not
+    set on the instance, and not defined by a class of the user's (a subclass that
+    overrides it, or a store of the user's own)."""
+    if name in getattr(store, "__dict__", ()):
+        return False
+    for klass in type(store).__mro__:
+        if name in vars(klass):
+            return klass.__module__.startswith("interpreters.stores.")
+    return False
+
+
 class CheckpointManager:
     """Saves and loads checkpoints through any store, sync or async."""
 
@@ -166,6 +178,16 @@ class CheckpointManager:
         self.store: Any = store
         self.is_async = is_async_store(store)
         self._save = store.save  # type: ignore[attr-defined]
+        # Decided once, for every node: a built-in store's shortcuts (``save_state_json``,
+        # which takes the JSON text the machine made, and ``load_typed``) are used only
+        # where they stand for the method they shortcut: a subclass that overrides
+        # ``save`` or ``load`` (to mirror each checkpoint somewhere, or read through to a
+        # durable copy) has its override called.
+        self.save_json: Any = (
+            getattr(store, "save_state_json", None) if _stroma_own(store, "save") else None)
+        load_typed = getattr(store, "load_typed", None)
+        self._load_typed: Any = load_typed if callable(load_typed) and not (
+            _stroma_own(store, "load_typed") and not _stroma_own(store, "load")) else None
 
     async def checkpoint(self, run_id: str, node_id: str, state: BaseModel) -> None:
         # (A state's schema was declared when its plan was compiled.)
@@ -183,7 +205,7 @@ class CheckpointManager:
                 f"(a {type(schema).__name__}): e.g. resume(run_id, {node_id!r}, MyState)"
             )
         declare_schema(schema)
-        load_typed = getattr(self.store, "load_typed", None)
+        load_typed = self._load_typed
         result = (
             load_typed(run_id, node_id, schema) if load_typed else self.store.load(run_id, node_id)
         )

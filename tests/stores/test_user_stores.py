@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from stroma import CheckpointManager, RunStatus, StromaRunner, seq
+from stroma import (
+    AsyncInMemoryStore,
+    CheckpointManager,
+    InMemoryStore,
+    RunStatus,
+    StromaRunner,
+    seq,
+)
 from stroma.checkpoint import is_async_store
 from stroma.errors import StoreError
 from stroma.runner import RunConfig, interpret
@@ -169,3 +176,88 @@ async def test_a_coroutine_from_a_sync_save_in_a_fan_out_child_is_a_store_error(
     with pytest.raises(StoreError, match=r"HiddenStore\.save\(\).*returned an awaitable"):
         await interpret(plan, Items(items=[S(n=1)]), store=HiddenStore(),
                         config=RunConfig(run_id="m"))
+
+
+class MirroredStore(InMemoryStore):
+    """Mirrors every checkpoint somewhere durable (here a list) by overriding save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mirrored: list[tuple[str, str]] = []
+
+    def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.mirrored.append((run_id, node_id))
+        super().save(run_id, node_id, state)
+
+
+class AsyncMirroredStore(AsyncInMemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mirrored: list[tuple[str, str]] = []
+
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.mirrored.append((run_id, node_id))
+        await super().save(run_id, node_id, state)
+
+
+@pytest.mark.parametrize("make", [MirroredStore, AsyncMirroredStore])
+async def test_a_built_in_store_s_subclass_has_its_save_override_called(
+    anyio_backend: str, make: Any
+) -> None:
+    """A subclass of InMemoryStore / AsyncInMemoryStore overriding save gets it called for
+    every checkpoint a run commits (through interpret and through the runner), not the
+    built-in shortcut that skips it; the checkpoints are there all the same."""
+    store = make()
+    result = await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    assert result.status is RunStatus.COMPLETED
+    assert store.mirrored == [("r", "a"), ("r", "b")]
+    other = StromaRunner(runner.registry, CheckpointManager(store), RunConfig(run_id="r2"))
+    await other.run([a, b], S(n=0))
+    assert store.mirrored[2:] == [("r2", "a"), ("r2", "b")]
+    loaded = store.load("r", "b")
+    assert (await loaded if make is AsyncMirroredStore else loaded) == S(n=11)
+
+
+class ReadThroughStore(InMemoryStore):
+    """Reads through to a durable copy (here a dict) by overriding load."""
+
+    def __init__(self, durable: dict[tuple[str, str], BaseModel]) -> None:
+        super().__init__()
+        self.durable = durable
+        self.loaded: list[str] = []
+
+    def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        self.loaded.append(node_id)
+        got = super().load(run_id, node_id)
+        return got if got is not None else self.durable.get((run_id, node_id))
+
+
+async def test_a_built_in_store_s_subclass_has_its_load_override_called(
+    anyio_backend: str,
+) -> None:
+    """A subclass of InMemoryStore overriding load gets it called to resume (not the
+    inherited load_typed, which reads only what this process saved): a checkpoint only
+    its durable copy holds is found, and the run resumes from it."""
+    store = ReadThroughStore({("old", "a"): S(n=41)})
+    result = await interpret(PLAN, S(n=0), store=store,
+                             config=RunConfig(run_id="old", resume_from="b"))
+    assert store.loaded == ["a"]
+    assert result.status is RunStatus.RESUMED and result.final_state == S(n=51)
+
+
+async def test_a_subclass_that_overrides_only_the_shortcut_still_gets_it_called(
+    anyio_backend: str,
+) -> None:
+    """A subclass that overrides save_state_json (and not save) keeps it being called:
+    the shortcut stands for the built-in save, which it did not override."""
+    seen: list[str] = []
+
+    class Counting(InMemoryStore):
+        def save_state_json(self, run_id: str, node_id: str, data: bytes,
+                            schema: Any) -> None:
+            seen.append(node_id)
+            super().save_state_json(run_id, node_id, data, schema)
+
+    store = Counting()
+    await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    assert seen == ["a", "b"] and store.load("r", "b") == S(n=11)
