@@ -163,7 +163,7 @@ class LivePerformer:
         # How a commit's checkpoint is saved when the store holds no log: the JSON text
         # the machine made (a store that takes it), a synchronous save, or an awaited one.
         self.save_text = manager.save_json  # (None for a store whose save is overridden)
-        self.save_sync = None if manager.is_async else manager.store.save
+        self.save_sync = None if manager.is_async else manager.save_checkpoint
         # A commit a synchronous store takes at once (no coroutine): what the loop calls
         # instead of ``commit`` when there is one.
         self.commit_now: Callable[[fx.Commit], None] | None = None
@@ -185,7 +185,7 @@ class LivePerformer:
                 def commit_now(eff: fx.Commit) -> None:
                     result = save_sync(rid, eff.node_id, eff.state)
                     if result is not None:  # (a coroutine: the save was not done)
-                        _sync_saved(store, result, rid, eff.node_id)
+                        _sync_saved(store, result, rid, eff.node_id, manager.save_name)
             self.commit_now = commit_now
         self.hooks = world.hooks
         # Each kind's hook function, looked up once (None where the hooks have none).
@@ -521,7 +521,8 @@ class LivePerformer:
         elif self.save_sync is not None:
             result = self.save_sync(self.run_id, eff.node_id, state)
             if result is not None:
-                _sync_saved(self.store, result, self.run_id, eff.node_id)
+                _sync_saved(self.store, result, self.run_id, eff.node_id,
+                            self.manager.save_name)
         else:
             await self.manager.checkpoint(self.run_id, eff.node_id, state)
 

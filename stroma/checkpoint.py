@@ -11,7 +11,7 @@ Stores that can claim a run for one worker implement ``lease``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -176,22 +176,36 @@ class CheckpointManager:
                 "RedisStore(url) or your own class with those methods."
             )
         self.store: Any = store
-        self.is_async = is_async_store(store)
-        self._save = store.save  # type: ignore[attr-defined]
-        # Decided once, for every node: a built-in store's shortcuts (``save_state_json``,
-        # which takes the JSON text the machine made, and ``load_typed``) are used only
-        # where they stand for the method they shortcut: a subclass that overrides
-        # ``save`` or ``load`` (to mirror each checkpoint somewhere, or read through to a
-        # durable copy) has its override called.
-        self.save_json: Any = (
-            getattr(store, "save_state_json", None) if _stroma_own(store, "save") else None)
+        # Decided once, for every node. A store's own typed pair is used both ways: a
+        # store with ``save_typed`` (the optional one of API.md) is saved to with it, as
+        # it is loaded from with ``load_typed``, so a store that keeps the typed pair's
+        # data apart finds what it saved. A built-in store's shortcuts
+        # (``save_state_json``, which takes the JSON text the machine made, and
+        # ``load_typed``) are used only where they stand for the method they shortcut: a
+        # subclass that overrides ``save`` or ``load`` (to mirror each checkpoint
+        # somewhere, or read through to a durable copy) has its override called.
+        save_typed = getattr(store, "save_typed", None)
+        self.save_json: Any = None
+        if callable(save_typed) and not _stroma_own(store, "save_typed"):
+            def save(run_id: str, node_id: str, state: BaseModel) -> Any:
+                return save_typed(run_id, node_id, state, type(state))
+
+            self.save_checkpoint: Callable[[str, str, BaseModel], Any] = save
+            self.save_name = "save_typed"
+            self.is_async = is_async_callable(save_typed)
+        else:
+            self.save_checkpoint = store.save  # type: ignore[attr-defined]
+            self.save_name = "save"
+            self.is_async = is_async_store(store)
+            if _stroma_own(store, "save"):
+                self.save_json = getattr(store, "save_state_json", None)
         load_typed = getattr(store, "load_typed", None)
         self._load_typed: Any = load_typed if callable(load_typed) and not (
             _stroma_own(store, "load_typed") and not _stroma_own(store, "load")) else None
 
     async def checkpoint(self, run_id: str, node_id: str, state: BaseModel) -> None:
         # (A state's schema was declared when its plan was compiled.)
-        result = self._save(run_id, node_id, state)
+        result = self.save_checkpoint(run_id, node_id, state)
         if self.is_async or inspect.isawaitable(result):
             await result
 

@@ -261,3 +261,58 @@ async def test_a_subclass_that_overrides_only_the_shortcut_still_gets_it_called(
     store = Counting()
     await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
     assert seen == ["a", "b"] and store.load("r", "b") == S(n=11)
+
+
+class TwoTableStore:
+    """A store whose typed pair keeps its data apart from the untyped pair."""
+
+    def __init__(self) -> None:
+        self.untyped: dict[tuple[str, str], Any] = {}
+        self.typed: dict[tuple[str, str], tuple[str, type]] = {}
+        self.calls: list[str] = []
+
+    def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.calls.append("save")
+        self.untyped[run_id, node_id] = state.model_dump()
+
+    def load(self, run_id: str, node_id: str) -> Any:
+        self.calls.append("load")
+        return self.untyped.get((run_id, node_id))
+
+    def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
+        self.calls.append("save_typed")
+        self.typed[run_id, node_id] = (state.model_dump_json(), schema)
+
+    def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> Any:
+        self.calls.append("load_typed")
+        row = self.typed.get((run_id, node_id))
+        return None if row is None else schema.model_validate_json(row[0])
+
+    def delete(self, run_id: str) -> None:
+        pass
+
+
+class AsyncTwoTableStore(TwoTableStore):
+    async def save_typed(  # type: ignore[override]
+        self, run_id: str, node_id: str, state: BaseModel, schema: type
+    ) -> None:
+        super().save_typed(run_id, node_id, state, schema)
+
+
+@pytest.mark.parametrize("make", [TwoTableStore, AsyncTwoTableStore])
+async def test_a_store_with_save_typed_is_saved_to_with_it(
+    anyio_backend: str, make: Any
+) -> None:
+    """A store with save_typed gets save_typed(run_id, node_id, state, schema) for each
+    checkpoint (the state's own class as the schema), as it is loaded from with
+    load_typed: resume_from finds what the run saved."""
+    store = make()
+    await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    assert store.calls == ["save_typed", "save_typed"]
+    assert store.typed == {("r", "a"): ('{"n":1}', S), ("r", "b"): ('{"n":11}', S)}
+    await CheckpointManager(store).checkpoint("r", "x", S(n=5))
+    assert store.calls[-1] == "save_typed" and not store.untyped
+    again = await interpret(PLAN, S(n=0), store=store,
+                            config=RunConfig(run_id="r", resume_from="b"))
+    assert again.status is RunStatus.RESUMED and again.final_state == S(n=11)
+    assert store.calls[3] == "load_typed"
