@@ -7,6 +7,7 @@ Each case runs on asyncio and on trio (the stores here are plain Python).
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 import pytest
@@ -18,9 +19,11 @@ from stroma import (
     InMemoryStore,
     RunStatus,
     StromaRunner,
+    map_each,
+    parallel,
     seq,
 )
-from stroma.checkpoint import is_async_store
+from stroma.checkpoint import _resolve_schema, _schema_ref, is_async_store
 from stroma.errors import StoreError
 from stroma.runner import RunConfig, interpret
 
@@ -167,8 +170,6 @@ async def test_a_coroutine_from_a_sync_save_in_a_fan_out_child_is_a_store_error(
 ) -> None:
     """The same inside a sub-plan child of a map_each, whose commits go through the
     performer's async commit: a StoreError too, not a checkpoint lost."""
-    from stroma import map_each
-
     class Items(BaseModel):
         items: list[S]
 
@@ -316,3 +317,105 @@ async def test_a_store_with_save_typed_is_saved_to_with_it(
                             config=RunConfig(run_id="r", resume_from="b"))
     assert again.status is RunStatus.RESUMED and again.final_state == S(n=11)
     assert store.calls[3] == "load_typed"
+
+
+class SeedStyleStore:
+    """The first seed's custom backend, in memory: JSON beside a ``module:qualname``
+    reference, read back by ``_resolve_schema`` or by the seed's own importlib lookup."""
+
+    def __init__(self, lookup: str) -> None:
+        self.rows: dict[tuple[str, str], tuple[str, str]] = {}
+        self.lookup = lookup
+
+    def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self.rows[run_id, node_id] = (state.model_dump_json(), _schema_ref(type(state)))
+
+    def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        row = self.rows.get((run_id, node_id))
+        if row is None:
+            return None
+        if self.lookup == "resolve":
+            schema = _resolve_schema(row[1])
+        else:
+            module_name, qualname = row[1].split(":", 1)
+            schema = getattr(importlib.import_module(module_name), qualname)
+        return schema.model_validate_json(row[0])  # type: ignore[no-any-return]
+
+    def delete(self, run_id: str) -> None:
+        pass
+
+
+class Urls(BaseModel):
+    urls: list[str]
+
+
+class Url(BaseModel):
+    item: str
+
+
+class Page(BaseModel):
+    url: str
+    words: int
+
+
+class Left(BaseModel):
+    left: int
+
+
+class Right(BaseModel):
+    right: int
+
+
+@runner.node("fetch", input=Url, output=Page)
+async def fetch(u: Url) -> Page:
+    return Page(url=u.item, words=len(u.item))
+
+
+@runner.node("left", input=S, output=Left)
+async def left(s: S) -> Left:
+    return Left(left=s.n + 1)
+
+
+@runner.node("right", input=S, output=Right)
+async def right(s: S) -> Right:
+    return Right(right=s.n - 1)
+
+
+@runner.node("both", input=Urls, output=Urls)
+async def report(d: Urls) -> Urls:
+    return d
+
+
+class Sum(BaseModel):
+    left: int
+    right: int
+
+
+@runner.node("sum", input=Sum, output=S)
+async def total(s: Sum) -> S:
+    return S(n=s.left + s.right)
+
+
+@pytest.mark.parametrize("lookup", ["resolve", "importlib"])
+@pytest.mark.parametrize("kind", ["map_each", "parallel"])
+async def test_a_seed_style_store_loads_the_checkpoint_of_a_fan_out(
+    anyio_backend: str, lookup: str, kind: str
+) -> None:
+    """The checkpoint of a map_each or parallel step is a model stroma made
+    (``stroma.plan:<name>_<tag>``): a store written as the first seed says resolves its
+    reference (with ``_resolve_schema`` and with ``importlib``), so resume_from the step
+    after the group resumes from it."""
+    store = SeedStyleStore(lookup)
+    if kind == "map_each":
+        group: Any = map_each(fetch, over="urls", into="pages", input=Urls)
+        plan, state, after = seq(group, report), Urls(urls=["a", "bb"]), "both"
+    else:
+        group = parallel(left, right)
+        plan, state, after = seq(group, total), S(n=5), "sum"
+    first = await interpret(plan, state, store=store, config=RunConfig(run_id="m"))
+    (group_id, (_, ref)), _ = store.rows.items()  # (the group's, then the last step's)
+    assert group_id[1].startswith(kind) and ref.startswith("stroma.plan:")
+    assert _resolve_schema(ref).__qualname__ == ref.split(":", 1)[1]
+    again = await interpret(plan, state, store=store,
+                            config=RunConfig(run_id="m", resume_from=after))
+    assert again.status is RunStatus.RESUMED and again.final_state == first.final_state
