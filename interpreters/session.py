@@ -269,7 +269,8 @@ async def run_session(
     try:
         return await _session(plan, initial_state, machine, explicit_run_id, world)
     except BaseExceptionGroup as eg:
-        raise single_error(eg) from None
+        error = single_error(eg)
+        raise error from error.__cause__  # (its own cause kept: the store's error, say)
 
 
 async def _session(

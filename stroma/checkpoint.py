@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 from pydantic import BaseModel, ValidationError
 
 from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
-from stroma.errors import StoreError, StromaTypeError
+from stroma.errors import StoreError, StromaError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import _resolve_schema, _schema_ref, declare_schema, first_error
 
@@ -41,6 +41,7 @@ __all__ = (
     "awaitable_from_sync",
     "is_async_callable",
     "is_async_store",
+    "store_failed",
 )
 
 
@@ -143,6 +144,44 @@ def awaitable_from_sync(store: object, method: str, result: object, run_id: str,
     )
 
 
+# How stroma calls each store method (for the message when one fails).
+_CALLS = {
+    "save": "save(run_id, node_id, state)",
+    "save_typed": "save_typed(run_id, node_id, state, schema)",
+    "save_state_json": "save_state_json(run_id, node_id, data, schema)",
+    "load": "load(run_id, node_id)",
+    "load_typed": "load_typed(run_id, node_id, schema)",
+    "delete": "delete(run_id)",
+}
+
+
+def store_failed(store: object, method: str, exc: Exception, run_id: str,
+                 node_id: str | None = None) -> StoreError:
+    """The StoreError for a store method that raised ``exc`` (an exception of the store's
+    own, not stroma's): it names the store, the method, the run, the node and the error
+    (the caller chains it with ``from``). What was committed before stays committed."""
+    node = f", node {node_id!r}" if node_id is not None else ""
+    text = str(exc)
+    error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if method.startswith("save"):
+        after = (f"the checkpoint of {node_id!r} was not saved (the checkpoints saved "
+                 "before it are kept)")
+    elif method.startswith("load"):
+        after = "the checkpoint was not loaded"
+    else:
+        after = "the run's data may not have been deleted"
+    hint = ""
+    if isinstance(exc, KeyError) and method.startswith("load"):
+        hint = "; a store's load returns None for a checkpoint it does not have"
+    elif isinstance(exc, TypeError):
+        hint = (f"; stroma calls it as {_CALLS.get(method, method)}: check that the method "
+                "takes those arguments")
+    return StoreError(
+        f"{type(store).__name__}.{method}() raised for run {run_id!r}{node}: {error}; "
+        f"{after}{hint}"
+    )
+
+
 def _stroma_own(store: object, name: str) -> bool:
     """Whether the store's method ``name`` is one of stroma's built-in stores' own: not
     set on the instance, and not defined by a class of the user's (a subclass that
@@ -205,9 +244,14 @@ class CheckpointManager:
 
     async def checkpoint(self, run_id: str, node_id: str, state: BaseModel) -> None:
         # (A state's schema was declared when its plan was compiled.)
-        result = self.save_checkpoint(run_id, node_id, state)
-        if self.is_async or inspect.isawaitable(result):
-            await result
+        try:
+            result = self.save_checkpoint(run_id, node_id, state)
+            if self.is_async or inspect.isawaitable(result):
+                await result
+        except StromaError:
+            raise
+        except Exception as exc:
+            raise store_failed(self.store, self.save_name, exc, run_id, node_id) from exc
 
     async def resume(
         self, run_id: str, node_id: str, schema: type[BaseModel]
@@ -220,11 +264,16 @@ class CheckpointManager:
             )
         declare_schema(schema)
         load_typed = self._load_typed
-        result = (
-            load_typed(run_id, node_id, schema) if load_typed else self.store.load(run_id, node_id)
-        )
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = (load_typed(run_id, node_id, schema) if load_typed
+                      else self.store.load(run_id, node_id))
+            if inspect.isawaitable(result):
+                result = await result
+        except StromaError:
+            raise
+        except Exception as exc:
+            method = "load_typed" if load_typed else "load"
+            raise store_failed(self.store, method, exc, run_id, node_id) from exc
         if result is None or isinstance(result, schema):
             return result
         try:
@@ -241,9 +290,14 @@ class CheckpointManager:
             ) from None
 
     async def clear(self, run_id: str) -> None:
-        result = self.store.delete(run_id)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self.store.delete(run_id)
+            if inspect.isawaitable(result):
+                await result
+        except StromaError:
+            raise
+        except Exception as exc:
+            raise store_failed(self.store, "delete", exc, run_id) from exc
 
 
 def __getattr__(name: str) -> Any:

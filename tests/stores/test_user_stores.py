@@ -419,3 +419,143 @@ async def test_a_seed_style_store_loads_the_checkpoint_of_a_fan_out(
     again = await interpret(plan, state, store=store,
                             config=RunConfig(run_id="m", resume_from=after))
     assert again.status is RunStatus.RESUMED and again.final_state == first.final_state
+
+
+class BackendDown(Exception):
+    """A user's store's own error."""
+
+
+class FailingStore:
+    """A dict store whose methods fail as ``fail`` says: {method: exception to raise}."""
+
+    def __init__(self, fail: dict[str, BaseException], fail_at: str = "b") -> None:
+        self.d: dict[tuple[str, str], BaseModel] = {}
+        self.fail = fail
+        self.fail_at = fail_at
+
+    def _maybe(self, method: str, node_id: str | None = None) -> None:
+        exc = self.fail.get(method)
+        if exc is not None and node_id in (None, self.fail_at):
+            raise exc
+
+    def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+        self._maybe("save", node_id)
+        self.d[run_id, node_id] = state
+
+    def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        self._maybe("load")
+        return self.d[run_id, node_id]  # (raises KeyError for a checkpoint it lacks)
+
+    def delete(self, run_id: str) -> None:
+        self._maybe("delete")
+
+
+class AsyncFailingStore(FailingStore):
+    async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:  # type: ignore[override]
+        super().save(run_id, node_id, state)
+
+    async def load(self, run_id: str, node_id: str) -> BaseModel | None:  # type: ignore[override]
+        return super().load(run_id, node_id)
+
+    async def delete(self, run_id: str) -> None:  # type: ignore[override]
+        super().delete(run_id)
+
+
+@pytest.mark.parametrize("make", [FailingStore, AsyncFailingStore])
+async def test_a_store_s_own_save_error_is_a_store_error_and_loses_nothing(
+    anyio_backend: str, make: Any
+) -> None:
+    """A save raising the store's own error (OSError here) leaves interpret as a StoreError
+    naming the store, the method, the run, the node and the error, chained from it; the
+    checkpoints saved before are kept, and resume_from the failed node goes on from them."""
+    store = make({"save": OSError(28, "No space left on device")})
+    with pytest.raises(StoreError) as caught:
+        await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    message = str(caught.value)
+    assert f"{make.__name__}.save()" in message and "run 'r', node 'b'" in message
+    assert "OSError: [Errno 28] No space left on device" in message
+    assert isinstance(caught.value.__cause__, OSError)
+    assert store.d == {("r", "a"): S(n=1)}
+    store.fail = {}
+    again = await interpret(PLAN, S(n=0), store=store,
+                            config=RunConfig(run_id="r", resume_from="b"))
+    assert again.status is RunStatus.RESUMED and again.final_state == S(n=11)
+    assert store.d[("r", "b")] == S(n=11)
+
+
+@pytest.mark.parametrize("make", [FailingStore, AsyncFailingStore])
+async def test_a_store_s_own_load_and_delete_errors_are_store_errors(
+    anyio_backend: str, make: Any
+) -> None:
+    """load and delete raising the store's own error: StoreErrors naming the store, the
+    method, the run (and node), chained; a load's KeyError (the dict idiom) says to
+    return None for a checkpoint the store lacks."""
+    down = make({"load": BackendDown("connection refused"),
+                 "delete": BackendDown("connection refused")})
+    with pytest.raises(StoreError) as caught:
+        await interpret(PLAN, S(n=0), store=down,
+                        config=RunConfig(run_id="r", resume_from="b"))
+    assert f"{make.__name__}.load() raised for run 'r', node 'a'" in str(caught.value)
+    assert "BackendDown: connection refused" in str(caught.value)
+    assert isinstance(caught.value.__cause__, BackendDown)
+    with pytest.raises(StoreError, match=rf"{make.__name__}\.delete\(\) raised for run 'r'"):
+        await CheckpointManager(down).clear("r")
+
+    with pytest.raises(StoreError) as caught:
+        await interpret(PLAN, S(n=0), store=make({}),
+                        config=RunConfig(run_id="new", resume_from="b"))
+    assert "KeyError" in str(caught.value) and "returns None" in str(caught.value)
+    assert isinstance(caught.value.__cause__, KeyError)
+
+
+async def test_a_save_with_the_wrong_signature_is_a_store_error_saying_how_it_is_called(
+    anyio_backend: str,
+) -> None:
+    """A save that forgot node_id: a StoreError naming the store and how stroma calls
+    save (not a bare TypeError from inside stroma)."""
+
+    class WrongArity(FailingStore):
+        def save(self, run_id: str, state: BaseModel) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(StoreError) as caught:
+        await interpret(PLAN, S(n=0), store=WrongArity({}), config=RunConfig(run_id="r"))
+    assert "WrongArity.save()" in str(caught.value)
+    assert "save(run_id, node_id, state)" in str(caught.value)
+    assert isinstance(caught.value.__cause__, TypeError)
+
+
+class Interrupt(BaseException):
+    """Stands for KeyboardInterrupt (a BaseException that is no Exception)."""
+
+
+@pytest.mark.parametrize("exc", [Interrupt("stop"), KeyboardInterrupt()])
+async def test_a_base_exception_from_a_store_passes_through_untouched(
+    anyio_backend: str, exc: BaseException
+) -> None:
+    """A BaseException that is no Exception (the user's KeyboardInterrupt) raised by a
+    store's save leaves interpret as it is, not as a StoreError."""
+    store = FailingStore({"save": exc})
+    with pytest.raises(type(exc)) as caught:
+        await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    assert caught.value is exc
+    assert store.d == {("r", "a"): S(n=1)}
+
+
+@pytest.mark.parametrize("make", [FailingStore, AsyncFailingStore])
+async def test_a_store_s_own_save_error_in_a_fan_out_child_is_one_store_error(
+    anyio_backend: str, make: Any
+) -> None:
+    """The same inside the sub-plan children of a map_each (their commits go through the
+    performer's async commit): one StoreError, chained from the store's error."""
+
+    class Items(BaseModel):
+        items: list[S]
+
+    plan = map_each(seq(a, b), over="items", into="outs", input=Items)
+    store = make({"save": BackendDown("disk gone")})
+    with pytest.raises(StoreError) as caught:
+        await interpret(plan, Items(items=[S(n=1), S(n=2)]), store=store,
+                        config=RunConfig(run_id="m"))
+    assert f"{make.__name__}.save() raised for run 'm', node 'b'" in str(caught.value)
+    assert isinstance(caught.value.__cause__, BackendDown)
