@@ -276,6 +276,16 @@ class CheckpointManager:
             raise store_failed(self.store, method, exc, run_id, node_id) from exc
         if result is None or isinstance(result, schema):
             return result
+        if isinstance(result, str | bytes | bytearray):
+            method = "load_typed" if load_typed else "load"
+            raise StoreError(
+                f"{type(self.store).__name__}.{method}(), run {run_id!r}, node "
+                f"{node_id!r}, returned text (a {type(result).__name__}), not a checkpoint: "
+                f"{method} must return the model (a {schema.__name__}, or a dict of its "
+                f"fields), not its JSON: read the text back into its model first, e.g. "
+                f"{schema.__name__}.model_validate_json(text) (or the class of the "
+                "_schema_ref saved beside it, see _resolve_schema)"
+            )
         try:
             if isinstance(result, BaseModel):
                 return schema.model_validate(result.model_dump())

@@ -559,3 +559,37 @@ async def test_a_store_s_own_save_error_in_a_fan_out_child_is_one_store_error(
                         config=RunConfig(run_id="m"))
     assert f"{make.__name__}.save() raised for run 'm', node 'b'" in str(caught.value)
     assert isinstance(caught.value.__cause__, BackendDown)
+
+
+@pytest.mark.parametrize("text", [str, bytes])
+async def test_a_load_returning_json_text_is_told_to_return_the_model(
+    anyio_backend: str, text: Any
+) -> None:
+    """A load that returns the JSON text it saved (str or bytes): a StoreError saying load
+    must return the model (or a dict), not text, naming the store, the run and the node;
+    not one blaming another node's state or altered data."""
+
+    class JsonTextStore:
+        def __init__(self) -> None:
+            self.d: dict[tuple[str, str], Any] = {}
+
+        def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
+            dumped = state.model_dump_json()
+            self.d[run_id, node_id] = dumped if text is str else dumped.encode()
+
+        def load(self, run_id: str, node_id: str) -> Any:
+            return self.d.get((run_id, node_id))
+
+        def delete(self, run_id: str) -> None:
+            pass
+
+    store = JsonTextStore()
+    await interpret(PLAN, S(n=0), store=store, config=RunConfig(run_id="r"))
+    with pytest.raises(StoreError) as caught:
+        await interpret(PLAN, S(n=0), store=store,
+                        config=RunConfig(run_id="r", resume_from="b"))
+    message = str(caught.value)
+    assert "JsonTextStore.load(), run 'r', node 'a'" in message
+    assert f"(a {text.__name__})" in message
+    assert "must return the model" in message and "not its JSON" in message
+    assert "another node's state" not in message
