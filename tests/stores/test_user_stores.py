@@ -19,12 +19,14 @@ from stroma import (
     InMemoryStore,
     RunStatus,
     StromaRunner,
+    await_input,
     map_each,
     parallel,
+    send_input,
     seq,
 )
 from stroma.checkpoint import _resolve_schema, _schema_ref, is_async_store
-from stroma.errors import StoreError
+from stroma.errors import StoreError, StromaWarning
 from stroma.runner import RunConfig, interpret
 
 pytestmark = pytest.mark.anyio
@@ -593,3 +595,71 @@ async def test_a_load_returning_json_text_is_told_to_return_the_model(
     assert f"(a {text.__name__})" in message
     assert "must return the model" in message and "not its JSON" in message
     assert "another node's state" not in message
+
+
+class Approval(BaseModel):
+    ok: bool
+
+
+class Task(BaseModel):
+    n: int
+    approval: Approval | None = None
+
+
+@runner.node("prep", input=Task, output=Task)
+async def prep(t: Task) -> Task:
+    return t.model_copy(update={"n": t.n + 1})
+
+
+@runner.node("ship", input=Task, output=Task)
+async def ship(t: Task) -> Task:
+    return t
+
+
+WAITS = seq(prep, await_input("approval", Approval), ship)
+
+
+class DictStore(FailingStore):
+    def load(self, run_id: str, node_id: str) -> BaseModel | None:
+        return self.d.get((run_id, node_id))
+
+
+@pytest.mark.parametrize("run_id", ["task-1", None], ids=["explicit", "generated"])
+async def test_a_run_that_ends_waiting_on_a_store_without_a_log_warns(
+    anyio_backend: str, run_id: str | None
+) -> None:
+    """A run that ends WAITING on a user's store that keeps no log (save/load/delete only)
+    cannot be continued by send_input: a StromaWarning says so, naming the store and the
+    fix (a store that keeps logs; with this one, resume_from the wait with the input given
+    to interpret), and that fix goes on from the wait, running nothing before it."""
+    store = DictStore({})
+    config = RunConfig() if run_id is None else RunConfig(run_id=run_id)
+    with pytest.warns(StromaWarning) as caught:
+        first = await interpret(WAITS, Task(n=0), store=store, config=config)
+    assert first.status is RunStatus.WAITING
+    (warning,) = caught
+    message = str(warning.message)
+    assert f"run {first.run_id!r} ended WAITING" in message and "DictStore" in message
+    assert "keeps no run's log" in message and "send_input cannot reach the run" in message
+    assert "FileStore" in message and "resume_from='await_input(approval)'" in message
+
+    done = await interpret(WAITS, Task(n=0), store=store, inputs={"approval": {"ok": True}},
+                           config=RunConfig(run_id=first.run_id,
+                                            resume_from="await_input(approval)"))
+    assert done.status is RunStatus.RESUMED
+    assert done.final_state == Task(n=1, approval=Approval(ok=True))
+    assert [e.node_id for e in done.trace] == ["await_input(approval)", "ship"]  # no prep
+
+
+@pytest.mark.parametrize("make", [InMemoryStore, AsyncInMemoryStore])
+async def test_a_run_that_ends_waiting_on_a_store_with_a_log_does_not_warn(
+    anyio_backend: str, make: Any
+) -> None:
+    """The built-in stores keep the run's log: a run ending WAITING there warns of nothing
+    (pytest runs with -W error), and send_input then goes on from the wait."""
+    store = make()
+    first = await interpret(WAITS, Task(n=0), store=store, config=RunConfig(run_id="t"))
+    assert first.status is RunStatus.WAITING
+    await send_input(store, "t", "approval", {"ok": True})
+    done = await interpret(WAITS, Task(n=0), store=store, config=RunConfig(run_id="t"))
+    assert done.status is RunStatus.RESUMED
