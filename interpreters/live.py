@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from pydantic_core import from_json
 
 from stroma import effects as fx
+from stroma.checkpoint import awaitable_from_sync, store_failed
 from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
@@ -161,8 +162,8 @@ class LivePerformer:
         self.durable = recorder.store is not None
         # How a commit's checkpoint is saved when the store holds no log: the JSON text
         # the machine made (a store that takes it), a synchronous save, or an awaited one.
-        self.save_text = getattr(manager.store, "save_state_json", None)
-        self.save_sync = None if manager.is_async else manager.store.save
+        self.save_text = manager.save_json  # (None for a store whose save is overridden)
+        self.save_sync = None if manager.is_async else manager.save_checkpoint
         # A commit a synchronous store takes at once (no coroutine): what the loop calls
         # instead of ``commit`` when there is one.
         self.commit_now: Callable[[fx.Commit], None] | None = None
@@ -171,14 +172,31 @@ class LivePerformer:
         self.parent: tuple[Any, int, fx.RunPlan, datetime] | None = None
         if not self.durable and not manager.is_async:
             save_text, save_sync, rid = self.save_text, self.save_sync, run_id
+            store = manager.store
             if save_text is not None and not inspect.iscoroutinefunction(save_text):
                 def commit_now(eff: fx.Commit) -> None:
-                    save_text(rid, eff[0], eff[5], type(eff[8]))  # node_id, output, state
+                    try:  # (node_id, output, state)
+                        result = save_text(rid, eff[0], eff[5], type(eff[8]))
+                    except StromaError:
+                        raise
+                    except Exception as exc:  # (the store's own: a subclass's override)
+                        raise store_failed(store, "save_state_json", exc, rid,
+                                           eff[0]) from exc
+                    if result is not None:
+                        _sync_saved(store, result, rid, eff[0], "save_state_json")
             else:
                 assert save_sync is not None
+                name = manager.save_name
 
                 def commit_now(eff: fx.Commit) -> None:
-                    save_sync(rid, eff.node_id, eff.state)
+                    try:
+                        result = save_sync(rid, eff.node_id, eff.state)
+                    except StromaError:
+                        raise
+                    except Exception as exc:  # (the store's own error, its wrong signature)
+                        raise store_failed(store, name, exc, rid, eff.node_id) from exc
+                    if result is not None:  # (a coroutine: the save was not done)
+                        _sync_saved(store, result, rid, eff.node_id, name)
             self.commit_now = commit_now
         self.hooks = world.hooks
         # Each kind's hook function, looked up once (None where the hooks have none).
@@ -358,7 +376,8 @@ class LivePerformer:
                                     break
                             tg.start_soon(child, k, call, token)
         except BaseExceptionGroup as eg:
-            raise single_error(eg) from None
+            error = single_error(eg)
+            raise error from error.__cause__  # (its own cause kept: the store's error, say)
         end = self.timer()
         # Nothing failed, yet some children did not finish: the group's deadline passed
         # (or the budget was spent, and those were not started: then only if the deadline
@@ -508,11 +527,26 @@ class LivePerformer:
         if self.parent is not None and await self._kept_as_progress((eff.node_id, state)):
             return
         if self.save_text is not None:
-            result = self.save_text(self.run_id, eff.node_id, eff.output_state, type(state))
-            if result is not None:
-                await result
+            try:
+                result = self.save_text(self.run_id, eff.node_id, eff.output_state,
+                                        type(state))
+                if result is not None:
+                    await result
+            except StromaError:
+                raise
+            except Exception as exc:  # (the store's own: a subclass's override)
+                raise store_failed(self.store, "save_state_json", exc, self.run_id,
+                                   eff.node_id) from exc
         elif self.save_sync is not None:
-            self.save_sync(self.run_id, eff.node_id, state)
+            name = self.manager.save_name
+            try:
+                result = self.save_sync(self.run_id, eff.node_id, state)
+            except StromaError:
+                raise
+            except Exception as exc:
+                raise store_failed(self.store, name, exc, self.run_id, eff.node_id) from exc
+            if result is not None:
+                _sync_saved(self.store, result, self.run_id, eff.node_id, name)
         else:
             await self.manager.checkpoint(self.run_id, eff.node_id, state)
 
@@ -684,6 +718,14 @@ def _backend_clock() -> Callable[[], float]:
         except RuntimeError:  # not on trio either
             pass
     return anyio.current_time  # (made outside a run: looked up on every call)
+
+
+def _sync_saved(store: Any, result: Any, run_id: str, node_id: str,
+                method: str = "save") -> None:
+    """A synchronous store's ``save`` returned something: an awaitable is an error (it
+    was never awaited, so nothing was saved); anything else is ignored."""
+    if inspect.isawaitable(result):
+        raise awaitable_from_sync(store, method, result, run_id, node_id)
 
 
 def _pure(fn: Callable[[Any], Any], state: Any, step_id: str) -> Any:

@@ -39,6 +39,7 @@ from stroma.errors import (
     StromaTypeError,
     StromaWarning,
 )
+from stroma.inputs import pending_wait
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker, encode_effect, encode_event
 from stroma.machine import MachineConfig, advance, start
 from stroma.plan import Plan
@@ -269,7 +270,8 @@ async def run_session(
     try:
         return await _session(plan, initial_state, machine, explicit_run_id, world)
     except BaseExceptionGroup as eg:
-        raise single_error(eg) from None
+        error = single_error(eg)
+        raise error from error.__cause__  # (its own cause kept: the store's error, say)
 
 
 async def _session(
@@ -362,6 +364,7 @@ async def _session(
         # when the run ends WAITING (the id in its result is how send_input and the run
         # that goes on name it). Other runs with a generated id keep no log.
         attach = log_store is None and callable(getattr(store, "attach_log", None))
+        keeps_log = attach
         if attach and explicit_run_id:
             store.attach_log(run_id, recorder.log)
             recorder.keeps_partials = True
@@ -371,8 +374,11 @@ async def _session(
                                       prefilled=prefilled,
                                       hook_timeout_ms=state.config.hook_timeout_ms)
         result = await run_live(state, effects, recorder, performer)
-        if attach and result.status is RunStatus.WAITING:
-            store.attach_log(run_id, recorder.log)
+        if result.status is RunStatus.WAITING:
+            if attach:
+                store.attach_log(run_id, recorder.log)
+            elif log_store is None and not keeps_log:
+                _warn_waiting_without_log(store, run_id, result)
         return result
 
 
@@ -441,6 +447,33 @@ def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) 
         )
         RunLogger(_log, {"run_id": run_id}).warning("%s", message)
         warnings.warn(message, StromaWarning, stacklevel=2)
+
+
+def _warn_waiting_without_log(store: Any, run_id: str, result: ExecutionResult) -> None:
+    """A run ended WAITING on a store that keeps no run's log (a user's store with save,
+    load and delete only): nothing can go on from the wait, so say so, and the fix.
+    Logged, and a StromaWarning, so that it is seen with no logging set up."""
+    name = type(store).__name__
+    wait = _waiting_at(result)
+    message = (
+        f"run {run_id!r} ended WAITING for an input, but its store, a {name}, keeps no "
+        "run's log (it has save, load and delete, not append_log and read_log): "
+        "send_input cannot reach the run, and running the plan again with its run id "
+        "starts it over, re-running the steps before the wait. To go on from a wait, use "
+        "a store that keeps the run's log (FileStore, RedisStore, PostgresStore or the "
+        "in-memory stores); with this one, resume_from goes on from the checkpoints it "
+        "saved (a wait outside loops and fan-outs: "
+        f"RunConfig(run_id={run_id!r}, resume_from={wait!r}), the input given to "
+        "interpret(..., inputs={...}))"
+    )
+    RunLogger(_log, {"run_id": run_id}).warning("%s", message)
+    warnings.warn(message, StromaWarning, stacklevel=2)
+
+
+def _waiting_at(result: ExecutionResult) -> str:
+    """The step id of the wait a WAITING run stopped at (when it is one)."""
+    waits = [] if result.log is None else pending_wait(result.log)
+    return waits[0].step_id if len(waits) == 1 else "<the wait's step id>"
 
 
 def new_seed() -> int:

@@ -11,14 +11,14 @@ Stores that can claim a run for one worker implement ``lease``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
 from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
-from stroma.errors import StoreError, StromaTypeError
+from stroma.errors import StoreError, StromaError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import _resolve_schema, _schema_ref, declare_schema, first_error
 
@@ -38,7 +38,10 @@ __all__ = (
     "SyncRedisStore",
     "_resolve_schema",
     "_schema_ref",
+    "awaitable_from_sync",
+    "is_async_callable",
     "is_async_store",
+    "store_failed",
 )
 
 
@@ -95,7 +98,100 @@ class LeaseStore(Protocol):
 
 
 def is_async_store(store: object) -> bool:
-    return inspect.iscoroutinefunction(getattr(store, "save", None))
+    """Whether the store's ``save`` is asynchronous: an ``async def``, one under a
+    decorator that keeps ``__wrapped__`` (``functools.wraps``), or an object whose
+    ``__call__`` is one."""
+    return is_async_callable(getattr(store, "save", None))
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine, as far as can be told without calling it:
+    a coroutine function (a partial of one too), a function wrapping one with
+    ``functools.wraps``, or an object whose ``__call__`` is one of those."""
+    if fn is None:
+        return False
+    if inspect.iscoroutinefunction(fn):
+        return True
+    try:
+        unwrapped = inspect.unwrap(fn)  # type: ignore[arg-type]
+    except ValueError:  # (a cycle of __wrapped__)
+        unwrapped = fn
+    if unwrapped is not fn and inspect.iscoroutinefunction(unwrapped):
+        return True
+    if callable(fn) and not (inspect.isroutine(fn) or isinstance(fn, type)):
+        call = type(fn).__call__
+        return call is not fn and is_async_callable(call)
+    return False
+
+
+def awaitable_from_sync(store: object, method: str, result: object, run_id: str,
+                        node_id: str | None = None) -> StoreError:
+    """The error for a store method that was taken as synchronous (it is no coroutine
+    function) and returned an awaitable all the same: the awaitable is closed (never
+    awaited: what it would have done is not done) and the error says so, and the fix."""
+    close = getattr(result, "close", None)
+    if callable(close):
+        close()
+    node = f", node {node_id!r}" if node_id is not None else ""
+    return StoreError(
+        f"{type(store).__name__}.{method}(), run {run_id!r}{node}, returned an awaitable "
+        f"(a {type(result).__name__}), but the store was taken as synchronous: its "
+        f"{method} is not an async def (a decorator without functools.wraps hides one, or "
+        f"{method} is an object whose __call__ returns an awaitable), so nothing was "
+        f"awaited and the {method} did not happen. Make {method} an async def method of "
+        "the store, or decorate it with functools.wraps so that the async function "
+        "shows (or return None from a synchronous one)"
+    )
+
+
+# How stroma calls each store method (for the message when one fails).
+_CALLS = {
+    "save": "save(run_id, node_id, state)",
+    "save_typed": "save_typed(run_id, node_id, state, schema)",
+    "save_state_json": "save_state_json(run_id, node_id, data, schema)",
+    "load": "load(run_id, node_id)",
+    "load_typed": "load_typed(run_id, node_id, schema)",
+    "delete": "delete(run_id)",
+}
+
+
+def store_failed(store: object, method: str, exc: Exception, run_id: str,
+                 node_id: str | None = None) -> StoreError:
+    """The StoreError for a store method that raised ``exc`` (an exception of the store's
+    own, not stroma's): it names the store, the method, the run, the node and the error
+    (the caller chains it with ``from``). What was committed before stays committed."""
+    node = f", node {node_id!r}" if node_id is not None else ""
+    text = str(exc)
+    error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if method.startswith("save"):
+        after = (f"the checkpoint of {node_id!r} was not saved (the checkpoints saved "
+                 "before it are kept)")
+    elif method.startswith("load"):
+        after = "the checkpoint was not loaded"
+    else:
+        after = "the run's data may not have been deleted"
+    hint = ""
+    if isinstance(exc, KeyError) and method.startswith("load"):
+        hint = "; a store's load returns None for a checkpoint it does not have"
+    elif isinstance(exc, TypeError):
+        hint = (f"; stroma calls it as {_CALLS.get(method, method)}: check that the method "
+                "takes those arguments")
+    return StoreError(
+        f"{type(store).__name__}.{method}() raised for run {run_id!r}{node}: {error}; "
+        f"{after}{hint}"
+    )
+
+
+def _stroma_own(store: object, name: str) -> bool:
+    """Whether the store's method ``name`` is one of stroma's built-in stores' own: not
+    set on the instance, and not defined by a class of the user's (a subclass that
+    overrides it, or a store of the user's own)."""
+    if name in getattr(store, "__dict__", ()):
+        return False
+    for klass in type(store).__mro__:
+        if name in vars(klass):
+            return klass.__module__.startswith("interpreters.stores.")
+    return False
 
 
 class CheckpointManager:
@@ -119,14 +215,43 @@ class CheckpointManager:
                 "RedisStore(url) or your own class with those methods."
             )
         self.store: Any = store
-        self.is_async = is_async_store(store)
-        self._save = store.save  # type: ignore[attr-defined]
+        # Decided once, for every node. A store's own typed pair is used both ways: a
+        # store with ``save_typed`` (the optional one of API.md) is saved to with it, as
+        # it is loaded from with ``load_typed``, so a store that keeps the typed pair's
+        # data apart finds what it saved. A built-in store's shortcuts
+        # (``save_state_json``, which takes the JSON text the machine made, and
+        # ``load_typed``) are used only where they stand for the method they shortcut: a
+        # subclass that overrides ``save`` or ``load`` (to mirror each checkpoint
+        # somewhere, or read through to a durable copy) has its override called.
+        save_typed = getattr(store, "save_typed", None)
+        self.save_json: Any = None
+        if callable(save_typed) and not _stroma_own(store, "save_typed"):
+            def save(run_id: str, node_id: str, state: BaseModel) -> Any:
+                return save_typed(run_id, node_id, state, type(state))
+
+            self.save_checkpoint: Callable[[str, str, BaseModel], Any] = save
+            self.save_name = "save_typed"
+            self.is_async = is_async_callable(save_typed)
+        else:
+            self.save_checkpoint = store.save  # type: ignore[attr-defined]
+            self.save_name = "save"
+            self.is_async = is_async_store(store)
+            if _stroma_own(store, "save"):
+                self.save_json = getattr(store, "save_state_json", None)
+        load_typed = getattr(store, "load_typed", None)
+        self._load_typed: Any = load_typed if callable(load_typed) and not (
+            _stroma_own(store, "load_typed") and not _stroma_own(store, "load")) else None
 
     async def checkpoint(self, run_id: str, node_id: str, state: BaseModel) -> None:
         # (A state's schema was declared when its plan was compiled.)
-        result = self._save(run_id, node_id, state)
-        if self.is_async or inspect.isawaitable(result):
-            await result
+        try:
+            result = self.save_checkpoint(run_id, node_id, state)
+            if self.is_async or inspect.isawaitable(result):
+                await result
+        except StromaError:
+            raise
+        except Exception as exc:
+            raise store_failed(self.store, self.save_name, exc, run_id, node_id) from exc
 
     async def resume(
         self, run_id: str, node_id: str, schema: type[BaseModel]
@@ -138,14 +263,29 @@ class CheckpointManager:
                 f"(a {type(schema).__name__}): e.g. resume(run_id, {node_id!r}, MyState)"
             )
         declare_schema(schema)
-        load_typed = getattr(self.store, "load_typed", None)
-        result = (
-            load_typed(run_id, node_id, schema) if load_typed else self.store.load(run_id, node_id)
-        )
-        if inspect.isawaitable(result):
-            result = await result
+        load_typed = self._load_typed
+        try:
+            result = (load_typed(run_id, node_id, schema) if load_typed
+                      else self.store.load(run_id, node_id))
+            if inspect.isawaitable(result):
+                result = await result
+        except StromaError:
+            raise
+        except Exception as exc:
+            method = "load_typed" if load_typed else "load"
+            raise store_failed(self.store, method, exc, run_id, node_id) from exc
         if result is None or isinstance(result, schema):
             return result
+        if isinstance(result, str | bytes | bytearray):
+            method = "load_typed" if load_typed else "load"
+            raise StoreError(
+                f"{type(self.store).__name__}.{method}(), run {run_id!r}, node "
+                f"{node_id!r}, returned text (a {type(result).__name__}), not a checkpoint: "
+                f"{method} must return the model (a {schema.__name__}, or a dict of its "
+                f"fields), not its JSON: read the text back into its model first, e.g. "
+                f"{schema.__name__}.model_validate_json(text) (or the class of the "
+                "_schema_ref saved beside it, see _resolve_schema)"
+            )
         try:
             if isinstance(result, BaseModel):
                 return schema.model_validate(result.model_dump())
@@ -160,9 +300,14 @@ class CheckpointManager:
             ) from None
 
     async def clear(self, run_id: str) -> None:
-        result = self.store.delete(run_id)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self.store.delete(run_id)
+            if inspect.isawaitable(result):
+                await result
+        except StromaError:
+            raise
+        except Exception as exc:
+            raise store_failed(self.store, "delete", exc, run_id) from exc
 
 
 def __getattr__(name: str) -> Any:

@@ -1185,6 +1185,23 @@ def map_each(
 _MERGED: dict[tuple[Any, ...], type[BaseModel]] = {}
 
 
+def _generated(model: type[BaseModel]) -> type[BaseModel]:
+    """A schema stroma made, reachable as an attribute of this module by its qualname: a
+    checkpoint of it (a map_each's or parallel's state) is stored under the reference
+    ``stroma.plan:<qualname>``, which a store's loader (``_resolve_schema``, or
+    ``getattr(importlib.import_module(module), qualname)``) then finds in any process that
+    built the plan. (The qualname ends in a tag made from what the schema is made of, so
+    it names one schema; never one of this module's own names.)"""
+    name = model.__qualname__
+    if globals().get(name, model) is model or name in _GENERATED:
+        globals()[name] = model
+        _GENERATED.add(name)
+    return model
+
+
+_GENERATED: set[str] = set()
+
+
 def _tag(*parts: Any) -> str:
     """A short name for a derived schema that is the same in every process: it comes from
     the schemas (by reference) and names it is made of, so the logs that name it can be
@@ -1205,7 +1222,7 @@ def _merged_schema(schemas: tuple[type[BaseModel], ...]) -> type[BaseModel]:
     name = "Merged_" + "_".join(s.__name__ for s in schemas)
     model: type[BaseModel] = create_model(name, __module__=__name__, **fields)
     model.__qualname__ = f"{name}_{_tag('merged', *schemas)}"
-    _MERGED[schemas] = model
+    _MERGED[schemas] = _generated(model)
     return model
 
 
@@ -1219,7 +1236,7 @@ def _mapped_schema(base: type[BaseModel], into: str, item: type[BaseModel]) -> t
     name = f"{base.__name__}_with_{into}"
     model: type[BaseModel] = create_model(name, __module__=__name__, **fields)
     model.__qualname__ = f"{name}_{_tag('map', base, into, item)}"
-    _MERGED[key] = model
+    _MERGED[key] = _generated(model)
     return model
 
 
@@ -1256,7 +1273,7 @@ def _item_schema(schema: type[BaseModel], name: str) -> type[BaseModel] | None:
         fields: dict[str, Any] = {"item": (elem, ...)}
         cached = create_model(f"{schema.__name__}_{name}_item", __module__=__name__, **fields)
         cached.__qualname__ = f"{cached.__name__}_{_tag('item', schema, name)}"
-        _MERGED[key] = cached
+        _MERGED[key] = _generated(cached)
     return cached
 
 
@@ -1271,7 +1288,7 @@ def _common_schema(a: type[BaseModel], b: type[BaseModel]) -> type[BaseModel]:
         }
         cached = create_model(f"{a.__name__}_or_{b.__name__}", __module__=__name__, **fields)
         cached.__qualname__ = f"{cached.__name__}_{_tag('common', a, b)}"
-        _MERGED[key] = cached
+        _MERGED[key] = _generated(cached)
         _PARTS[cached] = (*_parts(a), *(p for p in _parts(b) if p not in _parts(a)))
     return cached
 
