@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
-from stroma.schemas import first_error, state_json
+from stroma.schemas import first_error, read_state, state_json
 
 __all__ = ("AsyncInMemoryStore", "InMemoryStore")
 
@@ -72,7 +72,7 @@ class _MemoryBase:
             return None
         cls = schema or self._types[run_id][node_id]
         try:
-            return cls.model_validate_json(text)
+            return read_state(cls, text)
         except ValidationError as e:  # (asked for as another schema than it was saved as)
             saved = self._types[run_id][node_id]
             raise StoreError(
