@@ -10,6 +10,7 @@ states and usage when its bar is clicked.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from html import escape
 from importlib import resources
@@ -138,6 +139,15 @@ def _waits_html(waits: Sequence[Wait]) -> str:
 _CHOICES = ("route", "until", "wait", "input")
 
 
+def _send_input_command(store: str, run_id: str, wait: Wait) -> str:
+    """The shell command that answers ``wait``, quoted as ``show`` quotes it: every
+    argument through ``shlex.quote``, so a run id or a store path holding spaces, quotes
+    or ``$(...)`` is pasted as one argument and never run as shell code. ``'JSON'`` is
+    the payload's placeholder."""
+    return (f"python -m stroma send-input {shlex.quote(store)} {shlex.quote(run_id)} "
+            f"{shlex.quote(wait.key)} 'JSON' --digest {shlex.quote(wait.digest)}")
+
+
 def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
     """A run: its facts, whether it replays clean, its timeline and its attempts.
 
@@ -163,8 +173,7 @@ def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
             f'<span class="waits" data-wait="{escape(w.key)}"><span class="mono">'
             f"{escape(w.key)}</span> ({escape(w.schema)}) at {escape(w.step_id + where)}, "
             f'digest <span class="mono">{escape(w.digest)}</span>; send it with '
-            f'<code>python -m stroma send-input {escape(store)} {escape(tl.run_id)} '
-            f"'{escape(w.key)}' JSON --digest {escape(w.digest)}</code></span>")))
+            f"<code>{escape(_send_input_command(store, tl.run_id, w))}</code></span>")))
     facts_html = "".join(f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in facts)
     choices = [m for m in tl.marks if m.kind in _CHOICES]
     choices_html = (

@@ -55,6 +55,32 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+ODD_WAITING = ("wait $(touch pwned)", "ann's <b>&amp; run")
+"""Run ids of WAITING agent runs that shell and HTML would take for code if not quoted."""
+
+
+@pytest.fixture(scope="session")
+def odd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FileStore whose path holds a space and a quote, with runs whose ids are hard to
+    show: the agent WAITING under each of ``ODD_WAITING``."""
+    path = tmp_path_factory.mktemp("odd") / "ann's store"
+
+    async def record() -> None:
+        fs = FileStore(path)
+        for run_id in ODD_WAITING:
+            await P.agent_run(fs, run_id)
+
+    run_in_thread(record)
+    return path
+
+
+@pytest.fixture(scope="session")
+def odd_url(odd_store: Path) -> Iterator[str]:
+    """The URL of `python -m stroma ui` serving ``odd_store``."""
+    with serving(str(odd_store)) as url:
+        yield url
+
+
 def run_in_thread(fn: Any, *args: Any, backend: str = "asyncio") -> None:
     """``anyio.run(fn, *args)`` in a thread of its own (Playwright's sync API keeps an event
     loop in the main one), raising what it raised."""

@@ -173,7 +173,7 @@ def test_a_loop_run_has_rows_per_iteration_and_marks_for_choices(
         ("route", AGENT_WAIT), ("wait", AGENT_WAIT)]
     facts = page.inner_text("#facts")
     assert f"{P.AGENT_KEY} (Approval) at {P.AGENT_WAIT} @agent#3" in facts
-    assert f"python -m stroma send-input {ui_store} agent '{P.AGENT_KEY}' JSON --digest" in facts
+    assert f"python -m stroma send-input {ui_store} agent '{P.AGENT_KEY}' 'JSON' --digest" in facts
     page.locator(f'#timeline svg rect.bar[data-row="{AGENT_WAIT}"]').click()
     assert page.inner_text("#detail-title") == f"{P.AGENT_WAIT} @agent#3 · attempt 1"
     assert page.inner_text("#detail-outcome") == "waiting"

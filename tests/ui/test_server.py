@@ -3,11 +3,17 @@ same pages over a Redis store."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from html import escape, unescape
 from pathlib import Path
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -17,7 +23,7 @@ import pytest
 from stroma import FileStore
 from tests.services import REDIS_URL, START_REDIS, drop_redis_prefix, require, unique
 from tests.timeline import pipelines as P
-from tests.ui.conftest import run_in_thread, serving
+from tests.ui.conftest import ODD_WAITING, ROOT, run_in_thread, serving
 
 MAP = "map_each(fetch, over=urls, into=pages)"
 
@@ -49,6 +55,35 @@ def test_unknown_run_is_a_404_page_saying_what_to_do(ui_url: str) -> None:
     assert answer.status_code == 404
     assert "There is no run &#x27;no-such-run&#x27;" in answer.text
     assert httpx.get(ui_url + "api/runs/no-such-run").status_code == 404
+
+
+def test_the_send_it_command_is_the_one_show_prints_shell_quoted(
+    odd_store: Path, odd_url: str, tmp_path: Path,
+) -> None:
+    """A WAITING run's page shows `show`'s send-input command (every argument shell-quoted),
+    HTML-escaped; pasted into a shell it passes the store path and the run id as one
+    argument each and runs nothing they hold (`$(touch pwned)` stays text)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for run_id in ODD_WAITING:
+        page = httpx.get(odd_url + "runs/" + quote(run_id, safe=""))
+        assert page.status_code == 200
+        found = re.search(r"<code>(.*?)</code>", page.text)
+        assert found is not None, page.text
+        shown = subprocess.run([sys.executable, "-m", "stroma", "show", str(odd_store), run_id],
+                               cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        command = shown.stdout.rstrip("\n").rsplit("\n", 1)[1].removeprefix("send it: ")
+        assert found.group(1) == escape(command)
+        digest = httpx.get(odd_url + "api/runs/" + quote(run_id, safe="")).json()[
+            "waiting_for"][0]["digest"]
+        # `python` as a shell function printing its arguments: the command's words as the
+        # shell splits them, without running stroma.
+        pasted = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" "$@"; }; ' +
+                                 unescape(found.group(1))],
+                                cwd=tmp_path, capture_output=True, text=True, check=True)
+        assert pasted.stdout.split("\0")[:-1] == [
+            "-m", "stroma", "send-input", str(odd_store), run_id, P.AGENT_KEY, "JSON",
+            "--digest", digest]
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_only_get_is_served(ui_url: str) -> None:
