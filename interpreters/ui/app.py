@@ -20,6 +20,7 @@ import errno
 import json
 import socket
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -83,9 +84,13 @@ def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None
         tl = await load(request.path_params["run_id"])
         if not isinstance(tl, Timeline):
             return problem(tl)
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in tl.run_id)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in tl.run_id) + ".svg"
+        # A header is Latin-1: an ASCII file name for every client, and the run id's own
+        # letters (percent-encoded UTF-8, RFC 5987) for those that read filename*.
+        plain = "".join(c if c.isascii() else "_" for c in name)
         return Response(timeline_svg(tl), media_type="image/svg+xml", headers={
-            "content-disposition": f'inline; filename="{name}.svg"'})
+            "content-disposition": f"inline; filename=\"{plain}\"; "
+                                   f"filename*=UTF-8''{quote(name, safe='')}"})
 
     async def api_runs(request: Request) -> Response:
         return JSONResponse([s.to_json() for s in await run_summaries(store)])

@@ -57,18 +57,22 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ODD_WAITING = ("wait $(touch pwned)", "ann's <b>&amp; run")
 """Run ids of WAITING agent runs that shell and HTML would take for code if not quoted."""
+NON_LATIN_1 = "résumé-日本"
+"""The id of a map run, with letters an HTTP header (Latin-1) cannot hold."""
 
 
 @pytest.fixture(scope="session")
 def odd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A FileStore whose path holds a space and a quote, with runs whose ids are hard to
-    show: the agent WAITING under each of ``ODD_WAITING``."""
+    show: the agent WAITING under each of ``ODD_WAITING`` and the map run as
+    ``NON_LATIN_1``."""
     path = tmp_path_factory.mktemp("odd") / "ann's store"
 
     async def record() -> None:
         fs = FileStore(path)
         for run_id in ODD_WAITING:
             await P.agent_run(fs, run_id)
+        await P.map_run(fs, NON_LATIN_1)
 
     run_in_thread(record)
     return path

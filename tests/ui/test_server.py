@@ -23,7 +23,7 @@ import pytest
 from stroma import FileStore
 from tests.services import REDIS_URL, START_REDIS, drop_redis_prefix, require, unique
 from tests.timeline import pipelines as P
-from tests.ui.conftest import ODD_WAITING, ROOT, run_in_thread, serving
+from tests.ui.conftest import NON_LATIN_1, ODD_WAITING, ROOT, run_in_thread, serving
 
 MAP = "map_each(fetch, over=urls, into=pages)"
 
@@ -47,6 +47,17 @@ def test_svg_and_json_of_a_run(ui_url: str) -> None:
     assert [r["key"] for r in data["rows"]] == [MAP, *(f"{MAP}[{j}]" for j in range(3))]
     runs = httpx.get(ui_url + "api/runs").json()
     assert {r["run_id"]: r["status"] for r in runs}["crashed"] == "running/crashed"
+
+
+def test_the_svg_of_a_run_whose_id_is_not_latin_1_downloads(odd_url: str) -> None:
+    """The SVG of a run whose id an HTTP header cannot hold is served with an ASCII file
+    name and the id's own letters as RFC 5987's filename* (was an HTTP 500)."""
+    svg = httpx.get(odd_url + "svg/" + quote(NON_LATIN_1, safe=""))
+    assert svg.status_code == 200
+    assert svg.headers["content-disposition"] == (
+        "inline; filename=\"r_sum_-__.svg\"; "
+        "filename*=UTF-8''r%C3%A9sum%C3%A9-%E6%97%A5%E6%9C%AC.svg")
+    assert ET.fromstring(svg.content).get("data-run") == NON_LATIN_1
 
 
 def test_unknown_run_is_a_404_page_saying_what_to_do(ui_url: str) -> None:
