@@ -113,8 +113,9 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def serving(store: str, *args: str) -> Iterator[str]:
-    """`python -m stroma ui STORE --port 0 ARGS` in a subprocess: its URL, until exit."""
+def serving(store: str, *args: str, stderr: list[str] | None = None) -> Iterator[str]:
+    """`python -m stroma ui STORE --port 0 ARGS` in a subprocess: its URL, until exit
+    (then what it wrote on its standard error is appended to ``stderr``, if given)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "stroma", "ui", store, "--port", "0", *args],
@@ -135,10 +136,12 @@ def serving(store: str, *args: str) -> Iterator[str]:
     finally:
         process.terminate()
         try:
-            process.communicate(timeout=20)
+            written = process.communicate(timeout=20)[1]
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            written = process.communicate()[1]
+        if stderr is not None:
+            stderr.append(written)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,11 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+from starlette.applications import Starlette
 
+from interpreters.ui.app import create_app
 from stroma import FileStore
+from stroma.errors import StoreError
 from tests.services import REDIS_URL, START_REDIS, drop_redis_prefix, require, unique
 from tests.timeline import pipelines as P
 from tests.ui.conftest import NON_LATIN_1, ODD_WAITING, ROOT, run_in_thread, serving
@@ -95,6 +98,103 @@ def test_the_send_it_command_is_the_one_show_prints_shell_quoted(
             "-m", "stroma", "send-input", str(odd_store), run_id, P.AGENT_KEY, "JSON",
             "--digest", digest]
     assert not (tmp_path / "pwned").exists()
+
+
+def get(app: Starlette, *paths: str) -> list[httpx.Response]:
+    """GET each of ``paths`` from ``app`` in this process; an exception the app lets out
+    (which uvicorn would log as a traceback) is raised here."""
+
+    async def each() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ui") as client:
+            return [await client.get(path) for path in paths]
+
+    return anyio.run(each)
+
+
+NO_RUN = ("runs/", "svg/", "runs/%00", "svg/%00")
+NO_RUN_API = ("api/runs/", "api/runs/%00")
+
+
+def test_a_path_naming_no_run_is_a_404_without_a_traceback(
+    odd_store: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An empty run id or one with a NUL is a 404 saying no run is named, JSON under
+    /api/; nothing is raised out of the app (which uvicorn would log as a traceback) and
+    nothing is logged (was a 503 "The store could not be read", in HTML under /api/)."""
+    app = create_app(FileStore(odd_store), "the store")
+    pages = get(app, *("/" + path for path in NO_RUN))
+    for path, answer in zip(NO_RUN, pages, strict=True):
+        assert answer.status_code == 404, path
+        assert answer.headers["content-type"].startswith("text/html")
+        assert "<h1>No such run</h1>" in answer.text
+        assert "pick one from the list of runs" in answer.text
+    assert "This path names no run (its run id is empty)" in pages[0].text
+    assert "There is no run &#x27;\\x00&#x27; in the store (a run id has no NUL" in pages[2].text
+    for path, answer in zip(NO_RUN_API, get(app, *("/" + p for p in NO_RUN_API)), strict=True):
+        assert answer.status_code == 404, path
+        assert "pick one from the list of runs" in answer.json()["error"]
+    assert not caplog.records
+
+
+class Unreachable:
+    """A store whose every read fails, as a store whose server is down does."""
+
+    async def read_log(self, run_id: str) -> None:
+        raise StoreError("ExampleStore.read_log: cannot reach 127.0.0.1:1 (connection "
+                         "refused): is the server up?")
+
+    async def list_runs(self) -> list[str]:
+        raise StoreError("ExampleStore.list_runs: cannot reach 127.0.0.1:1 (connection "
+                         "refused): is the server up?")
+
+
+def test_a_store_that_cannot_be_read_is_a_503_and_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store failure is a 503 page (JSON under /api/) with the store's message and
+    what to do, and one line in the log per request, not an exception out of the app."""
+    app = create_app(Unreachable(), "the store")
+    for path, api in (("/", False), ("/runs/r1", False), ("/svg/r1", False),
+                      ("/api/runs", True), ("/api/runs/r1", True)):
+        caplog.clear()
+        [answer] = get(app, path)
+        assert answer.status_code == 503, path
+        error = answer.json()["error"] if api else answer.text
+        assert "cannot reach 127.0.0.1:1 (connection refused): is the server up?" in error
+        assert "once the store can be read again, reload this page" in error
+        if not api:
+            assert "<h1>The store could not be read</h1>" in error
+        [record] = caplog.records
+        assert record.levelname == "ERROR" and record.exc_info is None
+        line = record.getMessage()
+        assert line.startswith(f"stroma ui: GET {path}: 503, the store could not be read: ")
+        assert "\n" not in line
+
+
+def test_the_terminal_gets_one_line_per_store_failure_and_no_traceback(
+    odd_store: Path, tmp_path: Path,
+) -> None:
+    """Served for real, paths naming no run are 404s and a run the store refuses to read
+    (its folder a planted symlink) a 503: the server's terminal shows one line for the
+    503 and no traceback."""
+    store = tmp_path / "store"
+    shutil.copytree(odd_store, store)
+    (tmp_path / "elsewhere").mkdir()
+    (store / "runs" / "linked").symlink_to(tmp_path / "elsewhere")
+    written: list[str] = []
+    with serving(str(store), stderr=written) as url:
+        for path in (*NO_RUN, *NO_RUN_API):
+            assert httpx.get(url + path).status_code == 404, path
+        refused = httpx.get(url + "api/runs/linked")
+        assert refused.status_code == 503
+        assert "a symlink was planted" in refused.json()["error"]
+    [terminal] = written
+    assert "Traceback" not in terminal
+    lines = [line for line in terminal.splitlines() if line.strip()]
+    assert [line.split("stroma ui: ", 1)[1].split(":", 1)[0] for line in lines
+            if "stroma ui: " in line] == ["GET /api/runs/linked"]
+    assert not [line for line in lines if "Exception" in line or line.startswith(" ")]
 
 
 def test_only_get_is_served(ui_url: str) -> None:
