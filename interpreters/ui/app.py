@@ -45,7 +45,7 @@ _log = logging.getLogger("uvicorn.error")  # where uvicorn logs the server's err
 def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None = None,
                ) -> Starlette:
     """The UI's app over ``store`` (already open; shown as ``label``)."""
-    from stroma.cli import damaged_hint, replay_check, run_summaries
+    from stroma.cli import _run_ids, damaged_hint, replay_check, run_summaries
 
     async def load(run_id: str) -> Timeline | tuple[int, str, str]:
         """The run's timeline, or (status code, title, message) saying why not."""
@@ -56,6 +56,12 @@ def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None
         try:
             log = await store.read_log(run_id)
             if log is None:
+                if run_id in await _run_ids(store):  # listed as "no log", as `show` says
+                    return 404, "The run has no log", (
+                        f"The run {run_id!r} in {label} has no log: it never recorded a "
+                        "step (it stopped before its first, or its log was emptied), so "
+                        "there is nothing to show; running it again with its run id starts "
+                        "it.")
                 return 404, "No such run", (f"There is no run {run_id!r} in {label}: pick "
                                             "one from the list of runs.")
             return timeline(log)

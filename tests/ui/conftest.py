@@ -59,13 +59,15 @@ ODD_WAITING = ("wait $(touch pwned)", "ann's <b>&amp; run")
 """Run ids of WAITING agent runs that shell and HTML would take for code if not quoted."""
 NON_LATIN_1 = "résumé-日本"
 """The id of a map run, with letters an HTTP header (Latin-1) cannot hold."""
+NO_LOG = ("emptied", "log-removed")
+"""Map runs whose log was emptied, or removed: the runs list shows them as "no log"."""
 
 
 @pytest.fixture(scope="session")
 def odd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A FileStore whose path holds a space and a quote, with runs whose ids are hard to
     show: the agent WAITING under each of ``ODD_WAITING`` and the map run as
-    ``NON_LATIN_1``."""
+    ``NON_LATIN_1`` and under each of ``NO_LOG``, its log emptied or removed."""
     path = tmp_path_factory.mktemp("odd") / "ann's store"
 
     async def record() -> None:
@@ -73,6 +75,10 @@ def odd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for run_id in ODD_WAITING:
             await P.agent_run(fs, run_id)
         await P.map_run(fs, NON_LATIN_1)
+        for run_id in NO_LOG:
+            await P.map_run(fs, run_id)
+        (path / "runs" / "emptied" / "log.jsonl").write_bytes(b"")
+        (path / "runs" / "log-removed" / "log.jsonl").unlink()
 
     run_in_thread(record)
     return path

@@ -26,7 +26,14 @@ from stroma import FileStore
 from stroma.errors import StoreError
 from tests.services import REDIS_URL, START_REDIS, drop_redis_prefix, require, unique
 from tests.timeline import pipelines as P
-from tests.ui.conftest import NON_LATIN_1, ODD_WAITING, ROOT, run_in_thread, serving
+from tests.ui.conftest import (
+    NO_LOG,
+    NON_LATIN_1,
+    ODD_WAITING,
+    ROOT,
+    run_in_thread,
+    serving,
+)
 
 MAP = "map_each(fetch, over=urls, into=pages)"
 
@@ -195,6 +202,26 @@ def test_the_terminal_gets_one_line_per_store_failure_and_no_traceback(
     assert [line.split("stroma ui: ", 1)[1].split(":", 1)[0] for line in lines
             if "stroma ui: " in line] == ["GET /api/runs/linked"]
     assert not [line for line in lines if "Exception" in line or line.startswith(" ")]
+
+
+def test_a_run_listed_as_no_log_opens_a_page_saying_it_has_no_log(odd_store: Path) -> None:
+    """A run the list shows as "no log" (its log emptied or removed) opens a 404 saying the
+    run has no log and how to start it, as `show` says, JSON under /api/ (was: "There is
+    no run ...", which sent the operator back to the list that has it)."""
+    app = create_app(FileStore(odd_store), "the store")
+    [listing] = get(app, "/")
+    for run_id in NO_LOG:
+        link = re.search(f'<tr data-run="{run_id}" data-status="no log"><td class="mono">'
+                         '<a href="([^"]+)">', listing.text)
+        assert link is not None, listing.text
+        page, api = get(app, link.group(1), "/api" + link.group(1))
+        assert page.status_code == api.status_code == 404
+        assert "<h1>The run has no log</h1>" in page.text
+        said = (f"The run {run_id!r} in the store has no log: it never recorded a step (it "
+                "stopped before its first, or its log was emptied), so there is nothing to "
+                "show; running it again with its run id starts it.")
+        assert escape(said) in page.text and api.json() == {"error": said}
+        assert "There is no run" not in page.text
 
 
 def test_only_get_is_served(ui_url: str) -> None:
