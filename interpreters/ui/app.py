@@ -7,6 +7,7 @@ Routes (all GET; nothing here writes to the store)::
     /svg/{run_id}          the run's timeline as a standalone SVG file
     /api/runs              the runs as JSON (see ``stroma.timeline.RunSummary.to_json``)
     /api/runs/{run_id}     the run's timeline as JSON (``Timeline.to_json``)
+    /favicon.ico           the UI's icon (an SVG; the pages also declare it inline)
 
 Run ids are percent-encoded in the path, so any id works; a path that names no run (an
 empty id, a NUL character) is a 404. Errors are pages saying what happened and what to
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from interpreters.ui.pages import error_page, run_page, runs_page
+from interpreters.ui.pages import ICON_SVG, error_page, run_page, runs_page
 from stroma.errors import LogCorrupted, StromaError
 from stroma.timeline import Timeline, json_safe, timeline
 
@@ -123,6 +124,10 @@ def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None
         return Response(json.dumps(json_safe(tl.to_json()), allow_nan=False, default=str),
                         media_type="application/json")
 
+    async def icon(request: Request) -> Response:
+        return Response(ICON_SVG, media_type="image/svg+xml",
+                        headers={"cache-control": "max-age=86400"})
+
     async def unreadable(request: Request, exc: Exception) -> Response:
         """A StromaError out of the store: a 503 page, and one line on the terminal
         (handled here, in Starlette's ExceptionMiddleware, it is not raised further)."""
@@ -149,6 +154,7 @@ def create_app(store: Any, label: str, *, plan: Any = None, plan_ref: str | None
             Route("/svg/{run_id:path}", svg, methods=["GET"]),
             Route("/api/runs", api_runs, methods=["GET"]),
             Route("/api/runs/{run_id:path}", api_run, methods=["GET"]),
+            Route("/favicon.ico", icon, methods=["GET"]),
         ],
         exception_handlers={StromaError: unreadable, Exception: failed},
     )

@@ -224,6 +224,19 @@ def test_a_run_listed_as_no_log_opens_a_page_saying_it_has_no_log(odd_store: Pat
         assert "There is no run" not in page.text
 
 
+def test_the_icon_is_declared_by_each_page_and_served_at_favicon_ico(ui_url: str) -> None:
+    """Each page's head declares the UI's SVG icon as a data: URL, and /favicon.ico
+    serves the same SVG (was a 404 on every page, a browser console error)."""
+    icon = httpx.get(ui_url + "favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert ET.fromstring(icon.content).tag == "{http://www.w3.org/2000/svg}svg"
+    link = (f'<link rel="icon" type="image/svg+xml" href="data:image/svg+xml,'
+            f'{escape(quote(icon.text))}">')
+    for path in ("", "runs/map", "runs/no-such-run"):
+        head = httpx.get(ui_url + path).text.split("</head>", 1)[0]
+        assert link in head, path
+
+
 def test_only_get_is_served(ui_url: str) -> None:
     """The UI is read-only: any other method is refused (405)."""
     for method in ("POST", "PUT", "DELETE"):
