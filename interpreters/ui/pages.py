@@ -10,6 +10,7 @@ states and usage when its bar is clicked.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from html import escape
 from importlib import resources
@@ -18,11 +19,27 @@ from urllib.parse import quote, urlencode
 from stroma.svg import timeline_svg
 from stroma.timeline import RUNNING_OR_CRASHED, RunSummary, Timeline, Wait, json_safe
 
-__all__ = ("STATUS_ORDER", "error_page", "run_page", "run_url", "runs_page", "svg_url")
+__all__ = ("ICON_SVG", "STATUS_ORDER", "error_page", "run_page", "run_url", "runs_page",
+           "svg_url")
 
 STATUS_ORDER = ("COMPLETED", "RESUMED", "WAITING", RUNNING_OR_CRASHED, "PARTIAL", "FAILED",
                 "damaged", "no log")
 """The order of the status filters on the runs page (others follow, sorted)."""
+
+
+ICON_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    '<rect width="16" height="16" rx="3" fill="#1f2328"/>'
+    '<rect x="2" y="3" width="6" height="3" fill="#2e7d32"/>'
+    '<rect x="5" y="7" width="4" height="3" fill="#ef6c00"/>'
+    '<rect x="10" y="7" width="4" height="3" fill="#2e7d32"/>'
+    '<rect x="3" y="11" width="8" height="3" fill="#00838f"/></svg>'
+)
+"""The UI's icon: three rows of attempt bars. Each page declares it inline (a data: URL),
+so a browser asks for no /favicon.ico (whose 404 was a console error on every page); the
+app serves it there too, for its JSON and SVG files."""
+
+_ICON_LINK = f'<link rel="icon" type="image/svg+xml" href="data:image/svg+xml,{quote(ICON_SVG)}">'
 
 
 def _static(name: str) -> str:
@@ -70,7 +87,7 @@ def _page(title: str, store: str, body: str, *, script: str = "") -> str:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)} · stroma</title><style>{_CSS}</style></head><body>"
+        f"{_ICON_LINK}<title>{escape(title)} · stroma</title><style>{_CSS}</style></head><body>"
         f'<header class="top"><a class="brand" href="/">stroma</a>'
         f'<span class="store" title="the store this UI reads">{escape(store)}</span>'
         '<span class="ro">read-only: this UI never writes to the store</span></header>'
@@ -138,6 +155,15 @@ def _waits_html(waits: Sequence[Wait]) -> str:
 _CHOICES = ("route", "until", "wait", "input")
 
 
+def _send_input_command(store: str, run_id: str, wait: Wait) -> str:
+    """The shell command that answers ``wait``, quoted as ``show`` quotes it: every
+    argument through ``shlex.quote``, so a run id or a store path holding spaces, quotes
+    or ``$(...)`` is pasted as one argument and never run as shell code. ``'JSON'`` is
+    the payload's placeholder."""
+    return (f"python -m stroma send-input {shlex.quote(store)} {shlex.quote(run_id)} "
+            f"{shlex.quote(wait.key)} 'JSON' --digest {shlex.quote(wait.digest)}")
+
+
 def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
     """A run: its facts, whether it replays clean, its timeline and its attempts.
 
@@ -163,8 +189,7 @@ def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
             f'<span class="waits" data-wait="{escape(w.key)}"><span class="mono">'
             f"{escape(w.key)}</span> ({escape(w.schema)}) at {escape(w.step_id + where)}, "
             f'digest <span class="mono">{escape(w.digest)}</span>; send it with '
-            f'<code>python -m stroma send-input {escape(store)} {escape(tl.run_id)} '
-            f"'{escape(w.key)}' JSON --digest {escape(w.digest)}</code></span>")))
+            f"<code>{escape(_send_input_command(store, tl.run_id, w))}</code></span>")))
     facts_html = "".join(f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in facts)
     choices = [m for m in tl.marks if m.kind in _CHOICES]
     choices_html = (

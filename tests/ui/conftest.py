@@ -55,6 +55,42 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+ODD_WAITING = ("wait $(touch pwned)", "ann's <b>&amp; run")
+"""Run ids of WAITING agent runs that shell and HTML would take for code if not quoted."""
+NON_LATIN_1 = "résumé-日本"
+"""The id of a map run, with letters an HTTP header (Latin-1) cannot hold."""
+NO_LOG = ("emptied", "log-removed")
+"""Map runs whose log was emptied, or removed: the runs list shows them as "no log"."""
+
+
+@pytest.fixture(scope="session")
+def odd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FileStore whose path holds a space and a quote, with runs whose ids are hard to
+    show: the agent WAITING under each of ``ODD_WAITING`` and the map run as
+    ``NON_LATIN_1`` and under each of ``NO_LOG``, its log emptied or removed."""
+    path = tmp_path_factory.mktemp("odd") / "ann's store"
+
+    async def record() -> None:
+        fs = FileStore(path)
+        for run_id in ODD_WAITING:
+            await P.agent_run(fs, run_id)
+        await P.map_run(fs, NON_LATIN_1)
+        for run_id in NO_LOG:
+            await P.map_run(fs, run_id)
+        (path / "runs" / "emptied" / "log.jsonl").write_bytes(b"")
+        (path / "runs" / "log-removed" / "log.jsonl").unlink()
+
+    run_in_thread(record)
+    return path
+
+
+@pytest.fixture(scope="session")
+def odd_url(odd_store: Path) -> Iterator[str]:
+    """The URL of `python -m stroma ui` serving ``odd_store``."""
+    with serving(str(odd_store)) as url:
+        yield url
+
+
 def run_in_thread(fn: Any, *args: Any, backend: str = "asyncio") -> None:
     """``anyio.run(fn, *args)`` in a thread of its own (Playwright's sync API keeps an event
     loop in the main one), raising what it raised."""
@@ -83,8 +119,9 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def serving(store: str, *args: str) -> Iterator[str]:
-    """`python -m stroma ui STORE --port 0 ARGS` in a subprocess: its URL, until exit."""
+def serving(store: str, *args: str, stderr: list[str] | None = None) -> Iterator[str]:
+    """`python -m stroma ui STORE --port 0 ARGS` in a subprocess: its URL, until exit
+    (then what it wrote on its standard error is appended to ``stderr``, if given)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "stroma", "ui", store, "--port", "0", *args],
@@ -105,10 +142,12 @@ def serving(store: str, *args: str) -> Iterator[str]:
     finally:
         process.terminate()
         try:
-            process.communicate(timeout=20)
+            written = process.communicate(timeout=20)[1]
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            written = process.communicate()[1]
+        if stderr is not None:
+            stderr.append(written)
 
 
 @pytest.fixture(scope="session")

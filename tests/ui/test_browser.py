@@ -173,7 +173,7 @@ def test_a_loop_run_has_rows_per_iteration_and_marks_for_choices(
         ("route", AGENT_WAIT), ("wait", AGENT_WAIT)]
     facts = page.inner_text("#facts")
     assert f"{P.AGENT_KEY} (Approval) at {P.AGENT_WAIT} @agent#3" in facts
-    assert f"python -m stroma send-input {ui_store} agent '{P.AGENT_KEY}' JSON --digest" in facts
+    assert f"python -m stroma send-input {ui_store} agent '{P.AGENT_KEY}' 'JSON' --digest" in facts
     page.locator(f'#timeline svg rect.bar[data-row="{AGENT_WAIT}"]').click()
     assert page.inner_text("#detail-title") == f"{P.AGENT_WAIT} @agent#3 · attempt 1"
     assert page.inner_text("#detail-outcome") == "waiting"
@@ -181,3 +181,18 @@ def test_a_loop_run_has_rows_per_iteration_and_marks_for_choices(
     assert json.loads(page.inner_text("#detail-input"))["hits"] == [{"hit": "X"},
                                                                     {"hit": "Y"}]
     page.screenshot(path=str(screenshots / "run-agent.png"), full_page=True)
+
+
+def test_pages_load_without_console_errors(page: Any, ui_url: str) -> None:
+    """The runs page and run pages load with no console message, no page error and no
+    failed request: no 404 for /favicon.ico (the pages declare their icon inline)."""
+    messages: list[str] = []
+    page.on("console", lambda m: messages.append(f"{m.type}: {m.text} ({page.url})"))
+    page.on("pageerror", lambda e: messages.append(f"pageerror: {e} ({page.url})"))
+    page.on("response", lambda r: r.status >= 400 and messages.append(f"{r.status} {r.url}"))
+    page.on("requestfailed", lambda r: messages.append(f"failed: {r.url}"))
+    for path in ("", "runs/map", "runs/agent"):
+        # networkidle: the favicon is fetched after the load event, by then it is done
+        page.goto(ui_url + path, wait_until="networkidle")
+        assert page.locator("main h1").count() == 1
+    assert messages == []
