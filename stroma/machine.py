@@ -576,7 +576,7 @@ _UNSTORABLE_NAMES = (
 )
 
 
-def read_back(what: str, schema: type[BaseModel], text: bytes) -> BaseModel | fx.ErrorInfo:
+def _read_back(what: str, schema: type[BaseModel], text: bytes) -> BaseModel | fx.ErrorInfo:
     """An output of a schema whose JSON may not read back as itself (``reads_back``), as
     its JSON reads back: the state a resume or a replay of the run goes on with, so the
     live run goes on with it too. Or the error the attempt fails with, when the JSON does
@@ -647,8 +647,8 @@ def start(plan: Plan, initial_state: BaseModel, config: MachineConfig) -> Out:
     text = _json(initial_state)
     if isinstance(text, fx.ErrorInfo):
         raise StromaError(f"initial_state: {text.message}")
-    if not reads_back(type(initial_state)):  # (the state a resume goes on with: see read_back)
-        back = read_back("the initial state", type(initial_state), text)
+    if not reads_back(type(initial_state)):  # (the state a resume goes on with: see _read_back)
+        back = _read_back("the initial state", type(initial_state), text)
         if isinstance(back, fx.ErrorInfo):
             raise StateNotSerializable(f"{back.message}; nothing was run")
         initial_state = back
@@ -1048,7 +1048,7 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
                 if schema in EXACT_SCHEMAS or reads_back(schema):
                     return _succeeded(s, out, text, schema, started_at, duration, tokens,
                                       cost)
-                back = read_back(f"the output of node {step.node_id!r}", schema, text)
+                back = _read_back(f"the output of node {step.node_id!r}", schema, text)
                 if not isinstance(back, fx.ErrorInfo):
                     return _succeeded(s, back, text, schema, started_at, duration, tokens,
                                       cost)

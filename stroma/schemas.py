@@ -34,6 +34,7 @@ from stroma.errors import (
 )
 
 __all__ = (
+    "EXACT_SCHEMAS",
     "_resolve_schema",
     "_schema_ref",
     "declare_schema",
