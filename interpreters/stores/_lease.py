@@ -24,18 +24,29 @@ still exclude each other (``RunLocked``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 
 from stroma.errors import RunLocked, StoreError
 
-__all__ = ("LeaseLost", "hold_lease", "locked", "new_holder", "worker_id")
+__all__ = (
+    "LeaseLost",
+    "hold_lease",
+    "locked",
+    "loop_gone",
+    "new_holder",
+    "session_loop",
+    "worker_id",
+)
 
 _log = logging.getLogger("stroma.stores")
 
@@ -62,6 +73,26 @@ def worker_id() -> str:
 def new_holder() -> str:
     """A holder name for one lease session: this process's worker id and a fresh nonce."""
     return f"{worker_id()}/{secrets.token_hex(4)}"
+
+
+def session_loop() -> Any:
+    """A weak reference to the running asyncio event loop, or None (trio unwinds an
+    interrupted session itself)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return weakref.ref(loop)
+
+
+def loop_gone(ref: Any) -> bool:
+    """Whether the event loop ``ref`` (from ``session_loop``) is closed or gone: a session
+    of that loop that has not ended was cut off (an interrupt left the loop before the
+    session could end) and never runs again. False for None (no asyncio loop)."""
+    if ref is None:
+        return False
+    loop = ref()
+    return loop is None or loop.is_closed()
 
 
 def locked(run_id: str, holder: str) -> RunLocked:
