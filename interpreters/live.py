@@ -138,6 +138,11 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+def _said(exc: BaseException) -> str:
+    """``Type: message`` of an exception (its message as error_info makes it)."""
+    return f"{type(exc).__name__}: {error_info(exc).message}"
+
+
 class LivePerformer:
     """Turns effects into events by doing them."""
 
@@ -250,7 +255,18 @@ class LivePerformer:
                 raw = await (fn(given, ctx) if node.takes_context else fn(given))
             else:
                 with anyio.move_on_after(timeout_ms / 1000) as scope:
-                    raw = await (fn(given, ctx) if node.takes_context else fn(given))
+                    try:
+                        raw = await (fn(given, ctx) if node.takes_context else fn(given))
+                    except Exception as exc:
+                        if not scope.cancel_called:
+                            raise
+                        # Cancelled by its timeout, the node raised an error of its own
+                        # (an HTTP client's when its call is cut off, a failed cleanup):
+                        # the timeout is what happened, and it says what the node raised.
+                        raise TimeoutError(
+                            f"node {node_id!r} timed out after {timeout_ms} ms and was "
+                            f"cancelled (it then raised {_said(exc)})"
+                        ) from exc
                 # cancel_called, not cancelled_caught: a node that swallowed the
                 # cancellation and returned late has timed out all the same.
                 if scope.cancel_called:
