@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from math import inf
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -324,6 +325,10 @@ class LivePerformer:
             for k, o in enumerate(outcomes):
                 if o is not None:
                     count(eff.calls[k], o)
+        # The group's deadline (on the event loop's clock), and whether a child returned
+        # after it: one that shielded or swallowed the cancellation, or blocked the loop.
+        deadline = inf
+        late = [False]
         try:
             async with anyio.create_task_group() as tg:
 
@@ -339,6 +344,8 @@ class LivePerformer:
                             limiter.release_on_behalf_of(token)
                         raise
                     outcomes[k] = outcome
+                    if deadline != inf and anyio.current_time() >= deadline:
+                        late[0] = True
                     fails = child_fails(group, call, outcome)
                     if fails:
                         failed[0] = True
@@ -355,7 +362,8 @@ class LivePerformer:
                             await self.recorder.flush_partial(eff.indices[k], call, outcome)
 
                 if eff.timeout_ms is not None:
-                    tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
+                    deadline = anyio.current_time() + eff.timeout_ms / 1000
+                    tg.cancel_scope.deadline = deadline
                 if not (failed[0] or spent[2]):
                     for k, call in enumerate(eff.calls):
                         if outcomes[k] is None:
@@ -378,9 +386,12 @@ class LivePerformer:
         end = self.timer()
         # Nothing failed, yet some children did not finish: the group's deadline passed
         # (or the budget was spent, and those were not started: then only if the deadline
-        # cancelled the group all the same).
-        deadline_passed = (eff.timeout_ms is not None and not failed[0] and None in outcomes
-                           and (not spent[2] or tg.cancel_scope.cancel_called))
+        # cancelled the group all the same). Or they all finished, one of them after the
+        # deadline: the group's timeout passed all the same, as a node's does.
+        deadline_passed = eff.timeout_ms is not None and not failed[0] and (
+            late[0]
+            or (None in outcomes and (not spent[2] or tg.cancel_scope.cancel_called))
+        )
         for k in range(n):
             if outcomes[k] is None:
                 b = began[k]
