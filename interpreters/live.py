@@ -343,9 +343,13 @@ class LivePerformer:
                         if limiter is not None:
                             limiter.release_on_behalf_of(token)
                         raise
+                    if deadline != inf:
+                        if anyio.current_time() >= deadline:
+                            late[0] = True
+                        if (type(outcome) is fx.NodeRaised and not failed[0]
+                                and tg.cancel_scope.cancel_called):
+                            outcome = self._cut_off(eff, call, outcome)
                     outcomes[k] = outcome
-                    if deadline != inf and anyio.current_time() >= deadline:
-                        late[0] = True
                     fails = child_fails(group, call, outcome)
                     if fails:
                         failed[0] = True
@@ -407,6 +411,22 @@ class LivePerformer:
                 )
         self._running_children.clear()
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
+
+    @staticmethod
+    def _cut_off(eff: fx.CallParallel, call: fx.CallNode, raised: fx.NodeRaised,
+                 ) -> fx.NodeRaised:
+        """A node child that the group's deadline cancelled and that raised an error of its
+        own (an HTTP client's when cut off): a TimeoutError of the group, which says what
+        the child raised (a TimeoutError, its own timeout's, stays as it is)."""
+        error = raised.error
+        if "builtins.TimeoutError" in error.type_names:
+            return raised
+        timeout = TimeoutError(
+            f"{eff.step_id!r} timed out after {eff.timeout_ms} ms and was cancelled (its "
+            f"child {call.node_id!r} then raised {error.short})"
+        )
+        timeout.__cause__ = error.exc
+        return raised._replace(error=error_info(timeout))
 
     async def call_child(self, k: int, call: Any, merged: bool = False,
                          index: int | None = None,

@@ -421,6 +421,40 @@ async def test_a_map_item_returning_after_the_groups_deadline_is_a_timeout_and_i
 
 
 @pytest.mark.anyio
+async def test_a_child_turning_its_groups_timeout_into_another_error_is_a_timeout(
+    anyio_backend: str,
+) -> None:
+    """A child that its group's deadline cancels and that then raises an error of its own
+    (an HTTP client's ConnectionError) fails the group's attempt with a TimeoutError of the
+    group (RECOVERABLE), naming the child and its error; it used to be the child's error
+    (AMBIGUOUS), with the timeout gone from the trace."""
+    script = Script()
+
+    async def quick(s: Num) -> dict[str, int]:
+        return {"a": 1}
+
+    async def fetch(s: Num) -> dict[str, int]:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise ConnectionError("connection closed") from None
+        return {"b": 2}
+
+    plan = seq(parallel(script.node("quick", Num, field_model("a"), quick),
+                        script.node("fetch", Num, field_model("b"), fetch)))
+    plan = plan.with_timeout("parallel(quick, fetch)", 5)
+    result = await interpret(plan, Num(value=1), config=RunConfig(policy_map=NO_RETRY))
+    assert result.status is RunStatus.PARTIAL
+    [event] = list(result.trace)
+    assert event.failure is FailureClass.RECOVERABLE
+    assert event.failure_message == (
+        "'parallel(quick, fetch)' timed out after 5 ms and was cancelled (its child "
+        "'fetch' then raised ConnectionError: connection closed)")
+    replayed = await replay(plan, result.log)
+    assert replayed.trace.diff(result.trace) == []
+
+
+@pytest.mark.anyio
 async def test_a_group_whose_children_return_within_its_timeout_completes(
     anyio_backend: str,
 ) -> None:
