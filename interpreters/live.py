@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from math import inf
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -137,6 +138,11 @@ def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def _said(exc: BaseException) -> str:
+    """``Type: message`` of an exception (its message as error_info makes it)."""
+    return f"{type(exc).__name__}: {error_info(exc).message}"
 
 
 class LivePerformer:
@@ -268,7 +274,18 @@ class LivePerformer:
                 raw = await (fn(given, ctx) if node.takes_context else fn(given))
             else:
                 with anyio.move_on_after(timeout_ms / 1000) as scope:
-                    raw = await (fn(given, ctx) if node.takes_context else fn(given))
+                    try:
+                        raw = await (fn(given, ctx) if node.takes_context else fn(given))
+                    except Exception as exc:
+                        if not scope.cancel_called:
+                            raise
+                        # Cancelled by its timeout, the node raised an error of its own
+                        # (an HTTP client's when its call is cut off, a failed cleanup):
+                        # the timeout is what happened, and it says what the node raised.
+                        raise TimeoutError(
+                            f"node {node_id!r} timed out after {timeout_ms} ms and was "
+                            f"cancelled (it then raised {_said(exc)})"
+                        ) from exc
                 # cancel_called, not cancelled_caught: a node that swallowed the
                 # cancellation and returned late has timed out all the same.
                 if scope.cancel_called:
@@ -326,6 +343,10 @@ class LivePerformer:
             for k, o in enumerate(outcomes):
                 if o is not None:
                     count(eff.calls[k], o)
+        # The group's deadline (on the event loop's clock), and whether a child returned
+        # after it: one that shielded or swallowed the cancellation, or blocked the loop.
+        deadline = inf
+        late = [False]
         try:
             async with anyio.create_task_group() as tg:
 
@@ -340,6 +361,12 @@ class LivePerformer:
                         if limiter is not None:
                             limiter.release_on_behalf_of(token)
                         raise
+                    if deadline != inf:
+                        if anyio.current_time() >= deadline:
+                            late[0] = True
+                        if (type(outcome) is fx.NodeRaised and not failed[0]
+                                and tg.cancel_scope.cancel_called):
+                            outcome = self._cut_off(eff, call, outcome)
                     outcomes[k] = outcome
                     fails = child_fails(group, call, outcome)
                     if fails:
@@ -357,7 +384,8 @@ class LivePerformer:
                             await self.recorder.flush_partial(eff.indices[k], call, outcome)
 
                 if eff.timeout_ms is not None:
-                    tg.cancel_scope.deadline = anyio.current_time() + eff.timeout_ms / 1000
+                    deadline = anyio.current_time() + eff.timeout_ms / 1000
+                    tg.cancel_scope.deadline = deadline
                 if not (failed[0] or spent[2]):
                     for k, call in enumerate(eff.calls):
                         if outcomes[k] is None:
@@ -381,9 +409,12 @@ class LivePerformer:
         end = self.timer()
         # Nothing failed, yet some children did not finish: the group's deadline passed
         # (or the budget was spent, and those were not started: then only if the deadline
-        # cancelled the group all the same).
-        deadline_passed = (eff.timeout_ms is not None and not failed[0] and None in outcomes
-                           and (not spent[2] or tg.cancel_scope.cancel_called))
+        # cancelled the group all the same). Or they all finished, one of them after the
+        # deadline: the group's timeout passed all the same, as a node's does.
+        deadline_passed = eff.timeout_ms is not None and not failed[0] and (
+            late[0]
+            or (None in outcomes and (not spent[2] or tg.cancel_scope.cancel_called))
+        )
         for k in range(n):
             if outcomes[k] is None:
                 b = began[k]
@@ -399,6 +430,22 @@ class LivePerformer:
                 )
         self._running_children.clear()
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
+
+    @staticmethod
+    def _cut_off(eff: fx.CallParallel, call: fx.CallNode, raised: fx.NodeRaised,
+                 ) -> fx.NodeRaised:
+        """A node child that the group's deadline cancelled and that raised an error of its
+        own (an HTTP client's when cut off): a TimeoutError of the group, which says what
+        the child raised (a TimeoutError, its own timeout's, stays as it is)."""
+        error = raised.error
+        if "builtins.TimeoutError" in error.type_names:
+            return raised
+        timeout = TimeoutError(
+            f"{eff.step_id!r} timed out after {eff.timeout_ms} ms and was cancelled (its "
+            f"child {call.node_id!r} then raised {error.short})"
+        )
+        timeout.__cause__ = error.exc
+        return raised._replace(error=error_info(timeout))
 
     async def call_child(self, k: int, call: Any, merged: bool = False,
                          index: int | None = None,

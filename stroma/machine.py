@@ -1406,12 +1406,20 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             records[call.indices[k]] = (outcome.records, c.config, outcome.partials)
     s = _next(s, s.phase, s.current, group=GroupProgress(outputs, records))
     cancelled = sum(type(o) is fx.NodeCancelled for o in ev.outcomes)
-    if error is None and cancelled:
+    # The deadline passed with every child finished (one shielded or swallowed the
+    # cancellation, or blocked the loop, and returned late): a timeout all the same. (A
+    # log made before such groups were told of holds deadline_passed only with children
+    # cancelled, so it decides as it did.)
+    if error is None and (cancelled or ev.deadline_passed):
         hit = None if ev.deadline_passed else group_budget_spent(call, tokens, cost)
         if ev.deadline_passed:
             error = fx.ErrorInfo(
                 _TIMEOUT_NAMES,
-                f"{step.step_id!r} timed out after {call.timeout_ms} ms and was cancelled",
+                f"{step.step_id!r} timed out after {call.timeout_ms} ms and was cancelled"
+                if cancelled else
+                f"{step.step_id!r} timed out after {call.timeout_ms} ms: a child returned "
+                "after its deadline (it shielded or swallowed the cancellation, or blocked "
+                "the event loop)",
             )
         elif hit is not None:  # the children that finished spent the budget
             exc = BudgetExceeded(*hit, step.step_id)

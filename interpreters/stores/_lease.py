@@ -11,8 +11,11 @@ the other worker's log stays intact.
 A background task renews the claim while the run is in progress and cancels the run if the
 claim is lost. The claim and its release are one unit: each claim round trip is shielded
 from cancellation, and once a claim was sent the release runs on the way out (shielded,
-retried a bounded number of times), so a run cancelled from outside never leaves its own
-lease behind.
+retried a bounded number of times), so a run cancelled from outside does not leave its own
+lease behind while the server answers. A session that was cancelled or interrupted gives
+the release ``RELEASE_WHEN_STOPPED_S`` (a second): a release that cannot reach the server
+by then is left to expire on its own, so the caller gets control back promptly when the
+server stalls.
 
 **Holders.** ``new_holder()`` gives ``<host>:<pid>:<worker nonce>/<session nonce>``: a
 stable worker id for this process plus a nonce per session. This process keeps the set of
@@ -24,18 +27,30 @@ still exclude each other (``RunLocked``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 
 from stroma.errors import RunLocked, StoreError
 
-__all__ = ("LeaseLost", "hold_lease", "locked", "new_holder", "worker_id")
+__all__ = (
+    "RELEASE_WHEN_STOPPED_S",
+    "LeaseLost",
+    "hold_lease",
+    "locked",
+    "loop_gone",
+    "new_holder",
+    "session_loop",
+    "worker_id",
+)
 
 _log = logging.getLogger("stroma.stores")
 
@@ -62,6 +77,26 @@ def worker_id() -> str:
 def new_holder() -> str:
     """A holder name for one lease session: this process's worker id and a fresh nonce."""
     return f"{worker_id()}/{secrets.token_hex(4)}"
+
+
+def session_loop() -> Any:
+    """A weak reference to the running asyncio event loop, or None (trio unwinds an
+    interrupted session itself)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return weakref.ref(loop)
+
+
+def loop_gone(ref: Any) -> bool:
+    """Whether the event loop ``ref`` (from ``session_loop``) is closed or gone: a session
+    of that loop that has not ended was cut off (an interrupt left the loop before the
+    session could end) and never runs again. False for None (no asyncio loop)."""
+    if ref is None:
+        return False
+    loop = ref()
+    return loop is None or loop.is_closed()
 
 
 def locked(run_id: str, holder: str) -> RunLocked:
@@ -154,7 +189,7 @@ async def hold_lease(
         raise RunLocked(run_id, holder)  # the same holder name, live in this process
     _LIVE.add(me)
     token: int | None = None
-    maybe_held = False
+    maybe_held = stopped = False
     try:
         started = anyio.current_time()  # the lease runs from (no later than) the claim
         maybe_held = True  # from here on the server may grant it, whatever happens to us
@@ -174,12 +209,15 @@ async def hold_lease(
         fences[run_id] = (holder, token)
         async with _renewed(store, run_id, lease_s, started, token, renew, is_transient):
             yield
+    except BaseException as exc:
+        stopped = not isinstance(exc, Exception)  # cancelled or interrupted: be quick
+        raise
     finally:
         if token is not None and fences.get(run_id) == (holder, token):
             del fences[run_id]
         try:
             if maybe_held:
-                await _release(store, run_id, holder, lease_s, release)
+                await _release(store, run_id, holder, lease_s, release, stopped)
         finally:
             _LIVE.discard(me)
 
@@ -226,19 +264,28 @@ async def _renewed(
         raise body_exc
 
 
+# How long a session that was cancelled or interrupted waits for its lease's release: the
+# caller asked to stop, and a server that does not answer by then may not for a long while
+# (a stall, a failover); the lease expires on its own after its lease time.
+RELEASE_WHEN_STOPPED_S = 1.0
+
+
 async def _release(
     store: object, run_id: str, holder: str, lease_s: float,
-    release: Callable[[], Awaitable[None]],
+    release: Callable[[], Awaitable[None]], stopped: bool = False,
 ) -> None:
-    """Release the lease, shielded and bounded in time; a failure is logged, never raised."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(max(lease_s, 5.0)) as scope:
+    """Release the lease, shielded and bounded in time (``RELEASE_WHEN_STOPPED_S`` when the
+    session was cancelled or interrupted); a failure is logged, never raised."""
+    bound = RELEASE_WHEN_STOPPED_S if stopped else max(lease_s, 5.0)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(bound) as scope:
         try:
             await release()
             return
         except Exception as exc:  # it expires on its own; do not mask the body's outcome
             problem = f"{type(exc).__name__}: {exc}"
     if scope.cancelled_caught:
-        problem = f"no answer within {max(lease_s, 5.0):.3g} s"
+        problem = f"no answer within {bound:.3g} s" + (
+            " of the run being cancelled or interrupted" if stopped else "")
     _log.warning(
         "%r: could not release the lease on run %r held by %r (%s); it expires after %.3g s, "
         "and this worker takes it over at once if it claims the run again",

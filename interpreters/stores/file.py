@@ -97,7 +97,6 @@ import stat
 import sys
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote_to_bytes
@@ -117,7 +116,7 @@ from interpreters.stores._common import (
 )
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
-from interpreters.stores._lease import locked
+from interpreters.stores._lease import locked, loop_gone, session_loop
 from stroma.errors import (
     LogCorrupted,
     StoreError,
@@ -259,16 +258,6 @@ _SESSIONS: dict[str, tuple[int, Any, list[int]]] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
-def _session_loop() -> Any:
-    """A weak reference to the running asyncio event loop, or None (trio unwinds an
-    interrupted session itself)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return weakref.ref(loop)
-
-
 def _reclaim_abandoned(path: str) -> bool:
     """Let go of the lock file at ``path`` if a session of this process holds it whose
     event loop is closed: a KeyboardInterrupt (or SystemExit) raised in a node leaves
@@ -280,8 +269,7 @@ def _reclaim_abandoned(path: str) -> bool:
         if entry is None or entry[1] is None:
             return False
         fd, ref, held = entry
-        loop = ref()
-        if loop is not None and not loop.is_closed():
+        if not loop_gone(ref):
             return False  # (its session may still be running)
         del _SESSIONS[path]
         if fd in held:
@@ -1048,7 +1036,7 @@ class FileStore:
             yield
             return
         try:
-            fd = await _in_thread_shielded(self._claim_sync, run, holder, _session_loop())
+            fd = await _in_thread_shielded(self._claim_sync, run, holder, session_loop())
         except OSError as e:
             raise self._fail("lease", run_id, e) from e
         try:

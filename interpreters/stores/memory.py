@@ -5,12 +5,26 @@ Checkpoints are kept as their JSON text, so a loaded state is a new object equal
 saved one; a run's effect log is kept by reference (``attach_log``), so a run cancelled
 in this process resumes from it. ``save_state_json`` takes a checkpoint as the JSON text
 the machine already made (what a run commits through), ``save`` a model.
+
+**Leases.** ``lease(run_id, holder)`` claims a run for one session, as the durable stores
+do (``interpret`` holds it while the run goes on): a second session of the run on the same
+store object gets ``RunLocked`` naming the holder, so it never adopts a log that a live
+session is still writing. The lease is the store's own, in this process only, and has no
+expiry: it is released when the session ends, however it ends. A session an interrupt cut
+off (a ``KeyboardInterrupt`` raised in a node leaves asyncio's loop before the session can
+end) lets the run go once its loop is closed, so a later ``asyncio.run`` resumes it.
+``delete`` leaves a held lease with its holder.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 from pydantic import BaseModel, ValidationError
 
+from interpreters.stores._lease import locked, loop_gone, session_loop
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import first_error, read_state, state_json
@@ -42,6 +56,9 @@ class _MemoryBase:
         self._types: dict[str, dict[str, type[BaseModel]]] = {}
         self._logs: dict[str, EffectLog] = {}
         self._inputs: dict[str, dict[str, str]] = {}
+        # The sessions holding runs: (holder, a weak reference to its asyncio loop or None)
+        # by run id. Kept apart from the run's data: delete leaves a held lease alone.
+        self._leases: dict[str, tuple[str, Any]] = {}
 
     # Inputs sent to waiting runs (send_input): JSON text by the wait's key.
     def _put_input(self, run_id: str, key: str, text: str) -> None:
@@ -98,6 +115,31 @@ class _MemoryBase:
     def run_ids(self) -> list[str]:
         return sorted(set(self._data) | set(self._logs))
 
+    def _holder(self, run_id: str) -> str | None:
+        entry = self._leases.get(run_id)
+        return None if entry is None or loop_gone(entry[1]) else entry[0]
+
+    @asynccontextmanager
+    async def lease(self, run_id: str, holder: str) -> AsyncIterator[None]:
+        """Hold run ``run_id`` for one session (``holder`` names it): ``RunLocked`` if
+        another live session holds it. Released on the way out, however the session ends."""
+        if not isinstance(holder, str):
+            raise StromaTypeError(
+                f"{type(self).__name__}.lease(run_id, holder): holder must be a str naming "
+                f"the session, got {holder!r:.80} (a {type(holder).__name__})"
+            )
+        mine = (holder, session_loop())
+        current = self._leases.setdefault(run_id, mine)  # (one step: two claims race safely)
+        if current is not mine:
+            if not loop_gone(current[1]):
+                raise locked(run_id, current[0])
+            self._leases[run_id] = mine  # its session was cut off with its loop
+        try:
+            yield
+        finally:
+            if self._leases.get(run_id) is mine:
+                del self._leases[run_id]
+
 
 class InMemoryStore(_MemoryBase):
     """Synchronous in-process store (the default)."""
@@ -137,6 +179,10 @@ class InMemoryStore(_MemoryBase):
         _require_model_type("InMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
 
+    def lease_holder(self, run_id: str) -> str | None:
+        """The holder of run ``run_id``'s lease (a session running it now), or None."""
+        return self._holder(run_id)
+
 
 class AsyncInMemoryStore(_MemoryBase):
     """Asynchronous in-process store."""
@@ -172,4 +218,8 @@ class AsyncInMemoryStore(_MemoryBase):
     ) -> BaseModel | None:
         _require_model_type("AsyncInMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
+
+    async def lease_holder(self, run_id: str) -> str | None:
+        """The holder of run ``run_id``'s lease (a session running it now), or None."""
+        return self._holder(run_id)
 

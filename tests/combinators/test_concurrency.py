@@ -9,7 +9,7 @@ import anyio
 import pytest
 from pydantic import create_model
 
-from stroma import AsyncInMemoryStore, FailureClass, RunStatus
+from stroma import AsyncInMemoryStore, FailureClass, RunStatus, replay
 from stroma import effects as fx
 from stroma.plan import map_each, parallel, seq
 from stroma.runner import RunConfig, interpret
@@ -338,6 +338,145 @@ async def test_a_group_timeout_cancels_the_children_and_is_a_timeout(anyio_backe
     assert kinds == ["NodeCancelled", "NodeReturned"]
     group = next(r for r in result.log.records if isinstance(r[0], fx.CallParallel))
     assert group[1].deadline_passed is True
+
+
+async def _past_the_deadline(how: str) -> None:
+    """What a child that does not let its group's deadline stop it does: it shields its
+    work from the cancellation, or swallows the cancellation, and returns late."""
+    if how == "shield":
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.03)
+    else:
+        try:
+            await anyio.sleep(0.03)
+        except anyio.get_cancelled_exc_class():
+            pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["shield", "swallow"])
+@pytest.mark.parametrize("limit", [None, 1])
+async def test_a_parallel_child_returning_after_the_groups_deadline_is_a_timeout(
+    anyio_backend: str, how: str, limit: int | None
+) -> None:
+    """A parallel group with a timeout whose child shields or swallows the cancellation and
+    returns after the deadline fails its attempt with a TimeoutError (RECOVERABLE), as a
+    node does; it used to COMPLETE. The log holds the facts: every child returned, and the
+    deadline passed."""
+    script = Script()
+
+    async def quick(s: Num) -> dict[str, int]:
+        return {"a": 1}
+
+    async def stubborn(s: Num) -> dict[str, int]:
+        await _past_the_deadline(how)
+        return {"b": 2}
+
+    plan = seq(parallel(script.node("quick", Num, field_model("a"), quick),
+                        script.node("stubborn", Num, field_model("b"), stubborn),
+                        max_concurrency=limit))
+    plan = plan.with_timeout("parallel(quick, stubborn)", 5)
+    result = await interpret(plan, Num(value=1), config=RunConfig(policy_map=NO_RETRY))
+    assert result.status is RunStatus.PARTIAL
+    assert result.final_state == Num(value=1)
+    [event] = list(result.trace)
+    assert event.failure is FailureClass.RECOVERABLE
+    assert event.failure_message == (
+        "'parallel(quick, stubborn)' timed out after 5 ms: a child returned after its "
+        "deadline (it shielded or swallowed the cancellation, or blocked the event loop)")
+    kinds = [c["event"]["t"] for c in child_lines(result.log.to_jsonl())]
+    assert kinds == ["NodeReturned", "NodeReturned"]
+    group = next(r for r in result.log.records if isinstance(r[0], fx.CallParallel))
+    assert group[1].deadline_passed is True
+    replayed = await replay(plan, result.log)
+    assert replayed.status is RunStatus.PARTIAL and replayed.trace.diff(result.trace) == []
+
+
+@pytest.mark.anyio
+async def test_a_map_item_returning_after_the_groups_deadline_is_a_timeout_and_is_kept(
+    anyio_backend: str,
+) -> None:
+    """The same for map_each; what its children did is kept for the group's retry, as for
+    any failed attempt of a group: the retry calls none of them again."""
+    script = Script()
+
+    async def body(i: Item) -> dict[str, int]:
+        if i.item == 2:
+            await _past_the_deadline("shield")
+        return {"out": i.item * 10}
+
+    step = "map_each(m, over=items, into=outs)"
+    plan = seq(map_each(script.node("m", Item, Out, body), over="items", into="outs",
+                        input=Items)).with_timeout(step, 5)
+    one_retry = {"RECOVERABLE": {"max_retries": 1, "backoff_seconds": 0}}
+    result = await interpret(plan, Items(items=[1, 2, 3]),
+                             config=RunConfig(policy_map=one_retry))
+    assert [(e.attempt, e.failure) for e in result.trace] == [
+        (1, FailureClass.RECOVERABLE), (2, None)]
+    assert f"{step!r} timed out after 5 ms: a child returned" in (
+        result.trace.events[0].failure_message or "")
+    assert script.calls["m"] == 3
+    assert result.status is RunStatus.COMPLETED
+    assert result.final_state.model_dump()["outs"] == [{"out": 10}, {"out": 20}, {"out": 30}]
+
+
+@pytest.mark.anyio
+async def test_a_child_turning_its_groups_timeout_into_another_error_is_a_timeout(
+    anyio_backend: str,
+) -> None:
+    """A child that its group's deadline cancels and that then raises an error of its own
+    (an HTTP client's ConnectionError) fails the group's attempt with a TimeoutError of the
+    group (RECOVERABLE), naming the child and its error; it used to be the child's error
+    (AMBIGUOUS), with the timeout gone from the trace."""
+    script = Script()
+
+    async def quick(s: Num) -> dict[str, int]:
+        return {"a": 1}
+
+    async def fetch(s: Num) -> dict[str, int]:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise ConnectionError("connection closed") from None
+        return {"b": 2}
+
+    plan = seq(parallel(script.node("quick", Num, field_model("a"), quick),
+                        script.node("fetch", Num, field_model("b"), fetch)))
+    plan = plan.with_timeout("parallel(quick, fetch)", 5)
+    result = await interpret(plan, Num(value=1), config=RunConfig(policy_map=NO_RETRY))
+    assert result.status is RunStatus.PARTIAL
+    [event] = list(result.trace)
+    assert event.failure is FailureClass.RECOVERABLE
+    assert event.failure_message == (
+        "'parallel(quick, fetch)' timed out after 5 ms and was cancelled (its child "
+        "'fetch' then raised ConnectionError: connection closed)")
+    replayed = await replay(plan, result.log)
+    assert replayed.trace.diff(result.trace) == []
+
+
+@pytest.mark.anyio
+async def test_a_group_whose_children_return_within_its_timeout_completes(
+    anyio_backend: str,
+) -> None:
+    """A group whose children all return before its deadline completes: no timeout is
+    reported for it."""
+    script = Script()
+
+    async def quick(s: Num) -> dict[str, int]:
+        await anyio.sleep(0)
+        return {"a": 1}
+
+    async def also(s: Num) -> dict[str, int]:
+        await anyio.sleep(0)
+        return {"b": 2}
+
+    plan = seq(parallel(script.node("quick", Num, field_model("a"), quick),
+                        script.node("also", Num, field_model("b"), also)))
+    plan = plan.with_timeout("parallel(quick, also)", 5_000)
+    result = await interpret(plan, Num(value=1), config=RunConfig(policy_map=NO_RETRY))
+    assert result.status is RunStatus.COMPLETED
+    group = next(r for r in result.log.records if isinstance(r[0], fx.CallParallel))
+    assert group[1].deadline_passed is False
 
 
 @pytest.mark.anyio

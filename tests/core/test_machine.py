@@ -217,6 +217,35 @@ def test_parallel_child_failure_fails_the_group() -> None:
     ])
 
 
+@pytest.mark.parametrize("deadline_passed", [True, False])
+def test_a_group_is_timed_out_by_its_deadline_even_when_every_child_returned(
+    deadline_passed: bool,
+) -> None:
+    """A group answered with every child returned and ``deadline_passed`` (a child returned
+    after the deadline) fails its attempt as a TimeoutError (RECOVERABLE); without it, the
+    same answer, its duration past the timeout included, completes as before (a log
+    recorded before such groups were told of replays as it was)."""
+    step = parallel(node("left", Num, Left), node("right", Num, Right))
+    grouped = plan(step).with_timeout("parallel(left, right)", 100)
+    cfg = config(policy_map=((FailureClass.RECOVERABLE, 0, 0.0),))
+    state, effects = start(grouped, Num(value=1), cfg)
+    answer = parallel_returned(returned({"left": 2}), returned({"right": 3}, duration_ms=400),
+                               duration_ms=400)._replace(deadline_passed=deadline_passed)
+    message = ("'parallel(left, right)' timed out after 100 ms: a child returned after its "
+               "deadline (it shielded or swallowed the cancellation, or blocked the event loop)")
+    outcome: list[Any] = [
+        (lambda e: isinstance(e, fx.RecordAttempt)
+         and e.event.failure is FailureClass.RECOVERABLE and e.event.failure_message == message,
+         None),
+        (finish(RunStatus.PARTIAL), None),
+    ] if deadline_passed else [
+        (lambda e: isinstance(e, fx.Commit)
+         and e.state.model_dump() == {"left": 2, "right": 3}, None),
+        (finish(RunStatus.COMPLETED), None),
+    ]
+    perform_sequence(state, effects, [(fx.CallParallel, answer), *outcome])
+
+
 def test_resume_from_loads_the_checkpoint_before() -> None:
     """resume_from='b' loads a's checkpoint first, runs only b, and finishes RESUMED."""
     state, effects = start(plan(node("a"), node("b")), Num(value=1), config(resume_from="b"))

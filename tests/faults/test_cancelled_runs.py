@@ -119,3 +119,52 @@ async def test_a_run_cancelled_from_outside_can_be_resumed_at_once_by_this_proce
         result = await interpret(pipeline(5), Acc(value=0), store=store,
                                  config=RunConfig(run_id=run_id))
         assert result.final_state == Acc(value=5)
+
+
+# ------------------------------------------------- a release the server does not answer
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("cancelled", [True, False])
+async def test_a_cancelled_session_waits_for_its_release_only_briefly(
+    anyio_backend: str, cancelled: bool, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A session cancelled from outside gives a release its server does not answer only
+    ``RELEASE_WHEN_STOPPED_S`` (a second; 20 ms here), and leaves the lease to expire (it
+    used to wait up to the lease time, 30 s by default); a session that ends on its own
+    still waits for a slow release, up to the lease time."""
+    from interpreters.stores import _lease
+
+    monkeypatch.setattr(_lease, "RELEASE_WHEN_STOPPED_S", 0.02)
+    released: list[str] = []
+
+    async def claim(takeover: str | None) -> tuple[bool, str, int]:
+        return True, "me", 1
+
+    async def renew(token: int) -> tuple[bool, str]:
+        return True, "me"
+
+    async def release() -> None:
+        released.append("asked")
+        await anyio.sleep(0.06 if not cancelled else 30)  # a slow server, a stalled one
+        released.append("done")
+
+    lease = _lease.hold_lease(
+        "the store", "r", new_holder(), 30.0, space="test", claim=claim, renew=renew,
+        release=release, is_transient=lambda exc: False, fences={},
+    )
+    began = anyio.current_time()
+    with anyio.move_on_after(0.01 if cancelled else 10) as scope:
+        async with lease:
+            if cancelled:
+                await anyio.sleep_forever()
+    took = anyio.current_time() - began
+    assert scope.cancelled_caught is cancelled
+    if cancelled:
+        assert released == ["asked"] and took < 1.0
+        assert "could not release the lease on run 'r'" in caplog.text
+        assert "no answer within 0.02 s of the run being cancelled" in caplog.text
+    else:
+        assert released == ["asked", "done"] and took >= 0.06
+        assert "could not release" not in caplog.text

@@ -205,3 +205,70 @@ async def test_a_redis_server_gone_for_good_is_one_store_error_then_the_run_resu
     assert str(result.status) == "RESUMED" and result.final_state == Acc(value=6)
     assert calls == ["n03", "n04", "n05"]
     await store.close()
+
+
+@pytest.mark.redis
+async def test_a_run_cancelled_while_the_redis_server_stalls_returns_promptly(
+    own_redis: OwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server is paused (SIGSTOP) inside a node and the caller cancels the run: the
+    caller gets control back once the release's short bound is over (0.1 s here, a second
+    by default), not after the 30 s lease time of the default settings; the lease is left
+    to expire."""
+    from interpreters.stores import _lease
+
+    monkeypatch.setattr(_lease, "RELEASE_WHEN_STOPPED_S", 0.1)
+
+    async def during(i: int) -> None:
+        if i == 1:
+            own_redis.pause()
+
+    store = redis_store(own_redis)  # default settings: 30 s leases, 10 s socket timeout
+    try:
+        began = time.perf_counter()
+        with anyio.move_on_after(0.2) as scope:
+            await interpret(pipeline(3, during=during), Acc(value=0), store=store,
+                            config=RunConfig(run_id="stalled"))
+        took = time.perf_counter() - began
+    finally:
+        own_redis.resume()
+    assert scope.cancelled_caught
+    assert took < 2.0, f"the cancelled run took {took:.1f} s to return"
+    await store.close()
+
+
+@pytest.mark.postgres
+async def test_a_run_cancelled_while_its_postgres_tables_are_locked_returns_promptly(
+    postgres_dsn: str, postgres_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection locks the store's tables inside a node (the server does not
+    answer the run's commit nor its release) and the caller cancels the run: it gets control
+    back once the release's short bound is over (0.1 s here), not after the 30 s lease."""
+    import asyncpg
+
+    from interpreters.stores import _lease
+    from interpreters.stores.postgres import PostgresStore
+
+    monkeypatch.setattr(_lease, "RELEASE_WHEN_STOPPED_S", 0.1)
+    locker = await asyncpg.connect(postgres_dsn)
+    locked = locker.transaction()
+
+    async def during(i: int) -> None:
+        if i == 1:
+            await locked.start()
+            for table in store.tables:
+                await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+    store = PostgresStore(postgres_dsn, table_prefix=postgres_prefix)  # 30 s leases
+    try:
+        began = time.perf_counter()
+        with anyio.move_on_after(0.3) as scope:
+            await interpret(pipeline(3, during=during), Acc(value=0), store=store,
+                            config=RunConfig(run_id="locked"))
+        took = time.perf_counter() - began
+    finally:
+        await locked.rollback()
+        await locker.close()
+        await store.close()
+    assert scope.cancelled_caught
+    assert took < 2.0, f"the cancelled run took {took:.1f} s to return"

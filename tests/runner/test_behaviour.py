@@ -929,6 +929,61 @@ async def test_a_node_swallowing_its_timeout_still_times_out(anyio_backend: str)
     assert "timed out" in (event.failure_message or "")
 
 
+async def test_a_node_turning_its_timeout_into_another_error_still_times_out(
+    anyio_backend: str,
+) -> None:
+    """A node that its timeout cancels and that then raises an error of its own (an HTTP
+    client's ConnectionError when its call is cut off) is a TimeoutError, RECOVERABLE and
+    retried as such, naming the node's error and chaining it; before, its own error was
+    the attempt's (AMBIGUOUS: no retry here) and the timeout was gone from the trace."""
+    seen: list[BaseException] = []
+
+    def spy(exc: Exception, ctx: NodeContext) -> FailureClass | None:
+        seen.append(exc)
+        return None
+
+    runner = StromaRunner.quick(
+        policy_map={
+            FailureClass.RECOVERABLE: FailurePolicy(max_retries=1, backoff_seconds=0),
+            FailureClass.AMBIGUOUS: FailurePolicy(max_retries=0, backoff_seconds=0),
+        },
+        classifiers=[spy],
+    ).with_node_timeouts({"fetch": 5})
+
+    @runner.node("fetch", input=Num, output=Num)
+    async def fetch(state: Num) -> dict[str, int]:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise ConnectionError("connection closed") from None
+        return {"value": 0}
+
+    result = await runner.run([fetch], Num(value=1))
+
+    assert result.status is RunStatus.PARTIAL
+    events = result.trace.events_for("fetch")
+    assert [e.failure for e in events] == [FailureClass.RECOVERABLE] * 2
+    assert all(e.failure_message == "node 'fetch' timed out after 5 ms and was cancelled "
+               "(it then raised ConnectionError: connection closed)" for e in events)
+    assert [type(e) for e in seen] == [TimeoutError, TimeoutError]
+    assert all(isinstance(e.__cause__, ConnectionError) for e in seen)
+
+
+async def test_a_node_raising_within_its_timeout_is_not_a_timeout(anyio_backend: str) -> None:
+    """A node with a timeout that raises before its deadline fails with its own error."""
+    runner = StromaRunner.quick(policy_map=no_backoff(0)).with_node_timeouts({"fetch": 5_000})
+
+    @runner.node("fetch", input=Num, output=Num)
+    async def fetch(state: Num) -> dict[str, int]:
+        raise ConnectionError("refused")
+
+    result = await runner.run([fetch], Num(value=1))
+
+    [event] = result.trace.events
+    assert event.failure is FailureClass.AMBIGUOUS
+    assert event.failure_message == "refused"
+
+
 async def test_timeout_of_a_parallel_child_fails_the_group(anyio_backend: str) -> None:
     """A parallel child past its own timeout is cancelled and fails the group as a timeout."""
     runner = StromaRunner.quick(policy_map=no_backoff(0)).with_node_timeouts({"slow": 5})
