@@ -63,6 +63,7 @@ from stroma.trace import RunStatus
 
 __all__ = (
     "DEFAULT_UI_PORT",
+    "EXIT_PIPE_CLOSED",
     "CliError",
     "damaged_hint",
     "describe_store",
@@ -701,28 +702,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit status of a command whose reader stopped reading (``| head -1``): 128 + SIGPIPE,
+# what the shell reports for ``cat`` or ``grep`` killed by the signal.
+EXIT_PIPE_CLOSED = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of standard output went away: no message (as ``cat`` gives none), and
+    standard output pointed at /dev/null so Python's flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE_CLOSED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            run_demo()
-            return 0
-        if args.command == "runs":
-            anyio.run(_runs, args.store, args.status, args.json)
-            return 0
-        if args.command == "show":
-            anyio.run(_show, args.store, args.run_id, args.json, args.svg)
-            return 0
-        if args.command == "send-input":
-            anyio.run(_send_input, args.store, args.run_id, args.name, args.payload,
-                      args.digest, args.replace)
-            return 0
-        if args.command == "ui":
-            if not 0 <= args.port <= 65535:
-                raise CliError(f"--port {args.port}: expected 0..65535 (0 picks a free port)")
-            anyio.run(_ui, args.store, args.port, args.plan)
-            return 0
-        return int(anyio.run(_replay, args.store, args.run_id, args.plan))
+        args = _parser().parse_args(argv)
+    except SystemExit:  # --help (or an argument error): the help text may meet a closed pipe
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _stdout_closed()
+        raise
+    try:
+        code = _command(args)
+        sys.stdout.flush()  # a reader that went away is seen here, not at exit
+        return code
+    except BrokenPipeError:  # `... | head -1`: the reader has what it wanted
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
     except CliError as e:
@@ -741,3 +750,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stroma: error: unexpected {type(e).__name__}: {_one_line(str(e))} (this is "
               "a bug in stroma: please report it with the command you ran)", file=sys.stderr)
         return 2
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        run_demo()
+        return 0
+    if args.command == "runs":
+        anyio.run(_runs, args.store, args.status, args.json)
+        return 0
+    if args.command == "show":
+        anyio.run(_show, args.store, args.run_id, args.json, args.svg)
+        return 0
+    if args.command == "send-input":
+        anyio.run(_send_input, args.store, args.run_id, args.name, args.payload, args.digest,
+                  args.replace)
+        return 0
+    if args.command == "ui":
+        if not 0 <= args.port <= 65535:
+            raise CliError(f"--port {args.port}: expected 0..65535 (0 picks a free port)")
+        anyio.run(_ui, args.store, args.port, args.plan)
+        return 0
+    return int(anyio.run(_replay, args.store, args.run_id, args.plan))
