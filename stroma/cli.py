@@ -33,7 +33,9 @@ import inspect
 import json
 import os
 import re
+import shlex
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -259,14 +261,52 @@ async def _lease_holder(store: Any, run_id: str) -> str | None:
     return holder if isinstance(holder, str) else None
 
 
-# Control characters a run's text may hold (an error message with terminal colour codes):
-# shown as escapes, never sent to the terminal as they are. Newlines and tabs stay.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F)}
+# Characters a run's text may hold that must not reach a terminal as they are: controls
+# (an error message with colour codes, a newline in a run id that would print a row of
+# its own, a tab), format characters (the bidi overrides U+202A-U+202E and isolates
+# U+2066-U+2069 that reorder what follows, zero-width ones), line and paragraph
+# separators, and lone surrogates. Each is shown as an escape (\n, \t, \x1b, \u202e).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _unsafe(c: str) -> bool:
+    return unicodedata.category(c) in _UNSAFE_CATEGORIES
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return _NAMED_ESCAPES.get(c) or (f"\\x{code:02x}" if code < 0x100 else
+                                     f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
 
 
 def printable(text: str) -> str:
-    """``text`` for a terminal: control characters (but newline and tab) as ``\\xNN``."""
-    return text.translate(_CONTROLS)
+    """``text`` for a terminal, on one line: every control, format (bidi, zero-width),
+    line-separator and surrogate character as an escape (``\\n``, ``\\x1b``,
+    ``\\u202e``); a text that holds none comes back as it is."""
+    if text.isprintable():
+        return text
+    return "".join(_escape(c) if _unsafe(c) else c for c in text)
+
+
+def _display_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: an East Asian wide or full-width
+    character two, a combining mark none, any other one (``text`` already printable)."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me")
+               else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` columns, ending in ``...`` when it was cut."""
+    if _display_width(text) <= width:
+        return text
+    kept, used = [], 0
+    for c in text:
+        used += _display_width(c)
+        if used > width - 3:
+            break
+        kept.append(c)
+    return "".join(kept) + "..."
 
 
 def damaged_hint(e: LogCorrupted) -> str:
@@ -399,18 +439,24 @@ def format_runs(runs: Sequence[RunSummary]) -> str:
             row = (*row, s.held_by or "")
         rows.append(row)
     return _table(rows, right={3, 4, 5, 6, 7}) + "".join(
-        f"\n  {s.run_id}: {s.problem}" for s in runs if s.problem)
+        f"\n  {printable(s.run_id)}: {printable(s.problem)}" for s in runs if s.problem)
 
 
 def _table(rows: Sequence[Sequence[str]], right: set[int]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    """Fixed-width columns of the cells shown printable, measured as shown: after their
+    escapes, a wide (CJK) character as the two columns it takes."""
+    shown = [[printable(c) for c in r] for r in rows]
+    widths = [max(_display_width(r[i]) for r in shown) for i in range(len(rows[0]))]
 
     def line(row: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        cells = []
+        for i, (c, w) in enumerate(zip(row, widths, strict=True)):
+            pad = " " * (w - _display_width(c))
+            cells.append(pad + c if i in right else c + pad)
+        return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+    return "\n".join([line(shown[0]), rule, *(line(r) for r in shown[1:])])
 
 
 _MESSAGE_WIDTH = 60
@@ -445,8 +491,7 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
             message = (b.message or "").replace("\n", " ")
             if b.hook_errors:
                 message = (message + "; " if message else "") + "; ".join(b.hook_errors)
-            if len(message) > _MESSAGE_WIDTH:
-                message = message[: _MESSAGE_WIDTH - 3] + "..."
+            message = _clip(printable(message), _MESSAGE_WIDTH)
             gap = backoff.get((b.group_attempt, b.attempt))
             rows.append((
                 "  " * r.depth + r.label, str(b.attempt),
@@ -456,8 +501,8 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
                 f"{b.usage.cost_usd:.6f}" if b.usage.cost_usd else "", b.usage.model or "",
                 message,
             ))
-    lines.append("")
-    lines.append(_table(rows, right={1, 2, 4, 5, 6, 7, 8}))
+    table = _table(rows, right={1, 2, 4, 5, 6, 7, 8})  # printable, cell by cell
+    head, lines = lines, []
     if tl.waits:
         lines.append("")
         for w in tl.waits:
@@ -474,13 +519,17 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
                      "holding it); a crashed run resumes when its plan runs again with this run "
                      "id on this store: interpret(plan, state, store=..., "
                      f"config=RunConfig(run_id={tl.run_id!r}))")
-    return "\n".join(lines)
+    return "\n".join([*map(printable, head), "", table, *map(printable, lines)])
 
 
 def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+    """``text`` as one shell word; a text holding characters that must not reach the
+    terminal is quoted ``$'...'`` (bash, zsh) with them as escapes, so that the command
+    pasted back gives the same text."""
+    if printable(text) == text:
+        return shlex.quote(text)
+    return "$'" + "".join(_escape(c) if _unsafe(c) else "\\" + c if c in "\\'" else c
+                          for c in text) + "'"
 
 
 async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
@@ -501,7 +550,7 @@ async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
     elif not runs:
         print(f"no runs in {describe_store(spec)}" + (" with that status" if statuses else ""))
     else:
-        print(printable(format_runs(runs)))
+        print(format_runs(runs))
 
 
 async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
@@ -533,7 +582,7 @@ async def _show(spec: str, run_id: str, as_json: bool, svg: str | None) -> None:
     if as_json:
         print(json.dumps(json_safe(tl.to_json()), indent=2, allow_nan=False, default=str))
     elif svg is None:
-        print(printable(format_timeline(tl, spec)))
+        print(format_timeline(tl, spec))
 
 
 async def _replay(spec: str, run_id: str, plan_ref: str) -> int:
@@ -618,7 +667,8 @@ async def send_input_command(spec: str, run_id: str, name: str, payload: Any,
 async def _send_input(spec: str, run_id: str, name: str, text: str,
                       digest: str | None, replace: bool) -> None:
     payload = read_payload(text)
-    print(await send_input_command(spec, run_id, name, payload, digest, replace))
+    said = await send_input_command(spec, run_id, name, payload, digest, replace)
+    print("\n".join(map(printable, said.splitlines())))
 
 
 async def _ui(spec: str, port: int, plan_ref: str | None) -> None:
@@ -644,7 +694,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (``stroma: error: ...``, exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"stroma: error: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        print(f"stroma: error: {printable(_one_line(message))} (see {self.prog} --help)",
+              file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -735,20 +786,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except CliError as e:
-        print(f"stroma: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"stroma: error: {printable(_one_line(str(e)))}", file=sys.stderr)
         return 2
     except LogCorrupted as e:
-        print(f"stroma: error: {damaged_hint(e)}", file=sys.stderr)
+        print(f"stroma: error: {printable(damaged_hint(e))}", file=sys.stderr)
         return 2
     except StromaError as e:
-        print(f"stroma: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"stroma: error: {printable(_one_line(str(e)))}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"stroma: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"stroma: error: {printable(_one_line(str(e)))}", file=sys.stderr)
         return 2
     except Exception as e:  # never a traceback: say what happened and where to report it
-        print(f"stroma: error: unexpected {type(e).__name__}: {_one_line(str(e))} (this is "
-              "a bug in stroma: please report it with the command you ran)", file=sys.stderr)
+        print(f"stroma: error: unexpected {type(e).__name__}: {printable(_one_line(str(e)))} "
+              "(this is a bug in stroma: please report it with the command you ran)",
+              file=sys.stderr)
         return 2
 
 
