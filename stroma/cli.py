@@ -213,11 +213,45 @@ async def read_run(store: Any, spec: str, run_id: str) -> EffectLog:
                 f"run {run_id!r} in {describe_store(spec)} has no log: it never recorded "
                 "a step (it stopped before its first, or its log was emptied), so there is "
                 "nothing to show; running it again with its run id starts it")
+        shown = describe_store(spec)
+        close = _close_run_ids(run_id, known)
+        if close:
+            raise CliError(f"no run {run_id!r} in {shown}: did you mean "
+                           f"{' or '.join(map(repr, close))}? (python -m stroma runs {shown} "
+                           "lists its runs)")
         hint = (f" (runs there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})"
-                if known else " (the store has no runs)")
-        raise CliError(f"no run {run_id!r} in {describe_store(spec)}{hint}: pass one of its "
-                       f"run ids (python -m stroma runs {describe_store(spec)} lists them)")
+                if known else f" (the store has no runs{_no_runs_hint(store, spec)})")
+        raise CliError(f"no run {run_id!r} in {shown}{hint}: pass one of its run ids "
+                       f"(python -m stroma runs {shown} lists them)")
     return log
+
+
+def _close_run_ids(typed: str, known: Sequence[str], n: int = 5) -> list[str]:
+    """The run ids ``typed`` was likely meant to be, closest first: those it is the start
+    of (``waiting`` for ``waiting-1``), the same id but for case, then the near misses
+    (difflib), at most ``n``."""
+    folded = typed.casefold()
+    found = [k for k in known if k.casefold() == folded]
+    found += sorted((k for k in known if k.casefold().startswith(folded) and k not in found),
+                    key=lambda k: (len(k), k))
+    by_fold = {k.casefold(): k for k in reversed(known)}
+    for near in difflib.get_close_matches(folded, list(by_fold), n=n, cutoff=0.6):
+        if by_fold[near] not in found:
+            found.append(by_fold[near])
+    return found[:n]
+
+
+def _no_runs_hint(store: Any, spec: str) -> str:
+    """Why a store may show no runs although it has some: a Redis store under another key
+    prefix (a PostgreSQL one under another table prefix is an error of its own)."""
+    prefix = getattr(store, "key_prefix", None)
+    if type(store).__name__ != "RedisStore" or not isinstance(prefix, str):
+        return ""
+    _, options = _split_options(spec, ("key_prefix",))
+    looked = (f"key prefix {prefix!r}" if options.get("key_prefix")
+              else f"the default key prefix {prefix!r}")
+    return (f" under {looked}; if the store was made with another key_prefix, name it: "
+            "?key_prefix=NAME")
 
 
 async def _run_ids(store: Any) -> list[str]:
@@ -548,7 +582,8 @@ async def _runs(spec: str, statuses: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps([s.to_json() for s in runs], indent=2))
     elif not runs:
-        print(f"no runs in {describe_store(spec)}" + (" with that status" if statuses else ""))
+        print(f"no runs in {describe_store(spec)}" + (" with that status" if statuses else
+                                                       _no_runs_hint(store, spec)))
     else:
         print(format_runs(runs))
 
