@@ -372,8 +372,12 @@ def load_plan(ref: str) -> Any:
     except ImportError as e:
         raise CliError(f"--plan {ref!r} does not import: {_one_line(str(e))}; run from the "
                        "folder the module is in, or add it to PYTHONPATH") from None
+    except SystemExit as e:
+        raise CliError(f"--plan {ref!r}: importing {module_name!r} called {_exit_call(e)}; "
+                       "a plan's module must not exit when imported: put its script part "
+                       "under if __name__ == '__main__':") from None
     except BaseException as e:
-        if isinstance(e, KeyboardInterrupt | SystemExit):
+        if isinstance(e, KeyboardInterrupt):
             raise
         raise CliError(f"--plan {ref!r}: importing {module_name!r} raised "
                        f"{type(e).__name__}: {_one_line(str(e))}") from None
@@ -386,6 +390,9 @@ def load_plan(ref: str) -> Any:
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not hasattr(obj, NODE_ATTR):
         try:
             obj = obj()  # a factory returning the plan
+        except SystemExit as e:
+            raise CliError(f"--plan {ref!r}: calling the factory called {_exit_call(e)}; a "
+                           "plan factory must return the plan, not exit") from None
         except Exception as e:
             raise CliError(f"--plan {ref!r}: calling the factory raised {type(e).__name__}: "
                            f"{_one_line(str(e))}") from None
@@ -395,6 +402,11 @@ def load_plan(ref: str) -> Any:
         raise CliError(f"--plan {ref!r} is a {type(obj).__name__}, not a plan: "
                        f"{_one_line(str(e))}; name a Plan, a list of nodes, or a function "
                        "returning one") from None
+
+
+def _exit_call(e: SystemExit) -> str:
+    """The call that raised ``e``: ``sys.exit(3)``, ``sys.exit()``."""
+    return "sys.exit()" if e.code is None else f"sys.exit({e.code!r})"
 
 
 def _import_file(ref: str, path: str) -> Any:

@@ -110,6 +110,19 @@ def test_plan_module_that_raises_on_import(store: Path, tmp_path: Path) -> None:
                        env=env), "importing 'broken_plan' raised RuntimeError: no API key")
 
 
+@pytest.mark.parametrize(("source", "call"), [
+    ("import sys\nsys.exit(3)\n", "sys.exit(3)"),
+    ("import sys\ndef plan():\n    sys.exit()\n", "sys.exit()"),
+])
+def test_plan_file_that_exits(store: Path, tmp_path: Path, source: str, call: str) -> None:
+    """A --plan file that calls sys.exit on import, or a factory that does: one line naming
+    the plan file and the call, exit status 2 (was: the file's status, no message)."""
+    (tmp_path / "exits_plan.py").write_text(source)
+    plan = f"{tmp_path / 'exits_plan.py'}:plan"
+    one_line_error(cli("replay", str(store), "retries", "--plan", plan),
+                   f"--plan {plan!r}", f"called {call}", "not exit")
+
+
 def test_plan_that_does_not_match_is_one_diverged_line(store: Path) -> None:
     """A plan that does not match the log: DIVERGED on one line, exit status 1."""
     out = cli("replay", str(store), "retries", "--plan", "tests.timeline.pipelines:MAP_PLAN")
