@@ -168,6 +168,13 @@ async def _check_tables(store: Any, spec: str) -> None:
 
     try:
         conn = await asyncpg.connect(store.dsn, timeout=10)
+    except asyncpg.InvalidCatalogNameError as e:  # the server answered: no such database
+        said = re.search(r'database "(.*)" does not exist', str(e))
+        name = said.group(1) if said else urlsplit(store.dsn).path.lstrip("/")
+        raise CliError(
+            f"cannot read {describe_store(spec)}: the server answers but has no database "
+            f"{name!r}; name the database the runs are stored in, or create it with: "
+            f"createdb {_quote(name)}") from None
     except Exception as e:
         raise CliError(
             f"cannot read {describe_store(spec)}: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -139,6 +140,20 @@ def test_server_that_is_down(closed_port: int, scheme: str) -> None:
     server = "Redis" if scheme == "redis" else "PostgreSQL"
     for args in (("runs", spec), ("show", spec, "r")):
         one_line_error(cli(*args), f"Is the {server} server running and reachable?")
+
+
+@pytest.mark.postgres
+def test_postgres_database_that_does_not_exist() -> None:
+    """A PostgreSQL server that answers but has no such database: one line saying so and
+    how to create it, not asking whether the server runs."""
+    from tests.services import POSTGRES_DSN, START_POSTGRES, require, unique
+
+    dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+    name = unique("nodb")
+    spec = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    for args in (("runs", spec), ("show", spec, "r")):
+        err = one_line_error(cli(*args), f"has no database {name!r}", f"createdb {name}")
+        assert "Is the PostgreSQL server running" not in err, err
 
 
 def test_usage_errors_are_one_line() -> None:
