@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import importlib
 import inspect
 import json
@@ -738,7 +739,14 @@ async def _ui(spec: str, port: int, plan_ref: str | None) -> None:
     plan = load_plan(plan_ref) if plan_ref else None
     async with open_store(spec) as store:
         await _run_ids(store)  # a store that cannot be read fails now, not on a page
-        await serve(store, describe_store(spec), port=port, plan=plan, plan_ref=plan_ref)
+        try:
+            await serve(store, describe_store(spec), port=port, plan=plan, plan_ref=plan_ref)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise CliError(f"--port {port}: port {port} on 127.0.0.1 is in use (another "
+                           "program, or another stroma ui, listens there); pass another "
+                           "--port N, or --port 0 for a free one") from None
 
 
 # ---------------------------------------------------------------------------- main

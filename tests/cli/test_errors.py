@@ -173,9 +173,13 @@ def test_ui_without_the_extra_says_how_to_install_it(store: Path, tmp_path: Path
 
 
 def test_ui_on_a_port_in_use(store: Path) -> None:
-    """`ui --port N` where N is taken: one line saying to pass --port 0."""
+    """`ui --port N` where N is taken: one line naming --port N, saying the port is in use
+    and to pass another --port (or 0), without the raw "[Errno 98]"."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        one_line_error(cli("ui", str(store), "--port", str(port)), "in use", "--port 0")
+        err = one_line_error(cli("ui", str(store), "--port", str(port)),
+                             f"stroma: error: --port {port}: port {port} on 127.0.0.1 is in use",
+                             "pass another --port N", "--port 0")
+        assert "Errno" not in err, err
