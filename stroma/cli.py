@@ -81,6 +81,7 @@ __all__ = (
     "replay_check",
     "run_summaries",
     "send_input_command",
+    "send_input_line",
     "store_expression",
 )
 
@@ -564,8 +565,7 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
             lines.append(f"WAITING for {w.key} ({w.schema}) at {w.step_id}{at}, digest "
                          f"{w.digest}")
         w = tl.waits[0]
-        lines.append(f"send it: python -m stroma send-input {_quote(describe_store(spec))} "
-                     f"{_quote(tl.run_id)} {_quote(w.key)} 'JSON' --digest {w.digest}"
+        lines.append(f"send it: {send_input_line(describe_store(spec), tl.run_id, w)}"
                      if spec is not None else "send it with stroma.send_input(...)")
     elif tl.status == RUNNING_OR_CRASHED:
         lines.append("")
@@ -574,6 +574,14 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
                      "id on this store: interpret(plan, state, store=..., "
                      f"config=RunConfig(run_id={tl.run_id!r}))")
     return "\n".join([*map(printable, head), "", table, *map(printable, lines)])
+
+
+def send_input_line(store: str, run_id: str, wait: Wait) -> str:
+    """The shell command that answers ``wait`` (``'JSON'`` is the payload's place), every
+    argument one shell word (``_quote``): pasted, a run id or store path holding spaces,
+    quotes, ``$(...)`` or control characters is one argument, never shell code."""
+    return (f"python -m stroma send-input {_quote(store)} {_quote(run_id)} "
+            f"{_quote(wait.key)} 'JSON' --digest {_quote(wait.digest)}")
 
 
 def _quote(text: str) -> str:

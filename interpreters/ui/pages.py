@@ -10,7 +10,6 @@ states and usage when its bar is clicked.
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Sequence
 from html import escape
 from importlib import resources
@@ -156,12 +155,11 @@ _CHOICES = ("route", "until", "wait", "input")
 
 
 def _send_input_command(store: str, run_id: str, wait: Wait) -> str:
-    """The shell command that answers ``wait``, quoted as ``show`` quotes it: every
-    argument through ``shlex.quote``, so a run id or a store path holding spaces, quotes
-    or ``$(...)`` is pasted as one argument and never run as shell code. ``'JSON'`` is
-    the payload's placeholder."""
-    return (f"python -m stroma send-input {shlex.quote(store)} {shlex.quote(run_id)} "
-            f"{shlex.quote(wait.key)} 'JSON' --digest {shlex.quote(wait.digest)}")
+    """The shell command that answers ``wait``, as ``show`` prints it (``send_input_line``:
+    pasted, no argument is ever run as shell code)."""
+    from stroma.cli import send_input_line
+
+    return send_input_line(store, run_id, wait)
 
 
 def run_page(store: str, tl: Timeline, replay: tuple[str, str]) -> str:
