@@ -343,13 +343,16 @@ class Attempt(NamedTuple):
 class GroupProgress(NamedTuple):
     """What a group's earlier attempts achieved: outputs of the children that succeeded
     (by index), and the logs of sub-plan children that were cancelled midway (or wait for
-    input) with their config and the finished children of the group they were in."""
+    input) with their config and the finished children of the group they were in; and
+    the usage already counted of the children that wait for input (the run stopped
+    WAITING with it in its totals: when the child goes on, its totals hold it again)."""
 
     outputs: dict[int, Any]
     records: dict[int, tuple[tuple[Any, ...], MachineConfig, tuple[Any, ...]]]
+    counted: dict[int, tuple[int, float]]
 
 
-_NO_PROGRESS = GroupProgress({}, {})
+_NO_PROGRESS = GroupProgress({}, {}, {})
 # Named tuples (Attempt, CallNode, Commit) made without their Python-level __new__, with
 # every field given: what the hot path makes once per node.
 _tuple_new = tuple.__new__
@@ -1357,8 +1360,17 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(calls)} children"
         )
     tokens, cost = 0, 0.0
-    for c, outcome in zip(calls, ev.outcomes, strict=True):
+    counted = dict(s.group.counted)
+    for j, c, outcome in zip(call.indices, calls, ev.outcomes, strict=True):
         t, k = child_spend(c, outcome)
+        already = counted.pop(j, None)
+        if already is not None:  # (a child that waited: what it used before is counted)
+            t, k = t - already[0], k - already[1]
+            if type(outcome) is not fx.PlanFinished:  # (cancelled: its records go on)
+                counted[j] = already
+                t, k = 0, 0.0
+        if type(outcome) is fx.PlanFinished and outcome.status is RunStatus.WAITING:
+            counted[j] = (outcome.total_tokens, outcome.total_cost_usd)
         tokens, cost = tokens + t, cost + k
     before = s
     s = _answered(s, ev.started_at, ev.duration_ms, tokens, cost)
@@ -1404,7 +1416,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             # A sub-plan child goes on from here on the group's next attempt (and the
             # children that finished of a group of its own are not called again).
             records[call.indices[k]] = (outcome.records, c.config, outcome.partials)
-    s = _next(s, s.phase, s.current, group=GroupProgress(outputs, records))
+    s = _next(s, s.phase, s.current, group=GroupProgress(outputs, records, counted))
     cancelled = sum(type(o) is fx.NodeCancelled for o in ev.outcomes)
     # The deadline passed with every child finished (one shielded or swallowed the
     # cancellation, or blocked the loop, and returned late): a timeout all the same. (A

@@ -286,3 +286,59 @@ async def test_a_sub_plan_child_falls_back_to_the_cheaper_model_as_the_run_does(
     again = await replay(plan, result.log.to_jsonl())  # type: ignore[union-attr]
     assert (again.status, again.final_state) == (result.status, result.final_state)
     assert again.total_cost_usd == pytest.approx(result.total_cost_usd)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "map"])
+async def test_a_sub_plan_child_that_waited_for_input_is_counted_once(
+        anyio_backend: str, kind: str) -> None:
+    """A child that waits for input has its usage in the WAITING run's totals; when the run
+    goes on, the child's totals hold that usage again: the run counts it once (it counted
+    it twice, and a budget the run kept to stopped it)."""
+    from stroma import InMemoryStore, await_input
+
+    class Ok(BaseModel):
+        ok: bool
+
+    class Job(BaseModel):
+        item: int = 0
+        approval: Ok | None = None
+
+    class Jobs(BaseModel):
+        items: list[Job] = [Job(item=1), Job(item=2)]
+        done: list[Job] = []
+
+    script = Script()
+
+    async def work(state: Job) -> tuple[Job, int]:
+        return state, 1_000
+
+    async def ship(state: Job) -> tuple[Job, int]:
+        return state, 10
+
+    async def side(state: Job) -> tuple[dict[str, int], int]:
+        return {"item": 9}, 100
+
+    body = seq(script.node("work", Job, Job, work), await_input("approval", Ok),
+               script.node("ship", Job, Job, ship))
+    if kind == "parallel":
+        plan = [parallel(body, script.node("side", Job, Job, side))]
+        state: BaseModel = Job()
+        spent, sent = 1_110, {"approval": {"ok": True}}
+    else:
+        plan = [map_each(body, over="items", into="done", input=Jobs)]
+        state = Jobs()
+        spent = 2_020
+        sent = {f"approval@map_each(seq(work, await_input(approval), ship), over=items, "
+                f"into=done)[{j}]": {"ok": True} for j in (0, 1)}
+    store = InMemoryStore()
+    config = RunConfig(run_id=f"waited-{kind}", budget=ExecutionBudget(max_tokens_total=2_500))
+
+    first = await interpret(plan, state, store=store, config=config)
+    assert first.status is RunStatus.WAITING
+    done = await interpret(plan, state, store=store, config=config, inputs=sent)
+
+    assert done.status is RunStatus.RESUMED, done.stop_reason
+    assert done.total_tokens == spent
+    script.replaying = True
+    again = await replay(plan, done.log)  # type: ignore[arg-type]
+    assert again.total_tokens == spent
