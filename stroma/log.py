@@ -57,8 +57,9 @@ of states, tuples of those), which the garbage collector does not track, and is 
 into effect and event objects only when read: ``EffectLog.records`` reads like a list
 of ``(effect, event)`` pairs and ``ResumeMarker``s.
 
-Reading is strict, except for the tail: a last line that is torn (no newline, or not
-whole JSON) is dropped, so a log cut by a crash reads back to its last whole record.
+Reading is strict, except for the tail: a last line that is torn (no newline, or NUL
+bytes where a power loss left a write unmade) is dropped, so a log cut by a crash reads
+back to its last whole record.
 Every field is checked as it is read: any other damage is a ``LogCorrupted`` naming the
 source, the line, the field and the problem.
 """
@@ -1335,7 +1336,11 @@ def _parse_line(line: str, source: str, line_no: int, *, last: bool) -> dict[str
         try:
             obj = json.loads(line)
         except (ValueError, RecursionError):
-            if last:
+            # A crash cuts a line before its newline (the torn tail, never read as a line);
+            # a whole last line that does not read is a torn one only as a power loss
+            # leaves it, the blocks of a write never made durable read as NUL bytes. Any
+            # other is damage: dropped, the records it held would be written over.
+            if last and "\x00" in line:
                 return None
             raise LogCorrupted(source, f"line {line_no}: not JSON: {line[:80]!r}") from None
     if not isinstance(obj, dict):

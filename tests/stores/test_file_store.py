@@ -480,6 +480,30 @@ async def test_a_torn_last_line_recovers_to_the_last_whole_record(tmp_path: Path
         assert await FileStore(tmp_path).read_log("r1") == shorter, cut
 
 
+async def test_a_whole_last_line_that_does_not_read_is_damage_not_a_torn_tail(
+        tmp_path: Path) -> None:
+    """A crash cuts a line before its newline; a last line that has its newline and does
+    not read was damaged after it was written: LogCorrupted naming the file's line, and
+    nothing is cut off or written over (the records it holds were committed). A line of
+    NUL bytes is what a power loss leaves of a write never made durable: dropped."""
+    log = sample_log(finish=False)
+    await write_log(FileStore(tmp_path), log)
+    data = log_path(tmp_path).read_bytes()
+    start = data.rindex(b"\n", 0, len(data) - 1) + 1
+    damaged = data[:start] + data[start:].replace(b"}", b"]", 1)
+    log_path(tmp_path).write_bytes(damaged)
+
+    with pytest.raises(LogCorrupted, match=r"log\.jsonl: line \d+: not JSON"):
+        await FileStore(tmp_path).read_log("r1")
+    last = len(log.records) - 1
+    with pytest.raises(LogCorrupted):
+        await FileStore(tmp_path).append_log("r1", encode_record(last, log.records[last]))
+    assert log_path(tmp_path).read_bytes() == damaged
+
+    log_path(tmp_path).write_bytes(data[:start] + b"\x00" * (len(data) - start - 1) + b"\n")
+    assert await FileStore(tmp_path).read_log("r1") == EffectLog(log.header, log.records[:-1])
+
+
 async def test_a_torn_multibyte_character_is_a_torn_tail(tmp_path: Path) -> None:
     """A last line cut inside a UTF-8 character is dropped like any torn line."""
     log = sample_log(nodes=1, finish=False)
