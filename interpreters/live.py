@@ -332,12 +332,15 @@ class LivePerformer:
         # (the machine says; then no more children start, and those running finish).
         spent: list[Any] = [0, 0.0, False]
 
+        prices = eff.allowance[4] if eff.allowance is not None else None
+
         def count(call: Any, outcome: Any) -> None:
-            tokens, cost = child_spend(call, outcome)
+            tokens, cost = child_spend(call, outcome, prices)
             spent[0] += tokens
             spent[1] += cost
             if not spent[2]:
-                spent[2] = group_budget_spent(eff, spent[0], spent[1]) is not None
+                spent[2] = group_budget_spent(
+                    eff, spent[0], spent[1], _ms(self.timer() - t0)) is not None
 
         if eff.allowance is not None:
             for k, o in enumerate(outcomes):

@@ -44,17 +44,24 @@ KNOWN_MODELS: dict[str, tuple[float, float]] = {
 }
 
 
-def estimate_cost_usd(model: str | None, input_tokens: int, output_tokens: int = 0) -> float:
-    """The price of a call in USD from KNOWN_MODELS; 0.0 for an unknown or absent model."""
-    prices = KNOWN_MODELS.get(model) if model is not None else None
-    if prices is None:
+def estimate_cost_usd(
+    model: str | None, input_tokens: int, output_tokens: int = 0, *,
+    prices: Mapping[str, tuple[float, float]] | None = None,
+) -> float:
+    """The price of a call in USD from ``prices`` (USD per 1M input / output tokens by
+    model; KNOWN_MODELS by default); 0.0 for an unknown or absent model. A run prices its
+    calls from the prices it began with, which its log keeps: a replay or a resume prices
+    them the same, whatever KNOWN_MODELS says by then."""
+    table = KNOWN_MODELS if prices is None else prices
+    rate = table.get(model) if model is not None else None
+    if rate is None:
         return 0.0
     if input_tokens < 0 or output_tokens < 0:
         raise StromaValueError(
             f"estimate_cost_usd({model!r}, {input_tokens!r}, {output_tokens!r}): token counts "
             "must be >= 0 (the tokens a call used)"
         )
-    return (input_tokens * prices[0] + output_tokens * prices[1]) / 1_000_000
+    return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
 
 
 _DIMENSIONS = ("tokens", "cost", "latency")

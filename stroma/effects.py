@@ -205,7 +205,8 @@ class CallParallel(NamedTuple):
     kind: str = "parallel"  # or "map": one call per item of a list field
     indices: tuple[int, ...] = ()
     group: Any = None  # the group's step
-    allowance: Any = None  # (budget, tokens, cost_usd, latency_ms) when the group began
+    # (budget, tokens, cost_usd, latency_ms, prices) when the group began
+    allowance: Any = None
 
 
 _RUN_PLAN_LIVE = ("plan", "input", "config", "records", "partials")  # (live values)

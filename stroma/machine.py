@@ -200,6 +200,10 @@ class MachineConfig:
     node_timeouts: dict[str, int] = attrs.field(factory=dict, hash=False)
     node_policies: dict[str, PolicyTable] = attrs.field(factory=dict, hash=False)
     hook_timeout_ms: int | None = DEFAULT_HOOK_TIMEOUT_MS
+    # The model prices the run began with (USD per 1M input / output tokens), which its
+    # log keeps; None: KNOWN_MODELS as it is (a log written before prices were kept).
+    prices: Mapping[str, tuple[float, float]] | None = attrs.field(
+        default=None, eq=False, hash=False, repr=False)
     # Totals already spent before this run starts (a middleware context's earlier steps):
     # the run's running totals start here, so budgets and fallbacks see the cumulative spend.
     base_tokens: int = 0
@@ -257,6 +261,8 @@ class MachineConfig:
             data["hook_timeout_ms"] = self.hook_timeout_ms
         if self.base_tokens or self.base_cost_usd or self.base_latency_ms:
             data["base"] = [self.base_tokens, self.base_cost_usd, self.base_latency_ms]
+        if self.prices is not None:
+            data["prices"] = {m: list(p) for m, p in sorted(self.prices.items())}
         return data
 
     @classmethod
@@ -272,6 +278,7 @@ class MachineConfig:
         tokens, cost, latency = data.get("budget") or [None, None, None]
         base_tokens, base_cost, base_latency = data.get("base") or [0, 0.0, 0]
         hook_timeout = data.get("hook_timeout_ms", DEFAULT_HOOK_TIMEOUT_MS)
+        prices = data.get("prices")
         return cls(
             run_id=run_id,
             seed=seed,
@@ -297,6 +304,8 @@ class MachineConfig:
             base_tokens=_count(base_tokens),
             base_cost_usd=_seconds(base_cost),
             base_latency_ms=_count(base_latency),
+            prices=None if prices is None else {
+                _text(m): (_seconds(i), _seconds(o)) for m, (i, o) in prices.items()},
         )
 
 
@@ -550,11 +559,13 @@ def _fallback_model(s: RunState) -> str | None:
     return fb.fallback_model if fb is not None else None
 
 
-def _price(call_model: str | None, ev: fx.NodeReturned) -> tuple[int, float]:
+def _price(call_model: str | None, ev: fx.NodeReturned,
+           prices: Mapping[str, tuple[float, float]] | None) -> tuple[int, float]:
     tokens = ev.input_tokens + ev.output_tokens
     if not tokens:
         return 0, 0.0
-    return tokens, estimate_cost_usd(call_model or ev.model, ev.input_tokens, ev.output_tokens)
+    return tokens, estimate_cost_usd(call_model or ev.model, ev.input_tokens,
+                                     ev.output_tokens, prices=prices)
 
 
 def _json(state: BaseModel) -> bytes | fx.ErrorInfo:
@@ -1016,7 +1027,7 @@ def _on_returned(s: RunState, ev: fx.NodeReturned) -> Out:
     output, started_at, duration, tin, tout, _ = ev
     _, _, timeout, model, _, _ = call
     if tin or tout:
-        tokens, cost = _price(model, ev)
+        tokens, cost = _price(model, ev, s.config.prices)
     else:
         tokens, cost = 0, 0.0
     problem: Any = None
@@ -1142,7 +1153,7 @@ def _child_config(s: RunState, index: int) -> MachineConfig:
         policy_map=c.policy_map, custom_classifiers=c.custom_classifiers, hooks=c.hooks,
         fallbacks=c.fallbacks, declared_model=c.declared_model,
         node_timeouts=c.node_timeouts, node_policies=c.node_policies,
-        hook_timeout_ms=c.hook_timeout_ms,
+        hook_timeout_ms=c.hook_timeout_ms, prices=c.prices,
         base_tokens=s.tokens if budgeted else 0,
         base_cost_usd=s.cost_usd if budgeted else 0.0,
         base_latency_ms=s.latency_ms if budgeted else 0,
@@ -1209,35 +1220,40 @@ def _group_call(
     call = fx.CallParallel(
         step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
         "map" if isinstance(step, MapStep) else "parallel", tuple(indices), step,
-        None if budget is None else (budget, s.tokens, s.cost_usd, s.latency_ms),
+        None if budget is None else (budget, s.tokens, s.cost_usd, s.latency_ms,
+                                     s.config.prices),
     )
     return call, s.state_json
 
 
-def child_spend(call: Any, outcome: Any) -> tuple[int, float]:
+def child_spend(call: Any, outcome: Any,
+                prices: Mapping[str, tuple[float, float]] | None = None) -> tuple[int, float]:
     """The tokens and cost a fan-out child's outcome used, priced as the run prices them
-    (a node child by its model, a sub-plan child by its run's totals)."""
+    (a node child by its model and the run's ``prices``, a sub-plan child by its run's
+    totals)."""
     if type(outcome) is fx.NodeReturned:
-        return _price(call.model if type(call) is fx.CallNode else None, outcome)
+        return _price(call.model if type(call) is fx.CallNode else None, outcome, prices)
     if type(outcome) is fx.PlanFinished:
         return outcome.total_tokens, outcome.total_cost_usd
     return 0, 0.0
 
 
 def group_budget_spent(
-    call: fx.CallParallel, tokens: int, cost: float
+    call: fx.CallParallel, tokens: int, cost: float, elapsed_ms: int = 0,
 ) -> tuple[str, float, float] | None:
     """Whether the children of a group that finished, having used ``tokens`` and
-    ``cost``, spent the run's budget (at or over a limit: as a step, a child is not
-    started then): ``(dimension, limit, total)``, else None. The interpreter asks after
-    each child that finishes and starts no more children once it is spent; the machine
-    then fails the group's attempt (BudgetExceeded), with those children not started."""
+    ``cost`` in the group's first ``elapsed_ms`` (its latency so far: the group is one
+    step, as long as it runs), spent the run's budget (at or over a limit: as a step, a
+    child is not started then): ``(dimension, limit, total)``, else None. The interpreter
+    asks after each child that finishes and starts no more children once it is spent;
+    the machine then fails the group's attempt (BudgetExceeded), with those children not
+    started."""
     allowance = call.allowance
     if allowance is None:
         return None
-    budget, run_tokens, run_cost, run_latency = allowance
+    budget, run_tokens, run_cost, run_latency = allowance[:4]
     hit: tuple[str, float, float] | None = budget.first_spent(
-        run_tokens + tokens, run_cost + cost, run_latency)
+        run_tokens + tokens, run_cost + cost, run_latency + elapsed_ms)
     return hit
 
 
@@ -1362,7 +1378,7 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     tokens, cost = 0, 0.0
     counted = dict(s.group.counted)
     for j, c, outcome in zip(call.indices, calls, ev.outcomes, strict=True):
-        t, k = child_spend(c, outcome)
+        t, k = child_spend(c, outcome, s.config.prices)
         already = counted.pop(j, None)
         if already is not None:  # (a child that waited: what it used before is counted)
             t, k = t - already[0], k - already[1]
@@ -1423,7 +1439,8 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     # log made before such groups were told of holds deadline_passed only with children
     # cancelled, so it decides as it did.)
     if error is None and (cancelled or ev.deadline_passed):
-        hit = None if ev.deadline_passed else group_budget_spent(call, tokens, cost)
+        hit = None if ev.deadline_passed else group_budget_spent(call, tokens, cost,
+                                                                 ev.duration_ms)
         if ev.deadline_passed:
             error = fx.ErrorInfo(
                 _TIMEOUT_NAMES,

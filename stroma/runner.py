@@ -37,7 +37,7 @@ from interpreters.session import new_seed, replay_log, run_session, utcnow
 from stroma import effects as fx
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, ContractViolation, NodeContract
-from stroma.cost import ExecutionBudget, FallbackPolicy
+from stroma.cost import KNOWN_MODELS, ExecutionBudget, FallbackPolicy
 from stroma.errors import (
     ChildFailed,
     ChildFailedTerminally,
@@ -348,6 +348,7 @@ def machine_config(config: RunConfig, run_id: str) -> MachineConfig:
         node_timeouts={k: int(v) for k, v in config.node_timeouts.items()},
         node_policies={k: _table(v) for k, v in config.node_policies.items()},
         hook_timeout_ms=config.hook_timeout_ms,
+        prices=dict(KNOWN_MODELS),  # (the prices this run goes by, kept in its log)
     )
 
 

@@ -439,6 +439,12 @@ class _Reader:
         # Reading the group in flight when the log ends (a cancelled child there is a
         # sub-plan still running, its commits kept as the group's progress).
         self.at_end = False
+        # The prices the run went by (its header keeps them; an older log's: KNOWN_MODELS).
+        kept = log.header.config.get("prices")
+        self.prices: dict[str, tuple[float, float]] | None = None
+        if isinstance(kept, dict):
+            self.prices = {str(m): (float(p[0]), float(p[1])) for m, p in kept.items()
+                           if isinstance(p, list | tuple) and len(p) == 2}
 
     def row(self, key: str, label: str, step_id: str, kind: str, depth: int,
             parent: str | None, child_index: int | None = None,
@@ -650,7 +656,7 @@ class _Reader:
             outcome = OK
         usage = Usage()
         if isinstance(call, fx.CallNode) and isinstance(answer, fx.NodeReturned):
-            usage = _usage(call, answer)
+            usage = _usage(call, answer, self.prices)
         bar = self.bar(
             row, attempt=event.attempt, start=event.timestamp_utc,
             duration_ms=int(event.duration_ms), outcome=outcome,
@@ -739,7 +745,7 @@ class _Reader:
         if isinstance(outcome, fx.NodeReturned):
             result = OK
             output = _json(outcome.output)
-            usage = _usage(call, outcome)
+            usage = _usage(call, outcome, self.prices)
         elif isinstance(outcome, fx.NodeRaised):
             cls = group_failure if group_failure is not None else builtin_class_for_names(
                 outcome.error.type_names)
@@ -900,7 +906,8 @@ def _child_label(name: str, item: int | None, group: _Coords) -> str:
     return f"{name} {where_label(group)}" + (f" item {item}" if item is not None else "")
 
 
-def _usage(call: Any, answer: fx.NodeReturned) -> Usage:
+def _usage(call: Any, answer: fx.NodeReturned,
+           prices: dict[str, tuple[float, float]] | None = None) -> Usage:
     """What an answer used; the model is the one that priced its tokens (the fallback the
     call was given, else the one the node reported), or the one the node reported when it
     used none: a call given a fallback it did not use (a tool) shows no model."""
@@ -908,7 +915,7 @@ def _usage(call: Any, answer: fx.NodeReturned) -> Usage:
     if not (tin or tout):
         return Usage(0, 0, answer.model, 0.0)
     model = getattr(call, "model", None) or answer.model
-    return Usage(tin, tout, model, estimate_cost_usd(model, tin, tout))
+    return Usage(tin, tout, model, estimate_cost_usd(model, tin, tout, prices=prices))
 
 
 def _map_over(step_id: str) -> str | None:

@@ -342,3 +342,25 @@ async def test_a_sub_plan_child_that_waited_for_input_is_counted_once(
     script.replaying = True
     again = await replay(plan, done.log)  # type: ignore[arg-type]
     assert again.total_tokens == spent
+
+
+async def test_a_latency_budget_stops_a_bounded_group_as_it_runs(anyio_backend: str) -> None:
+    """A group is one step as long as it runs: once its time so far spends the latency
+    budget it starts no more children (it ran all twenty, then failed)."""
+    from interpreters.simulate import VirtualClock, simulate
+
+    clock = VirtualClock()
+    script = Script()
+
+    async def slow(state: Item) -> dict[str, int]:
+        await clock.sleep(0.05)
+        return {"item": state.item, "words": 1}
+
+    plan = [summaries(script.node("summarize", Item, Summary, slow), concurrency=1)]
+    config = RunConfig(budget=ExecutionBudget(max_latency_ms=200), policy_map=ONCE)
+
+    result = await simulate(plan, Docs(items=list(range(20))), config=config, clock=clock)
+
+    assert result.status is RunStatus.PARTIAL
+    assert 4 <= script.calls["summarize"] <= 5  # 200 ms of 50 ms children, one at a time
+    assert "latency" in (result.stop_reason or "")
