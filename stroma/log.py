@@ -67,6 +67,7 @@ source, the line, the field and the problem.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -1425,6 +1426,10 @@ def _upgrade_outcome(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------------- log
 
 
+# The first bytes of a FileStore's checkpoint line in its log.jsonl (no effect record).
+_CHECKPOINT_LINE = '{"ckpt":1,'
+
+
 class EffectLog:
     """A run's log in memory: the header and the records, in order."""
 
@@ -1557,7 +1562,21 @@ class EffectLog:
                 source, f"the log has no whole line: its only line ({len(tail)} characters) "
                 "does not end with a newline, as a line cut off by a crash; every line of a "
                 "log ends with one (EffectLog.to_jsonl() and the stores write them so)")
-        return cls.from_lines(complete, source=source, torn_tail=tail)
+        if _CHECKPOINT_LINE not in text:
+            return cls.from_lines(complete, source=source, torn_tail=tail)
+        # A FileStore's log.jsonl: the checkpoints committed with its records are lines of
+        # their own, no records; read without them, damage named by the file's line.
+        kept = [k for k, line in enumerate(complete) if not line.startswith(_CHECKPOINT_LINE)]
+        if tail.startswith(_CHECKPOINT_LINE):
+            tail = ""
+        try:
+            return cls.from_lines([complete[k] for k in kept], source=source, torn_tail=tail)
+        except LogCorrupted as e:
+            def number(m: re.Match[str]) -> str:
+                n = int(m.group(1))
+                return f"line {kept[n - 1] + 1 if 0 < n <= len(kept) else n}"
+
+            raise LogCorrupted(e.source, re.sub(r"\bline (\d+)", number, e.problem)) from None
 
     @classmethod
     def from_lines(

@@ -468,6 +468,23 @@ async def test_a_log_round_trips_exactly(tmp_path: Path) -> None:
     assert got == log and got is not None and got.completed_nodes() == ["n0", "n1", "n2"]
 
 
+async def test_the_log_file_read_as_text_is_the_log(tmp_path: Path) -> None:
+    """log.jsonl holds the checkpoints committed with its records as lines of their own:
+    EffectLog.from_jsonl of the file's text (as replay's hint says to read it) skips them
+    and is the log the store reads, and damage is named by the file's own line."""
+    log = sample_log()
+    await write_log(FileStore(tmp_path), log)
+    data = log_path(tmp_path).read_bytes()
+    assert b'{"ckpt":1,' in data
+
+    assert EffectLog.from_jsonl(data.decode()) == await FileStore(tmp_path).read_log("r1")
+    lines = data.decode().splitlines(keepends=True)
+    bad = max(k for k, x in enumerate(lines) if k and not x.startswith('{"ckpt"'))
+    lines[bad] = lines[bad].replace('"i":', '"i":"x",', 1)
+    with pytest.raises(LogCorrupted, match=rf"\bline {bad + 1}\b"):
+        EffectLog.from_jsonl("".join(lines))
+
+
 async def test_a_torn_last_line_recovers_to_the_last_whole_record(tmp_path: Path) -> None:
     """Cutting the log anywhere inside its last line reads back as the log without that record."""
     log = sample_log()
