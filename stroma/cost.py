@@ -25,6 +25,7 @@ __all__ = (
     "ModelHint",
     "NodeUsage",
     "StepUsage",
+    "SPEND_SLACK",
     "estimate_cost_usd",
     "fallback_for",
     "normalize_node_return",
@@ -66,6 +67,11 @@ def estimate_cost_usd(
 
 _DIMENSIONS = ("tokens", "cost", "latency")
 
+SPEND_SLACK = 1e-12
+"""How far a sum of float costs (or a share of the cost limit) may be off and still count
+as at its limit (threshold): a millionth of a millionth, below any price of a token, above
+the rounding of a float sum (3 x 0.003 is 0.009000000000000001)."""
+
 
 @_validated_init
 class ExecutionBudget(BaseModel):
@@ -103,9 +109,11 @@ class ExecutionBudget(BaseModel):
     def first_exceeded(
         self, tokens: float, cost_usd: float, latency_ms: float
     ) -> tuple[str, float, float] | None:
-        """``(dimension, limit, actual)`` of the first dimension over its limit, else None."""
+        """``(dimension, limit, actual)`` of the first dimension over its limit, else None.
+        (A sum of costs that is the limit but for the last bits of a float, as 3 x $0.003
+        is, is at the limit, not over it: see ``SPEND_SLACK``.)"""
         for dimension, limit, actual in self._pairs(tokens, cost_usd, latency_ms):
-            if limit is not None and actual > limit:
+            if limit is not None and actual > limit + SPEND_SLACK:
                 return dimension, limit, actual
         return None
 
@@ -114,7 +122,7 @@ class ExecutionBudget(BaseModel):
     ) -> tuple[str, float, float] | None:
         """``(dimension, limit, actual)`` of the first dimension at or over its limit."""
         for dimension, limit, actual in self._pairs(tokens, cost_usd, latency_ms):
-            if limit is not None and actual >= limit:
+            if limit is not None and actual >= limit - SPEND_SLACK:
                 return dimension, limit, actual
         return None
 
@@ -297,7 +305,7 @@ def fallback_for(
     for policy in fallbacks:
         if declared is not None and policy.preferred_model != declared:
             continue
-        if limit == 0 or spent_usd / limit >= policy.at_budget_pct:
+        if limit == 0 or spent_usd / limit >= policy.at_budget_pct - SPEND_SLACK:
             return policy
     return None
 

@@ -81,7 +81,13 @@ from pydantic_core import PydanticSerializationError, from_json, to_json, to_jso
 
 from stroma import effects as fx
 from stroma.contracts import ContractViolation
-from stroma.cost import BudgetExceeded, ExecutionBudget, FallbackPolicy, estimate_cost_usd
+from stroma.cost import (
+    SPEND_SLACK,
+    BudgetExceeded,
+    ExecutionBudget,
+    FallbackPolicy,
+    estimate_cost_usd,
+)
 from stroma.cost import fallback_for as _fallback_for
 from stroma.errors import PlanError, StateNotSerializable, StromaError, StromaTypeError
 from stroma.failures import (
@@ -553,7 +559,7 @@ def _fallback_model(s: RunState) -> str | None:
     if pct is None:
         return None
     limit = c.max_cost_usd
-    if limit and s.cost_usd / limit < pct:  # (fallback_for's own test, for every policy)
+    if limit and s.cost_usd / limit < pct - SPEND_SLACK:  # (fallback_for's test, any policy)
         return None
     fb = _fallback_for(s.cost_usd, c.budget, c.fallbacks, c.declared_model)
     return fb.fallback_model if fb is not None else None

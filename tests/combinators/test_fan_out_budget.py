@@ -364,3 +364,35 @@ async def test_a_latency_budget_stops_a_bounded_group_as_it_runs(anyio_backend: 
     assert result.status is RunStatus.PARTIAL
     assert 4 <= script.calls["summarize"] <= 5  # 200 ms of 50 ms children, one at a time
     assert "latency" in (result.stop_reason or "")
+
+
+async def test_a_cost_budget_spent_exactly_by_a_float_sum_is_not_over(
+        anyio_backend: str) -> None:
+    """Three calls of $0.003 sum to 0.009000000000000001 in floats: at a $0.009 limit, not
+    over it (the third failed with "$0.009, over the limit of $0.009"); and $0.0024 of
+    $0.003 is the 80% threshold (0.7999999999999999 in floats), where the fallback is
+    told."""
+    from stroma import NodeContract, stroma_node
+    from stroma.cost import FallbackPolicy
+
+    models: list[str | None] = []
+
+    def node(node_id: str, tokens: int = 1_200) -> Any:
+        async def ask(state: Item, ctx: dict[str, Any]) -> tuple[dict[str, int], int, str]:
+            models.append(ctx.get("_stroma_model"))
+            return {"item": state.item + 1}, tokens, "gpt-4o"  # 1,200 x $2.50/1M = $0.003
+
+        contract = NodeContract(node_id=node_id, input_schema=Item, output_schema=Item)
+        return stroma_node(node_id, contract)(ask)
+
+    plan = [node("a"), node("b"), node("c")]
+    spent = await interpret(plan, Item(item=0), config=RunConfig(
+        budget=ExecutionBudget(max_cost_usd=0.009), context={}))
+    assert spent.status is RunStatus.COMPLETED, spent.stop_reason
+
+    models.clear()
+    told = await interpret([node("d", 960), node("e", 960)], Item(item=0), config=RunConfig(
+        budget=ExecutionBudget(max_cost_usd=0.003), context={},
+        model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini", at_budget_pct=0.8)]))
+    assert told.status is RunStatus.COMPLETED
+    assert models == [None, "gpt-4o-mini"]  # $0.0024 of $0.003 is 80%
