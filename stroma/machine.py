@@ -952,6 +952,8 @@ def _begin_step(s: RunState) -> Out:
     call: fx.CallNode | fx.CallParallel
     if type(step) is NodeStep:
         timeout = step.timeout_ms if not c.node_timeouts else _timeout(s, step)
+        if model is not None and not step.takes_context:
+            model = None  # (never told the fallback: priced by the model it reports)
         if s.state_type is step.input_schema:
             # The common case: the state already is this node's input.
             call = _tuple_new(fx.CallNode,
@@ -1175,7 +1177,8 @@ def _child_call(
             cin = _validate(child.node_id, "input", child.input_schema, raw)
             if isinstance(cin, ContractViolation):
                 return cin
-            return fx.CallNode(child.node_id, s.attempt, _timeout(s, child), model, cin,
+            return fx.CallNode(child.node_id, s.attempt, _timeout(s, child),
+                               model if child.takes_context else None, cin,
                                _child_coords(s, index))
         # A child with retry policies of its own retries on its own: a one-node sub-plan.
         child = child.solo

@@ -396,3 +396,36 @@ async def test_a_cost_budget_spent_exactly_by_a_float_sum_is_not_over(
         model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini", at_budget_pct=0.8)]))
     assert told.status is RunStatus.COMPLETED
     assert models == [None, "gpt-4o-mini"]  # $0.0024 of $0.003 is 80%
+
+
+async def test_a_node_that_takes_no_context_is_priced_by_the_model_it_reports(
+        anyio_backend: str) -> None:
+    """Past the fallback threshold a node without a context parameter is never told the
+    fallback, so its calls are priced by the model it reports, alone or as a fan-out
+    child (they were priced as the fallback, claude-opus at gpt-4o-mini's rate, and the
+    budget never stopped the run)."""
+    from stroma.cost import FallbackPolicy, estimate_cost_usd
+
+    script = Script()
+
+    async def opus(state: Item) -> tuple[dict[str, int], int, str]:
+        return {"item": state.item + 1}, 1_000, "claude-opus-4-6"
+
+    async def words(state: Item) -> tuple[dict[str, int], int, str]:
+        return {"item": state.item, "words": 1}, 1_000, "claude-opus-4-6"
+
+    plan = [script.node("a", Item, Item, opus), script.node("b", Item, Item, opus),
+            map_each(script.node("c", Item, Summary, words), over="items", into="summaries",
+                     input=Docs)]
+    config = RunConfig(
+        budget=ExecutionBudget(max_cost_usd=1.0), context={},
+        model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini", at_budget_pct=0.01)])
+
+    result = await interpret(plan[:2], Item(item=0), config=config)
+    assert result.total_cost_usd == pytest.approx(2 * estimate_cost_usd(
+        "claude-opus-4-6", 1_000))
+    mapped = await interpret([plan[2]], Docs(items=[1, 2]), config=RunConfig(
+        budget=ExecutionBudget(max_cost_usd=0.001), context={},
+        model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini", at_budget_pct=0.0)]))
+    assert mapped.total_cost_usd == pytest.approx(2 * estimate_cost_usd(
+        "claude-opus-4-6", 1_000))
