@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from interpreters.live import Collaborators
 from interpreters.session import run_session
+from stroma import effects as fx
 from stroma.checkpoint import CheckpointManager, InMemoryStore
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.cost import CostTracker, NodeUsage, normalize_node_return
@@ -174,8 +175,10 @@ async def execute_step(
     result.total_tokens -= mc.base_tokens
     result.total_cost_usd -= mc.base_cost_usd
     latency = sum(e.duration_ms for e in result.trace)
+    model, output_tokens = _model_and_output_tokens(result)
     tracker.record(
-        NodeUsage(step_id, result.total_tokens, result.total_cost_usd, latency)
+        NodeUsage(step_id, result.total_tokens, result.total_cost_usd, latency, model,
+                  output_tokens)
     )
     for event in result.trace:
         ctx.trace.append(event)
@@ -184,6 +187,22 @@ async def execute_step(
     if unvalidated and isinstance(result.final_state, UnvalidatedOutput):
         result.final_state = _as_model(result.final_state, type(input_state), returned)
     return result
+
+
+def _model_and_output_tokens(result: ExecutionResult) -> tuple[str | None, int]:
+    """The model that priced a step's calls (the latest that was named) and the output
+    tokens they reported, from its log."""
+    model: str | None = None
+    output_tokens = 0
+    log = result.log
+    for record in log.records if log is not None else ():
+        if not isinstance(record, tuple):
+            continue
+        call, answer = record
+        if isinstance(call, fx.CallNode) and isinstance(answer, fx.NodeReturned):
+            output_tokens += answer.output_tokens
+            model = call.model or answer.model or model
+    return model, output_tokens
 
 
 class UnvalidatedOutput(BaseModel):

@@ -248,6 +248,24 @@ async def test_execute_step_shares_one_budget_across_steps(anyio_backend: str) -
     assert ctx.cost_tracker.total_tokens == 120
 
 
+async def test_execute_step_records_the_model_and_output_tokens_of_its_calls(
+        anyio_backend: str) -> None:
+    """The context's tracker has each step's usage as the step reported it: its model and
+    its output tokens too (summary() said model=None, output_tokens=0)."""
+    ctx = ReliabilityContext.for_run(RunConfig())
+
+    async def ask(state: Num) -> tuple[dict[str, int], int, int, str]:
+        return {"value": state.value + 1}, 1_000, 200, "claude-sonnet-4-6"
+
+    result = await execute_step("ask", ask, Num(value=0), ctx, contract=contract("ask"))
+
+    usage = ctx.cost_tracker.summary()["ask"]
+    assert (usage.tokens_used, usage.output_tokens, usage.model) == (
+        1_200, 200, "claude-sonnet-4-6")
+    assert usage.cost_usd == pytest.approx(result.total_cost_usd)
+    assert result.total_cost_usd == pytest.approx((1_000 * 3.0 + 200 * 15.0) / 1e6)
+
+
 async def test_execute_step_model_fallback_counts_earlier_steps(anyio_backend: str) -> None:
     """The model fallback threshold is measured on the spend of the whole context."""
     context: dict[str, Any] = {"model": "gpt-4o"}
