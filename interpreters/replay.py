@@ -71,8 +71,18 @@ def _difference(recorded: Any, new: Any) -> str:
             continue
         x, y = getattr(recorded, name), getattr(new, name)
         if x != y and fx.as_json_value(x) != fx.as_json_value(y):
-            parts.append(f"{name}: recorded {x!r}, now {y!r}")
+            parts.append(f"{name}: recorded {_shown(x)}, now {_shown(y)}")
     return "; ".join(parts)[:800]
+
+
+def _shown(value: Any) -> str:
+    """A field's value as a divergence names it: a state's JSON text as its text."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")[:300]
+        except UnicodeDecodeError:
+            pass
+    return repr(value)[:300]
 
 
 def _diverged(index: int, recorded: Any, new: Any) -> NondeterminismError:

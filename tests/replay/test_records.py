@@ -167,6 +167,19 @@ async def test_a_tampered_record_is_named_by_its_index() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_tampered_state_is_shown_as_its_json_text() -> None:
+    """A state in a divergence reads as the JSON it is, not as a Python bytes repr."""
+    result = await interpret(chain(6), Num(value=0))
+    items = result.log.records.items
+    k = next(i for i, item in enumerate(items) if item[:2] == ("Commit", "n3"))
+    items[k] = (*items[k][:6], b'{"value":99}', *items[k][7:])
+    with pytest.raises(NondeterminismError) as caught:
+        await replay(chain(6), result.log)
+    assert caught.value.index == k
+    assert 'output_state: recorded {"value":99}, now {"value":4}' in str(caught.value)
+
+
+@pytest.mark.anyio
 async def test_a_timeout_added_since_the_run_is_named_at_its_call() -> None:
     """A timeout is not in the plan's fingerprint; replay reports the call record of the
     node that has one now (timeout_ms differs)."""
