@@ -194,7 +194,7 @@ def _check_plan(plan: Plan, log: EffectLog, what: str) -> None:
     fingerprints = (
         f"{what} was recorded with plan {recorded[:16]}, and this plan is "
         f"{plan.fingerprint[:16]} (its structure or contracts changed, or it is another "
-        "pipeline)"
+        f"pipeline{_seen_changes(plan, log)})"
     )
     try:
         _replay(plan, log, f"the effect log of {what}")
@@ -208,6 +208,40 @@ def _check_plan(plan: Plan, log: EffectLog, what: str) -> None:
         0, f"plan fingerprint {recorded[:16]}", f"plan fingerprint {plan.fingerprint[:16]}",
         fingerprints,
     )
+
+
+def _seen_changes(plan: Plan, log: EffectLog) -> str:
+    """What the log shows of how the plan changed: steps it recorded that the plan has not,
+    and outputs it recorded under another schema than the step's now ("" if none)."""
+    from stroma.plan import CONTROL
+
+    steps = {ins.step_id: ins for ins in plan.program if not isinstance(ins, CONTROL)}
+    gone: list[str] = []
+    schemas: list[str] = []
+    try:
+        for record in log.records:
+            if not isinstance(record, tuple):
+                continue
+            effect = record[0]
+            if not isinstance(effect, fx.Commit | fx.RecordAttempt):
+                continue
+            step = steps.get(effect.node_id)
+            if step is None:
+                if effect.node_id not in gone:
+                    gone.append(effect.node_id)
+                continue
+            ref = getattr(step, "output_ref", None)
+            if isinstance(effect, fx.Commit) and ref and effect.schema not in (None, ref):
+                change = f"{effect.node_id!r} output {effect.schema} then, {ref} now"
+                if change not in schemas:
+                    schemas.append(change)
+    except StromaError:  # (a log that does not read: the fingerprints say enough)
+        return ""
+    said = []
+    if gone:
+        said.append(f"the log has steps this plan has not: {', '.join(map(repr, gone[:5]))}")
+    said.extend(schemas[:3])
+    return "; " + "; ".join(said) if said else ""
 
 
 def _replay(plan: Plan, log: EffectLog, source: str) -> tuple[Replayed, int]:

@@ -180,6 +180,19 @@ async def test_a_tampered_state_is_shown_as_its_json_text() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_changed_output_schema_is_named_with_the_fingerprints() -> None:
+    """A contract change every record still replays through changes only the plan's
+    fingerprint: the error names the step whose output the log recorded under another
+    schema, and the two schemas."""
+    result = await interpret(chain(4), Num(value=0))
+    with pytest.raises(NondeterminismError) as caught:
+        await replay(chain(4, {2: ["other"]}), result.log)
+    assert caught.value.index == 0
+    assert "'n2' output tests.replay.test_records:Num then, " \
+           "tests.replay.test_records:Other now" in str(caught.value)
+
+
+@pytest.mark.anyio
 async def test_a_timeout_added_since_the_run_is_named_at_its_call() -> None:
     """A timeout is not in the plan's fingerprint; replay reports the call record of the
     node that has one now (timeout_ms differs)."""
