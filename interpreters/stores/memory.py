@@ -24,7 +24,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from interpreters.stores._lease import locked, loop_gone, session_loop
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.schemas import first_error, read_state, state_json
@@ -116,6 +115,8 @@ class _MemoryBase:
         return sorted(set(self._data) | set(self._logs))
 
     def _holder(self, run_id: str) -> str | None:
+        from interpreters.stores._lease import loop_gone  # (asyncio: not at import)
+
         entry = self._leases.get(run_id)
         return None if entry is None or loop_gone(entry[1]) else entry[0]
 
@@ -128,6 +129,8 @@ class _MemoryBase:
                 f"{type(self).__name__}.lease(run_id, holder): holder must be a str naming "
                 f"the session, got {holder!r:.80} (a {type(holder).__name__})"
             )
+        from interpreters.stores._lease import locked, loop_gone, session_loop
+
         mine = (holder, session_loop())
         current = self._leases.setdefault(run_id, mine)  # (one step: two claims race safely)
         if current is not mine:
