@@ -47,6 +47,10 @@ from stroma.machine import MachineConfig, Out, RunState, advance, start
 from stroma.plan import Plan
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
+# How long a run that stopped before its Finish waits for its last records to be kept
+# (as long as for its lease's release: interpreters.stores._lease.RELEASE_WHEN_STOPPED_S).
+_STOPPED_FLUSH_S = 1.0
+
 __all__ = ("Recorder", "result_of", "resume_marker", "run", "run_live", "tell_observer")
 
 
@@ -107,6 +111,26 @@ class Recorder:
             self.flushed = start
             raise
         self.flushed = len(self.log.records.items)
+
+    async def keep_when_stopped(self, log: Any) -> None:
+        """The records so far made durable when the run stops before its Finish (it was
+        cancelled or interrupted, or a store or the library failed): what was performed
+        and answered (a hook that fired, a backoff slept, a branch chosen) is not
+        performed again when the run goes on. Shielded and bounded in time as a lease's
+        release is; a failure is logged, never raised (the run's own error goes on)."""
+        if self.store is None or self.flushed == len(self.log.records.items):
+            return
+        bound = _STOPPED_FLUSH_S
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bound) as scope:
+            try:
+                await self.flush()
+                return
+            except Exception as exc:  # (the store failed: the run's error says so)
+                problem = f"{type(exc).__name__}: {exc}"
+        if scope.cancelled_caught:
+            problem = f"no answer within {bound:.3g} s"
+        log.warning("run %r stopped; its last records could not be kept (%s): the run "
+                    "performs them again when it goes on", self.run_id, problem)
 
     def finished_children(self) -> tuple[tuple[int, Any, Any], ...]:
         """The children of the group in flight at the end of the records that finished
@@ -220,13 +244,15 @@ async def run_live(
     observer = performer.world.observer
     told = None if observer is None else _Told(observer, performer)
     run = _run_live if performer.guard is None else _run_guarded
-    if observer is None:
-        return await run(state, effects, recorder, performer, None)
     try:
         result = await run(state, effects, recorder, performer, told)
     except BaseException as exc:
-        _tell(performer, observer.ended, None, exc)
+        await recorder.keep_when_stopped(performer.log)
+        if observer is not None:
+            _tell(performer, observer.ended, None, exc)
         raise
+    if observer is None:
+        return result
     _tell(performer, observer.ended, recorder.log.finish, None)
     return result
 
