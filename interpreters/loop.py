@@ -57,8 +57,8 @@ __all__ = ("Recorder", "result_of", "resume_marker", "run", "run_live", "tell_ob
 class Recorder:
     """The run's EffectLog, and how much of it a durable LogStore already holds."""
 
-    __slots__ = ("_lock", "flushed", "keeps_partials", "log", "run_id", "session_start",
-                 "store", "up")
+    __slots__ = ("_lock", "flushed", "in_doubt", "keeps_partials", "log", "run_id",
+                 "session_start", "store", "up")
 
     def __init__(
         self, log: EffectLog, store: Any | None, *, flushed: int | None = None,
@@ -71,6 +71,9 @@ class Recorder:
         self.store = store  # a LogStore, or None
         # Index of the first record not yet durable; -1 means the header is not written yet.
         self.flushed = len(log.records) if flushed is None else flushed
+        # An append failed or was cancelled: the store may hold its lines or not (a
+        # server that wrote them before the answer was lost), so none is sent again.
+        self.in_doubt = False
         # Where this session's records start (the trace is the session's attempts).
         self.session_start = session_start
         self._lock: anyio.Lock | None = None  # serializes fan-out children's appends
@@ -109,6 +112,7 @@ class Recorder:
             await self.store.append_log(self.run_id, lines, checkpoint)
         except BaseException:
             self.flushed = start
+            self.in_doubt = True
             raise
         self.flushed = len(self.log.records.items)
 
@@ -118,7 +122,8 @@ class Recorder:
         and answered (a hook that fired, a backoff slept, a branch chosen) is not
         performed again when the run goes on. Shielded and bounded in time as a lease's
         release is; a failure is logged, never raised (the run's own error goes on)."""
-        if self.store is None or self.flushed == len(self.log.records.items):
+        if (self.store is None or self.in_doubt
+                or self.flushed == len(self.log.records.items)):
             return
         bound = _STOPPED_FLUSH_S
         with anyio.CancelScope(shield=True), anyio.move_on_after(bound) as scope:

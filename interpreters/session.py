@@ -393,6 +393,9 @@ async def _session(
             )
             state, effects = start(plan, initial_state, machine)
             recorder = Recorder(EffectLog(header, RecordList()), log_store, flushed=-1)
+            # The header at once: the run is in the store (``runs`` shows it running, a
+            # crash before its first commit leaves a run to go on from) from its start.
+            await recorder.flush()
         # An in-memory store keeps the log by reference: at once for a run id given (it
         # can be named again at any point, a crash included), and for a generated one
         # when the run ends WAITING (the id in its result is how send_input and the run
