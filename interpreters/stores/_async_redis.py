@@ -241,7 +241,8 @@ class RedisStore(_Base):
     async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         keys = self._keys(run_id, "save")
         node = _id_bytes("node id", node_id, "RedisStore.save")
-        value = _encode_checkpoint(_check_state(state, node_id, "RedisStore.save"))
+        value = _encode_checkpoint(
+            _check_state(state, node_id, "RedisStore.save"), node_id, "RedisStore.save")
         await self._write("save", run_id, keys, (), (node, value))
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
@@ -354,7 +355,7 @@ class RedisStore(_Base):
             node_id, state = checkpoint
             item = (
                 _id_bytes("node id", node_id, op),
-                _encode_checkpoint(_check_state(state, node_id, op)),
+                _encode_checkpoint(_check_state(state, node_id, op), node_id, op),
             )
         if not encoded and item is None:
             return

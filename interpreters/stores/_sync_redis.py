@@ -193,7 +193,8 @@ class SyncRedisStore(_Base):
     def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         keys = self._keys(run_id, "save")
         node = _id_bytes("node id", node_id, "SyncRedisStore.save")
-        value = _encode_checkpoint(_check_state(state, node_id, "SyncRedisStore.save"))
+        value = _encode_checkpoint(
+            _check_state(state, node_id, "SyncRedisStore.save"), node_id, "SyncRedisStore.save")
         self._write("save", run_id, keys, (), (node, value))
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
@@ -306,7 +307,7 @@ class SyncRedisStore(_Base):
             node_id, state = checkpoint
             item = (
                 _id_bytes("node id", node_id, op),
-                _encode_checkpoint(_check_state(state, node_id, op)),
+                _encode_checkpoint(_check_state(state, node_id, op), node_id, op),
             )
         if not encoded and item is None:
             return

@@ -24,9 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from interpreters.stores._checks import checkpoint_json
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
-from stroma.schemas import first_error, read_state, state_json
+from stroma.schemas import first_error, read_state
 
 __all__ = ("AsyncInMemoryStore", "InMemoryStore")
 
@@ -80,7 +81,8 @@ class _MemoryBase:
                 f"checkpoint state for node {node_id!r} must be a pydantic BaseModel, "
                 f"got {type(state).__name__}"
             )
-        self._put(run_id, node_id, state_json(state), type(state))
+        text = checkpoint_json(state, node_id, f"{type(self).__name__}.save")
+        self._put(run_id, node_id, text, type(state))
 
     def _load(self, run_id: str, node_id: str, schema: type[BaseModel] | None) -> BaseModel | None:
         text = self._data.get(run_id, {}).get(node_id)
