@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from interpreters.stores import _redis_base as _b
+from interpreters.stores._checks import require_model_type
 from interpreters.stores._common import RunInfo, check_input_text, check_lines, run_info
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._redis_base import (
@@ -246,8 +247,8 @@ class RedisStore(_Base):
         await self._write("save", run_id, keys, (), (node, value))
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("RedisStore.save_typed", schema)
+        declare_schema(schema)
         await self.save(run_id, node_id, state)
 
     async def _load(
@@ -271,6 +272,7 @@ class RedisStore(_Base):
     async def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
+        require_model_type("RedisStore.load_typed", schema)
         declare_schema(schema)
         return await self._load(run_id, node_id, schema, "load_typed")
 

@@ -106,7 +106,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from interpreters.stores._checks import checkpoint_json
+from interpreters.stores._checks import checkpoint_json, require_model_type
 from interpreters.stores._common import (
     DAMAGED,
     NO_LOG,
@@ -1142,8 +1142,8 @@ class FileStore:
         self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]
     ) -> None:
         """``save``, declaring ``schema`` too (so ``load`` may answer with it)."""
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("FileStore.save_typed", schema)
+        declare_schema(schema)
         await self.save(run_id, node_id, state)
 
     async def _load(
@@ -1171,6 +1171,7 @@ class FileStore:
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
         """The checkpoint of ``node_id`` validated as ``schema`` (the stored ref is ignored)."""
+        require_model_type("FileStore.load_typed", schema)
         declare_schema(schema)
         return await self._load(run_id, node_id, schema, "load_typed")
 

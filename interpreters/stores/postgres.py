@@ -70,7 +70,7 @@ from tenacity import (
     wait_random,
 )
 
-from interpreters.stores._checks import checkpoint_json
+from interpreters.stores._checks import checkpoint_json, require_model_type
 from interpreters.stores._common import (
     RunInfo,
     check_input_text,
@@ -595,8 +595,8 @@ class PostgresStore:
         await self._run("save", run_id, once)
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("PostgresStore.save_typed", schema)
+        declare_schema(schema)
         await self.save(run_id, node_id, state)
 
     async def _load(
@@ -627,6 +627,7 @@ class PostgresStore:
     async def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
+        require_model_type("PostgresStore.load_typed", schema)
         declare_schema(schema)
         return await self._load(run_id, node_id, schema, "load_typed")
 

@@ -1,5 +1,6 @@
 """Every built-in store answers the same misuse with the same StromaError, before it writes
-anything: a state whose JSON cannot be made (StateNotSerializable naming the field)."""
+anything: a state whose JSON cannot be made (StateNotSerializable naming the field), a
+schema that is not a model class (StromaTypeError), whether or not the checkpoint exists."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel
 import interpreters.stores.file as file_module
 import interpreters.stores.redis as redis_module
 from interpreters.stores.memory import AsyncInMemoryStore, InMemoryStore
-from stroma.errors import StateNotSerializable
+from stroma.errors import StateNotSerializable, StromaTypeError
 from tests.services import drop_postgres_tables, drop_redis_prefix, unique
 
 pytestmark = pytest.mark.anyio
@@ -90,3 +91,22 @@ async def test_a_log_append_with_an_unwritable_checkpoint_writes_nothing(
         await call(every_store.append_log("r", ['{"x": 1}'], ("n", Blob(name="x", b=b"\xff"))))
     assert await call(every_store.read_log("r")) is None
     assert await call(every_store.load_typed("r", "n", Blob)) is None
+
+
+@pytest.mark.parametrize("schema", [int, None, "Blob", Blob(name="x", b=b"")])
+async def test_typed_methods_refuse_a_schema_that_is_not_a_model(
+    every_store: Any, schema: Any
+) -> None:
+    """load_typed (checkpoint there or not) and save_typed with a schema that is not a
+    BaseModel class raise the same StromaTypeError from every store; nothing is saved."""
+    name = type(every_store).__name__
+    with pytest.raises(StromaTypeError, match=rf"^{name}\.load_typed\(run_id, node_id, schema\): "
+                                              "schema must be a BaseModel type"):
+        await call(every_store.load_typed("r", "missing", schema))
+    await call(every_store.save("r", "there", Blob(name="x", b=b"")))
+    with pytest.raises(StromaTypeError, match="schema must be a BaseModel type"):
+        await call(every_store.load_typed("r", "there", schema))
+    with pytest.raises(StromaTypeError, match=rf"^{name}\.save_typed\(run_id, node_id, state, "
+                                              r"schema\): schema must be a BaseModel type"):
+        await call(every_store.save_typed("r", "typed", Blob(name="y", b=b""), schema))
+    assert await call(every_store.load_typed("r", "typed", Blob)) is None
