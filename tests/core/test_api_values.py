@@ -38,7 +38,7 @@ from stroma.cost import (
     normalize_node_return,
     resolve_model,
 )
-from stroma.errors import StromaError
+from stroma.errors import StromaError, StromaTypeError
 from stroma.failures import (
     FailureClass,
     FailurePolicy,
@@ -242,6 +242,26 @@ def test_diff_pairs_repeated_keys_by_occurrence() -> None:
     a = ExecutionTrace([event("a", output={"y": 1}), event("a", output={"y": 2})])
     b = ExecutionTrace([event("a", output={"y": 1})])
     assert a.diff(b) == ["Missing event in other trace: a attempt 1 (occurrence 2)"]
+
+
+@pytest.mark.parametrize("bad", [{"node_id": "x", "attempt": 1}, None, "a"])
+def test_a_trace_refuses_what_is_not_a_trace_event_up_front(bad: object) -> None:
+    """append(), the constructor and diff() name the argument and the type it must be, and
+    a refused append leaves the trace as it was (it still reads, prints and diffs)."""
+    t = ExecutionTrace([event("a")])
+    with pytest.raises(StromaTypeError, match=r"ExecutionTrace\.append\(event\): event must "
+                                              "be a TraceEvent"):
+        t.append(bad)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=r"ExecutionTrace\(events\): event 1 must be a "
+                                              "TraceEvent"):
+        ExecutionTrace([event("a"), bad])  # type: ignore[list-item]
+    with pytest.raises(StromaTypeError, match=r"ExecutionTrace\.diff\(other\): other must be "
+                                              "an ExecutionTrace"):
+        t.diff(bad)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="other must be an ExecutionTrace"):
+        t.diff([event("a")])  # type: ignore[arg-type]
+    assert len(t) == 1 and t.failures() == [] and len(json.loads(t.to_json())) == 1
+    assert t.diff(ExecutionTrace([event("a")])) == []
 
 
 def test_format_trace_table() -> None:
