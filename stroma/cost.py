@@ -57,12 +57,22 @@ def estimate_cost_usd(
     rate = table.get(model) if model is not None else None
     if rate is None:
         return 0.0
-    if input_tokens < 0 or output_tokens < 0:
-        raise StromaValueError(
-            f"estimate_cost_usd({model!r}, {input_tokens!r}, {output_tokens!r}): token counts "
-            "must be >= 0 (the tokens a call used)"
-        )
-    return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
+    try:
+        if input_tokens < 0 or output_tokens < 0:
+            raise StromaValueError(
+                f"estimate_cost_usd({model!r}, {input_tokens!r}, {output_tokens!r}): token "
+                "counts must be >= 0 (the tokens a call used)"
+            )
+        return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
+    except TypeError:  # (checked here only, off the common path)
+        for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            if not isinstance(value, int | float):
+                raise StromaTypeError(
+                    f"estimate_cost_usd({model!r}, {input_tokens!r:.40}, "
+                    f"{output_tokens!r:.40}): {name} must be a number (a count of tokens), "
+                    f"got {value!r:.80} (a {type(value).__name__}): pass int(...) of it"
+                ) from None
+        raise
 
 
 _DIMENSIONS = ("tokens", "cost", "latency")

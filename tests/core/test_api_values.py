@@ -615,6 +615,21 @@ def test_estimate_cost_arithmetic() -> None:
     assert estimate_cost_usd(None, 10**9) == 0.0
 
 
+@pytest.mark.parametrize(("args", "name"), [
+    (("5",), "input_tokens"), ((5, "5"), "output_tokens"), ((None,), "input_tokens"),
+    (([1], 2), "input_tokens"),
+])
+def test_estimate_cost_names_a_token_count_that_is_no_number(
+    args: tuple[object, ...], name: str
+) -> None:
+    """A token count of the wrong kind is a StromaTypeError naming the argument (a
+    TypeError too), not the comparison's raw TypeError."""
+    with pytest.raises(StromaTypeError, match=rf"estimate_cost_usd\('gpt-4o', .*\): {name} "
+                                              "must be a number"):
+        estimate_cost_usd("gpt-4o", *args)  # type: ignore[arg-type]
+    assert estimate_cost_usd("gpt-4o", 1.5, True) == pytest.approx((1.5 * 2.5 + 10) / 1e6)
+
+
 def test_budget_first_exceeded_and_first_spent() -> None:
     """first_exceeded needs actual > limit, first_spent actual >= limit; tokens come first."""
     b = ExecutionBudget(max_tokens_total=100, max_cost_usd=1.0, max_latency_ms=1000)
