@@ -692,6 +692,32 @@ def test_cost_tracker_check_budget_on_cumulative_totals() -> None:
         "tokens", 100, 101, "c")
 
 
+def test_budget_and_fallback_helpers_name_an_argument_of_the_wrong_kind() -> None:
+    """check_budget, resolve_model and fallback_for raise a StromaTypeError naming the
+    argument and the type it must be (not an AttributeError or a bare TypeError)."""
+    budget = ExecutionBudget(max_cost_usd=1.0)
+    policies = [FallbackPolicy("gpt-4o", "gpt-4o-mini")]
+    with pytest.raises(StromaTypeError, match=r"^CostTracker\.check_budget\(budget, node_id\): "
+                                              "budget must be an ExecutionBudget or None"):
+        CostTracker().check_budget({"max_tokens_total": 1}, "a")  # type: ignore[arg-type]
+    call = r"^resolve_model\(declared, tracker, budget, fallbacks\): "
+    with pytest.raises(StromaTypeError, match=call + "tracker must be a CostTracker"):
+        resolve_model("gpt-4o", None, budget, policies)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=call + "fallbacks must be a sequence of "
+                                                     "FallbackPolicy, got None"):
+        resolve_model("gpt-4o", CostTracker(), budget, None)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=call + r"fallbacks\[1\] must be a FallbackPolicy"):
+        resolve_model("x", CostTracker(), budget, [*policies, "gpt-4o"])  # type: ignore[list-item]
+    with pytest.raises(StromaTypeError, match=call + "budget must be an ExecutionBudget"):
+        resolve_model("gpt-4o", CostTracker(), {"max_cost_usd": 1}, [])  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=r"^fallback_for\(.*\): budget must be an "
+                                              "ExecutionBudget"):
+        fallback_for(0.5, {"max_cost_usd": 1}, policies, None)  # type: ignore[arg-type]
+    tracker = CostTracker()
+    tracker.record(NodeUsage("a", 1, 0.9, 1))
+    assert resolve_model("gpt-4o", tracker, budget, policies) == "gpt-4o-mini"  # (still works)
+
+
 def test_model_fallback_thresholds() -> None:
     """A fallback applies at spend / max_cost_usd >= at_budget_pct, for its own model only."""
     budget = ExecutionBudget(max_cost_usd=1.0)
