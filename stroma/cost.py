@@ -57,12 +57,22 @@ def estimate_cost_usd(
     rate = table.get(model) if model is not None else None
     if rate is None:
         return 0.0
-    if input_tokens < 0 or output_tokens < 0:
-        raise StromaValueError(
-            f"estimate_cost_usd({model!r}, {input_tokens!r}, {output_tokens!r}): token counts "
-            "must be >= 0 (the tokens a call used)"
-        )
-    return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
+    try:
+        if input_tokens < 0 or output_tokens < 0:
+            raise StromaValueError(
+                f"estimate_cost_usd({model!r}, {input_tokens!r}, {output_tokens!r}): token "
+                "counts must be >= 0 (the tokens a call used)"
+            )
+        return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
+    except TypeError:  # (checked here only, off the common path)
+        for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            if not isinstance(value, int | float):
+                raise StromaTypeError(
+                    f"estimate_cost_usd({model!r}, {input_tokens!r:.40}, "
+                    f"{output_tokens!r:.40}): {name} must be a number (a count of tokens), "
+                    f"got {value!r:.80} (a {type(value).__name__}): pass int(...) of it"
+                ) from None
+        raise
 
 
 _DIMENSIONS = ("tokens", "cost", "latency")
@@ -216,7 +226,12 @@ class CostTracker:
         """Raise BudgetExceeded if a cumulative total is over its limit."""
         if budget is None:
             return
-        hit = budget.first_exceeded(self._tokens, self._cost, self._latency)
+        try:
+            hit = budget.first_exceeded(self._tokens, self._cost, self._latency)
+        except AttributeError:  # (checked here only, off the common path)
+            if isinstance(budget, ExecutionBudget):
+                raise
+            raise _not_a_budget("CostTracker.check_budget(budget, node_id)", budget) from None
         if hit is not None:
             raise BudgetExceeded(*hit, node_id)
 
@@ -299,15 +314,22 @@ def fallback_for(
     ``spent_usd / max_cost_usd >= at_budget_pct`` (a zero cost limit is always reached).
     Without a cost limit nothing falls back.
     """
-    if budget is None or budget.max_cost_usd is None:
+    try:
+        if budget is None or budget.max_cost_usd is None:
+            return None
+        limit = budget.max_cost_usd
+        for policy in fallbacks:
+            if declared is not None and policy.preferred_model != declared:
+                continue
+            if limit == 0 or spent_usd / limit >= policy.at_budget_pct - SPEND_SLACK:
+                return policy
         return None
-    limit = budget.max_cost_usd
-    for policy in fallbacks:
-        if declared is not None and policy.preferred_model != declared:
-            continue
-        if limit == 0 or spent_usd / limit >= policy.at_budget_pct - SPEND_SLACK:
-            return policy
-    return None
+    except (AttributeError, TypeError):  # (checked here only, off the common path)
+        problem = _fallback_misuse("fallback_for(spent_usd, budget, fallbacks, declared)",
+                                   spent_usd, budget, fallbacks)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def resolve_model(
@@ -317,8 +339,58 @@ def resolve_model(
     fallbacks: Sequence[FallbackPolicy],
 ) -> str | None:
     """The model a node should use now: its fallback near the budget, else ``declared``."""
-    policy = fallback_for(tracker.total_cost_usd, budget, fallbacks, declared)
+    try:
+        spent = tracker.total_cost_usd
+    except AttributeError:
+        if isinstance(tracker, CostTracker):
+            raise
+        raise StromaTypeError(
+            f"resolve_model(declared, tracker, budget, fallbacks): tracker must be a "
+            f"CostTracker, got {tracker!r:.80} (a {type(tracker).__name__}): pass the run's "
+            "CostTracker (CostTracker() for a run that has spent nothing)"
+        ) from None
+    try:
+        policy = fallback_for(spent, budget, fallbacks, declared)
+    except StromaTypeError:  # (named as the caller called it)
+        problem = _fallback_misuse("resolve_model(declared, tracker, budget, fallbacks)",
+                                   spent, budget, fallbacks)
+        if problem is None:
+            raise
+        raise problem from None
     return declared if policy is None else policy.fallback_model
+
+
+def _not_a_budget(call: str, budget: object) -> StromaTypeError:
+    return StromaTypeError(
+        f"{call}: budget must be an ExecutionBudget or None, got {budget!r:.80} (a "
+        f"{type(budget).__name__}): e.g. ExecutionBudget(max_cost_usd=1.0), or "
+        "ExecutionBudget(**settings) for a dict of them"
+    )
+
+
+def _fallback_misuse(
+    call: str, spent_usd: object, budget: object, fallbacks: object
+) -> StromaTypeError | None:
+    """Which argument of ``fallback_for`` is of the wrong kind (None if none is)."""
+    if budget is not None and not isinstance(budget, ExecutionBudget):
+        return _not_a_budget(call, budget)
+    if isinstance(spent_usd, bool) or not isinstance(spent_usd, int | float):
+        return StromaTypeError(
+            f"{call}: spent_usd must be a number (USD), got {spent_usd!r:.80} (a "
+            f"{type(spent_usd).__name__})")
+    if not isinstance(fallbacks, list | tuple):
+        if hasattr(fallbacks, "__iter__") and not isinstance(fallbacks, str | bytes):
+            return None
+        return StromaTypeError(
+            f"{call}: fallbacks must be a sequence of FallbackPolicy, got "
+            f"{fallbacks!r:.80} (a {type(fallbacks).__name__}): pass [] for no fallback, "
+            "or e.g. [FallbackPolicy('gpt-4o', 'gpt-4o-mini')]")
+    for n, policy in enumerate(fallbacks):
+        if not isinstance(policy, FallbackPolicy):
+            return StromaTypeError(
+                f"{call}: fallbacks[{n}] must be a FallbackPolicy, got {policy!r:.80} (a "
+                f"{type(policy).__name__}): e.g. FallbackPolicy('gpt-4o', 'gpt-4o-mini')")
+    return None
 
 
 def _count(value: object) -> int | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from stroma.errors import StromaTypeError
 from stroma.failures import FailureClass, Located
 
 if TYPE_CHECKING:
@@ -102,6 +103,9 @@ class ExecutionTrace:
 
     def __init__(self, events: Iterable[TraceEvent] = ()) -> None:
         self._events: list[TraceEvent] = list(events)
+        for n, event in enumerate(self._events):
+            if not isinstance(event, TraceEvent):
+                raise _not_an_event(f"ExecutionTrace(events): event {n}", event)
         self._records: list[Any] | Callable[[], list[Any]] | None = None
         self._event_of: Callable[[Any], TraceEvent] | None = None
 
@@ -135,6 +139,8 @@ class ExecutionTrace:
         return self._events
 
     def append(self, event: TraceEvent) -> None:
+        if not isinstance(event, TraceEvent):
+            raise _not_an_event("ExecutionTrace.append(event): event", event)
         self.events.append(event)
 
     def events_for(
@@ -176,6 +182,12 @@ class ExecutionTrace:
         with `` at <where>`` after the node inside a loop or map, and `` (occurrence <k>)``
         after the attempt number from the second occurrence on.
         """
+        if not isinstance(other, ExecutionTrace):
+            raise StromaTypeError(
+                f"ExecutionTrace.diff(other): other must be an ExecutionTrace, got "
+                f"{other!r:.80} (a {type(other).__name__}): pass another run's trace "
+                "(result.trace), or ExecutionTrace(events) for a list of TraceEvents"
+            )
         mine, theirs = _keyed(self.events), _keyed(other.events)
         lines: list[str] = []
         for key in sorted(mine.keys() | theirs.keys()):
@@ -220,6 +232,14 @@ class ExecutionTrace:
 
 
 _Key = tuple[str, str, int, int]
+
+
+def _not_an_event(what: str, found: object) -> StromaTypeError:
+    return StromaTypeError(
+        f"{what} must be a TraceEvent, got {found!r:.80} (a {type(found).__name__}): "
+        "build one with TraceEvent(node_id=..., run_id=..., attempt=..., ...), or take it "
+        "from another trace"
+    )
 
 
 def _keyed(events: list[TraceEvent]) -> dict[_Key, TraceEvent]:

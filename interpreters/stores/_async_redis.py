@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from interpreters.stores import _redis_base as _b
+from interpreters.stores._checks import require_model_type
 from interpreters.stores._common import RunInfo, check_input_text, check_lines, run_info
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._redis_base import (
@@ -241,12 +242,13 @@ class RedisStore(_Base):
     async def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         keys = self._keys(run_id, "save")
         node = _id_bytes("node id", node_id, "RedisStore.save")
-        value = _encode_checkpoint(_check_state(state, node_id, "RedisStore.save"))
+        value = _encode_checkpoint(
+            _check_state(state, node_id, "RedisStore.save"), node_id, "RedisStore.save")
         await self._write("save", run_id, keys, (), (node, value))
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("RedisStore.save_typed", schema)
+        declare_schema(schema)
         await self.save(run_id, node_id, state)
 
     async def _load(
@@ -270,6 +272,7 @@ class RedisStore(_Base):
     async def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
+        require_model_type("RedisStore.load_typed", schema)
         declare_schema(schema)
         return await self._load(run_id, node_id, schema, "load_typed")
 
@@ -354,7 +357,7 @@ class RedisStore(_Base):
             node_id, state = checkpoint
             item = (
                 _id_bytes("node id", node_id, op),
-                _encode_checkpoint(_check_state(state, node_id, op)),
+                _encode_checkpoint(_check_state(state, node_id, op), node_id, op),
             )
         if not encoded and item is None:
             return

@@ -21,11 +21,12 @@ from pydantic import BaseModel, ValidationError
 from tenacity import wait_exponential, wait_random
 from tenacity.wait import wait_base
 
+from interpreters.stores._checks import checkpoint_json
 from interpreters.stores._common import require_asyncio
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
 from stroma.errors import LogCorrupted, StoreError, StromaImportError, StromaValueError
-from stroma.schemas import _schema_ref, declare_schema, read_state, state_json
+from stroma.schemas import _schema_ref, declare_schema, read_state
 
 try:
     import redis as _redis
@@ -237,11 +238,13 @@ def _id_bytes(kind: str, value: object, op: str) -> bytes:
     return raw
 
 
-def _encode_checkpoint(state: BaseModel) -> bytes:
+def _encode_checkpoint(state: BaseModel, node_id: object, op: str) -> bytes:
+    """The checkpoint envelope; StateNotSerializable if the state's JSON cannot be made."""
+    data = checkpoint_json(state, node_id, op)
     cls = type(state)
     declare_schema(cls)
     ref = json.dumps(_schema_ref(cls)).encode()
-    return b'{"schema":' + ref + b',"data":' + state_json(state) + b"}"
+    return b'{"schema":' + ref + b',"data":' + data + b"}"
 
 
 def _decode_checkpoint(raw: bytes, schema: type[BaseModel] | None, source: str) -> BaseModel:

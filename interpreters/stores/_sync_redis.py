@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from interpreters.stores import _redis_base as _b
+from interpreters.stores._checks import require_model_type
 from interpreters.stores._common import RunInfo, check_input_text, check_lines, run_info
 from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._redis_base import (
@@ -193,12 +194,13 @@ class SyncRedisStore(_Base):
     def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         keys = self._keys(run_id, "save")
         node = _id_bytes("node id", node_id, "SyncRedisStore.save")
-        value = _encode_checkpoint(_check_state(state, node_id, "SyncRedisStore.save"))
+        value = _encode_checkpoint(
+            _check_state(state, node_id, "SyncRedisStore.save"), node_id, "SyncRedisStore.save")
         self._write("save", run_id, keys, (), (node, value))
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("SyncRedisStore.save_typed", schema)
+        declare_schema(schema)
         self.save(run_id, node_id, state)
 
     def _load(
@@ -222,6 +224,7 @@ class SyncRedisStore(_Base):
     def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
+        require_model_type("SyncRedisStore.load_typed", schema)
         declare_schema(schema)
         return self._load(run_id, node_id, schema, "load_typed")
 
@@ -306,7 +309,7 @@ class SyncRedisStore(_Base):
             node_id, state = checkpoint
             item = (
                 _id_bytes("node id", node_id, op),
-                _encode_checkpoint(_check_state(state, node_id, op)),
+                _encode_checkpoint(_check_state(state, node_id, op), node_id, op),
             )
         if not encoded and item is None:
             return

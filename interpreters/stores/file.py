@@ -106,6 +106,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
+from interpreters.stores._checks import checkpoint_json, require_model_type
 from interpreters.stores._common import (
     DAMAGED,
     NO_LOG,
@@ -124,7 +125,7 @@ from stroma.errors import (
     StromaValueError,
 )
 from stroma.log import EffectLog
-from stroma.schemas import _schema_ref, declare_schema, read_state, state_json
+from stroma.schemas import _schema_ref, declare_schema, read_state
 
 __all__ = (
     "CHECKPOINTS",
@@ -397,11 +398,13 @@ async def _in_thread_shielded(fn: Callable[..., _T], *args: Any) -> _T:
 # -------------------------------------------------------------------------- checkpoints
 
 
-def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) -> bytes:
+def _encode_checkpoint(node_id: str, state: BaseModel, op: str, *, line: bool = False) -> bytes:
     """A checkpoint envelope: a file of its own, or (``line``) a line of the run's log.
 
-    ``ns`` orders the two kinds: a load answers with the newer one.
+    ``ns`` orders the two kinds: a load answers with the newer one. StateNotSerializable
+    (before anything is written) if the state's JSON cannot be made.
     """
+    data = checkpoint_json(state, node_id, op)
     cls = type(state)
     declare_schema(cls)
     return b"".join(
@@ -414,7 +417,7 @@ def _encode_checkpoint(node_id: str, state: BaseModel, *, line: bool = False) ->
             b',"node_id":',
             json.dumps(node_id).encode(),
             b',"data":',
-            state_json(state),
+            data,
             b"}",
         )
     )
@@ -1128,7 +1131,8 @@ class FileStore:
         """Write ``state`` as the checkpoint of ``node_id``, atomically and durably."""
         run = self._run(run_id, "FileStore.save")
         path = self._checkpoint_path(run, node_id, "FileStore.save")
-        data = _encode_checkpoint(node_id, _check_state(state, node_id, "FileStore.save"))
+        data = _encode_checkpoint(
+            node_id, _check_state(state, node_id, "FileStore.save"), "FileStore.save")
         try:
             await _in_thread_shielded(self._save_sync, run, os.path.dirname(path), path, data)
         except OSError as e:
@@ -1138,8 +1142,8 @@ class FileStore:
         self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]
     ) -> None:
         """``save``, declaring ``schema`` too (so ``load`` may answer with it)."""
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("FileStore.save_typed", schema)
+        declare_schema(schema)
         await self.save(run_id, node_id, state)
 
     async def _load(
@@ -1167,6 +1171,7 @@ class FileStore:
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
         """The checkpoint of ``node_id`` validated as ``schema`` (the stored ref is ignored)."""
+        require_model_type("FileStore.load_typed", schema)
         declare_schema(schema)
         return await self._load(run_id, node_id, schema, "load_typed")
 
@@ -1248,7 +1253,7 @@ class FileStore:
         if checkpoint is not None:
             node_id, state = checkpoint
             self._checkpoint_path(run, node_id, op)  # the node id must be a safe name
-            ckpt = _encode_checkpoint(node_id, _check_state(state, node_id, op), line=True)
+            ckpt = _encode_checkpoint(node_id, _check_state(state, node_id, op), op, line=True)
             # One write, one fsync: the checkpoint is a line of the log, before the records
             # that say it was saved (after the header of a new log).
             if header:

@@ -24,25 +24,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from interpreters.stores._checks import checkpoint_json, require_model_type
 from stroma.errors import StoreError, StromaTypeError
 from stroma.log import EffectLog
-from stroma.schemas import first_error, read_state, state_json
+from stroma.schemas import first_error, read_state
 
 __all__ = ("AsyncInMemoryStore", "InMemoryStore")
-
-
-def _require_model_type(method: str, schema: object) -> None:
-    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-        found = (
-            f"the class {schema.__qualname__}" if isinstance(schema, type)
-            else f"{schema!r:.80} (a {type(schema).__name__})"
-        )
-        args = ("run_id, node_id, schema" if method.endswith("load_typed")
-                else "run_id, node_id, state, schema")
-        raise StromaTypeError(
-            f"{method}({args}): schema must be a BaseModel type, got "
-            f"{found}: pass the pydantic model class of the state, e.g. type(state)"
-        )
 
 
 class _MemoryBase:
@@ -80,7 +67,8 @@ class _MemoryBase:
                 f"checkpoint state for node {node_id!r} must be a pydantic BaseModel, "
                 f"got {type(state).__name__}"
             )
-        self._put(run_id, node_id, state_json(state), type(state))
+        text = checkpoint_json(state, node_id, f"{type(self).__name__}.save")
+        self._put(run_id, node_id, text, type(state))
 
     def _load(self, run_id: str, node_id: str, schema: type[BaseModel] | None) -> BaseModel | None:
         text = self._data.get(run_id, {}).get(node_id)
@@ -175,11 +163,11 @@ class InMemoryStore(_MemoryBase):
         self._delete(run_id)
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        _require_model_type("InMemoryStore.save_typed", schema)
+        require_model_type("InMemoryStore.save_typed", schema)
         self._save(run_id, node_id, state)
 
     def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
-        _require_model_type("InMemoryStore.load_typed", schema)
+        require_model_type("InMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
 
     def lease_holder(self, run_id: str) -> str | None:
@@ -213,13 +201,13 @@ class AsyncInMemoryStore(_MemoryBase):
         self._delete(run_id)
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        _require_model_type("AsyncInMemoryStore.save_typed", schema)
+        require_model_type("AsyncInMemoryStore.save_typed", schema)
         self._save(run_id, node_id, state)
 
     async def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
-        _require_model_type("AsyncInMemoryStore.load_typed", schema)
+        require_model_type("AsyncInMemoryStore.load_typed", schema)
         return self._load(run_id, node_id, schema)
 
     async def lease_holder(self, run_id: str) -> str | None:

@@ -70,6 +70,7 @@ from tenacity import (
     wait_random,
 )
 
+from interpreters.stores._checks import checkpoint_json, require_model_type
 from interpreters.stores._common import (
     RunInfo,
     check_input_text,
@@ -81,7 +82,7 @@ from interpreters.stores._common import check_state as _check_state
 from interpreters.stores._common import resolve as _resolve
 from interpreters.stores._lease import LeaseLost, hold_lease
 from stroma.errors import LogCorrupted, StoreError, StromaError, StromaImportError, StromaValueError
-from stroma.schemas import _schema_ref, declare_schema, read_state, state_json
+from stroma.schemas import _schema_ref, declare_schema, read_state
 
 if TYPE_CHECKING:
     from stroma.log import EffectLog
@@ -578,8 +579,9 @@ class PostgresStore:
         run_id = _id_text("run id", run_id, op)
         node_id = _id_text("node id", node_id, op)
         state = _check_state(state, node_id, op)
+        text = checkpoint_json(state, node_id, op).decode()
         declare_schema(type(state))
-        args = (run_id, node_id, _schema_ref(type(state)), state_json(state).decode())
+        args = (run_id, node_id, _schema_ref(type(state)), text)
 
         async def once(_: int) -> None:
             async with self._conn() as conn:
@@ -593,8 +595,8 @@ class PostgresStore:
         await self._run("save", run_id, once)
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type) -> None:
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
-            declare_schema(schema)
+        require_model_type("PostgresStore.save_typed", schema)
+        declare_schema(schema)
         await self.save(run_id, node_id, state)
 
     async def _load(
@@ -625,6 +627,7 @@ class PostgresStore:
     async def load_typed(
         self, run_id: str, node_id: str, schema: type[BaseModel]
     ) -> BaseModel | None:
+        require_model_type("PostgresStore.load_typed", schema)
         declare_schema(schema)
         return await self._load(run_id, node_id, schema, "load_typed")
 
@@ -711,8 +714,9 @@ class PostgresStore:
             node_id, state = checkpoint
             node_id = _id_text("node id", node_id, op)
             state = _check_state(state, node_id, op)
+            text = checkpoint_json(state, node_id, op).decode()
             declare_schema(type(state))
-            item = (node_id, _schema_ref(type(state)), state_json(state).decode())
+            item = (node_id, _schema_ref(type(state)), text)
         if not rows and item is None:
             return
         token = uuid.uuid4().hex

@@ -38,7 +38,7 @@ from stroma.cost import (
     normalize_node_return,
     resolve_model,
 )
-from stroma.errors import StromaError
+from stroma.errors import StromaError, StromaTypeError
 from stroma.failures import (
     FailureClass,
     FailurePolicy,
@@ -242,6 +242,26 @@ def test_diff_pairs_repeated_keys_by_occurrence() -> None:
     a = ExecutionTrace([event("a", output={"y": 1}), event("a", output={"y": 2})])
     b = ExecutionTrace([event("a", output={"y": 1})])
     assert a.diff(b) == ["Missing event in other trace: a attempt 1 (occurrence 2)"]
+
+
+@pytest.mark.parametrize("bad", [{"node_id": "x", "attempt": 1}, None, "a"])
+def test_a_trace_refuses_what_is_not_a_trace_event_up_front(bad: object) -> None:
+    """append(), the constructor and diff() name the argument and the type it must be, and
+    a refused append leaves the trace as it was (it still reads, prints and diffs)."""
+    t = ExecutionTrace([event("a")])
+    with pytest.raises(StromaTypeError, match=r"ExecutionTrace\.append\(event\): event must "
+                                              "be a TraceEvent"):
+        t.append(bad)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=r"ExecutionTrace\(events\): event 1 must be a "
+                                              "TraceEvent"):
+        ExecutionTrace([event("a"), bad])  # type: ignore[list-item]
+    with pytest.raises(StromaTypeError, match=r"ExecutionTrace\.diff\(other\): other must be "
+                                              "an ExecutionTrace"):
+        t.diff(bad)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match="other must be an ExecutionTrace"):
+        t.diff([event("a")])  # type: ignore[arg-type]
+    assert len(t) == 1 and t.failures() == [] and len(json.loads(t.to_json())) == 1
+    assert t.diff(ExecutionTrace([event("a")])) == []
 
 
 def test_format_trace_table() -> None:
@@ -595,6 +615,21 @@ def test_estimate_cost_arithmetic() -> None:
     assert estimate_cost_usd(None, 10**9) == 0.0
 
 
+@pytest.mark.parametrize(("args", "name"), [
+    (("5",), "input_tokens"), ((5, "5"), "output_tokens"), ((None,), "input_tokens"),
+    (([1], 2), "input_tokens"),
+])
+def test_estimate_cost_names_a_token_count_that_is_no_number(
+    args: tuple[object, ...], name: str
+) -> None:
+    """A token count of the wrong kind is a StromaTypeError naming the argument (a
+    TypeError too), not the comparison's raw TypeError."""
+    with pytest.raises(StromaTypeError, match=rf"estimate_cost_usd\('gpt-4o', .*\): {name} "
+                                              "must be a number"):
+        estimate_cost_usd("gpt-4o", *args)  # type: ignore[arg-type]
+    assert estimate_cost_usd("gpt-4o", 1.5, True) == pytest.approx((1.5 * 2.5 + 10) / 1e6)
+
+
 def test_budget_first_exceeded_and_first_spent() -> None:
     """first_exceeded needs actual > limit, first_spent actual >= limit; tokens come first."""
     b = ExecutionBudget(max_tokens_total=100, max_cost_usd=1.0, max_latency_ms=1000)
@@ -655,6 +690,32 @@ def test_cost_tracker_check_budget_on_cumulative_totals() -> None:
         tracker.check_budget(budget, "c")
     assert (info.value.dimension, info.value.limit, info.value.actual, info.value.node_id) == (
         "tokens", 100, 101, "c")
+
+
+def test_budget_and_fallback_helpers_name_an_argument_of_the_wrong_kind() -> None:
+    """check_budget, resolve_model and fallback_for raise a StromaTypeError naming the
+    argument and the type it must be (not an AttributeError or a bare TypeError)."""
+    budget = ExecutionBudget(max_cost_usd=1.0)
+    policies = [FallbackPolicy("gpt-4o", "gpt-4o-mini")]
+    with pytest.raises(StromaTypeError, match=r"^CostTracker\.check_budget\(budget, node_id\): "
+                                              "budget must be an ExecutionBudget or None"):
+        CostTracker().check_budget({"max_tokens_total": 1}, "a")  # type: ignore[arg-type]
+    call = r"^resolve_model\(declared, tracker, budget, fallbacks\): "
+    with pytest.raises(StromaTypeError, match=call + "tracker must be a CostTracker"):
+        resolve_model("gpt-4o", None, budget, policies)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=call + "fallbacks must be a sequence of "
+                                                     "FallbackPolicy, got None"):
+        resolve_model("gpt-4o", CostTracker(), budget, None)  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=call + r"fallbacks\[1\] must be a FallbackPolicy"):
+        resolve_model("x", CostTracker(), budget, [*policies, "gpt-4o"])  # type: ignore[list-item]
+    with pytest.raises(StromaTypeError, match=call + "budget must be an ExecutionBudget"):
+        resolve_model("gpt-4o", CostTracker(), {"max_cost_usd": 1}, [])  # type: ignore[arg-type]
+    with pytest.raises(StromaTypeError, match=r"^fallback_for\(.*\): budget must be an "
+                                              "ExecutionBudget"):
+        fallback_for(0.5, {"max_cost_usd": 1}, policies, None)  # type: ignore[arg-type]
+    tracker = CostTracker()
+    tracker.record(NodeUsage("a", 1, 0.9, 1))
+    assert resolve_model("gpt-4o", tracker, budget, policies) == "gpt-4o-mini"  # (still works)
 
 
 def test_model_fallback_thresholds() -> None:
