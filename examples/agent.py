@@ -65,6 +65,7 @@ from stroma import (
     NodeContract,
     NodeHooks,
     RunConfig,
+    RunLocked,
     RunStatus,
     await_input,
     interpret,
@@ -421,12 +422,13 @@ agent = seq(
 def config(run_id: str, llm: ChatModel, ledger: Path, *, max_cost_usd: float = MAX_COST_USD,
            max_tokens: int = MAX_TOKENS, progress: Progress | None = None) -> RunConfig:
     """The run's settings: its id, budget, model fallback, shared resources and hooks."""
+    progress = progress or Progress()
     return RunConfig(
         run_id=run_id,
         budget=ExecutionBudget(max_tokens_total=max_tokens, max_cost_usd=max_cost_usd),
         model_fallbacks=[FallbackPolicy(MODEL, FALLBACK_MODEL, at_budget_pct=FALLBACK_AT)],
         context={"model": MODEL, "llm": llm, "flights": FlightAPI(ledger)},
-        hooks=NodeHooks(on_node_success=progress or Progress(), on_node_failure=Progress.failed),
+        hooks=NodeHooks(on_node_success=progress, on_node_failure=progress.failed),
     )
 
 
@@ -450,13 +452,26 @@ def describe(iteration: int | None, node_id: str, state: AgentState) -> str:
     return f"  {where:<3} {node_id:<11} {step.observation}"
 
 
-class Progress:
-    """The ``on_node_success`` hook: a line per node call as the run goes. Hooks run at
-    least once: one whose record was not durable when the process died fires again on
-    resume, so calls shown already (``shown``: ``think#3``, ...) are not shown twice."""
+def failed_line(node_id: str, failure: FailureClass | str, message: object) -> str:
+    """The line for an attempt that failed: ``  !   think  RECOVERABLE: ...``."""
+    return f"  !   {node_id:<11} {FailureClass(failure).value}: {message}"
 
-    def __init__(self, shown: set[str] | None = None) -> None:
+
+class Progress:
+    """The ``on_node_success`` and ``on_node_failure`` hooks: a line per node call as the
+    run goes. Hooks run at least once: one whose record was not durable when the process
+    died fires again on resume, so calls shown already (``shown``: ``think#3``, ...) are
+    not shown twice. ``header`` (what the run is: new, resumed) is printed before the
+    first line, once the run holds its lease and goes on (``flush_header``: now)."""
+
+    def __init__(self, shown: set[str] | None = None, header: str | None = None) -> None:
         self.shown = set() if shown is None else shown
+        self.header = header
+
+    def flush_header(self) -> None:
+        if self.header is not None:
+            print(self.header, flush=True)
+            self.header = None
 
     async def __call__(self, run_id: str, node_id: str, output: dict[str, Any],
                        tokens: int) -> None:
@@ -464,12 +479,14 @@ class Progress:
         call = f"{node_id}#{len(state.steps)}"  # the iteration: one step per think
         if call not in self.shown:
             self.shown.add(call)
+            self.flush_header()
             print(describe(len(state.steps), node_id, state), flush=True)
 
-    @staticmethod
-    async def failed(run_id: str, node_id: str, exc: Exception, failure: FailureClass) -> None:
+    async def failed(self, run_id: str, node_id: str, exc: Exception,
+                     failure: FailureClass) -> None:
         """The ``on_node_failure`` hook: an attempt that failed (stroma decides the retry)."""
-        print(f"  !   {node_id:<11} {failure.value}: {exc}", flush=True)
+        self.flush_header()
+        print(failed_line(node_id, failure, exc), flush=True)
 
 
 def report(result: ExecutionResult, store: str) -> None:
@@ -505,20 +522,24 @@ async def run_command(args: argparse.Namespace) -> int:
     done = [] if log is None else [
         f"{e.node_id}#{e.iteration}" for e in log.trace() if e.output_state is not None
     ]
+    # Printed once the run goes on (before its first node's line, or its result): a run
+    # another process holds is refused (RunLocked) and is not resumed here.
     if log is None:
-        print(f"run {run_id} in {args.store} (resume it with --run-id {run_id})")
+        header = f"run {run_id} in {args.store} (resume it with --run-id {run_id})"
     elif log.finish is not None and log.finish.status is not RunStatus.WAITING:
-        print(f"run {run_id} has finished ({log.finish.status.value}); nothing runs again")
+        header = f"run {run_id} has finished ({log.finish.status.value}); nothing runs again"
     else:
-        print(f"resuming {run_id}: {len(done)} node calls committed, not run again"
-              f"{(': ' + ', '.join(done)) if done else ''}")
+        header = (f"resuming {run_id}: {len(done)} node calls committed, not run again"
+                  f"{(': ' + ', '.join(done)) if done else ''}")
     llm = LLMS[args.model](args.latency)
     ledger = Path(args.ledger) if args.ledger else Path(args.store) / "bookings.jsonl"
+    progress = Progress(set(done), header)
     result = await interpret(
         agent, AgentState(question=args.question), store=store,
         config=config(run_id, llm, ledger, max_cost_usd=args.budget_usd,
-                      max_tokens=args.max_tokens, progress=Progress(set(done))),
+                      max_tokens=args.max_tokens, progress=progress),
     )
+    progress.flush_header()
     report(result, args.store)
     return 0 if result.status in (RunStatus.COMPLETED, RunStatus.RESUMED,
                                   RunStatus.WAITING) else 1
@@ -615,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted; what was committed is in {args.store}: go on with "
               f"python {sys.argv[0]} run --run-id {args.run_id}", file=sys.stderr)
         return 130
-    except InputRefused as e:
+    except (InputRefused, RunLocked) as e:  # (RunLocked: the run is running elsewhere)
         print(f"agent.py: {e}", file=sys.stderr)
         return 2
     return code

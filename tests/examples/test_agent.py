@@ -226,6 +226,30 @@ def test_approving_a_run_that_does_not_wait_is_refused(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no run 'ghost'" in missing.stderr
 
 
+@pytest.mark.slow
+def test_a_run_running_in_another_process_is_refused_in_one_line(tmp_path: Path) -> None:
+    """run --run-id of a run another process is executing exits 2 with one agent.py line
+    naming the run and the fix (no traceback), and says nothing of resuming it; the first
+    process goes on undisturbed."""
+    agent = Agent(tmp_path, "asyncio")
+    flag = tmp_path / "paused"
+    proc = agent.start_paused_at("think#2", flag, "--run-id", "dup")
+    try:
+        second = agent("run", "--run-id", "dup")
+    finally:
+        flag.unlink()
+        out, err = proc.communicate(timeout=60)
+
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    [line] = second.stderr.splitlines()
+    assert line.startswith("agent.py: run 'dup' is locked by worker ")
+    assert "use another run id" in line
+    assert "resuming" not in second.stdout and "run dup in" not in second.stdout
+    assert proc.returncode == 0, out + err
+    assert out.startswith("run dup in ") and "WAITING for approval@agent#3" in out
+
+
 # ----------------------------------------------------------------------- crashes
 
 
