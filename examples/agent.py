@@ -2,6 +2,7 @@
 
     python examples/agent.py run                       # runs until it asks for approval
     python examples/agent.py approve RUN_ID [--no]     # a person approves (or declines)
+                                                       # (--replace: answer again)
     python examples/agent.py run --run-id RUN_ID       # goes on from the approval
     python examples/agent.py replay RUN_ID             # offline, from the log: no model call
     python -m stroma runs runs/agent                   # every run in the store
@@ -553,7 +554,8 @@ async def approve_command(args: argparse.Namespace) -> int:
     # send_input refuses the answer instead of applying it to another request.
     digest = waits[0].digest if waits else None
     answer = Approval(approved=not args.no, by=args.by, note=args.note)
-    key = await send_input(store, args.run_id, "approval", answer, digest=digest)
+    key = await send_input(store, args.run_id, "approval", answer, digest=digest,
+                           replace=args.replace)
     verb = "approved" if answer.approved else "declined"
     print(f"{verb} {key} of {args.run_id}; go on with: python {sys.argv[0]} run "
           f"--run-id {args.run_id}" + ("" if args.store == STORE else f" --store {args.store}"))
@@ -614,6 +616,9 @@ def parser() -> argparse.ArgumentParser:
     approve.add_argument("--no", action="store_true", help="decline instead")
     approve.add_argument("--by", default=getpass.getuser(), help="who answers")
     approve.add_argument("--note", default="")
+    approve.add_argument("--replace", action="store_true",
+                         help="take the place of an answer sent earlier that the run has not "
+                              "taken yet (else it is refused)")
     rep = sub.add_parser("replay", help="replay a run from its log, offline")
     rep.add_argument("run_id")
     for command in (run, approve, rep):

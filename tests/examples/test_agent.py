@@ -212,6 +212,28 @@ def test_a_declined_booking_books_nothing(tmp_path: Path, anyio_backend: str) ->
 
 
 @pytest.mark.slow
+def test_a_second_answer_is_refused_naming_replace_which_takes_its_place(
+    tmp_path: Path
+) -> None:
+    """A second approve before the run took the first is refused (exit 2) with a hint
+    naming --replace; approve --replace takes the first answer's place, and the run goes
+    on with the second answer."""
+    agent = Agent(tmp_path, "asyncio")
+    _ok(agent("run", "--run-id", "twice"))
+    _ok(agent("approve", "twice", "--by", "ana"))
+
+    again = agent("approve", "twice", "--no", "--by", "bob")
+    replaced = agent("approve", "twice", "--no", "--by", "bob", "--replace")
+
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "--replace" in again.stderr
+    assert _ok(replaced).startswith("declined approval@agent#3 of twice")
+    out = _ok(agent("run", "--run-id", "twice"))
+    assert "  #3  book_flight declined by bob" in out
+    assert agent.bookings() == []
+
+
+@pytest.mark.slow
 def test_approving_a_run_that_does_not_wait_is_refused(tmp_path: Path) -> None:
     """approve on a run that is not waiting exits 2 with send_input's refusal (no
     traceback), and replay of a run the store does not have says so."""
