@@ -115,6 +115,50 @@ def _split_options(spec: str, names: tuple[str, ...]) -> tuple[str, dict[str, st
     return urlunsplit(parts._replace(query=urlencode(kept))), options
 
 
+# The query parameters asyncpg reads from a DSN itself (asyncpg.connect_utils); it sends
+# any other one to the server as a setting (application_name, search_path, ...).
+_ASYNCPG_PARAMETERS = (
+    "host", "port", "dbname", "database", "user", "password", "passfile", "sslmode",
+    "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslpassword",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "krbsrvname", "gsslib", "service",
+)
+
+
+def _redis_parameters() -> tuple[tuple[str, ...], frozenset[str]]:
+    """The query parameters redis-py's ``from_url`` documents (its parsers), and every one
+    it takes (those, and the keyword arguments of its connection classes)."""
+    from redis.asyncio import connection as c
+
+    listed = tuple(sorted(c.URL_QUERY_ARGUMENT_PARSERS))
+    taken = set(listed)
+    for cls in (c.AbstractConnection, c.Connection, c.SSLConnection,
+                c.UnixDomainSocketConnection):
+        taken.update(p for p in inspect.signature(cls.__init__).parameters
+                     if p not in ("self", "kwargs"))
+    return listed, frozenset(taken)
+
+
+def _check_parameters(spec: str, ours: tuple[str, ...], listed: tuple[str, ...],
+                      taken: frozenset[str], driver: str, *, only_close: bool = False
+                      ) -> None:
+    """A CliError for a query parameter of the store URL that neither stroma (``ours``)
+    nor the driver takes, naming the close one and the accepted ones. ``only_close``:
+    only one close to an accepted name (the driver takes others, as server settings)."""
+    known = [*ours, *listed, *sorted(taken - set(listed))]
+    for name, _ in parse_qsl(urlsplit(spec).query, keep_blank_values=True):
+        if name in ours or name in taken:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75 if only_close else 0.6)
+        if only_close and not close:
+            continue
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise CliError(
+            f"unknown parameter {name!r} in the store URL {describe_store(spec)}; {hint}the "
+            f"parameters it takes are stroma's {' and '.join(ours)}, and {driver}'s "
+            f"{', '.join(listed)}")
+
+
 def describe_store(spec: str) -> str:
     """The store spec as it may be shown (a password is replaced by ***)."""
     parts = urlsplit(spec)
@@ -134,11 +178,15 @@ def _make_store(spec: str) -> Any:
         if scheme in ("redis", "rediss", "unix"):
             from interpreters.stores.redis import RedisStore
 
+            listed, taken = _redis_parameters()
+            _check_parameters(spec, ("key_prefix",), listed, taken, "redis")
             url, options = _split_options(spec, ("key_prefix",))
             return RedisStore(url, key_prefix=options.get("key_prefix") or "stroma")
         if scheme in ("postgresql", "postgres"):
             from interpreters.stores.postgres import PostgresStore
 
+            _check_parameters(spec, ("table_prefix", "schema"), _ASYNCPG_PARAMETERS,
+                              frozenset(_ASYNCPG_PARAMETERS), "asyncpg", only_close=True)
             dsn, options = _split_options(spec, ("table_prefix", "schema"))
             return PostgresStore(dsn, table_prefix=options.get("table_prefix") or "stroma",
                                  schema=options.get("schema") or "public")
@@ -177,6 +225,16 @@ async def _check_tables(store: Any, spec: str) -> None:
             f"cannot read {describe_store(spec)}: the server answers but has no database "
             f"{name!r}; name the database the runs are stored in, or create it with: "
             f"createdb {_quote(name)}") from None
+    except asyncpg.UndefinedObjectError as e:  # a DSN parameter sent as a server setting
+        said = re.search(r'unrecognized configuration parameter "(.*)"', str(e))
+        if said is None:
+            raise CliError(f"cannot read {describe_store(spec)}: {_one_line(str(e))}") from None
+        raise CliError(
+            f"unknown parameter {said.group(1)!r} in the store URL {describe_store(spec)}: "
+            "neither stroma, asyncpg nor PostgreSQL (as a server setting) knows it; the "
+            "parameters it takes are stroma's table_prefix and schema, asyncpg's "
+            f"{', '.join(_ASYNCPG_PARAMETERS)}, and PostgreSQL's settings "
+            "(application_name, ...)") from None
     except Exception as e:
         raise CliError(
             f"cannot read {describe_store(spec)}: "

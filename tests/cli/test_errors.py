@@ -156,6 +156,42 @@ def test_postgres_database_that_does_not_exist() -> None:
         assert "Is the PostgreSQL server running" not in err, err
 
 
+@pytest.mark.parametrize(("spec", "typo", "meant", "listed"), [
+    ("redis://127.0.0.1:{port}/0?key_prefx=h4", "key_prefx", "key_prefix", "socket_timeout"),
+    ("redis://127.0.0.1:{port}?socket_timout=3", "socket_timout", "socket_timeout", "db"),
+    ("postgresql://postgres@127.0.0.1:{port}/test?table_prefx=h4", "table_prefx",
+     "table_prefix", "sslmode"),
+    ("postgresql://postgres@127.0.0.1:{port}/test?schemma=x", "schemma", "schema", "sslmode"),
+])
+def test_a_mistyped_store_url_parameter_names_the_one_meant(
+    closed_port: int, spec: str, typo: str, meant: str, listed: str
+) -> None:
+    """A store URL query parameter that neither stroma nor the driver takes: one line
+    naming it, the close one and the accepted ones, before any connection (the server
+    here does not even run), not the driver's TypeError or a server error."""
+    url = spec.format(port=closed_port)
+    for args in (("runs", url), ("show", url, "r")):
+        err = one_line_error(cli(*args), f"unknown parameter {typo!r} in the store URL",
+                             f"did you mean {meant}?", listed)
+        assert "TypeError" not in err and "reachable" not in err, err
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_parameter_no_one_knows_is_named() -> None:
+    """A DSN parameter close to no known one goes to PostgreSQL as a setting (asyncpg's
+    way: ?application_name=... is one); one the server does not know is one line naming
+    it as an unknown parameter of the store URL, not the server's UndefinedObjectError."""
+    from tests.services import POSTGRES_DSN, START_POSTGRES, require
+
+    dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+    spec = urlunsplit(urlsplit(dsn)._replace(query="tablename=h4"))
+    err = one_line_error(cli("runs", spec), "unknown parameter 'tablename' in the store URL",
+                         "table_prefix and schema", "sslmode")
+    assert "UndefinedObjectError" not in err and "reachable" not in err, err
+    fine = urlunsplit(urlsplit(dsn)._replace(query="application_name=x&table_prefix=nope"))
+    one_line_error(cli("runs", fine), "no stroma tables")
+
+
 def test_usage_errors_are_one_line() -> None:
     """A missing argument or an unknown command: one line pointing at --help."""
     one_line_error(cli("show"), "the following arguments are required", "--help")
