@@ -225,6 +225,13 @@ async def _check_tables(store: Any, spec: str) -> None:
             f"cannot read {describe_store(spec)}: the server answers but has no database "
             f"{name!r}; name the database the runs are stored in, or create it with: "
             f"createdb {_quote(name)}") from None
+    except asyncpg.InvalidAuthorizationSpecificationError as e:  # (InvalidPasswordError too)
+        user = urlsplit(store.dsn).username or "the default user"
+        raise CliError(
+            f"cannot read {describe_store(spec)}: the server answers, and refuses the user "
+            f"{user!r} ({_one_line(str(e))}); check the user and password in the URL "
+            "(postgresql://USER:PASSWORD@host:5432/db), or the server's pg_hba.conf"
+        ) from None
     except asyncpg.UndefinedObjectError as e:  # a DSN parameter sent as a server setting
         said = re.search(r'unrecognized configuration parameter "(.*)"', str(e))
         if said is None:

@@ -192,6 +192,42 @@ def test_a_postgres_url_parameter_no_one_knows_is_named() -> None:
     one_line_error(cli("runs", fine), "no stroma tables")
 
 
+@pytest.mark.postgres
+def test_a_postgres_user_the_server_refuses_is_not_called_unreachable() -> None:
+    """A role the server does not have: one line saying the server answered and the URL's
+    user (or password) is the problem, not asking whether the server runs."""
+    from tests.services import POSTGRES_DSN, START_POSTGRES, require, unique
+
+    dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+    parts = urlsplit(dsn)
+    user = unique("nouser")
+    spec = urlunsplit(parts._replace(netloc=f"{user}@{parts.hostname}:{parts.port or 5432}"))
+    err = one_line_error(cli("runs", spec), "the server answers, and refuses the user "
+                         f"{user!r}", "does not exist", "check the user and password in the URL")
+    assert "reachable" not in err, err
+
+
+def test_a_wrong_postgres_password_is_not_called_unreachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server refusing the password (asyncpg's InvalidPasswordError): one line naming
+    the user, the server's words and the fix; the password is not shown."""
+    import asyncpg
+
+    from stroma import cli as stroma_cli
+
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise asyncpg.InvalidPasswordError('password authentication failed for user "ann"')
+
+    monkeypatch.setattr(asyncpg, "connect", refuse)
+    assert stroma_cli.main(["runs", "postgresql://ann:s3cret@127.0.0.1:5432/test"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stroma: error: cannot read postgresql://ann:***@127.0.0.1:5432/test:")
+    assert "refuses the user 'ann' (password authentication failed" in err
+    assert "check the user and password in the URL" in err
+    assert "s3cret" not in err and "reachable" not in err and len(err.splitlines()) == 1
+
+
 def test_usage_errors_are_one_line() -> None:
     """A missing argument or an unknown command: one line pointing at --help."""
     one_line_error(cli("show"), "the following arguments are required", "--help")
