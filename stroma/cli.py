@@ -833,6 +833,24 @@ class _Parser(argparse.ArgumentParser):
               file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """argparse's, but an argument the subcommand does not take is its error (pointing
+        at its --help), with the option it likely meant (``--jsn``: ``--json``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = str(getattr(parsed, "command", None))
+            sub = next((a.choices.get(command) for a in self._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            target = sub if isinstance(sub, argparse.ArgumentParser) else self
+            options = [o for a in target._actions for o in a.option_strings]
+            meant = [close[0] for x in extras if x.startswith("-")
+                     for close in [difflib.get_close_matches(x.split("=")[0], options, n=1)]
+                     if close]
+            hint = f"; did you mean {' '.join(meant)}?" if meant else ""
+            target.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m stroma", description=__doc__,

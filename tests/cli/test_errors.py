@@ -234,6 +234,18 @@ def test_usage_errors_are_one_line() -> None:
     one_line_error(cli("frobnicate"), "invalid choice", "--help")
 
 
+def test_a_mistyped_flag_points_at_the_subcommand_help(store: Path) -> None:
+    """An option the subcommand does not take: one line naming it, the option likely meant
+    and the subcommand's --help (as a missing argument does), not the top-level one."""
+    one_line_error(cli("runs", str(store), "--jsn"), "unrecognized arguments: --jsn; did "
+                   "you mean --json? (see python -m stroma runs --help)")
+    one_line_error(cli("send-input", str(store), "r", "approval", "{}", "--replce"),
+                   "did you mean --replace? (see python -m stroma send-input --help)")
+    err = one_line_error(cli("show", str(store), "retries", "surplus"),
+                         "unrecognized arguments: surplus (see python -m stroma show --help)")
+    assert "did you mean" not in err
+
+
 def test_ui_without_the_extra_says_how_to_install_it(store: Path, tmp_path: Path) -> None:
     """`ui` where starlette does not import: one line saying pip install 'stroma[ui]'."""
     shim = tmp_path / "shim" / "starlette"
