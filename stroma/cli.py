@@ -461,7 +461,9 @@ def load_plan(ref: str) -> Any:
         except AttributeError:
             raise CliError(f"--plan {ref!r}: {module_name!r} has no attribute {attr!r}; "
                            "name the plan (or node list) defined there") from None
+    called = False
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not hasattr(obj, NODE_ATTR):
+        called = True
         try:
             obj = obj()  # a factory returning the plan
         except SystemExit as e:
@@ -473,9 +475,30 @@ def load_plan(ref: str) -> Any:
     try:
         return compile_plan(obj)
     except Exception as e:
-        raise CliError(f"--plan {ref!r} is a {type(obj).__name__}, not a plan: "
-                       f"{_one_line(str(e))}; name a Plan, a list of nodes, or a function "
-                       "returning one") from None
+        raise CliError(_not_a_plan(ref, obj, called, e)) from None
+
+
+_PLAN_FORMS = "a Plan, a list of nodes, or a function of no arguments returning one"
+
+
+def _not_a_plan(ref: str, obj: Any, called: bool, e: Exception) -> str:
+    """Why what ``--plan`` names (or its factory returned: ``called``) is not a plan."""
+    from stroma.plan import Plan
+
+    gives = f"{ref!r} returns" if called else f"{ref!r} is"
+    if isinstance(obj, list):  # a node list with a bad step: the plan's own error
+        return f"--plan {gives} a list that is not a plan: {_one_line(str(e))}"
+    if isinstance(obj, tuple):
+        kinds = ", ".join(type(x).__name__ for x in obj[:4]) + (", ..." if len(obj) > 4 else "")
+        if any(isinstance(x, Plan | list) for x in obj):  # (runner, pipeline), say
+            fix = ("one of its items is the plan: name a function returning that item alone "
+                   "(e.g. def plan(): runner, nodes = build(); return runner.compile(nodes))")
+        else:
+            fix = f"as a list of nodes its items must be nodes ({_one_line(str(e))})"
+        return (f"--plan {gives} a tuple ({kinds}), not a plan: --plan needs {_PLAN_FORMS}; "
+                f"{fix}")
+    return (f"--plan {gives} a {type(obj).__name__}, not a plan: --plan needs {_PLAN_FORMS} "
+            f"({_one_line(str(e))})")
 
 
 def _exit_call(e: SystemExit) -> str:

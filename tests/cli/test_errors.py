@@ -103,6 +103,21 @@ def test_plan_that_does_not_import(store: Path, plan: str, needle: str) -> None:
     one_line_error(cli("replay", str(store), "retries", "--plan", plan), needle)
 
 
+@pytest.mark.parametrize(("plan", "needles"), [
+    ("stroma.demo:build", ["returns a tuple (StromaRunner, list), not a plan",
+                           "--plan needs a Plan, a list of nodes, or a function of no "
+                           "arguments returning one", "returning that item alone"]),
+    ("stroma.demo:RUNS_FOLDER", ["is a str, not a plan", "--plan needs a Plan"]),
+])
+def test_plan_that_is_another_object_says_what_plan_needs(
+    store: Path, plan: str, needles: list[str]
+) -> None:
+    """A --plan naming a tuple (a (runner, pipeline) factory) or another object: one line
+    saying what --plan needs, not blaming the runner for being put in a pipeline."""
+    err = one_line_error(cli("replay", str(store), "retries", "--plan", plan), *needles)
+    assert "StromaRunner object" not in err, err  # (was: the runner, "not a stroma node")
+
+
 def test_plan_module_that_raises_on_import(store: Path, tmp_path: Path) -> None:
     """A --plan module whose import raises: one line naming the module and the error."""
     (tmp_path / "broken_plan.py").write_text("raise RuntimeError('no API key set')\n")
