@@ -77,6 +77,7 @@ from stroma import (
     seq,
     stroma_node,
 )
+from stroma import effects as fx
 from stroma.inputs import pending_wait
 
 # ------------------------------------------------------------------------- settings
@@ -570,13 +571,24 @@ async def replay_command(args: argparse.Namespace) -> int:
                            f"runs {args.store}")
     print(f"replaying {args.run_id} from {args.store}: no model, tool or API is called")
     result = await replay(agent, log)  # the nodes are not called: no context is needed
+    # The live run printed a line per failed attempt from its on_node_failure hook, which
+    # the log records firing; an attempt the hook did not see (one the budget stopped
+    # before it started, one cancelled) printed nothing, so it prints nothing here either.
+    failed: Counter[tuple[str, int, FailureClass | None, str | None]] = Counter(
+        (effect.node_id, effect.attempt, effect.failure, effect.error.message)
+        for effect, _ in (r for r in log.records if isinstance(r, tuple))
+        if isinstance(effect, fx.FireHook) and effect.kind == "failure"
+        and effect.failure is not None and effect.error is not None
+    )
     for event in result.trace:
         if event.output_state is not None:
             state = AgentState.model_validate(event.output_state)
             print(describe(event.iteration, event.node_id, state))
-        else:
-            print(f"  {f'#{event.iteration}':<3} {event.node_id:<11} "
-                  f"{event.failure or 'cancelled'}: {event.failure_message}")
+            continue
+        seen = (event.node_id, event.attempt, event.failure, event.failure_message)
+        if event.failure is not None and failed[seen] > 0:
+            failed[seen] -= 1
+            print(failed_line(event.node_id, event.failure, event.failure_message))
     recorded = log.finish  # what the run's own Finish record says (its state as JSON)
     same = recorded is not None and (
         recorded.status, AgentState.model_validate(recorded.final_state), recorded.total_tokens

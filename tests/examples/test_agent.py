@@ -123,6 +123,11 @@ def _node_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("  #")]
 
 
+def _progress_lines(out: str) -> list[str]:
+    """The lines an agent command printed per node call: ``  #3 ...`` and ``  !   ...``."""
+    return [line for line in out.splitlines() if line.startswith(("  #", "  !"))]
+
+
 def _think_models(log: EffectLog) -> list[tuple[int, str | None, str | None]]:
     """Each recorded call of think: its iteration, the model stroma handed it (the
     fallback, or None) and the model its usage was reported and priced with."""
@@ -388,6 +393,15 @@ def test_a_spent_token_budget_ends_the_run_partial(tmp_path: Path, anyio_backend
     assert log.finish.reason is not None and log.finish.reason.startswith("budget spent (tokens")
     assert f"PARTIAL: {log.finish.reason}" in out
     assert len(_final(log)["steps"]) == 1
+
+    # Replay prints the lines the live run printed, the failed attempt's `!` line too, and
+    # nothing for the retry the budget stopped before it started (the hook never saw it).
+    live = _progress_lines(out)
+    assert [line.split()[:3] for line in live] == [
+        ["#1", "think", "gpt-4o"], ["#1", "search", "3"], ["!", "think", "RECOVERABLE:"]]
+    replayed = _ok(agent("replay", "tokens"), code=0)
+    assert _progress_lines(replayed) == live
+    assert "was not started" not in "\n".join(_progress_lines(replayed))
 
 
 # ------------------------------------------------------------------------- replay
