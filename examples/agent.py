@@ -2,6 +2,7 @@
 
     python examples/agent.py run                       # runs until it asks for approval
     python examples/agent.py approve RUN_ID [--no]     # a person approves (or declines)
+                                                       # (--replace: answer again)
     python examples/agent.py run --run-id RUN_ID       # goes on from the approval
     python examples/agent.py replay RUN_ID             # offline, from the log: no model call
     python -m stroma runs runs/agent                   # every run in the store
@@ -65,6 +66,7 @@ from stroma import (
     NodeContract,
     NodeHooks,
     RunConfig,
+    RunLocked,
     RunStatus,
     await_input,
     interpret,
@@ -75,6 +77,7 @@ from stroma import (
     seq,
     stroma_node,
 )
+from stroma import effects as fx
 from stroma.inputs import pending_wait
 
 # ------------------------------------------------------------------------- settings
@@ -421,12 +424,13 @@ agent = seq(
 def config(run_id: str, llm: ChatModel, ledger: Path, *, max_cost_usd: float = MAX_COST_USD,
            max_tokens: int = MAX_TOKENS, progress: Progress | None = None) -> RunConfig:
     """The run's settings: its id, budget, model fallback, shared resources and hooks."""
+    progress = progress or Progress()
     return RunConfig(
         run_id=run_id,
         budget=ExecutionBudget(max_tokens_total=max_tokens, max_cost_usd=max_cost_usd),
         model_fallbacks=[FallbackPolicy(MODEL, FALLBACK_MODEL, at_budget_pct=FALLBACK_AT)],
         context={"model": MODEL, "llm": llm, "flights": FlightAPI(ledger)},
-        hooks=NodeHooks(on_node_success=progress or Progress(), on_node_failure=Progress.failed),
+        hooks=NodeHooks(on_node_success=progress, on_node_failure=progress.failed),
     )
 
 
@@ -450,13 +454,26 @@ def describe(iteration: int | None, node_id: str, state: AgentState) -> str:
     return f"  {where:<3} {node_id:<11} {step.observation}"
 
 
-class Progress:
-    """The ``on_node_success`` hook: a line per node call as the run goes. Hooks run at
-    least once: one whose record was not durable when the process died fires again on
-    resume, so calls shown already (``shown``: ``think#3``, ...) are not shown twice."""
+def failed_line(node_id: str, failure: FailureClass | str, message: object) -> str:
+    """The line for an attempt that failed: ``  !   think  RECOVERABLE: ...``."""
+    return f"  !   {node_id:<11} {FailureClass(failure).value}: {message}"
 
-    def __init__(self, shown: set[str] | None = None) -> None:
+
+class Progress:
+    """The ``on_node_success`` and ``on_node_failure`` hooks: a line per node call as the
+    run goes. Hooks run at least once: one whose record was not durable when the process
+    died fires again on resume, so calls shown already (``shown``: ``think#3``, ...) are
+    not shown twice. ``header`` (what the run is: new, resumed) is printed before the
+    first line, once the run holds its lease and goes on (``flush_header``: now)."""
+
+    def __init__(self, shown: set[str] | None = None, header: str | None = None) -> None:
         self.shown = set() if shown is None else shown
+        self.header = header
+
+    def flush_header(self) -> None:
+        if self.header is not None:
+            print(self.header, flush=True)
+            self.header = None
 
     async def __call__(self, run_id: str, node_id: str, output: dict[str, Any],
                        tokens: int) -> None:
@@ -464,12 +481,14 @@ class Progress:
         call = f"{node_id}#{len(state.steps)}"  # the iteration: one step per think
         if call not in self.shown:
             self.shown.add(call)
+            self.flush_header()
             print(describe(len(state.steps), node_id, state), flush=True)
 
-    @staticmethod
-    async def failed(run_id: str, node_id: str, exc: Exception, failure: FailureClass) -> None:
+    async def failed(self, run_id: str, node_id: str, exc: Exception,
+                     failure: FailureClass) -> None:
         """The ``on_node_failure`` hook: an attempt that failed (stroma decides the retry)."""
-        print(f"  !   {node_id:<11} {failure.value}: {exc}", flush=True)
+        self.flush_header()
+        print(failed_line(node_id, failure, exc), flush=True)
 
 
 def report(result: ExecutionResult, store: str) -> None:
@@ -505,20 +524,24 @@ async def run_command(args: argparse.Namespace) -> int:
     done = [] if log is None else [
         f"{e.node_id}#{e.iteration}" for e in log.trace() if e.output_state is not None
     ]
+    # Printed once the run goes on (before its first node's line, or its result): a run
+    # another process holds is refused (RunLocked) and is not resumed here.
     if log is None:
-        print(f"run {run_id} in {args.store} (resume it with --run-id {run_id})")
+        header = f"run {run_id} in {args.store} (resume it with --run-id {run_id})"
     elif log.finish is not None and log.finish.status is not RunStatus.WAITING:
-        print(f"run {run_id} has finished ({log.finish.status.value}); nothing runs again")
+        header = f"run {run_id} has finished ({log.finish.status.value}); nothing runs again"
     else:
-        print(f"resuming {run_id}: {len(done)} node calls committed, not run again"
-              f"{(': ' + ', '.join(done)) if done else ''}")
+        header = (f"resuming {run_id}: {len(done)} node calls committed, not run again"
+                  f"{(': ' + ', '.join(done)) if done else ''}")
     llm = LLMS[args.model](args.latency)
     ledger = Path(args.ledger) if args.ledger else Path(args.store) / "bookings.jsonl"
+    progress = Progress(set(done), header)
     result = await interpret(
         agent, AgentState(question=args.question), store=store,
         config=config(run_id, llm, ledger, max_cost_usd=args.budget_usd,
-                      max_tokens=args.max_tokens, progress=Progress(set(done))),
+                      max_tokens=args.max_tokens, progress=progress),
     )
+    progress.flush_header()
     report(result, args.store)
     return 0 if result.status in (RunStatus.COMPLETED, RunStatus.RESUMED,
                                   RunStatus.WAITING) else 1
@@ -532,7 +555,8 @@ async def approve_command(args: argparse.Namespace) -> int:
     # send_input refuses the answer instead of applying it to another request.
     digest = waits[0].digest if waits else None
     answer = Approval(approved=not args.no, by=args.by, note=args.note)
-    key = await send_input(store, args.run_id, "approval", answer, digest=digest)
+    key = await send_input(store, args.run_id, "approval", answer, digest=digest,
+                           replace=args.replace)
     verb = "approved" if answer.approved else "declined"
     print(f"{verb} {key} of {args.run_id}; go on with: python {sys.argv[0]} run "
           f"--run-id {args.run_id}" + ("" if args.store == STORE else f" --store {args.store}"))
@@ -547,13 +571,24 @@ async def replay_command(args: argparse.Namespace) -> int:
                            f"runs {args.store}")
     print(f"replaying {args.run_id} from {args.store}: no model, tool or API is called")
     result = await replay(agent, log)  # the nodes are not called: no context is needed
+    # The live run printed a line per failed attempt from its on_node_failure hook, which
+    # the log records firing; an attempt the hook did not see (one the budget stopped
+    # before it started, one cancelled) printed nothing, so it prints nothing here either.
+    failed: Counter[tuple[str, int, FailureClass | None, str | None]] = Counter(
+        (effect.node_id, effect.attempt, effect.failure, effect.error.message)
+        for effect, _ in (r for r in log.records if isinstance(r, tuple))
+        if isinstance(effect, fx.FireHook) and effect.kind == "failure"
+        and effect.failure is not None and effect.error is not None
+    )
     for event in result.trace:
         if event.output_state is not None:
             state = AgentState.model_validate(event.output_state)
             print(describe(event.iteration, event.node_id, state))
-        else:
-            print(f"  {f'#{event.iteration}':<3} {event.node_id:<11} "
-                  f"{event.failure or 'cancelled'}: {event.failure_message}")
+            continue
+        seen = (event.node_id, event.attempt, event.failure, event.failure_message)
+        if event.failure is not None and failed[seen] > 0:
+            failed[seen] -= 1
+            print(failed_line(event.node_id, event.failure, event.failure_message))
     recorded = log.finish  # what the run's own Finish record says (its state as JSON)
     same = recorded is not None and (
         recorded.status, AgentState.model_validate(recorded.final_state), recorded.total_tokens
@@ -593,6 +628,9 @@ def parser() -> argparse.ArgumentParser:
     approve.add_argument("--no", action="store_true", help="decline instead")
     approve.add_argument("--by", default=getpass.getuser(), help="who answers")
     approve.add_argument("--note", default="")
+    approve.add_argument("--replace", action="store_true",
+                         help="take the place of an answer sent earlier that the run has not "
+                              "taken yet (else it is refused)")
     rep = sub.add_parser("replay", help="replay a run from its log, offline")
     rep.add_argument("run_id")
     for command in (run, approve, rep):
@@ -615,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted; what was committed is in {args.store}: go on with "
               f"python {sys.argv[0]} run --run-id {args.run_id}", file=sys.stderr)
         return 130
-    except InputRefused as e:
+    except (InputRefused, RunLocked) as e:  # (RunLocked: the run is running elsewhere)
         print(f"agent.py: {e}", file=sys.stderr)
         return 2
     return code

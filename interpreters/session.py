@@ -38,6 +38,7 @@ from stroma.errors import (
     StromaError,
     StromaTypeError,
     StromaWarning,
+    _user_stacklevel,
 )
 from stroma.inputs import pending_wait
 from stroma.log import EffectLog, LogHeader, RecordList, ResumeMarker, encode_effect, encode_event
@@ -483,7 +484,7 @@ def _warn_if_other_initial_state(log: EffectLog, given: BaseModel, run_id: str) 
             "run id (or leave run_id out: each run then gets a fresh one)"
         )
         RunLogger(_log, {"run_id": run_id}).warning("%s", message)
-        warnings.warn(message, StromaWarning, stacklevel=2)
+        warnings.warn(message, StromaWarning, stacklevel=_user_stacklevel())
 
 
 def _warn_waiting_without_log(store: Any, run_id: str, result: ExecutionResult) -> None:
@@ -504,7 +505,7 @@ def _warn_waiting_without_log(store: Any, run_id: str, result: ExecutionResult) 
         "interpret(..., inputs={...}))"
     )
     RunLogger(_log, {"run_id": run_id}).warning("%s", message)
-    warnings.warn(message, StromaWarning, stacklevel=2)
+    warnings.warn(message, StromaWarning, stacklevel=_user_stacklevel())
 
 
 def _waiting_at(result: ExecutionResult) -> str:

@@ -115,6 +115,50 @@ def _split_options(spec: str, names: tuple[str, ...]) -> tuple[str, dict[str, st
     return urlunsplit(parts._replace(query=urlencode(kept))), options
 
 
+# The query parameters asyncpg reads from a DSN itself (asyncpg.connect_utils); it sends
+# any other one to the server as a setting (application_name, search_path, ...).
+_ASYNCPG_PARAMETERS = (
+    "host", "port", "dbname", "database", "user", "password", "passfile", "sslmode",
+    "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslpassword",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "krbsrvname", "gsslib", "service",
+)
+
+
+def _redis_parameters() -> tuple[tuple[str, ...], frozenset[str]]:
+    """The query parameters redis-py's ``from_url`` documents (its parsers), and every one
+    it takes (those, and the keyword arguments of its connection classes)."""
+    from redis.asyncio import connection as c
+
+    listed = tuple(sorted(c.URL_QUERY_ARGUMENT_PARSERS))
+    taken = set(listed)
+    for cls in (c.AbstractConnection, c.Connection, c.SSLConnection,
+                c.UnixDomainSocketConnection):
+        taken.update(p for p in inspect.signature(cls.__init__).parameters
+                     if p not in ("self", "kwargs"))
+    return listed, frozenset(taken)
+
+
+def _check_parameters(spec: str, ours: tuple[str, ...], listed: tuple[str, ...],
+                      taken: frozenset[str], driver: str, *, only_close: bool = False
+                      ) -> None:
+    """A CliError for a query parameter of the store URL that neither stroma (``ours``)
+    nor the driver takes, naming the close one and the accepted ones. ``only_close``:
+    only one close to an accepted name (the driver takes others, as server settings)."""
+    known = [*ours, *listed, *sorted(taken - set(listed))]
+    for name, _ in parse_qsl(urlsplit(spec).query, keep_blank_values=True):
+        if name in ours or name in taken:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75 if only_close else 0.6)
+        if only_close and not close:
+            continue
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise CliError(
+            f"unknown parameter {name!r} in the store URL {describe_store(spec)}; {hint}the "
+            f"parameters it takes are stroma's {' and '.join(ours)}, and {driver}'s "
+            f"{', '.join(listed)}")
+
+
 def describe_store(spec: str) -> str:
     """The store spec as it may be shown (a password is replaced by ***)."""
     parts = urlsplit(spec)
@@ -134,11 +178,15 @@ def _make_store(spec: str) -> Any:
         if scheme in ("redis", "rediss", "unix"):
             from interpreters.stores.redis import RedisStore
 
+            listed, taken = _redis_parameters()
+            _check_parameters(spec, ("key_prefix",), listed, taken, "redis")
             url, options = _split_options(spec, ("key_prefix",))
             return RedisStore(url, key_prefix=options.get("key_prefix") or "stroma")
         if scheme in ("postgresql", "postgres"):
             from interpreters.stores.postgres import PostgresStore
 
+            _check_parameters(spec, ("table_prefix", "schema"), _ASYNCPG_PARAMETERS,
+                              frozenset(_ASYNCPG_PARAMETERS), "asyncpg", only_close=True)
             dsn, options = _split_options(spec, ("table_prefix", "schema"))
             return PostgresStore(dsn, table_prefix=options.get("table_prefix") or "stroma",
                                  schema=options.get("schema") or "public")
@@ -177,6 +225,23 @@ async def _check_tables(store: Any, spec: str) -> None:
             f"cannot read {describe_store(spec)}: the server answers but has no database "
             f"{name!r}; name the database the runs are stored in, or create it with: "
             f"createdb {_quote(name)}") from None
+    except asyncpg.InvalidAuthorizationSpecificationError as e:  # (InvalidPasswordError too)
+        user = urlsplit(store.dsn).username or "the default user"
+        raise CliError(
+            f"cannot read {describe_store(spec)}: the server answers, and refuses the user "
+            f"{user!r} ({_one_line(str(e))}); check the user and password in the URL "
+            "(postgresql://USER:PASSWORD@host:5432/db), or the server's pg_hba.conf"
+        ) from None
+    except asyncpg.UndefinedObjectError as e:  # a DSN parameter sent as a server setting
+        said = re.search(r'unrecognized configuration parameter "(.*)"', str(e))
+        if said is None:
+            raise CliError(f"cannot read {describe_store(spec)}: {_one_line(str(e))}") from None
+        raise CliError(
+            f"unknown parameter {said.group(1)!r} in the store URL {describe_store(spec)}: "
+            "neither stroma, asyncpg nor PostgreSQL (as a server setting) knows it; the "
+            "parameters it takes are stroma's table_prefix and schema, asyncpg's "
+            f"{', '.join(_ASYNCPG_PARAMETERS)}, and PostgreSQL's settings "
+            "(application_name, ...)") from None
     except Exception as e:
         raise CliError(
             f"cannot read {describe_store(spec)}: "
@@ -396,7 +461,9 @@ def load_plan(ref: str) -> Any:
         except AttributeError:
             raise CliError(f"--plan {ref!r}: {module_name!r} has no attribute {attr!r}; "
                            "name the plan (or node list) defined there") from None
+    called = False
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not hasattr(obj, NODE_ATTR):
+        called = True
         try:
             obj = obj()  # a factory returning the plan
         except SystemExit as e:
@@ -408,9 +475,30 @@ def load_plan(ref: str) -> Any:
     try:
         return compile_plan(obj)
     except Exception as e:
-        raise CliError(f"--plan {ref!r} is a {type(obj).__name__}, not a plan: "
-                       f"{_one_line(str(e))}; name a Plan, a list of nodes, or a function "
-                       "returning one") from None
+        raise CliError(_not_a_plan(ref, obj, called, e)) from None
+
+
+_PLAN_FORMS = "a Plan, a list of nodes, or a function of no arguments returning one"
+
+
+def _not_a_plan(ref: str, obj: Any, called: bool, e: Exception) -> str:
+    """Why what ``--plan`` names (or its factory returned: ``called``) is not a plan."""
+    from stroma.plan import Plan
+
+    gives = f"{ref!r} returns" if called else f"{ref!r} is"
+    if isinstance(obj, list):  # a node list with a bad step: the plan's own error
+        return f"--plan {gives} a list that is not a plan: {_one_line(str(e))}"
+    if isinstance(obj, tuple):
+        kinds = ", ".join(type(x).__name__ for x in obj[:4]) + (", ..." if len(obj) > 4 else "")
+        if any(isinstance(x, Plan | list) for x in obj):  # (runner, pipeline), say
+            fix = ("one of its items is the plan: name a function returning that item alone "
+                   "(e.g. def plan(): runner, nodes = build(); return runner.compile(nodes))")
+        else:
+            fix = f"as a list of nodes its items must be nodes ({_one_line(str(e))})"
+        return (f"--plan {gives} a tuple ({kinds}), not a plan: --plan needs {_PLAN_FORMS}; "
+                f"{fix}")
+    return (f"--plan {gives} a {type(obj).__name__}, not a plan: --plan needs {_PLAN_FORMS} "
+            f"({_one_line(str(e))})")
 
 
 def _exit_call(e: SystemExit) -> str:
@@ -767,6 +855,24 @@ class _Parser(argparse.ArgumentParser):
         print(f"stroma: error: {printable(_one_line(message))} (see {self.prog} --help)",
               file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """argparse's, but an argument the subcommand does not take is its error (pointing
+        at its --help), with the option it likely meant (``--jsn``: ``--json``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = str(getattr(parsed, "command", None))
+            sub = next((a.choices.get(command) for a in self._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            target = sub if isinstance(sub, argparse.ArgumentParser) else self
+            options = [o for a in target._actions for o in a.option_strings]
+            meant = [close[0] for x in extras if x.startswith("-")
+                     for close in [difflib.get_close_matches(x.split("=")[0], options, n=1)]
+                     if close]
+            hint = f"; did you mean {' '.join(meant)}?" if meant else ""
+            target.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ model, so cost is priced), then a final answer. The run is kept in a FileStore f
 (``runs/`` in the current directory), under a fresh run id each time, so the demo can run
 again and again and every run stays there to look at. It prints the run's status, final
 state, tokens, cost and trace, replays the run from its stored effect log, and ends with
-the command that shows the run again.
+the commands that replay the run against its plan (``--plan stroma.demo:plan``) and show
+it again.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import anyio
 from pydantic import BaseModel
 
 # The demo is a user of stroma: it goes through the facade, as a user's script does.
-from stroma import FileStore, RunConfig, StromaRunner, interpret, parallel, replay
+from stroma import FileStore, Plan, RunConfig, StromaRunner, interpret, parallel, replay
 from stroma.cost import ExecutionBudget
 from stroma.failures import FailureClass, FailurePolicy, NodeContext
 from stroma.trace import format_trace_table
 
 __all__ = (
+    "REPLAY_PLAN",
     "RUNS_FOLDER",
     "Analysis",
     "Answer",
@@ -36,10 +38,12 @@ __all__ = (
     "demo_main",
     "network_errors",
     "new_run_id",
+    "plan",
     "run_demo",
 )
 
 RUNS_FOLDER = "runs"  # relative to the current directory: the checkout, under make demo
+REPLAY_PLAN = "stroma.demo:plan"  # the --plan that replays a demo run (see plan below)
 
 
 class Question(BaseModel):
@@ -114,6 +118,13 @@ def build() -> tuple[StromaRunner, list[object]]:
     return runner, [fetch, parallel(summarize, keywords), answer]
 
 
+def plan() -> Plan:
+    """The demo's pipeline, compiled: what replays a demo run from the command line,
+    ``python -m stroma replay runs RUN_ID --plan stroma.demo:plan``."""
+    runner, pipeline = build()
+    return runner.compile(pipeline)
+
+
 async def new_run_id(store: FileStore, now: datetime | None = None) -> str:
     """``demo-<UTC date>-<time>``, with ``-2``, ``-3``... when the store already has it."""
     stamp = (now or datetime.now(UTC)).strftime("demo-%Y%m%d-%H%M%S")
@@ -150,6 +161,9 @@ async def demo_main(folder: str = RUNS_FOLDER) -> str:
     print(f"effect log: {len(stored)} records, kept in the FileStore at {folder}/ as run "
           f"{run_id}; replayed offline without calling a node: "
           f"{'identical result' if same else 'DIFFERENT'}")
+    print("replay it against its plan with:")
+    print(f"python -m stroma replay {shlex.quote(folder)} {shlex.quote(run_id)} "
+          f"--plan {REPLAY_PLAN}")
     print("see the run again with:")
     print(f"python -m stroma show {shlex.quote(folder)} {shlex.quote(run_id)}")
     return run_id

@@ -6,6 +6,8 @@ Messages name the thing, what was expected, what was found, and the fix.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,6 +43,29 @@ class StromaWarning(StromaError, UserWarning):
     step, a state given that is not used); the message says what and the fix. A
     StromaError too: with warnings turned into errors (``-W error``), what leaves the
     library is still one of stroma's errors."""
+
+
+# The folders of stroma's own code (this package and its interpreters, installed beside
+# it): a warning is shown at the first frame outside them, the user's call.
+_OWN_FOLDERS = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name) + os.sep
+    for name in ("stroma", "interpreters")
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that
+    points at the user's code: the first frame out of stroma's packages (the user's
+    ``interpret(...)`` call, say), however deep in stroma the warning is raised (awaited
+    coroutines are frames of the chain too). 2 when every frame is stroma's."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(_OWN_FOLDERS):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 2
 
 
 class StromaTypeError(StromaError, TypeError):

@@ -48,6 +48,7 @@ from stroma.errors import (
     StromaTypeError,
     StromaValueError,
     StromaWarning,
+    _user_stacklevel,
     _validated_init,
 )
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
@@ -434,7 +435,7 @@ def _warn_of_unknown_steps(config: RunConfig, plan: Plan) -> None:
                 warnings.warn(
                     f"RunConfig.{what} names {key!r}, which is no step of this plan, so it "
                     f"applies to nothing; did you mean {close[0]!r}? (no {what} entry "
-                    "names it)", StromaWarning, stacklevel=3,
+                    "names it)", StromaWarning, stacklevel=_user_stacklevel(),
                 )
 
 

@@ -169,6 +169,7 @@ async def test_a_node_timeout_or_policy_for_no_step_of_the_plan_is_warned_of() -
     assert any("node_timeouts names 'fetch_page'" in m and "did you mean 'fetch'?" in m
                for m in messages)
     assert any("node_policies names 'fetc'" in m for m in messages)
+    assert {w.filename for w in caught} == {__file__}  # the user's interpret(...) call
     import warnings
 
     with warnings.catch_warnings():

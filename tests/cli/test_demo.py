@@ -52,6 +52,14 @@ def test_demo_keeps_its_runs_and_ends_with_the_command_that_shows_the_run(
     assert shown.stdout.splitlines()[0] == f"run {run_ids[1]}: COMPLETED"
     assert "parallel(summarize, keywords)" in shown.stdout
 
+    # The line before names the command that replays the run against its plan: OK.
+    replay = shlex.split(out.stdout.splitlines()[-3])
+    assert replay == ["python", "-m", "stroma", "replay", "runs", run_ids[1], "--plan",
+                      "stroma.demo:plan"]
+    replayed = _run(replay[3:], tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.startswith("OK: ") and "status COMPLETED" in replayed.stdout
+
     listed = _run(["runs", "runs"], tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert sorted(line.split()[0] for line in listed.stdout.splitlines()[2:]) == sorted(run_ids)

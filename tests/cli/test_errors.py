@@ -103,6 +103,21 @@ def test_plan_that_does_not_import(store: Path, plan: str, needle: str) -> None:
     one_line_error(cli("replay", str(store), "retries", "--plan", plan), needle)
 
 
+@pytest.mark.parametrize(("plan", "needles"), [
+    ("stroma.demo:build", ["returns a tuple (StromaRunner, list), not a plan",
+                           "--plan needs a Plan, a list of nodes, or a function of no "
+                           "arguments returning one", "returning that item alone"]),
+    ("stroma.demo:RUNS_FOLDER", ["is a str, not a plan", "--plan needs a Plan"]),
+])
+def test_plan_that_is_another_object_says_what_plan_needs(
+    store: Path, plan: str, needles: list[str]
+) -> None:
+    """A --plan naming a tuple (a (runner, pipeline) factory) or another object: one line
+    saying what --plan needs, not blaming the runner for being put in a pipeline."""
+    err = one_line_error(cli("replay", str(store), "retries", "--plan", plan), *needles)
+    assert "StromaRunner object" not in err, err  # (was: the runner, "not a stroma node")
+
+
 def test_plan_module_that_raises_on_import(store: Path, tmp_path: Path) -> None:
     """A --plan module whose import raises: one line naming the module and the error."""
     (tmp_path / "broken_plan.py").write_text("raise RuntimeError('no API key set')\n")
@@ -156,10 +171,94 @@ def test_postgres_database_that_does_not_exist() -> None:
         assert "Is the PostgreSQL server running" not in err, err
 
 
+@pytest.mark.parametrize(("spec", "typo", "meant", "listed"), [
+    ("redis://127.0.0.1:{port}/0?key_prefx=h4", "key_prefx", "key_prefix", "socket_timeout"),
+    ("redis://127.0.0.1:{port}?socket_timout=3", "socket_timout", "socket_timeout", "db"),
+    ("postgresql://postgres@127.0.0.1:{port}/test?table_prefx=h4", "table_prefx",
+     "table_prefix", "sslmode"),
+    ("postgresql://postgres@127.0.0.1:{port}/test?schemma=x", "schemma", "schema", "sslmode"),
+])
+def test_a_mistyped_store_url_parameter_names_the_one_meant(
+    closed_port: int, spec: str, typo: str, meant: str, listed: str
+) -> None:
+    """A store URL query parameter that neither stroma nor the driver takes: one line
+    naming it, the close one and the accepted ones, before any connection (the server
+    here does not even run), not the driver's TypeError or a server error."""
+    url = spec.format(port=closed_port)
+    for args in (("runs", url), ("show", url, "r")):
+        err = one_line_error(cli(*args), f"unknown parameter {typo!r} in the store URL",
+                             f"did you mean {meant}?", listed)
+        assert "TypeError" not in err and "reachable" not in err, err
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_parameter_no_one_knows_is_named() -> None:
+    """A DSN parameter close to no known one goes to PostgreSQL as a setting (asyncpg's
+    way: ?application_name=... is one); one the server does not know is one line naming
+    it as an unknown parameter of the store URL, not the server's UndefinedObjectError."""
+    from tests.services import POSTGRES_DSN, START_POSTGRES, require
+
+    dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+    spec = urlunsplit(urlsplit(dsn)._replace(query="tablename=h4"))
+    err = one_line_error(cli("runs", spec), "unknown parameter 'tablename' in the store URL",
+                         "table_prefix and schema", "sslmode")
+    assert "UndefinedObjectError" not in err and "reachable" not in err, err
+    fine = urlunsplit(urlsplit(dsn)._replace(query="application_name=x&table_prefix=nope"))
+    one_line_error(cli("runs", fine), "no stroma tables")
+
+
+@pytest.mark.postgres
+def test_a_postgres_user_the_server_refuses_is_not_called_unreachable() -> None:
+    """A role the server does not have: one line saying the server answered and the URL's
+    user (or password) is the problem, not asking whether the server runs."""
+    from tests.services import POSTGRES_DSN, START_POSTGRES, require, unique
+
+    dsn = require("PostgreSQL", POSTGRES_DSN, 5432, START_POSTGRES)
+    parts = urlsplit(dsn)
+    user = unique("nouser")
+    spec = urlunsplit(parts._replace(netloc=f"{user}@{parts.hostname}:{parts.port or 5432}"))
+    err = one_line_error(cli("runs", spec), "the server answers, and refuses the user "
+                         f"{user!r}", "does not exist", "check the user and password in the URL")
+    assert "reachable" not in err, err
+
+
+def test_a_wrong_postgres_password_is_not_called_unreachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server refusing the password (asyncpg's InvalidPasswordError): one line naming
+    the user, the server's words and the fix; the password is not shown."""
+    import asyncpg
+
+    from stroma import cli as stroma_cli
+
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise asyncpg.InvalidPasswordError('password authentication failed for user "ann"')
+
+    monkeypatch.setattr(asyncpg, "connect", refuse)
+    assert stroma_cli.main(["runs", "postgresql://ann:s3cret@127.0.0.1:5432/test"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stroma: error: cannot read postgresql://ann:***@127.0.0.1:5432/test:")
+    assert "refuses the user 'ann' (password authentication failed" in err
+    assert "check the user and password in the URL" in err
+    assert "s3cret" not in err and "reachable" not in err and len(err.splitlines()) == 1
+
+
 def test_usage_errors_are_one_line() -> None:
     """A missing argument or an unknown command: one line pointing at --help."""
     one_line_error(cli("show"), "the following arguments are required", "--help")
     one_line_error(cli("frobnicate"), "invalid choice", "--help")
+
+
+def test_a_mistyped_flag_points_at_the_subcommand_help(store: Path) -> None:
+    """An option the subcommand does not take: one line naming it, the option likely meant
+    and the subcommand's --help (as a missing argument does), not the top-level one."""
+    one_line_error(cli("runs", str(store), "--jsn"), "unrecognized arguments: --jsn; did "
+                   "you mean --json? (see python -m stroma runs --help)")
+    one_line_error(cli("send-input", str(store), "r", "approval", "{}", "--replce"),
+                   "did you mean --replace? (see python -m stroma send-input --help)")
+    err = one_line_error(cli("show", str(store), "retries", "surplus"),
+                         "unrecognized arguments: surplus (see python -m stroma show --help)")
+    assert "did you mean" not in err
 
 
 def test_ui_without_the_extra_says_how_to_install_it(store: Path, tmp_path: Path) -> None:

@@ -123,6 +123,11 @@ def _node_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("  #")]
 
 
+def _progress_lines(out: str) -> list[str]:
+    """The lines an agent command printed per node call: ``  #3 ...`` and ``  !   ...``."""
+    return [line for line in out.splitlines() if line.startswith(("  #", "  !"))]
+
+
 def _think_models(log: EffectLog) -> list[tuple[int, str | None, str | None]]:
     """Each recorded call of think: its iteration, the model stroma handed it (the
     fallback, or None) and the model its usage was reported and priced with."""
@@ -212,6 +217,28 @@ def test_a_declined_booking_books_nothing(tmp_path: Path, anyio_backend: str) ->
 
 
 @pytest.mark.slow
+def test_a_second_answer_is_refused_naming_replace_which_takes_its_place(
+    tmp_path: Path
+) -> None:
+    """A second approve before the run took the first is refused (exit 2) with a hint
+    naming --replace; approve --replace takes the first answer's place, and the run goes
+    on with the second answer."""
+    agent = Agent(tmp_path, "asyncio")
+    _ok(agent("run", "--run-id", "twice"))
+    _ok(agent("approve", "twice", "--by", "ana"))
+
+    again = agent("approve", "twice", "--no", "--by", "bob")
+    replaced = agent("approve", "twice", "--no", "--by", "bob", "--replace")
+
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "--replace" in again.stderr
+    assert _ok(replaced).startswith("declined approval@agent#3 of twice")
+    out = _ok(agent("run", "--run-id", "twice"))
+    assert "  #3  book_flight declined by bob" in out
+    assert agent.bookings() == []
+
+
+@pytest.mark.slow
 def test_approving_a_run_that_does_not_wait_is_refused(tmp_path: Path) -> None:
     """approve on a run that is not waiting exits 2 with send_input's refusal (no
     traceback), and replay of a run the store does not have says so."""
@@ -224,6 +251,30 @@ def test_approving_a_run_that_does_not_wait_is_refused(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "run 'small' is not waiting for input (it is PARTIAL)" in refused.stderr
     assert missing.returncode == 2 and "no run 'ghost'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_run_running_in_another_process_is_refused_in_one_line(tmp_path: Path) -> None:
+    """run --run-id of a run another process is executing exits 2 with one agent.py line
+    naming the run and the fix (no traceback), and says nothing of resuming it; the first
+    process goes on undisturbed."""
+    agent = Agent(tmp_path, "asyncio")
+    flag = tmp_path / "paused"
+    proc = agent.start_paused_at("think#2", flag, "--run-id", "dup")
+    try:
+        second = agent("run", "--run-id", "dup")
+    finally:
+        flag.unlink()
+        out, err = proc.communicate(timeout=60)
+
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    [line] = second.stderr.splitlines()
+    assert line.startswith("agent.py: run 'dup' is locked by worker ")
+    assert "use another run id" in line
+    assert "resuming" not in second.stdout and "run dup in" not in second.stdout
+    assert proc.returncode == 0, out + err
+    assert out.startswith("run dup in ") and "WAITING for approval@agent#3" in out
 
 
 # ----------------------------------------------------------------------- crashes
@@ -342,6 +393,15 @@ def test_a_spent_token_budget_ends_the_run_partial(tmp_path: Path, anyio_backend
     assert log.finish.reason is not None and log.finish.reason.startswith("budget spent (tokens")
     assert f"PARTIAL: {log.finish.reason}" in out
     assert len(_final(log)["steps"]) == 1
+
+    # Replay prints the lines the live run printed, the failed attempt's `!` line too, and
+    # nothing for the retry the budget stopped before it started (the hook never saw it).
+    live = _progress_lines(out)
+    assert [line.split()[:3] for line in live] == [
+        ["#1", "think", "gpt-4o"], ["#1", "search", "3"], ["!", "think", "RECOVERABLE:"]]
+    replayed = _ok(agent("replay", "tokens"), code=0)
+    assert _progress_lines(replayed) == live
+    assert "was not started" not in "\n".join(_progress_lines(replayed))
 
 
 # ------------------------------------------------------------------------- replay

@@ -7,6 +7,7 @@ milliseconds, which is what a timeout test has to wait for.
 
 from __future__ import annotations
 
+import linecache
 import logging
 import random
 from typing import Any
@@ -758,9 +759,11 @@ async def test_a_run_id_named_again_with_another_initial_state_says_it_is_not_us
     first = await runner.run(nodes, Num(value=1))
     await runner.run(nodes, Num(value=1))
     assert not [r for r in caplog.records if "another initial state" in r.getMessage()]
-    with pytest.warns(StromaWarning, match="returns its recorded result"):
+    with pytest.warns(StromaWarning, match="returns its recorded result") as caught:
         second = await runner.run(nodes, Num(value=10))
     assert calls == ["a"] and second.final_state == first.final_state == Num(value=2)
+    # Shown at the user's call (runner.run here), not in stroma's own code.
+    assert [w.filename for w in caught] == [__file__]
     [warning] = [r for r in caplog.records if "another initial state" in r.getMessage()]
     assert "field 'value' differs" in warning.getMessage()
     assert "the state given is not used; a new run needs a new run id" in warning.getMessage()
@@ -784,10 +787,14 @@ async def test_a_run_id_not_finished_named_with_another_initial_state_warns(
     store = runner.checkpoint_manager.store
     waiting = await interpret(plan, Ask(value=1), store=store, config=RunConfig(run_id="waits"))
     assert waiting.status is RunStatus.WAITING
-    with pytest.warns(StromaWarning, match="field 'value' differs.*goes on from its log"):
+    with pytest.warns(StromaWarning, match="field 'value' differs.*goes on from its log") as caught:
         done = await interpret(plan, Ask(value=7), store=store,
                                config=RunConfig(run_id="waits"),
                                inputs={"ok": {"approved": True}})
+    # Shown at the user's interpret(...) call, its line too, not in stroma's own code.
+    [shown] = caught
+    assert shown.filename == __file__
+    assert "interpret(plan, Ask(value=7)" in linecache.getline(shown.filename, shown.lineno)
     assert done.final_state == Ask(value=1, ok=Approval(approved=True))
     [warning] = [r for r in caplog.records if "another initial state" in r.getMessage()]
     assert "the state given is not used; a new run needs a new run id" in warning.getMessage()

@@ -640,6 +640,7 @@ async def test_a_run_that_ends_waiting_on_a_store_without_a_log_warns(
     (warning,) = caught
     message = str(warning.message)
     assert f"run {first.run_id!r} ended WAITING" in message and "DictStore" in message
+    assert warning.filename == __file__  # shown at the user's interpret(...) call
     assert "keeps no run's log" in message and "send_input cannot reach the run" in message
     assert "FileStore" in message and "resume_from='await_input(approval)'" in message
 
