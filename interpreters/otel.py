@@ -702,8 +702,12 @@ class _Scope:
                 failing_error = error
         _hook_events(span, att.hooks, start, True)
         if outcome == "failed":
-            # The error is the first failed child's; a group that timed out has none.
-            _exception_event(span, failing_error, att.message, end)
+            # The error is the first failed child's; a group that timed out has the
+            # machine's (its timeout), as its account carried it.
+            error = failing_error if failing_error is not None else att.error
+            if error is not None:
+                span.set_attribute(ERROR_TYPE, _type_name(error))
+            _exception_event(span, error, att.message, end)
         _hook_events(span, att.hooks, end, False)
         if outcome == "failed":
             span.set_status(Status(StatusCode.ERROR, att.message or "failed"))

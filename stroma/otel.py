@@ -18,7 +18,9 @@ told of the run; it decides nothing, and what it raises changes nothing):
 * one span per attempt of a group, ``stroma parallel <step_id>`` or ``stroma map
   <step_id>``, with one child span per child: a node child is a node attempt span, a
   child that is a whole plan is ``stroma child <child_id>`` with its nodes' attempts
-  beneath it;
+  beneath it; a failed group attempt is ERROR with its failure class and message, an
+  ``exception`` event and ``error.type`` (its first failed child's error, or the group's
+  ``TimeoutError``);
 * span events on the run's span (or a plan child's): ``stroma.backoff`` (the wait before a
   retry), ``stroma.budget_stop`` (a step not started because a budget was spent),
   ``stroma.branch`` (a branch's choice), ``stroma.checkpoint_loaded`` (a resume),
