@@ -11,7 +11,10 @@ A traced run makes, from the records of its effect log as they are appended (tra
 told of the run; it decides nothing, and what it raises changes nothing):
 
 * one span per run, ``stroma run``, a child of the caller's current span and the current
-  span while the run goes (spans your nodes make nest under it);
+  span while the run goes (spans your nodes make nest under it); a run that stops without
+  its Finish (cancelled, interrupted, a store that failed) has ``stroma.status``
+  ``UNFINISHED``, its totals so far and the exception, and the attempt it was running is
+  an ``unfinished`` attempt span;
 * one span per node attempt, ``stroma node <node_id>``: retries are sibling spans; a
   failed attempt has status ERROR, its failure class and message and an ``exception``
   event; a hook that raised is a ``stroma.hook_failed`` event on it;
@@ -98,6 +101,7 @@ __all__ = (
     "TOKENS",
     "TOKEN_TYPE",
     "TOTAL_TOKENS",
+    "UNFINISHED",
     "WAIT_EVENT",
     "WHERE",
     "Tracing",
@@ -127,7 +131,8 @@ MODEL = "gen_ai.request.model"
 INPUT_TOKENS = "gen_ai.usage.input_tokens"
 OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 COST_USD = "stroma.cost_usd"  # an attempt's cost (a run's: its total)
-STATUS = "stroma.status"  # a run's (or plan child's) RunStatus
+STATUS = "stroma.status"  # a run's (or plan child's) RunStatus, or UNFINISHED
+UNFINISHED = "UNFINISHED"  # the status of a run that stopped without its Finish
 TOTAL_TOKENS = "stroma.total_tokens"
 LATENCY_MS = "stroma.latency_ms"
 STOP_REASON = "stroma.stop_reason"
