@@ -86,6 +86,12 @@ class RunObserver(Protocol):
         """The run ended: its Finish, or the exception that ended it (cancelled too)."""
         ...
 
+    # Optional (told only to an observer that has it): ``stopped(effect, tokens,
+    # cost_usd, latency_ms)``, just before ``ended`` with the exception of a run the live
+    # loop leaves without its Finish: the effect being performed then (a CallNode or
+    # CallParallel whose answer never came; None when none was) and the run's totals so
+    # far, as its Finish would have given them.
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)

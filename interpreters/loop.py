@@ -307,6 +307,14 @@ class _Told:
     def __call__(self, effect: Any, event: Any) -> None:
         _tell(self.performer, self.observer.record, effect, event)
 
+    def stopped(self, effect: Any, state: RunState) -> None:
+        """The run stops without its Finish: tell the observer (if it listens) what was
+        being performed then and the run's totals so far."""
+        stopped = getattr(self.observer, "stopped", None)
+        if stopped is not None:
+            _tell(self.performer, stopped, effect, state.tokens, state.cost_usd,
+                  state.latency_ms)
+
 
 def tell_observer(performer: Any, effect: Any, event: Any, *, ended: bool = False) -> None:
     """Tell the run's observer, if it has one, of a record performed outside the loop
@@ -342,87 +350,95 @@ async def _run_live(
     # (the hot path unpacks named tuples: reading a field by name costs as much as
     # unpacking them all)
     Commit, NodeReturned, ChooseBranch = fx.Commit, fx.NodeReturned, fx.ChooseBranch
-    while True:
-        pending: Any = None
-        for eff in effects:
-            t = type(eff)
-            if t is Commit:
-                node_id, run_id, attempt, at, given, made, duration, schema, _, coords = eff
-                record = ("Commit", node_id, run_id, attempt, at, given, made, duration,
-                          schema, coords)
-                items.append(record)
-                try:
-                    if commit_now is not None:
-                        commit_now(eff)
-                    else:
-                        await commit(eff)
-                except BaseException:
-                    # Not committed: the record goes too (a store that keeps the log by
-                    # reference would otherwise hold a Commit whose checkpoint it never
-                    # saved); on resume the machine commits the recorded output again.
-                    if items and items[-1] is record:
-                        items.pop()
-                    raise
-                if told is not None:
-                    told(eff, None)
-            elif t is fx.RecordAttempt:
-                items.append(encode_effect(eff))
-                if eff.failure is not None:
-                    warn("node %r attempt %d failed (%s): %s", eff.node_id, eff.attempt,
-                         eff.failure, eff.failure_message)
-                    # Durable before the retry: a crash during it resumes with this
-                    # failure counted (else each crash would give the node new retries).
-                    await performer.keep_records()
-                if told is not None:
-                    told(eff, None)
-            elif t is fx.Finish:
-                items.append(encode_effect(eff))
-                await recorder.flush()
-                if told is not None:
-                    told(eff, None)
-                return result_of(eff, recorder)
+    pending: Any = None
+    try:
+        while True:
+            pending = None
+            for eff in effects:
+                t = type(eff)
+                if t is Commit:
+                    node_id, run_id, attempt, at, given, made, duration, schema, _, coords = eff
+                    record = ("Commit", node_id, run_id, attempt, at, given, made, duration,
+                              schema, coords)
+                    items.append(record)
+                    try:
+                        if commit_now is not None:
+                            commit_now(eff)
+                        else:
+                            await commit(eff)
+                    except BaseException:
+                        # Not committed: the record goes too (a store that keeps the log by
+                        # reference would otherwise hold a Commit whose checkpoint it never
+                        # saved); on resume the machine commits the recorded output again.
+                        if items and items[-1] is record:
+                            items.pop()
+                        raise
+                    if told is not None:
+                        told(eff, None)
+                elif t is fx.RecordAttempt:
+                    items.append(encode_effect(eff))
+                    if eff.failure is not None:
+                        warn("node %r attempt %d failed (%s): %s", eff.node_id, eff.attempt,
+                             eff.failure, eff.failure_message)
+                        # Durable before the retry: a crash during it resumes with this
+                        # failure counted (else each crash would give the node new retries).
+                        await performer.keep_records()
+                    if told is not None:
+                        told(eff, None)
+                elif t is fx.Finish:
+                    items.append(encode_effect(eff))
+                    await recorder.flush()
+                    if told is not None:
+                        told(eff, None)
+                    return result_of(eff, recorder)
+                else:
+                    pending = eff
+            if pending is None:
+                raise StromaError(
+                    f"the machine emitted no effect to perform in {state.phase.value!r}"
+                )
+            if first is not None:
+                event, first = first, None
             else:
-                pending = eff
-        if pending is None:
-            raise StromaError(
-                f"the machine emitted no effect to perform in {state.phase.value!r}"
-            )
-        if first is not None:
-            event, first = first, None
-        else:
-            if guarded and type(pending) is fx.FireHook:
-                performer.at = (state, pending)  # where to go on if the hook times out
-            event = (choose(pending) if type(pending) is ChooseBranch
-                     else await table[type(pending)](pending))
-        before = state
-        state, effects = advance(state, event)
-        if type(event) is NodeReturned:
-            head = effects[0] if effects else None
-            if type(head) is Commit:  # the output kept its contract: the Commit's text
-                _, started, duration, tin, tout, used = event
-                atoms: Any = ("NodeReturned", (head[5], head[7]), started, duration, tin,
-                              tout, used)  # (the Commit's output_state and schema)
-            else:
-                atoms = returned_atoms(event, None)
-                error = unwritable(atoms)
-                if error is not None:
-                    event, (state, effects) = _recordable(
-                        before, (state, effects), event._replace(output=error), _near(event),
-                    )
+                if guarded and type(pending) is fx.FireHook:
+                    performer.at = (state, pending)  # where to go on if the hook times out
+                event = (choose(pending) if type(pending) is ChooseBranch
+                         else await table[type(pending)](pending))
+            before = state
+            state, effects = advance(state, event)
+            if type(event) is NodeReturned:
+                head = effects[0] if effects else None
+                if type(head) is Commit:  # the output kept its contract: the Commit's text
+                    _, started, duration, tin, tout, used = event
+                    atoms: Any = ("NodeReturned", (head[5], head[7]), started, duration, tin,
+                                  tout, used)  # (the Commit's output_state and schema)
+                else:
                     atoms = returned_atoms(event, None)
-            node_id, attempt, timeout, model, _, coords = pending
-            items.append(("CallNode", node_id, attempt, timeout, model, coords, *atoms))
-        else:
-            atoms = encode_event(event)
-            if type(event) is fx.ParallelReturned:
-                marked = _unwritable_children(event, atoms)
-                if marked is not None:
-                    event, (state, effects) = _recordable(
-                        before, (state, effects), *marked)
-                    atoms = encode_event(event)
-            items.append(encode_effect(pending) + atoms)
-        if told is not None:
-            told(pending, event)
+                    error = unwritable(atoms)
+                    if error is not None:
+                        event, (state, effects) = _recordable(
+                            before, (state, effects), event._replace(output=error), _near(event),
+                        )
+                        atoms = returned_atoms(event, None)
+                node_id, attempt, timeout, model, _, coords = pending
+                items.append(("CallNode", node_id, attempt, timeout, model, coords, *atoms))
+            else:
+                atoms = encode_event(event)
+                if type(event) is fx.ParallelReturned:
+                    marked = _unwritable_children(event, atoms)
+                    if marked is not None:
+                        event, (state, effects) = _recordable(
+                            before, (state, effects), *marked)
+                        atoms = encode_event(event)
+                items.append(encode_effect(pending) + atoms)
+            if told is not None:
+                told(pending, event)
+    except HookTimedOut:
+        raise  # (not the run's end: the loop goes on)
+    except BaseException:
+        if told is not None:  # (pending: the effect in flight, or None)
+            told.stopped(pending, state)
+        raise
 
 
 def _recordable(before: RunState, decided: Out, marked: Any, near: Any | None,

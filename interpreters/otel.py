@@ -10,6 +10,8 @@ when the attempt's account is complete: after its Commit or RecordAttempt, or af
 success or failure hook that follows it when the run has one. A group's span and its
 children's spans are made when the group's record arrives; a sub-plan child's records wait
 in its observer until then (its span's parent, the group attempt's span, exists only then).
+A run that stops without its Finish is told (``stopped``) of the call in flight then: its
+span is made when the run ends, ``unfinished``, from the last record's time to the end.
 
 Importing this module needs ``opentelemetry-api``; nothing imports it unless tracing is
 switched on.
@@ -88,6 +90,7 @@ from stroma.otel import (
     TOKEN_TYPE,
     TOKENS,
     TOTAL_TOKENS,
+    UNFINISHED,
     WAIT_EVENT,
     WHERE,
     Tracing,
@@ -367,11 +370,18 @@ class _Scope:
         self._loops: set[str] | None = None
         self.coords: tuple[tuple[str, str, int], ...] = ()  # the last step record's
         self.routes: list[tuple[dict[str, Any], datetime | None]] = []  # to place
+        self.told_at: datetime | None = None  # when the last record was told
+        # The run stopped without its Finish: the call then in flight and when it began
+        # (the last record's time: the loop performs the next effect at once), and the
+        # run's totals so far.
+        self.in_flight: tuple[Any, datetime] | None = None
+        self.totals: tuple[int, float, int] | None = None
 
     # -- the RunObserver protocol
 
     def record(self, effect: Any, event: Any) -> None:
-        now = self.clock() if type(effect) in _TIMED else None
+        self.told_at = told = self.clock()
+        now = told if type(effect) in _TIMED else None
         if self.span is None:
             self.buffer.append((effect, event, now))
             return
@@ -391,6 +401,13 @@ class _Scope:
         self.error = error
         self.ended_at = self.clock()
 
+    def stopped(self, effect: Any, tokens: int, cost_usd: float, latency_ms: int) -> None:
+        """The run stops without its Finish (``ended`` follows): the call in flight then,
+        if one was, becomes an ``unfinished`` attempt span when the scope closes."""
+        if type(effect) is fx.CallNode or type(effect) is fx.CallParallel:
+            self.in_flight = (effect, self.told_at or self.started or self.clock())
+        self.totals = (tokens, cost_usd, latency_ms)
+
     # -- spans
 
     def attach(self, span: Any) -> None:
@@ -404,9 +421,30 @@ class _Scope:
                 handler(self, effect, event, now)
 
     def close_all(self) -> None:
-        """The scope's records are all in: the open attempt's span, and spans for children
-        of a group whose record never came (the run ended inside the group)."""
+        """The scope's records are all in: the open attempt's span, the span of the call
+        in flight when the run stopped (``unfinished``), and spans for children of a group
+        whose record never came (the run ended inside the group: beneath its span)."""
         self._close()
+        if self.in_flight is not None:
+            eff, began = self.in_flight
+            self.in_flight = None
+            end = self.ended_at or self.clock()
+            duration_ms = max(0, (end - began) // timedelta(milliseconds=1))
+            hooks = self._take_start_hooks()
+            if type(eff) is fx.CallNode:
+                self._placed(eff.coords)
+                self.current = _Attempt("node", eff.node_id, eff.attempt, began,
+                                        duration_ms, eff, None, hooks)
+            else:
+                self.current = _Attempt("group", eff.step_id, eff.attempt, began,
+                                        duration_ms, eff, None, hooks)
+            self._close()
+        self.latest = max(self.latest, self._unfinished_children(self.ctx))
+
+    def _unfinished_children(self, parent: Any) -> int:
+        """Spans, under ``parent``, for the sub-plan children of a group whose record
+        never came; returns the latest end of them (0: none)."""
+        latest = 0
         for scope in sorted(self.children.values(), key=_child_order):
             call = scope.call
             start = scope.started or self.clock()
@@ -425,15 +463,22 @@ class _Scope:
                     why += f" ({type(scope.error).__name__})"
                 status = Status(StatusCode.ERROR, why)
             span = self.tel.tracer.start_span(f"stroma child {call.child_id}",
-                                              context=self.ctx, start_time=_ns(start),
+                                              context=parent, start_time=_ns(start),
                                               attributes=attributes)
             scope.attach(span)
             scope.close_all()
             span.set_status(status)
             end = max(_ns(scope.ended_at or self.clock()), scope.latest)
             span.end(end_time=end)
-            self.latest = max(self.latest, end)
+            latest = max(latest, end)
         self.children.clear()
+        return latest
+
+    def _unfinished_status(self) -> Status:
+        why = "the run ended before the attempt's account was recorded"
+        if self.error is not None:
+            why += f" ({type(self.error).__name__})"
+        return Status(StatusCode.ERROR, why)
 
     def _close(self) -> None:
         att = self.current
@@ -660,8 +705,7 @@ class _Scope:
         elif outcome == "succeeded":
             span.set_status(_OK)
         else:
-            span.set_status(Status(StatusCode.ERROR, "the run ended before the attempt's "
-                                                     "account was recorded"))
+            span.set_status(self._unfinished_status())
         span.end(end_time=end)
         self.latest = max(self.latest, end)
         self._measure(att.kind, att.node_id, outcome, att.failure, att.duration_ms, usage, end)
@@ -669,7 +713,7 @@ class _Scope:
     def _group_span(self, att: _Attempt) -> None:
         """The span of a group's attempt, with one span per child beneath it."""
         eff: fx.CallParallel = att.call
-        ev: fx.ParallelReturned = att.event
+        ev: fx.ParallelReturned | None = att.event  # (None: in flight when the run stopped)
         group = eff.group if eff.group is not None else self._group_step(eff.step_id)
         start = _ns(att.start)
         end = start + att.duration_ms * 1_000_000
@@ -689,29 +733,38 @@ class _Scope:
         span = self.tel.tracer.start_span(f"stroma {eff.kind} {eff.step_id}", context=self.ctx,
                                           start_time=start, attributes=attributes)
         ctx = _trace.set_span_in_context(span)
-        first_failed = failed_child(group, eff, ev) if group is not None else None
+        first_failed = (failed_child(group, eff, ev) if group is not None and ev is not None
+                        else None)
         failing_error: fx.ErrorInfo | None = None
-        for k, (call, child_outcome) in enumerate(zip(eff.calls, ev.outcomes, strict=False)):
-            index = eff.indices[k] if k < len(eff.indices) else k
-            error, child_end = self._child_span(
-                ctx, eff, ev, index, call, child_outcome, group,
-                att.failure if index == first_failed else None, first_failed, att.coords,
-            )
-            end = max(end, child_end)
-            if index == first_failed:
-                failing_error = error
+        if ev is None:  # in flight when the run stopped: its sub-plan children so far
+            end = max(end, self._unfinished_children(ctx))
+        else:
+            for k, (call, child_outcome) in enumerate(zip(eff.calls, ev.outcomes,
+                                                          strict=False)):
+                index = eff.indices[k] if k < len(eff.indices) else k
+                error, child_end = self._child_span(
+                    ctx, eff, ev, index, call, child_outcome, group,
+                    att.failure if index == first_failed else None, first_failed,
+                    att.coords,
+                )
+                end = max(end, child_end)
+                if index == first_failed:
+                    failing_error = error
         _hook_events(span, att.hooks, start, True)
         if outcome == "failed":
-            # The error is the first failed child's; a group that timed out has none.
-            _exception_event(span, failing_error, att.message, end)
+            # The error is the first failed child's; a group that timed out has the
+            # machine's (its timeout), as its account carried it.
+            error = failing_error if failing_error is not None else att.error
+            if error is not None:
+                span.set_attribute(ERROR_TYPE, _type_name(error))
+            _exception_event(span, error, att.message, end)
         _hook_events(span, att.hooks, end, False)
         if outcome == "failed":
             span.set_status(Status(StatusCode.ERROR, att.message or "failed"))
         elif outcome == "succeeded":
             span.set_status(_OK)
         else:
-            span.set_status(Status(StatusCode.ERROR, "the run ended before the attempt's "
-                                                     "account was recorded"))
+            span.set_status(self._unfinished_status())
         span.end(end_time=end)
         self.latest = max(self.latest, end)
         self._measure(eff.kind, eff.step_id, outcome, att.failure, att.duration_ms, None, end)
@@ -890,7 +943,8 @@ class RunTracer(_Scope):
     ) -> RunTracer:
         """The run's span starts (at ``started_at``, under the caller's current span)."""
         tel = _telemetry(tracing)
-        tracer = cls(tel, run_id, frozenset(hooks), clock, plan, _Counts(tel))
+        tracer = cls(tel, run_id, frozenset(hooks), clock, plan, _Counts(tel),
+                     started=started_at)
         tracer.attach(tel.tracer.start_span(RUN_SPAN, start_time=_ns(started_at),
                                             attributes={RUN_ID: run_id}))
         return tracer
@@ -899,16 +953,25 @@ class RunTracer(_Scope):
         if self.done:
             return
         self.done = True
+        self.error = error
         self.close_all()
         self.counts.flush()
         span = self.span
         finish = finish if finish is not None else self.finish
+        attributes: dict[str, Any] = {}
         if finish is not None:
-            attributes: dict[str, Any] = {}
             status = _finished(attributes, finish.status, finish.total_tokens,
                                finish.total_cost_usd, finish.total_latency_ms, finish.reason)
             span.set_attributes(attributes)
             span.set_status(status)
+        elif error is not None:  # stopped without its Finish: what it did so far
+            attributes[STATUS] = UNFINISHED
+            if self.totals is not None:
+                tokens, cost_usd, latency_ms = self.totals
+                attributes[TOTAL_TOKENS] = tokens
+                attributes[COST_USD] = cost_usd
+                attributes[LATENCY_MS] = latency_ms
+            span.set_attributes(attributes)
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"

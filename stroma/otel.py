@@ -11,14 +11,19 @@ A traced run makes, from the records of its effect log as they are appended (tra
 told of the run; it decides nothing, and what it raises changes nothing):
 
 * one span per run, ``stroma run``, a child of the caller's current span and the current
-  span while the run goes (spans your nodes make nest under it);
+  span while the run goes (spans your nodes make nest under it); a run that stops without
+  its Finish (cancelled, interrupted, a store that failed) has ``stroma.status``
+  ``UNFINISHED``, its totals so far and the exception, and the attempt it was running is
+  an ``unfinished`` attempt span;
 * one span per node attempt, ``stroma node <node_id>``: retries are sibling spans; a
   failed attempt has status ERROR, its failure class and message and an ``exception``
   event; a hook that raised is a ``stroma.hook_failed`` event on it;
 * one span per attempt of a group, ``stroma parallel <step_id>`` or ``stroma map
   <step_id>``, with one child span per child: a node child is a node attempt span, a
   child that is a whole plan is ``stroma child <child_id>`` with its nodes' attempts
-  beneath it;
+  beneath it; a failed group attempt is ERROR with its failure class and message, an
+  ``exception`` event and ``error.type`` (its first failed child's error, or the group's
+  ``TimeoutError``);
 * span events on the run's span (or a plan child's): ``stroma.backoff`` (the wait before a
   retry), ``stroma.budget_stop`` (a step not started because a budget was spent),
   ``stroma.branch`` (a branch's choice), ``stroma.checkpoint_loaded`` (a resume),
@@ -96,6 +101,7 @@ __all__ = (
     "TOKENS",
     "TOKEN_TYPE",
     "TOTAL_TOKENS",
+    "UNFINISHED",
     "WAIT_EVENT",
     "WHERE",
     "Tracing",
@@ -125,7 +131,8 @@ MODEL = "gen_ai.request.model"
 INPUT_TOKENS = "gen_ai.usage.input_tokens"
 OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 COST_USD = "stroma.cost_usd"  # an attempt's cost (a run's: its total)
-STATUS = "stroma.status"  # a run's (or plan child's) RunStatus
+STATUS = "stroma.status"  # a run's (or plan child's) RunStatus, or UNFINISHED
+UNFINISHED = "UNFINISHED"  # the status of a run that stopped without its Finish
 TOTAL_TOKENS = "stroma.total_tokens"
 LATENCY_MS = "stroma.latency_ms"
 STOP_REASON = "stroma.stop_reason"

@@ -117,7 +117,17 @@ _HOOK_SIGNATURES = {
 
 @dataclass
 class NodeHooks:
-    """Optional async callbacks at node boundaries (see the hooks guide)."""
+    """Optional async callbacks at node boundaries (see the hooks guide).
+
+    They fire for each attempt of a step of the plan: a node (at the top, in a ``seq``, a
+    branch arm, a route, a loop's body) and a ``parallel`` or ``map_each`` group, which is
+    one attempt to its hooks: ``node_id`` is the group's step id, ``on_node_start`` gets
+    the group's input, ``on_node_success`` its output and the tokens its children used,
+    ``on_node_failure`` the exception and class its attempt failed with (its first failed
+    child's). No hook fires for the nodes inside a fan-out (a node child, or the nodes of a
+    child that is a whole plan); with tracing on (``stroma.otel``) each of their attempts
+    has a span, beneath the group attempt's.
+    """
 
     on_node_start: Callable[..., Any] | None = None
     on_node_success: Callable[..., Any] | None = None

@@ -22,10 +22,12 @@ from stroma import (
     branch,
     execute_step,
     interpret,
+    loop,
     map_each,
     seq,
     stroma_node,
 )
+from stroma.cost import estimate_cost_usd
 from stroma.otel import (
     ATTEMPT,
     BACKOFF_EVENT,
@@ -33,15 +35,30 @@ from stroma.otel import (
     BRANCH_TAKEN,
     CHECKPOINT_FOUND,
     CHECKPOINT_LOADED_EVENT,
+    COST_USD,
+    LATENCY_MS,
     NODE_ID,
     OUTCOME,
     REPLAYED,
     RUN_ID,
     STATUS,
+    TOTAL_TOKENS,
+    UNFINISHED,
+    WHERE,
     Tracing,
 )
-from tests.otel.telemetry import Telemetry
-from tests.otel.test_spans import Item, Items, Num, Out, contract, ran, retries, traced
+from tests.otel.telemetry import Telemetry, node
+from tests.otel.test_spans import (
+    Item,
+    Items,
+    Num,
+    Out,
+    assert_nested_in_time,
+    contract,
+    ran,
+    retries,
+    traced,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -177,12 +194,14 @@ async def test_a_cancelled_run_ends_its_span_with_the_cancellation(
     anyio_backend: str, telemetry: Telemetry
 ) -> None:
     """A run cancelled from outside ends its span ERROR with the cancellation recorded,
-    the attempts it finished beneath it."""
+    ``stroma.status`` UNFINISHED and its totals so far (the attempts it finished); the
+    attempt in flight is an ``unfinished`` span, from its start to the cancellation."""
     started = anyio.Event()
 
     @stroma_node("quick", contract("quick", Num, Num))
-    async def quick(state: Num) -> dict[str, int]:
-        return {"value": state.value}
+    async def quick(state: Num) -> tuple[dict[str, int], int, int, str]:
+        await anyio.sleep(0.01)
+        return {"value": state.value}, 100, 20, "gpt-4o"
 
     @stroma_node("hang", contract("hang", Num, Num))
     async def hang(state: Num) -> dict[str, int]:
@@ -195,12 +214,78 @@ async def test_a_cancelled_run_ends_its_span_with_the_cancellation(
     async with anyio.create_task_group() as tg:
         tg.start_soon(runner.run, [quick, hang], Num(value=1))
         await started.wait()
+        await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
 
+    cancelled = "Cancelled" if anyio_backend == "trio" else "CancelledError"
     [run] = telemetry.tree()
-    assert run["name"] == "stroma run" and run["status"].startswith("ERROR: Cancelled")
+    assert run["name"] == "stroma run" and run["status"].startswith(f"ERROR: {cancelled}")
     assert [e[0] for e in run["events"]] == ["exception"]
-    assert [(c["name"], c["status"]) for c in run["children"]] == [("stroma node quick", "OK")]
+    quick_span, hang_span = run["children"]
+    assert (quick_span["name"], quick_span["status"]) == ("stroma node quick", "OK")
+    latency = run["attributes"][LATENCY_MS]
+    assert run["attributes"] == {
+        RUN_ID: run["attributes"][RUN_ID], STATUS: UNFINISHED, TOTAL_TOKENS: 120,
+        COST_USD: estimate_cost_usd("gpt-4o", 100, 20), LATENCY_MS: latency,
+    }
+    quick_ran = telemetry.spans()[0]
+    assert quick_ran.name == "stroma node quick"
+    assert quick_ran.start_time is not None and quick_ran.end_time is not None
+    assert latency == (quick_ran.end_time - quick_ran.start_time) // 1_000_000 >= 10
+    assert hang_span == node("stroma node hang", "ERROR: the run ended before the "
+                             f"attempt's account was recorded ({cancelled})", {
+                                 RUN_ID: run["attributes"][RUN_ID], NODE_ID: "hang",
+                                 ATTEMPT: 1, OUTCOME: "unfinished",
+                             })
+    spans = {s.name: s for s in telemetry.spans()}
+    hang_ran = spans["stroma node hang"]
+    assert hang_ran.start_time is not None and hang_ran.end_time is not None
+    assert quick_ran.end_time <= hang_ran.start_time
+    assert hang_ran.end_time - hang_ran.start_time >= 50_000_000  # it ran until cancelled
+    assert_nested_in_time(telemetry)
+
+
+async def test_a_run_cancelled_in_a_loop_ends_its_attempt_and_keeps_its_place(
+    anyio_backend: str, telemetry: Telemetry
+) -> None:
+    """An agent loop cancelled from outside while a node runs in its second iteration: the
+    attempt in flight is an unfinished span with that iteration's place; resumed, the run
+    span is the resumed run's own, with its Finish."""
+    calls: list[int] = []
+    started = anyio.Event()
+
+    @stroma_node("step", contract("step", Num, Num))
+    async def step(state: Num) -> dict[str, int]:
+        calls.append(state.value)
+        if state.value == 1 and len(calls) == 2:
+            started.set()
+            await anyio.sleep_forever()
+        return {"value": state.value + 1}
+
+    agent = loop(step, until=lambda s: s.value >= 3, max_iterations=5, name="agent")
+    store = stroma.InMemoryStore()
+    config = traced(telemetry, run_id="looped")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: interpret(agent, Num(value=0), store=store, config=config))
+        await started.wait()
+        tg.cancel_scope.cancel()
+
+    [cut] = telemetry.tree()
+    assert cut["attributes"][STATUS] == UNFINISHED
+    assert [(c["name"], c["attributes"][OUTCOME], c["attributes"][WHERE])
+            for c in cut["children"]] == [
+        ("stroma node step", "succeeded", "agent#1"),
+        ("stroma node step", "unfinished", "agent#2"),
+    ]
+
+    telemetry.exporter.clear()
+    result = await interpret(agent, Num(value=0), store=store, config=config)
+    assert result.status is RunStatus.RESUMED and result.final_state == Num(value=3)
+    [run] = telemetry.tree()
+    assert run["attributes"] == ran(result, telemetry)
+    assert [(c["attributes"][OUTCOME], c["attributes"][WHERE]) for c in run["children"]] == [
+        ("succeeded", "agent#2"), ("succeeded", "agent#3"),
+    ]
 
 
 async def test_a_branch_choice_is_an_event_on_the_run_span(
@@ -293,9 +378,10 @@ async def test_tracing_changes_nothing_in_the_run(anyio_backend: str, telemetry:
 async def test_a_fan_out_cut_short_and_resumed_shows_every_child(
     anyio_backend: str, telemetry: Telemetry
 ) -> None:
-    """A run cancelled inside a map of sub-plans shows its children as ``stroma child``
-    spans under the run's (the one that finished OK, the one cut short unfinished, each
-    with its node attempts); resumed, the group's span has the child that finished before
+    """A run cancelled inside a map of sub-plans shows the group's attempt as an
+    unfinished span with its children as ``stroma child`` spans beneath it (the one that
+    finished OK, the one cut short unfinished, each with its node attempts: the one in
+    flight unfinished too); resumed, the group's span has the child that finished before
     (read from the log) and the one that goes on from the progress the log kept of it:
     its ``first`` had committed and is not called again, so only ``second`` runs."""
     hang = [True]
@@ -325,13 +411,19 @@ async def test_a_fan_out_cut_short_and_resumed_shows_every_child(
     assert cut["status"].startswith("ERROR: Cancelled")
     step = mapped.step_id
     cancelled = "Cancelled" if anyio_backend == "trio" else "CancelledError"
+    unfinished = f"ERROR: the run ended before the attempt's account was recorded ({cancelled})"
+    [group] = cut["children"]
+    assert (group["name"], group["status"], group["attributes"][OUTCOME]) == (
+        f"stroma map {step}", unfinished, "unfinished")
     assert [(c["name"], c["status"], c["attributes"][OUTCOME],
-             [g["name"] for g in c["children"]]) for c in cut["children"]] == [
+             [(g["name"], g["attributes"][OUTCOME]) for g in c["children"]])
+            for c in group["children"]] == [
         (f"stroma child {step}[0]", "OK", "succeeded",
-         ["stroma node first", "stroma node second"]),
+         [("stroma node first", "succeeded"), ("stroma node second", "succeeded")]),
         (f"stroma child {step}[1]", f"ERROR: the run ended before the child did ({cancelled})",
-         "unfinished", ["stroma node first"]),
+         "unfinished", [("stroma node first", "succeeded"), ("stroma node second", "unfinished")]),
     ]
+    assert_nested_in_time(telemetry)
 
     telemetry.exporter.clear()
     hang[0] = False

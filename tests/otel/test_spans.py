@@ -269,7 +269,7 @@ async def test_a_parallel_group_attempt_has_a_span_per_child(
     assert telemetry.tree() == [node("stroma run", "OK", ran(result, telemetry), [], [
         node(f"stroma parallel {step}", "ERROR: right broke", {
             RUN_ID: run_id, NODE_ID: step, ATTEMPT: 1, FAILURE_CLASS: "AMBIGUOUS",
-            FAILURE_MESSAGE: "right broke", OUTCOME: "failed",
+            FAILURE_MESSAGE: "right broke", ERROR_TYPE: "ValueError", OUTCOME: "failed",
         }, [("exception", {"exception.type": "ValueError", "exception.message": "right broke"})],
             [
             child("left", 0, 1, "ERROR: cancelled: child 1 failed",
@@ -326,7 +326,7 @@ async def test_a_map_each_attempt_has_a_span_per_item(
     assert telemetry.tree() == [node("stroma run", "OK", ran(result, telemetry), [], [
         node(f"stroma map {step}", "ERROR: item 20 broke", {
             RUN_ID: run_id, NODE_ID: step, ATTEMPT: 1, FAILURE_CLASS: "AMBIGUOUS",
-            FAILURE_MESSAGE: "item 20 broke", OUTCOME: "failed",
+            FAILURE_MESSAGE: "item 20 broke", ERROR_TYPE: "RuntimeError", OUTCOME: "failed",
         }, [("exception", {"exception.type": "RuntimeError",
                            "exception.message": "item 20 broke"})], [
             item(0, 1),
@@ -522,8 +522,8 @@ async def test_a_group_that_times_out_cancels_its_children(
     anyio_backend: str, telemetry: Telemetry
 ) -> None:
     """A group whose timeout passes is an ERROR group span (RECOVERABLE, the timeout's
-    message, an exception event with it) whose children are cancelled, naming the
-    timeout; its retry is a sibling group span."""
+    message, error.type TimeoutError, an exception event with them) whose children are
+    cancelled, naming the timeout; its retry is a sibling group span."""
     calls: list[str] = []
 
     def hanging_once(node_id: str, out: type[BaseModel]) -> Any:
@@ -556,8 +556,9 @@ async def test_a_group_that_times_out_cancels_its_children(
     assert telemetry.tree() == [node("stroma run", "OK", ran(result, telemetry), [], [
         node(f"stroma parallel {step}", f"ERROR: {message}", {
             RUN_ID: run_id, NODE_ID: step, ATTEMPT: 1, TIMEOUT_MS: 20,
-            FAILURE_CLASS: "RECOVERABLE", FAILURE_MESSAGE: message, OUTCOME: "failed",
-        }, [("exception", {"exception.message": message})], [
+            FAILURE_CLASS: "RECOVERABLE", FAILURE_MESSAGE: message, ERROR_TYPE: "TimeoutError",
+            OUTCOME: "failed",
+        }, [("exception", {"exception.type": "TimeoutError", "exception.message": message})], [
             child("left", 0, 1, cancelled, "cancelled"),
             child("right", 1, 1, cancelled, "cancelled"),
         ]),
@@ -592,3 +593,61 @@ async def test_an_output_that_breaks_its_contract_names_its_error_type(
     [event] = [e for e in span.events if e.name == "exception"]
     assert event.attributes is not None
     assert event.attributes["exception.type"] == "stroma.contracts.ContractViolation"
+
+
+async def test_every_failed_attempt_span_names_its_error_type(
+    anyio_backend: str, telemetry: Telemetry
+) -> None:
+    """A group's attempt that fails carries ``error.type`` as a node's does: the error of
+    its first failed child (ChildFailed for a sub-plan child that gave up, the node's own
+    exception for a node child), the same type as its exception event."""
+
+    @stroma_node("fine", contract("fine", Num, Left))
+    async def fine(state: Num) -> dict[str, int]:
+        return {"left": state.value}
+
+    @stroma_node("keep", contract("keep", Num, Num))
+    async def keep(state: Num) -> dict[str, int]:
+        return {"value": state.value}
+
+    @stroma_node("breaks", contract("breaks", Num, Right))
+    async def breaks(state: Num) -> dict[str, int]:
+        raise ValueError("breaks broke")
+
+    @stroma_node("each", contract("each", Item, Out))
+    async def each(item: Item) -> dict[str, int]:
+        if item.item == 1:
+            raise KeyError("item 1")
+        return {"out": item.item}
+
+    group = parallel(fine, seq(keep, breaks))
+    mapped = map_each(each, over="items", into="outs", input=Items)
+    config = traced(telemetry, policy_map=retries(0))
+    first = await interpret(seq(group), Num(value=1), config=config)
+    second = await interpret(seq(mapped), Items(items=[0, 1]), config=config)
+    assert first.status is second.status is RunStatus.PARTIAL
+
+    failed = {s.name: s for s in telemetry.spans()
+              if s.attributes is not None and s.attributes.get(OUTCOME) == "failed"}
+    assert sorted(failed) == sorted([
+        f"stroma parallel {group.step_id}", f"stroma child {group.step_id}[1]",
+        "stroma node breaks", f"stroma map {mapped.step_id}", "stroma node each",
+    ])
+    for name, span in failed.items():
+        assert span.attributes is not None
+        [event] = [e for e in span.events if e.name == "exception"]
+        assert event.attributes is not None
+        assert span.attributes[ERROR_TYPE] == event.attributes["exception.type"], name
+    assert failed[f"stroma parallel {group.step_id}"].attributes == {
+        RUN_ID: first.run_id, NODE_ID: group.step_id, ATTEMPT: 1,
+        FAILURE_CLASS: "RECOVERABLE",
+        FAILURE_MESSAGE: f"{group.step_id}[1] PARTIAL: 'breaks' gave up after 1 attempt(s) "
+                         "(AMBIGUOUS allows 0 retries): ValueError: breaks broke",
+        ERROR_TYPE: "stroma.errors.ChildFailed", OUTCOME: "failed",
+    }
+    assert failed["stroma node breaks"].attributes[ERROR_TYPE] == "ValueError"
+    assert failed[f"stroma map {mapped.step_id}"].attributes == {
+        RUN_ID: second.run_id, NODE_ID: mapped.step_id, ATTEMPT: 1,
+        FAILURE_CLASS: "AMBIGUOUS", FAILURE_MESSAGE: "'item 1'", ERROR_TYPE: "KeyError",
+        OUTCOME: "failed",
+    }
