@@ -318,17 +318,19 @@ class LivePerformer:
         # Children that finished before a crash (their outcomes are in the log): not again.
         prefilled, self.prefilled = self.prefilled, {}
         resumed: dict[int, Any] = {}  # sub-plan children going on from durable records
+        finished: list[tuple[int, Any, Any]] = []
         for k, (index, call) in enumerate(zip(eff.indices, eff.calls, strict=True)):
             done = prefilled.get(index)
             if done is None or done[0] != call:
                 continue
             if type(done[1]) is not fx.NodeCancelled:
                 outcomes[k] = done[1]
-                await self.recorder.flush_partial(index, call, done[1])
+                finished.append((index, call, done[1]))
             elif type(call) is fx.RunPlan and (done[1].records or done[1].partials):
                 # A sub-plan child that was running: it goes on from its durable records
                 # (and the children of its own group in flight that it kept).
                 resumed[k] = done[1]
+        await self.recorder.flush_partials(finished)
         limiter = anyio.CapacityLimiter(eff.max_concurrency) if eff.max_concurrency else None
         group = eff.group
         merged = eff.kind == "parallel"

@@ -197,19 +197,29 @@ class Recorder:
     async def flush_partial(self, child: int, call: Any, outcome: Any) -> None:
         """A fan-out child finished: make it durable before the group ends, so a crash
         inside the fan-out does not run it again."""
+        await self.flush_partials([(child, call, outcome)])
+
+    async def flush_partials(self, children: Sequence[tuple[int, Any, Any]]) -> None:
+        """Fan-out children that finished, as ``(child index, call, outcome)``, made
+        durable in one append (a resumed group keeps those that finished before the crash
+        anew, under its new record index: all of them or none, if it is cut short again)."""
+        if not children:
+            return
         index = len(self.log.records.items)
-        entry = (index, child, call, outcome)
+        entries = [(index, child, call, outcome) for child, call, outcome in children]
         if self.store is None:
             if self.up is not None:  # a sub-plan child's group: kept in the run above
                 parent, k, parent_call, parent_at = self.up
                 await parent.flush_progress(
                     k, parent_call, parent_at, self.log.records, None,
-                    [(((index, child, None, call),), ("event", outcome))])
-            if self.keeps_partials or self.up is not None:
-                add_partial(self.log.partials, self.log.progress, entry, self.log.nested)
-            return
-        await self._flush_child([encode_partial(*entry)], None)
-        add_partial(self.log.partials, self.log.progress, entry, self.log.nested)
+                    [(((index, child, None, call),), ("event", outcome))
+                     for _, child, call, outcome in entries])
+            if not (self.keeps_partials or self.up is not None):
+                return
+        else:
+            await self._flush_child([encode_partial(*entry) for entry in entries], None)
+        for entry in entries:
+            add_partial(self.log.partials, self.log.progress, entry, self.log.nested)
 
     async def _flush_child(self, lines: list[str],
                            checkpoint: tuple[str, BaseModel] | None) -> None:

@@ -865,10 +865,34 @@ def encode_child_line(index: int, child: int, call: Any, at: datetime | None,
             + _json_atoms(outcome if type(outcome) is tuple else encode_event(outcome)) + "}")
 
 
+def _in_flight_from(items: Sequence[Any]) -> int:
+    """The index from which lines of a group in flight count for ``items``: the end, or
+    the first of the resume markers the records end with (the sessions that went on from
+    a crash inside the group and were cut short again; a ``resume_from`` restart's marker
+    ends a group in flight)."""
+    k = len(items)
+    while k and type(items[k - 1]) is ResumeMarker and items[k - 1].restart is None:
+        k -= 1
+    return k
+
+
+def _in_flight_lines(log: EffectLog, i: int) -> Iterator[str]:
+    """The lines of what ``log`` holds of the group in flight at record index ``i``."""
+    yield from (encode_partial(*q) for q in log.partials if q[0] == i)
+    for q in log.progress.values():
+        if q[0] == i:
+            yield from partial_lines(*q)
+    for (m, j), sub in log.nested.items():
+        entry = log.progress.get((m, j))
+        if m == i and entry is not None and sub.records is entry[3].records:
+            yield from (encode_child_line(i, j, entry[2], entry[3].started_at, path, payload)
+                        for path, payload in _child_payloads(sub))
+
+
 def _child_payloads(log: EffectLog) -> Iterator[tuple[tuple[PathStep, ...], Payload]]:
     """What ``log`` (a running sub-plan child's) holds of its group in flight, as the
     paths and payloads of child lines (so ``lines`` writes it back as it was read)."""
-    n = len(log.records)
+    n = _in_flight_from(log.records.items)
     for i, j, call, outcome in log.partials:
         if i >= n:
             yield ((i, j, None, call),), ("event", outcome)
@@ -1457,12 +1481,23 @@ class EffectLog:
 
     def pending_children(self) -> dict[int, tuple[Any, Any]]:
         """Children of the group in flight when the log ends (a crash inside a fan-out),
-        by child index: (call, outcome)."""
-        k = len(self.records)
-        running = {j: (call, self._with_inner(i, j, outcome))
-                   for i, j, call, outcome in self.progress.values() if i == k}
-        return running | {j: (call, outcome) for i, j, call, outcome in self.partials
-                          if i == k}
+        by child index: (call, outcome).
+
+        A session that went on from a crash inside the group wrote its resume marker, and
+        the group's record comes after it: the children kept before the marker still
+        count while nothing but such markers follows them (a session cut short again
+        before it kept them anew). A child kept again later stands for what was kept of
+        it before (it holds all of it: a sub-plan's records from its first)."""
+        first = _in_flight_from(self.records.items)
+        found: dict[int, tuple[tuple[int, int], Any, Any]] = {}
+        for i, j, call, outcome in self.progress.values():
+            if i >= first and (j not in found or found[j][0] < (i, 0)):
+                found[j] = ((i, 0), call, outcome)
+        for i, j, call, outcome in self.partials:
+            if i >= first and (j not in found or found[j][0] < (i, 1)):
+                found[j] = ((i, 1), call, outcome)
+        return {j: (call, outcome if rank else self._with_inner(i, j, outcome))
+                for j, ((i, rank), call, outcome) in found.items()}
 
     def _with_inner(self, i: int, j: int, outcome: fx.NodeCancelled) -> fx.NodeCancelled:
         """A running sub-plan child's outcome with the children of its own group in flight
@@ -1520,22 +1555,18 @@ class EffectLog:
     def lines(self) -> list[str]:
         out = [encode_header(self.header)]
         texts = self.records.texts
-        for i, item in enumerate(self.records.items):
-            original = texts.get(i)
-            out.extend(original if original is not None else encode_record(i, item))
+        items = self.records.items
         # A finished group's record holds all its children in argument order, so its
         # partials (in completion order) are left out: the text stays deterministic. Only
-        # the children of a group still in flight (a crash inside a fan-out) are written.
-        n = len(self.records)
-        out.extend(encode_partial(*q) for q in self.partials if q[0] >= n)
-        for q in self.progress.values():
-            if q[0] >= n:
-                out.extend(partial_lines(*q))
-        for (i, j), sub in self.nested.items():
-            entry = self.progress.get((i, j))
-            if i >= n and entry is not None and sub.records is entry[3].records:
-                out.extend(encode_child_line(i, j, entry[2], entry[3].started_at, path, payload)
-                           for path, payload in _child_payloads(sub))
+        # the children of a group still in flight (a crash inside a fan-out) are written,
+        # each before the record whose index it has (the resume markers that follow).
+        first = _in_flight_from(items)
+        for i, item in enumerate(items):
+            if i >= first:
+                out.extend(_in_flight_lines(self, i))
+            original = texts.get(i)
+            out.extend(original if original is not None else encode_record(i, item))
+        out.extend(_in_flight_lines(self, len(items)))
         return out
 
     def to_jsonl(self) -> str:
