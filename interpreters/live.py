@@ -432,12 +432,19 @@ class LivePerformer:
                 running = self._running_children.pop(k, None)
                 records: Any = ()
                 partials: tuple[Any, ...] = ()
+                tokens, cost = 0, 0.0
                 if running is not None:  # a sub-plan: its records, and its group's children
                     records = running.log.records
                     partials = running.finished_children()
+                    child_call = eff.calls[k]
+                    if running.stopped_totals is not None and type(child_call) is fx.RunPlan:
+                        config = child_call.config  # (its totals less where they began)
+                        tokens = running.stopped_totals[0] - config.base_tokens
+                        cost = running.stopped_totals[1] - config.base_cost_usd
                 outcomes[k] = (
-                    fx.NodeCancelled(started, 0, records, partials) if b is None
-                    else fx.NodeCancelled(b[0], _ms(end - b[1]), records, partials)
+                    fx.NodeCancelled(started, 0, records, partials, tokens, cost) if b is None
+                    else fx.NodeCancelled(b[0], _ms(end - b[1]), records, partials, tokens,
+                                          cost)
                 )
         self._running_children.clear()
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)

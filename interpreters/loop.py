@@ -58,7 +58,7 @@ class Recorder:
     """The run's EffectLog, and how much of it a durable LogStore already holds."""
 
     __slots__ = ("_lock", "flushed", "in_doubt", "keeps_partials", "log", "run_id",
-                 "session_start", "store", "up")
+                 "session_start", "stopped_totals", "store", "up")
 
     def __init__(
         self, log: EffectLog, store: Any | None, *, flushed: int | None = None,
@@ -76,6 +76,9 @@ class Recorder:
         self.in_doubt = False
         # Where this session's records start (the trace is the session's attempts).
         self.session_start = session_start
+        # The run's tokens and cost, as its machine counted them, when it stopped before
+        # its Finish (a fan-out child cancelled: what it used counts in the run above).
+        self.stopped_totals: tuple[int, float] | None = None
         self._lock: anyio.Lock | None = None  # serializes fan-out children's appends
         # A sub-plan child's recorder: the recorder of the run above it, the child's index
         # in its group, its call and when it started; what the child keeps is kept there
@@ -446,6 +449,7 @@ async def _run_live(
     except HookTimedOut:
         raise  # (not the run's end: the loop goes on)
     except BaseException:
+        recorder.stopped_totals = (state.tokens, state.cost_usd)
         if told is not None:  # (pending: the effect in flight, or None)
             told.stopped(pending, state)
         raise

@@ -511,12 +511,17 @@ class NodeCancelled(NamedTuple):
     before it finished. ``records``: a sub-plan child's log up to then, so that a retry
     of the group goes on from there instead of starting the child again; ``partials``:
     if the sub-plan was inside a group of its own then, that group's children that had
-    finished, as ``(child index, call, outcome)``, so they are not called again."""
+    finished, as ``(child index, call, outcome)``, so they are not called again;
+    ``total_tokens`` and ``total_cost_usd``: what the sub-plan had used until then, as its
+    own run counted it (its nodes that returned were paid for: the run's totals and budget
+    count them)."""
 
     started_at: datetime
     duration_ms: int
     records: Any = ()
     partials: tuple[tuple[int, Any, Any], ...] = ()
+    total_tokens: int = 0
+    total_cost_usd: float = 0.0
 
 
 @named_value(live=("output", "records"), unshown=("records",))

@@ -213,7 +213,7 @@ _SPEC: dict[str, tuple[tuple[str, str], ...]] = {
                      ("input_tokens", _I), ("output_tokens", _I), ("model", _OS)),
     "NodeRaised": (("error", _ER), ("started_at", _DT), ("duration_ms", _I)),
     "NodeCancelled": (("started_at", _DT), ("duration_ms", _I), ("records", _RECORDS),
-                      ("partials", _PARTIALS)),
+                      ("partials", _PARTIALS), ("total_tokens", _I), ("total_cost_usd", _F)),
     "PlanFinished": (("status", _STATUS), ("output", _ST), ("total_tokens", _I),
                      ("total_cost_usd", _F), ("total_latency_ms", _I), ("reason", _OS),
                      ("started_at", _ODT), ("duration_ms", _I), ("records", _RECORDS)),
@@ -741,6 +741,8 @@ def _json_atoms(atoms: tuple[Any, ...] | None, skip: tuple[str, ...] = ()) -> st
         return "null"
     name = atoms[0]
     parts = ['{"t":"', name, '"']
+    if name == "NodeCancelled" and not (atoms[5] or atoms[6]):
+        skip = (*skip, *_UNSPENT)  # (what a cancelled child used is written when it is some)
     for (f, kind), value in zip(_SPEC[name], atoms[1:], strict=True):
         if f in skip or (kind == _PARTIALS and not value):  # (written when there are some)
             continue
@@ -1341,16 +1343,21 @@ _FAST: dict[str, Callable[[dict[str, Any]], tuple[Any, ...] | None]] = {
 # Kinds of field that read as empty when a line does not have them.
 _ABSENT_EMPTY = frozenset({_RECORDS, _CALLS, _OUTCOMES, _COORDS, _PARTIALS})
 
-# Fields a format 1 log does not have, and what they read as.
+# Fields a format 1 log does not have, and what they read as; and what a cancelled child
+# used, written only when it used some (and not by the versions before it was counted).
+_UNSPENT = ("total_tokens", "total_cost_usd")
 _V1_ABSENT = {
     ("indices", "CallParallel"), ("deadline_passed", "ParallelReturned"),
     ("timeout_ms", "FireHook"),
     ("answers", "FailureClassified"), ("schema", "SaveCheckpoint"),
+    ("total_tokens", "NodeCancelled"), ("total_cost_usd", "NodeCancelled"),
 }
 _V1_DEFAULT: dict[tuple[str, str], Any] = {
     ("deadline_passed", "ParallelReturned"): False,
     ("answers", "FailureClassified"): (),
     ("indices", "CallParallel"): (),
+    ("total_tokens", "NodeCancelled"): 0,
+    ("total_cost_usd", "NodeCancelled"): 0.0,
 }
 
 

@@ -1242,7 +1242,7 @@ def child_spend(call: Any, outcome: Any,
     totals)."""
     if type(outcome) is fx.NodeReturned:
         return _price(call.model if type(call) is fx.CallNode else None, outcome, prices)
-    if type(outcome) is fx.PlanFinished:
+    if type(outcome) is fx.PlanFinished or type(outcome) is fx.NodeCancelled:
         return outcome.total_tokens, outcome.total_cost_usd
     return 0, 0.0
 
@@ -1388,14 +1388,19 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
     counted = dict(s.group.counted)
     for j, c, outcome in zip(call.indices, calls, ev.outcomes, strict=True):
         t, k = child_spend(c, outcome, s.config.prices)
+        # A sub-plan child that waits, or was cancelled having used some, goes on from
+        # its records when the group runs again, and its totals then hold what it used
+        # before: what is counted already is counted once.
         already = counted.pop(j, None)
-        if already is not None:  # (a child that waited: what it used before is counted)
-            t, k = t - already[0], k - already[1]
-            if type(outcome) is not fx.PlanFinished:  # (cancelled: its records go on)
+        if type(outcome) is fx.NodeCancelled and not (t or k):
+            if already is not None:  # (nothing used, or a log from before it was told)
                 counted[j] = already
-                t, k = 0, 0.0
-        if type(outcome) is fx.PlanFinished and outcome.status is RunStatus.WAITING:
-            counted[j] = (outcome.total_tokens, outcome.total_cost_usd)
+        else:
+            if type(outcome) is fx.NodeCancelled or (type(outcome) is fx.PlanFinished
+                                                     and outcome.status is RunStatus.WAITING):
+                counted[j] = (t, k)
+            if already is not None:
+                t, k = t - already[0], k - already[1]
         tokens, cost = tokens + t, cost + k
     before = s
     s = _answered(s, ev.started_at, ev.duration_ms, tokens, cost)
