@@ -395,7 +395,11 @@ async def interpret(
     """
     compiled = compile_plan(plan, registry)
     config = _run_config_of(config, "interpret")
-    explicit = "run_id" in config.model_fields_set
+    # A run id given, or a resume: ``resume_from`` resumes the run ``config.run_id``
+    # names, given or not (a config that ran under its default id, with resume_from set
+    # on it or on a copy of it, resumes that run rather than starting a fresh one).
+    given = "run_id" in config.model_fields_set
+    explicit = given or config.resume_from is not None
     if initial_state is None:
         if not explicit:
             raise StromaTypeError(
@@ -412,6 +416,8 @@ async def interpret(
     if manager is None:
         manager = CheckpointManager(store if store is not None else InMemoryStore())
     run_id = config.run_id if explicit else _default_run_id(config)
+    if not given and explicit:
+        config._default_id_taken[0] = True  # (a later run without resume_from: a fresh id)
     if initial_state is not None:
         declare_schemas((type(initial_state),))
     world = Collaborators(

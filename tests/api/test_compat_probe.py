@@ -13,7 +13,20 @@ from typing import Any
 import pytest
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from stroma import PlanError, RunStatus, StromaRunner, branch, loop, seq
+from stroma import (
+    CheckpointManager,
+    ContractRegistry,
+    FailureClass,
+    FailurePolicy,
+    InMemoryStore,
+    PlanError,
+    RunConfig,
+    RunStatus,
+    StromaRunner,
+    branch,
+    loop,
+    seq,
+)
 
 
 class In(BaseModel):
@@ -144,3 +157,74 @@ def test_a_loop_body_fed_by_an_open_output_is_not_refused() -> None:
 
     loop(step, until=lambda s: True, max_iterations=2)
     seq(loop(step, until=lambda s: True, max_iterations=2))
+
+
+# ------------------------------------------- resume_from with the config's default run id
+
+
+def _resumable(runner: StromaRunner, fail: list[bool], calls: list[str]) -> list[Any]:
+    @runner.node("first", input=In, output=In)
+    async def first(state: In) -> dict[str, Any]:
+        calls.append("first")
+        return {"value": state.value + 1}
+
+    @runner.node("second", input=In, output=In)
+    async def second(state: In) -> dict[str, Any]:
+        calls.append("second")
+        if fail[0]:
+            raise RuntimeError("down")
+        return {"value": state.value * 10}
+
+    return [first, second]
+
+
+_ONE_TRY = {c: FailurePolicy(max_retries=0, backoff_seconds=0) for c in FailureClass}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["model_copy", "set_on_the_config"])
+async def test_resume_from_resumes_the_run_its_config_names_by_default(
+    anyio_backend: str, how: str
+) -> None:
+    """A config whose run_id was never passed still names one run (``config.run_id``, the
+    run it ran as): the same config (or a ``model_copy`` of it) with ``resume_from`` set
+    resumes that run from the checkpoint before the step, RESUMED, as 0.3.x did; it does
+    not start a fresh run id that has no checkpoint to resume from."""
+    store = InMemoryStore()
+    config = RunConfig(policy_map=_ONE_TRY)
+    fail: list[bool] = [True]
+    calls: list[str] = []
+    runner = StromaRunner(ContractRegistry(), CheckpointManager(store), config)
+    nodes = _resumable(runner, fail, calls)
+    first = await runner.run(nodes, In(value=1))
+    assert first.status is RunStatus.PARTIAL and first.run_id == config.run_id
+
+    fail[0] = False
+    calls.clear()
+    if how == "model_copy":
+        again = StromaRunner(ContractRegistry(), CheckpointManager(store),
+                             config.model_copy(update={"resume_from": "second"}))
+        nodes = _resumable(again, fail, calls)
+    else:
+        runner.config.resume_from = "second"
+        again = runner
+    resumed = await again.run(nodes, In(value=1))
+    assert resumed.status is RunStatus.RESUMED
+    assert resumed.run_id == first.run_id
+    assert resumed.final_state == In(value=20)
+    assert calls == ["second"]
+
+
+@pytest.mark.anyio
+async def test_without_resume_from_a_default_id_config_still_runs_afresh(
+    anyio_backend: str,
+) -> None:
+    """Running the same runner twice without resume_from shares nothing (a fresh run id)."""
+    runner = StromaRunner.quick(policy_map=_ONE_TRY)
+    fail: list[bool] = [False]
+    calls: list[str] = []
+    nodes = _resumable(runner, fail, calls)
+    one = await runner.run(nodes, In(value=1))
+    two = await runner.run(nodes, In(value=2))
+    assert one.run_id != two.run_id and two.final_state == In(value=30)
+    assert calls == ["first", "second", "first", "second"]
