@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Union
 import attrs
 from pydantic import BaseModel, create_model
 
+from stroma.checkpoint import is_async_callable
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.errors import PlanError
 from stroma.failures import FailureClass, FailurePolicy
@@ -144,9 +145,10 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
 
 
 def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
+    """Whether calling ``fn`` gives a coroutine (see ``stroma.checkpoint.is_async_callable``:
+    an async def, one under a ``functools.wraps`` wrapper, an object whose ``__call__`` is
+    one): what stroma awaits as a node, and refuses as a pure function."""
+    return is_async_callable(fn)
 
 
 # ------------------------------------------------------------------------------ steps

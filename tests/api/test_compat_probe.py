@@ -8,6 +8,7 @@ fixture of tests/conftest.py); nothing sleeps.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -19,13 +20,18 @@ from stroma import (
     FailureClass,
     FailurePolicy,
     InMemoryStore,
+    NodeContract,
+    NodeHooks,
     PlanError,
+    ReliabilityContext,
     RunConfig,
     RunStatus,
     StromaRunner,
     branch,
+    execute_step,
     loop,
     seq,
+    stroma_node,
 )
 
 
@@ -228,3 +234,68 @@ async def test_without_resume_from_a_default_id_config_still_runs_afresh(
     two = await runner.run(nodes, In(value=2))
     assert one.run_id != two.run_id and two.final_state == In(value=30)
     assert calls == ["first", "second", "first", "second"]
+
+
+# ------------------------------- async functions under a decorator's plain wrapper
+
+
+def _passthrough(fn: Any) -> Any:
+    """A decorator whose wrapper is a plain function returning what ``fn`` returns (for an
+    async ``fn``, its coroutine), made with ``functools.wraps``: the earlier library
+    awaited what a node or a hook returned, so such functions ran."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.anyio
+async def test_a_decorated_async_node_and_hook_run(anyio_backend: str) -> None:
+    """An async node or hook under a ``functools.wraps`` plain wrapper is taken as async
+    (calling it gives the coroutine, which stroma awaits): ``@runner.node``,
+    ``stroma_node``, ``NodeHooks`` and ``execute_step`` accept it and it runs."""
+    seen: list[tuple[str, str]] = []
+
+    @_passthrough
+    async def on_start(run_id: str, node_id: str, input_state: dict[str, Any]) -> None:
+        seen.append(("start", node_id))
+
+    runner = StromaRunner.quick(hooks=NodeHooks(on_node_start=on_start))
+
+    @runner.node("inc", input=In, output=In)
+    @_passthrough
+    async def inc(state: In, ctx: dict[str, Any]) -> dict[str, Any]:
+        return {"value": state.value + ctx.get("step", 1)}
+
+    @stroma_node("double", NodeContract(node_id="double", input_schema=In, output_schema=In))
+    @_passthrough
+    async def double(state: In) -> dict[str, Any]:
+        return {"value": state.value * 2}
+
+    runner.with_context({"step": 2})
+    result = await runner.run([inc, double], In(value=1))
+    assert result.status is RunStatus.COMPLETED and result.final_state == In(value=6)
+    assert seen == [("start", "inc"), ("start", "double")]
+
+    async def triple(state: In) -> dict[str, Any]:
+        return {"value": state.value * 3}
+
+    ctx = ReliabilityContext.for_run()
+    step = await execute_step("triple", _passthrough(triple), In(value=2), ctx)
+    assert step.status is RunStatus.COMPLETED and step.final_state == In(value=6)
+
+
+def test_a_plain_function_under_a_wrapper_is_still_refused() -> None:
+    """A wrapper over a plain function is no async function: still refused at once."""
+
+    @_passthrough
+    def sync_hook(run_id: str, node_id: str, input_state: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="must be an async function"):
+        NodeHooks(on_node_start=sync_hook)
+    runner = StromaRunner.quick()
+    with pytest.raises(PlanError, match="not async"):
+        runner.node("plain", input=In, output=In)(_passthrough(lambda state: state))
