@@ -299,3 +299,51 @@ def test_a_plain_function_under_a_wrapper_is_still_refused() -> None:
     runner = StromaRunner.quick()
     with pytest.raises(PlanError, match="not async"):
         runner.node("plain", input=In, output=In)(_passthrough(lambda state: state))
+
+
+# ------------------------------------------------------------------ a zero budget
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("limit", [{"tokens": 0}, {"cost_usd": 0.0}])
+async def test_a_zero_budget_runs_nodes_that_use_nothing(
+    anyio_backend: str, limit: dict[str, Any]
+) -> None:
+    """The budget is checked after each node on the run's cumulative totals (API.md), so a
+    zero limit stops a run only once a node used something: nodes reporting no usage run
+    and the run completes, as in 0.3.x (a run that had used nothing was taken as having
+    spent a zero budget, and started no node at all)."""
+    runner = StromaRunner.quick().with_budget(**limit)
+    calls: list[str] = []
+
+    @runner.node("free", input=In, output=In)
+    async def free(state: In) -> dict[str, Any]:
+        calls.append("free")
+        return {"value": state.value + 1}
+
+    result = await runner.run([free], In(value=1))
+    assert result.status is RunStatus.COMPLETED, result.stop_reason
+    assert calls == ["free"] and result.final_state == In(value=2)
+
+
+@pytest.mark.anyio
+async def test_a_zero_budget_still_stops_after_a_node_that_used_some(
+    anyio_backend: str,
+) -> None:
+    """A node that reports usage over a zero limit fails with BudgetExceeded after it ran,
+    and the spent budget then starts no node: PARTIAL, the node called once."""
+    runner = StromaRunner.quick(policy_map={
+        FailureClass.RECOVERABLE: FailurePolicy(max_retries=3, backoff_seconds=0)
+    }).with_budget(tokens=0)
+    calls: list[str] = []
+
+    @runner.node("paid", input=In, output=In)
+    async def paid(state: In) -> tuple[dict[str, Any], int]:
+        calls.append("paid")
+        return {"value": state.value + 1}, 5
+
+    result = await runner.run([paid], In(value=1))
+    assert result.status is RunStatus.PARTIAL and calls == ["paid"]
+    first = result.trace.events[0]
+    assert first.failure is FailureClass.RECOVERABLE
+    assert "tokens budget exceeded after node 'paid'" in (first.failure_message or "")
