@@ -9,6 +9,7 @@ fixture of tests/conftest.py); nothing sleeps.
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from stroma import (
     branch,
     execute_step,
     loop,
+    parallel,
     seq,
     stroma_node,
 )
@@ -347,3 +349,49 @@ async def test_a_zero_budget_still_stops_after_a_node_that_used_some(
     first = result.trace.events[0]
     assert first.failure is FailureClass.RECOVERABLE
     assert "tokens budget exceeded after node 'paid'" in (first.failure_message or "")
+
+
+# --------------------------------------------------------------- pickling a result
+
+
+class _A(BaseModel):
+    a: int
+
+
+class _B(BaseModel):
+    b: int
+
+
+@pytest.mark.anyio
+async def test_a_run_result_pickles_and_comes_back_equal(anyio_backend: str) -> None:
+    """An ExecutionResult is plain data, as 0.3.x's was: it pickles (a process pool or a
+    task queue sends results so) and comes back equal, its trace's events and all. A
+    run's trace, read lazily from the run's records, could not be pickled before it was
+    read."""
+    runner = StromaRunner.quick(policy_map={
+        c: FailurePolicy(max_retries=1, backoff_seconds=0) for c in FailureClass
+    })
+    tries: list[int] = []
+
+    @runner.node("left", input=In, output=_A)
+    async def left(state: In) -> tuple[dict[str, Any], int]:
+        tries.append(1)
+        if len(tries) == 1:
+            raise TimeoutError("slow")
+        return {"a": state.value}, 5
+
+    @runner.node("right", input=In, output=_B)
+    async def right(state: In) -> dict[str, Any]:
+        return {"b": state.value * 2}
+
+    result = await runner.run([parallel(left, right)], In(value=3))
+    back = pickle.loads(pickle.dumps(result))  # (the trace not read before)
+    assert back == result
+    assert back.status is RunStatus.COMPLETED and back.total_tokens == 5
+    assert [(e.node_id, e.attempt, e.failure) for e in back.trace] == [
+        ("parallel(left, right)", 1, FailureClass.RECOVERABLE),
+        ("parallel(left, right)", 2, None),
+    ]
+    assert back.final_state.model_dump() == {"a": 3, "b": 6}
+    trace = pickle.loads(pickle.dumps(result.trace))
+    assert trace == result.trace and len(trace) == 2
