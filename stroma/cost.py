@@ -130,9 +130,11 @@ class ExecutionBudget(BaseModel):
     def first_spent(
         self, tokens: float, cost_usd: float, latency_ms: float
     ) -> tuple[str, float, float] | None:
-        """``(dimension, limit, actual)`` of the first dimension at or over its limit."""
+        """``(dimension, limit, actual)`` of the first dimension at or over its limit (a
+        dimension the run has used none of is not spent, even with a zero limit: the
+        check after each node stops a run that used any of it)."""
         for dimension, limit, actual in self._pairs(tokens, cost_usd, latency_ms):
-            if limit is not None and actual >= limit - SPEND_SLACK:
+            if limit is not None and actual > 0 and actual >= limit - SPEND_SLACK:
                 return dimension, limit, actual
         return None
 

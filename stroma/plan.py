@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Union
 import attrs
 from pydantic import BaseModel, create_model
 
+from stroma.checkpoint import is_async_callable
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.errors import PlanError
 from stroma.failures import FailureClass, FailurePolicy
@@ -144,9 +145,10 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
 
 
 def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
+    """Whether calling ``fn`` gives a coroutine (see ``stroma.checkpoint.is_async_callable``:
+    an async def, one under a ``functools.wraps`` wrapper, an object whose ``__call__`` is
+    one): what stroma awaits as a node, and refuses as a pure function."""
+    return is_async_callable(fn)
 
 
 # ------------------------------------------------------------------------------ steps
@@ -904,7 +906,7 @@ class LoopGroup(_Combinable):
         out = body.output_schema
         first_in = body.steps[0].input_of()
         if out is not None and first_in is not None:
-            missing = [f for f in _required(first_in) if f not in _provided(out)]
+            missing = _missing_fields(out, first_in)
             if missing:
                 raise PlanError(
                     f"{self.step_id}: the body's output ({out.__name__}) feeds its own input "
@@ -1322,9 +1324,49 @@ def _provided(schema: type[BaseModel]) -> set[str]:
     return out
 
 
-def _required(schema: type[BaseModel]) -> list[str]:
-    return [info.alias or name for name, info in schema.model_fields.items()
-            if info.is_required()]
+def _accepted_names(schema: type[BaseModel], name: str, info: Any) -> set[str]:
+    """The keys under which ``schema`` takes its field ``name`` as input: its validation
+    alias (each choice of an ``AliasChoices``, the first key of an ``AliasPath``), else its
+    alias, and its own name when no alias hides it (or the schema populates by name)."""
+    names: set[str] = set()
+    alias = info.validation_alias
+    for choice in getattr(alias, "choices", None) or ([alias] if alias is not None else []):
+        path = getattr(choice, "path", None)
+        first = path[0] if path else choice
+        if isinstance(first, str):
+            names.add(first)
+    if alias is None and info.alias:
+        names.add(info.alias)
+    config = schema.model_config
+    if not names or config.get("populate_by_name") or config.get("validate_by_name"):
+        names.add(name)
+    return names
+
+
+def _derives_input(schema: type[BaseModel]) -> bool:
+    """Whether ``schema`` has a ``mode="before"`` or ``"wrap"`` model validator, which may
+    make up required fields from others: nothing about its input can be told unrun."""
+    validators = schema.__pydantic_decorators__.model_validators.values()
+    return any(v.info.mode in ("before", "wrap") for v in validators)
+
+
+def _missing_fields(prev: type[BaseModel], schema: type[BaseModel]) -> list[str]:
+    """The required fields of ``schema`` that the output ``prev`` surely lacks (for a
+    branch's or route's common output, that one of its schemas lacks). An output schema
+    with ``extra="allow"`` keeps what its node returned beyond its fields, so it may hold
+    any field; an input schema that derives its input (see ``_derives_input``) may need
+    none: both are left for the node's input contract to check when it runs."""
+    if _derives_input(schema):
+        return []
+    parts = [p for p in _parts(prev) if p.model_config.get("extra") != "allow"]
+    if not parts:
+        return []
+    provided = [_provided(p) for p in parts]
+    return [
+        info.alias or name for name, info in schema.model_fields.items()
+        if info.is_required() and any(
+            not (_accepted_names(schema, name, info) & have) for have in provided)
+    ]
 
 
 _SCHEMA_FP: dict[type[BaseModel], str] = {}
@@ -1537,7 +1579,7 @@ def _check_feed(prev: type[BaseModel] | None, step: Any) -> None:
         return
     have = _provided(prev)
     for step_id, schema in step.feeds():
-        missing = [f for f in _required(schema) if f not in have]
+        missing = _missing_fields(prev, schema)
         if missing:
             parts = _parts(prev)
             if len(parts) > 1:  # the arms or routes before it: what all of them output

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import math
 import uuid
@@ -35,7 +34,7 @@ import stroma.plan as _plan_module
 from interpreters.live import CURRENT_CALL, Collaborators
 from interpreters.session import new_seed, replay_log, run_session, utcnow
 from stroma import effects as fx
-from stroma.checkpoint import CheckpointManager, InMemoryStore
+from stroma.checkpoint import CheckpointManager, InMemoryStore, is_async_callable
 from stroma.contracts import ContractRegistry, ContractViolation, NodeContract
 from stroma.cost import KNOWN_MODELS, ExecutionBudget, FallbackPolicy
 from stroma.errors import (
@@ -102,9 +101,9 @@ def _close_matches(word: str, possibilities: list[str], n: int) -> list[str]:
 
 
 def _is_async_callable(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
+    # (an async def, one under a functools.wraps wrapper, or an object whose __call__ is
+    # one: calling it gives a coroutine, which stroma awaits; see is_async_callable)
+    return is_async_callable(fn)
 
 
 _HOOK_FIELDS = frozenset({"on_node_start", "on_node_success", "on_node_failure"})
@@ -395,7 +394,11 @@ async def interpret(
     """
     compiled = compile_plan(plan, registry)
     config = _run_config_of(config, "interpret")
-    explicit = "run_id" in config.model_fields_set
+    # A run id given, or a resume: ``resume_from`` resumes the run ``config.run_id``
+    # names, given or not (a config that ran under its default id, with resume_from set
+    # on it or on a copy of it, resumes that run rather than starting a fresh one).
+    given = "run_id" in config.model_fields_set
+    explicit = given or config.resume_from is not None
     if initial_state is None:
         if not explicit:
             raise StromaTypeError(
@@ -412,6 +415,8 @@ async def interpret(
     if manager is None:
         manager = CheckpointManager(store if store is not None else InMemoryStore())
     run_id = config.run_id if explicit else _default_run_id(config)
+    if not given and explicit:
+        config._default_id_taken[0] = True  # (a later run without resume_from: a fresh id)
     if initial_state is not None:
         declare_schemas((type(initial_state),))
     world = Collaborators(
@@ -710,8 +715,7 @@ stroma_step = stroma_node
 def _carrier(fn: _F) -> _F:
     """A function calling ``fn`` that can carry the node's marks, for a callable that cannot
     (a bound method, an object with ``__slots__``): async if ``fn`` is, with its signature."""
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)):  # noqa: B004
+    if _is_async_callable(fn):
         async def call_async(*args: Any, **kwargs: Any) -> Any:
             return await fn(*args, **kwargs)
 

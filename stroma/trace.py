@@ -218,6 +218,11 @@ class ExecutionTrace:
             return NotImplemented
         return self.events == other.events
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (and deep-copied) as its events: a trace not yet read holds a function
+        # of the run's records, which is no data to send to another process.
+        return (type(self), (self.events,))
+
     def __repr__(self) -> str:
         # (without folding a trace that was not read: asyncio shows a run's result in
         # its task's repr, and a folded trace is most of a finished run's memory)

@@ -86,10 +86,11 @@ def usage(effect: Any, event: Any) -> tuple[int, float, int]:
 
 
 def spent(config: MachineConfig, tokens: int, cost: float, latency: int) -> bool:
+    """At or over a limit, with some of it used (nothing used spends no zero limit)."""
     return (
-        (config.max_tokens is not None and tokens >= config.max_tokens)
-        or (config.max_cost_usd is not None and cost >= config.max_cost_usd)
-        or (config.max_latency_ms is not None and latency >= config.max_latency_ms)
+        (config.max_tokens is not None and 0 < tokens >= config.max_tokens)
+        or (config.max_cost_usd is not None and 0 < cost >= config.max_cost_usd)
+        or (config.max_latency_ms is not None and 0 < latency >= config.max_latency_ms)
     )
 
 
