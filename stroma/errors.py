@@ -37,6 +37,20 @@ __all__ = (
 class StromaError(Exception):
     """Base class of every error stroma raises on its own account."""
 
+    def __reduce__(self) -> Any:
+        # Pickled as its message and attributes, made again without calling its
+        # ``__init__`` (whose arguments are not its ``args``): an error crosses a process
+        # boundary (multiprocessing, a task queue's worker) as it was raised.
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[StromaError], args: tuple[Any, ...], state: dict[str, Any]
+             ) -> StromaError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class StromaWarning(StromaError, UserWarning):
     """A use of stroma that runs but likely not as meant (a setting that applies to no
@@ -82,6 +96,8 @@ class StromaValidationError(StromaValueError, ValidationError):
     """A stroma settings model (RunConfig, FailurePolicy, ExecutionBudget, NodeContract)
     given a value it cannot hold: pydantic's ValidationError, with its errors and
     message, that is a StromaError too (code catching either keeps working)."""
+
+    __reduce__ = ValidationError.__reduce__  # (pydantic's: its errors made again)
 
     @classmethod
     def of(cls, error: ValidationError) -> ValueError:
