@@ -232,6 +232,10 @@ async def _check_tables(store: Any, spec: str) -> None:
             f"{user!r} ({_one_line(str(e))}); check the user and password in the URL "
             "(postgresql://USER:PASSWORD@host:5432/db), or the server's pg_hba.conf"
         ) from None
+    except asyncpg.ClientConfigurationError as e:  # asyncpg cannot read the DSN itself
+        raise CliError(
+            f"cannot read {describe_store(spec)}: {_one_line(str(e)).rstrip('.')}; fix the "
+            "URL (postgresql://user@host:5432/db?PARAMETER=VALUE)") from None
     except asyncpg.UndefinedObjectError as e:  # a DSN parameter sent as a server setting
         said = re.search(r'unrecognized configuration parameter "(.*)"', str(e))
         if said is None:
