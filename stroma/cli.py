@@ -814,8 +814,8 @@ async def send_input_command(spec: str, run_id: str, name: str, payload: Any,
     sent = json.dumps(payload, ensure_ascii=False, separators=(", ", ": "))
     return (f"sent {key}{what} to run {run_id!r} in {describe_store(spec)}: {sent}\n"
             f"the run still shows WAITING until it runs again; resume it by running its plan "
-            f"with the same run id on this store:\n"
-            f"  await interpret(plan, state, store={store_expression(spec)}, "
+            f"with the same run id on this store (no initial state needed):\n"
+            f"  await interpret(plan, store={store_expression(spec)}, "
             f"config=RunConfig(run_id={run_id!r}))")
 
 

@@ -247,6 +247,7 @@ def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> No
     problems = json_schema_problems(json.loads(text), json.loads(wait.json_schema or "{}"))
     if problems:
         raise InputRefused(
-            f"send_input: the input {wait.key!r} does not fit its schema: "
+            f"send_input: the input {wait.key!r} does not fit "
+            f"{wait.schema.rsplit(':', 1)[-1] or 'its schema'}: "
             f"{'; '.join(problems)} (nothing was sent; the run still waits)"
         )
