@@ -564,6 +564,18 @@ def _waits_for(waits: Sequence[Wait]) -> str:
     return ", ".join(f"{w.key} (digest {w.short_digest})" for w in waits)
 
 
+def _holder_shown(holder: str | None) -> str:
+    """The ``running in`` cell: the worker holding the run's lease, and whether it is a
+    process of this host that exited (killed: it holds the lease until the lease expires,
+    and nothing runs the run)."""
+    if holder is None:
+        return ""
+    from interpreters.stores._lease import _exited
+
+    return f"{holder} (exited: resume the run once its lease expires)" if _exited(holder) \
+        else holder
+
+
 def format_runs(runs: Sequence[RunSummary]) -> str:
     """A fixed-width table of runs (with a ``waiting for`` column when a run waits)."""
     header: tuple[str, ...] = ("run id", "status", "started", "duration_ms", "attempts",
@@ -583,7 +595,7 @@ def format_runs(runs: Sequence[RunSummary]) -> str:
         if waiting:
             row = (*row, _waits_for(s.waiting_for))
         if held:
-            row = (*row, s.held_by or "")
+            row = (*row, _holder_shown(s.held_by))
         rows.append(row)
     return _table(rows, right={3, 4, 5, 6, 7}) + "".join(
         f"\n  {printable(s.run_id)}: {printable(s.problem)}" for s in runs if s.problem)
@@ -663,7 +675,7 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
         lines.append("")
         lines.append("not finished: a worker runs it now, or it crashed (runs names the worker "
                      "holding it); a crashed run resumes when its plan runs again with this run "
-                     "id on this store: interpret(plan, state, store=..., "
+                     "id on this store: interpret(plan, store=..., "
                      f"config=RunConfig(run_id={tl.run_id!r}))")
     return "\n".join([*map(printable, head), "", table, *map(printable, lines)])
 
