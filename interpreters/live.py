@@ -30,6 +30,7 @@ from pydantic_core import from_json
 
 from stroma import effects as fx
 from stroma.checkpoint import awaitable_from_sync, store_failed
+from stroma.contracts import _stray_output_keys, _warn_stray_output_keys
 from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
@@ -228,6 +229,7 @@ class LivePerformer:
         self.timer = world.timer
         self.log = RunLogger(_log, {"run_id": run_id})
         self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
+        self.warned_stray: set[str] = set()  # nodes whose output keys were warned of
         # The user's pure functions the program asks: branch predicates and loops' until
         # (answered as BranchChosen), routes' selectors (RouteChosen).
         self.predicates: dict[str, Callable[[Any], Any]] = {}
@@ -305,9 +307,32 @@ class LivePerformer:
             CURRENT_CALL.reset(token)
         duration = int((self.timer() - t0) * 1000)
         if type(raw) is dict or isinstance(raw, BaseModel):  # no usage reported
+            if node_id not in self.warned_stray and _stray_output_keys(node.output_schema, raw):
+                warned = self._warn_stray(node, raw, started, duration)
+                if warned is not None:
+                    return warned
             return _tuple_new(fx.NodeReturned, (raw, started, duration, 0, 0, None))
         output, tin, tout, model = normalize_node_return(raw)
+        if node_id not in self.warned_stray and _stray_output_keys(node.output_schema, output):
+            warned = self._warn_stray(node, output, started, duration)
+            if warned is not None:
+                return warned
         return fx.NodeReturned(output, started, duration, tin, tout, model)
+
+    def _warn_stray(self, node: NodeStep, output: object, started: datetime,
+                    duration: int) -> fx.NodeRaised | None:
+        """Warn (once per node of the run) of output keys its schema drops: a typo. With
+        warnings made errors (``-W error``), the warning is the attempt's failure."""
+        self.warned_stray.add(node.node_id)
+        stray = _stray_output_keys(node.output_schema, output)
+        self.log.warning("node %r returned keys its output schema %s drops: %s",
+                         node.node_id, node.output_schema.__name__,
+                         ", ".join(key for key, _ in stray))
+        try:
+            _warn_stray_output_keys(node.node_id, node.output_schema, stray, node.fn)
+        except Exception as exc:
+            return fx.NodeRaised(error_info(exc), started, duration)
+        return None
 
     async def call_parallel(self, eff: fx.CallParallel) -> fx.ParallelReturned:
         started = self.now()

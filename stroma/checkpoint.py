@@ -11,6 +11,7 @@ Stores that can claim a run for one worker implement ``lease``.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
@@ -213,6 +214,9 @@ class CheckpointManager:
                 "save(run_id, node_id, state), load(run_id, node_id) and delete(run_id), "
                 "sync or async: pass InMemoryStore(), AsyncInMemoryStore(), "
                 "RedisStore(url) or your own class with those methods."
+                + (f" A path or URL is no store: for a folder, FileStore({store!r:.80}); for "
+                   "a server, RedisStore('redis://...') or PostgresStore('postgresql://...')."
+                   if isinstance(store, str | os.PathLike) else "")
             )
         self.store: Any = store
         # Decided once, for every node. A store's own typed pair is used both ways: a

@@ -232,6 +232,10 @@ async def _check_tables(store: Any, spec: str) -> None:
             f"{user!r} ({_one_line(str(e))}); check the user and password in the URL "
             "(postgresql://USER:PASSWORD@host:5432/db), or the server's pg_hba.conf"
         ) from None
+    except asyncpg.ClientConfigurationError as e:  # asyncpg cannot read the DSN itself
+        raise CliError(
+            f"cannot read {describe_store(spec)}: {_one_line(str(e)).rstrip('.')}; fix the "
+            "URL (postgresql://user@host:5432/db?PARAMETER=VALUE)") from None
     except asyncpg.UndefinedObjectError as e:  # a DSN parameter sent as a server setting
         said = re.search(r'unrecognized configuration parameter "(.*)"', str(e))
         if said is None:
@@ -560,6 +564,18 @@ def _waits_for(waits: Sequence[Wait]) -> str:
     return ", ".join(f"{w.key} (digest {w.short_digest})" for w in waits)
 
 
+def _holder_shown(holder: str | None) -> str:
+    """The ``running in`` cell: the worker holding the run's lease, and whether it is a
+    process of this host that exited (killed: it holds the lease until the lease expires,
+    and nothing runs the run)."""
+    if holder is None:
+        return ""
+    from interpreters.stores._lease import _exited
+
+    return f"{holder} (exited: resume the run once its lease expires)" if _exited(holder) \
+        else holder
+
+
 def format_runs(runs: Sequence[RunSummary]) -> str:
     """A fixed-width table of runs (with a ``waiting for`` column when a run waits)."""
     header: tuple[str, ...] = ("run id", "status", "started", "duration_ms", "attempts",
@@ -579,7 +595,7 @@ def format_runs(runs: Sequence[RunSummary]) -> str:
         if waiting:
             row = (*row, _waits_for(s.waiting_for))
         if held:
-            row = (*row, s.held_by or "")
+            row = (*row, _holder_shown(s.held_by))
         rows.append(row)
     return _table(rows, right={3, 4, 5, 6, 7}) + "".join(
         f"\n  {printable(s.run_id)}: {printable(s.problem)}" for s in runs if s.problem)
@@ -659,7 +675,7 @@ def format_timeline(tl: Timeline, spec: str | None = None) -> str:
         lines.append("")
         lines.append("not finished: a worker runs it now, or it crashed (runs names the worker "
                      "holding it); a crashed run resumes when its plan runs again with this run "
-                     "id on this store: interpret(plan, state, store=..., "
+                     "id on this store: interpret(plan, store=..., "
                      f"config=RunConfig(run_id={tl.run_id!r}))")
     return "\n".join([*map(printable, head), "", table, *map(printable, lines)])
 
@@ -810,8 +826,8 @@ async def send_input_command(spec: str, run_id: str, name: str, payload: Any,
     sent = json.dumps(payload, ensure_ascii=False, separators=(", ", ": "))
     return (f"sent {key}{what} to run {run_id!r} in {describe_store(spec)}: {sent}\n"
             f"the run still shows WAITING until it runs again; resume it by running its plan "
-            f"with the same run id on this store:\n"
-            f"  await interpret(plan, state, store={store_expression(spec)}, "
+            f"with the same run id on this store (no initial state needed):\n"
+            f"  await interpret(plan, store={store_expression(spec)}, "
             f"config=RunConfig(run_id={run_id!r}))")
 
 

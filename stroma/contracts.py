@@ -7,7 +7,8 @@ would only fail the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
@@ -17,6 +18,7 @@ from stroma.errors import (
     StromaKeyError,
     StromaTypeError,
     StromaValueError,
+    StromaWarning,
     _validated_init,
 )
 
@@ -31,6 +33,127 @@ __all__ = (
 )
 
 Direction = Literal["input", "output"]
+
+# A schema's accepted keys (field names and aliases) and, for each required field, the
+# keys that give it; None where pydantic does not drop unknown keys silently
+# (extra="allow" keeps them, extra="forbid" refuses them).
+_ACCEPTED: dict[type[BaseModel], tuple[frozenset[str], tuple[frozenset[str], ...]] | None] = {}
+
+
+def _field_keys(name: str, field: Any) -> set[str]:
+    keys = {name}
+    for alias in (field.alias, field.validation_alias):
+        if isinstance(alias, str):
+            keys.add(alias)
+        elif alias is not None:  # AliasChoices / AliasPath: any first key
+            for choice in getattr(alias, "choices", [alias]):
+                path = getattr(choice, "path", [choice])
+                if path and isinstance(path[0], str):
+                    keys.add(path[0])
+    return keys
+
+
+def _accepted_keys(
+    schema: type[BaseModel],
+) -> tuple[frozenset[str], tuple[frozenset[str], ...]] | None:
+    try:
+        return _ACCEPTED[schema]
+    except KeyError:
+        pass
+    accepted = None
+    if schema.model_config.get("extra") in (None, "ignore"):
+        every: set[str] = set()
+        required: list[frozenset[str]] = []
+        for name, field in schema.model_fields.items():
+            keys = _field_keys(name, field)
+            every |= keys
+            if field.is_required():
+                required.append(frozenset(keys))
+        accepted = (frozenset(every), tuple(required))
+    _ACCEPTED[schema] = accepted
+    return accepted
+
+
+# (schema, key) -> the field of the schema the key is a near miss of, or None.
+_NEAR: dict[tuple[type[BaseModel], str], str | None] = {}
+
+
+def _near_field(schema: type[BaseModel], key: str) -> str | None:
+    try:
+        return _NEAR[(schema, key)]
+    except KeyError:
+        pass
+    import difflib  # (not at import: import stroma loads no difflib)
+
+    fields = list(schema.model_fields)
+    lowered = {f.lower(): f for f in fields}
+    close = lowered.get(key.lower()) or next(
+        iter(difflib.get_close_matches(key, fields, n=1, cutoff=0.75)), None)
+    if len(_NEAR) < 10_000:
+        _NEAR[(schema, key)] = close
+    return close
+
+
+def _stray_output_keys(schema: type[BaseModel], output: object) -> list[tuple[str, str]]:
+    """The keys of a node's output that are near misses of a field of its output schema
+    (``"don"`` for ``done``, ``"Done"``), each with that field: pydantic drops a key that
+    is no field (nor alias) without a word. The keys are a dict's, the fields of a model
+    of another class, or what ``model_copy(update=...)`` set on a model of the schema.
+    Not a key whose field the dict has too, nor one close to no field (an extra key given
+    on purpose); none for an output without a required field (its contract violation
+    names that)."""
+    if type(output) is dict:
+        keys: Any = output
+    elif type(output) is schema:
+        keys = output.__dict__
+        if len(keys) <= len(schema.model_fields):  # (the usual case: nothing extra)
+            return []
+    elif isinstance(output, BaseModel) and not isinstance(output, schema):
+        keys = type(output).model_fields
+    else:
+        return []
+    known = _accepted_keys(schema)
+    if known is None or known[0].issuperset(keys):
+        return []
+    if any(not any(k in keys for k in field) for field in known[1]):
+        return []  # a required field is missing: the output contract names it
+    # (a model of the schema has every field: what model_copy set beside them is extra)
+    given = () if type(output) is schema else keys
+    near = []
+    for key in keys:
+        if isinstance(key, str) and key not in known[0]:
+            close = _near_field(schema, key)
+            if close is not None and close not in given:
+                near.append((key, close))
+    return near
+
+
+def _warn_stray_output_keys(
+    node_id: str, schema: type[BaseModel], stray: list[tuple[str, str]], fn: Callable[..., Any]
+) -> None:
+    """A StromaWarning, pointing at the node's function, naming the keys its output had
+    that its output schema does not, and the field each is close to."""
+    fields = list(schema.model_fields)
+    said = ", ".join(f"{key!r} (did you mean {close!r}?)" for key, close in stray[:5])
+    many = len(stray) > 1
+    message = (
+        f"node {node_id!r} returned the key{'s' if many else ''} {said}"
+        f"{', ...' if len(stray) > 5 else ''}, which {'are' if many else 'is'} no field of "
+        f"its output schema {schema.__name__} (its fields: {', '.join(fields)}): "
+        f"pydantic drops {'them' if many else 'it'}, so what the node put there is lost. "
+        "Return the schema's field names, or give the schema "
+        "model_config = ConfigDict(extra='allow') to keep other keys"
+    )
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        warnings.warn(message, StromaWarning, stacklevel=2)
+        return
+    module_globals = getattr(fn, "__globals__", {})
+    warnings.warn_explicit(
+        message, StromaWarning, code.co_filename, code.co_firstlineno,
+        module=getattr(fn, "__module__", None) or "stroma",
+        registry=module_globals.setdefault("__warningregistry__", {}),
+    )
 
 _MAX_LISTED_ERRORS = 5
 

@@ -243,10 +243,47 @@ def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> No
                 f"send_input: the input {wait.key!r} does not fit {cls.__name__}: {fields} "
                 "(nothing was sent; the run still waits)"
             ) from None
+        if cls.model_config.get("extra") in (None, "ignore"):
+            names = [alias for name, f in cls.model_fields.items()
+                     for alias in (name, f.alias, f.validation_alias) if isinstance(alias, str)]
+            _refuse_near_misses(text, wait, list(dict.fromkeys(names)), cls.__name__)
         return
-    problems = json_schema_problems(json.loads(text), json.loads(wait.json_schema or "{}"))
+    json_schema = json.loads(wait.json_schema or "{}")
+    problems = json_schema_problems(json.loads(text), json_schema)
     if problems:
         raise InputRefused(
-            f"send_input: the input {wait.key!r} does not fit its schema: "
+            f"send_input: the input {wait.key!r} does not fit "
+            f"{wait.schema.rsplit(':', 1)[-1] or 'its schema'}: "
             f"{'; '.join(problems)} (nothing was sent; the run still waits)"
+        )
+    if isinstance(json_schema, dict) and json_schema.get("additionalProperties") is None:
+        props = json_schema.get("properties")
+        if isinstance(props, dict):
+            _refuse_near_misses(text, wait, list(props), wait.schema.rsplit(":", 1)[-1])
+
+
+def _refuse_near_misses(text: str, wait: fx.AwaitInput, fields: list[str], name: str) -> None:
+    """Refuse a payload with a key that is no field of the wait's schema but close to one
+    whose field it lacks (``{"aproved": true}`` for ``approved``): pydantic would drop it
+    without a word, and the run would take the field's default for the person's answer."""
+    payload = json.loads(text)
+    if not isinstance(payload, dict):
+        return
+    import difflib  # (not at import: import stroma loads no difflib)
+
+    lowered = {f.lower(): f for f in fields}
+    near = []
+    for key in payload:
+        if key in fields:
+            continue
+        close = lowered.get(key.lower()) or next(
+            iter(difflib.get_close_matches(key, fields, n=1, cutoff=0.75)), None)
+        if close is not None and close not in payload:
+            near.append(f"{key!r} (did you mean {close!r}?)")
+    if near:
+        raise InputRefused(
+            f"send_input: the input {wait.key!r} has the key{'s' if len(near) > 1 else ''} "
+            f"{', '.join(near)}, which {name} has no field for: it would be dropped, and "
+            f"the field left at its default; send it with {name}'s field names (nothing "
+            "was sent; the run still waits)"
         )

@@ -1522,7 +1522,11 @@ def _on_raised(s: RunState, ev: fx.NodeRaised) -> Out:
 def _failed(s: RunState, error: fx.ErrorInfo) -> Out:
     att = s.current
     assert att is not None
-    s = _next(s, s.phase, att._replace(error=error))
+    # The state goes on as its JSON reads back, not as the model the attempt was given: a
+    # node may have changed that model in place before it failed (``state.n += 1``), and
+    # its retry, the run's final state and a replay of its log must not see that.
+    fresh = None if s.state is None else read_state(s.state_type, s.state_json)
+    s = _next(s, s.phase, att._replace(error=error), state=fresh)
     if s.config.custom_classifiers:
         s = _next(s, Phase.CLASSIFY, s.current)
         return s, [fx.ClassifyFailure(s.step.step_id, s.attempt, error, s.coords)]

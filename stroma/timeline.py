@@ -485,6 +485,9 @@ class _Reader:
         loops: set[str] = set()  # the loops seen in them: a ChooseBranch of one is its until
         placing: list[list[Any]] = []  # route marks waiting for the step they went on with
         waiting: dict[str, dict[str, Any]] = {}  # a wait's row key -> its waiting bar
+        # The mark of an input the run just read: if the run then ends WAITING at once,
+        # the input did not fit (the machine refused it, and the run waits on).
+        received: list[Any] | None = None
         top = depth == 0
         # Choices made inside a fan-out child are marked too, named by where the child is
         # (its item of a map_each) when its own coordinates do not say it.
@@ -514,6 +517,7 @@ class _Reader:
             if kind is fx.CallNode or kind is fx.CallParallel:
                 pending = (effect, event)
             elif kind is fx.RecordAttempt or kind is fx.Commit:
+                received = None
                 coords = _coords(effect.coords)
                 loops.update(step for k, step, _ in coords if k == "loop")
                 row, bar = self.attempt(effect, pending, branch, prefix=prefix, parent=parent,
@@ -541,6 +545,7 @@ class _Reader:
                 here = f"{step_id} {where_label(coords)}".rstrip()
                 schema = str(effect.schema).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
                 if isinstance(event, fx.InputMissing):
+                    received = None
                     text = (f"waiting for {effect.key} ({schema}), digest "
                             f"{effect.digest[:8]}")
                     waiting[key] = self.bar(
@@ -555,8 +560,9 @@ class _Reader:
                         waited["duration_ms"] = max(0, int(
                             (event.at - waited["start"]).total_seconds() * 1000))
                     if top:
-                        self.marks.append(["input", f"{here}: {effect.key} received",
-                                           event.at, key, _where(coords)])
+                        received = ["input", f"{here}: {effect.key} received", event.at,
+                                    key, _where(coords)]
+                        self.marks.append(received)
                 pending, branch = None, None
             elif kind is fx.Sleep:
                 if last is not None:
@@ -598,6 +604,10 @@ class _Reader:
                     placing.append(mark)
             elif kind is fx.Finish:
                 finish = effect
+                if received is not None and effect.status is RunStatus.WAITING:
+                    received[1] += f", refused: {effect.reason}" if effect.reason else \
+                        ", refused: it did not fit"
+                received = None
                 if (pending is not None and type(pending[0]) is fx.CallParallel
                         and type(pending[1]) is fx.ParallelReturned):
                     # A group whose children wait for input: the run ended at it, WAITING,

@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -159,6 +159,30 @@ def _require_redis(cls_name: str) -> None:
             f"redis is required for {cls_name}, and it is not installed: "
             "pip install 'stroma[redis]'"
         )
+
+
+def _check_url(cls_name: str, url: str) -> None:
+    """A StromaValueError for a URL redis-py would refuse only when it first connects (a
+    scheme it does not take, a query value it cannot parse) or would read as another
+    database than it names (``redis://host:6379/abc`` is database 0 to redis-py)."""
+    form = "'redis://localhost:6379/0', 'rediss://...' or 'unix:///path/to/redis.sock'"
+    if not url.lower().startswith(("redis://", "rediss://", "unix://")):
+        raise StromaValueError(
+            f"{cls_name}: redis_url must be a URL like {form}, got {_redact(url)!r}"
+        )
+    try:
+        parts = urlsplit(url)
+        db = unquote(parts.path).removeprefix("/").removesuffix("/")
+        if parts.scheme.lower() != "unix" and db and not (db.isascii() and db.isdigit()):
+            raise ValueError(f"{db!r} is not a database number")
+        from redis.connection import parse_url
+
+        parse_url(url)
+    except ValueError as e:
+        raise StromaValueError(
+            f"{cls_name}: redis_url {_redact(url)!r}: {str(e).rstrip('.')}; a redis_url is "
+            f"a URL like {form} (its path, if any, the database's number)"
+        ) from None
 
 
 def _redact(url: str) -> str:
@@ -351,6 +375,7 @@ class _Base:
                 f"{name}: redis_url must be a URL like 'redis://localhost:6379/0', "
                 f"got {redis_url!r}"
             )
+        _check_url(name, redis_url)
         if ttl_seconds is not None and (
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
         ):

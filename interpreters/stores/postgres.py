@@ -157,6 +157,8 @@ def _is_transient(exc: BaseException) -> bool:
     if _asyncpg is None:
         return False
     e = _asyncpg.exceptions
+    if isinstance(exc, e.ClientConfigurationError):  # a DSN asyncpg cannot read: no retry
+        return False
     return isinstance(
         exc,
         e.PostgresConnectionError  # connection lost / does not exist / failure (class 08)
@@ -240,6 +242,12 @@ class PostgresStore:
             raise StromaValueError(
                 "PostgresStore: dsn must be a connection string like "
                 f"'postgresql://user@localhost:5432/db', got {dsn!r}"
+            )
+        scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise StromaValueError(
+                "PostgresStore: dsn must be a URL like 'postgresql://user@localhost:5432/db' "
+                f"or 'postgres://...' (asyncpg reads no other form), got {_redact(dsn)!r}"
             )
         if not isinstance(schema, str) or not _IDENT.match(schema) or len(schema) > 63:
             raise StromaValueError(

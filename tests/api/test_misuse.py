@@ -3,6 +3,7 @@ was expected, what was found and the fix (STYLE.md, Errors)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from stroma import (
     parallel,
     stroma_node,
 )
-from stroma.errors import LogCorrupted, PlanError, StromaError
+from stroma.errors import LogCorrupted, PlanError, StromaError, StromaTypeError
 from stroma.log import EffectLog
 from stroma.plan import map_each
 from stroma.runner import interpret, replay
@@ -393,6 +394,18 @@ def test_checkpoint_manager_with_something_that_is_not_a_store() -> None:
     assert "CheckpointManager() needs a checkpoint store" in msg
     assert "lacks save, load, delete" in msg
     assert "save(run_id, node_id, state)" in msg and "InMemoryStore()" in msg
+
+
+@pytest.mark.parametrize("given", ["runs", Path("runs"), "redis://localhost:6379/0"])
+def test_a_store_given_as_a_path_or_url_names_the_store_to_build(given: Any) -> None:
+    """``interpret(plan, state, store="runs")`` (a folder's name where the store goes)
+    says which store to build from it, not only the methods a str lacks."""
+    with pytest.raises(StromaTypeError) as info:
+        CheckpointManager(given)
+    msg = str(info.value)
+    assert "lacks save, load, delete" in msg
+    assert f"A path or URL is no store: for a folder, FileStore({given!r}); for a server, " \
+           "RedisStore('redis://...') or PostgresStore('postgresql://...')." in msg
 
 
 def test_checkpoint_manager_given_a_store_class_says_pass_an_instance() -> None:

@@ -121,6 +121,8 @@ def test_show_lists_a_crashed_runs_finished_children(store: Path) -> None:
     assert "unfinished" in out.stdout
     assert "a crashed run resumes when its plan runs again with this run id" in out.stdout
     assert "RunConfig(run_id='crashed')" in out.stdout
+    # (a run in the store goes on from its log: the call to make takes no initial state)
+    assert "interpret(plan, store=..., config=RunConfig(run_id='crashed'))" in out.stdout
 
 
 def test_show_json_is_the_timeline(store: Path) -> None:

@@ -127,6 +127,28 @@ async def test_a_resumed_wait_shows_the_wait_then_the_input(tmp_path: Path) -> N
     assert tl.attempts == 8  # the 6 before, the wait's answer and ship
 
 
+async def test_an_input_the_run_refused_is_marked_refused_not_only_received(
+    tmp_path: Path,
+) -> None:
+    """An input kept in the store that does not fit the wait (sent without its schema at
+    hand, as the CLI does, or that a validator refuses) is read and refused when the run
+    goes on, and the run waits on: its mark said "received" as for one taken, so `show`
+    listed two inputs received for one answer. The refused one says so and why."""
+    store, _ = await waiting(tmp_path)
+    await store.put_input("agent", P.AGENT_KEY, '{"ok": "perhaps"}')  # (no bool)
+    refused = await P.agent_resumed(store)
+    assert refused.status.value == "WAITING"
+    await send_input(store, "agent", "approval", {"ok": True, "by": "ann"})  # (no replace)
+    assert (await P.agent_resumed(store)).status.value == "RESUMED"
+    tl = await stored(store)
+    inputs = [m.label for m in tl.marks if m.kind == "input"]
+    assert len(inputs) == 2, inputs
+    assert inputs[0].startswith(f"{P.AGENT_WAIT} @agent#3: {P.AGENT_KEY} received, refused: "
+                                f"the input {P.AGENT_KEY!r} sent does not fit Approval: ")
+    assert "ok: Input should be a valid boolean" in inputs[0]
+    assert inputs[1] == f"{P.AGENT_WAIT} @agent#3: {P.AGENT_KEY} received"
+
+
 def test_where_labels() -> None:
     """Coordinates as labels: loops as @name#n (nested ones joined by /), items as
     'item j'."""
