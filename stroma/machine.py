@@ -1198,7 +1198,10 @@ def _child_call(
 def _children(s: RunState, step: Any) -> list[tuple[Any, Any]] | ContractViolation:
     """Each child of a group and its raw input, in argument (item) order."""
     if isinstance(step, ParallelStep):
-        return [(child, s.state) for child in step.children]
+        # Each child its own model of the group's input, as its JSON reads back (as a
+        # resume gives it): a child that changes its input in place changes neither its
+        # siblings' nor the state the group's outputs are merged into.
+        return [(child, read_state(s.state_type, s.state_json)) for child in step.children]
     inp = _validate(step.step_id, "input", step.input_schema, s.state)
     if isinstance(inp, ContractViolation):
         return inp

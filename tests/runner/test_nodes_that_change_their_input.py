@@ -13,7 +13,7 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from stroma import RunStatus, interpret, replay, seq
+from stroma import RunStatus, interpret, parallel, replay, seq
 from stroma.contracts import NodeContract
 from stroma.runner import stroma_node
 
@@ -75,3 +75,44 @@ def test_a_failed_runs_final_state_is_the_committed_one_and_replays_the_same(
     assert live.final_state == S(n=1)  # (it was S(n=2001), or S(n=1001))
     assert live.log.finish.final_state == {"n": 1, "seen": []}
     assert again == live
+
+
+class P(BaseModel):
+    n: int = 0
+    a: int = 0
+    b: int = 0
+    seen: list[int] = []
+
+
+@pytest.mark.anyio
+async def test_parallel_children_each_get_the_groups_input_not_what_a_sibling_changed(
+    anyio_backend: str,
+) -> None:
+    """``left`` changes its input in place; ``right`` (run while it does) and the merge
+    still see the group's input, as a resume or a replay of the run would: children do not
+    share one model."""
+    changed = anyio.Event()
+
+    def p_node(node_id: str) -> Any:
+        return stroma_node(node_id, NodeContract(node_id=node_id, input_schema=P,
+                                                 output_schema=P))
+
+    @p_node("left")
+    async def left(s: P) -> dict[str, int]:
+        s.n += 100
+        s.seen.append(1)
+        changed.set()
+        return {"a": 1}
+
+    @p_node("right")
+    async def right(s: P) -> dict[str, Any]:
+        await changed.wait()
+        return {"b": s.n + 1, "seen": [*s.seen, 2]}
+
+    plan = [parallel(left, right)]
+    live = await interpret(plan, P())
+    assert live.status is RunStatus.COMPLETED
+    assert live.final_state.model_dump() == P(n=0, a=1, b=1, seen=[2]).model_dump()
+    assert live.log is not None
+    again = await replay(plan, live.log)
+    assert again.final_state.model_dump() == live.final_state.model_dump()
