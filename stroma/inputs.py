@@ -243,10 +243,9 @@ def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> No
                 f"send_input: the input {wait.key!r} does not fit {cls.__name__}: {fields} "
                 "(nothing was sent; the run still waits)"
             ) from None
-        if cls.model_config.get("extra") in (None, "ignore"):
-            names = [alias for name, f in cls.model_fields.items()
-                     for alias in (name, f.alias, f.validation_alias) if isinstance(alias, str)]
-            _refuse_near_misses(text, wait, list(dict.fromkeys(names)), cls.__name__)
+        known = dropping_fields(cls)
+        if known is not None:
+            _refuse_near_misses(text, wait, known, cls.__name__)
         return
     json_schema = json.loads(wait.json_schema or "{}")
     problems = json_schema_problems(json.loads(text), json_schema)
@@ -262,28 +261,49 @@ def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> No
             _refuse_near_misses(text, wait, list(props), wait.schema.rsplit(":", 1)[-1])
 
 
-def _refuse_near_misses(text: str, wait: fx.AwaitInput, fields: list[str], name: str) -> None:
-    """Refuse a payload with a key that is no field of the wait's schema but close to one
-    whose field it lacks (``{"aproved": true}`` for ``approved``): pydantic would drop it
-    without a word, and the run would take the field's default for the person's answer."""
-    payload = json.loads(text)
+def dropping_fields(cls: type[BaseModel]) -> list[str] | None:
+    """The names (and aliases) of a schema's fields, if it drops the keys that are none
+    of them (pydantic's default, ``extra="ignore"``); None if it keeps or refuses them."""
+    if cls.model_config.get("extra") not in (None, "ignore"):
+        return None
+    names = [alias for name, f in cls.model_fields.items()
+             for alias in (name, f.alias, f.validation_alias) if isinstance(alias, str)]
+    return list(dict.fromkeys(names))
+
+
+def near_misses(payload: object, fields: list[str]) -> list[str]:
+    """The keys of a payload that are no field but close to one whose field it lacks
+    (``{"aproved": true}`` for ``approved``), each shown with that field."""
     if not isinstance(payload, dict):
-        return
+        return []
     import difflib  # (not at import: import stroma loads no difflib)
 
     lowered = {f.lower(): f for f in fields}
     near = []
     for key in payload:
-        if key in fields:
+        if not isinstance(key, str) or key in fields:
             continue
         close = lowered.get(key.lower()) or next(
             iter(difflib.get_close_matches(key, fields, n=1, cutoff=0.75)), None)
         if close is not None and close not in payload:
             near.append(f"{key!r} (did you mean {close!r}?)")
+    return near
+
+
+def refused_keys(who: str, key: str, near: list[str], name: str, after: str) -> InputRefused:
+    """The error for a payload whose keys ``near`` a schema ``name`` would drop."""
+    return InputRefused(
+        f"{who}: the input {key!r} has the key{'s' if len(near) > 1 else ''} "
+        f"{', '.join(near)}, which {name} has no field for: it would be dropped, and the "
+        f"field left at its default; send it with {name}'s field names ({after})"
+    )
+
+
+def _refuse_near_misses(text: str, wait: fx.AwaitInput, fields: list[str], name: str) -> None:
+    """Refuse a payload with a key that is no field of the wait's schema but close to one
+    whose field it lacks: pydantic would drop it without a word, and the run would take
+    the field's default for the person's answer."""
+    near = near_misses(json.loads(text), fields)
     if near:
-        raise InputRefused(
-            f"send_input: the input {wait.key!r} has the key{'s' if len(near) > 1 else ''} "
-            f"{', '.join(near)}, which {name} has no field for: it would be dropped, and "
-            f"the field left at its default; send it with {name}'s field names (nothing "
-            "was sent; the run still waits)"
-        )
+        raise refused_keys("send_input", wait.key, near, name,
+                           "nothing was sent; the run still waits")

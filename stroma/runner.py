@@ -51,7 +51,7 @@ from stroma.errors import (
     _validated_init,
 )
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
-from stroma.inputs import InputRefused
+from stroma.inputs import InputRefused, dropping_fields, near_misses, refused_keys
 from stroma.log import EffectLog
 from stroma.machine import (
     DEFAULT_HOOK_TIMEOUT_MS,
@@ -490,7 +490,8 @@ def _default_run_id(config: RunConfig) -> str:
 def _check_inputs(inputs: Mapping[str, Any], plan: Plan) -> None:
     """Each of interpret's ``inputs`` is for a wait of the plan: by its name, or by a
     wait's key (``approval@agent#3``, as a WAITING run's stop reason names it)."""
-    names = sorted({s.name for s in plan.walk() if isinstance(s, WaitStep)})
+    waits = [s for s in plan.walk() if isinstance(s, WaitStep)]
+    names = sorted({s.name for s in waits})
     if not isinstance(inputs, Mapping):
         raise InputRefused(
             f"interpret(inputs=...) must map each wait's name to its payload, got "
@@ -507,6 +508,15 @@ def _check_inputs(inputs: Mapping[str, Any], plan: Plan) -> None:
                 f"interpret(inputs=...): {key!r} is not the name of a wait in this plan; "
                 f"{there}{hint}. Nothing was run"
             )
+        payload = inputs[key]
+        for step in waits:
+            if step.name != key.split("@", 1)[0]:
+                continue
+            fields = dropping_fields(step.schema)
+            near = [] if fields is None else near_misses(payload, fields)
+            if near:
+                raise refused_keys("interpret(inputs=...)", key, near, step.schema.__name__,
+                                   "nothing was run")
 
 
 def _traced(config: RunConfig, machine: MachineConfig, world: Collaborators, plan: Plan) -> Any:

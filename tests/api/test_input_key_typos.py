@@ -80,3 +80,38 @@ def test_the_cli_refuses_a_near_miss_key_too(waiting: FileStore, folder: Path) -
                                   "field for")
     assert len(done.stderr.splitlines()) == 1
     assert stored(waiting) is None
+
+
+@pytest.mark.parametrize("key", ["approval", P.AGENT_KEY])
+def test_interpret_refuses_a_near_miss_key_in_its_inputs_before_running(
+    tmp_path: Path, key: str
+) -> None:
+    """``interpret(inputs=...)`` refuses the same near misses, by the wait's name or its
+    key, before anything runs (nothing is written to the store)."""
+    from stroma import interpret
+
+    store = FileStore(tmp_path)
+
+    async def go() -> None:
+        await interpret(P.agent_plan(), P.AGENT_START, store=store,
+                        inputs={key: {"ok": True, "bY": "ann"}})
+
+    with pytest.raises(InputRefused) as info:
+        anyio.run(go)
+    message = str(info.value)
+    assert message.startswith(f"interpret(inputs=...): the input {key!r} has the key "
+                              "'bY' (did you mean 'by'?), which Approval has no field for")
+    assert message.endswith("(nothing was run)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interpret_takes_inputs_whose_keys_are_fields_or_close_to_none(
+    tmp_path: Path,
+) -> None:
+    from stroma import interpret
+
+    async def go() -> Any:
+        return await interpret(P.agent_plan(), P.AGENT_START,
+                               inputs={"approval": {"ok": True, "by": "ann", "note": "x"}})
+
+    assert anyio.run(go).status.value in ("COMPLETED", "RESUMED")
