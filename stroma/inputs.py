@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
 from stroma import effects as fx
-from stroma.errors import StromaError, UnsafeSchemaRef
+from stroma.errors import StromaError, StromaTypeError, UnsafeSchemaRef
 from stroma.log import EffectLog, ResumeMarker
 from stroma.schemas import json_schema_problems, read_state, resolve_declared, state_json
 from stroma.trace import RunStatus
@@ -105,6 +105,13 @@ async def send_input(
     payload meant for a state the run is no longer in is refused. An input sent already
     that the run has not taken yet is refused too, unless ``replace=True``.
     """
+    for value, what, example in ((run_id, "run_id", "'agent-1'"),
+                                 (name, "name", "'approval', or a key like 'approval@x#2'")):
+        if not isinstance(value, str):
+            raise StromaTypeError(
+                f"send_input: {what} must be a str ({example}), got {value!r:.60} (a "
+                f"{type(value).__name__}); call send_input(store, run_id, name, payload) "
+                "(nothing was sent)")
     log = await _read_log(store, run_id)
     if log is None:
         raise InputRefused(f"send_input: the store has no run {run_id!r} (nothing was sent)")

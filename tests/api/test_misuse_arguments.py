@@ -262,6 +262,22 @@ async def test_send_input_to_something_that_is_no_store_says_so() -> None:
         await send_input(5, "w", "ok", {"y": 1})
 
 
+@pytest.mark.parametrize(("run_id", "name", "said"), [
+    (5, "approval", "send_input: run_id must be a str ('agent-1'), got 5 (a int)"),
+    ("agent", None, "send_input: name must be a str ("),
+])
+async def test_send_input_names_an_argument_of_the_wrong_type(
+    run_id: Any, name: Any, said: str
+) -> None:
+    """``send_input(store, 5, ...)`` said the store had no run 5; it names the argument."""
+    from stroma import send_input
+    from stroma.errors import StromaTypeError
+
+    with pytest.raises(StromaTypeError) as info:
+        await send_input(InMemoryStore(), run_id, name, {"ok": True})
+    assert str(info.value).startswith(said)
+
+
 def test_a_log_of_one_line_without_its_newline_says_so() -> None:
     from stroma import EffectLog
     from stroma.errors import LogCorrupted
