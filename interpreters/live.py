@@ -24,6 +24,7 @@ from time import perf_counter
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import attrs
 from pydantic import BaseModel
 from pydantic_core import from_json
@@ -257,7 +258,7 @@ class LivePerformer:
 
     # -- nodes
 
-    async def call_node(self, eff: fx.CallNode) -> Any:
+    async def call_node(self, eff: fx.CallNode, in_group: bool = False) -> Any:
         node_id, _, timeout_ms, model, given, coords = eff  # (unpacked: the hot path)
         node = self.nodes[node_id]
         ctx = self.context
@@ -300,6 +301,13 @@ class LivePerformer:
                         "cancelled"
                     )
         except Exception as exc:
+            if not in_group:
+                # An error the node raised as its call was cancelled from outside (the run
+                # cut short, the group its sub-plan is in cancelled): what happened is the
+                # cancellation, not a failure of the node, and the call has no outcome (a
+                # failure reported here was a durable failed attempt, and the run went on
+                # to a Finish of its own). A group's node child: its group says (below).
+                await anyio.lowlevel.checkpoint_if_cancelled()
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
         finally:
             CURRENT_CALL.reset(token)
@@ -415,6 +423,11 @@ class LivePerformer:
         except BaseExceptionGroup as eg:
             error = single_error(eg)
             raise error from error.__cause__  # (its own cause kept: the store's error, say)
+        if failed[0] or None in outcomes:
+            # A child failed, or some did not finish, while the run itself was cancelled
+            # (its children then raise errors of their own, the cancellation the group's
+            # scope swallowed on trio): the group has no outcome, the run stops here.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         end = self.timer()
         # Nothing failed, yet some children did not finish: the group's deadline passed
         # (or the budget was spent, and those were not started: then only if the deadline
@@ -460,7 +473,7 @@ class LivePerformer:
                          index: int | None = None,
                          prior: fx.NodeCancelled | None = None) -> Any:
         if type(call) is fx.CallNode:
-            outcome = await self.call_node(call)
+            outcome = await self.call_node(call, True)
             if merged and type(outcome) is fx.NodeReturned and isinstance(outcome.output,
                                                                           BaseModel):
                 # A parallel child adds the fields it set, not its model's defaults: the
