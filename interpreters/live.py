@@ -384,6 +384,18 @@ class LivePerformer:
                         if (type(outcome) is fx.NodeRaised and not failed[0]
                                 and tg.cancel_scope.cancel_called):
                             outcome = self._cut_off(eff, call, outcome)
+                    if (type(outcome) is fx.NodeRaised and failed[0]
+                            and tg.cancel_scope.cancel_called
+                            and _raised_on_cancel(outcome.error.exc)):
+                        # Cancelled because a sibling failed, the child raised an error of
+                        # its own as it handled its cancellation (an HTTP client's when cut
+                        # off): it was cancelled, as a child that let the cancellation
+                        # through was; its error is not the group's (the first failed child
+                        # in argument order is). (An error it raised before it saw the
+                        # cancellation is its own failure.)
+                        if limiter is not None:
+                            limiter.release_on_behalf_of(token)
+                        return
                     outcomes[k] = outcome
                     fails = child_fails(group, call, outcome)
                     if fails:
@@ -767,6 +779,18 @@ class HookGuard:
             self.deadline = None
         if self.fired:  # the hook swallowed its cancellation: leave the cancelled scope
             raise HookTimedOut
+
+
+def _raised_on_cancel(exc: BaseException | None) -> bool:
+    """Whether ``exc`` was raised while a cancellation was being handled (one is in its
+    chain of contexts: ``raise ConnectionError(...) from None`` in an ``except`` of it)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    seen = 0
+    while exc is not None and seen < 32:
+        if isinstance(exc, cancelled):
+            return True
+        exc, seen = exc.__context__, seen + 1
+    return False
 
 
 def _backend_clock() -> Callable[[], float]:
