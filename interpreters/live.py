@@ -771,6 +771,14 @@ class HookGuard:
         self.deadline = self.clock() + timeout_ms / 1000
         try:
             await call
+        except Exception as exc:
+            if self.fired:
+                # Cancelled at its deadline, the hook raised an error of its own (an HTTP
+                # client's when cut off): it timed out all the same. (Taken for its own
+                # error, the loop went on in the cancelled scope and, cancelled at its next
+                # await, started again from where it last began: nodes ran again.)
+                raise HookTimedOut from exc
+            raise
         except anyio.get_cancelled_exc_class():
             if self.fired:
                 raise HookTimedOut from None
