@@ -24,6 +24,7 @@ from time import perf_counter
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import attrs
 from pydantic import BaseModel
 from pydantic_core import from_json
@@ -259,7 +260,7 @@ class LivePerformer:
 
     # -- nodes
 
-    async def call_node(self, eff: fx.CallNode) -> Any:
+    async def call_node(self, eff: fx.CallNode, in_group: bool = False) -> Any:
         node_id, _, timeout_ms, model, given, coords = eff  # (unpacked: the hot path)
         node = self.nodes[node_id]
         ctx = self.context
@@ -302,6 +303,13 @@ class LivePerformer:
                         "cancelled"
                     )
         except Exception as exc:
+            if not in_group:
+                # An error the node raised as its call was cancelled from outside (the run
+                # cut short, the group its sub-plan is in cancelled): what happened is the
+                # cancellation, not a failure of the node, and the call has no outcome (a
+                # failure reported here was a durable failed attempt, and the run went on
+                # to a Finish of its own). A group's node child: its group says (below).
+                await anyio.lowlevel.checkpoint_if_cancelled()
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
         finally:
             CURRENT_CALL.reset(token)
@@ -403,6 +411,18 @@ class LivePerformer:
                         if (type(outcome) is fx.NodeRaised and not failed[0]
                                 and tg.cancel_scope.cancel_called):
                             outcome = self._cut_off(eff, call, outcome)
+                    if (type(outcome) is fx.NodeRaised and failed[0]
+                            and tg.cancel_scope.cancel_called
+                            and _raised_on_cancel(outcome.error.exc)):
+                        # Cancelled because a sibling failed, the child raised an error of
+                        # its own as it handled its cancellation (an HTTP client's when cut
+                        # off): it was cancelled, as a child that let the cancellation
+                        # through was; its error is not the group's (the first failed child
+                        # in argument order is). (An error it raised before it saw the
+                        # cancellation is its own failure.)
+                        if limiter is not None:
+                            limiter.release_on_behalf_of(token)
+                        return
                     outcomes[k] = outcome
                     fails = child_fails(group, call, outcome)
                     if fails:
@@ -442,6 +462,11 @@ class LivePerformer:
         except BaseExceptionGroup as eg:
             error = single_error(eg)
             raise error from error.__cause__  # (its own cause kept: the store's error, say)
+        if failed[0] or None in outcomes:
+            # A child failed, or some did not finish, while the run itself was cancelled
+            # (its children then raise errors of their own, the cancellation the group's
+            # scope swallowed on trio): the group has no outcome, the run stops here.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         end = self.timer()
         # Nothing failed, yet some children did not finish: the group's deadline passed
         # (or the budget was spent, and those were not started: then only if the deadline
@@ -494,7 +519,7 @@ class LivePerformer:
                          index: int | None = None,
                          prior: fx.NodeCancelled | None = None) -> Any:
         if type(call) is fx.CallNode:
-            outcome = await self.call_node(call)
+            outcome = await self.call_node(call, True)
             if merged and type(outcome) is fx.NodeReturned and isinstance(outcome.output,
                                                                           BaseModel):
                 # A parallel child adds the fields it set, not its model's defaults: the
@@ -780,6 +805,14 @@ class HookGuard:
         self.deadline = self.clock() + timeout_ms / 1000
         try:
             await call
+        except Exception as exc:
+            if self.fired:
+                # Cancelled at its deadline, the hook raised an error of its own (an HTTP
+                # client's when cut off): it timed out all the same. (Taken for its own
+                # error, the loop went on in the cancelled scope and, cancelled at its next
+                # await, started again from where it last began: nodes ran again.)
+                raise HookTimedOut from exc
+            raise
         except anyio.get_cancelled_exc_class():
             if self.fired:
                 raise HookTimedOut from None
@@ -788,6 +821,18 @@ class HookGuard:
             self.deadline = None
         if self.fired:  # the hook swallowed its cancellation: leave the cancelled scope
             raise HookTimedOut
+
+
+def _raised_on_cancel(exc: BaseException | None) -> bool:
+    """Whether ``exc`` was raised while a cancellation was being handled (one is in its
+    chain of contexts: ``raise ConnectionError(...) from None`` in an ``except`` of it)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    seen = 0
+    while exc is not None and seen < 32:
+        if isinstance(exc, cancelled):
+            return True
+        exc, seen = exc.__context__, seen + 1
+    return False
 
 
 def _backend_clock() -> Callable[[], float]:
