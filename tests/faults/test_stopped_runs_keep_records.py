@@ -77,6 +77,7 @@ async def test_a_failure_hook_fires_once_when_the_run_is_cancelled_in_its_backof
         run_id=unique("keep"),
         hooks=NodeHooks(on_node_start=on_start, on_node_failure=on_failure),
         policy_map={FailureClass.AMBIGUOUS: FailurePolicy(max_retries=2, backoff_seconds=1)},
+        seed=1,  # (its jitter makes the backoff 0.57 s: the cancel at 50 ms lands in it)
     )
     async with anyio.create_task_group() as tg:
         async def cancel_at_backoff() -> None:
@@ -94,6 +95,9 @@ async def test_a_failure_hook_fires_once_when_the_run_is_cancelled_in_its_backof
     assert result.final_state == Acc(value=1)
     assert fired == [("start", "n00"), ("failure", "n00"), ("start", "n00")]
     assert calls == ["n00", "n00"]
+    log = await _read(store, config["run_id"])
+    slept = [e.seconds for e, _ in log.records if type(e).__name__ == "Sleep"]
+    assert len(slept) == 1 and slept[0] > 0.2  # (the backoff the cancel came in)
 
 
 async def test_a_run_is_in_its_store_before_its_first_commit(store: Any) -> None:
