@@ -532,6 +532,9 @@ class Called(AssertionError):
     """A node ran when it must not (during a replay)."""
 
 
+ONE_FAILING_PER_GROUP = "one failing node per group"
+
+
 class AgentBuilder:
     """Turns agent specs into a plan of counting nodes.
 
@@ -542,13 +545,17 @@ class AgentBuilder:
     test can cancel the run there.
     """
 
-    def __init__(self, *, calm_groups: bool = False) -> None:
-        # calm_groups: nodes inside a parallel group or a map_each never fail. Which of two
-        # failing children fails a group's attempt first (and so which retry policy is
-        # spent) depends on the order the children were scheduled in, which trio
-        # randomizes: two live runs of such a plan need not be alike (its replay is).
+    def __init__(self, *, calm_groups: bool | str = False) -> None:
+        # calm_groups: nodes inside a parallel group or a map_each never fail (True), or
+        # only the first node built in each outermost group may (ONE_FAILING_PER_GROUP).
+        # Which of two failing children fails a group's attempt first (and so which retry
+        # policy is spent) depends on the order the children were scheduled in, which
+        # trio randomizes, and which a resume changes (the children that finished before
+        # it do not run again): two live runs of such a plan need not be alike (its
+        # replay is).
         self.calm_groups = calm_groups
         self._groups = 0  # how many groups the node being built is inside
+        self._group_fails = False  # a node of the outermost group being built may fail
         self.calls: Counter[str] = Counter()
         self.called: list[tuple[str, str]] = []
         self.replaying = False
@@ -567,10 +574,18 @@ class AgentBuilder:
         the plan has a state to check its waits against, and a map_each has items)."""
         return seq(self.node(("node", 0, 2, 0, "value")), *(self.build(s) for s in specs))
 
+    def _enter_group(self) -> None:
+        if not self._groups:
+            self._group_fails = False
+        self._groups += 1
+
     def node(self, spec: tuple[Any, ...]) -> Any:
         _, add, n_items, fail_times, fail_kind = spec
         if self.calm_groups and self._groups:
-            fail_times = 0
+            if self.calm_groups != ONE_FAILING_PER_GROUP or self._group_fails:
+                fail_times = 0
+            elif fail_times:
+                self._group_fails = True
         node_id = self._id("n")
         self.node_ids.append(node_id)
 
@@ -618,12 +633,12 @@ class AgentBuilder:
             # Each child that is not a node ends with one, so that what it adds to the
             # merge is its node's whole output (a wait's output is a model whose unset
             # fields depend on whether the child was resumed: see test_merge).
-            self._groups += 1
+            self._enter_group()
             children = [self.build(s) for s in spec[1]]
             self._groups -= 1
             return parallel(*children, max_concurrency=spec[2])
         if kind == "map":
-            self._groups += 1
+            self._enter_group()
             body = self.build(spec[1])
             self._groups -= 1
             return map_each(body, over="items", into=self._id("outs"),
