@@ -290,14 +290,24 @@ async def _run_guarded(
         tg.start_soon(guard.watch)
         try:
             while result is None:
+                timed_out = False
                 with anyio.CancelScope() as scope:
                     guard.scope, guard.fired = scope, False
                     try:
                         result = await _run_live(state, effects, recorder, performer, told,
                                                  first)
                     except HookTimedOut:
+                        timed_out = True
                         state, hook = performer.at
                         effects, first = [hook], performer.hook_timed_out(hook)
+                if result is None and not timed_out:
+                    # The scope's cancellation ended the loop outside a hook: going on from
+                    # where it last began would perform again what was performed since
+                    # (nodes that committed would run again). Never so; said if it is.
+                    raise StromaError(
+                        f"run {recorder.run_id!r} stopped: a hook's deadline cancelled the "
+                        "run outside the hook (a bug in stroma: please report it); the run "
+                        "goes on from its log when it is run again")
         except BaseException as exc:  # re-raised below, outside the task group
             failure = exc
         finally:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from stroma import FailureClass, FailurePolicy, NodeContract, RunStatus, replay, seq, stroma_node
 from stroma import effects as fx
+from stroma.errors import StromaError
 from stroma.runner import NodeHooks, RunConfig, interpret
 
 pytestmark = pytest.mark.anyio
@@ -79,3 +80,39 @@ async def test_a_hook_raising_as_its_timeout_cancels_it_has_timed_out(
     assert f"did not return within {BOUND_MS} ms" in error.message
     calls.clear()
     assert await replay(plan, result.log) == result and not calls
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_run_the_hook_guard_cancels_outside_a_hook_stops_and_runs_nothing_again(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were a hook's deadline ever to cancel the run's loop outside the hook (as the
+    error above once did), the run stops with a StromaError saying so, instead of going
+    on from where its loop last began and running committed nodes again."""
+    from interpreters import live
+
+    async def blind(self: Any, call: Any, timeout_ms: int) -> None:
+        self.deadline = self.clock() + timeout_ms / 1000
+        try:
+            await call
+        except Exception:  # (the old bug: the hook's own error, its timeout not told)
+            pass
+        finally:
+            self.deadline = None
+
+    monkeypatch.setattr(live.HookGuard, "bounded", blind)
+
+    async def cut_off(*args: Any) -> None:
+        if args[1] != "b":
+            return
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise ConnectionError("connection closed") from None
+
+    calls: Counter[str] = Counter()
+    with anyio.fail_after(30), pytest.raises(StromaError, match="outside the hook"):
+        await interpret(_plan(calls), Num(value=0), config=RunConfig(
+            policy_map=NO_RETRY, hooks=NodeHooks(on_node_start=cut_off),
+            hook_timeout_ms=BOUND_MS))
+    assert all(n == 1 for n in calls.values())
