@@ -37,7 +37,7 @@ Direction = Literal["input", "output"]
 # A schema's accepted keys (field names and aliases) and, for each required field, the
 # keys that give it; None where pydantic does not drop unknown keys silently
 # (extra="allow" keeps them, extra="forbid" refuses them).
-_ACCEPTED: dict[type[BaseModel], tuple[frozenset[str], tuple[frozenset[str], ...]] | None] = {}
+_ACCEPTED: dict[type[BaseModel], tuple[frozenset[str], tuple[frozenset[str], ...], int] | None] = {}
 
 
 def _field_keys(name: str, field: Any) -> set[str]:
@@ -55,7 +55,10 @@ def _field_keys(name: str, field: Any) -> set[str]:
 
 def _accepted_keys(
     schema: type[BaseModel],
-) -> tuple[frozenset[str], tuple[frozenset[str], ...]] | None:
+) -> tuple[frozenset[str], tuple[frozenset[str], ...], int] | None:
+    """The keys a schema that drops the others takes (names and aliases), the keys of
+    each required field, and how many fields it has; None for a schema that keeps or
+    refuses other keys."""
     try:
         return _ACCEPTED[schema]
     except KeyError:
@@ -64,14 +67,18 @@ def _accepted_keys(
     if schema.model_config.get("extra") in (None, "ignore"):
         every: set[str] = set()
         required: list[frozenset[str]] = []
-        for name, field in schema.model_fields.items():
+        fields = schema.model_fields
+        for name, field in fields.items():
             keys = _field_keys(name, field)
             every |= keys
             if field.is_required():
                 required.append(frozenset(keys))
-        accepted = (frozenset(every), tuple(required))
+        accepted = (frozenset(every), tuple(required), len(fields))
     _ACCEPTED[schema] = accepted
     return accepted
+
+
+_UNSEEN: Any = object()
 
 
 # (schema, key) -> the field of the schema the key is a near miss of, or None.
@@ -102,17 +109,19 @@ def _stray_output_keys(schema: type[BaseModel], output: object) -> list[tuple[st
     Not a key whose field the dict has too, nor one close to no field (an extra key given
     on purpose); none for an output without a required field (its contract violation
     names that)."""
+    known = _ACCEPTED.get(schema, _UNSEEN)  # (once per node call: the lookups inline)
+    if known is _UNSEEN:
+        known = _accepted_keys(schema)
     if type(output) is dict:
         keys: Any = output
     elif type(output) is schema:
         keys = output.__dict__
-        if len(keys) <= len(schema.model_fields):  # (the usual case: nothing extra)
+        if known is not None and len(keys) <= known[2]:  # (the usual case: nothing extra)
             return []
     elif isinstance(output, BaseModel) and not isinstance(output, schema):
         keys = type(output).model_fields
     else:
         return []
-    known = _accepted_keys(schema)
     if known is None or known[0].issuperset(keys):
         return []
     if any(not any(k in keys for k in field) for field in known[1]):
