@@ -92,7 +92,10 @@ class RunObserver(Protocol):
     # cost_usd, latency_ms)``, just before ``ended`` with the exception of a run the live
     # loop leaves without its Finish: the effect being performed then (a CallNode or
     # CallParallel whose answer never came; None when none was) and the run's totals so
-    # far, as its Finish would have given them.
+    # far, as its Finish would have given them. And ``stopped_in_group(effect, children)``,
+    # just before ``stopped`` when that effect is a CallParallel: its children that had
+    # begun or finished then, as ``(child index, call, began_at, outcome)`` (outcome None:
+    # the child had not finished; began_at None: it finished before a crash).
 
 
 def _utc_now() -> datetime:
@@ -246,6 +249,9 @@ class LivePerformer:
         self.prefilled: dict[int, tuple[Any, Any]] = dict(prefilled or {})
         self.durable_children = recorder.store is not None or recorder.keeps_partials
         self._running_children: dict[int, Any] = {}
+        # The group being performed: its call, and when each child began and what it
+        # returned so far (kept if the run stops inside it, for ``children_so_far``).
+        self._group: tuple[fx.CallParallel, list[Any], list[Any]] | None = None
         self.table: Mapping[type, Callable[[Any], Any]] = {
             fx.CallNode: self.call_node,
             fx.CallParallel: self.call_parallel,
@@ -348,6 +354,7 @@ class LivePerformer:
         n = len(eff.calls)
         outcomes: list[Any] = [None] * n
         began: list[tuple[datetime, float] | None] = [None] * n
+        self._group = (eff, began, outcomes)
         # Children that finished before a crash (their outcomes are in the log): not again.
         prefilled, self.prefilled = self.prefilled, {}
         resumed: dict[int, Any] = {}  # sub-plan children going on from durable records
@@ -497,7 +504,21 @@ class LivePerformer:
                                           cost)
                 )
         self._running_children.clear()
+        self._group = None
         return fx.ParallelReturned(started, _ms(end - t0), tuple(outcomes), deadline_passed)
+
+    def children_so_far(self, eff: Any) -> tuple[tuple[int, Any, datetime | None, Any], ...]:
+        """The children of the group ``eff`` that had begun or finished when the run
+        stopped inside it, as ``(child index, call, when it began, its outcome or None:
+        it had not finished)`` (the began time is None for a child that finished before a
+        crash, read from the log); none when the run did not stop inside ``eff``."""
+        group = self._group
+        if group is None or group[0] is not eff:
+            return ()
+        _, began, outcomes = group
+        return tuple((eff.indices[k], call, b[0] if b is not None else None, outcomes[k])
+                     for k, (call, b) in enumerate(zip(eff.calls, began, strict=True))
+                     if b is not None or outcomes[k] is not None)
 
     @staticmethod
     def _cut_off(eff: fx.CallParallel, call: fx.CallNode, raised: fx.NodeRaised,

@@ -332,7 +332,13 @@ class _Told:
 
     def stopped(self, effect: Any, state: RunState) -> None:
         """The run stops without its Finish: tell the observer (if it listens) what was
-        being performed then and the run's totals so far."""
+        being performed then (a group: with its children that had begun) and the run's
+        totals so far."""
+        if type(effect) is fx.CallParallel:
+            in_group = getattr(self.observer, "stopped_in_group", None)
+            so_far = getattr(self.performer, "children_so_far", None)
+            if in_group is not None and so_far is not None:
+                _tell(self.performer, lambda: in_group(effect, so_far(effect)))
         stopped = getattr(self.observer, "stopped", None)
         if stopped is not None:
             _tell(self.performer, stopped, effect, state.tokens, state.cost_usd,

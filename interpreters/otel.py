@@ -11,7 +11,9 @@ success or failure hook that follows it when the run has one. A group's span and
 children's spans are made when the group's record arrives; a sub-plan child's records wait
 in its observer until then (its span's parent, the group attempt's span, exists only then).
 A run that stops without its Finish is told (``stopped``) of the call in flight then: its
-span is made when the run ends, ``unfinished``, from the last record's time to the end.
+span is made when the run ends, ``unfinished``, from the last record's time to the end;
+a group's (told first, ``stopped_in_group``, of its children that had begun) has a span
+per node child that had begun: ``unfinished`` from when it began, or as it finished.
 
 Importing this module needs ``opentelemetry-api``; nothing imports it unless tracing is
 switched on.
@@ -376,6 +378,9 @@ class _Scope:
         # run's totals so far.
         self.in_flight: tuple[Any, datetime] | None = None
         self.totals: tuple[int, float, int] | None = None
+        # And, that call a group: its children that had begun or finished then, as
+        # ``(child index, call, began_at, outcome or None)``.
+        self.in_group: tuple[Any, tuple[tuple[int, Any, Any, Any], ...]] | None = None
 
     # -- the RunObserver protocol
 
@@ -407,6 +412,11 @@ class _Scope:
         if type(effect) is fx.CallNode or type(effect) is fx.CallParallel:
             self.in_flight = (effect, self.told_at or self.started or self.clock())
         self.totals = (tokens, cost_usd, latency_ms)
+
+    def stopped_in_group(self, effect: Any, children: Any) -> None:
+        """The run stops inside the group ``effect`` (``stopped`` follows): its children
+        that had begun or finished; its node children's spans are made with the group's."""
+        self.in_group = (effect, tuple(children))
 
     # -- spans
 
@@ -736,16 +746,17 @@ class _Scope:
         first_failed = (failed_child(group, eff, ev) if group is not None and ev is not None
                         else None)
         failing_error: fx.ErrorInfo | None = None
-        if ev is None:  # in flight when the run stopped: its sub-plan children so far
-            end = max(end, self._unfinished_children(ctx))
+        if ev is None:  # in flight when the run stopped: its children so far
+            end = max(end, self._stopped_node_children(ctx, eff, att, group),
+                      self._unfinished_children(ctx))
         else:
             for k, (call, child_outcome) in enumerate(zip(eff.calls, ev.outcomes,
                                                           strict=False)):
                 index = eff.indices[k] if k < len(eff.indices) else k
                 error, child_end = self._child_span(
-                    ctx, eff, ev, index, call, child_outcome, group,
-                    att.failure if index == first_failed else None, first_failed,
-                    att.coords,
+                    ctx, eff, ev.started_at, ev.deadline_passed, index, call,
+                    child_outcome, group, att.failure if index == first_failed else None,
+                    first_failed, att.coords,
                 )
                 end = max(end, child_end)
                 if index == first_failed:
@@ -769,12 +780,49 @@ class _Scope:
         self.latest = max(self.latest, end)
         self._measure(eff.kind, eff.step_id, outcome, att.failure, att.duration_ms, None, end)
 
+    def _stopped_node_children(self, parent: Any, eff: fx.CallParallel, att: _Attempt,
+                               group: Any) -> int:
+        """Spans, under ``parent``, for the node children of the group ``eff`` that the
+        run stopped inside: each that finished by its outcome, each that had begun and not
+        finished ``unfinished`` (from when it began to the run's end); returns the latest
+        end of them (0: none). Sub-plan children have scopes of their own."""
+        in_group, self.in_group = self.in_group, None
+        if in_group is None or in_group[0] is not eff:
+            return 0
+        latest = 0
+        where = ITEM_INDEX if eff.kind == "map" else CHILD_INDEX
+        for index, call, began, outcome in sorted(in_group[1], key=lambda c: c[0]):
+            if type(call) is not fx.CallNode:
+                continue
+            if outcome is not None:
+                _, end = self._child_span(parent, eff, att.start, False, index, call,
+                                          outcome, group, None, None, att.coords)
+                latest = max(latest, end)
+                continue
+            start = _ns(began)
+            end = max(start, _ns(self.ended_at or self.clock()))
+            attributes: dict[str, Any] = {RUN_ID: self.run_id, NODE_ID: call.node_id,
+                                          ATTEMPT: call.attempt, where: index,
+                                          **_where(call.coords)}
+            if call.timeout_ms is not None:
+                attributes[TIMEOUT_MS] = call.timeout_ms
+            attributes[OUTCOME] = "unfinished"
+            span = self.tel.tracer.start_span(f"stroma node {call.node_id}", context=parent,
+                                              start_time=start, attributes=attributes)
+            span.set_status(self._unfinished_status())
+            span.end(end_time=end)
+            latest = max(latest, end)
+            self._measure("node", call.node_id, "unfinished", None,
+                          (end - start) // 1_000_000, None, end)
+        return latest
+
     def _child_span(
-        self, parent: Any, eff: fx.CallParallel, ev: fx.ParallelReturned, index: int,
-        call: Any, outcome: Any, group: Any, failure: Any, first_failed: int | None,
-        coords: Any = (),
+        self, parent: Any, eff: fx.CallParallel, group_start: datetime,
+        deadline_passed: bool, index: int, call: Any, outcome: Any, group: Any,
+        failure: Any, first_failed: int | None, coords: Any = (),
     ) -> tuple[fx.ErrorInfo | None, int]:
-        """One child's span under its group's: a node attempt, or a plan child with its
+        """One child's span under its group's (which began at ``group_start``; its
+        timeout passed: ``deadline_passed``): a node attempt, or a plan child with its
         nodes' spans beneath it. Returns why the child failed (None: it did not) and when
         its span ended."""
         cancelled = type(outcome) is fx.NodeCancelled
@@ -788,7 +836,7 @@ class _Scope:
             elif type(outcome) is fx.PlanFinished and outcome.status not in _DONE:
                 error = fx.ErrorInfo(("stroma.errors.ChildFailed",),
                                      f"{call.child_id} {outcome.status}: {outcome.reason}")
-        began = getattr(outcome, "started_at", None) or ev.started_at
+        began = getattr(outcome, "started_at", None) or group_start
         start = _ns(began)
         end = start + outcome.duration_ms * 1_000_000
         where = ITEM_INDEX if eff.kind == "map" else CHILD_INDEX
@@ -835,6 +883,11 @@ class _Scope:
             status = _finished(attributes, outcome.status, outcome.total_tokens,
                                outcome.total_cost_usd, outcome.total_latency_ms,
                                outcome.reason)
+        elif cancelled and scope is not None and (outcome.total_tokens
+                                                  or outcome.total_cost_usd):
+            # A sub-plan child cut short: what it had used until then (its run counted it).
+            attributes[TOTAL_TOKENS] = outcome.total_tokens
+            attributes[COST_USD] = outcome.total_cost_usd
         span = self.tel.tracer.start_span(name, context=parent, start_time=start,
                                           attributes=attributes)
         if scope is not None:
@@ -845,7 +898,7 @@ class _Scope:
             _exception_event(span, error, error.message, end)
             span.set_status(Status(StatusCode.ERROR, error.message))
         elif cancelled:
-            why = ("the group's timeout passed" if ev.deadline_passed
+            why = ("the group's timeout passed" if deadline_passed
                    else f"child {first_failed} failed" if first_failed is not None
                    else "the group was cancelled")
             span.set_status(Status(StatusCode.ERROR, f"cancelled: {why}"))

@@ -14,16 +14,18 @@ told of the run; it decides nothing, and what it raises changes nothing):
   span while the run goes (spans your nodes make nest under it); a run that stops without
   its Finish (cancelled, interrupted, a store that failed) has ``stroma.status``
   ``UNFINISHED``, its totals so far and the exception, and the attempt it was running is
-  an ``unfinished`` attempt span;
+  an ``unfinished`` attempt span (a group's: with an ``unfinished`` span for each child
+  that had begun and not finished, and the spans of those that had finished);
 * one span per node attempt, ``stroma node <node_id>``: retries are sibling spans; a
   failed attempt has status ERROR, its failure class and message and an ``exception``
   event; a hook that raised is a ``stroma.hook_failed`` event on it;
 * one span per attempt of a group, ``stroma parallel <step_id>`` or ``stroma map
   <step_id>``, with one child span per child: a node child is a node attempt span, a
   child that is a whole plan is ``stroma child <child_id>`` with its nodes' attempts
-  beneath it; a failed group attempt is ERROR with its failure class and message, an
-  ``exception`` event and ``error.type`` (its first failed child's error, or the group's
-  ``TimeoutError``);
+  beneath it (one its group cancelled carries ``stroma.total_tokens`` and
+  ``stroma.cost_usd`` when it had used any); a failed group attempt is ERROR with its
+  failure class and message, an ``exception`` event and ``error.type`` (its first failed
+  child's error, or the group's ``TimeoutError``);
 * span events on the run's span (or a plan child's): ``stroma.backoff`` (the wait before a
   retry), ``stroma.budget_stop`` (a step not started because a budget was spent),
   ``stroma.branch`` (a branch's choice), ``stroma.checkpoint_loaded`` (a resume),
