@@ -36,8 +36,8 @@ from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
 from stroma.machine import (
+    child_added,
     child_fails,
-    child_spend,
     error_info,
     group_budget_spent,
     idempotency_key,
@@ -380,10 +380,10 @@ class LivePerformer:
         # (the machine says; then no more children start, and those running finish).
         spent: list[Any] = [0, 0.0, False]
 
-        prices = eff.allowance[4] if eff.allowance is not None else None
+        prices, counted = eff.allowance[4:6] if eff.allowance is not None else (None, {})
 
-        def count(call: Any, outcome: Any) -> None:
-            tokens, cost = child_spend(call, outcome, prices)
+        def count(k: int, call: Any, outcome: Any) -> None:
+            tokens, cost = child_added(call, eff.indices[k], outcome, prices, counted)
             spent[0] += tokens
             spent[1] += cost
             if not spent[2]:
@@ -393,7 +393,7 @@ class LivePerformer:
         if eff.allowance is not None:
             for k, o in enumerate(outcomes):
                 if o is not None:
-                    count(eff.calls[k], o)
+                    count(k, eff.calls[k], o)
         # The group's deadline (on the event loop's clock), and whether a child returned
         # after it: one that shielded or swallowed the cancellation, or blocked the loop.
         deadline = inf
@@ -436,7 +436,7 @@ class LivePerformer:
                         failed[0] = True
                         tg.cancel_scope.cancel()
                     elif eff.allowance is not None:
-                        count(call, outcome)
+                        count(k, call, outcome)
                     # (its place is given up once the group knows it failed: no child takes
                     # it then)
                     if limiter is not None:

@@ -250,7 +250,7 @@ def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> No
                 f"send_input: the input {wait.key!r} does not fit {cls.__name__}: {fields} "
                 "(nothing was sent; the run still waits)"
             ) from None
-        known = dropping_fields(cls)
+        known = _dropping_fields(cls)
         if known is not None:
             _refuse_near_misses(text, wait, known, cls.__name__)
         return
@@ -268,7 +268,7 @@ def _check(text: str, wait: fx.AwaitInput, schema: type[BaseModel] | None) -> No
             _refuse_near_misses(text, wait, list(props), wait.schema.rsplit(":", 1)[-1])
 
 
-def dropping_fields(cls: type[BaseModel]) -> list[str] | None:
+def _dropping_fields(cls: type[BaseModel]) -> list[str] | None:
     """The names (and aliases) of a schema's fields, if it drops the keys that are none
     of them (pydantic's default, ``extra="ignore"``); None if it keeps or refuses them."""
     if cls.model_config.get("extra") not in (None, "ignore"):
@@ -278,7 +278,7 @@ def dropping_fields(cls: type[BaseModel]) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def near_misses(payload: object, fields: list[str]) -> list[str]:
+def _near_misses(payload: object, fields: list[str]) -> list[str]:
     """The keys of a payload that are no field but close to one whose field it lacks
     (``{"aproved": true}`` for ``approved``), each shown with that field."""
     if not isinstance(payload, dict):
@@ -297,7 +297,7 @@ def near_misses(payload: object, fields: list[str]) -> list[str]:
     return near
 
 
-def refused_keys(who: str, key: str, near: list[str], name: str, after: str) -> InputRefused:
+def _refused_keys(who: str, key: str, near: list[str], name: str, after: str) -> InputRefused:
     """The error for a payload whose keys ``near`` a schema ``name`` would drop."""
     return InputRefused(
         f"{who}: the input {key!r} has the key{'s' if len(near) > 1 else ''} "
@@ -310,7 +310,7 @@ def _refuse_near_misses(text: str, wait: fx.AwaitInput, fields: list[str], name:
     """Refuse a payload with a key that is no field of the wait's schema but close to one
     whose field it lacks: pydantic would drop it without a word, and the run would take
     the field's default for the person's answer."""
-    near = near_misses(json.loads(text), fields)
+    near = _near_misses(json.loads(text), fields)
     if near:
-        raise refused_keys("send_input", wait.key, near, name,
+        raise _refused_keys("send_input", wait.key, near, name,
                            "nothing was sent; the run still waits")

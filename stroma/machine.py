@@ -136,6 +136,7 @@ __all__ = (
     "UnexpectedEvent",
     "advance",
     "child_fails",
+    "child_added",
     "child_spend",
     "error_info",
     "failed_child",
@@ -1233,9 +1234,26 @@ def _group_call(
         step.step_id, s.attempt, tuple(calls), step.max_concurrency, _timeout(s, step),
         "map" if isinstance(step, MapStep) else "parallel", tuple(indices), step,
         None if budget is None else (budget, s.tokens, s.cost_usd, s.latency_ms,
-                                     s.config.prices),
+                                     s.config.prices, s.group.counted),
     )
     return call, s.state_json
+
+
+def child_added(call: Any, index: int, outcome: Any,
+                prices: Mapping[str, tuple[float, float]] | None,
+                counted: Mapping[int, tuple[int, float]]) -> tuple[int, float]:
+    """What a fan-out child's outcome adds to the run's totals: what it used (see
+    ``child_spend``) less what is counted already of it (``counted``: a sub-plan child
+    that waited, or was cancelled having used some, on an earlier attempt of the group,
+    whose totals hold that again when it goes on); nothing for a cancelled child that
+    reports no use (it used none more, or its log is from before it was told)."""
+    t, k = child_spend(call, outcome, prices)
+    if type(outcome) is fx.NodeCancelled and not (t or k):
+        return 0, 0.0
+    already = counted.get(index)
+    if already is not None:
+        t, k = t - already[0], k - already[1]
+    return t, k
 
 
 def child_spend(call: Any, outcome: Any,
@@ -1388,22 +1406,22 @@ def _on_parallel(s: RunState, ev: fx.ParallelReturned) -> Out:
             f"{step.step_id}: {len(ev.outcomes)} outcomes for {len(calls)} children"
         )
     tokens, cost = 0, 0.0
-    counted = dict(s.group.counted)
+    prices = s.config.prices
+    before_counted = s.group.counted
+    counted = dict(before_counted)
     for j, c, outcome in zip(call.indices, calls, ev.outcomes, strict=True):
-        t, k = child_spend(c, outcome, s.config.prices)
+        t, k = child_added(c, j, outcome, prices, before_counted)
         # A sub-plan child that waits, or was cancelled having used some, goes on from
         # its records when the group runs again, and its totals then hold what it used
-        # before: what is counted already is counted once.
-        already = counted.pop(j, None)
-        if type(outcome) is fx.NodeCancelled and not (t or k):
-            if already is not None:  # (nothing used, or a log from before it was told)
-                counted[j] = already
+        # before: that is counted once (see child_added).
+        if type(outcome) is fx.NodeCancelled:
+            spent = child_spend(c, outcome, prices)
+            if spent[0] or spent[1]:
+                counted[j] = spent
+        elif type(outcome) is fx.PlanFinished and outcome.status is RunStatus.WAITING:
+            counted[j] = (outcome.total_tokens, outcome.total_cost_usd)
         else:
-            if type(outcome) is fx.NodeCancelled or (type(outcome) is fx.PlanFinished
-                                                     and outcome.status is RunStatus.WAITING):
-                counted[j] = (t, k)
-            if already is not None:
-                t, k = t - already[0], k - already[1]
+            counted.pop(j, None)
         tokens, cost = tokens + t, cost + k
     before = s
     s = _answered(s, ev.started_at, ev.duration_ms, tokens, cost)

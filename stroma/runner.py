@@ -51,7 +51,7 @@ from stroma.errors import (
     _validated_init,
 )
 from stroma.failures import Classifier, FailureClass, FailurePolicy, NodeContext
-from stroma.inputs import InputRefused, dropping_fields, near_misses, refused_keys
+from stroma.inputs import InputRefused, _dropping_fields, _near_misses, _refused_keys
 from stroma.log import EffectLog
 from stroma.machine import (
     DEFAULT_HOOK_TIMEOUT_MS,
@@ -512,10 +512,10 @@ def _check_inputs(inputs: Mapping[str, Any], plan: Plan) -> None:
         for step in waits:
             if step.name != key.split("@", 1)[0]:
                 continue
-            fields = dropping_fields(step.schema)
-            near = [] if fields is None else near_misses(payload, fields)
+            fields = _dropping_fields(step.schema)
+            near = [] if fields is None else _near_misses(payload, fields)
             if near:
-                raise refused_keys("interpret(inputs=...)", key, near, step.schema.__name__,
+                raise _refused_keys("interpret(inputs=...)", key, near, step.schema.__name__,
                                    "nothing was run")
 
 

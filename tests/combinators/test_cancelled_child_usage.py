@@ -55,7 +55,7 @@ class Pipeline:
         self.running = 0
         self.all_running = anyio.Event()
 
-    def plan(self) -> Any:
+    def plan(self, extra: tuple[Any, ...] = (), max_concurrency: int | None = None) -> Any:
         def first(field: str) -> Any:
             async def call(state: S) -> Any:
                 self.calls.append("first")
@@ -90,7 +90,8 @@ class Pipeline:
         children = [seq(node(f"first{i}", first(fields[i][0])),
                         node(f"second{i}", second(fields[i][1])))
                     for i in range(self.pairs)]
-        return [parallel(*children, node("sibling", sibling))]
+        return [parallel(*children, node("sibling", sibling), *extra,
+                         max_concurrency=max_concurrency)]
 
 
 FIRST = (100, estimate_cost_usd(MODEL, 60, 40))
@@ -166,3 +167,28 @@ async def test_a_log_from_before_usage_of_cancelled_children_was_counted_replays
     assert '"total_tokens":100' not in before
     old = await replay(pipeline.plan(), EffectLog.from_jsonl(before))
     assert old.total_tokens == 0 and old.status is RunStatus.PARTIAL
+
+
+async def test_a_bounded_group_going_on_counts_its_cancelled_child_once_for_its_budget(
+    anyio_backend: str,
+) -> None:
+    """On the group's second attempt the cancelled child goes on from its records and
+    reports its whole use again: the check that starts no more children once the budget
+    is spent counts it once too (it took the 100 tokens twice, started no ``third`` and
+    the attempt failed with its children cancelled)."""
+    pipeline = Pipeline(failures=1)
+    third_calls: list[int] = []
+
+    async def third(state: S) -> Any:
+        third_calls.append(1)
+        return {"c": 3}, 1, 0, MODEL
+
+    node = stroma_node("third", NodeContract(node_id="third", input_schema=S,
+                                             output_schema=S))(third)
+    plan = pipeline.plan(extra=(node,), max_concurrency=2)
+    config = RunConfig(policy_map=ONE_RETRY, budget=ExecutionBudget(max_tokens_total=150))
+    result = await interpret(plan, S(), config=config)
+    assert result.status is RunStatus.COMPLETED, result.stop_reason
+    assert third_calls == [1]
+    assert pipeline.calls.count("first") == 1
+    assert result.total_tokens == FIRST[0] + SECOND[0] + 1
