@@ -31,7 +31,12 @@ from pydantic_core import from_json
 
 from stroma import effects as fx
 from stroma.checkpoint import awaitable_from_sync, store_failed
-from stroma.contracts import _stray_output_keys, _warn_stray_output_keys
+from stroma.contracts import (
+    ContractViolation,
+    _has_extra_keys,
+    _stray_output_keys,
+    _warn_stray_output_keys,
+)
 from stroma.cost import normalize_node_return
 from stroma.errors import StromaError
 from stroma.failures import NodeContext, check_verdict
@@ -321,13 +326,13 @@ class LivePerformer:
             CURRENT_CALL.reset(token)
         duration = int((self.timer() - t0) * 1000)
         if type(raw) is dict or isinstance(raw, BaseModel):  # no usage reported
-            if node_id not in self.warned_stray and _stray_output_keys(node.output_schema, raw):
+            if node_id not in self.warned_stray and _has_extra_keys(node.output_schema, raw):
                 warned = self._warn_stray(node, raw, started, duration)
                 if warned is not None:
                     return warned
             return _tuple_new(fx.NodeReturned, (raw, started, duration, 0, 0, None))
         output, tin, tout, model = normalize_node_return(raw)
-        if node_id not in self.warned_stray and _stray_output_keys(node.output_schema, output):
+        if node_id not in self.warned_stray and _has_extra_keys(node.output_schema, output):
             warned = self._warn_stray(node, output, started, duration)
             if warned is not None:
                 return warned
@@ -335,17 +340,24 @@ class LivePerformer:
 
     def _warn_stray(self, node: NodeStep, output: object, started: datetime,
                     duration: int) -> fx.NodeRaised | None:
-        """Warn (once per node of the run) of output keys its schema drops: a typo. With
-        warnings made errors (``-W error``), the warning is the attempt's failure."""
+        """Look once per node of the run at output keys its schema drops, and warn of the
+        near misses of its fields: a typo. With warnings made errors (``-W error``), the
+        warning is the attempt's output contract violation (TERMINAL: a retry would call
+        the node again to drop the key again)."""
         self.warned_stray.add(node.node_id)
         stray = _stray_output_keys(node.output_schema, output)
+        if not stray:
+            return None
         self.log.warning("node %r returned keys its output schema %s drops: %s",
                          node.node_id, node.output_schema.__name__,
                          ", ".join(key for key, _ in stray))
         try:
             _warn_stray_output_keys(node.node_id, node.output_schema, stray, node.fn)
         except Exception as exc:
-            return fx.NodeRaised(error_info(exc), started, duration)
+            violation = ContractViolation(node.node_id, "output", output, [
+                {"loc": (key,), "msg": f"{exc}", "type": "near_miss_key"}
+                for key, _ in stray[:1]])
+            return fx.NodeRaised(error_info(violation), started, duration)
         return None
 
     async def call_parallel(self, eff: fx.CallParallel) -> fx.ParallelReturned:

@@ -126,15 +126,32 @@ def _stray_output_keys(schema: type[BaseModel], output: object) -> list[tuple[st
         return []
     if any(not any(k in keys for k in field) for field in known[1]):
         return []  # a required field is missing: the output contract names it
-    # (a model of the schema has every field: what model_copy set beside them is extra)
-    given = () if type(output) is schema else keys
+    # (a model of the schema has every field: what model_copy set beside them is extra,
+    # but for what the class itself puts there: a cached_property's value)
+    own = type(output) is schema
+    given = () if own else keys
     near = []
     for key in keys:
-        if isinstance(key, str) and key not in known[0]:
+        if isinstance(key, str) and key not in known[0] and not (own and hasattr(schema, key)):
             close = _near_field(schema, key)
             if close is not None and close not in given:
                 near.append((key, close))
     return near
+
+
+def _has_extra_keys(schema: type[BaseModel], output: object) -> bool:
+    """Whether a node's output has keys its output schema drops (the cheap test made on
+    every call; what they are near is looked at once per node of a run)."""
+    known = _ACCEPTED.get(schema, _UNSEEN)
+    if known is _UNSEEN:
+        known = _accepted_keys(schema)
+    if known is None:
+        return False
+    if type(output) is dict:
+        return not known[0].issuperset(output)
+    if type(output) is schema:
+        return len(output.__dict__) > known[2]
+    return isinstance(output, BaseModel) and not isinstance(output, schema)
 
 
 def _warn_stray_output_keys(

@@ -120,3 +120,47 @@ def test_keys_the_schema_takes_are_not_warned_of(schema: type[BaseModel],
 
     result, caught = run(seq(fine), schema())
     assert result.status is RunStatus.COMPLETED and not caught
+
+
+def test_what_a_cached_property_keeps_on_the_model_is_no_stray_key() -> None:
+    """pydantic keeps a ``functools.cached_property``'s value in the model's ``__dict__``
+    beside its fields: a node returning such a model read there is not warned of."""
+    import functools
+
+    class Out(BaseModel):
+        total: int = 0
+
+        @functools.cached_property
+        def totals(self) -> list[int]:
+            return [self.total]
+
+    @node("count", Out)
+    async def count(s: Out) -> Out:
+        out = Out(total=s.total + 1)
+        assert out.totals == [s.total + 1]  # (read: now in out.__dict__)
+        return out
+
+    result, said = run([count], Out())
+    assert result.status is RunStatus.COMPLETED and said == []
+
+
+def test_with_warnings_made_errors_a_near_miss_is_a_terminal_violation_not_retried(
+) -> None:
+    """Under ``-W error`` the warning is the attempt's output contract violation: the run
+    fails at once (TERMINAL), naming the key, and the node (an LLM call, say) is not
+    called again to drop the key again."""
+    calls: list[int] = []
+
+    @node("finish")
+    async def finish(s: T) -> dict[str, Any]:
+        calls.append(1)
+        return {"n": s.n + 1, "don": True}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StromaWarning)
+        result = anyio.run(lambda: interpret([finish], T()))
+    assert calls == [1]
+    assert result.status is RunStatus.FAILED
+    [event] = list(result.trace)
+    assert event.failure is not None and event.failure.value == "TERMINAL"
+    assert "'don' (did you mean 'done'?)" in (event.failure_message or "")
