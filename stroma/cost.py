@@ -139,6 +139,20 @@ class ExecutionBudget(BaseModel):
         return None
 
 
+class _ZeroLimitSpentBudget(ExecutionBudget):
+    """A budget as the logs recorded before a zero limit waited for some use read it: a
+    dimension at a zero limit is spent from the start (so a replay or resume of such a
+    log decides as its run did). The machine makes it from such a log's header only."""
+
+    def first_spent(
+        self, tokens: float, cost_usd: float, latency_ms: float
+    ) -> tuple[str, float, float] | None:
+        for dimension, limit, actual in self._pairs(tokens, cost_usd, latency_ms):
+            if limit is not None and actual >= limit - SPEND_SLACK:
+                return dimension, limit, actual
+        return None
+
+
 @dataclass(slots=True)
 class NodeUsage:
     """What one node used. ``tokens_used`` is input plus output tokens."""

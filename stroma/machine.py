@@ -86,6 +86,7 @@ from stroma.cost import (
     BudgetExceeded,
     ExecutionBudget,
     FallbackPolicy,
+    _ZeroLimitSpentBudget,
     estimate_cost_usd,
 )
 from stroma.cost import fallback_for as _fallback_for
@@ -219,6 +220,9 @@ class MachineConfig:
     # Where a fan-out child's sub-plan runs (the loops and map items around it); () for a
     # run (a child's config is the machine's own making, never in a log header).
     coords: Coords = ()
+    # A zero limit is spent from the start, as logs written before it waited for some use
+    # read it (their header says nothing of it; see to_json).
+    zero_limit_spent: bool = False
 
     # Derived once: the budget (None without limits) and the policies as FailurePolicy
     # values, which is what ``resolve_policy`` takes.
@@ -234,7 +238,8 @@ class MachineConfig:
     def __attrs_post_init__(self) -> None:
         budgeted = not (self.max_tokens is None and self.max_cost_usd is None
                         and self.max_latency_ms is None)
-        object.__setattr__(self, "budget", ExecutionBudget(
+        kind = _ZeroLimitSpentBudget if self.zero_limit_spent else ExecutionBudget
+        object.__setattr__(self, "budget", kind(
             max_tokens_total=self.max_tokens, max_cost_usd=self.max_cost_usd,
             max_latency_ms=self.max_latency_ms,
         ) if budgeted else None)
@@ -266,6 +271,8 @@ class MachineConfig:
         }
         if self.hook_timeout_ms != DEFAULT_HOOK_TIMEOUT_MS:
             data["hook_timeout_ms"] = self.hook_timeout_ms
+        if 0 in (self.max_tokens, self.max_cost_usd, self.max_latency_ms):
+            data["zero_limit_spent"] = self.zero_limit_spent  # (absent: as logs before)
         if self.base_tokens or self.base_cost_usd or self.base_latency_ms:
             data["base"] = [self.base_tokens, self.base_cost_usd, self.base_latency_ms]
         if self.prices is not None:
@@ -313,6 +320,7 @@ class MachineConfig:
             base_latency_ms=_count(base_latency),
             prices=None if prices is None else {
                 _text(m): (_seconds(i), _seconds(o)) for m, (i, o) in prices.items()},
+            zero_limit_spent=bool(data.get("zero_limit_spent", 0 in (tokens, cost, latency))),
         )
 
 
@@ -1166,7 +1174,7 @@ def _child_config(s: RunState, index: int) -> MachineConfig:
         base_tokens=s.tokens if budgeted else 0,
         base_cost_usd=s.cost_usd if budgeted else 0.0,
         base_latency_ms=s.latency_ms if budgeted else 0,
-        coords=_child_coords(s, index),
+        coords=_child_coords(s, index), zero_limit_spent=c.zero_limit_spent,
     )
 
 
