@@ -321,6 +321,8 @@ class LivePerformer:
                 # failure reported here was a durable failed attempt, and the run went on
                 # to a Finish of its own). A group's node child: its group says (below).
                 await anyio.lowlevel.checkpoint_if_cancelled()
+                if _natively_cancelled(exc):  # (asyncio.wait_for around the run, say)
+                    raise _cancelled_error() from exc
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
         finally:
             CURRENT_CALL.reset(token)
@@ -854,6 +856,27 @@ class HookGuard:
             self.deadline = None
         if self.fired:  # the hook swallowed its cancellation: leave the cancelled scope
             raise HookTimedOut
+
+
+def _natively_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised as the task running it was cancelled by asyncio itself
+    (``task.cancel()``: an ``asyncio.wait_for`` or ``asyncio.timeout`` around the run,
+    not an anyio cancel scope, which ``checkpoint_if_cancelled`` sees) and that
+    cancellation is still pending."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # (not on asyncio)
+        return False
+    return task is not None and task.cancelling() > 0 and _raised_on_cancel(exc)
+
+
+def _cancelled_error() -> BaseException:
+    import asyncio
+
+    return asyncio.CancelledError()
 
 
 def _raised_on_cancel(exc: BaseException | None) -> bool:

@@ -189,3 +189,36 @@ async def test_a_run_cut_off_while_a_node_raises_on_its_cancellation_resumes_to_
     anyio_backend: str, stores: Callable[[], Any], shape: str
 ) -> None:
     await _check(stores, shape)
+
+
+def test_a_run_under_asyncio_wait_for_stops_when_a_node_turns_its_cancel_into_an_error(
+) -> None:
+    """``asyncio.wait_for(runner.run(...), t)`` (the 0.3.x way to bound a run) cancels the
+    task itself, not through an anyio scope: a node that turns that cancellation into an
+    error of its own stops the run all the same (it was recorded as a failed attempt, the
+    run retried the node and completed past the caller's deadline)."""
+    import asyncio
+
+    from stroma import StromaRunner
+
+    class In(BaseModel):
+        value: int
+
+    calls: list[str] = []
+    runner = StromaRunner.quick()
+
+    @runner.node("slow", input=In, output=In)
+    async def slow(state: In) -> dict[str, int]:
+        calls.append("slow")
+        try:
+            await asyncio.sleep(30 if len(calls) == 1 else 0)
+        except asyncio.CancelledError:
+            raise ConnectionError("connection cut") from None
+        return {"value": state.value + 1}
+
+    async def main() -> None:
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(runner.run([slow], In(value=1)), 0.05)
+
+    asyncio.run(main())
+    assert calls == ["slow"]
