@@ -238,7 +238,7 @@ class LivePerformer:
         self.timer = world.timer
         self.log = RunLogger(_log, {"run_id": run_id})
         self.nodes: dict[str, NodeStep] = {n.node_id: n for n in plan.nodes()}
-        self.warned_stray: set[str] = set()  # nodes whose output keys were warned of
+        self.stray_checked: set[str] = set()  # nodes whose stray output keys were looked at
         # The user's pure functions the program asks: branch predicates and loops' until
         # (answered as BranchChosen), routes' selectors (RouteChosen).
         self.predicates: dict[str, Callable[[Any], Any]] = {}
@@ -321,24 +321,23 @@ class LivePerformer:
                 # failure reported here was a durable failed attempt, and the run went on
                 # to a Finish of its own). A group's node child: its group says (below).
                 await anyio.lowlevel.checkpoint_if_cancelled()
-                if _natively_cancelled(exc):  # (asyncio.wait_for around the run, say)
-                    raise _cancelled_error() from exc
+                cancelled = _native_cancellation(exc)  # (asyncio.wait_for around the run)
+                if cancelled is not None:
+                    raise cancelled() from exc
             return fx.NodeRaised(error_info(exc), started, _ms(self.timer() - t0))
         finally:
             CURRENT_CALL.reset(token)
         duration = int((self.timer() - t0) * 1000)
+        output: Any
         if type(raw) is dict or isinstance(raw, BaseModel):  # no usage reported
-            if node_id not in self.warned_stray and _has_extra_keys(node.output_schema, raw):
-                warned = self._warn_stray(node, raw, started, duration)
-                if warned is not None:
-                    return warned
-            return _tuple_new(fx.NodeReturned, (raw, started, duration, 0, 0, None))
-        output, tin, tout, model = normalize_node_return(raw)
-        if node_id not in self.warned_stray and _has_extra_keys(node.output_schema, output):
+            output, tin, tout, model = raw, 0, 0, None
+        else:
+            output, tin, tout, model = normalize_node_return(raw)
+        if node_id not in self.stray_checked and _has_extra_keys(node.output_schema, output):
             warned = self._warn_stray(node, output, started, duration)
             if warned is not None:
                 return warned
-        return fx.NodeReturned(output, started, duration, tin, tout, model)
+        return _tuple_new(fx.NodeReturned, (output, started, duration, tin, tout, model))
 
     def _warn_stray(self, node: NodeStep, output: object, started: datetime,
                     duration: int) -> fx.NodeRaised | None:
@@ -346,7 +345,7 @@ class LivePerformer:
         near misses of its fields: a typo. With warnings made errors (``-W error``), the
         warning is the attempt's output contract violation (TERMINAL: a retry would call
         the node again to drop the key again)."""
-        self.warned_stray.add(node.node_id)
+        self.stray_checked.add(node.node_id)
         stray = _stray_output_keys(node.output_schema, output)
         if not stray:
             return None
@@ -858,25 +857,22 @@ class HookGuard:
             raise HookTimedOut
 
 
-def _natively_cancelled(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised as the task running it was cancelled by asyncio itself
-    (``task.cancel()``: an ``asyncio.wait_for`` or ``asyncio.timeout`` around the run,
-    not an anyio cancel scope, which ``checkpoint_if_cancelled`` sees) and that
-    cancellation is still pending."""
+def _native_cancellation(exc: BaseException) -> type[BaseException] | None:
+    """asyncio's CancelledError if ``exc`` was raised as the task running it was
+    cancelled by asyncio itself (``task.cancel()``: an ``asyncio.wait_for`` or
+    ``asyncio.timeout`` around the run, not an anyio cancel scope, which
+    ``checkpoint_if_cancelled`` sees) and that cancellation is still pending; else None."""
     asyncio = sys.modules.get("asyncio")
     if asyncio is None:
-        return False
+        return None
     try:
         task = asyncio.current_task()
     except RuntimeError:  # (not on asyncio)
-        return False
-    return task is not None and task.cancelling() > 0 and _raised_on_cancel(exc)
-
-
-def _cancelled_error() -> BaseException:
-    import asyncio
-
-    return asyncio.CancelledError()
+        return None
+    if task is not None and task.cancelling() > 0 and _raised_on_cancel(exc):
+        cancelled: type[BaseException] = asyncio.CancelledError
+        return cancelled
+    return None
 
 
 def _raised_on_cancel(exc: BaseException | None) -> bool:
